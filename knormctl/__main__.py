@@ -1,0 +1,3 @@
+from knormctl.cli import main
+
+main()

@@ -1,0 +1,10 @@
+"""The engine: a library that knows no database and no CLI.
+
+models.py  load a causal LM (Hub id, folder, .gguf, or the offline smollm2-135m alias)
+text.py    text sources and deterministic sample selection
+presses.py eviction policies (one scoring method each) and the shared top-k cut
+loop.py    the one generation loop (prefill + one token per step), timed
+quality.py perplexity (context, and under the compressed cache)
+timing.py  latency statistics, memory probes
+env.py     the device/software environment as a flat dict
+"""

@@ -1,0 +1,144 @@
+"""The ONE generation loop: prefill, then one token per step, every configuration alike.
+
+"No press" is the baseline: the same code path with nothing evicted, so the
+timing of the reference and of every press is measured the same way. Every
+forward gets explicit absolute ``position_ids`` -- after eviction the cache length
+no longer tells the position, and without them RoPE would be applied wrongly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from transformers import DynamicCache
+
+from knormctl.config import PressConfig
+from knormctl.engine.compress import Compressor, kv_size
+from knormctl.engine.result import GenerationResult
+from knormctl.engine.timing import MemoryProbe, synchronizer
+from knormctl.errors import UsageError
+from knormctl.stats import Latency
+
+
+def as_input_ids(input_ids, device: torch.device) -> torch.Tensor:
+    """Accept a list of ids or a (1, S) / (S,) tensor; return (1, S) long on ``device``."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise UsageError(f"input_ids must be one sequence (batch size 1), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise UsageError("input_ids is empty")
+    return ids
+
+
+def forward_kwargs(model) -> dict:
+    """Only the last position's logits are needed while generating (as generate() does)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class TokenPicker:
+    """Greedy by default; seeded multinomial sampling when asked."""
+
+    def __init__(self, sampling: bool, temperature: float, seed: int, device: torch.device):
+        self.sampling, self.temperature = sampling, temperature
+        self.gen = torch.Generator(device=device).manual_seed(seed) if sampling else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        last = logits[:, -1, :]
+        if not self.sampling:
+            return last.argmax(dim=-1, keepdim=True)
+        probs = torch.softmax(last.float() / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.gen)
+
+
+@torch.inference_mode()
+def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
+                   temperature: float = 1.0, seed: int = 0, tokenizer=None) -> GenerationResult:
+    """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
+    generates the same count, so timings compare) under the press ``cfg``.
+
+    TTFT = start of the prefill forward until the first token id is known. The
+    post-prefill cut (if any) happens after that, and its time counts in the
+    first inter-token latency -- compression cannot change prefill time.
+    """
+    if max_new_tokens < 1:
+        raise UsageError("max_new_tokens must be >= 1")
+    device = model_device(model)
+    ids = as_input_ids(input_ids, device)
+    prompt_len = ids.shape[1]
+    sync = synchronizer(device)
+    comp = Compressor(cfg, model.config.num_hidden_layers, sync=sync)
+    pick = TokenPicker(sampling, temperature, seed, device)
+    fkw = forward_kwargs(model)
+    positions = torch.arange(prompt_len + max_new_tokens, device=device).unsqueeze(0)
+    cache = DynamicCache(config=model.config)
+    probe = MemoryProbe(device)
+    kv_entries_peak = kv_bytes_peak = 0
+    steps: list[float] = []
+
+    probe.start()
+    sync()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, position_ids=positions[:, :prompt_len], cache=cache, use_cache=True, **fkw)
+    token = pick(out.logits)
+    sync()
+    t_prev = time.perf_counter()
+    ttft = t_prev - t0
+    tokens = [token]
+    for step in range(1, max_new_tokens + 1):
+        # account the cache as it stands after the forward, before any cut: that is the peak
+        entries, nbytes = kv_size(cache)
+        kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
+        comp.after_forward(cache, prefill=(step == 1))
+        if step == max_new_tokens:
+            break
+        pos = prompt_len + step - 1
+        out = model(input_ids=token, position_ids=positions[:, pos:pos + 1], cache=cache, use_cache=True, **fkw)
+        token = pick(out.logits)
+        tokens.append(token)
+        sync()
+        t = time.perf_counter()
+        steps.append(t - t_prev)
+        t_prev = t
+    total = t_prev - t0
+    memory = probe.stop()
+    kv_entries_final, kv_bytes_final = kv_size(cache)
+
+    return _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
+                   kv_entries_peak, kv_entries_final, comp)
+
+
+def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kvb_peak, kvb_final, kve_peak,
+            kve_final, comp) -> GenerationResult:
+    ids = torch.cat(tokens, dim=1)[0].tolist()
+    lat = Latency.from_values(steps)
+    return GenerationResult(
+        token_ids=ids,
+        text=tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else "",
+        prompt_tokens=prompt_len,
+        new_tokens=len(ids),
+        ttft_s=ttft,
+        step_latencies_s=steps,
+        total_s=total,
+        tpot_s=lat.mean,
+        itl_p50_s=lat.p50,
+        itl_p90_s=lat.p90,
+        itl_p99_s=lat.p99,
+        throughput_tps=len(ids) / total if total > 0 else 0.0,
+        memory=memory,
+        kv_bytes_peak=kvb_peak,
+        kv_bytes_final=kvb_final,
+        kv_entries_peak=kve_peak,
+        kv_entries_final=kve_final,
+        compress_events=comp.events,
+        compress_time_s=comp.seconds,
+    )

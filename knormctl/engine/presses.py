@@ -1,0 +1,119 @@
+"""Eviction policies ("presses"): each is one scoring method; the cut is shared.
+
+A press scores every cached entry of one layer, per batch row and KV head:
+``score(keys, values) -> (batch, kv_heads, seq)``, HIGHER = KEEP. The cut keeps the
+``n_keep`` best-scored entries per head, in their original order (kvpress's
+ScorerPress idea: the top-k and the gather live once, in ``cut_layers``).
+
+Adding a policy = one class here + one line in ``PRESSES``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class BasePress:
+    """Scores cache entries; higher scores are kept."""
+
+    name = "base"
+
+    def score(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class KnormPress(BasePress):
+    """Devoto et al. 2024: keys with a LOW L2 norm get HIGH attention, so keep them."""
+
+    name = "knorm"
+
+    def score(self, keys, values):
+        # float32 accumulation: bf16/fp16 norms tie often and would make the kept set arbitrary.
+        return -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+
+
+class KnormInversePress(BasePress):
+    """Keep the HIGHEST-norm keys: the direct check of KnormPress's hypothesis."""
+
+    name = "knorm-inverse"
+
+    def score(self, keys, values):
+        return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+
+
+class RandomPress(BasePress):
+    """Keep a random subset of the same size (seeded): the control every paper uses."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def score(self, keys, values):
+        gen = self._generators.get(keys.device)
+        if gen is None:
+            gen = self._generators[keys.device] = torch.Generator(device=keys.device).manual_seed(self.seed)
+        return torch.rand(keys.shape[:-1], generator=gen, device=keys.device)
+
+
+class StreamingPress(BasePress):
+    """StreamingLLM: the first ``n_sink`` entries plus the most recent ones.
+
+    Kept entries stay in order, so cache index order is recency order and the
+    first ``n_sink`` cache slots remain the original sink tokens.
+    """
+
+    name = "streaming"
+
+    def __init__(self, n_sink: int = 4):
+        self.n_sink = n_sink
+
+    def score(self, keys, values):
+        b, h, s = keys.shape[:-1]
+        scores = torch.arange(s, device=keys.device, dtype=torch.float32).expand(b, h, s).clone()
+        scores[..., : self.n_sink] = float("inf")
+        return scores
+
+
+PRESSES: dict[str, type[BasePress] | None] = {
+    "none": None,
+    "knorm": KnormPress,
+    "knorm-inverse": KnormInversePress,
+    "random": RandomPress,
+    "streaming": StreamingPress,
+}
+
+
+def make_press(name: str, *, seed: int = 0, n_sink: int = 4) -> BasePress | None:
+    """Instantiate a press by registry name (None for the full-cache reference)."""
+    from knormctl.errors import UsageError
+
+    if name not in PRESSES:
+        raise UsageError(f"unknown press {name!r} (choose from {', '.join(PRESSES)})")
+    cls = PRESSES[name]
+    if cls is None:
+        return None
+    if cls is RandomPress:
+        return cls(seed=seed)
+    if cls is StreamingPress:
+        return cls(n_sink=n_sink)
+    return cls()
+
+
+def keep_indices(scores: torch.Tensor, n_keep: int, keep_recent: int = 0) -> torch.Tensor:
+    """Indices of the ``n_keep`` best scores along the last dim, in ascending (original) order.
+
+    ``keep_recent`` newest entries are protected by giving them +inf scores.
+    """
+    if keep_recent:
+        scores = scores.clone()
+        scores[..., -keep_recent:] = float("inf")
+    # topk instead of a full sort: O(S) selection; only the kept indices are sorted.
+    idx = scores.topk(n_keep, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+def gather_entries(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t: (..., seq, head_dim), idx: (..., n_keep) -> (..., n_keep, head_dim)."""
+    return t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))

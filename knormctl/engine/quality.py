@@ -1,0 +1,69 @@
+"""Perplexity: of the prompt under the full model, and of the following text under a press.
+
+``ppl_context`` cannot change with compression (the old scripts reported only this).
+``ppl_compressed`` is the number that matters: the prompt is prefilled, then the next
+``eval_ids`` are fed ONE token at a time (teacher forcing) while the same press acts
+on the cache after every forward, exactly as during generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from knormctl.config import PressConfig
+from knormctl.engine.compress import Compressor
+from knormctl.engine.loop import as_input_ids, forward_kwargs, model_device
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood, in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+@torch.inference_mode()
+def context_perplexity(model, input_ids, chunk: int = 512) -> float:
+    """Perplexity of the prompt (tokens 1..S-1) under the full cache, in chunks so the
+    full-vocabulary logits of a long prompt never sit in memory at once."""
+    device = model_device(model)
+    ids = as_input_ids(input_ids, device)
+    s = ids.shape[1]
+    if s < 2:
+        raise ValueError("context perplexity needs at least 2 tokens")
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(s, device=device).unsqueeze(0)
+    total = 0.0
+    for start in range(0, s - 1, chunk):
+        end = min(start + chunk, s - 1)
+        out = model(input_ids=ids[:, start:end], position_ids=positions[:, start:end], cache=cache, use_cache=True)
+        total += float(_nll(out.logits, ids[:, start + 1:end + 1]))
+    return math.exp(total / (s - 1))
+
+
+@torch.inference_mode()
+def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float | None:
+    """Teacher-forced perplexity of ``eval_ids`` (the text after the prompt) while
+    ``cfg``'s press acts on the cache. None when there is nothing to score."""
+    eval_ids = list(eval_ids)
+    if not eval_ids:
+        return None
+    device = model_device(model)
+    ids = as_input_ids(input_ids, device)
+    s = ids.shape[1]
+    targets = torch.tensor(eval_ids, dtype=torch.long, device=device)
+    positions = torch.arange(s + len(eval_ids), device=device).unsqueeze(0)
+    comp = Compressor(cfg, model.config.num_hidden_layers)
+    fkw = forward_kwargs(model)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, position_ids=positions[:, :s], cache=cache, use_cache=True, **fkw)
+    comp.after_forward(cache, prefill=True)
+    total = _nll(out.logits[:, -1:], targets[:1])
+    for j in range(len(eval_ids) - 1):
+        out = model(input_ids=targets[j:j + 1].view(1, 1), position_ids=positions[:, s + j:s + j + 1],
+                    cache=cache, use_cache=True, **fkw)
+        comp.after_forward(cache, prefill=False)
+        total = total + _nll(out.logits, targets[j + 1:j + 2])
+    return math.exp(float(total) / len(eval_ids))
