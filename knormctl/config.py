@@ -164,6 +164,7 @@ class RunConfig:
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_seeds: int = 2
+    passkey_new_tokens: int = 10  # the answer is five digits; more tokens only cost time
     # splitting and grouping
     shard: str | None = None  # "I/N"
     group: str | None = None

@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from knormctl.errors import UsageError
+
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -47,10 +49,11 @@ def build_passkey_sample(tokenizer, filler: str, length: int, depth: float, pass
     head, needle, tail = enc(INTRO), enc(NEEDLE.format(key=passkey)), enc(QUESTION)
     n_filler = length - len(head) - len(needle) - len(tail)
     if n_filler < 1:
-        raise ValueError(f"passkey length {length} is too short for the prompt's fixed parts")
+        raise UsageError(f"passkey length {length} is too short: the question and the needle alone take "
+                         f"{len(head) + len(needle) + len(tail)} tokens")
     filler_ids = enc(filler)
     if len(filler_ids) < n_filler:
-        raise ValueError(f"filler text has {len(filler_ids)} tokens, {n_filler} needed")
+        raise UsageError(f"filler text has {len(filler_ids)} tokens, {n_filler} needed")
     filler_ids = filler_ids[:n_filler]
     cut = round(depth * n_filler)
     ids = head + filler_ids[:cut] + needle + filler_ids[cut:] + tail

@@ -1,0 +1,28 @@
+"""The knormctl command line: every subcommand is registered here, one module each.
+
+Command modules import only typer at module level; the engine (torch) and the store
+are imported inside the command bodies so ``knormctl --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from knormctl.cli import baseline, plot, report, sweep
+
+app = typer.Typer(
+    name="knormctl",
+    help="Benchmark KV-cache compression (KnormPress and controls) in causal language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("baseline")(baseline.baseline)
+app.command("sweep")(sweep.sweep)
+app.command("report")(report.report)
+app.command("plot")(plot.plot)
+
+
+def main() -> None:
+    app()

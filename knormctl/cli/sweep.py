@@ -1,0 +1,69 @@
+"""`knormctl sweep`: the same samples under every press x keep_ratio, with the full-cache reference."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from knormctl.cli import _common as o
+
+
+def sweep(
+    keep_ratios: Annotated[str, typer.Option("--keep-ratios", "--keep_ratios", help="Comma-separated, each in (0, 1].")] = "1.0,0.9,0.8,0.7",
+    prune_after: Annotated[int, typer.Option("--prune-after", "--prune_after", help="Cache budget: a layer is cut only when it holds more entries.")] = 512,
+    skip_layers: Annotated[str, typer.Option("--skip-layers", "--skip_layers", help="Layers never compressed ('' or none: no layer skipped).")] = "0",
+    presses: Annotated[str, typer.Option("--presses", help="Comma-separated: knorm, knorm-inverse, random, streaming.")] = "knorm",
+    compress_mode: Annotated[str | None, typer.Option("--compress-mode", "--compress_mode", help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), prefill (passkey).")] = None,
+    keep_recent: Annotated[int, typer.Option("--keep-recent", help="Newest entries never evicted (0 = the paper's rule).")] = 0,
+    n_sink: Annotated[int, typer.Option("--n-sink", help="streaming press: sink entries always kept.")] = 4,
+    task: Annotated[str, typer.Option("--task", help="lm: generation + perplexity; passkey: retrieval accuracy.")] = "lm",
+    passkey_lengths: Annotated[str, typer.Option("--passkey-lengths", help="Passkey prompt lengths in tokens.")] = "1024,2048",
+    passkey_depths: Annotated[str, typer.Option("--passkey-depths", help="Where the passkey sits (0 = start, 1 = end).")] = "0.1,0.5,0.9",
+    passkey_seeds: Annotated[int, typer.Option("--passkey-seeds", help="Filler windows (and passkeys) per length x depth.")] = 2,
+    resume: Annotated[int | None, typer.Option("--resume", help="Finish the missing cells of an interrupted run (same config).")] = None,
+    model: o.ModelOpt = "smollm2-135m",
+    num_wikitext_samples: o.NumWikiOpt = 3,
+    num_pg19_samples: o.NumPg19Opt = 2,
+    max_new_tokens: o.MaxNewOpt = 100,
+    wikitext_source: o.WikiSrcOpt = "wiki-lite",
+    pg19_source: o.Pg19SrcOpt = "wiki-lite-long",
+    wikitext_prompt_tokens: o.WikiTokOpt = 1024,
+    max_prompt_tokens: o.MaxPromptOpt = 2048,
+    eval_tokens: o.EvalTokOpt = 128,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = "float32",
+    threads: o.ThreadsOpt = None,
+    seed: o.SeedOpt = 0,
+    sample: o.SampleOpt = False,
+    temperature: o.TempOpt = 1.0,
+    trust_remote_code: o.TrustOpt = False,
+    warmup: o.NoWarmupOpt = True,
+    group: o.GroupOpt = None,
+    shard: o.ShardOpt = None,
+    json_out: o.JsonOpt = False,
+    db: o.DbOpt = None,
+) -> None:
+    """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
+    from knormctl.cli._execute import run_benchmark
+    from knormctl.config import PRESS_NAMES, RunConfig, parse_float_list, parse_int_list, parse_name_list
+
+    with o.error_boundary():
+        if resume is not None:
+            run_benchmark(None, db, json_out=json_out, resume=resume)
+            return
+        cfg = RunConfig(
+            command="sweep", keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
+            prune_after=prune_after, skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
+            presses=parse_name_list(presses, "--presses", PRESS_NAMES),
+            compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"), task=task,
+            passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
+            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"), passkey_seeds=passkey_seeds,
+            keep_recent=keep_recent, n_sink=n_sink, model=model, num_wikitext_samples=num_wikitext_samples,
+            num_pg19_samples=num_pg19_samples, max_new_tokens=max_new_tokens, wikitext_source=wikitext_source,
+            pg19_source=pg19_source, wikitext_prompt_tokens=wikitext_prompt_tokens,
+            max_prompt_tokens=max_prompt_tokens, eval_tokens=eval_tokens, device=device, dtype=dtype,
+            threads=threads, seed=seed, sampling=sample, temperature=temperature,
+            trust_remote_code=trust_remote_code, warmup=warmup, group=group, shard=shard,
+        ).validate()
+        run_benchmark(cfg, db, json_out=json_out)

@@ -1,0 +1,135 @@
+"""`knormctl baseline` and `sweep` end to end on a tiny model folder, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+
+runner = CliRunner()
+
+
+def _args(model_dir, books_dir, db, *extra):
+    return ["--model", str(model_dir), "--wikitext-source", f"text:{books_dir}", "--pg19-source",
+            f"text:{books_dir}", "--num-wikitext-samples", "2", "--num-pg19-samples", "1",
+            "--wikitext-prompt-tokens", "64", "--max-prompt-tokens", "96", "--max-new-tokens", "6",
+            "--eval-tokens", "8", "--threads", "1", "--db", str(db), *extra]
+
+
+@pytest.fixture(params=["tiny_llama_dir", "tiny_neox_dir"])
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_sweep_stores_every_cell_with_env(model_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "1.0,0.5", "--prune-after", "16", "--skip-layers", "0",
+                              "--json", *_args(model_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    run_id = out["run_id"]
+    assert out["status"] == "complete" and out["done"] == 3 * 3
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT config_key, sample_index, ttft_s, tpot_s, kv_bytes_peak, kv_bytes_final, "
+                       "compress_events, ppl_context, ppl_compressed, token_match, step_latencies_json, "
+                       "generated_ids_json, dataset, text_hash FROM samples WHERE run_id=?", (run_id,)).fetchall()
+    assert len(rows) == 9  # 3 samples x (none, knorm 1.0, knorm 0.5)
+    by_key = {}
+    for r in rows:
+        by_key.setdefault(r[0], []).append(r)
+        assert r[2] > 0 and r[3] > 0 and r[7] > 1 and r[8] > 1 and r[12].startswith("text:")
+        assert len(json.loads(r[10])) == 5 and len(json.loads(r[11])) == 6
+    assert set(by_key) == {"none", "knorm|kr=1|pa=16|skip=0|decode", "knorm|kr=0.5|pa=16|skip=0|decode"}
+    for r in by_key["knorm|kr=1|pa=16|skip=0|decode"]:
+        assert r[6] == 0 and r[9] == 1.0  # nothing evicted: same output as the full cache
+    for r in by_key["knorm|kr=0.5|pa=16|skip=0|decode"]:
+        assert r[6] > 0 and r[5] < r[4]
+    # ppl_context is a property of the sample, identical across configurations
+    for i in range(3):
+        assert len({r[7] for r in rows if r[1] == i}) == 1
+    env, status, cfg = con.execute("SELECT env_json, status, config_json FROM runs WHERE id=?", (run_id,)).fetchone()
+    env = json.loads(env)
+    for key in ("cpu_model", "torch", "transformers", "python", "torch_threads", "ram_bytes"):
+        assert env.get(key) is not None, key
+    assert env["torch_threads"] == 1
+    assert json.loads(cfg)["keep_ratios"] == [1.0, 0.5]
+
+
+def test_configuration_order_rotates_per_sample(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.9,0.5", "--prune-after", "8",
+                              *_args(tiny_llama_dir, books_dir, db, "--no-warmup")])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    firsts = [con.execute("SELECT config_key FROM samples WHERE sample_index=? ORDER BY id LIMIT 1", (i,)).fetchone()[0]
+              for i in range(3)]
+    assert len(set(firsts)) == 3, "each sample starts with a different configuration"
+
+
+def test_baseline_runs_only_the_full_cache(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["baseline", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    assert "run 1: complete" in res.stdout
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT DISTINCT config_key FROM samples").fetchall() == [("none",)]
+    assert con.execute("SELECT command FROM runs").fetchone() == ("baseline",)
+
+
+def test_passkey_task_stores_answers(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--task", "passkey", "--keep-ratios", "0.5", "--prune-after", "0",
+                              "--passkey-lengths", "256", "--passkey-depths", "0.2,0.8", "--passkey-seeds", "1",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT task, passkey, passkey_depth, passkey_length, correct, compress_mode, prompt_tokens "
+                       "FROM samples").fetchall()
+    assert len(rows) == 2 * 2
+    for task, key, depth, length, correct, mode, n in rows:
+        assert task == "passkey" and len(key) == 5 and length == 256 and correct in (0, 1) and mode == "prefill"
+        assert abs(n - 256) <= 2
+
+
+BAD_INPUT = [
+    (["--keep-ratios", "1.5"], "keep_ratio must be in (0, 1]"),
+    (["--keep-ratios", "0"], "keep_ratio must be in (0, 1]"),
+    (["--keep-ratios", "0.9,,x"], "malformed list"),
+    (["--keep-ratios", "nan"], "not a finite number"),
+    (["--keep-ratios", "0.9,0.9"], "duplicate"),
+    (["--prune-after", "-1"], "prune_after must be >= 0"),
+    (["--presses", "h2o"], "unknown press"),
+    (["--skip-layers", "7"], "do not exist"),
+    (["--skip-layers", "a"], "not an integer"),
+    (["--compress-mode", "sometimes"], "compress mode"),
+    (["--num-pg19-samples", "-2"], "must be >= 0"),
+    (["--max-new-tokens", "0"], "must be >= 1"),
+    (["--pg19-source", "nowhere"], "unknown text source"),
+    (["--pg19-source", "text:/does/not/exist"], "no such file or folder"),
+    (["--model", "/does/not/exist"], "does not exist"),
+    (["--model", "no-such-org/no-such-model"], "unknown model"),
+    (["--db", "/no/such/folder/r.db"], "does not exist"),
+    (["--shard", "3/2"], "--shard"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(e) for e, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_nothing_stored(tiny_llama_dir, books_dir, tmp_path, extra, message):
+    db = tmp_path / "r.db"
+    args = _args(tiny_llama_dir, books_dir, db)
+    for flag, value in zip(extra[::2], extra[1::2]):  # later flags win in Typer, but keep it explicit
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    res = runner.invoke(app, ["sweep", *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr
+    assert "Traceback" not in res.output
+    assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1
+    if db.exists():
+        assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone() == (0,)
