@@ -1,0 +1,59 @@
+"""`knormctl plot`: the report's figures as PNG or SVG files. Reads only the store."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from knormctl.cli._common import DbOpt, error_boundary
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+
+
+def plot(
+    run_id: Annotated[int | None, typer.Option("--run-id", help="Plot this run.")] = None,
+    last: Annotated[bool, typer.Option("--last", help="Plot the newest run (the default).")] = False,
+    group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
+    fmt: Annotated[ImageFormat, typer.Option("--format", help="png or svg.")] = ImageFormat.png,
+    db: DbOpt = None,
+) -> None:
+    """Draw the figures of a stored run and print the paths written, one per line."""
+    with error_boundary():
+        from knormctl.cli.report import select_runs
+        from knormctl.errors import UsageError
+        from knormctl.render import figures
+        from knormctl.render.summary import build_summary
+        from knormctl.store import open_store
+
+        if last and run_id is not None:
+            raise UsageError("choose one of --last, --run-id")
+        store = open_store(db)
+        if store.upgrade_note:
+            print(store.upgrade_note, file=sys.stderr)
+        runs = select_runs(store, run_id=run_id, group=group)
+        # Blobs too: the latency figure needs the per-step latencies.
+        summary = build_summary(runs, store.samples([r.id for r in runs], with_blobs=True))
+        if out is None:
+            out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create --out folder {out}: {exc.strerror}") from None
+        for spec in figures.figures_for(summary):
+            fig = spec.draw(summary)
+            path = out / f"{spec.filename}.{fmt.value}"
+            # Fixed size: no bbox_inches="tight", so every PNG is exactly figsize x DPI pixels.
+            fig.savefig(path, dpi=figures.DPI, format=fmt.value)
+            fig.clear()
+            print(path)

@@ -1,0 +1,101 @@
+"""`knormctl report`: tables (or json / csv / markdown) from stored runs. Reads only the store."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from knormctl.cli._common import DbOpt, error_boundary
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+def select_runs(store, run_id: int | None = None, group: str | None = None) -> list:
+    """The run(s) to show: one id, the runs of a group (merged), or the newest run."""
+    from knormctl.errors import KnormctlError, UsageError
+
+    if run_id is not None and group is not None:
+        raise UsageError("--run-id and --group select different things; give one of them")
+    if run_id is not None:
+        run = store.get_run(run_id)
+        if run is None:
+            raise UsageError(f"run {run_id} does not exist in {store.url}")
+        return [run]
+    if group is not None:
+        runs = store.runs_in_group(group)
+        if not runs:
+            raise UsageError(f"no runs in group {group!r} in {store.url}")
+        models = sorted({r.model_requested for r in runs})
+        if len(models) > 1:
+            raise UsageError(f"the runs of group {group!r} used different models ({', '.join(models)})")
+        return runs
+    run = store.last_run()
+    if run is None:
+        raise KnormctlError(f"no runs in {store.url} (run `knormctl sweep` or `knormctl baseline` first)")
+    return [run]
+
+
+def report(
+    last: Annotated[bool, typer.Option("--last", help="Report the newest run (the default).")] = False,
+    run_id: Annotated[int | None, typer.Option("--run-id", help="Report this run.")] = None,
+    list_runs: Annotated[bool, typer.Option("--list", help="List recent runs instead.")] = False,
+    compare: Annotated[tuple[int, int] | None, typer.Option(
+        "--compare", metavar="A B", help="The same configurations of runs A and B side by side, with B/A.")] = None,
+    samples: Annotated[bool, typer.Option("--samples", help="Also show every sample row.")] = False,
+    by_dataset: Annotated[bool, typer.Option("--by-dataset", help="One table block per dataset.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="table (rich), or json / csv / markdown on stdout.")]
+        = Format.table,
+    group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs --list shows.")] = 20,
+    db: DbOpt = None,
+) -> None:
+    """Show a stored run: per-configuration medians, changes against the full cache, honesty flags."""
+    with error_boundary():
+        from knormctl.errors import UsageError
+        from knormctl.render import export, summary as sm
+        from knormctl.store import open_store
+
+        if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
+            raise UsageError("choose one of --last, --run-id, --list, --compare")
+        store = open_store(db)
+        if store.upgrade_note:
+            print(store.upgrade_note, file=sys.stderr)
+        if fmt is Format.table:
+            from knormctl.render import tables
+            console = tables.make_console()
+
+        if list_runs:
+            runs = store.list_runs(limit=limit, group=group)
+            if not runs:
+                print(f"no runs in {store.url}" + (f" for group {group!r}" if group else ""), file=sys.stderr)
+            if fmt is not Format.table:
+                print(export.runs_text(runs, fmt.value), end="")
+            elif runs:
+                tables.print_runs(runs, console)
+        elif compare is not None:
+            a, b = (sm.build_summary(r, store.samples([x.id for x in r]), by_dataset=by_dataset)
+                    for r in (select_runs(store, run_id=i) for i in compare))
+            if not sm.same_model(a.header, b.header):
+                raise UsageError(f"runs {compare[0]} and {compare[1]} used different models "
+                                 f"({a.header.model} vs {b.header.model}); --compare needs the same model")
+            cmp = sm.compare(a, b)
+            if fmt is Format.table:
+                tables.print_comparison(cmp, console)
+            else:
+                print(export.comparison_text(cmp, fmt.value), end="")
+        else:
+            runs = select_runs(store, run_id=run_id, group=group)
+            rows = store.samples([r.id for r in runs])
+            summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
+            if fmt is Format.table:
+                tables.print_summary(summary, console, rows if samples else None)
+            else:
+                print(export.summary_text(summary, fmt.value, rows if samples else None), end="")

@@ -1,0 +1,101 @@
+"""Hand-built runs for the report and plot tests: realistic rows, deterministic values.
+
+Not a test module: ``test_report.py`` and ``test_plot.py`` import ``fill_run`` from here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from knormctl.config import PressConfig
+
+ENV = {"device": "cpu", "cpu_model": "Intel(R) Xeon(R) CPU @ 2.20GHz", "torch_threads": 2, "gpu_name": None,
+       "torch": "2.13.0+cpu", "transformers": "5.1.0", "python": "3.11.7", "os": "Linux", "knormctl": "0.1.0",
+       "git_commit": "0123456789abcdef", "git_dirty": False}
+NO_MEM = "CPU: peak memory of one sample is not measurable in-process (RSS high-water mark never resets)"
+
+
+@dataclass
+class Cfg:
+    press: str = "none"
+    keep_ratio: float = 1.0
+    prune_after: int = 512
+    mode: str = "decode"
+
+    @property
+    def pc(self) -> PressConfig:
+        return PressConfig(press=self.press, keep_ratio=self.keep_ratio, prune_after=self.prune_after,
+                           mode=self.mode).validate()
+
+
+LM_CONFIGS = (Cfg(), Cfg("knorm", 1.0), Cfg("knorm", 0.9), Cfg("knorm", 0.7), Cfg("random", 0.7))
+
+
+def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, model: str = "smollm2-135m",
+             task: str = "lm", status: str = "complete", memory: bool = True, fail: tuple[int, str] | None = None,
+             stop_after: int | None = None, prompt_tokens=(1024, 1024, 2048), new_tokens: int = 100,
+             group: str | None = None, ttft_factor: dict[str, float] | None = None, token_match: bool = True,
+             prune_after: int | None = None) -> int:
+    """One run with ``n_samples`` x ``configs`` sample rows; returns the run id.
+
+    fail=(sample_index, config_key): that cell stores an error instead of numbers.
+    stop_after=N: only the first N cells are stored (an interrupted run).
+    ttft_factor: multiplies the TTFT of a config key (to provoke the timing flag).
+    token_match=False: store NULL there (the report may compute it from the generated ids).
+    prune_after: overrides every config's prune_after (e.g. larger than any context: no compression).
+    """
+    if prune_after is not None:
+        configs = tuple(Cfg(c.press, c.keep_ratio, prune_after, c.mode) for c in configs)
+    rng = random.Random(seed)
+    cells = [(i, c) for i in range(n_samples) for c in configs]
+    run_id = store.create_run(
+        command="sweep", task=task, model_requested=model,
+        config={"num_wikitext_samples": 2, "num_pg19_samples": max(0, n_samples - 2), "wikitext_source": "wiki-lite",
+                "pg19_source": "wiki-lite-long", "presses": sorted({c.press for c in configs})},
+        command_line=f"knormctl sweep --model {model}", env=ENV, group_name=group, samples_planned=len(cells),
+        dtype="float32", device="cpu", knormctl_version="0.1.0", git_commit="0123456789abcdef")
+    store.update_run(run_id, model_resolved=f"/models/{model}", model_hash=f"sha256:{model}")
+    for n, (i, c) in enumerate(cells):
+        if stop_after is not None and n >= stop_after:
+            break
+        pc = c.pc
+        fields = dict(task=task, sample_index=i, config_key=pc.key, dataset="wiki-lite" if i < 2 else "wiki-lite-long",
+                      doc_id=f"doc{i}", doc_title=f"Article {i}", prompt_tokens=prompt_tokens[i % len(prompt_tokens)],
+                      press=pc.press, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after, skip_layers="0",
+                      compress_mode=pc.mode, keep_recent=0)
+        if fail is not None and fail == (i, pc.key):
+            store.add_sample(run_id, **fields, error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+                                                     "Traceback (most recent call last): ...")
+            continue
+        p = fields["prompt_tokens"]
+        ttft = 0.12 * p / 1024 * rng.uniform(0.97, 1.03) * (ttft_factor or {}).get(pc.key, 1.0)
+        tpot = 0.030 * (1 - 0.1 * (1 - pc.keep_ratio)) * rng.uniform(0.95, 1.05)
+        steps = [tpot * rng.uniform(0.8, 1.3) for _ in range(new_tokens - 1)]
+        compressing = pc.press != "none" and p + new_tokens > pc.prune_after
+        kv_full = 24 * (p + new_tokens) * 2 * 3 * 64 * 4
+        ppl_ctx = 11.0 + i
+        fields.update(
+            new_tokens=new_tokens, ttft_s=ttft, tpot_s=tpot, itl_p50_s=sorted(steps)[len(steps) // 2],
+            itl_p90_s=sorted(steps)[int(len(steps) * 0.9)], itl_p99_s=max(steps), throughput_tps=1 / tpot,
+            total_s=ttft + sum(steps),
+            peak_mem_bytes=int(600e6 + kv_full * pc.keep_ratio) if memory else None,
+            peak_mem_kind="cpu_rss_delta" if memory else "n/a", peak_mem_reason=None if memory else NO_MEM,
+            kv_bytes_peak=kv_full if not compressing else int(kv_full * (0.5 + pc.keep_ratio / 2)),
+            kv_bytes_final=kv_full if not compressing else int(kv_full * pc.keep_ratio),
+            kv_entries_peak=p + new_tokens, kv_entries_final=int((p + new_tokens) * pc.keep_ratio),
+            compress_events=(new_tokens if compressing else 0),
+            compress_time_s=(0.0004 * new_tokens if compressing else 0.0),
+            ppl_context=ppl_ctx, ppl_compressed=ppl_ctx * (1 + 1.5 * (1 - pc.keep_ratio)) * rng.uniform(0.99, 1.01),
+            eval_tokens=128,
+            token_match=(1.0 if pc.press == "none" else round(pc.keep_ratio ** 2, 3)) if token_match else None,
+            generated_text="the quick brown fox", generated_ids_json=[rng.randrange(100) for _ in range(new_tokens)],
+            step_latencies_json=steps)
+        if task == "passkey":
+            depth = (0.1, 0.5, 0.9)[i % 3]
+            fields.update(passkey_depth=depth, passkey_length=p, passkey="48213",
+                          correct=int(pc.keep_ratio >= 0.9 or (depth > 0.5 and pc.press == "knorm")))
+        store.add_sample(run_id, **fields)
+    if status != "running":
+        store.finish_run(run_id, status, error="interrupted by SIGINT" if status == "interrupted" else None)
+    return run_id

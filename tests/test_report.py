@@ -1,0 +1,365 @@
+"""`knormctl report` on hand-built stores: medians equal the stored samples' medians, honesty
+flags appear exactly when they apply, every format parses, bad input is one line + exit 2."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+from report_data import NO_MEM, Cfg, fill_run
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.render.summary import METRICS, REFERENCE_KEY, build_summary
+from knormctl.store import open_store
+
+runner = CliRunner()
+KNORM_07 = Cfg("knorm", 0.7).pc.key
+KNORM_09 = Cfg("knorm", 0.9).pc.key
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "r.db")
+
+
+@pytest.fixture
+def store(db):
+    with open_store(db) as s:
+        yield s
+
+
+def report(db, *args):
+    return runner.invoke(app, ["report", "--db", db, *args])
+
+
+def report_json(db, *args):
+    result = report(db, *args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def kinds(data) -> list[str]:
+    return [f["kind"] for f in data["flags"]]
+
+
+def one_error_line(result, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def test_json_medians_equal_medians_of_the_stored_samples(store, db):
+    run = fill_run(store, fail=(1, KNORM_07), memory=True)
+    data = report_json(db, "--run-id", str(run))
+
+    by_key = defaultdict(list)
+    for s in store.samples(run):
+        by_key[s.config_key].append(s)
+    rows = {r["config_key"]: r for r in data["rows"]}
+    assert set(rows) == set(by_key)
+    assert rows[REFERENCE_KEY]["is_reference"] and rows[REFERENCE_KEY]["label"] == "full cache"
+    for key, samples in by_key.items():
+        ok = [s for s in samples if s.error is None]
+        row = rows[key]
+        assert row["n_samples"] == len(samples)
+        assert row["n_failed"] == len(samples) - len(ok)
+        for col in ("ttft_s", "tpot_s", "itl_p90_s", "throughput_tps", "peak_mem_bytes", "kv_bytes_peak",
+                    "kv_bytes_final", "compress_events", "compress_time_s", "ppl_context", "ppl_compressed"):
+            assert row["values"][col] == pytest.approx(statistics.median(getattr(s, col) for s in ok)), (key, col)
+        assert row["values"]["token_match"] == pytest.approx(statistics.fmean(s.token_match for s in ok))
+        assert row["values"]["accuracy"] is None  # an lm run has no passkey answers
+    ref = rows[REFERENCE_KEY]["values"]
+    for key, row in rows.items():
+        if key == REFERENCE_KEY:
+            assert all(v is None for v in row["changes"].values())
+            continue
+        assert row["changes"]["ttft_s"] == pytest.approx((row["values"]["ttft_s"] / ref["ttft_s"] - 1) * 100)
+        assert row["changes"]["throughput_tps"] == pytest.approx(
+            (row["values"]["throughput_tps"] / ref["throughput_tps"] - 1) * 100)
+        assert row["changes"]["token_match"] == pytest.approx((row["values"]["token_match"] - 1.0) * 100)
+        assert row["changes"]["compress_events"] is None or row["verdicts"]["compress_events"] is None
+    # direction: lower KV bytes is better, higher perplexity is worse
+    assert rows[KNORM_09]["verdicts"]["kv_bytes_final"] == "better"
+    assert rows[KNORM_09]["verdicts"]["ppl_compressed"] == "worse"
+    assert rows[KNORM_09]["verdicts"]["token_match"] == "worse"
+    assert data["header"]["run_ids"] == [run]
+    assert data["header"]["device_name"].startswith("Intel") and data["header"]["threads"] == 2
+    assert data["header"]["torch_version"] == "2.13.0+cpu"
+
+
+def test_csv_and_markdown_parse_with_stable_columns(store, db):
+    run = fill_run(store)
+    result = report(db, "--run-id", str(run), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    records = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(records) == 5
+    assert {"config_key", "label", "ttft_s", "ttft_s_change_pct", "token_match_change_pp", "peak_mem_reason"} \
+        <= set(records[0])
+    data = report_json(db, "--run-id", str(run))
+    for rec, row in zip(records, data["rows"]):
+        assert rec["config_key"] == row["config_key"]
+        assert float(rec["ttft_s"]) == row["values"]["ttft_s"]  # unrounded in csv
+
+    md = report(db, "--run-id", str(run), "--format", "markdown").stdout
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 5
+    assert len({ln.count("|") for ln in table}) == 1
+    assert "knorm 0.9" in md and "run " + str(run) in md
+
+
+def test_token_match_is_computed_from_generated_ids_when_not_stored(store):
+    run = fill_run(store, token_match=False)
+    rows = store.samples(run, with_blobs=True)
+    refs = {s.sample_index: s.generated_ids_json for s in rows if s.config_key == REFERENCE_KEY}
+    expected = statistics.fmean(
+        sum(a == b for a, b in zip(s.generated_ids_json, refs[s.sample_index])) / len(refs[s.sample_index])
+        for s in rows if s.config_key == KNORM_07)
+    summary = build_summary([store.get_run(run)], rows)
+    row = next(r for r in summary.rows if r.config_key == KNORM_07)
+    assert row.values["token_match"] == pytest.approx(expected)
+    # Without blobs the value stays unknown, and nothing tries to load the deferred column.
+    lean = build_summary([store.get_run(run)], store.samples(run))
+    assert next(r for r in lean.rows if r.config_key == KNORM_07).values["token_match"] is None
+
+
+def test_by_dataset_splits_rows_with_a_reference_each(store, db):
+    run = fill_run(store)
+    data = report_json(db, "--run-id", str(run), "--by-dataset")
+    datasets = {r["dataset"] for r in data["rows"]}
+    assert datasets == {"wiki-lite", "wiki-lite-long"}
+    for d in datasets:
+        rows = [r for r in data["rows"] if r["dataset"] == d]
+        assert len(rows) == 5 and rows[0]["is_reference"]
+    long_ref = next(r for r in data["rows"] if r["dataset"] == "wiki-lite-long" and r["is_reference"])
+    only = [s for s in store.samples(run) if s.dataset == "wiki-lite-long" and s.config_key == REFERENCE_KEY]
+    assert long_ref["values"]["ttft_s"] == pytest.approx(statistics.median(s.ttft_s for s in only))
+    assert "wiki-lite-long" in report(db, "--run-id", str(run), "--by-dataset").stdout
+
+
+def test_passkey_accuracy_per_press_keep_ratio_and_length(store, db):
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("random", 0.5, mode="prefill"))
+    run = fill_run(store, task="passkey", configs=configs, n_samples=6, prompt_tokens=(1024, 2048))
+    data = report_json(db, "--run-id", str(run))
+    expected = defaultdict(list)
+    for s in store.samples(run):
+        expected[(s.config_key, s.passkey_length)].append(s.correct)
+    got = {(p["config_key"], p["passkey_length"]): p for p in data["passkey"]}
+    assert set(got) == set(expected)
+    for k, corrects in expected.items():
+        assert got[k]["accuracy"] == pytest.approx(statistics.fmean(corrects))
+        assert got[k]["n"] == len(corrects)
+    knorm = got[(configs[1].pc.key, 1024)]
+    assert knorm["change_pp"] == pytest.approx((knorm["accuracy"] - got[(REFERENCE_KEY, 1024)]["accuracy"]) * 100)
+    assert data["passkey_cells"] and {c["passkey_depth"] for c in data["passkey_cells"]} == {0.1, 0.5, 0.9}
+    table = report(db, "--run-id", str(run)).stdout
+    assert "passkey accuracy" in table
+
+
+# ------------------------------------------------------------------ honesty flags
+
+
+def test_a_clean_run_has_no_flags(store, db):
+    run = fill_run(store)
+    data = report_json(db, "--run-id", str(run))
+    assert data["flags"] == []
+    assert data["noise_pct"] >= 5.0
+    assert "Read before quoting" not in report(db, "--run-id", str(run)).stdout
+
+
+def test_failed_sample_is_flagged_with_its_error(store, db):
+    run = fill_run(store, fail=(1, KNORM_07))
+    data = report_json(db, "--run-id", str(run))
+    failed = [f for f in data["flags"] if f["kind"] == "failed_sample"]
+    assert len(failed) == 1
+    assert "sample 1" in failed[0]["message"] and "knorm 0.7" in failed[0]["message"]
+    assert "CUDA out of memory" in failed[0]["message"] and "Traceback" not in failed[0]["message"]
+    assert "unpaired" in kinds(data)  # its medians cover 2 prompts, the reference's 3
+    out = report(db, "--run-id", str(run)).stdout
+    assert "CUDA out of memory" in out
+
+
+def test_interrupted_run_says_how_far_it_got(store, db):
+    run = fill_run(store, status="interrupted", stop_after=7)
+    data = report_json(db, "--run-id", str(run))
+    [flag] = [f for f in data["flags"] if f["kind"] == "interrupted"]
+    assert f"run {run} was interrupted" in flag["message"]
+    assert "7 of 15 planned cells finished" in flag["message"]
+    assert data["header"]["status"] == "interrupted"
+    assert "7 of 15 planned cells finished" in report(db, "--run-id", str(run)).stdout
+
+
+def test_configuration_that_never_compressed_is_flagged(store, db):
+    run = fill_run(store, prune_after=4096)  # prompts of 1024-2048 + 100 new tokens never reach it
+    data = report_json(db, "--run-id", str(run))
+    flagged = {f["config_key"] for f in data["flags"] if f["kind"] == "no_compression"}
+    assert flagged == {r["config_key"] for r in data["rows"] if not r["is_reference"]}
+    msg = next(f["message"] for f in data["flags"] if f["kind"] == "no_compression")
+    assert "prune_after=4096" in msg and "say nothing about compression" in msg
+    # ...and it does not appear when the configurations did compress
+    assert "no_compression" not in kinds(report_json(db, "--run-id", str(fill_run(store))))
+
+
+def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
+    run = fill_run(store, ttft_factor={KNORM_09: 0.7})
+    data = report_json(db, "--run-id", str(run))
+    [flag] = [f for f in data["flags"] if f["kind"] == "ttft_artifact"]
+    assert flag["config_key"] == KNORM_09
+    assert "timing artifact" in flag["message"] and "not a gain" in flag["message"]
+    assert "only acts after the prefill" in flag["message"]
+    row = next(r for r in data["rows"] if r["config_key"] == KNORM_09)
+    assert row["verdicts"]["ttft_s"] == "artifact"
+    assert all(r["verdicts"]["ttft_s"] in (None, "noise", "same") for r in data["rows"] if r["config_key"] != KNORM_09)
+
+
+def test_noise_estimate_uses_keep_ratio_one(store, db):
+    knorm_1 = Cfg("knorm", 1.0).pc.key
+    run = fill_run(store, ttft_factor={knorm_1: 1.2})  # the null configuration moves by ~20%
+    data = report_json(db, "--run-id", str(run))
+    assert data["noise_pct"] > 10 and "keep_ratio 1.0" in data["noise_source"]
+
+
+def test_single_configuration_and_missing_reference(store, db):
+    only_ref = fill_run(store, configs=(Cfg(),))
+    data = report_json(db, "--run-id", str(only_ref))
+    assert len(data["rows"]) == 1 and data["flags"] == []
+    assert report(db, "--run-id", str(only_ref)).exit_code == 0
+
+    only_press = fill_run(store, configs=(Cfg("knorm", 0.7),))
+    data = report_json(db, "--run-id", str(only_press))
+    assert kinds(data) == ["no_reference"]
+    assert all(v is None for v in data["rows"][0]["changes"].values())
+
+
+def test_run_without_samples_reports_that(store, db):
+    run = store.create_run(command="sweep", task="lm", model_requested="m", config={}, command_line="knormctl sweep")
+    data = report_json(db, "--run-id", str(run))
+    assert data["rows"] == [] and data["passkey"] == []
+    result = report(db, "--run-id", str(run))
+    assert result.exit_code == 0 and "no samples stored for this run" in result.stdout
+
+
+def test_memory_all_na_shows_the_reason(store, db):
+    run = fill_run(store, memory=False)
+    data = report_json(db, "--run-id", str(run))
+    assert all(r["values"]["peak_mem_bytes"] is None and r["peak_mem_reason"] == NO_MEM for r in data["rows"])
+    out = " ".join(report(db, "--run-id", str(run)).stdout.split())  # rich wraps long lines
+    assert "N/A" in out and NO_MEM in out
+    md = report(db, "--run-id", str(run), "--format", "markdown").stdout
+    assert f"N/A ({NO_MEM})" in md
+
+
+# ------------------------------------------------------------------ other views
+
+
+def test_list_shows_recent_runs_newest_first(store, db):
+    a = fill_run(store)
+    b = fill_run(store, status="interrupted", stop_after=3, model="other-model")
+    runs = report_json(db, "--list")
+    assert [r["id"] for r in runs] == [b, a]
+    assert runs[0]["status"] == "interrupted" and runs[0]["model"] == "other-model"
+    assert runs[1]["datasets"] == "wiki-lite x2, wiki-lite-long x1"
+    out = report(db, "--list").stdout
+    assert "other-model" in out and "interrupted" in out and "15/15" in out
+    parsed = list(csv.DictReader(io.StringIO(report(db, "--list", "--format", "csv").stdout)))
+    assert [int(r["id"]) for r in parsed] == [b, a]
+
+
+def test_default_is_the_last_run_and_samples_view(store, db):
+    fill_run(store)
+    last = fill_run(store, seed=5, fail=(0, KNORM_09))
+    assert report_json(db)["header"]["run_ids"] == [last]
+    data = report_json(db, "--samples")
+    assert len(data["samples"]) == 15 and data["samples"][0]["config_key"] == REFERENCE_KEY
+    out = report(db, "--samples").stdout
+    assert "samples" in out and "CUDA out of memory" in out
+    assert len(list(csv.DictReader(io.StringIO(report(db, "--samples", "--format", "csv").stdout)))) == 15
+
+
+def test_compare_shows_ratios_b_over_a(store, db):
+    a = fill_run(store, seed=1)
+    b = fill_run(store, seed=2)
+    data = report_json(db, "--compare", str(a), str(b))
+    assert data["a"]["run_ids"] == [a] and data["b"]["run_ids"] == [b]
+    sa, sb = (report_json(db, "--run-id", str(r)) for r in (a, b))
+    va = {r["config_key"]: r["values"] for r in sa["rows"]}
+    vb = {r["config_key"]: r["values"] for r in sb["rows"]}
+    assert len(data["rows"]) == 5
+    for row in data["rows"]:
+        k = row["config_key"]
+        assert row["ratio"]["ttft_s"] == pytest.approx(vb[k]["ttft_s"] / va[k]["ttft_s"])
+        assert row["ratio"]["ppl_compressed"] == pytest.approx(vb[k]["ppl_compressed"] / va[k]["ppl_compressed"])
+    out = report(db, "--compare", str(a), str(b))
+    assert out.exit_code == 0 and "B/A" in out.stdout
+    recs = list(csv.DictReader(io.StringIO(report(db, "--compare", str(a), str(b), "--format", "csv").stdout)))
+    assert float(recs[0]["ttft_s_ratio"]) == pytest.approx(data["rows"][0]["ratio"]["ttft_s"])
+
+
+def test_compare_refuses_runs_of_different_models(store, db):
+    a = fill_run(store)
+    b = fill_run(store, model="pythia-70m")
+    line = one_error_line(report(db, "--compare", str(a), str(b)))
+    assert f"runs {a} and {b} used different models (smollm2-135m vs pythia-70m)" in line
+
+
+def test_group_merges_its_runs(store, db):
+    a = fill_run(store, group="g1", stop_after=8, status="interrupted")
+    b = fill_run(store, group="g1", seed=3)
+    fill_run(store)  # not in the group
+    data = report_json(db, "--group", "g1")
+    assert data["header"]["run_ids"] == [a, b] and data["header"]["group_name"] == "g1"
+    assert sum(r["n_samples"] for r in data["rows"]) == 8 + 15
+    assert "interrupted" in kinds(data)
+    assert [r["id"] for r in report_json(db, "--list", "--group", "g1")] == [b, a]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unknown_run_id_is_one_line_and_exit_2(store, db):
+    fill_run(store)
+    line = one_error_line(report(db, "--run-id", "99"))
+    assert "run 99 does not exist" in line
+    assert "no runs in group 'nope'" in one_error_line(report(db, "--group", "nope"))
+    assert "choose one of" in one_error_line(report(db, "--list", "--run-id", "1"))
+    assert "different things" in one_error_line(report(db, "--run-id", "1", "--group", "g"))
+
+
+def test_empty_database_says_so(db):
+    result = report(db)
+    assert "no runs in" in one_error_line(result, code=1)
+    listed = report(db, "--list")
+    assert listed.exit_code == 0 and "no runs in" in listed.stderr
+
+
+def test_report_imports_neither_torch_nor_matplotlib(store, db):
+    fill_run(store)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from knormctl.cli import app\n"
+        f"for fmt in ('table', 'json'):\n"
+        f"    r = CliRunner().invoke(app, ['report', '--db', {db!r}, '--format', fmt])\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'knormctl.engine') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_metric_names_are_stable():
+    """The json/csv keys are part of the interface (README, scripts): changing them is a breaking change."""
+    assert [m.name for m in METRICS] == [
+        "ttft_s", "tpot_s", "itl_p90_s", "throughput_tps", "peak_mem_bytes", "kv_bytes_peak", "kv_bytes_final",
+        "compress_events", "compress_time_s", "ppl_context", "ppl_compressed", "token_match", "accuracy"]
