@@ -15,6 +15,7 @@ COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TASKS = ("lm", "passkey")
+PPL_METHODS = ("teacher-forced", "stream")
 
 
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
@@ -150,6 +151,8 @@ class RunConfig:
     max_prompt_tokens: int = 2048  # long (pg19-like) samples, capped by the model's context
     max_new_tokens: int = 100
     eval_tokens: int = 128  # tokens after the prompt scored teacher-forced for ppl_compressed
+    ppl_method: str = "teacher-forced"  # or "stream": the original l2compress evaluation
+    ppl_skip: int | None = None  # stream: tokens not scored at the start (None: prune_after)
     sampling: bool = False  # greedy by default
     temperature: float = 1.0
     presses: list[str] = field(default_factory=lambda: ["knorm"])
@@ -180,6 +183,10 @@ class RunConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
+        if self.ppl_method not in PPL_METHODS:
+            raise ConfigError(f"--ppl-method must be one of {', '.join(PPL_METHODS)}, got {self.ppl_method!r}")
+        if self.ppl_skip is not None and self.ppl_skip < 0:
+            raise ConfigError(f"--ppl-skip must be >= 0, got {self.ppl_skip}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:

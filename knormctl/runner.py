@@ -245,8 +245,8 @@ class Runner:
         return out
 
     def _run_cells(self, out: Outcome, done_before: set) -> None:
-        from knormctl.engine.quality import compressed_perplexity, context_perplexity
         from knormctl.engine.loop import run_generation
+        from knormctl.engine.quality import context_perplexity
 
         lm, cfg = self.loaded, self.cfg
         ppl_ctx: dict[int, float] = {}
@@ -267,8 +267,7 @@ class Runner:
                 res = run_generation(lm.model, sample.prompt_ids, pc, self.new_tokens, sampling=cfg.sampling,
                                      temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer)
                 if sample.eval_ids:
-                    res.ppl_compressed = compressed_perplexity(lm.model, sample.prompt_ids, sample.eval_ids, pc)
-                    res.eval_tokens = len(sample.eval_ids)
+                    res.ppl_compressed, res.eval_tokens = self._quality(sample, pc)
                 row = sample_fields(sample, pc, res, ppl_ctx.get(i))
             except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
                 print(traceback.format_exc(), file=sys.stderr) if os.environ.get("KNORMCTL_DEBUG") else None
@@ -283,6 +282,16 @@ class Runner:
                 outs[pc.key] = res.token_ids
                 self._update_token_match(i, outs, pc.key)
             self.on_cell(n + 1, len(self.cells), desc)
+
+    def _quality(self, sample, pc: PressConfig) -> tuple[float | None, int]:
+        """ppl_compressed and how many tokens it scored, by the configured method."""
+        from knormctl.engine.quality import compressed_perplexity, stream_perplexity
+
+        if self.cfg.ppl_method == "stream":
+            chunk = sample.prompt_ids + sample.eval_ids
+            skip = self.cfg.prune_after if self.cfg.ppl_skip is None else self.cfg.ppl_skip
+            return stream_perplexity(self.loaded.model, chunk, pc, skip), max(0, len(chunk) - 1 - skip)
+        return compressed_perplexity(self.loaded.model, sample.prompt_ids, sample.eval_ids, pc), len(sample.eval_ids)
 
     def _update_token_match(self, i: int, outs: dict[str, list[int]], new_key: str) -> None:
         """Compare with the full-cache output of the same sample, whichever finished first."""

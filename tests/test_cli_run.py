@@ -133,3 +133,16 @@ def test_bad_input_is_one_line_exit_2_nothing_stored(tiny_llama_dir, books_dir, 
     assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1
     if db.exists():
         assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def test_stream_ppl_method_scores_the_whole_chunk(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--prune-after", "16", "--ppl-method", "stream",
+                              "--ppl-skip", "10", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT prompt_tokens, eval_tokens, ppl_compressed, config_key, sample_index "
+                       "FROM samples").fetchall()
+    assert all(e == p + 8 - 1 - 10 and ppl > 1 for p, e, ppl, _, _ in rows)
+    first = {key: ppl for _, _, ppl, key, i in rows if i == 0}
+    assert len(first) == 2 and len(set(first.values())) == 2  # the press changes the streamed perplexity

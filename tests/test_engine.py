@@ -280,3 +280,18 @@ def test_sampling_is_seeded(model):
     b = run_generation(model, ids, PressConfig(), 12, sampling=True, seed=3)
     c = run_generation(model, ids, PressConfig(), 12, sampling=True, seed=4)
     assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_stream_perplexity_full_cache_equals_one_forward(model):
+    from knormctl.engine.quality import stream_perplexity
+
+    ids = _prompt(40)[0].tolist()
+    full = stream_perplexity(model, ids, PressConfig(), skip_first=10)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, 10:-1]
+        nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[11:]))
+    assert full == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    cut = stream_perplexity(model, ids, PressConfig(press="knorm", keep_ratio=0.5, prune_after=8, skip_layers=()),
+                            skip_first=10)
+    assert cut != full
+    assert stream_perplexity(model, ids[:5], PressConfig(), skip_first=10) is None

@@ -67,3 +67,30 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float
         comp.after_forward(cache, prefill=False)
         total = total + _nll(out.logits, targets[j + 1:j + 2])
     return math.exp(float(total) / len(eval_ids))
+
+
+@torch.inference_mode()
+def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0) -> float | None:
+    """The original l2compress LM evaluation: stream a whole chunk ONE token at a time from
+    its start with the press active after every forward (``prune_after`` acts as the cache
+    budget, decode semantics whatever ``cfg.mode`` says: there is no prefill), and report
+    the perplexity of the tokens after the first ``skip_first``. None if none are left."""
+    ids = list(ids)
+    scored = len(ids) - 1 - skip_first
+    if scored < 1:
+        return None
+    device = model_device(model)
+    tokens = torch.tensor(ids, dtype=torch.long, device=device).view(1, -1)
+    decode_cfg = PressConfig(**{**cfg.to_dict(), "skip_layers": tuple(cfg.skip_layers), "mode": "decode"})
+    comp = Compressor(decode_cfg, model.config.num_hidden_layers)
+    fkw = forward_kwargs(model)
+    cache = DynamicCache(config=model.config)
+    positions = torch.arange(len(ids), device=device).unsqueeze(0)
+    total = 0.0
+    for j in range(len(ids) - 1):
+        out = model(input_ids=tokens[:, j:j + 1], position_ids=positions[:, j:j + 1], cache=cache, use_cache=True,
+                    **fkw)
+        comp.after_forward(cache, prefill=False)
+        if j >= skip_first:
+            total += float(_nll(out.logits, tokens[:, j + 1:j + 2]))
+    return math.exp(total / scored)
