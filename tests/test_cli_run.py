@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -114,6 +115,26 @@ BAD_INPUT = [
     (["--model", "no-such-org/no-such-model"], "unknown model"),
     (["--db", "/no/such/folder/r.db"], "does not exist"),
     (["--shard", "3/2"], "--shard"),
+    (["--shard", "x"], "--shard"),
+    (["--keep-ratios", ""], "malformed list"),
+    (["--keep-ratios", "-0.5"], "keep_ratio must be in (0, 1]"),
+    (["--keep-ratios", "inf"], "not a finite number"),
+    (["--presses", "knorm,knorm"], "duplicate"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--eval-tokens", "-1"], "--eval-tokens must be >= 0"),
+    (["--dtype", "float8"], "--dtype must be one of"),
+    (["--device", "tpu"], "--device must be one of"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "nan"], "--temperature must be > 0"),
+    (["--passkey-depths", "1.5"], "outside [0, 1]"),
+    (["--ppl-method", "guess"], "--ppl-method must be one of"),
+    (["--task", "qa"], "--task must be one of"),
+    (["--model", "{NO_WEIGHTS}"], "has no weights"),
+    (["--pg19-source", "text:{EMPTY_FILE}"], "empty"),
+    (["--pg19-source", "text:{BINARY_FILE}"], "binary"),
+    (["--pg19-source", "text:{EMPTY_DIR}"], "no .txt"),
+    (["--db", "{EMPTY_DIR}"], "directory"),
+    (["--db", "{NOT_SQLITE}"], "not a SQLite database"),
 ]
 
 
@@ -121,6 +142,9 @@ BAD_INPUT = [
 def test_bad_input_is_one_line_exit_2_nothing_stored(tiny_llama_dir, books_dir, tmp_path, extra, message):
     db = tmp_path / "r.db"
     args = _args(tiny_llama_dir, books_dir, db)
+    paths = _bad_paths(tmp_path)
+    extra = [e.format(**paths) for e in extra]
+    not_sqlite = Path(paths["NOT_SQLITE"]).read_bytes()
     for flag, value in zip(extra[::2], extra[1::2]):  # later flags win in Typer, but keep it explicit
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -133,6 +157,22 @@ def test_bad_input_is_one_line_exit_2_nothing_stored(tiny_llama_dir, books_dir, 
     assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1
     if db.exists():
         assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    assert Path(paths["NOT_SQLITE"]).read_bytes() == not_sqlite, "a file that is not a database stays untouched"
+
+
+def _bad_paths(tmp_path: Path) -> dict[str, str]:
+    """Files and folders that must be refused: a model folder without weights, an empty
+    and a binary text file, an empty folder, a file that is not a database."""
+    bad = tmp_path / "bad"
+    (bad / "no-weights").mkdir(parents=True)
+    (bad / "no-weights" / "config.json").write_text('{"model_type": "llama"}')
+    (bad / "empty.txt").write_text("")
+    (bad / "binary.txt").write_bytes(b"\x00\x01\x02 not text \xff\xfe" * 100)
+    (bad / "empty-dir").mkdir()
+    (bad / "notes.db").write_text("these are my notes, not a database\n" * 10)
+    return {"NO_WEIGHTS": str(bad / "no-weights"), "EMPTY_FILE": str(bad / "empty.txt"),
+            "BINARY_FILE": str(bad / "binary.txt"), "EMPTY_DIR": str(bad / "empty-dir"),
+            "NOT_SQLITE": str(bad / "notes.db")}
 
 
 def test_stream_ppl_method_scores_the_whole_chunk(tiny_llama_dir, books_dir, tmp_path):
