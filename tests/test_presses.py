@@ -71,3 +71,8 @@ def test_registry_and_unknown_press():
     assert make_press("none") is None
     with pytest.raises(UsageError, match="unknown press"):
         make_press("h2o")
+
+
+def test_ties_at_the_boundary_keep_the_most_recent_entries():
+    assert _kept("knorm", [1.0, 2.0, 2.0, 2.0, 3.0, 0.5], 3) == [0, 3, 5]
+    assert _kept("knorm", [2.0] * 6, 2) == [4, 5]
