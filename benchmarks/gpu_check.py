@@ -1,0 +1,180 @@
+"""One short GPU check of issue 6's targets, for a borrowed CUDA machine (< 4 minutes on an H200).
+
+The machine has no internet and no smollm2 weights: the model is built from its
+config.json with RANDOM weights (timing and memory do not depend on weight values;
+tokens and quality mean nothing). Per dtype (float32, bfloat16):
+  (a) engine no-press TPOT / model.generate() TPOT          target <= 1.05
+  (b) knorm keep_ratio 1.0 (prune_after 0) / no press      target <= 1.02
+  (c) one compression event vs the clone() floor at 1024 and 4096 entries per layer
+  (d) prefill mode keep_ratio 0.5 at a 4096-token prompt: TPOT and KV bytes vs the full
+      cache (targets <= 0.75 and 0.50), torch.cuda.max_memory_allocated of both.
+
+    python benchmarks/gpu_check.py --model-dir DIR --text FILE      # DIR: config.json (+ tokenizer files)
+    python benchmarks/gpu_check.py --model-dir DIR --device cpu --quick   # dry run anywhere
+Prepare DIR from a machine that has the model: copy config.json, tokenizer.json and
+tokenizer_config.json of knormctl's smollm2-135m folder (a few MB; not the weights).
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import _common as c
+
+
+def build_model(model_dir: Path, dtype: str, device: str):
+    """The architecture from config.json, random weights, on ``device``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device(device):  # initialise directly on the GPU: seconds, not a CPU init + copy
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(getattr(torch, dtype)).eval()
+    return SimpleNamespace(model=model, num_layers=config.num_hidden_layers, resolved=f"{model_dir} (random weights)")
+
+
+def prompt_ids(args, n: int) -> tuple[list[int], str]:
+    """The first ``n`` tokens of --text, else seeded random ids (fine for timing)."""
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model_dir)
+    except (OSError, ValueError) as e:
+        c.log(f"no tokenizer in {args.model_dir} ({type(e).__name__}): random token ids")
+    if tok is not None and args.text and Path(args.text).is_file():
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")[: n * 12]  # ~4 chars a token: ample
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return ids[:n], f"{Path(args.text).name}"
+        c.log(f"--text gives only {len(ids)} tokens, {n} needed: random token ids")
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(args.model_dir).vocab_size
+    rng = random.Random(args.seed)
+    return [rng.randrange(vocab) for _ in range(n)], "random token ids"
+
+
+def overhead(lm, ids, n, repeats, device):
+    """(a) and (b), interleaved."""
+    from knormctl.config import PressConfig
+    from knormctl.engine.api import reference_generate
+    from knormctl.engine.loop import run_generation
+
+    def engine(cfg):
+        def run():
+            r = run_generation(lm.model, ids, cfg, n)
+            return r.tpot_s, r.memory.bytes, r.token_ids
+        return run
+
+    def generate():
+        c.cuda_peak_reset(device)
+        r = reference_generate(lm.model, ids, n)
+        return r["tpot_s"], c.cuda_peak(device), r["token_ids"]
+
+    res = c.interleaved({"generate()": generate, "engine": engine(PressConfig().validate()),
+                         "knorm 1.0": engine(PressConfig(press="knorm", keep_ratio=1.0, prune_after=0).validate())},
+                        repeats)
+    med = {k: c.median([t for t, _, _ in v]) for k, v in res.items()}
+    peak = {k: max((p or 0) for _, p, _ in v) for k, v in res.items()}
+    same = res["engine"][-1][2] == res["generate()"][-1][2]
+    return med, peak, same
+
+
+def pays(lm, ids, n, repeats):
+    """(d): prefill-mode keep_ratio 0.5 against the full cache, every layer cut."""
+    from knormctl.config import PressConfig
+    from knormctl.engine.loop import run_generation
+
+    cfgs = {"full": PressConfig().validate(),
+            "knorm 0.5": PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(),
+                                     mode="prefill").validate()}
+    res = c.interleaved({k: (lambda cfg=cfg: run_generation(lm.model, ids, cfg, n)) for k, cfg in cfgs.items()},
+                        repeats)
+    tpot = {k: c.median([r.tpot_s for r in v]) for k, v in res.items()}
+    peak = {k: max((r.memory.bytes or 0) for r in v) for k, v in res.items()}
+
+    def after_cut(r):  # entries right after the cut: the end state minus what decoding added
+        return r.kv_entries_final - (r.new_tokens - 1) * lm.num_layers
+
+    kv = after_cut(res["knorm 0.5"][-1]) / after_cut(res["full"][-1])
+    return tpot, peak, kv
+
+
+def main() -> None:
+    p = c.parser(__doc__.splitlines()[0], repeats=3)
+    p.set_defaults(device="cuda")
+    p.add_argument("--model-dir", type=Path, required=True, help="folder with config.json (+ tokenizer files)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    args = p.parse_args()
+    args.text = None if args.text == c.DEFAULT_TEXT else args.text.removeprefix("text:")  # a plain file here
+    short, long_, n, sizes, events = 512, 4096, 128, [1024, 4096], 50
+    if args.quick:
+        short, long_, n, sizes, events, args.repeats = 64, 256, 8, [128, 256], 5, 1
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        c.log("CUDA is not available here: falling back to --device cpu")
+        args.device = "cpu"
+    c.setup(args)
+    import compression_cost  # noqa: E402 -- part (c) is compression_cost's part A, on random tensors
+
+    t_start = time.perf_counter()
+    ids_short, src = prompt_ids(args, long_)
+    ids_long, ids_short = ids_short, ids_short[:short]
+    dtypes = args.dtypes.split(",")
+    c.header("GPU check (random weights, timing only)", args, {
+        "weights": "RANDOM (built from config.json): timing and memory only, tokens mean nothing",
+        "model config": str(args.model_dir), "prompt text": src, "dtype": ", ".join(dtypes),
+        "sizes": f"(a,b) {short}-token prompt, (d) {long_}-token prompt, {n} new tokens; (c) {sizes} entries",
+        "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
+    sync = c.sync_for(args.device)
+
+    summary = []
+    for dtype in dtypes:
+        lm = build_model(args.model_dir, dtype, args.device)
+        c.log(f"[{dtype}] (a)+(b)")
+        med, peak, same = overhead(lm, ids_short, n, args.repeats, args.device)
+        c.table(f"[{dtype}] (a) engine vs generate(), (b) knorm 1.0 vs no press ({short}-token prompt)",
+                ["configuration", "TPOT ms", "max_memory_allocated MiB"],
+                [[k, c.ms(v, 3), c.mib(peak[k]) if args.device == "cuda" else "-"] for k, v in med.items()],
+                notes=[f"engine tokens == generate() tokens: {'yes' if same else 'NO (random weights: near-ties)'}"])
+        r_a, r_b = c.ratio(med["engine"], med["generate()"]), c.ratio(med["knorm 1.0"], med["engine"])
+
+        c.log(f"[{dtype}] (c)")
+        with torch.inference_mode():
+            rows = compression_cost.part_a(lm, sizes, lambda k: compression_cost.random_cache(lm, k), 0.9, events,
+                                           sync)
+        c.table(f"[{dtype}] (c) one compression event vs the clone() floor (random tensors, keep_ratio 0.9)",
+                ["entries/layer", "layers", "K+V MiB", "floor ms", "knormctl ms", "original ms", "knormctl/floor",
+                 "original/knormctl", "target"], rows)
+
+        c.log(f"[{dtype}] (d)")
+        tpot, peak_d, kv = pays(lm, ids_long, n, args.repeats)
+        r_d = c.ratio(tpot["knorm 0.5"], tpot["full"])
+        c.table(f"[{dtype}] (d) prefill mode keep_ratio 0.5, {long_}-token prompt",
+                ["configuration", "TPOT ms", "max_memory_allocated MiB"],
+                [[k, c.ms(v, 3), c.mib(peak_d[k]) if args.device == "cuda" else "-"] for k, v in tpot.items()])
+        summary += [[dtype, "(a) engine / generate() TPOT", c.num(r_a), c.verdict(r_a, 1.05)],
+                    [dtype, "(b) knorm 1.0 / no press TPOT", c.num(r_b), c.verdict(r_b, 1.02)]]
+        summary += [[dtype, f"(c) event / floor at {r[0]}", r[6], r[8]] for r in rows]
+        summary += [[dtype, "(d) knorm 0.5 / full TPOT", c.num(r_d), c.verdict(r_d, 0.75)],
+                    [dtype, "(d) KV bytes after the cut / full", c.num(kv, 4),
+                     "meets 0.50 +-1%" if abs(kv - 0.5) <= 0.005 else "MISSES 0.50 +-1%"]]
+        lm = None  # free this dtype's model before building the next
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    c.table("summary (ratios from one run; random weights, timing only)", ["dtype", "check", "value", "target"],
+            summary, notes=[f"total wall time {time.perf_counter() - t_start:.0f} s"])
+
+
+if __name__ == "__main__":
+    main()
