@@ -14,7 +14,7 @@ import time
 import torch
 
 from knormctl.config import PressConfig
-from knormctl.engine.presses import BasePress, gather_entries, keep_indices, make_press
+from knormctl.engine.presses import BasePress, keep_indices, make_press, row_indices, take_rows
 from knormctl.errors import UsageError
 
 
@@ -68,11 +68,11 @@ class Compressor:
         # Score each layer, then ONE top-k and ONE sort over all layers at once:
         # at small sizes per-operation overhead dominates, so batch what can be batched.
         scores = torch.stack([self.press.score(layers[i].keys, layers[i].values) for i in ids])
-        idx = keep_indices(scores, n_keep, self.cfg.keep_recent)
+        rows = row_indices(keep_indices(scores, n_keep, self.cfg.keep_recent), scores.shape[-1])
         for j, i in enumerate(ids):
             layer = layers[i]
-            layer.keys = gather_entries(layer.keys, idx[j])
-            layer.values = gather_entries(layer.values, idx[j])
+            layer.keys = take_rows(layer.keys, rows[j])
+            layer.values = take_rows(layer.values, rows[j])
 
 
 def kv_size(cache) -> tuple[int, int]:

@@ -126,13 +126,19 @@ def keep_indices(scores: torch.Tensor, n_keep: int, keep_recent: int = 0) -> tor
     return flat[:, 1].view(*scores.shape[:-1], n_keep)
 
 
-def gather_entries(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t: (b, h, seq, d), idx: (b, h, n_keep) -> (b, h, n_keep, d).
+def row_indices(idx: torch.Tensor, seq: int) -> torch.Tensor:
+    """Kept indices (..., b, h, n_keep) -> row numbers in a (b*h*seq, d) view of each layer,
+    flattened per leading index. Computed once for all layers, shared by keys and values."""
+    b, h = idx.shape[-3:-1]
+    base = torch.arange(b * h, device=idx.device).view(b, h, 1) * seq
+    return (idx + base).flatten(-3)
 
-    One ``index_select`` over the rows of the flattened tensor: as fast as a copy, where
-    ``gather`` with an expanded index is ~3x slower on CPU.
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t: (b, h, seq, d), rows from ``row_indices`` -> (b, h, n_keep, d).
+
+    One ``index_select`` over the rows of the flattened tensor: about the cost of a copy,
+    where ``gather`` with an expanded index costs ~3x on CPU.
     """
     b, h, s, d = t.shape
-    base = torch.arange(b * h, device=t.device).view(b, h, 1) * s
-    rows = (idx + base).reshape(-1)
-    return t.reshape(b * h * s, d).index_select(0, rows).view(b, h, idx.shape[-1], d)
+    return t.reshape(b * h * s, d).index_select(0, rows).view(b, h, -1, d)
