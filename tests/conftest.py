@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated cache per test, a tiny tokenizer, tiny Llama and GPT-NeoX folders.
+
+Slow end-to-end tests ask for ``real_home``: a persistent cache (``$KNORMCTL_TEST_HOME``,
+else ``~/.cache/knormctl-test``) so the smollm2 download + conversion happens once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BOOKS = REPO.parent / "shared" / "data" / "books"  # real novels: test data, not part of the product
+
+TINY_VOCAB = 512  # byte-level BPE: 256 bytes + merges; small enough to train in well under a second
+
+
+@pytest.fixture(scope="session")
+def real_home() -> Path:
+    """A persistent knormctl home for slow tests (real smollm2-135m, real wiki-lite)."""
+    home = Path(os.environ.get("KNORMCTL_TEST_HOME") or Path.home() / ".cache" / "knormctl-test")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(request, tmp_path, monkeypatch):
+    """Every test gets its own cache folder and results database (tests that ask for
+    ``real_home`` get that cache instead, so real assets are fetched once)."""
+    if "real_home" in request.fixturenames:
+        home = request.getfixturevalue("real_home")
+    else:
+        home = tmp_path / "knormctl-home"
+    monkeypatch.setenv("KNORMCTL_HOME", str(home))
+    monkeypatch.setenv("KNORMCTL_DB", str(tmp_path / "knormctl.db"))
+
+
+@pytest.fixture(scope="session")
+def books_dir() -> Path:
+    """../shared/data/books: six Jane Austen novels (plain UTF-8)."""
+    assert BOOKS.is_dir(), f"shared test data missing: {BOOKS}"
+    return BOOKS
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (fast, with offsets) trained on a slice of Emma."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (BOOKS / "emma.txt").read_text(encoding="utf-8")[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", model_max_length=4096)
+
+
+def _save_tiny(path: Path, model, tokenizer) -> Path:
+    model.save_pretrained(path)  # safetensors
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 2-layer Llama (GQA: 4 heads, 2 KV heads) + tokenizer, saved as a model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+                         max_position_embeddings=4096, bos_token_id=tiny_tokenizer.bos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(config), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 2-layer GPT-NeoX (Pythia layout, partial rotary) + tokenizer, saved as a model folder."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=37, rotary_pct=0.25,
+                           max_position_embeddings=4096, bos_token_id=tiny_tokenizer.bos_token_id,
+                           eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-neox"), GPTNeoXForCausalLM(config), tiny_tokenizer)

