@@ -187,7 +187,7 @@ class Runner:
             self.prior_references = [s for s in self.store.samples(resume_run_id, with_blobs=True)
                                      if s.config_key == "none" and s.error is None]
             self._check_resume_samples()
-            self.store.update_run(resume_run_id, status=m.RUNNING, ended_utc=None, error=None, pid=os.getpid())
+            self.store.reopen_run(resume_run_id)  # running again, owned by this process (pid, host, heartbeat)
             return resume_run_id
         env = get_environment(lm.device)
         self.run_id = self.store.create_run(

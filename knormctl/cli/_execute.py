@@ -23,13 +23,12 @@ def _raise_interrupted(signum, frame):
 
 
 def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None) -> None:
-    from knormctl.runner import Runner
     from knormctl.store import open_store
     from knormctl.store.models import COMPLETE
 
     store = open_store(db)
-    if store.backup_path:
-        err.print(f"upgraded the database schema; backup of the old file: {store.backup_path}")
+    if store.upgrade_note:
+        err.print(store.upgrade_note)
     if resume is not None:
         run = store.get_run(resume)
         if run is None:
@@ -38,7 +37,16 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
             raise UsageError(f"run {resume} is complete: nothing to resume")
         cfg = RunConfig.from_dict(run.config_json).validate()
 
-    signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM takes the Ctrl-C path
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM takes the Ctrl-C path
+    try:
+        _run(cfg, store, json_out, resume)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # in-process callers (tests, notebooks) get theirs back
+
+
+def _run(cfg: RunConfig, store, json_out: bool, resume: int | None) -> None:
+    from knormctl.runner import Runner
+
     runner = Runner(cfg, store, progress=lambda msg: err.log(msg))
     try:
         runner.prepare()  # model, samples, checks: bad input fails here, before any row is written

@@ -1,0 +1,409 @@
+"""The Store: opening (and refusing) databases, every method, stale runs, and real concurrent writers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import closing
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, func, select
+
+import knormctl
+from db_fixtures import db_url, pg_url  # noqa: F401  (fixtures)
+from knormctl.store import (COMPLETE, COMPLETE_WITH_ERRORS, INTERRUPTED, RUNNING, Run, Sample, StoreError,
+                            default_db_url, open_store, to_url, utcnow)
+from knormctl.store.db import default_db_path
+
+REPO = Path(knormctl.__file__).resolve().parent.parent
+
+
+def new_run(store, **kw) -> int:
+    args = dict(command="sweep", task="lm", model_requested="smollm2-135m", config={"keep_ratios": [1.0, 0.5]},
+                command_line="knormctl sweep --keep-ratios 1.0,0.5")
+    return store.create_run(**(args | kw))
+
+
+def cell(i: int, key: str = "knorm|kr=0.5", **kw) -> dict:
+    """The fields of one stored (sample x configuration) cell."""
+    row = dict(sample_index=i, config_key=key, dataset="wiki-lite", prompt_tokens=64, press=key.split("|")[0],
+               keep_ratio=0.5, prune_after=16, compress_mode="decode", ttft_s=0.01, new_tokens=8,
+               generated_text=f"text {i}", generated_ids_json=[1, 2, 3], step_latencies_json=[0.01, 0.02])
+    return row | kw
+
+
+# ----------------------------------------------------------------------------- locations
+
+def test_to_url_keeps_urls_and_turns_paths_into_absolute_sqlite_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert to_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert to_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert to_url("results.db") == f"sqlite:///{tmp_path / 'results.db'}"
+    assert to_url(tmp_path / "a.db") == f"sqlite:///{tmp_path / 'a.db'}"
+
+
+def test_default_url_is_the_env_var_else_the_user_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNORMCTL_DB", str(tmp_path / "env.db"))
+    assert default_db_url() == to_url(None) == f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("KNORMCTL_DB", "postgresql+psycopg://u@h/db")
+    assert default_db_url() == "postgresql+psycopg://u@h/db"
+    monkeypatch.delenv("KNORMCTL_DB")
+    assert default_db_url() == f"sqlite:///{default_db_path()}"
+    assert default_db_path().name == "knormctl.db" and "knormctl" in default_db_path().parent.parts[-1]
+
+
+def test_sqlite_pragmas_are_set_on_every_connection(tmp_path):
+    with open_store(tmp_path / "p.db") as store, store.engine.connect() as conn:
+        def pragma(name):
+            return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+        assert pragma("journal_mode") == "wal"
+        assert pragma("busy_timeout") == 30000
+        assert pragma("foreign_keys") == 1
+        assert pragma("synchronous") == 1  # NORMAL
+
+
+# ----------------------------------------------------------------------------- refusing to open
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes and mtime: to prove nothing was created or modified."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(target, match: str, folder: Path) -> str:
+    before = snapshot(folder)
+    with pytest.raises(StoreError, match=match) as err:
+        open_store(target)
+    assert snapshot(folder) == before
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are my notes, not a database\n" * 100)
+    message = refused(path, "is not a SQLite database", tmp_path)
+    assert message == f"{path} is not a SQLite database (file is not a database)"
+
+
+def a_real_database(path: Path, n: int = 150) -> bytes:
+    with open_store(path) as store:
+        run_id = new_run(store)
+        for i in range(n):
+            store.add_sample(run_id, **cell(i, generated_text="x" * 2000))
+    return path.read_bytes()  # closed: everything checkpointed into the main file
+
+
+@pytest.mark.parametrize("cut", ["mid-page", "page-boundary", "inside-header"])
+def test_a_truncated_database_is_refused_untouched(tmp_path, cut):
+    path = tmp_path / "cut.db"
+    data = a_real_database(path)
+    size = {"mid-page": len(data) // 2 + 123, "page-boundary": 4096 * 4, "inside-header": 60}[cut]
+    path.write_bytes(data[:size])
+    refused(path, f"{path} is a damaged SQLite database|{path} is not a SQLite database", tmp_path)
+
+
+def test_a_directory_is_refused(tmp_path):
+    refused(tmp_path, "is a directory, not a database file", tmp_path)
+
+
+def test_a_missing_folder_is_refused_and_not_created(tmp_path):
+    target = tmp_path / "no" / "such" / "results.db"
+    message = refused(target, "does not exist", tmp_path)
+    assert message == f"folder {tmp_path / 'no' / 'such'} does not exist"
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere: permissions cannot be tested as root")
+def test_a_read_only_folder_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        refused(folder / "x.db", "is not writable", tmp_path)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_an_unwritable_folder_is_refused_even_for_root(tmp_path, monkeypatch):
+    import knormctl.store.db as db
+
+    monkeypatch.setattr(db.os, "access", lambda path, mode: Path(path) != tmp_path)  # as a non-root user would see it
+    message = refused(tmp_path / "x.db", "is not writable", tmp_path)
+    assert message == f"folder {tmp_path} is not writable"
+
+
+def test_an_empty_file_is_a_new_database(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    with open_store(path) as store:
+        assert store.created
+
+
+def test_the_password_never_appears(tmp_path):
+    url = "postgresql+psycopg://knorm:s3cr3t-pw@127.0.0.1:1/results"  # nothing listens on port 1
+    with pytest.raises(StoreError) as err:
+        open_store(url)
+    message = str(err.value)
+    assert "s3cr3t-pw" not in message and "knorm:***@127.0.0.1:1/results" in message
+    assert message.startswith("cannot connect to ") and "\n" not in message
+
+
+def test_a_bad_url_is_one_clear_line():
+    with pytest.raises(StoreError, match="no driver for nosuchdb"):
+        open_store("nosuchdb://u:pw@h/x")
+
+
+# ----------------------------------------------------------------------------- the Store API
+
+def test_run_round_trip(db_url):
+    with open_store(db_url) as store:
+        before = utcnow()
+        run_id = new_run(store, env={"cpu": "test", "threads": 2}, group_name="g1", shard="1/2",
+                         samples_planned=4, dtype="float32", device="cpu", knormctl_version="0.1.0",
+                         git_commit="abc123")
+        run = store.get_run(run_id)
+        assert (run.status, run.command, run.task, run.group_name, run.shard) == (RUNNING, "sweep", "lm", "g1", "1/2")
+        assert run.config_json == {"keep_ratios": [1.0, 0.5]} and run.env_json == {"cpu": "test", "threads": 2}
+        assert (run.pid, run.hostname) == (os.getpid(), socket.gethostname())
+        assert run.started_utc.tzinfo is None and before - timedelta(seconds=1) <= run.started_utc <= utcnow()
+        assert run.heartbeat_utc == run.started_utc and run.ended_utc is None
+        assert (run.samples_done, run.samples_failed, run.samples_planned) == (0, 0, 4)
+
+        store.update_run(run_id, model_resolved="/models/x", model_hash="sha256:1")
+        with pytest.raises(TypeError, match="no column"):
+            store.update_run(run_id, not_a_column=1)
+        with pytest.raises(ValueError, match="unknown run status"):
+            store.update_run(run_id, status="done")
+        with pytest.raises(StoreError, match="run 999999 does not exist"):
+            store.update_run(999999, model_hash="x")
+
+        time.sleep(0.01)
+        store.heartbeat(run_id)
+        assert store.get_run(run_id).heartbeat_utc > run.heartbeat_utc
+
+        store.finish_run(run_id, COMPLETE_WITH_ERRORS, error="1 sample failed")
+        run = store.get_run(run_id)
+        assert (run.status, run.error, run.model_resolved, run.model_hash) == (
+            COMPLETE_WITH_ERRORS, "1 sample failed", "/models/x", "sha256:1")
+        assert run.ended_utc >= run.started_utc
+        with pytest.raises(ValueError):
+            store.finish_run(run_id, RUNNING)
+
+        store.reopen_run(run_id)  # --resume takes it over
+        run = store.get_run(run_id)
+        assert (run.status, run.error, run.ended_utc, run.pid) == (RUNNING, None, None, os.getpid())
+        assert store.get_run(424242) is None
+
+
+def test_listing_runs(db_url):
+    with open_store(db_url) as store:
+        assert store.last_run() is None and store.list_runs() == []
+        ids = [new_run(store, group_name="a" if i % 2 else "b") for i in range(5)]
+        assert [r.id for r in store.list_runs()] == ids[::-1]  # newest first
+        assert [r.id for r in store.list_runs(limit=2)] == ids[:-3:-1]
+        assert [r.id for r in store.list_runs(group="a")] == [ids[3], ids[1]]
+        assert store.last_run().id == ids[-1] and store.last_run(group="a").id == ids[3]
+        assert store.last_run(group="nope") is None
+        assert [r.id for r in store.runs_in_group("b")] == [ids[0], ids[2], ids[4]]  # oldest first
+
+
+def test_samples_counters_cells_and_resume(db_url):
+    with open_store(db_url) as store:
+        run_id, other = new_run(store), new_run(store)
+        ids = [store.add_sample(run_id, **cell(i, key)) for i in range(3) for key in ("none", "knorm|kr=0.5")]
+        store.add_sample(run_id, **cell(3, "knorm|kr=0.5", error="RuntimeError: CUDA out of memory",
+                                        generated_text=None, generated_ids_json=None, step_latencies_json=None))
+        store.add_sample(other, **cell(0, "none"))
+        run = store.get_run(run_id)
+        assert (run.samples_done, run.samples_failed) == (6, 1)
+        assert run.heartbeat_utc >= run.started_utc
+
+        rows = store.samples(run_id)
+        assert [s.id for s in rows[:6]] == ids and len(rows) == 7
+        assert rows[0].created_utc.tzinfo is None and rows[0].keep_ratio == 0.5 and rows[0].run_id == run_id
+        assert len(store.samples([run_id, other])) == 8 and store.samples([]) == []
+        with pytest.raises(Exception):  # the big columns are not loaded without with_blobs
+            rows[0].generated_text
+        full = store.samples(run_id, with_blobs=True)
+        assert full[0].generated_text == "text 0" and full[0].step_latencies_json == [0.01, 0.02]
+        assert full[0].generated_ids_json == [1, 2, 3]
+
+        store.set_token_match(run_id, 1, {"none": 1.0, "knorm|kr=0.5": 0.75, "absent": 0.1})
+        matches = {(s.sample_index, s.config_key): s.token_match for s in store.samples(run_id)}
+        assert matches[(1, "none")] == 1.0 and matches[(1, "knorm|kr=0.5")] == 0.75
+        assert matches[(0, "none")] is None
+
+        expected = {(i, k) for i in range(3) for k in ("none", "knorm|kr=0.5")}
+        assert store.done_cells(run_id) == expected  # the failed cell is not done
+        with pytest.raises(StoreError):  # a cell is stored once per run
+            store.add_sample(run_id, **cell(0, "none"))
+        assert store.get_run(run_id).samples_done == 6  # and the failed insert counted nothing
+
+        assert store.delete_failed_cells(run_id) == 1
+        run = store.get_run(run_id)
+        assert (run.samples_done, run.samples_failed) == (6, 0) and len(store.samples(run_id)) == 6
+        assert store.delete_failed_cells(run_id) == 0
+        store.add_sample(run_id, **cell(3, "knorm|kr=0.5"))  # the resumed cell, measured again
+        assert store.done_cells(run_id) == expected | {(3, "knorm|kr=0.5")}
+
+        with pytest.raises(TypeError, match="no column"):
+            store.add_sample(run_id, **cell(9, bogus=1))
+        with pytest.raises(StoreError, match="does not exist"):
+            store.add_sample(999999, **cell(0))
+
+
+def test_deleting_a_run_deletes_its_samples(db_url):
+    with open_store(db_url) as store:
+        run_id = new_run(store)
+        store.add_sample(run_id, **cell(0))
+        with store.engine.begin() as conn:  # foreign keys are enforced (SQLite: PRAGMA foreign_keys)
+            conn.execute(delete(Run).where(Run.id == run_id))
+        with store.engine.connect() as conn:
+            assert conn.scalar(select(func.count()).select_from(Sample)) == 0
+
+
+def test_stale_runs_are_marked_interrupted(db_url):
+    with open_store(db_url) as store:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+        dead_pid = int(dead.stdout)  # exited and reaped: no such process any more
+        host = socket.gethostname()
+        mine = new_run(store)
+        crashed = new_run(store)
+        store.update_run(crashed, pid=dead_pid)
+        elsewhere_old = new_run(store)
+        store.update_run(elsewhere_old, hostname="gpu-node-7", pid=1234, heartbeat_utc=utcnow() - timedelta(hours=2))
+        elsewhere_alive = new_run(store)
+        store.update_run(elsewhere_alive, hostname="gpu-node-8", pid=1234, heartbeat_utc=utcnow())
+        finished = new_run(store)
+        store.update_run(finished, pid=dead_pid)
+        store.finish_run(finished, COMPLETE)
+
+        run = store.get_run(crashed)  # reading marks it: reports show the truth
+        assert run.status == INTERRUPTED
+        assert run.error.startswith(f"process {dead_pid} on {host} stopped without finishing")
+        assert run.ended_utc is not None
+        assert store.get_run(elsewhere_old).status == INTERRUPTED
+        error = store.get_run(elsewhere_old).error
+        assert error.startswith("process 1234 on gpu-node-7 stopped without finishing (stale heartbeat")
+        assert store.get_run(elsewhere_alive).status == RUNNING
+        assert store.get_run(mine).status == RUNNING  # this process is alive
+        assert store.get_run(finished).status == COMPLETE
+        assert store.mark_stale_runs() == []  # nothing left to mark
+        assert store.mark_stale_runs(stale_after_s=0) == [elsewhere_alive]
+
+
+# ----------------------------------------------------------------------------- real processes
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    url, tag, n, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    from knormctl.store import COMPLETE, open_store
+    (gate / f"ready-{tag}").touch()
+    while not (gate / "go").exists():  # all processes open the fresh database at the same moment
+        time.sleep(0.005)
+    store = open_store(url)
+    run_id = store.create_run(command="sweep", task="lm", model_requested="tiny", config={"worker": tag},
+                              command_line="test", group_name="concurrency")
+    for i in range(n):
+        store.add_sample(run_id, sample_index=i, config_key="knorm|kr=0.5", dataset="synthetic",
+                         prompt_tokens=64, press="knorm", keep_ratio=0.5, prune_after=16, compress_mode="decode",
+                         generated_text="x" * 500, step_latencies_json=[0.01] * 50)
+    store.finish_run(run_id, COMPLETE)
+    print(run_id, int(store.created))
+""")
+
+
+def worker_env() -> dict:
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def run_writers(url: str, n_procs: int, n_samples: int, gate: Path) -> list[subprocess.CompletedProcess]:
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(k), str(n_samples), str(gate)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
+             for k in range(n_procs)]
+    deadline = time.monotonic() + 60
+    while len(list(gate.glob("ready-*"))) < n_procs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (gate / "go").touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def check_writers(url: str, results, n_procs: int, n_samples: int) -> None:
+    for r in results:
+        assert r.returncode == 0, r.stderr
+        assert "locked" not in r.stderr
+    with open_store(url) as store:
+        runs = store.runs_in_group("concurrency")
+        assert len(runs) == n_procs and {r.status for r in runs} == {COMPLETE}
+        printed = [r.stdout.split() for r in results]  # run id, whether this process created the schema
+        assert sorted(int(run_id) for run_id, _ in printed) == sorted(r.id for r in runs)
+        assert sum(int(created) for _, created in printed) == 1
+        assert all(r.samples_done == n_samples for r in runs)
+        rows = store.samples([r.id for r in runs])
+        assert len(rows) == n_procs * n_samples
+        assert len({(s.run_id, s.sample_index) for s in rows}) == len(rows)  # no duplicates
+
+
+def test_four_processes_write_one_new_sqlite_file_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    results = run_writers(url, 4, 50, tmp_path / "gate")
+    check_writers(url, results, 4, 50)
+    with closing(sqlite3.connect(tmp_path / "shared.db")) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.postgres
+def test_two_processes_write_one_postgresql_database_at_once(pg_url, tmp_path):
+    results = run_writers(pg_url, 2, 50, tmp_path / "gate")
+    check_writers(pg_url, results, 2, 50)
+
+
+KILLED = textwrap.dedent("""
+    import sys
+    from knormctl.store import open_store
+    store = open_store(sys.argv[1])
+    run_id = store.create_run(command="sweep", task="lm", model_requested="tiny", config={}, command_line="test")
+    print(run_id, flush=True)
+    i = 0
+    while True:  # writes until killed
+        store.add_sample(run_id, sample_index=i, config_key="none", dataset="synthetic", prompt_tokens=64,
+                         press="none", keep_ratio=1.0, prune_after=0, compress_mode="decode",
+                         generated_text="y" * 4000)
+        i += 1
+""")
+
+
+def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path):
+    path = tmp_path / "killed.db"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(path)], stdout=subprocess.PIPE, text=True,
+                            env=worker_env())
+    run_id = int(proc.stdout.readline())
+    with open_store(path) as watcher:  # wait until it is busy writing
+        deadline = time.monotonic() + 30
+        while watcher.get_run(run_id).samples_done < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with open_store(path) as store:
+        run = store.get_run(run_id)
+        assert run.status == INTERRUPTED and f"process {proc.pid}" in run.error
+        assert run.samples_done >= 30 and len(store.samples(run_id)) == run.samples_done  # every counted row kept
