@@ -40,6 +40,10 @@ def test_one_linear_history_ending_at_head():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [HEAD]
     assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002"]
+    # the no-Alembic fast path of open_store compares with this constant: it must follow the scripts
+    from knormctl.store.db import SCHEMA_HEAD
+
+    assert SCHEMA_HEAD == script.get_current_head()
 
 
 def test_blank_database_is_created_at_head_and_matches_the_models(db_url):

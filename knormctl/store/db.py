@@ -25,11 +25,7 @@ from contextlib import closing, contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select, update
+from sqlalchemy import Column, Engine, MetaData, String, Table, create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import defer, sessionmaker
@@ -98,8 +94,25 @@ def migrations_dir() -> Path:
                      f"and {package.parent / 'migrations'}); reinstall knormctl")
 
 
-def alembic_config(connection=None) -> Config:
+# The newest migration's revision id. Opening a database already at this revision reads
+# one row and never imports Alembic (~230 ms: report and plot must start fast);
+# tests/test_migrations.py checks that it equals the scripts' head.
+SCHEMA_HEAD = "0002"
+_alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32)))
+
+
+def _at_head(engine: Engine) -> bool:
+    """True when the database is stamped exactly SCHEMA_HEAD (cheap: one SELECT)."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return False
+        return conn.execute(select(_alembic_version.c.version_num)).scalars().all() == [SCHEMA_HEAD]
+
+
+def alembic_config(connection=None):
     """An Alembic Config built in code (no alembic.ini at runtime); ``env.py`` uses ``connection``."""
+    from alembic.config import Config
+
     cfg = Config()
     # ConfigParser interpolation: a '%' in the path must be doubled.
     cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
@@ -218,6 +231,8 @@ def _open_error(exc: DBAPIError, shown: str, path: Path | None) -> StoreError:
 # ----------------------------------------------------------------------------- migrate on open
 
 def _current_heads(conn) -> tuple[str, ...]:
+    from alembic.runtime.migration import MigrationContext
+
     return tuple(MigrationContext.configure(conn).get_current_heads())
 
 
@@ -228,6 +243,11 @@ def _migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None,
     (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so several processes
     opening a new database at once create it exactly once.
     """
+    if _at_head(engine):
+        return SCHEMA_HEAD, SCHEMA_HEAD, None
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     known = {rev.revision for rev in script.walk_revisions()}
