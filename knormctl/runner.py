@@ -144,6 +144,28 @@ def token_match(ids: list[int], reference: list[int]) -> float | None:
     return sum(a == b for a, b in zip(ids, reference)) / n if n else None
 
 
+class _Heartbeat:
+    """Refreshes the run's heartbeat while cells run, so readers on other hosts can tell a
+    long forward pass from a dead process (add_sample beats too, but a cell can be long)."""
+
+    def __init__(self, store, run_id: int, every_s: float = 60.0):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(store, run_id, every_s), daemon=True)
+        self._thread.start()
+
+    def _loop(self, store, run_id, every_s) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                store.heartbeat(run_id)
+            except Exception:  # a missed beat is harmless; never kill the sweep for it
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Runner:
     """One baseline/sweep execution against one store."""
 
@@ -227,6 +249,7 @@ class Runner:
         if resume_run_id is not None:
             self.store.delete_failed_cells(run_id)
         out = Outcome(run_id=run_id, status=m.RUNNING, planned=len(self.cells))
+        beat = _Heartbeat(self.store, run_id)
         try:
             if self.cfg.warmup:
                 self.progress("warm-up (untimed)")
@@ -240,6 +263,8 @@ class Runner:
         except BaseException as exc:
             self.store.finish_run(run_id, m.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            beat.stop()
         out.status = m.COMPLETE_WITH_ERRORS if out.failed else m.COMPLETE
         self.store.finish_run(run_id, out.status)
         return out

@@ -186,3 +186,75 @@ def test_stream_ppl_method_scores_the_whole_chunk(tiny_llama_dir, books_dir, tmp
     assert all(e == p + 8 - 1 - 10 and ppl > 1 for p, e, ppl, _, _ in rows)
     first = {key: ppl for _, _, ppl, key, i in rows if i == 0}
     assert len(first) == 2 and len(set(first.values())) == 2  # the press changes the streamed perplexity
+
+
+def test_a_failing_cell_is_stored_with_its_error_and_the_sweep_goes_on(tiny_llama_dir, books_dir, tmp_path,
+                                                                      monkeypatch):
+    from knormctl.engine import presses
+
+    real = presses.KnormPress.score
+    calls = {"n": 0}
+
+    def flaky(self, keys, values):  # the 3rd scoring call fails, as a CUDA error or OOM would
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, keys, values)
+
+    monkeypatch.setattr(presses.KnormPress, "score", flaky)
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--prune-after", "16", "--no-warmup",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT status, samples_done, samples_failed FROM runs").fetchone() == (
+        "complete_with_errors", 5, 1)
+    errors = con.execute("SELECT config_key, error FROM samples WHERE error IS NOT NULL").fetchall()
+    assert len(errors) == 1 and "illegal memory access" in errors[0][1] and errors[0][0].startswith("knorm")
+    assert con.execute("SELECT count(*) FROM samples").fetchone() == (6,)
+    rep = runner.invoke(app, ["report", "--db", str(db)])
+    assert rep.exit_code == 0 and "illegal memory access" in rep.stdout
+
+
+def test_report_json_medians_equal_the_stored_samples(tiny_llama_dir, books_dir, tmp_path):
+    """A real tiny-model sweep, then report: every median is the median of the stored rows."""
+    import statistics
+
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.7", "--prune-after", "16",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    rep = runner.invoke(app, ["report", "--last", "--format", "json", "--db", str(db)])
+    assert rep.exit_code == 0, rep.output
+    data = json.loads(rep.stdout)
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    stored = con.execute("SELECT * FROM samples").fetchall()
+    assert {r["config_key"] for r in data["rows"]} == {s["config_key"] for s in stored}
+    for row in data["rows"]:
+        mine = [s for s in stored if s["config_key"] == row["config_key"]]
+        for metric in ("ttft_s", "tpot_s", "itl_p90_s", "throughput_tps", "kv_bytes_final", "ppl_compressed"):
+            expected = statistics.median(s[metric] for s in mine)
+            assert row["values"][metric] == pytest.approx(expected), (row["config_key"], metric)
+    out = tmp_path / "plots"
+    plot = runner.invoke(app, ["plot", "--last", "--out", str(out), "--db", str(db)])
+    assert plot.exit_code == 0, plot.output
+    files = plot.stdout.split()
+    assert len(files) >= 6 and all(Path(f).stat().st_size > 10_000 for f in files)
+
+
+def test_shards_cover_every_cell_once_and_report_merges_the_group(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    for shard in ("1/3", "2/3", "3/3"):
+        res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5,0.8", "--prune-after", "16", "--group", "g1",
+                                  "--shard", shard, "--no-warmup", *_args(tiny_llama_dir, books_dir, db)])
+        assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    cells = con.execute("SELECT sample_index, config_key FROM samples").fetchall()
+    assert len(cells) == 3 * 3 == len(set(cells))  # 3 samples x 3 configurations, each exactly once
+    assert con.execute("SELECT DISTINCT group_name FROM runs").fetchall() == [("g1",)]
+    rep = runner.invoke(app, ["report", "--group", "g1", "--format", "json", "--db", str(db)])
+    assert rep.exit_code == 0, rep.output
+    data = json.loads(rep.stdout)
+    assert sorted(data["header"]["run_ids"]) == [1, 2, 3]
+    assert sum(r["n_samples"] for r in data["rows"]) == 9

@@ -53,3 +53,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run id and summ
 NoWarmupOpt = Annotated[bool, typer.Option("--warmup/--no-warmup", help="Untimed warm-up generations before the timed ones.")]
 GroupOpt = Annotated[str | None, typer.Option("--group", help="Tag runs that belong together (e.g. the shards of one sweep).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="Run shard I/N of the (sample x configuration) cells, e.g. 1/4.")]
+
+
+def run_config(command: str, options: dict, **parsed):
+    """The validated RunConfig of a `baseline`/`sweep` call: every option that names a
+    RunConfig field is taken as is; ``parsed`` holds the list options after parsing."""
+    from dataclasses import fields
+
+    from knormctl.config import RunConfig
+
+    names = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in options.items() if k in names}
+    values["sampling"] = options["sample"]  # --sample/--greedy
+    return RunConfig(command=command, **{**values, **parsed}).validate()

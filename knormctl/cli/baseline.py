@@ -30,15 +30,6 @@ def baseline(
 ) -> None:
     """Measure generation with the full KV cache (the reference every press is compared with)."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import RunConfig
 
     with o.error_boundary():
-        cfg = RunConfig(
-            command="baseline", model=model, num_wikitext_samples=num_wikitext_samples,
-            num_pg19_samples=num_pg19_samples, max_new_tokens=max_new_tokens, wikitext_source=wikitext_source,
-            pg19_source=pg19_source, wikitext_prompt_tokens=wikitext_prompt_tokens,
-            max_prompt_tokens=max_prompt_tokens, eval_tokens=eval_tokens, device=device, dtype=dtype,
-            threads=threads, seed=seed, sampling=sample, temperature=temperature,
-            trust_remote_code=trust_remote_code, warmup=warmup, group=group, shard=shard,
-        ).validate()
-        run_benchmark(cfg, db, json_out=json_out)
+        run_benchmark(o.run_config("baseline", locals()), db, json_out=json_out)

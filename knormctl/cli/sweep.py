@@ -48,24 +48,17 @@ def sweep(
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import PRESS_NAMES, RunConfig, parse_float_list, parse_int_list, parse_name_list
+    from knormctl.config import PRESS_NAMES, parse_float_list, parse_int_list, parse_name_list
 
     with o.error_boundary():
         if resume is not None:
             run_benchmark(None, db, json_out=json_out, resume=resume)
             return
-        cfg = RunConfig(
-            command="sweep", keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
-            prune_after=prune_after, skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
+        cfg = o.run_config(
+            "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
+            skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
             presses=parse_name_list(presses, "--presses", PRESS_NAMES),
-            compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"), task=task,
+            compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
-            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"), passkey_seeds=passkey_seeds,
-            keep_recent=keep_recent, n_sink=n_sink, ppl_method=ppl_method, ppl_skip=ppl_skip, model=model, num_wikitext_samples=num_wikitext_samples,
-            num_pg19_samples=num_pg19_samples, max_new_tokens=max_new_tokens, wikitext_source=wikitext_source,
-            pg19_source=pg19_source, wikitext_prompt_tokens=wikitext_prompt_tokens,
-            max_prompt_tokens=max_prompt_tokens, eval_tokens=eval_tokens, device=device, dtype=dtype,
-            threads=threads, seed=seed, sampling=sample, temperature=temperature,
-            trust_remote_code=trust_remote_code, warmup=warmup, group=group, shard=shard,
-        ).validate()
+            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
         run_benchmark(cfg, db, json_out=json_out)

@@ -43,8 +43,8 @@ class Compressor:
 
     def after_forward(self, cache, prefill: bool) -> bool:
         """Cut the cache if the rule says so. Returns True when something was evicted."""
-        if self.press is None or (self.cfg.mode == "prefill" and not prefill):
-            return False
+        if self.press is None or self.cfg.keep_ratio >= 1.0 or (self.cfg.mode == "prefill" and not prefill):
+            return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         layers = cache.layers
         kr, budget = self.cfg.keep_ratio, self.cfg.prune_after
         # Group the layers to cut by length (all equal unless layers were skipped).
