@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 
 PRESS_NAMES = ("none", "knorm", "knorm-inverse", "random", "streaming")
 COMPRESS_MODES = ("decode", "prefill")
@@ -16,9 +17,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TASKS = ("lm", "passkey")
 PPL_METHODS = ("teacher-forced", "stream")
-
-
-from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 
 
 def parse_float_list(text: str, name: str) -> list[float]:
@@ -199,8 +197,6 @@ class RunConfig:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if not self.keep_ratios:
             raise ConfigError("--keep-ratios: empty list")
-        if any(p == "none" for p in self.presses) and len(self.presses) == 1 and self.command == "sweep":
-            pass  # a sweep of only the reference is allowed (same as baseline)
         for p in self.presses:
             if p not in PRESS_NAMES:
                 raise ConfigError(f"unknown press {p!r} (choose from {', '.join(PRESS_NAMES)})")

@@ -295,7 +295,8 @@ class Runner:
                     res.ppl_compressed, res.eval_tokens = self._quality(sample, pc)
                 row = sample_fields(sample, pc, res, ppl_ctx.get(i))
             except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
-                print(traceback.format_exc(), file=sys.stderr) if os.environ.get("KNORMCTL_DEBUG") else None
+                if os.environ.get("KNORMCTL_DEBUG"):
+                    traceback.print_exc()
                 row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}")
                 out.failed += 1
                 out.errors.append(f"sample {i} {pc.key}: {row['error']}")

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from knormctl.config import PressConfig
-from knormctl.engine.compress import Compressor, kv_size, n_keep_for
+from knormctl.engine.compress import Compressor, n_keep_for
 from knormctl.engine.loop import run_generation
 from knormctl.engine.quality import compressed_perplexity, context_perplexity
 from knormctl.errors import UsageError
