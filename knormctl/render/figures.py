@@ -85,7 +85,7 @@ def _scale(name: str) -> tuple[float, str]:
 
 
 def _bars(ax, summary: Summary, name: str, title: str) -> None:
-    """One bar per configuration, error bar = 1 s.d. over samples."""
+    """One bar per configuration: the median, whiskers from the smallest to the largest sample."""
     rows = summary.rows
     if all(r.values[name] is None for r in rows):
         ax.set_title(title)
@@ -97,12 +97,19 @@ def _bars(ax, summary: Summary, name: str, title: str) -> None:
         if v is None:
             ax.text(i, 0, "N/A", ha="center", va="bottom", color="#666666")
             continue
-        sd = r.stdev[name]
-        ax.bar(i, v * k, color=_color(r), alpha=0.6 if r.is_reference else 0.9,
-               yerr=None if sd is None else sd * k, capsize=3)
+        ax.bar(i, v * k, color=_color(r), alpha=0.6 if r.is_reference else 0.9, yerr=_whiskers(r, name, k),
+               capsize=3)
     ax.set_title(title)
     ax.set_ylabel(f"{METRIC[name].label} ({unit})" if unit else METRIC[name].label)
     _xticks(ax, [r.label for r in rows])
+
+
+def _whiskers(row: ConfigRow, name: str, scale: float):
+    """Asymmetric error bar (median - min, max - median), or None for one sample or a mean."""
+    span, v = row.span.get(name), row.values[name]
+    if span is None or v is None or span[0] == span[1]:
+        return None
+    return [[max(0.0, (v - span[0]) * scale)], [max(0.0, (span[1] - v) * scale)]]
 
 
 def _ttft_artifacts(summary: Summary) -> set[str]:
@@ -300,8 +307,9 @@ def _vs_keep_ratio(summary: Summary, name: str, what: str, ylabel: str, scale: f
         return fig
     for k, (press, rows) in enumerate(by_press.items()):
         rows.sort(key=lambda r: r.keep_ratio)
+        bars = [_whiskers(r, name, scale) or [[0.0], [0.0]] for r in rows]
         ax.errorbar([r.keep_ratio + k * DODGE for r in rows], [r.values[name] * scale for r in rows],
-                    yerr=[(r.stdev[name] or 0.0) * scale for r in rows] if error_bars else None,
+                    yerr=[[b[0][0] for b in bars], [b[1][0] for b in bars]] if error_bars else None,
                     marker=PRESS_MARKERS.get(press, "o"), capsize=4, markersize=7, color=PRESS_COLORS.get(press),
                     label=press)
     ref = summary.reference

@@ -125,7 +125,8 @@ class ConfigRow:
     values: dict[str, float | None]  # metric name -> median (mean for fractions)
     changes: dict[str, float | None]  # vs the reference: % (pp for fractions)
     verdicts: dict[str, str | None]  # "better" | "worse" | "noise" | "same" | "artifact" (TTFT) | None
-    stdev: dict[str, float | None]  # over samples (error bars)
+    stdev: dict[str, float | None]  # over samples
+    span: dict[str, tuple[float, float] | None]  # (min, max) over samples: the error bars around a median
     peak_mem_kind: str | None
     peak_mem_reason: str | None  # why peak memory is N/A (set only when it is)
     max_context_tokens: int | None  # largest prompt + new tokens over the samples
@@ -209,11 +210,12 @@ def _ok(samples: Iterable[Any]) -> list[Any]:
     return [s for s in samples if not s.error]
 
 
-def _aggregate(samples: Sequence[Any]) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """The one place where per-configuration numbers are computed: (values, stdev)."""
+def _aggregate(samples: Sequence[Any]) -> tuple[dict, dict, dict]:
+    """The one place where per-configuration numbers are computed: (values, stdev, span)."""
     ok = _ok(samples)
     values: dict[str, float | None] = {}
     spread: dict[str, float | None] = {}
+    span: dict[str, tuple[float, float] | None] = {}
     for m in METRICS:
         xs = [float(v) for v in (getattr(s, m.column) for s in ok) if v is not None]
         if m.mean:
@@ -221,7 +223,8 @@ def _aggregate(samples: Sequence[Any]) -> tuple[dict[str, float | None], dict[st
         else:
             values[m.name] = median(xs)
         spread[m.name] = _stdev(xs)
-    return values, spread
+        span[m.name] = (min(xs), max(xs)) if xs else None
+    return values, spread, span
 
 
 def _stdev(xs: Sequence[float]) -> float | None:
@@ -332,9 +335,9 @@ def _by_config(samples: Iterable[Any]) -> dict[str, list[Any]]:
     return groups
 
 
-def _rows_for(groups: dict[str, list[Any]], aggregated: dict[str, tuple[dict, dict]], dataset: str | None,
+def _rows_for(groups: dict[str, list[Any]], aggregated: dict[str, tuple[dict, dict, dict]], dataset: str | None,
               noise_pct: float, labels: dict[str, str]) -> list[ConfigRow]:
-    ref_values = aggregated.get(REFERENCE_KEY, ({}, {}))[0]
+    ref_values = aggregated.get(REFERENCE_KEY, ({}, {}, {}))[0]
 
     def cells(group: list[Any]) -> set[tuple]:
         # No run id: the shards of a group split the cells, so a prompt's reference may sit in another run.
@@ -344,7 +347,7 @@ def _rows_for(groups: dict[str, list[Any]], aggregated: dict[str, tuple[dict, di
     rows = []
     for key in sorted(groups, key=lambda k: _sort_key(groups[k][0])):
         group, p = groups[key], groups[key][0]
-        values, spread = aggregated[key]
+        values, spread, span = aggregated[key]
         changes = {m.name: (None if key == REFERENCE_KEY else _change(m, values[m.name], ref_values.get(m.name)))
                    for m in METRICS}
         ok = _ok(group)
@@ -360,7 +363,7 @@ def _rows_for(groups: dict[str, list[Any]], aggregated: dict[str, tuple[dict, di
             n_samples=len(group), n_failed=len(group) - len(ok),
             values=values, changes=changes,
             verdicts={m.name: _verdict(m, changes[m.name], noise_pct) for m in METRICS},
-            stdev=spread, peak_mem_kind=", ".join(kinds) or None,
+            stdev=spread, span=span, peak_mem_kind=", ".join(kinds) or None,
             peak_mem_reason=("; ".join(reasons) or "not measured") if values["peak_mem_bytes"] is None else None,
             max_context_tokens=max(contexts) if contexts else None,
             compressed_samples=sum(e > 0 for e in events) if events else None,
