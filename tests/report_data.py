@@ -36,12 +36,13 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
              task: str = "lm", status: str = "complete", memory: bool = True, fail: tuple[int, str] | None = None,
              stop_after: int | None = None, prompt_tokens=(1024, 1024, 2048), new_tokens: int = 100,
              group: str | None = None, ttft_factor: dict[str, float] | None = None, token_match: bool = True,
+             tpot_factor: dict[str, float] | None = None,
              prune_after: int | None = None) -> int:
     """One run with ``n_samples`` x ``configs`` sample rows; returns the run id.
 
     fail=(sample_index, config_key): that cell stores an error instead of numbers.
     stop_after=N: only the first N cells are stored (an interrupted run).
-    ttft_factor: multiplies the TTFT of a config key (to provoke the timing flag).
+    ttft_factor: multiplies the TTFT of a config key (to provoke the timing flag); tpot_factor likewise.
     token_match=False: store NULL there (the report may compute it from the generated ids).
     prune_after: overrides every config's prune_after (e.g. larger than any context: no compression).
     """
@@ -70,7 +71,7 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
             continue
         p = fields["prompt_tokens"]
         ttft = 0.12 * p / 1024 * rng.uniform(0.97, 1.03) * (ttft_factor or {}).get(pc.key, 1.0)
-        tpot = 0.030 * (1 - 0.1 * (1 - pc.keep_ratio)) * rng.uniform(0.95, 1.05)
+        tpot = 0.030 * (1 - 0.1 * (1 - pc.keep_ratio)) * rng.uniform(0.95, 1.05) * (tpot_factor or {}).get(pc.key, 1.0)
         steps = [tpot * rng.uniform(0.8, 1.3) for _ in range(new_tokens - 1)]
         compressing = pc.press != "none" and p + new_tokens > pc.prune_after
         kv_full = 24 * (p + new_tokens) * 2 * 3 * 64 * 4

@@ -223,6 +223,15 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     assert all(r["verdicts"]["ttft_s"] in (None, "noise", "same") for r in data["rows"] if r["config_key"] != KNORM_09)
 
 
+def test_disturbed_timings_are_flagged_when_a_null_configuration_moves(store, db):
+    knorm_1 = Cfg("knorm", 1.0).pc.key
+    calm = report_json(db, "--run-id", str(fill_run(store)))
+    assert "noisy_timing" not in kinds(calm)
+    data = report_json(db, "--run-id", str(fill_run(store, tpot_factor={knorm_1: 0.5})))
+    [flag] = [f for f in data["flags"] if f["kind"] == "noisy_timing"]
+    assert flag["config_key"] == knorm_1 and "evicts nothing" in flag["message"] and "by -5" in flag["message"]
+
+
 def test_noise_estimate_uses_keep_ratio_one(store, db):
     knorm_1 = Cfg("knorm", 1.0).pc.key
     run = fill_run(store, ttft_factor={knorm_1: 1.2})  # the null configuration moves by ~20%

@@ -304,6 +304,11 @@ def _sort_key(p: Any) -> tuple:
             p.skip_layers or "", p.compress_mode, p.keep_recent or 0, p.config_key)
 
 
+# Two configurations doing the same work (keep_ratio 1.0 evicts nothing) should time alike;
+# beyond this the run's speed numbers are flagged as disturbed.
+NOISY_SAME_WORK_PCT = 10.0
+
+
 def _ttft_noise(groups: dict[str, list[Any]], ttft: dict[str, float | None]) -> tuple[float, str]:
     """How much TTFT moves between configurations that do the same prefill work.
 
@@ -486,6 +491,12 @@ def _row_flags(rows: list[ConfigRow], noise_pct: float, noise_source: str) -> li
             flags.append(Flag("unpaired", f"{where}: its successful samples are not the same prompts as the full "
                                           f"cache's ({r.n_samples - r.n_failed} vs {ref.n_samples - ref.n_failed}), "
                                           f"so its changes mix prompt differences with compression.", r.config_key))
+        tpot_change = r.changes.get("tpot_s")
+        if r.keep_ratio >= 1.0 and tpot_change is not None and abs(tpot_change) > NOISY_SAME_WORK_PCT:
+            flags.append(Flag("noisy_timing", f"{where} evicts nothing, yet its TPOT differs from the full cache by "
+                                              f"{tpot_change:+.1f}%: this run's timings were disturbed (other load "
+                                              f"on the machine?). Speed changes of that size are not evidence; rerun "
+                                              f"on a quiet machine with --threads pinned.", r.config_key))
         change = r.changes.get("ttft_s")
         if r.verdicts["ttft_s"] == "artifact":
             what = ("not a gain" if change < 0 else
