@@ -85,9 +85,12 @@ def test_json_medians_equal_medians_of_the_stored_samples(store, db):
         if key == REFERENCE_KEY:
             assert all(v is None for v in row["changes"].values())
             continue
-        assert row["changes"]["ttft_s"] == pytest.approx((row["values"]["ttft_s"] / ref["ttft_s"] - 1) * 100)
-        assert row["changes"]["throughput_tps"] == pytest.approx(
-            (row["values"]["throughput_tps"] / ref["throughput_tps"] - 1) * 100)
+        # changes are paired: the median over prompts of each prompt's change against the full cache
+        for col in ("ttft_s", "throughput_tps", "kv_bytes_final", "ppl_compressed"):
+            ref_by_prompt = {s.sample_index: getattr(s, col) for s in by_key[REFERENCE_KEY] if s.error is None}
+            per_prompt = [(getattr(s, col) / ref_by_prompt[s.sample_index] - 1) * 100
+                          for s in by_key[key] if s.error is None and s.sample_index in ref_by_prompt]
+            assert row["changes"][col] == pytest.approx(statistics.median(per_prompt)), (key, col)
         assert row["changes"]["token_match"] == pytest.approx((row["values"]["token_match"] - 1.0) * 100)
         assert row["changes"]["compress_events"] is None or row["verdicts"]["compress_events"] is None
     # direction: lower KV bytes is better, higher perplexity is worse
@@ -205,8 +208,10 @@ def test_configuration_that_never_compressed_is_flagged(store, db):
     data = report_json(db, "--run-id", str(run))
     flagged = {f["config_key"] for f in data["flags"] if f["kind"] == "no_compression"}
     assert flagged == {r["config_key"] for r in data["rows"] if not r["is_reference"]}
-    msg = next(f["message"] for f in data["flags"] if f["kind"] == "no_compression")
+    msg = next(f["message"] for f in data["flags"] if f["kind"] == "no_compression" and f["config_key"] == Cfg("knorm", 0.9, 4096).pc.key)
     assert "prune_after=4096" in msg and "say nothing about compression" in msg
+    null = next(f["message"] for f in data["flags"] if f["config_key"] == Cfg("knorm", 1.0, 4096).pc.key)
+    assert "keeps every entry" in null and "prune_after" not in null
     # ...and it does not appear when the configurations did compress
     assert "no_compression" not in kinds(report_json(db, "--run-id", str(fill_run(store))))
 
