@@ -93,3 +93,18 @@ def tiny_neox_dir(tmp_path_factory, tiny_tokenizer) -> Path:
                            max_position_embeddings=4096, bos_token_id=tiny_tokenizer.bos_token_id,
                            eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
     return _save_tiny(tmp_path_factory.mktemp("tiny-neox"), GPTNeoXForCausalLM(config), tiny_tokenizer)
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    """Path of a fresh results database (report and plot tests)."""
+    return str(tmp_path / "r.db")
+
+
+@pytest.fixture
+def store(db):
+    """An open store on ``db``, for tests that fill it by hand."""
+    from knormctl.store import open_store
+
+    with open_store(db) as s:
+        yield s

@@ -12,7 +12,6 @@ from report_data import Cfg, fill_run
 from typer.testing import CliRunner
 
 from knormctl.cli import app
-from knormctl.store import open_store
 
 runner = CliRunner()
 # Saved size in pixels (width, height): figure size x DPI, fixed so README embeds stay stable.
@@ -22,17 +21,6 @@ SIZES = {"comprehensive": (1600, 900), "summary": (1400, 800), "tradeoff": (1100
 LM_FIGURES = ["comprehensive", "summary", "tradeoff", "table", "quality", "latency"]
 PASSKEY = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("knorm", 0.2, mode="prefill"),
            Cfg("random", 0.5, mode="prefill"))
-
-
-@pytest.fixture
-def db(tmp_path):
-    return str(tmp_path / "r.db")
-
-
-@pytest.fixture
-def store(db):
-    with open_store(db) as s:
-        yield s
 
 
 def plot(db, *args) -> list[Path]:

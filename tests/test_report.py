@@ -17,22 +17,10 @@ from typer.testing import CliRunner
 
 from knormctl.cli import app
 from knormctl.render.summary import METRICS, REFERENCE_KEY, build_summary
-from knormctl.store import open_store
 
 runner = CliRunner()
 KNORM_07 = Cfg("knorm", 0.7).pc.key
 KNORM_09 = Cfg("knorm", 0.9).pc.key
-
-
-@pytest.fixture
-def db(tmp_path):
-    return str(tmp_path / "r.db")
-
-
-@pytest.fixture
-def store(db):
-    with open_store(db) as s:
-        yield s
 
 
 def report(db, *args):
