@@ -212,8 +212,10 @@ def test_a_failing_cell_is_stored_with_its_error_and_the_sweep_goes_on(tiny_llam
     errors = con.execute("SELECT config_key, error FROM samples WHERE error IS NOT NULL").fetchall()
     assert len(errors) == 1 and "illegal memory access" in errors[0][1] and errors[0][0].startswith("knorm")
     assert con.execute("SELECT count(*) FROM samples").fetchone() == (6,)
-    rep = runner.invoke(app, ["report", "--db", str(db)])
-    assert rep.exit_code == 0 and "illegal memory access" in rep.stdout
+    rep = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])  # json: no line wrapping
+    assert rep.exit_code == 0, rep.output
+    failed = [f["message"] for f in json.loads(rep.stdout)["flags"] if f["kind"] == "failed_sample"]
+    assert len(failed) == 1 and "illegal memory access" in failed[0]
 
 
 def test_report_json_medians_equal_the_stored_samples(tiny_llama_dir, books_dir, tmp_path):
