@@ -260,3 +260,20 @@ def test_shards_cover_every_cell_once_and_report_merges_the_group(tiny_llama_dir
     data = json.loads(rep.stdout)
     assert sorted(data["header"]["run_ids"]) == [1, 2, 3]
     assert sum(r["n_samples"] for r in data["rows"]) == 9
+
+
+def test_a_database_failure_mid_run_is_a_runtime_error_exit_1(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    from knormctl.errors import StoreError
+    from knormctl.store.db import Store
+
+    def disk_full(self, run_id, **fields):
+        raise StoreError("could not store a sample in r.db: database or disk is full")
+
+    monkeypatch.setattr(Store, "add_sample", disk_full)
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--no-warmup", *_args(tiny_llama_dir, books_dir,
+                                                                                      tmp_path / "r.db")])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert res.stderr.strip().splitlines()[-1] == "Error: could not store a sample in r.db: database or disk is full"
+    con = sqlite3.connect(tmp_path / "r.db")
+    assert con.execute("SELECT status FROM runs").fetchone() == ("failed",)

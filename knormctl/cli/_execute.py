@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from knormctl.cli._common import fail
 from knormctl.config import RunConfig
-from knormctl.errors import UsageError
+from knormctl.errors import StoreError, UsageError
 
 err = Console(stderr=True)  # progress and logs on stderr: stdout stays parseable
 
@@ -59,6 +59,9 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None) -> None:
         runner.on_cell = lambda done, total, desc: bar.update(task, completed=done, description=desc)
         try:
             outcome = runner.run(resume_run_id=resume)
+        except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
+            bar.stop()
+            raise fail(str(exc).splitlines()[0], 1) from None
         except KeyboardInterrupt:
             run_id = getattr(runner, "run_id", None)
             bar.stop()
