@@ -301,3 +301,20 @@ def test_stream_perplexity_full_cache_equals_one_forward(model):
                             skip_first=10)
     assert cut != full
     assert stream_perplexity(model, ids[:5], PressConfig(), skip_first=10) is None
+
+
+@pytest.mark.parametrize("press", ["knorm", "knorm-inverse", "streaming"])
+def test_stacked_cut_used_on_gpus_keeps_exactly_the_same_entries(model, press):
+    """The CUDA path (all layers stacked, ~20 kernels) must keep what the per-layer path keeps."""
+    ids = _prompt(50)
+    a, _ = _prefill(model, ids)
+    b = _clone_cache(model, a)
+    cfg = PressConfig(press=press, keep_ratio=0.6, prune_after=10, skip_layers=(0,), mode="prefill")
+    n = model.config.num_hidden_layers
+    Compressor(cfg, n, stack_layers=False).after_forward(a, prefill=True)
+    Compressor(cfg, n, stack_layers=True).after_forward(b, prefill=True)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    with torch.inference_mode():  # and the model decodes on from the stacked layers' views
+        out = model(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[50]]), cache=b, use_cache=True)
+    assert torch.isfinite(out.logits).all()

@@ -32,8 +32,11 @@ def check_skip_layers(skip_layers, num_layers: int) -> None:
 class Compressor:
     """Owns one generation's compression state: press, counters, time spent."""
 
-    def __init__(self, cfg: PressConfig, num_layers: int, sync=None):
+    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None):
+        """``stack_layers``: cut all layers as one stacked tensor (None: on CUDA only, where a
+        cut is bound by kernel launches; on CPU the extra copy costs more than it saves)."""
         check_skip_layers(cfg.skip_layers, num_layers)
+        self.stack_layers = stack_layers
         self.cfg = cfg
         self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink)
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
@@ -65,6 +68,12 @@ class Compressor:
         return True
 
     def _cut(self, layers, ids: list[int], n_keep: int) -> None:
+        stack = self.stack_layers
+        if stack is None:
+            stack = layers[ids[0]].keys.device.type == "cuda"
+        if stack:
+            self._cut_stacked(layers, ids, n_keep)
+            return
         # Score each layer, then ONE top-k and ONE sort over all layers at once:
         # at small sizes per-operation overhead dominates, so batch what can be batched.
         scores = torch.stack([self.press.score(layers[i].keys, layers[i].values) for i in ids])
@@ -73,6 +82,19 @@ class Compressor:
             layer = layers[i]
             layer.keys = take_rows(layer.keys, rows[j])
             layer.values = take_rows(layer.values, rows[j])
+
+    def _cut_stacked(self, layers, ids: list[int], n_keep: int) -> None:
+        """The same cut with ~20 kernel launches instead of ~140: stack the layers once, score,
+        select and gather them as one tensor; each layer then holds a view of the result."""
+        keys = torch.stack([layers[i].keys for i in ids])  # (L, b, h, s, d)
+        values = torch.stack([layers[i].values for i in ids])
+        n, b, h, s, d = keys.shape
+        rows = row_indices(keep_indices(self.press.score(keys, values), n_keep, self.cfg.keep_recent), s)
+        rows = (rows + torch.arange(n, device=rows.device).unsqueeze(1) * (b * h * s)).reshape(-1)
+        kept_k = keys.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
+        kept_v = values.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
+        for j, i in enumerate(ids):
+            layers[i].keys, layers[i].values = kept_k[j], kept_v[j]
 
 
 def kv_size(cache) -> tuple[int, int]:

@@ -70,8 +70,8 @@ class StreamingPress(BasePress):
         self.n_sink = n_sink
 
     def score(self, keys, values):
-        b, h, s = keys.shape[:-1]
-        scores = torch.arange(s, device=keys.device, dtype=torch.float32).expand(b, h, s).clone()
+        shape = keys.shape[:-1]  # (..., seq): any leading dims, so layers can be scored stacked
+        scores = torch.arange(shape[-1], device=keys.device, dtype=torch.float32).expand(shape).clone()
         scores[..., : self.n_sink] = float("inf")
         return scores
 
