@@ -215,12 +215,10 @@ def proc_status_bytes(field: str) -> int | None:
 
 
 def reset_rss_peak() -> bool:
-    """Reset VmHWM to the current RSS (writing 5 to clear_refs); False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    """Reset VmHWM to the current RSS: the engine's own probe, so both measure alike."""
+    from knormctl.engine.timing import reset_rss_peak as reset
+
+    return reset()
 
 
 def cuda_peak_reset(device: str) -> None:
@@ -244,7 +242,9 @@ def cuda_peak(device: str) -> int | None:
 def sync_for(device: str) -> Callable[[], None]:
     import torch
 
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    from knormctl.engine.timing import synchronizer
+
+    return synchronizer(torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------

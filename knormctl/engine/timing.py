@@ -29,7 +29,8 @@ def synchronizer(device: torch.device):
 _HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
 
 
-def _read_hwm() -> int | None:
+def read_rss_peak() -> int | None:
+    """The process's peak resident set (VmHWM) in bytes, or None where Linux's /proc is absent."""
     try:
         m = _HWM.search(Path("/proc/self/status").read_text())
     except OSError:
@@ -37,7 +38,8 @@ def _read_hwm() -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def _reset_hwm() -> bool:
+def reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs); False where not allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -60,7 +62,7 @@ class MemoryProbe:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
-            self._hwm_ok = _reset_hwm() and _read_hwm() is not None
+            self._hwm_ok = reset_rss_peak() and read_rss_peak() is not None
         elif self.device.type == "mps":
             self._peak = torch.mps.driver_allocated_memory()
             self._stop.clear()
@@ -77,7 +79,7 @@ class MemoryProbe:
             return MemoryPeak(torch.cuda.max_memory_allocated(self.device), "cuda_max_memory_allocated")
         if self.device.type == "cpu":
             if self._hwm_ok:
-                return MemoryPeak(_read_hwm(), "cpu_process_rss_peak")
+                return MemoryPeak(read_rss_peak(), "cpu_process_rss_peak")
             return MemoryPeak(None, "n/a", "this OS offers no resettable peak-RSS counter (/proc/self/clear_refs)")
         if self.device.type == "mps":
             self._stop.set()
