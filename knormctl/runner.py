@@ -13,7 +13,7 @@ import shlex
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig, parse_shard
@@ -39,7 +39,6 @@ class Outcome:
     failed: int = 0
     planned: int = 0
     skipped_existing: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None) -> list[Cell]:
@@ -99,7 +98,7 @@ def passkey_samples(cfg: RunConfig, loaded, progress: Callable[[str], None]) -> 
     fillers = make_samples(cfg.pg19_source, cfg.passkey_seeds, tok, longest, 0, cfg.seed, progress=progress)
     rng = random.Random(cfg.seed)
     samples = []
-    for k, filler in enumerate(fillers):
+    for filler in fillers:
         text = tok.decode(filler.prompt_ids)
         for length in cfg.passkey_lengths:
             for depth in cfg.passkey_depths:
@@ -231,17 +230,11 @@ class Runner:
         """Untimed generations first, so no configuration pays for a cold start."""
         from knormctl.engine.loop import run_generation
 
-        sample = self.samples[0]
-        for pc in {c.config.key: c.config for c in self.cells}.values():
-            run_generation(self.loaded.model, sample.prompt_ids, pc, min(4, self.new_tokens))
-            if pc.is_baseline or len(self.configs) == 1:
-                continue
-            break  # one compressing configuration warms the eviction kernels
-
-    def execute(self, resume_run_id: int | None = None) -> Outcome:
-        """prepare() (bad input fails here, before any row) then run()."""
-        self.prepare()
-        return self.run(resume_run_id)
+        planned = list({c.config.key: c.config for c in self.cells}.values())
+        # the full cache, plus one compressing configuration to warm the eviction kernels
+        warm = [pc for pc in planned if pc.is_baseline][:1] + [pc for pc in planned if not pc.is_baseline][:1]
+        for pc in warm:
+            run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
@@ -299,7 +292,6 @@ class Runner:
                     traceback.print_exc()
                 row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}")
                 out.failed += 1
-                out.errors.append(f"sample {i} {pc.key}: {row['error']}")
                 res = None
             self.store.add_sample(self.run_id, sample_index=i, **row)
             if res is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from knormctl.config import PressConfig
+from knormctl.config import PRESS_NAMES, PressConfig
 from knormctl.engine.compress import Compressor
 from knormctl.engine.presses import PRESSES, keep_indices, make_press
 from knormctl.errors import UsageError
@@ -68,6 +68,7 @@ def test_random_press_in_the_cache_is_reproducible():
 
 def test_registry_and_unknown_press():
     assert set(PRESSES) == {"none", "knorm", "knorm-inverse", "random", "streaming"}
+    assert set(PRESSES) == set(PRESS_NAMES), "config.PRESS_NAMES (torch-free, for the CLI) follows the registry"
     assert make_press("none") is None
     with pytest.raises(UsageError, match="unknown press"):
         make_press("h2o")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from knormctl.errors import UsageError
+
 
 class BasePress:
     """Scores cache entries; higher scores are kept."""
@@ -87,8 +89,6 @@ PRESSES: dict[str, type[BasePress] | None] = {
 
 def make_press(name: str, *, seed: int = 0, n_sink: int = 4) -> BasePress | None:
     """Instantiate a press by registry name (None for the full-cache reference)."""
-    from knormctl.errors import UsageError
-
     if name not in PRESSES:
         raise UsageError(f"unknown press {name!r} (choose from {', '.join(PRESSES)})")
     cls = PRESSES[name]
