@@ -61,38 +61,36 @@ def tiny_tokenizer():
                                    pad_token="<|endoftext|>", model_max_length=4096)
 
 
-def _save_tiny(path: Path, model, tokenizer) -> Path:
-    model.save_pretrained(path)  # safetensors
-    tokenizer.save_pretrained(path)
-    return path
+def _tiny_model_dir(folder: Path, config_cls, model_cls, tokenizer, **arch) -> Path:
+    """A 2-layer, 32-wide random model of ``config_cls`` sharing the tokenizer's vocabulary and
+    special tokens, saved (safetensors) with the tokenizer as a model folder."""
+    import torch
+
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    model_cls(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A random 2-layer Llama (GQA: 4 heads, 2 KV heads) + tokenizer, saved as a model folder."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
-                         max_position_embeddings=4096, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(config), tiny_tokenizer)
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), LlamaConfig, LlamaForCausalLM, tiny_tokenizer,
+                           num_key_value_heads=2)
 
 
 @pytest.fixture(scope="session")
 def tiny_neox_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A random 2-layer GPT-NeoX (Pythia layout, partial rotary) + tokenizer, saved as a model folder."""
-    import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=37, rotary_pct=0.25,
-                           max_position_embeddings=4096, bos_token_id=tiny_tokenizer.bos_token_id,
-                           eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-neox"), GPTNeoXForCausalLM(config), tiny_tokenizer)
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-neox"), GPTNeoXConfig, GPTNeoXForCausalLM, tiny_tokenizer,
+                           rotary_pct=0.25)
 
 
 @pytest.fixture
