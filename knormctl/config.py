@@ -87,6 +87,7 @@ class PressConfig:
     keep_recent: int = 0  # newest entries never evicted (0 = the paper's rule)
     n_sink: int = 4  # streaming: first entries always kept
     seed: int = 0  # random press
+    params: tuple[tuple[str, object], ...] = ()  # the press's own parameters, e.g. (("window_size", 64),)
 
     def validate(self) -> PressConfig:
         if self.press not in PRESS_NAMES:
@@ -121,11 +122,14 @@ class PressConfig:
             k += f"|recent={self.keep_recent}"
         if self.press == "streaming":
             k += f"|sink={self.n_sink}"
+        if self.params:
+            k += "|" + ",".join(f"{name}={value}" for name, value in self.params)
         return k
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skip_layers"] = list(self.skip_layers)
+        d["params"] = [list(p) for p in self.params]
         return d
 
 

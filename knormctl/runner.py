@@ -118,7 +118,8 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
         ppl_context=ppl_context, error=error,
     )
     if hasattr(sample, "passkey"):
-        row.update(task="passkey", passkey=sample.passkey, passkey_depth=sample.depth, passkey_length=sample.length)
+        row.update(task="passkey", subtask="passkey", protocol="query-aware", answers_json=[sample.passkey],
+                   needle_depth=sample.depth, context_length=sample.length)
     if res is not None:
         row.update(
             new_tokens=res.new_tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s, itl_p50_s=res.itl_p50_s,
@@ -133,7 +134,7 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
         if hasattr(sample, "passkey"):
             from knormctl.engine.passkey import is_correct
 
-            row["correct"] = int(is_correct(res.text, sample.passkey))
+            row.update(score=float(is_correct(res.text, sample.passkey)), score_metric="passkey_digits")
     return row
 
 

@@ -94,8 +94,9 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
             step_latencies_json=steps)
         if task == "passkey":
             depth = (0.1, 0.5, 0.9)[i % 3]
-            fields.update(passkey_depth=depth, passkey_length=p, passkey="48213",
-                          correct=int(pc.keep_ratio >= 0.9 or (depth > 0.5 and pc.press == "knorm")))
+            fields.update(subtask="passkey", protocol="context", needle_depth=depth, context_length=p,
+                          answers_json=["48213"], score_metric="passkey_digits",
+                          score=float(pc.keep_ratio >= 0.9 or (depth > 0.5 and pc.press == "knorm")))
         store.add_sample(run_id, **fields)
     if status != "running":
         store.finish_run(run_id, status, error="interrupted by SIGINT" if status == "interrupted" else None)

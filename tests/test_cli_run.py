@@ -88,11 +88,12 @@ def test_passkey_task_stores_answers(tiny_llama_dir, books_dir, tmp_path):
                               *_args(tiny_llama_dir, books_dir, db)])
     assert res.exit_code == 0, res.output
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT task, passkey, passkey_depth, passkey_length, correct, compress_mode, prompt_tokens "
+    rows = con.execute("SELECT task, answers_json, needle_depth, context_length, score, compress_mode, prompt_tokens "
                        "FROM samples").fetchall()
     assert len(rows) == 2 * 2
-    for task, key, depth, length, correct, mode, n in rows:
-        assert task == "passkey" and len(key) == 5 and length == 256 and correct in (0, 1) and mode == "prefill"
+    for task, answers, depth, length, score, mode, n in rows:
+        key = json.loads(answers)[0]
+        assert task == "passkey" and len(key) == 5 and length == 256 and score in (0.0, 1.0) and mode == "prefill"
         assert abs(n - 256) <= 2
 
 

@@ -39,7 +39,7 @@ def sqlite_file(url: str) -> Path | None:
 def test_one_linear_history_ending_at_head():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002"]
+    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003"]
     # the no-Alembic fast path of open_store compares with this constant: it must follow the scripts
     from knormctl.store.db import SCHEMA_HEAD
 
@@ -76,15 +76,22 @@ def make_0001_database(url: str, n_runs: int = 3, n_samples: int = 20) -> dict:
                     samples_done=n_samples, samples_failed=0, config_json={"keep_ratios": [1.0, 0.5], "r": r},
                     env_json={"cpu": "test"})).inserted_primary_key[0]
                 conn.execute(insert(samples), [dict(
-                    run_id=run_id, created_utc=t0, task="lm", sample_index=i, config_key="knorm|kr=0.5",
+                    run_id=run_id, created_utc=t0, sample_index=i, config_key="knorm|kr=0.5",
                     dataset="wiki-lite", prompt_tokens=100 + i, press="knorm", keep_ratio=0.5,
                     prune_after=16, skip_layers="0", compress_mode="decode", keep_recent=0,
                     ttft_s=0.01 * i, generated_text=f"text {r}/{i}", step_latencies_json=[0.1, 0.2],
-                    error="boom" if i == 3 else None) for i in range(n_samples)])
+                    error="boom" if i == 3 else None,
+                    **(dict(task="passkey", passkey=f"{10000 + i}", passkey_length=1024, passkey_depth=0.5,
+                            correct=i % 2) if i >= n_samples - 4 else
+                       dict(task="lm", passkey=None, passkey_length=None, passkey_depth=None, correct=None)))
+                    for i in range(n_samples)])
             return {name: {row.id: row._asdict() for row in conn.execute(select(t).order_by(t.c.id))}
                     for name, t in (("runs", runs), ("samples", samples))}
     finally:
         engine.dispose()
+
+
+FOLDED_BY_0003 = ("passkey", "passkey_length", "passkey_depth", "correct")
 
 
 def test_upgrade_from_0001_keeps_every_row(db_url):
@@ -108,7 +115,13 @@ def test_upgrade_from_0001_keeps_every_row(db_url):
                 after = {row.id: row._asdict() for row in conn.execute(select(table).order_by(table.c.id))}
                 assert after.keys() == rows.keys()
                 for row_id, old in rows.items():
-                    assert {k: after[row_id][k] for k in old} == old  # every old value unchanged
+                    kept = {k: v for k, v in old.items() if k not in FOLDED_BY_0003}
+                    assert {k: after[row_id][k] for k in kept} == kept  # every old value unchanged
+                    if old.get("passkey") is not None:  # 0003 folded the passkey columns into the task columns
+                        new = after[row_id]
+                        assert (new["answers_json"], new["context_length"], new["needle_depth"], new["score"],
+                                new["subtask"]) == ([old["passkey"]], old["passkey_length"], old["passkey_depth"],
+                                                    float(old["correct"]), "passkey")
         assert {r.hostname for r in store.list_runs(limit=None)} == {None}  # new columns: NULL
 
         # The upgraded rows work through the Store: the old 'running' run has no pid and an old

@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from knormctl.config import PRESS_NAMES, PressConfig
-from knormctl.engine.compress import Compressor
-from knormctl.engine.presses import PRESSES, keep_indices, make_press
+from knormctl.engine.compress import Compressor, keep_indices
+from knormctl.engine.presses import PRESSES, make_press
 from knormctl.errors import UsageError
 
 

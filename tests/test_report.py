@@ -145,7 +145,7 @@ def test_passkey_accuracy_per_press_keep_ratio_and_length(store, db):
     data = report_json(db, "--run-id", str(run))
     expected = defaultdict(list)
     for s in store.samples(run):
-        expected[(s.config_key, s.passkey_length)].append(s.correct)
+        expected[(s.config_key, s.context_length)].append(s.score)
     got = {(p["config_key"], p["passkey_length"]): p for p in data["passkey"]}
     assert set(got) == set(expected)
     for k, corrects in expected.items():

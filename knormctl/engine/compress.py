@@ -14,7 +14,7 @@ import time
 import torch
 
 from knormctl.config import PressConfig
-from knormctl.engine.presses import BasePress, keep_indices, make_press, row_indices, take_rows
+from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
 
 
@@ -30,19 +30,40 @@ def check_skip_layers(skip_layers, num_layers: int) -> None:
 
 
 class Compressor:
-    """Owns one generation's compression state: press, counters, time spent."""
+    """Owns one generation's compression state: press, counters, time spent.
 
-    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None):
+    ``model``: needed only by presses that observe the attention layers (``press.observes``):
+    the compressor then hooks every attention module for the generation's lifetime
+    (``close()`` removes the hooks; the loop calls it).
+    """
+
+    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None, *,
+                 model=None):
         """``stack_layers``: cut all layers as one stacked tensor (None: on CUDA only, where a
         cut is bound by kernel launches; on CPU the extra copy costs more than it saves)."""
         check_skip_layers(cfg.skip_layers, num_layers)
         self.stack_layers = stack_layers
         self.cfg = cfg
-        self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink)
+        self.num_layers = num_layers
+        self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink,
+                                                  params=dict(cfg.params))
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
         self.events = 0  # forwards after which at least one layer was cut
         self.seconds = 0.0
         self._sync = sync or (lambda: None)
+        self._hooks = []
+        if self.press is not None and self.press.observes and cfg.keep_ratio < 1.0:
+            if model is None:
+                raise ValueError(f"press {cfg.press!r} observes the attention layers: pass model= to Compressor")
+            from knormctl.engine.observe import install_observers
+
+            self._hooks = install_observers(model, self.press, self.active_layers)
+
+    def close(self) -> None:
+        """Remove the observation hooks (if any)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def after_forward(self, cache, prefill: bool) -> bool:
         """Cut the cache if the rule says so. Returns True when something was evicted."""
@@ -50,18 +71,22 @@ class Compressor:
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         layers = cache.layers
         kr, budget = self.cfg.keep_ratio, self.cfg.prune_after
-        # Group the layers to cut by length (all equal unless layers were skipped).
-        groups: dict[int, list[int]] = {}
+        # Group the layers to cut by (length, kept count): all equal unless layers were skipped
+        # or the press sets per-layer budgets.
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in self.active_layers:
             length = layers[i].keys.shape[-2]
-            if length > budget and n_keep_for(length, kr) < length:
-                groups.setdefault(length, []).append(i)
+            if length <= budget:
+                continue
+            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(length, kr), length, i, self.num_layers)))
+            if n_keep < length:
+                groups.setdefault((length, n_keep), []).append(i)
         if not groups:
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
-        for length, ids in groups.items():
-            self._cut(layers, ids, n_keep_for(length, kr))
+        for (_, n_keep), ids in groups.items():
+            self._cut(layers, ids, n_keep)
         self._sync()
         self.seconds += time.perf_counter() - t0
         self.events += 1
@@ -71,12 +96,12 @@ class Compressor:
         stack = self.stack_layers
         if stack is None:
             stack = layers[ids[0]].keys.device.type == "cuda"
-        if stack:
+        if stack and self.press.stackable:
             self._cut_stacked(layers, ids, n_keep)
             return
         # Score each layer, then ONE top-k and ONE sort over all layers at once:
         # at small sizes per-operation overhead dominates, so batch what can be batched.
-        scores = torch.stack([self.press.score(layers[i].keys, layers[i].values) for i in ids])
+        scores = torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
         rows = row_indices(keep_indices(scores, n_keep, self.cfg.keep_recent), scores.shape[-1])
         for j, i in enumerate(ids):
             layer = layers[i]
@@ -107,3 +132,48 @@ def kv_size(cache) -> tuple[int, int]:
         entries += k.shape[-2]
         nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
     return entries, nbytes
+
+
+# ----------------------------------------------------------------------------- selection
+
+def keep_indices(scores: torch.Tensor, n_keep: int, keep_recent: int = 0) -> torch.Tensor:
+    """Indices of the ``n_keep`` best scores along the last dim, in ascending (original) order.
+
+    Ties at the boundary are broken toward the MOST RECENT entries, so the kept set is
+    deterministic (RoPE preserves norms: a repeated token has the same key norm at every
+    position, so exact ties are common). ``keep_recent`` newest entries get +inf scores.
+    """
+    if keep_recent:
+        scores = scores.clone()
+        scores[..., -keep_recent:] = float("inf")
+    seq = scores.shape[-1]
+    n_drop = seq - n_keep
+    # Find the (usually few) entries to DROP rather than the many to keep: top-k cost grows with k.
+    threshold = scores.topk(n_drop, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+    below = scores < threshold
+    tied = scores == threshold
+    ties_to_drop = n_drop - below.sum(-1, keepdim=True)
+    drop = below | (tied & (tied.cumsum(-1) <= ties_to_drop))  # the oldest tied entries go first
+    # A mask read in row-major order yields the kept indices already sorted; nonzero_static
+    # knows the count in advance, so there is no device-to-host sync on GPUs.
+    keep = ~drop
+    flat = torch.nonzero_static(keep.view(-1, seq), size=keep.numel() // seq * n_keep)
+    return flat[:, 1].view(*scores.shape[:-1], n_keep)
+
+
+def row_indices(idx: torch.Tensor, seq: int) -> torch.Tensor:
+    """Kept indices (..., b, h, n_keep) -> row numbers in a (b*h*seq, d) view of each layer,
+    flattened per leading index. Computed once for all layers, shared by keys and values."""
+    b, h = idx.shape[-3:-1]
+    base = torch.arange(b * h, device=idx.device).view(b, h, 1) * seq
+    return (idx + base).flatten(-3)
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t: (b, h, seq, d), rows from ``row_indices`` -> (b, h, n_keep, d).
+
+    One ``index_select`` over the rows of the flattened tensor: about the cost of a copy,
+    where ``gather`` with an expanded index costs ~3x on CPU.
+    """
+    b, h, s, d = t.shape
+    return t.reshape(b * h * s, d).index_select(0, rows).view(b, h, -1, d)

@@ -62,55 +62,76 @@ class TokenPicker:
 
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
-                   temperature: float = 1.0, seed: int = 0, tokenizer=None) -> GenerationResult:
+                   temperature: float = 1.0, seed: int = 0, tokenizer=None,
+                   question_ids=None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
 
-    TTFT = start of the prefill forward until the first token id is known. The
-    post-prefill cut (if any) happens after that, and its time counts in the
-    first inter-token latency -- compression cannot change prefill time.
+    Without ``question_ids``: TTFT = start of the prefill forward until the first token
+    id is known. The post-prefill cut (if any) happens after that, and its time counts in
+    the first inter-token latency -- compression cannot change prefill time.
+
+    With ``question_ids`` (question tasks, kvpress's protocol): ``input_ids`` is the part
+    that may be compressed; after its prefill and the cut, ``question_ids`` are fed in one
+    forward (never cut before they are seen) and the first token comes from that forward,
+    so every answer token sees the compressed cache. TTFT then spans prefill, cut and
+    question forward.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
     device = model_device(model)
     ids = as_input_ids(input_ids, device)
     prompt_len = ids.shape[1]
+    q_ids = as_input_ids(question_ids, device) if question_ids is not None and len(question_ids) else None
+    q_len = 0 if q_ids is None else q_ids.shape[1]
     sync = synchronizer(device)
-    comp = Compressor(cfg, model.config.num_hidden_layers, sync=sync)
+    comp = Compressor(cfg, model.config.num_hidden_layers, sync=sync, model=model)
     pick = TokenPicker(sampling, temperature, seed, device)
     fkw = forward_kwargs(model)
-    positions = torch.arange(prompt_len + max_new_tokens, device=device).unsqueeze(0)
+    positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
     cache = DynamicCache(config=model.config)
     probe = MemoryProbe(device)
     kv_entries_peak = kv_bytes_peak = 0
     steps: list[float] = []
 
-    probe.start()
-    sync()
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, position_ids=positions[:, :prompt_len], cache=cache, use_cache=True, **fkw)
-    token = pick(out.logits)
-    sync()
-    t_prev = time.perf_counter()
-    ttft = t_prev - t0
-    tokens = [token]
-    for step in range(1, max_new_tokens + 1):
-        # account the cache as it stands after the forward, before any cut: that is the peak
+    def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
+        nonlocal kv_entries_peak, kv_bytes_peak
         entries, nbytes = kv_size(cache)
         kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
-        comp.after_forward(cache, prefill=(step == 1))
-        if step == max_new_tokens:
-            break
-        pos = prompt_len + step - 1
-        out = model(input_ids=token, position_ids=positions[:, pos:pos + 1], cache=cache, use_cache=True, **fkw)
-        token = pick(out.logits)
-        tokens.append(token)
+
+    try:
+        probe.start()
         sync()
-        t = time.perf_counter()
-        steps.append(t - t_prev)
-        t_prev = t
-    total = t_prev - t0
-    memory = probe.stop()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, position_ids=positions[:, :prompt_len], cache=cache, use_cache=True, **fkw)
+        if q_ids is not None:
+            account()
+            comp.after_forward(cache, prefill=True)
+            out = model(input_ids=q_ids, position_ids=positions[:, prompt_len:prompt_len + q_len], cache=cache,
+                        use_cache=True, **fkw)
+        token = pick(out.logits)
+        sync()
+        t_prev = time.perf_counter()
+        ttft = t_prev - t0
+        tokens = [token]
+        start = prompt_len + q_len
+        for step in range(1, max_new_tokens + 1):
+            account()
+            comp.after_forward(cache, prefill=(step == 1 and q_ids is None))
+            if step == max_new_tokens:
+                break
+            pos = start + step - 1
+            out = model(input_ids=token, position_ids=positions[:, pos:pos + 1], cache=cache, use_cache=True, **fkw)
+            token = pick(out.logits)
+            tokens.append(token)
+            sync()
+            t = time.perf_counter()
+            steps.append(t - t_prev)
+            t_prev = t
+        total = t_prev - t0
+        memory = probe.stop()
+    finally:
+        comp.close()
     kv_entries_final, kv_bytes_final = kv_size(cache)
 
     return _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,

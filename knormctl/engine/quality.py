@@ -8,6 +8,7 @@ on the cache after every forward, exactly as during generation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -55,17 +56,20 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float
     s = ids.shape[1]
     targets = torch.tensor(eval_ids, dtype=torch.long, device=device)
     positions = torch.arange(s + len(eval_ids), device=device).unsqueeze(0)
-    comp = Compressor(cfg, model.config.num_hidden_layers)
+    comp = Compressor(cfg, model.config.num_hidden_layers, model=model)
     fkw = forward_kwargs(model)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, position_ids=positions[:, :s], cache=cache, use_cache=True, **fkw)
-    comp.after_forward(cache, prefill=True)
-    total = _nll(out.logits[:, -1:], targets[:1])
-    for j in range(len(eval_ids) - 1):
-        out = model(input_ids=targets[j:j + 1].view(1, 1), position_ids=positions[:, s + j:s + j + 1],
-                    cache=cache, use_cache=True, **fkw)
-        comp.after_forward(cache, prefill=False)
-        total = total + _nll(out.logits, targets[j + 1:j + 2])
+    try:
+        out = model(input_ids=ids, position_ids=positions[:, :s], cache=cache, use_cache=True, **fkw)
+        comp.after_forward(cache, prefill=True)
+        total = _nll(out.logits[:, -1:], targets[:1])
+        for j in range(len(eval_ids) - 1):
+            out = model(input_ids=targets[j:j + 1].view(1, 1), position_ids=positions[:, s + j:s + j + 1],
+                        cache=cache, use_cache=True, **fkw)
+            comp.after_forward(cache, prefill=False)
+            total = total + _nll(out.logits, targets[j + 1:j + 2])
+    finally:
+        comp.close()
     return math.exp(float(total) / len(eval_ids))
 
 
@@ -81,16 +85,19 @@ def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0) -> floa
         return None
     device = model_device(model)
     tokens = torch.tensor(ids, dtype=torch.long, device=device).view(1, -1)
-    decode_cfg = PressConfig(**{**cfg.to_dict(), "skip_layers": tuple(cfg.skip_layers), "mode": "decode"})
-    comp = Compressor(decode_cfg, model.config.num_hidden_layers)
+    decode_cfg = dataclasses.replace(cfg, mode="decode")
+    comp = Compressor(decode_cfg, model.config.num_hidden_layers, model=model)
     fkw = forward_kwargs(model)
     cache = DynamicCache(config=model.config)
     positions = torch.arange(len(ids), device=device).unsqueeze(0)
     total = 0.0
-    for j in range(len(ids) - 1):
-        out = model(input_ids=tokens[:, j:j + 1], position_ids=positions[:, j:j + 1], cache=cache, use_cache=True,
-                    **fkw)
-        comp.after_forward(cache, prefill=False)
-        if j >= skip_first:
-            total += float(_nll(out.logits, tokens[:, j + 1:j + 2]))
+    try:
+        for j in range(len(ids) - 1):
+            out = model(input_ids=tokens[:, j:j + 1], position_ids=positions[:, j:j + 1], cache=cache,
+                        use_cache=True, **fkw)
+            comp.after_forward(cache, prefill=False)
+            if j >= skip_first:
+                total += float(_nll(out.logits, tokens[:, j + 1:j + 2]))
+    finally:
+        comp.close()
     return math.exp(total / scored)

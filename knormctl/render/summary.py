@@ -34,7 +34,7 @@ STATUS_SEVERITY = ("complete", "complete_with_errors", "running", "interrupted",
 class MetricSpec:
     """One reported metric: the Sample column it comes from and how to judge a change."""
 
-    name: str  # Sample column (``accuracy`` reads ``correct``); key in ConfigRow.values
+    name: str  # Sample column (``accuracy`` reads ``score``); key in ConfigRow.values
     label: str  # short header
     unit: str  # "s", "tok/s", "B" or "" (a ratio or a count)
     better: str | None  # LOWER / HIGHER; None = no direction (the reference has none of it)
@@ -44,7 +44,7 @@ class MetricSpec:
 
     @property
     def column(self) -> str:
-        return "correct" if self.name == "accuracy" else self.name
+        return "score" if self.name == "accuracy" else self.name
 
     @property
     def change_column(self) -> str:
@@ -407,25 +407,25 @@ def _rows_for(groups: dict[str, list[Any]], aggregated: dict[str, tuple[dict, di
 
 
 def _passkey(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[PasskeyRow], list[PasskeyCell]]:
-    scored = [s for s in _ok(samples) if s.correct is not None and s.passkey_length is not None]
+    scored = [s for s in _ok(samples) if s.score is not None and s.context_length is not None]
     by_len: dict[tuple[str, int], list[Any]] = defaultdict(list)
     by_cell: dict[tuple[str, float, int], list[Any]] = defaultdict(list)
     for s in scored:
-        by_len[(s.config_key, s.passkey_length)].append(s)
-        by_cell[(s.config_key, s.passkey_depth, s.passkey_length)].append(s)
+        by_len[(s.config_key, s.context_length)].append(s)
+        by_cell[(s.config_key, s.needle_depth, s.context_length)].append(s)
 
     def acc(group: list[Any]) -> float | None:
-        return statistics.fmean(s.correct for s in group) if group else None
+        return statistics.fmean(s.score for s in group) if group else None
 
     rows = []
     for (key, length), group in sorted(by_len.items(), key=lambda kv: (_sort_key(kv[1][0]), kv[0][1])):
         a, ref = acc(group), acc(by_len.get((REFERENCE_KEY, length), []))
         rows.append(PasskeyRow(
             config_key=key, label=labels[key], press=group[0].press, keep_ratio=group[0].keep_ratio,
-            passkey_length=length, n=len(group), correct=sum(s.correct for s in group), accuracy=a,
+            passkey_length=length, n=len(group), correct=round(sum(s.score for s in group)), accuracy=a,
             change_pp=None if key == REFERENCE_KEY or ref is None else (a - ref) * 100.0))
     cells = [PasskeyCell(config_key=key, passkey_depth=depth, passkey_length=length, n=len(group),
-                         correct=sum(s.correct for s in group), accuracy=acc(group))
+                         correct=round(sum(s.score for s in group)), accuracy=acc(group))
              for (key, depth, length), group in sorted(by_cell.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2]))]
     return rows, cells
 
@@ -599,7 +599,7 @@ SAMPLE_FIELDS = (
     "skip_layers", "compress_mode", "keep_recent", "prompt_tokens", "new_tokens", "ttft_s", "tpot_s",
     "itl_p50_s", "itl_p90_s", "itl_p99_s", "throughput_tps", "total_s", "peak_mem_bytes", "peak_mem_kind",
     "peak_mem_reason", "kv_bytes_peak", "kv_bytes_final", "compress_events", "compress_time_s", "ppl_context",
-    "ppl_compressed", "eval_tokens", "token_match", "passkey_depth", "passkey_length", "passkey", "correct",
+    "ppl_compressed", "eval_tokens", "token_match", "subtask", "needle_depth", "context_length", "answers_json", "score",
     "error",
 )
 

@@ -114,8 +114,8 @@ SAMPLE_COLUMNS = (("run_id", "run", None), ("sample_index", "sample", None), ("d
                   ("ttft_s", "TTFT ms", 1e3), ("tpot_s", "TPOT ms", 1e3), ("itl_p90_s", "ITL p90 ms", 1e3),
                   ("throughput_tps", "tok/s", 1.0), ("peak_mem_bytes", "peak MiB", 2.0**-20),
                   ("kv_bytes_final", "KV MiB", 2.0**-20), ("compress_events", "cuts", None),
-                  ("ppl_compressed", "ppl", 1.0), ("token_match", "match", 1.0), ("passkey_length", "length", None),
-                  ("passkey_depth", "depth", None), ("correct", "passkey", None), ("error", "error", None))
+                  ("ppl_compressed", "ppl", 1.0), ("token_match", "match", 1.0), ("context_length", "length", None),
+                  ("needle_depth", "depth", None), ("score", "score", 1.0), ("error", "error", None))
 
 
 def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, str] | None = None) -> None:
@@ -140,9 +140,7 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
                 cells.append("")
             elif scale is not None:
                 x = v * scale
-                cells.append(f"{x:.2f}" if key == "token_match" else f"{x:.3f}" if key == "ppl_compressed" else f"{x:.1f}")
-            elif key == "correct":
-                cells.append("yes" if v else "no")
+                cells.append(f"{x:.2f}" if key in ("token_match", "score") else f"{x:.3f}" if key == "ppl_compressed" else f"{x:.1f}")
             elif key == "config_key":
                 cells.append(labels.get(v, v))
             elif key == "error":

@@ -6,6 +6,7 @@ Typed columns hold what reports query; ``*_json`` columns hold the long tail
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
@@ -33,6 +34,8 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Identity that survives export/import between stores (ids are local to one database).
+    uuid: Mapped[str] = mapped_column(String(36), unique=True, default=lambda: str(uuid.uuid4()))
     command: Mapped[str] = mapped_column(String(32))  # baseline | sweep
     task: Mapped[str] = mapped_column(String(32), default="lm")  # lm | passkey
     status: Mapped[str] = mapped_column(String(32), default=RUNNING, index=True)
@@ -50,6 +53,7 @@ class Run(Base):
     model_hash: Mapped[str | None] = mapped_column(String(128))
     dtype: Mapped[str | None] = mapped_column(String(32))
     device: Mapped[str | None] = mapped_column(String(64))
+    attn_implementation: Mapped[str | None] = mapped_column(String(32))  # sdpa | eager | flash_attention_2 ...
     knormctl_version: Mapped[str | None] = mapped_column(String(64))
     git_commit: Mapped[str | None] = mapped_column(String(64))
     samples_done: Mapped[int] = mapped_column(Integer, default=0)
@@ -68,8 +72,8 @@ class Sample(Base):
 
     __tablename__ = "samples"
     __table_args__ = (
-        # A (sample, configuration) cell is measured once per run: resume relies on it.
-        UniqueConstraint("run_id", "sample_index", "config_key", name="uq_samples_cell"),
+        # A (sample, configuration, repeat) cell is measured once per run: resume relies on it.
+        UniqueConstraint("run_id", "sample_index", "config_key", "repeat", name="uq_samples_cell"),
         Index("ix_samples_run_config", "run_id", "config_key"),
     )
 
@@ -78,6 +82,7 @@ class Sample(Base):
     created_utc: Mapped[datetime] = mapped_column(DateTime)
     task: Mapped[str] = mapped_column(String(32), default="lm")
     sample_index: Mapped[int] = mapped_column(Integer)  # position in the run's sample list
+    repeat: Mapped[int] = mapped_column(Integer, default=0)  # measurement round of the same cell (0 = first)
     config_key: Mapped[str] = mapped_column(String(200))  # e.g. "knorm|kr=0.9|pa=512|skip=0|decode"
 
     # where the text came from
@@ -123,11 +128,16 @@ class Sample(Base):
     eval_tokens: Mapped[int | None] = mapped_column(Integer)
     token_match: Mapped[float | None] = mapped_column(Float)  # fraction equal to the full-cache output
 
-    # passkey task (NULL for lm)
-    passkey_depth: Mapped[float | None] = mapped_column(Float)
-    passkey_length: Mapped[int | None] = mapped_column(Integer)
-    passkey: Mapped[str | None] = mapped_column(String(32))
-    correct: Mapped[int | None] = mapped_column(Integer)  # 0/1
+    # question tasks (passkey, ruler, niah, longbench; NULL for lm)
+    subtask: Mapped[str | None] = mapped_column(String(64))  # e.g. "niah_single_1", "qasper", "passkey"
+    protocol: Mapped[str | None] = mapped_column(String(16))  # context | query-aware | paper
+    context_length: Mapped[int | None] = mapped_column(Integer)  # the asked context length (a grid axis)
+    needle_depth: Mapped[float | None] = mapped_column(Float)  # 0 = start of the context, 1 = end
+    question_tokens: Mapped[int | None] = mapped_column(Integer)
+    answers_json: Mapped[list | None] = mapped_column(JSON)  # the reference answer(s)
+    score: Mapped[float | None] = mapped_column(Float)  # in [0, 1]; how, says score_metric
+    score_metric: Mapped[str | None] = mapped_column(String(32))  # e.g. string_match_all, qa_f1, rouge_l
+    batch_size: Mapped[int | None] = mapped_column(Integer)  # prompts generated together (None: 1)
 
     generated_text: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
