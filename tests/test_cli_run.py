@@ -191,16 +191,16 @@ def test_stream_ppl_method_scores_the_whole_chunk(tiny_llama_dir, books_dir, tmp
 
 def test_a_failing_cell_is_stored_with_its_error_and_the_sweep_goes_on(tiny_llama_dir, books_dir, tmp_path,
                                                                       monkeypatch):
-    from knormctl.engine import presses
+    from knormctl.engine.presses import simple as presses
 
     real = presses.KnormPress.score
     calls = {"n": 0}
 
-    def flaky(self, keys, values):  # the 3rd scoring call fails, as a CUDA error or OOM would
+    def flaky(self, keys, values, layer_idx=None):  # the 3rd scoring call fails, as a CUDA error or OOM would
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(self, keys, values)
+        return real(self, keys, values, layer_idx)
 
     monkeypatch.setattr(presses.KnormPress, "score", flaky)
     db = tmp_path / "r.db"
