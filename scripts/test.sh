@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The test suite, exactly as CI runs it: set up, start a throwaway PostgreSQL on loopback
-# (the store tests run on SQLite and PostgreSQL), run pytest, stop the server.
+# The test suite, exactly as CI runs it:
+#  1. set up .venv (the newest transformers) and start a throwaway PostgreSQL on loopback
+#     (the store tests run on SQLite and PostgreSQL), run the whole suite;
+#  2. set up .venv-compat (the lowest supported transformers, 5.2.0, with kvpress 0.5.5) and
+#     run the engine and CLI tests again there, plus the kvpress parity tests.
+# Arguments go to the first pytest run only (e.g. -x, -k). Exit code: non-zero if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -10,12 +14,25 @@ if url=$(bash .ci/pg.sh start); then
 else
   echo "warning: PostgreSQL could not be started; PostgreSQL store tests will be skipped" >&2
 fi
-python -m pytest "$@"
+python -m pytest -m "not kvpress" "$@"
 rc=$?
 bash .ci/pg.sh stop >/dev/null 2>&1 || true
+deactivate
 # pytest exit code 5 means "no tests ran": that is a failure, not a green run.
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
-  exit 1
+  rc=1
 fi
-exit "$rc"
+
+# The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
+COMPAT_TESTS=(tests/test_engine.py tests/test_cli_run.py tests/test_presses.py tests/test_passkey.py)
+if bash scripts/setup_compat.sh; then
+  .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" "${COMPAT_TESTS[@]}"
+  crc=$?
+  [ "$crc" -eq 5 ] && { echo "error: the compat run collected no tests" >&2; crc=1; }
+else
+  echo "error: could not set up .venv-compat (transformers 5.2.0 + kvpress 0.5.5)" >&2
+  crc=1
+fi
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$crc"
