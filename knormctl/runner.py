@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig, parse_shard
 from knormctl.errors import UsageError
+from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
 
 
@@ -136,12 +137,6 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
 
             row.update(score=float(is_correct(res.text, sample.passkey)), score_metric="passkey_digits")
     return row
-
-
-def token_match(ids: list[int], reference: list[int]) -> float | None:
-    """Fraction of positions where the output equals the full-cache output."""
-    n = min(len(ids), len(reference))
-    return sum(a == b for a, b in zip(ids, reference)) / n if n else None
 
 
 class _Heartbeat:
