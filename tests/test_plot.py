@@ -325,3 +325,20 @@ def test_tradeoff_axes_fit_the_data_and_keep_the_noise_band(store):
     assert lo <= min(xs + [-summary.noise_pct]) and hi >= max(xs + [summary.noise_pct])
     span = max(xs + [summary.noise_pct]) - min(xs + [-summary.noise_pct])
     assert hi - lo <= 1.5 * span  # fitted, not +-100%
+
+
+def test_plot_imports_neither_torch_nor_the_engine(store, db, tmp_path):
+    import subprocess
+    import sys
+
+    fill_run(store, task="passkey", configs=TASK_CONFIGS, n_samples=3)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from knormctl.cli import app\n"
+        f"r = CliRunner().invoke(app, ['plot', '--db', {db!r}, '--out', {str(tmp_path / 'p')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'knormctl.engine', 'knormctl.runner') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from knormctl.config import PRESS_NAMES
-from knormctl.render.metrics import METRIC, METRICS
+from knormctl.render.metrics import METRICS
 from knormctl.render.paired import (
     Interval, PerPrompt, Stat, add_change, metric_seed, ok, per_prompt, prompt_key, repeat_spread, value_stat, verdict)
 
@@ -187,5 +187,3 @@ def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], da
         paired=None if ref_cells is None or key == REFERENCE_KEY else cells == ref_cells,
     )
 
-
-__all__ = ["ConfigRow", "REFERENCE_KEY", "METRIC", "build_rows", "labels_for", "sort_key", "noise_estimate"]

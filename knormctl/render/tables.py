@@ -213,7 +213,8 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
     labels = labels or {}
     single_run = len({rec["run_id"] for rec in recs}) <= 1
     cols = [c for c in SAMPLE_COLUMNS
-            if (c[0] in ("sample_index", "dataset", "config_key") or any(rec[c[0]] not in (None, 0) for rec in recs))
+            if (c[0] in ("sample_index", "dataset", "config_key")
+                or any(rec[c[0]] not in ((None, 0) if c[0] == "repeat" else (None,)) for rec in recs))
             and not (c[0] == "run_id" and single_run)]
     for key, head, _ in cols:
         # Only the error wraps: every other cell is short and must stay on one line.

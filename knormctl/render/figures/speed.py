@@ -12,7 +12,7 @@ from knormctl.render.figures._common import (
     BOOT_TEXT, DODGE, NOISE_BAND, PRESS_MARKERS, VERDICT_COLORS, VERDICT_FILLS, caption, errbar, figure, fit,
     legend_outside, na, press_color, reason, scale, title, xticks)
 from knormctl.render.format import DELTA, fmt_change, fmt_interval
-from knormctl.render.metrics import METRIC, METRICS
+from knormctl.render.metrics import METRIC
 from knormctl.render.summary import Summary
 
 
@@ -248,5 +248,3 @@ def latency(summary: Summary) -> Figure:
                  + " steps per configuration). Boxes: quartiles; whiskers: 1.5 IQR; dots: outliers.")
     return fig
 
-
-__all__ = ["comprehensive", "summary_figure", "tradeoff", "quality", "latency", "METRICS"]
