@@ -2,17 +2,20 @@
 
 - ``Latency``: latency statistics as a value object (optimum-benchmark style).
 - ``token_match``: the one definition of "how much of the output equals the full cache's".
-- Intervals: a seeded percentile bootstrap over prompts (medians, means, stratified means)
-  and the Wilson score interval for binary accuracies.
+- Intervals: a percentile bootstrap over prompts (medians: the exact bootstrap
+  distribution; means and stratified means: seeded resamples) and the Wilson score
+  interval for binary accuracies.
 - ``samples_needed``: how many prompts would tell a given change, from an observed interval.
 
 Percentiles use linear interpolation between closest ranks (numpy's default), computed
-in pure Python so an empty or one-element list never produces NaN or a warning. The
-bootstrap uses numpy (imported on first use: it vectorises 2000 resamples at once).
+in pure Python so an empty or one-element list never produces NaN or a warning. Resampled
+bootstraps use numpy (imported on first use: it vectorises 2000 resamples at once); the
+exact median distribution is pure Python, so a report of medians never loads numpy.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import zlib
@@ -132,20 +135,107 @@ def _percentile_interval(stats, confidence: float) -> Interval:
     return float(lo), float(hi)
 
 
+# Up to this many values the bootstrap distribution of a median is computed exactly (O(n^2)
+# pairs of order statistics in pure Python, ~1 ms at 40: no resampling noise, no numpy
+# import); beyond, resampling is cheaper.
+EXACT_MEDIAN_MAX_N = 40
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial_tails(n: int) -> tuple[list[list[float]], list[list[float]]]:
+    """(Cached per n: every metric of every configuration has the same prompt count.)
+    pmf[i][k] = P(S_i = k) and tail[i][k] = P(S_i >= k) for S_i ~ Binomial(n, i/n): how many
+    of n draws (with replacement) land among the i smallest values."""
+    pmf, tail = [], []
+    for i in range(n + 1):
+        p = i / n
+        if p in (0.0, 1.0):
+            row = [0.0] * (n + 1)
+            row[0 if p == 0.0 else n] = 1.0
+        else:
+            lp, lq = math.log(p), math.log1p(-p)
+            row = [math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
+                   for k in range(n + 1)]
+        acc, t = 0.0, [0.0] * (n + 2)
+        for k in range(n, -1, -1):
+            acc += row[k]
+            t[k] = acc
+        pmf.append(row)
+        tail.append(t)
+    return pmf, tail
+
+
+def median_bootstrap_distribution(values: Sequence[float], how: str = "median") -> list[tuple[float, float]]:
+    """The exact bootstrap distribution of the median (or lower median) of ``values``: every
+    possible resampled median with its probability (the limit of infinitely many resamples).
+
+    With x sorted and S_i the number of draws among the i smallest, the k-th smallest draw is
+    at most x_i exactly when S_i >= k. A lower median (or the median of an odd count) is one
+    order statistic; the median of an even count n = 2m averages the m-th and (m+1)-th, whose
+    joint law follows from P(S_i >= m, S_j >= m + 1) = P(S_i >= m + 1) + P(S_i = m) * (1 - (1 -
+    (j - i) / (n - i)) ** (n - m)) for i < j (given S_i = m, each of the other n - m draws lands
+    in (x_i, x_j] with probability (j - i) / (n - i))."""
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    pmf, tail = _binomial_tails(n)
+    if how == "median_low" or n % 2 == 1:
+        k = (n + 1) // 2  # the lower median is the ceil(n/2)-th smallest
+        return [(x[i - 1], tail[i][k] - tail[i - 1][k]) for i in range(1, n + 1)]
+    m = n // 2
+    # joint[i][j] = P(m-th smallest <= x_i and (m+1)-th smallest <= x_j), i, j in 0..n
+    joint = [[0.0] * (n + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        row, t_i, p_i = joint[i], tail[i][m + 1], pmf[i][m]
+        for j in range(1, n + 1):
+            row[j] = tail[j][m + 1] if i >= j else t_i + p_i * (1.0 - (1.0 - (j - i) / (n - i)) ** (n - m))
+    out = []
+    for i in range(1, n + 1):
+        cur, prev = joint[i], joint[i - 1]
+        for j in range(i, n + 1):
+            mass = cur[j] - prev[j] - cur[j - 1] + prev[j - 1]
+            if mass > 0.0:
+                out.append(((x[i - 1] + x[j - 1]) / 2.0, mass))
+    return out
+
+
+def _quantiles(distribution: list[tuple[float, float]], probs: Sequence[float]) -> list[float]:
+    """Generalised inverse CDF of a discrete distribution: the smallest value whose CDF reaches p."""
+    ordered = sorted(distribution)
+    total = math.fsum(w for _, w in ordered)
+    out = []
+    for p in probs:
+        acc = 0.0
+        for v, w in ordered:
+            acc += w / total
+            if acc >= p - 1e-12:
+                out.append(v)
+                break
+        else:
+            out.append(ordered[-1][0])
+    return out
+
+
 def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: int,
                        resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> Interval | None:
-    """Percentile bootstrap interval of ``aggregate(values, how)``: resample the values (one
-    per prompt) with replacement ``resamples`` times, take the statistic of each resample,
-    and return its (2.5%, 97.5%) percentiles. Seeded: the same values give the same interval.
+    """Percentile bootstrap interval of ``aggregate(values, how)`` over the values (one per
+    prompt): the (2.5%, 97.5%) points of the statistic over resamples drawn with replacement.
 
+    Medians of up to EXACT_MEDIAN_MAX_N values use the exact bootstrap distribution (no
+    resampling: the same values always give the same interval); means, and medians of more
+    values, draw ``resamples`` resamples from a generator seeded with ``seed`` (reproducible).
     None for fewer than two values (one prompt says nothing about the spread)."""
     if len(values) < 2:
         return None
+    lo_v, hi_v = min(values), max(values)
+    if lo_v == hi_v:
+        return float(lo_v), float(lo_v)  # every resample is the same: no need to draw
+    tail = (1 - confidence) / 2
+    if how != "mean" and len(values) <= EXACT_MEDIAN_MAX_N:
+        lo, hi = _quantiles(median_bootstrap_distribution(values, how), (tail, 1 - tail))
+        return lo, hi
     import numpy as np
 
     x = np.asarray(values, dtype=float)
-    if float(x.min()) == float(x.max()):
-        return float(x[0]), float(x[0])  # every resample is the same: no need to draw
     return _percentile_interval(_statistic(_resampled(x, seed, resamples), how), confidence)
 
 

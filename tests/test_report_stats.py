@@ -50,10 +50,12 @@ def test_token_match_is_one_definition_divided_by_the_longer_output():
 
 def test_bootstrap_interval_is_seeded_and_exact_where_it_can_be_worked_out():
     xs = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0]
-    a = stats.bootstrap_interval(xs, "median", seed=7)
-    assert a == stats.bootstrap_interval(xs, "median", seed=7)  # reproducible
-    assert a != stats.bootstrap_interval(xs, "median", seed=8)  # and really resampled
-    assert a[0] <= statistics.median(xs) <= a[1] and min(xs) <= a[0] and a[1] <= max(xs)
+    a = stats.bootstrap_interval(xs, "mean", seed=7)  # means: seeded resampling
+    assert a == stats.bootstrap_interval(xs, "mean", seed=7)  # reproducible
+    assert a != stats.bootstrap_interval(xs, "mean", seed=8)  # and really resampled
+    assert a[0] <= statistics.fmean(xs) <= a[1] and min(xs) <= a[0] and a[1] <= max(xs)
+    m = stats.bootstrap_interval(xs, "median", seed=7)
+    assert m[0] <= statistics.median(xs) <= m[1]
     # Two values: the resampled median is a, (a+b)/2 or b with 1/4, 1/2, 1/4; the 2.5% and 97.5% points are a and b.
     assert stats.bootstrap_interval([2.0, 10.0], "median", seed=1) == (2.0, 10.0)
     # No spread, no uncertainty; one value, no interval.
@@ -62,6 +64,38 @@ def test_bootstrap_interval_is_seeded_and_exact_where_it_can_be_worked_out():
     # median_low stays on observed values (counts)
     lo, hi = stats.bootstrap_interval([1, 2, 2, 3, 5, 8], "median_low", seed=3)
     assert lo in (1, 2, 3, 5, 8) and hi in (1, 2, 3, 5, 8)
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+@pytest.mark.parametrize("how", ["median", "median_low"])
+def test_exact_median_bootstrap_equals_enumerating_every_resample(n, how):
+    import itertools
+
+    rng = random.Random(n)
+    xs = [round(rng.gauss(0, 1), 2) for _ in range(n)]
+    xs[1] = xs[0]  # ties too
+    brute: dict[float, float] = defaultdict(float)
+    for idx in itertools.product(range(n), repeat=n):  # all n**n equally likely resamples
+        v = [xs[i] for i in idx]
+        brute[statistics.median(v) if how == "median" else statistics.median_low(v)] += 1 / n ** n
+    exact: dict[float, float] = defaultdict(float)
+    for value, p in stats.median_bootstrap_distribution(xs, how):
+        exact[value] += p
+    assert set(exact) <= set(brute)
+    assert all(exact[k] == pytest.approx(brute[k], abs=1e-12) for k in brute)
+
+
+def test_exact_and_resampled_median_intervals_agree_beyond_the_exact_limit():
+    import numpy as np
+
+    rng = random.Random(2)
+    xs = [rng.gauss(0, 5) for _ in range(30)]
+    exact = stats.bootstrap_interval(xs, "median", seed=0)
+    x = np.asarray(xs)
+    many = np.median(x[np.random.default_rng(0).integers(0, 30, size=(100_000, 30))], axis=1)
+    assert exact == pytest.approx(tuple(np.percentile(many, [2.5, 97.5])), abs=0.05)
+    big = [rng.gauss(0, 5) for _ in range(stats.EXACT_MEDIAN_MAX_N + 1)]  # resampled, seeded
+    assert stats.bootstrap_interval(big, "median", seed=1) == stats.bootstrap_interval(big, "median", seed=1)
 
 
 def test_bootstrap_covers_the_true_median_about_95_percent_of_the_time():

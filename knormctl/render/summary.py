@@ -21,7 +21,7 @@ from knormctl.render.metrics import DETECTABLE_EFFECT, METRIC, METRICS
 from knormctl.render.paired import ok, prompt_key
 from knormctl.render.rows import REFERENCE_KEY, ConfigRow, build_rows, labels_for, sort_key
 from knormctl.render.tasks import NeedleCell, TaskRow, task_tables
-from knormctl.stats import CONFIDENCE, RESAMPLES, token_match
+from knormctl.stats import CONFIDENCE, EXACT_MEDIAN_MAX_N, RESAMPLES, token_match
 
 __all__ = ["METRIC", "METRICS", "REFERENCE_KEY", "ConfigRow", "Flag", "RunHeader", "Summary", "TaskRow",
            "NeedleCell", "build_summary", "fill_token_match", "first_line", "sample_rows", "run_datasets",
@@ -31,8 +31,9 @@ STATISTICS = {
     "confidence": CONFIDENCE,
     "change": "relative metrics: median over prompts of each prompt's % change vs the full cache on the same "
               "prompt; fractions: mean of per-prompt differences, in percentage points",
-    "change_interval": f"percentile bootstrap over prompts, {RESAMPLES} resamples, seeded from the configuration "
-                       f"and metric names",
+    "change_interval": f"percentile bootstrap over prompts: medians of up to {EXACT_MEDIAN_MAX_N} prompts use the "
+                       f"exact bootstrap distribution; means and larger medians {RESAMPLES} resamples, seeded from "
+                       f"the configuration and metric names",
     "value_interval": "fractions only: Wilson score interval when every score is 0 or 1, else the same bootstrap; "
                       "medians over different prompts get none (their spread is the prompt mix)",
     "repeats": "a prompt's repeated rounds are reduced to one value (the metric's own statistic) before pairing",

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from knormctl.render.metrics import METRIC  # noqa: E402
 from knormctl.render.rows import ConfigRow  # noqa: E402
 from knormctl.render.summary import Summary  # noqa: E402
-from knormctl.stats import CONFIDENCE, RESAMPLES  # noqa: E402
+from knormctl.stats import CONFIDENCE  # noqa: E402
 
 DPI = 100  # saved size in pixels = figure size in inches x DPI
 RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
@@ -31,7 +31,7 @@ VERDICT_FILLS = {"better": "#dff3e4", "worse": "#f8dddd", "artifact": "#fff3cd"}
 NOISE_BAND = "#e6e6e6"
 DODGE = 0.008  # keep_ratio offset between presses, so equal values stay visible
 CI_TEXT = f"{CONFIDENCE:.0%} interval"
-BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts ({RESAMPLES} resamples)"
+BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts"
 
 
 def figure(size: tuple[float, float]) -> Figure:
