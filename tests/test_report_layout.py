@@ -82,3 +82,17 @@ def test_compare_fits_80_columns(store, db):
     a, b = fill_run(store, seed=1), fill_run(store, seed=2)
     out = table_at(db, 80, "--compare", str(a), str(b))
     check_layout(out, 80)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_run_list_keeps_every_column(store, db, width):
+    fill_run(store, group="a-long-group-name", status="complete_with_errors", model="meta-llama/Llama-3.1-8B-Instruct")
+    fill_run(store, fail=(0, Cfg().pc.key))
+    out = table_at(db, width, "--list")
+    check_layout(out, width)
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("id"))
+    assert header.split() == ["id", "run", "model", "datasets", "status", "cells", "started", "group"]
+    import re
+
+    assert "1 failed" in out and "complete" in out
+    assert len(re.findall(r"\d{4}-\d\d-\d\d", out)) == 2  # every start date, whole

@@ -256,18 +256,29 @@ def _print_unsquashed(console: Console, table: Table, limit: int = 240) -> None:
 
 
 def print_runs(runs: Sequence[Any], console: Console) -> None:
-    table = Table(title="runs (newest first)", title_justify="left")
-    for col in ("id", "command", "task", "model", "datasets", "status", "samples", "started (UTC)", "group"):
-        table.add_column(col, justify="right" if col in ("id", "samples") else "left", overflow="fold")
+    """The run list: a plain list (no vertical rules) so it reads at 80 columns; short
+    columns never wrap, names wrap."""
+    table = Table(title="runs (newest first; times in UTC)", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True)
+    # min widths: a status word, most of a model name; the date and the time on two lines;
+    # the group column only when some run has a group
+    recs = run_records(runs)
+    minimum = {"status": 9, "model": 10, "datasets": 8, "group": 6}
+    cols = ("id", "run", "model", "datasets", "status", "cells", "started") + (
+        ("group",) if any(rec["group_name"] for rec in recs) else ())
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("id", "cells") else "left", min_width=minimum.get(col),
+                         no_wrap=col in ("id", "cells", "started"), overflow="fold")
     status_style = {"complete": "green", "complete_with_errors": "yellow", "running": "cyan",
                     "interrupted": "red", "failed": "red"}
-    for rec in run_records(runs):
+    for rec in recs:
         done = f"{rec['samples_done']}" + (f"/{rec['samples_planned']}" if rec["samples_planned"] is not None else "")
         if rec["samples_failed"]:
-            done += f" ({rec['samples_failed']} failed)"
-        table.add_row(str(rec["id"]), rec["command"], rec["task"], rec["model"], rec["datasets"],
-                      Text(rec["status"], style=status_style.get(rec["status"], "")), done,
-                      (rec["started_utc"] or "").replace("T", " "), rec["group_name"] or "")
+            done += f"\n{rec['samples_failed']} failed"
+        cells = [str(rec["id"]), f"{rec['command']} {rec['task']}", rec["model"], rec["datasets"],
+                 Text(rec["status"].replace("_", " "), style=status_style.get(rec["status"], "")), done,
+                 (rec["started_utc"] or "").replace("T", "\n"), rec["group_name"] or ""]
+        table.add_row(*cells[:len(cols)])
     console.print(table)
 
 
