@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from knormctl.errors import StoreError
-from knormctl.store.locations import sqlite_uri
+from knormctl.store.locations import sqlite_file, sqlite_uri
 
 WRITE = "knormctl_write"  # execution option: this transaction will write (SQLite: BEGIN IMMEDIATE)
 BUSY_TIMEOUT_S = 30  # how long a writer waits for another one, in SQLite and in retry_busy
@@ -54,8 +54,8 @@ def make_engine(url: str | URL, *, readonly: bool = False) -> Engine:
             connect_args["options"] = "-c default_transaction_read_only=on"
         if connect_args:
             kwargs["connect_args"] = connect_args
-    if backend == "sqlite" and readonly:
-        path = Path(url.database)
+    path = sqlite_file(url)  # None: in memory, or the caller's own file: URI (left to SQLite)
+    if path is not None and readonly:
         uri = readonly_sqlite_uri(path)
         # sqlite3 opens the URI itself: SQLAlchemy's URL syntax has no safe spelling for every path.
         kwargs.update(creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False,
