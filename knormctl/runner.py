@@ -228,12 +228,14 @@ class Runner:
         from knormctl.engine.env import get_environment
 
         cfg, lm = self.cfg, self.loaded
-        self.prior_references = []
+        self.prior_outputs = []
         self.store.mark_stale_runs()  # a writer records what readers only show: runs whose owner is gone
         if resume_run_id is not None:
             self.run_id = resume_run_id
-            self.prior_references = [s for s in self.store.samples(resume_run_id, with_blobs=True)
-                                     if s.config_key == "none" and s.error is None]
+            # Every finished output, not only the references: a compressed cell stored before the
+            # interruption gets its token match when its sample's reference is measured now.
+            self.prior_outputs = [s for s in self.store.samples(resume_run_id, with_blobs=True)
+                                  if s.error is None and s.generated_ids_json is not None]
             self._check_resume_samples()
             # running again, owned by this process (pid, host, heartbeat); refused if another process took it
             self.store.reopen_run(resume_run_id)
@@ -297,8 +299,8 @@ class Runner:
         lm, cfg = self.loaded, self.cfg
         ppl_ctx: dict[int, float] = {}
         outputs: dict[tuple[int, int], dict[str, list[int]]] = {}  # (sample, repeat) -> config key -> ids
-        for row in self.prior_references:  # a resumed run's finished full-cache outputs
-            outputs.setdefault((row.sample_index, row.repeat), {})["none"] = row.generated_ids_json
+        for row in self.prior_outputs:  # a resumed run's finished outputs
+            outputs.setdefault((row.sample_index, row.repeat), {})[row.config_key] = row.generated_ids_json
         for n, cell in enumerate(self.cells):
             i, pc, rep = cell.sample_index, cell.config, cell.repeat
             sample = self.samples[i]

@@ -237,3 +237,25 @@ def test_shards_run_whole_samples_with_their_own_reference(tiny_llama_dir, books
     assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)  # the refused ones stored nothing
     assert json.loads(runner.invoke(app, ["report", "--group", "g", "--format", "json", "--db", str(db)])
                       .stdout)["header"]["run_ids"] == [1, 2]
+
+
+def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_measured_after(
+        tiny_llama_dir, books_dir, tmp_path):
+    """Configurations rotate, so a run can stop after a sample's compressed cell and before its
+    full-cache reference: once the reference is measured on resume, the earlier cell gets its
+    token match too (it stayed NULL before)."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--json", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    matches = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
+    # as if interrupted after sample 1's compressed cell, before its reference
+    with con:
+        con.execute("DELETE FROM samples WHERE sample_index = 1 AND config_key = 'none'")
+        con.execute("UPDATE samples SET token_match = NULL WHERE sample_index = 1")
+        con.execute("UPDATE runs SET status = 'interrupted', samples_done = samples_done - 1")
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["done"] == 1  # only the reference was measured again
+    after = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
+    assert after == matches and None not in after.values()
