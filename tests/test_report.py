@@ -347,7 +347,7 @@ def test_unknown_run_id_is_one_line_and_exit_2(store, db):
     assert "different things" in one_error_line(report(db, "--run-id", "1", "--group", "g"))
 
 
-def test_empty_database_says_so(db):
+def test_empty_database_says_so(store, db):  # an existing database without runs (a missing one is an error)
     result = report(db)
     assert "no runs in" in one_error_line(result, code=1)
     listed = report(db, "--list")

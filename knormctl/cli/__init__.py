@@ -12,7 +12,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
-from knormctl.cli import baseline, plot, report, sweep
+from knormctl.cli import baseline, export, importing, plot, report, runs, sweep
 
 
 class OneLineErrors(TyperGroup):
@@ -45,6 +45,9 @@ app.command("baseline")(baseline.baseline)
 app.command("sweep")(sweep.sweep)
 app.command("report")(report.report)
 app.command("plot")(plot.plot)
+app.command("export")(export.export)
+app.command("import")(importing.import_results)
+app.add_typer(runs.app, name="runs")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run id and summary as JSON on stdout.")]
 NoWarmupOpt = Annotated[bool, typer.Option("--warmup/--no-warmup", help="Untimed warm-up generations before the timed ones.")]
 GroupOpt = Annotated[str | None, typer.Option("--group", help="Tag runs that belong together (e.g. the shards of one sweep).")]
-ShardOpt = Annotated[str | None, typer.Option("--shard", help="Run shard I/N of the (sample x configuration) cells, e.g. 1/4.")]
+ShardOpt = Annotated[str | None, typer.Option("--shard", help="Run shard I/N of the samples (whole prompts, every configuration), e.g. 1/4; auto: from a Slurm job array or torchrun.")]
 
 
 def run_config(command: str, options: dict, **parsed):

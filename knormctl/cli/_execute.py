@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from knormctl.cli._common import fail
 from knormctl.config import RunConfig
-from knormctl.errors import StoreError, UsageError
+from knormctl.errors import StoreError
 
 err = Console(stderr=True)  # progress and logs on stderr: stdout stays parseable
 
@@ -23,19 +23,14 @@ def _raise_interrupted(signum, frame):
 
 
 def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None) -> None:
+    from knormctl.runner import resume_config
     from knormctl.store import open_store
-    from knormctl.store.models import COMPLETE
 
     store = open_store(db)
     if store.upgrade_note:
         err.print(store.upgrade_note)
     if resume is not None:
-        run = store.get_run(resume)
-        if run is None:
-            raise UsageError(f"run {resume} does not exist in {store.url}")
-        if run.status == COMPLETE:
-            raise UsageError(f"run {resume} is complete: nothing to resume")
-        cfg = RunConfig.from_dict(run.config_json).validate()
+        cfg = resume_config(store, resume)  # refused while its owner is alive, or when complete
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM takes the Ctrl-C path
     try:

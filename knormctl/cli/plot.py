@@ -36,7 +36,7 @@ def plot(
 
         if last and run_id is not None:
             raise UsageError("choose one of --last, --run-id")
-        store = open_store(db)
+        store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         runs = select_runs(store, run_id=run_id, group=group)

@@ -83,7 +83,7 @@ def report(
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
-        store = open_store(db)
+        store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         if fmt is Format.table:

@@ -10,6 +10,7 @@ from knormctl.cli import _common as o
 
 
 def sweep(
+    ctx: typer.Context,
     keep_ratios: Annotated[str, typer.Option("--keep-ratios", "--keep_ratios", help="Comma-separated, each in (0, 1].")] = "1.0,0.9,0.8,0.7",
     prune_after: Annotated[int, typer.Option("--prune-after", "--prune_after", help="Cache budget: a layer is cut only when it holds more entries.")] = 512,
     skip_layers: Annotated[str, typer.Option("--skip-layers", "--skip_layers", help="Layers never compressed ('' or none: no layer skipped).")] = "0",
@@ -23,7 +24,7 @@ def sweep(
     passkey_seeds: Annotated[int, typer.Option("--passkey-seeds", help="Filler windows (and passkeys) per length x depth.")] = 2,
     ppl_method: Annotated[str, typer.Option("--ppl-method", help="teacher-forced: prefill the prompt, score --eval-tokens one at a time; stream: feed prompt + eval tokens one at a time from the start (the original l2compress evaluation; slow).")] = "teacher-forced",
     ppl_skip: Annotated[int | None, typer.Option("--ppl-skip", help="stream: leading tokens not scored (default: --prune-after, where compression starts).")] = None,
-    resume: Annotated[int | None, typer.Option("--resume", help="Finish the missing cells of an interrupted run (same config).")] = None,
+    resume: Annotated[int | None, typer.Option("--resume", help="Finish the missing cells of an interrupted run, with its stored configuration (only --db and --json may be given with it; other options are refused).")] = None,
     model: o.ModelOpt = "smollm2-135m",
     num_wikitext_samples: o.NumWikiOpt = 3,
     num_pg19_samples: o.NumPg19Opt = 2,
@@ -52,6 +53,9 @@ def sweep(
 
     with o.error_boundary():
         if resume is not None:
+            from knormctl.cli._resume import refuse_options_given_with_resume
+
+            refuse_options_given_with_resume(ctx, resume)
             run_benchmark(None, db, json_out=json_out, resume=resume)
             return
         cfg = o.run_config(
