@@ -1,0 +1,136 @@
+"""Talking while working: plain progress lines for logs, and the run-length estimates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+
+from knormctl.cli._progress import PlainProgress
+from knormctl.config import PressConfig
+from knormctl.estimate import format_duration, from_warmup, plan_line, seconds_per_cell
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def plain():
+    lines: list[str] = []
+    clock = Clock()
+    progress = PlainProgress(lines.append, 5, every_s=10, quiet_s=3600, clock=clock)
+    yield progress, lines, clock
+    progress.close()
+
+
+def test_plain_lines_first_cell_then_at_most_every_n_seconds_and_the_end(plain):
+    progress, lines, clock = plain
+    clock.t += 30  # the warm-up
+    progress.measuring()
+    clock.t += 4
+    progress.update(1, 5, "sample 1/1 none")
+    assert lines == ["1/5 cells, 34 s elapsed, ETA 16 s (sample 1/1 none)"]  # 4 s per cell since the warm-up
+    clock.t += 4
+    progress.update(2, 5, "b")  # 4 s after the last line: quiet
+    clock.t += 4
+    progress.update(3, 5, "c")  # 8 s: still quiet
+    assert len(lines) == 1
+    clock.t += 4
+    progress.update(4, 5, "d")  # 12 s since the last line
+    assert lines[-1] == "4/5 cells, 46 s elapsed, ETA 4 s (d)"
+    clock.t += 1
+    progress.update(5, 5, "e")  # the last cell always
+    assert lines[-1] == "5/5 cells done in 47 s"
+
+
+def test_kept_cells_of_a_resumed_run_do_not_shorten_the_eta(plain):
+    progress, lines, clock = plain
+    progress.measuring()
+    for done in (1, 2, 3):
+        progress.update(done, 5, f"sample {done} (kept)")
+    assert lines == []  # finished earlier: nothing to report yet
+    clock.t += 20
+    progress.update(4, 5, "sample 4")
+    assert lines == ["4/5 cells, 20 s elapsed, ETA 20 s (sample 4)"]  # 20 s per measured cell, 1 left
+
+
+def test_a_long_cell_gets_still_working_lines():
+    lines: list[str] = []
+    clock = Clock()
+    progress = PlainProgress(lines.append, 3, every_s=10, quiet_s=0.05, clock=clock)
+    try:
+        clock.t += 1  # a warm-up longer than quiet_s
+        deadline = time.monotonic() + 10
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lines and lines[0] == "still warming up (1 s elapsed)"
+        progress.measuring()
+        progress.update(1, 3, "a")
+        clock.t += 120
+        count = len(lines)
+        while len(lines) == count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lines[count] == "still working on cell 2 of 3: 1/3 cells, 2 min 01 s elapsed, ETA 4 min 00 s"
+    finally:
+        progress.close()
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 12.4, 59.6, 61, 3599, 3600, 7384)] == [
+        "0 s", "12 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 00 min", "2 h 03 min"]
+
+
+def test_plan_line_names_cells_samples_and_configurations():
+    configs = [PressConfig()] + [PressConfig(press="knorm", keep_ratio=k) for k in (1.0, 0.7)] + [
+        PressConfig(press="random", keep_ratio=0.7)]
+    assert plan_line(8, 2, configs, 100, 128) == (
+        "plan: 8 cells = 2 samples x 4 configurations (full cache; knorm keep 1, 0.7; random keep 0.7); "
+        "100 new tokens + 128 scored tokens per cell")
+    assert plan_line(4, 4, configs[:1], 10, 0).endswith("; 10 new tokens per cell")
+
+
+@dataclass
+class Warm:
+    ttft_s: float
+    tpot_s: float | None
+
+
+@dataclass
+class Sample:
+    prompt_ids: list
+    eval_ids: list = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    sample_index: int
+
+
+def test_warmup_estimate_is_plan_size_times_measured_speed():
+    # prefill 1 ms/token (100 ms for the 100-token warm-up prompt), decode 20 ms/token (the slower of the two)
+    warm = [Warm(0.100, 0.010), Warm(0.120, 0.020)]
+    samples = [Sample(list(range(100)), list(range(10))), Sample(list(range(300)), list(range(10)))]
+    cells = [Cell(0), Cell(0), Cell(1), Cell(1)]
+    est = from_warmup(warm, 100, cells, samples, new_tokens=5)
+    # per cell: generation prefill + 5 steps, scoring prefill + 10 steps; per sample: one context prefill
+    per_cell = {0: 2 * 0.100 + 15 * 0.020, 1: 2 * 0.300 + 15 * 0.020}
+    assert est.seconds == pytest.approx(2 * per_cell[0] + 2 * per_cell[1] + 0.100 + 0.300)
+    assert est.basis == "warm-up speed: prefill 1.00 ms/token, decode 20 ms/token"
+    stream = from_warmup(warm, 100, cells[:1], samples, new_tokens=5, ppl_method="stream")
+    assert stream.seconds == pytest.approx(0.100 + 5 * 0.020 + 110 * 0.020 + 0.100)
+    assert from_warmup([], 100, cells, samples, 5) is None
+    assert from_warmup([Warm(0.1, None)], 100, cells, samples, 5) is None  # one token: no decode speed
+
+
+def test_stored_cell_time_leaves_out_a_pause():
+    t0 = datetime(2026, 1, 1)
+    times = [t0 + timedelta(seconds=s) for s in (0, 10, 20, 30, 3630, 3640)]  # resumed an hour later
+    assert seconds_per_cell(times) == pytest.approx(10.0)
+    assert seconds_per_cell(times[:1]) is None
