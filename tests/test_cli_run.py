@@ -71,11 +71,17 @@ def test_sweep_stores_every_cell_with_env(model_dir, books_dir, tmp_path):
     assert json.loads(cfg)["keep_ratios"] == [1.0, 0.5]
 
 
-def test_verbose_logs_say_where_and_a_stored_run_gives_the_next_estimate(tiny_llama_dir, books_dir, tmp_path):
+def test_verbose_logs_say_where_and_a_stored_run_gives_the_next_estimate(tiny_llama_dir, books_dir, tmp_path,
+                                                                        monkeypatch):
+    from knormctl.cli import _execute
+
     db = tmp_path / "r.db"
     args = ["sweep", "--keep-ratios", "0.5", "--prune-after", "16", *_args(tiny_llama_dir, books_dir, db)]
+    monkeypatch.setattr(_execute, "LONG_RUN_S", 0)  # every estimate is "long": say how to stop and resume
     first = runner.invoke(app, [*args, "--verbose"])
     assert first.exit_code == 0, first.output
+    assert "Ctrl-C stops it at any time: finished cells are kept, and `knormctl sweep --resume 1` measures the rest" \
+        in first.stderr
     assert re.search(r"\] loading model .*tiny-llama.* \(float32, cpu\)  \(models\.py:\d+\)", first.stderr)
     assert re.search(r"\] warm-up \(untimed\)  \(runner\.py:\d+\)", first.stderr)
     second = runner.invoke(app, [*args, "--num-wikitext-samples", "1"])  # fewer samples, same cells

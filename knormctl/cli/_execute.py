@@ -16,6 +16,9 @@ from knormctl.config import RunConfig
 from knormctl.errors import StoreError, UsageError
 
 
+LONG_RUN_S = 600  # an estimate longer than this gets a line on how to stop and resume
+
+
 class Log:
     """Timestamped lines on stderr (stdout stays parseable), never wrapped: a log file is
     read with grep. The source location -- the engine or runner code that reported the
@@ -100,13 +103,16 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         progress.measuring()
 
     def warmed_up(results: list) -> None:
-        progress.measuring()
-        if stored or resume is not None:  # a resumed run's remaining cells: the live ETA says it
-            return
-        guess = estimate.from_warmup(results, len(runner.samples[0].prompt_ids), runner.cells, runner.samples,
-                                     runner.new_tokens, cfg.ppl_method)
+        guess = None
+        if not stored and resume is None:  # a resumed run's remaining cells: the live ETA says it
+            guess = estimate.from_warmup(results, len(runner.samples[0].prompt_ids), runner.cells, runner.samples,
+                                         runner.new_tokens, cfg.ppl_method)
         if guess:
             log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")
+        if (guess or stored) and (guess or stored).seconds > LONG_RUN_S:
+            log(f"Ctrl-C stops it at any time: finished cells are kept, and "
+                f"`knormctl sweep --resume {runner.run_id}` measures the rest")
+        progress.measuring()
 
     runner.on_warmed_up = warmed_up
     runner.on_cell = progress.update

@@ -38,7 +38,7 @@ class PlainProgress:
     def measuring(self) -> None:
         """The warm-up is over: cells start now (the ETA's clock starts here)."""
         with self._lock:
-            self.cells_started = self.clock()
+            self.cells_started = self.last_line = self.clock()  # the estimate line was just said
             self.desc = ""
 
     def eta(self) -> str:
@@ -73,7 +73,8 @@ class PlainProgress:
                     if self.desc == "warm-up":
                         self.log(f"still warming up ({format_duration(now - self.started)} elapsed)")
                     else:
-                        self.log(f"still working on cell {self.done + 1} of {self.total}: {self._status()}")
+                        self.log(f"still working on cell {self.done + 1} of {self.total} "
+                                 f"({format_duration(now - self.started)} elapsed, {self.eta()})")
 
     def close(self) -> None:
         self._stop.set()
