@@ -89,16 +89,8 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         runner.prepare()  # model, samples, checks: bad input fails here, before any row is written
     except KeyboardInterrupt:
         raise fail("interrupted before the run started; nothing was stored", 130) from None
-    log(estimate.plan_line(len(runner.cells), len(runner.samples), runner.configs, runner.new_tokens,
-                           0 if cfg.task == "passkey" else cfg.eval_tokens))
-    stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
-    if stored:
-        log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")
-    elif not cfg.warmup and resume is None:
-        log("estimate: after the first cell (no warm-up to time)")
-
+    stored = _announce_plan(runner, cfg, store, resume, log)
     progress = cell_progress(log.console, log, len(runner.cells))
-
     if not cfg.warmup:
         progress.measuring()
 
@@ -117,23 +109,34 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     runner.on_warmed_up = warmed_up
     runner.on_cell = progress.update
     try:
-        outcome = runner.run(resume_run_id=resume)
+        try:
+            outcome = runner.run(resume_run_id=resume)
+        finally:
+            progress.close()  # before any message: a live bar would draw over it
     except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
-        progress.close()
         raise fail(str(exc).splitlines()[0], 1) from None
     except KeyboardInterrupt:
         run_id = getattr(runner, "run_id", None)
-        progress.close()
         if run_id is None:
             raise fail("interrupted before the run started; nothing was stored", 130) from None
         run = store.get_run(run_id)
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
                    f"finish it with: knormctl sweep --resume {run_id}", 130) from None
-    except BaseException:
-        progress.close()
-        raise
-    progress.close()
     _print_summary(store, outcome, json_out)
+
+
+def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
+    """The plan line, and the estimate from a stored run when there is one (returned)."""
+    from knormctl import estimate
+
+    log(estimate.plan_line(len(runner.cells), len(runner.samples), runner.configs, runner.new_tokens,
+                           0 if cfg.task == "passkey" else cfg.eval_tokens))
+    stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
+    if stored:
+        log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")
+    elif not cfg.warmup and resume is None:
+        log("estimate: after the first cell (no warm-up to time)")
+    return stored
 
 
 def _print_summary(store, outcome, json_out: bool) -> None:
