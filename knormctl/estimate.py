@@ -22,6 +22,7 @@ from dataclasses import dataclass
 PER_CELL_SETTINGS = ("task", "dtype", "device", "threads", "max_new_tokens", "eval_tokens", "ppl_method",
                      "wikitext_source", "pg19_source", "wikitext_prompt_tokens", "max_prompt_tokens",
                      "passkey_lengths", "passkey_new_tokens", "compress_mode")
+FINISHED_CELLS = ("complete", "complete_with_errors", "interrupted")  # runs whose stored cells are whole
 RESUME_GAP = 5.0  # a gap between two stored cells this many times the median is a pause (resume), not work
 
 
@@ -41,6 +42,10 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval_tokens: int) -> str:
     """'plan: 25 cells = 5 samples x 5 configurations (full cache; knorm keep 1, 0.9, ...); 100 new
     tokens + 128 scored tokens per cell'."""
@@ -49,19 +54,18 @@ def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval
         if not pc.is_baseline:
             presses.setdefault(pc.press, []).append(f"{pc.keep_ratio:g}")
     what = ["full cache"] + [f"{p} keep {', '.join(krs)}" for p, krs in presses.items()]
-    line = (f"plan: {n_cells} cells = {n_samples} samples x {len(configs)} configurations "
-            f"({'; '.join(what)}); {new_tokens} new tokens")
+    line = (f"plan: {_count(n_cells, 'cell')} = {_count(n_samples, 'sample')} x "
+            f"{_count(len(configs), 'configuration')} ({'; '.join(what)}); {new_tokens} new tokens")
     return line + (f" + {eval_tokens} scored tokens" if eval_tokens else "") + " per cell"
 
 
 def from_stored_run(store, cfg, n_cells: int, scan: int = 50) -> Estimate | None:
-    """Seconds per cell of the newest finished run of the same model and per-cell settings on
-    this host, times ``n_cells``; None when there is no such run."""
+    """Seconds per cell of the newest run (finished or interrupted) of the same model and
+    per-cell settings on this host, times ``n_cells``; None when there is no such run."""
     host = socket.gethostname()
     wanted = cfg.to_dict()
     for run in store.list_runs(limit=scan):
-        if run.hostname != host or run.model_requested != cfg.model or run.status not in ("complete",
-                                                                                          "complete_with_errors"):
+        if run.hostname != host or run.model_requested != cfg.model or run.status not in FINISHED_CELLS:
             continue
         stored = run.config_json or {}
         if any(stored.get(k) != wanted.get(k) for k in PER_CELL_SETTINGS):

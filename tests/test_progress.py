@@ -93,7 +93,8 @@ def test_plan_line_names_cells_samples_and_configurations():
     assert plan_line(8, 2, configs, 100, 128) == (
         "plan: 8 cells = 2 samples x 4 configurations (full cache; knorm keep 1, 0.7; random keep 0.7); "
         "100 new tokens + 128 scored tokens per cell")
-    assert plan_line(4, 4, configs[:1], 10, 0).endswith("; 10 new tokens per cell")
+    assert plan_line(1, 1, configs[:1], 10, 0) == "plan: 1 cell = 1 sample x 1 configuration (full cache); 10 new " \
+        "tokens per cell"
 
 
 @dataclass
@@ -150,3 +151,36 @@ def test_a_library_tqdm_bar_is_swallowed(capfd):
     for _ in tqdm(range(5), desc="control"):  # the same bar unwrapped does print: the check can fail
         pass
     assert "control" in capfd.readouterr().err
+
+
+def test_stored_estimate_only_from_a_comparable_run_on_this_host():
+    import socket
+    from types import SimpleNamespace as NS
+
+    from knormctl.config import RunConfig
+    from knormctl.estimate import from_stored_run
+
+    cfg = RunConfig(model="m", max_new_tokens=100)
+    t0 = datetime(2026, 1, 1)
+    here = socket.gethostname()
+
+    def run(id, host=here, model="m", status="complete", **settings):
+        return NS(id=id, hostname=host, model_requested=model, status=status,
+                  config_json={**cfg.to_dict(), **settings})
+
+    class Store:
+        runs = [run(9, max_new_tokens=50), run(8, host="elsewhere"), run(7, model="other"), run(6, status="failed"),
+                run(5, status="interrupted"), run(4)]
+
+        def list_runs(self, limit):
+            return self.runs[:limit]
+
+        def samples(self, run_id):
+            step = {5: 3.0, 4: 7.0}[run_id]
+            return [NS(created_utc=t0 + timedelta(seconds=step * i)) for i in range(4)]
+
+    est = from_stored_run(Store(), cfg, n_cells=10)
+    assert est.seconds == pytest.approx(30.0)  # run 5: the newest comparable one, 3 s per cell
+    assert est.basis == "run 5 of this model on this host took 3.0 s per cell"
+    Store.runs = Store.runs[:4]
+    assert from_stored_run(Store(), cfg, n_cells=10) is None
