@@ -43,10 +43,11 @@ def test_sweep_help_groups_options_into_panels():
     text = _help("sweep", 80)
     titles = [t for t in PANELS if f"─ {t} ─" in text]
     assert titles == list(PANELS), "every panel, in this order"
+    assert "─ Options ─" not in text and "<bool>" not in text  # no box holding only --help
     # each option sits in its panel: the panel that precedes it in the text
     where = {"--presses": o.COMPRESS, "--keep-ratios": o.COMPRESS, "--max-new-tokens": o.MEASURE,
              "--num-pg19-samples": o.DATA, "--model": o.MODEL, "--device": o.MODEL, "--db": o.OUTPUT,
-             "--resume": o.OUTPUT, "--verbose": o.OUTPUT}
+             "--resume": o.OUTPUT, "--verbose": o.OUTPUT, "--help": o.OUTPUT}
     for name, panel in where.items():
         at = re.search(rf"│ {re.escape(name)}\b", text).start()
         before = max(PANELS, key=lambda t: text.rfind(f"─ {t} ─", 0, at))

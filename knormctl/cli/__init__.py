@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from knormctl.cli import baseline, plot, report, sweep
+from knormctl.cli._common import PanelCommand
 from knormctl.cli._group import OneLineErrors
 
 app = typer.Typer(
@@ -20,8 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("baseline")(baseline.baseline)
-app.command("sweep")(sweep.sweep)
+app.command("baseline", cls=PanelCommand)(baseline.baseline)
+app.command("sweep", cls=PanelCommand)(sweep.sweep)
 app.command("report")(report.report)
 app.command("plot")(plot.plot)
 

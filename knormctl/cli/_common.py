@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from knormctl.errors import KnormctlError
 
@@ -31,6 +32,17 @@ OUTPUT = "Output and store"
 
 LIST = "LIST"  # metavar of every comma-separated list option (see the module docstring)
 FLAG = ""  # metavar of on/off flags: the type column would only say <bool>
+
+
+class PanelCommand(TyperCommand):
+    """A command whose options all sit in panels: --help joins the last one, so no box holding
+    only --help heads the page."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.rich_help_panel, option.metavar = OUTPUT, FLAG
+        return option
 
 
 def _opt(*names: str, panel: str, help: str, metavar: str | None = None):  # noqa: A002 -- typer's name

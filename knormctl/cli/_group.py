@@ -18,7 +18,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
-from knormctl.cli._common import LIST
+from knormctl.cli._common import FLAG, LIST
 
 _EXTRA = re.compile(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)")
 
@@ -74,6 +74,12 @@ def _message(exc: ClickException, args: list[str], list_options: set[str]) -> st
 class OneLineErrors(TyperGroup):
     """Usage errors (a bad choice, an out-of-range number, an unknown option) as ONE line on
     stderr with exit code 2, like knormctl's own errors -- not a framed help panel."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG  # the type column would say <bool>
+        return option
 
     def _options_of(self, args: list[str]) -> tuple[set[str], set[str]]:
         """(every option name, the list options) of the subcommand named in ``args``."""
