@@ -6,8 +6,10 @@ as JSON, so ``--resume`` and ``report`` see exactly what was measured.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -19,6 +21,27 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TASKS = ("lm", "passkey")
 PPL_METHODS = ("teacher-forced", "stream")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'knorm'?)' when ``word`` is close to one of ``choices``, else ''."""
+    close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_choice(flag: str, what: str, value: str, choices) -> ConfigError:
+    """"--presses: unknown press 'knrom' (did you mean 'knorm'?); choose from: ..." as a ConfigError."""
+    return ConfigError(f"{flag}: unknown {what} {value!r}{did_you_mean(value, choices)}; "
+                       f"choose from: {', '.join(map(str, choices))}")
+
+
+def keep_ratio_error(value: float, flag: str = "--keep-ratios") -> ConfigError | None:
+    """None for a keep ratio in (0, 1]; else the error, with the fraction when it looks like a percentage."""
+    if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value <= 1.0:
+        return None
+    percent = isinstance(value, (int, float)) and 2 <= value <= 100 and float(value).is_integer()  # 90, not 1.5
+    hint = f"; use {value / 100:g} for {value:g} %" if percent else ""
+    return ConfigError(f"{flag}: {value:g} is outside (0, 1] (the fraction of the cache kept){hint}")
 
 
 def parse_float_list(text: str, name: str) -> list[float]:
@@ -61,12 +84,16 @@ def parse_int_list(text: str | None, name: str, allow_empty: bool = False) -> li
 
 
 def parse_name_list(text: str, name: str, allowed: tuple[str, ...]) -> list[str]:
+    """'knorm,random' -> ['knorm', 'random']; an unknown name gets a did-you-mean from ``allowed``."""
     items = [t.strip() for t in str(text).split(",")]
     if not text or any(t == "" for t in items):
-        raise ConfigError(f"{name}: malformed list {text!r}")
+        raise ConfigError(f"{name}: malformed list {text!r} (expected comma-separated names, e.g. "
+                          f"{','.join(allowed[:2])})")
+    what = name.lstrip("-")
+    what = what[:-2] if what.endswith("sses") else what.removesuffix("s")  # presses -> press, tasks -> task
     for t in items:
         if t not in allowed:
-            raise ConfigError(f"{name}: unknown {name.lstrip('-').rstrip('s')} {t!r} (choose from {', '.join(allowed)})")
+            raise unknown_choice(name, what, t, allowed)
     if len(set(items)) != len(items):
         raise ConfigError(f"{name}: duplicate values in {text!r}")
     return items
@@ -93,7 +120,8 @@ class PressConfig:
 
     def validate(self) -> PressConfig:
         if self.press not in PRESS_NAMES:
-            raise ConfigError(f"unknown press {self.press!r} (choose from {', '.join(PRESS_NAMES)})")
+            raise ConfigError(f"unknown press {self.press!r}{did_you_mean(self.press, PRESS_NAMES)} "
+                              f"(choose from {', '.join(PRESS_NAMES)})")
         if not (isinstance(self.keep_ratio, (int, float)) and math.isfinite(self.keep_ratio)
                 and 0.0 < self.keep_ratio <= 1.0):
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
@@ -188,26 +216,34 @@ class RunConfig:
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
         if self.ppl_method not in PPL_METHODS:
-            raise ConfigError(f"--ppl-method must be one of {', '.join(PPL_METHODS)}, got {self.ppl_method!r}")
+            raise unknown_choice("--ppl-method", "method", self.ppl_method, PPL_METHODS)
         if self.ppl_skip is not None and self.ppl_skip < 0:
             raise ConfigError(f"--ppl-skip must be >= 0, got {self.ppl_skip}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise unknown_choice("--dtype", "dtype", self.dtype, DTYPES)
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise unknown_choice("--task", "task", self.task, TASKS)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if not self.keep_ratios:
             raise ConfigError("--keep-ratios: empty list")
         for p in self.presses:
             if p not in PRESS_NAMES:
-                raise ConfigError(f"unknown press {p!r} (choose from {', '.join(PRESS_NAMES)})")
+                raise unknown_choice("--presses", "press", p, PRESS_NAMES)
         for kr in self.keep_ratios:
-            PressConfig(press="knorm", keep_ratio=kr).validate()
+            if (error := keep_ratio_error(kr)) is not None:
+                raise error
+        if self.compress_mode not in COMPRESS_MODES:
+            raise unknown_choice("--compress-mode", "mode", self.compress_mode, COMPRESS_MODES)
+        for name in ("prune_after", "keep_recent", "n_sink"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if any(i < 0 for i in self.skip_layers):
+            raise ConfigError(f"--skip-layers: layer indices are >= 0, got {list(self.skip_layers)}")
         for L in self.passkey_lengths:
             if L < 64:
                 raise ConfigError(f"--passkey-lengths: {L} is too short (>= 64 tokens)")

@@ -186,8 +186,10 @@ class Runner:
     """One baseline/sweep execution against one store."""
 
     def __init__(self, cfg: RunConfig, store, *, progress: Callable[[str], None] = lambda s: None,
-                 on_cell: Callable[[int, int, str], None] = lambda done, total, desc: None):
+                 on_cell: Callable[[int, int, str], None] = lambda done, total, desc: None,
+                 on_warmed_up: Callable[[list], None] = lambda results: None):
         self.cfg, self.store, self.progress, self.on_cell = cfg, store, progress, on_cell
+        self.on_warmed_up = on_warmed_up  # gets the warm-up's results: the CLI estimates the run's length from them
 
     def prepare(self):
         """Everything that can fail on bad input, before any row is written."""
@@ -251,15 +253,16 @@ class Runner:
                 raise UsageError(f"cannot resume run {self.run_id}: sample {i} no longer has the same text "
                                  "(the text source or tokenizer changed)")
 
-    def warm_up(self) -> None:
-        """Untimed generations first, so no configuration pays for a cold start."""
+    def warm_up(self) -> list:
+        """Untimed generations first, so no configuration pays for a cold start. Returns their
+        results (their speed is a first estimate of the run's length)."""
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
         # the full cache, plus one compressing configuration to warm the eviction kernels
         warm = [pc for pc in planned if pc.is_baseline][:1] + [pc for pc in planned if not pc.is_baseline][:1]
-        for pc in warm:
-            run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
+        return [run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
+                for pc in warm]
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
@@ -271,7 +274,7 @@ class Runner:
         try:
             if self.cfg.warmup:
                 self.progress("warm-up (untimed)")
-                self.warm_up()
+                self.on_warmed_up(self.warm_up())
             self._run_cells(out, done_before)
         except KeyboardInterrupt:
             out.status = m.INTERRUPTED

@@ -138,15 +138,15 @@ def test_resume_refuses_options_it_cannot_apply_naming_them(tmp_path):
                               "--db", str(db)])
     assert res.exit_code == 2
     assert res.stderr.strip() == ("Error: --resume 1 continues the run with its stored configuration; "
-                                  "--keep-ratios, --model, --sample cannot change it "
-                                  "(only --db and --json may be given with --resume)")
+                                  "--keep-ratios, --sample, --model cannot change it "
+                                  "(only --db, --json and --verbose may be given with --resume)")
     assert not db.exists()  # refused before the database is opened
     res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])  # these two apply
     assert res.exit_code == 2 and res.stderr.strip() == f"Error: run 1 does not exist in {db}"
     import typer
 
     resume = next(p for p in typer.main.get_command(app).commands["sweep"].params if p.name == "resume")
-    assert "only --db and --json may be given with it" in resume.help  # --help says so
+    assert "only --db, --json and --verbose may be given with it" in " ".join(resume.help.split())  # --help says so
 
 
 def test_resume_refuses_a_run_whose_owner_is_alive(tmp_path):

@@ -12,7 +12,7 @@ import typer
 
 from knormctl.errors import UsageError
 
-APPLY_WITH_RESUME = ("resume", "db", "json_out")  # parameter names: --resume, --db, --json
+APPLY_WITH_RESUME = ("resume", "db", "json_out", "verbose")  # --resume, --db, --json, --verbose
 
 
 def refuse_options_given_with_resume(ctx: typer.Context, run_id: int) -> None:
@@ -26,4 +26,4 @@ def refuse_options_given_with_resume(ctx: typer.Context, run_id: int) -> None:
             given.append(param.opts[0] if param.opts else param.name)
     if given:
         raise UsageError(f"--resume {run_id} continues the run with its stored configuration; "
-                         f"{', '.join(given)} cannot change it (only --db and --json may be given with --resume)")
+                         f"{', '.join(given)} cannot change it (only --db, --json and --verbose may be given with --resume)")
