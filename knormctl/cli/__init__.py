@@ -12,7 +12,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer.core import TyperGroup
 
-from knormctl.cli import baseline, plot, report, sweep
+from knormctl.cli import baseline, plot, presses, report, sweep
 
 
 class OneLineErrors(TyperGroup):
@@ -45,6 +45,7 @@ app.command("baseline")(baseline.baseline)
 app.command("sweep")(sweep.sweep)
 app.command("report")(report.report)
 app.command("plot")(plot.plot)
+app.command("presses")(presses.presses)
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ def sweep(
     keep_ratios: Annotated[str, typer.Option("--keep-ratios", "--keep_ratios", help="Comma-separated, each in (0, 1].")] = "1.0,0.9,0.8,0.7",
     prune_after: Annotated[int, typer.Option("--prune-after", "--prune_after", help="Cache budget: a layer is cut only when it holds more entries.")] = 512,
     skip_layers: Annotated[str, typer.Option("--skip-layers", "--skip_layers", help="Layers never compressed ('' or none: no layer skipped).")] = "0",
-    presses: Annotated[str, typer.Option("--presses", help="Comma-separated: knorm, knorm-inverse, random, streaming.")] = "knorm",
+    presses: Annotated[str, typer.Option("--presses", help="Comma-separated press specs, e.g. knorm,snapkv(window_size=32),kvpress:TOVAPress; 'all': every press that supports the mode. List: knormctl presses.")] = "knorm",
     compress_mode: Annotated[str | None, typer.Option("--compress-mode", "--compress_mode", help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), prefill (passkey).")] = None,
     keep_recent: Annotated[int, typer.Option("--keep-recent", help="Newest entries never evicted (0 = the paper's rule).")] = 0,
-    n_sink: Annotated[int, typer.Option("--n-sink", help="streaming press: sink entries always kept.")] = 4,
+    n_sink: Annotated[int, typer.Option("--n-sink", help="Sink entries always kept by the presses that keep sinks (streaming, expected-attention).")] = 4,
     task: Annotated[str, typer.Option("--task", help="lm: generation + perplexity; passkey: retrieval accuracy.")] = "lm",
     passkey_lengths: Annotated[str, typer.Option("--passkey-lengths", help="Passkey prompt lengths in tokens.")] = "1024,2048",
     passkey_depths: Annotated[str, typer.Option("--passkey-depths", help="Where the passkey sits (0 = start, 1 = end).")] = "0.1,0.5,0.9",
@@ -48,7 +48,7 @@ def sweep(
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import PRESS_NAMES, parse_float_list, parse_int_list, parse_name_list
+    from knormctl.config import parse_float_list, parse_int_list, parse_press_list
 
     with o.error_boundary():
         if resume is not None:
@@ -57,7 +57,7 @@ def sweep(
         cfg = o.run_config(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
-            presses=parse_name_list(presses, "--presses", PRESS_NAMES),
+            presses=parse_press_list(presses),
             compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
             passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
