@@ -105,6 +105,7 @@ class CriticalKVPress(_Wrapper):
         return scores.scatter_(-1, first, torch.finfo(scores.dtype).max)
 
     @staticmethod
+    @torch.no_grad()  # the weights require grad; the cut may run outside inference mode
     def _projected_norm(values: torch.Tensor, module) -> torch.Tensor:
         """|W_o^h v|_1 per entry, averaged over the query heads sharing a key head: (b, kv, s).
         Head by head, as kvpress does: never the (b, heads, s, hidden) product at once."""
