@@ -320,6 +320,24 @@ def test_decode_mode_lengths_follow_the_rule(model, spec):
     assert comp.events >= 3
 
 
+@pytest.mark.parametrize("spec", [s for s in SPECS if make_press(parse_press_spec(s)[0]).stackable and s != "random"])
+def test_stacked_cut_keeps_exactly_what_the_per_layer_cut_keeps(model, spec):
+    """On GPUs the cut scores all layers as one stacked tensor: presses that allow it must keep
+    the same entries that way (random excepted: one draw for all layers is another draw)."""
+    ids = _ids(50)
+    caches = []
+    for stack in (False, True):
+        cache = DynamicCache(config=model.config)
+        _forward(model, ids, cache, 0)
+        comp = Compressor(_cfg(spec, keep_ratio=0.6, skip=(0,)), model.config.num_hidden_layers, stack_layers=stack,
+                          model=model)
+        with torch.inference_mode():
+            comp.after_forward(cache, prefill=True)
+        caches.append(cache)
+    for a, b in zip(*(c.layers for c in caches)):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def test_observers_only_for_presses_that_need_them_and_gone_after_a_prefill_cut():
     m = _llama()
     mods = [layer.self_attn for layer in m.model.layers]

@@ -29,8 +29,11 @@ DPI = 100  # saved size in pixels = figure size in inches x DPI
 RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
       "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 14}
 PRESS_COLORS = {"none": "#444444", "knorm": "#1f77b4", "knorm-inverse": "#d62728", "random": "#7f7f7f",
-                "streaming": "#2ca02c"}
-PRESS_MARKERS = {"knorm": "o", "knorm-inverse": "v", "random": "s", "streaming": "D"}
+                "streaming": "#2ca02c", "snapkv": "#ff7f0e", "tova": "#8c564b", "expected-attention": "#ffbb78",
+                "keydiff": "#e377c2", "pyramidkv": "#bcbd22", "adakv": "#17becf", "criticalkv": "#aec7e8"}
+PRESS_MARKERS = {"knorm": "o", "knorm-inverse": "v", "random": "s", "streaming": "D", "snapkv": "^",
+                 "tova": "<", "expected-attention": ">", "keydiff": "P", "pyramidkv": "X", "adakv": "*",
+                 "criticalkv": "h"}
 GOOD, BAD, NEUTRAL = "#2a9d4b", "#c0392b", "#9e9e9e"
 DODGE = 0.008  # keep_ratio offset between presses, so equal values stay visible
 
@@ -44,8 +47,13 @@ def _title(summary: Summary, what: str) -> str:
     return f"{what} \u2014 {summary.header.title}, {summary.header.model}"
 
 
+def _family(press: str) -> str:
+    """'snapkv(window_size=32)' -> 'snapkv': parameterised specs share their press's colour."""
+    return press.split("(", 1)[0]
+
+
 def _color(row: ConfigRow) -> str:
-    return PRESS_COLORS.get(row.press, "#9467bd")
+    return PRESS_COLORS.get(_family(row.press), "#9467bd")
 
 
 def _na(ax, reason: str) -> None:
@@ -240,7 +248,7 @@ def tradeoff(summary: Summary) -> Figure:
     ax.axvline(0, color="black", linewidth=0.8)
     seen = set()
     for r, x, y in zip(rows, xs, ys):
-        ax.scatter(x, y, s=60, color=_color(r), marker=PRESS_MARKERS.get(r.press, "o"),
+        ax.scatter(x, y, s=60, color=_color(r), marker=PRESS_MARKERS.get(_family(r.press), "o"),
                    label=None if r.press in seen else r.press, zorder=3)
         seen.add(r.press)
         ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)

@@ -34,9 +34,11 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32)
 
 
-def protect_tail(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Append ``n`` entries scored above every other (kvpress: max + 1), so they are never evicted."""
-    return F.pad(scores, (0, n), value=scores.max().item() + 1)
+def protect(scores: torch.Tensor, n: int, front: bool = False) -> torch.Tensor:
+    """Add ``n`` entries at the end (or the front) scored above every other (kvpress: max + 1),
+    so they are never evicted. No ``.item()``: no device-to-host sync on GPUs."""
+    top = (scores.amax() + 1).expand(*scores.shape[:-1], n)
+    return torch.cat([top, scores] if front else [scores, top], dim=-1)
 
 
 class _WindowPress(BasePress):
@@ -92,7 +94,7 @@ class SnapKVPress(_WindowPress):
         scores = attn.mean(dim=-2).view(b, kv * g, n)
         scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
         scores = scores.view(b, kv, g, n).mean(dim=2)
-        return protect_tail(scores, w)
+        return protect(scores, w)
 
 
 @register
@@ -107,7 +109,7 @@ class TOVAPress(_WindowPress):
         attn, w = self._window(keys, layer_idx)  # (b, kv, g, 1, s - 1)
         kv = keys.shape[1]
         scores = attn.mean(dim=(1, 2, 3)).unsqueeze(1).expand(-1, kv, -1)
-        return protect_tail(scores, w)
+        return protect(scores, w)
 
 
 @register
@@ -163,6 +165,7 @@ class ExpectedAttentionPress(BasePress):
         self._stats: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}  # count, mean, M2
         self._next: dict[int, int] = {}  # position of the next token
         self._rotary = None
+        self._rope: tuple[int, torch.Tensor] | None = None  # (position, matrix): the same for every layer
 
     def reset(self) -> None:
         self._stats.clear()
@@ -200,24 +203,26 @@ class ExpectedAttentionPress(BasePress):
         return total, mu_all, m2
 
     def _average_rope(self, pos: int, d: int, like: torch.Tensor) -> torch.Tensor:
-        """The mean rotation matrix of RoPE over positions pos .. pos + n_future_positions - 1."""
+        """The mean rotation matrix of RoPE over positions pos .. pos + n_future_positions - 1:
+        diag(mean cos) + diag(mean sin) @ rotate_half (kvpress averages the n matrices; the same)."""
+        if self._rope is not None and self._rope[0] == pos:
+            return self._rope[1]
         position_ids = torch.arange(pos, pos + self.n_future_positions, device=like.device).unsqueeze(0)
         cos, sin = self._rotary(like, position_ids)
-        cos, sin = cos[0], sin[0]  # (n_future, r); r < d: partial rotary, the rest is not rotated
+        cos, sin = cos[0].mean(dim=0), sin[0].mean(dim=0)  # (r,); r < d: partial rotary, the rest stays
         r = cos.shape[-1]
-        eye = torch.eye(r, device=cos.device, dtype=cos.dtype)
         perm = torch.zeros(r, r, device=cos.device, dtype=cos.dtype)  # rotate_half as a matrix
         perm[r // 2:, : r // 2], perm[: r // 2, r // 2:] = torch.eye(r // 2), -torch.eye(r // 2)
-        rot = (cos.unsqueeze(1) * eye + sin.unsqueeze(1) * perm).mean(dim=0)
-        if r == d:
-            return rot
-        full = torch.eye(d, device=cos.device, dtype=cos.dtype)
-        full[:r, :r] = rot
-        return full
+        rot = torch.eye(d, device=cos.device, dtype=cos.dtype)
+        rot[:r, :r] = torch.diag(cos) + sin.unsqueeze(0) * perm
+        self._rope = (pos, rot)
+        return rot
 
     def score(self, keys, values, layer_idx=None):
         s = keys.shape[-2]
         if s <= self.n_sink:  # nothing but sinks: keep the newest (all tie)
+            return torch.zeros(keys.shape[:-1], device=keys.device)
+        if layer_idx not in self._stats:  # only sink tokens seen so far (a stream's first steps)
             return torch.zeros(keys.shape[:-1], device=keys.device)
         count, mu, m2 = self._stats[layer_idx]
         b, kv, _, d = keys.shape
@@ -233,4 +238,4 @@ class ExpectedAttentionPress(BasePress):
         scores = logits.softmax(dim=-1).mean(dim=2)  # (b, kv, s - n_sink)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values[:, :, self.n_sink:].float().norm(dim=-1)
-        return F.pad(scores, (self.n_sink, 0), value=scores.max().item() + 1)
+        return protect(scores, self.n_sink, front=True)
