@@ -354,6 +354,11 @@ class RunConfig:
             raise ConfigError(f"compress mode must be one of {', '.join(COMPRESS_MODES)}, got {self.compress_mode!r}")
         if self.command != "baseline":  # resolved specs are stored with the run (resume sees the same)
             self.presses = resolve_press_list(self.presses, self.compress_mode)
+            if self.ppl_method == "stream" and self.eval_tokens:  # stream ppl cuts as in decode mode
+                try:
+                    resolve_press_list(self.presses, "decode")
+                except ConfigError as exc:
+                    raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
         return self
 

@@ -158,6 +158,8 @@ def test_run_config_expands_all_per_mode_and_stores_canonical_specs():
     assert cfgs[1].key == "snapkv|kr=0.5|pa=512|skip=0|prefill|window_size=8"
     with pytest.raises(UsageError, match="duplicate"):
         RunConfig(presses=["snapkv", "snapkv(window_size=64)"]).validate()
+    with pytest.raises(UsageError, match="stream cuts in decode mode.*prefill mode only"):
+        RunConfig(presses=["pyramidkv"], compress_mode="prefill", ppl_method="stream").validate()
 
 
 # ----------------------------------------------------------------------------- on tiny models
@@ -438,6 +440,21 @@ def test_per_head_budgets_hold_the_largest_count_and_mask_the_rest():
     torch.testing.assert_close(together, steps, atol=1e-5, rtol=1e-4)
     assert one_go.layers[1].live_mask.shape[-1] == one_go.layers[1].keys.shape[-2]
     comp.close()
+
+
+def test_per_head_cut_when_one_head_keeps_everything():
+    """alpha_safeguard 0 lets one head take the whole budget: the layer keeps every slot, the other
+    head's are all dead (it then attends to new tokens only)."""
+    from knormctl.engine.headmask import cut_per_head
+
+    cache = DynamicCache()
+    keys = torch.randn(1, 2, 8, 4)
+    cache.update(keys.clone(), keys.clone(), 0)
+    scores = torch.cat([torch.full((1, 1, 8), 10.0), torch.zeros(1, 1, 8)], dim=1)
+    live = make_press("adakv", params={"base": "knorm", "alpha_safeguard": 0.0}).head_keep(scores, 4)
+    assert live[0].sum(-1).tolist() == [8, 0]
+    cut_per_head(cache.layers[0], scores, live)
+    assert torch.equal(cache.layers[0].keys, keys) and torch.equal(cache.layers[0].live_mask, live)
 
 
 def test_model_whose_queries_cannot_be_recomputed_is_refused_before_any_forward():

@@ -24,6 +24,9 @@ def cut_per_head(layer, scores: torch.Tensor, live: torch.Tensor) -> None:
     from knormctl.engine.compress import keep_indices, row_indices, take_rows
 
     n_max = int(live.sum(-1).max())
+    if n_max == scores.shape[-1]:  # a head keeps everything: nothing leaves the layer, only masks
+        layer.live_mask = live.clone()
+        return
     idx = keep_indices(scores.float().masked_fill(live, float("inf")), n_max)  # live first, then the best dead
     rows = row_indices(idx, scores.shape[-1])
     layer.keys = take_rows(layer.keys, rows)
