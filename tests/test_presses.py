@@ -541,3 +541,15 @@ def test_kvpress_backend_with_unsupported_transformers_fails_at_once(monkeypatch
 def test_unsupported_mode_is_refused_at_validation(monkeypatch):
     _sweep_refuses(monkeypatch, ["--presses", "pyramidkv", "--compress-mode", "decode"], "prefill mode only")
     _sweep_refuses(monkeypatch, ["--presses", "snapkv(window=3)"], "no parameter 'window'")
+
+
+def test_config_and_cli_import_without_torch():
+    """Press specs parse torch-free: the CLI (--help, report) starts without the engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, knormctl.cli, knormctl.config as c\n"
+            "assert c.parse_press_list('knorm,snapkv(window_size=8)') == ['knorm', 'snapkv(window_size=8)']\n"
+            "heavy = [m for m in ('torch', 'transformers', 'knormctl.engine') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
