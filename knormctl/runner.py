@@ -135,7 +135,7 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
     row = dict(
         task="lm", dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
         char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
-        config_key=pc.key, press=pc.press, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
+        config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
         skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
         ppl_context=ppl_context, error=error,
     )
@@ -197,6 +197,7 @@ class Runner:
 
         from knormctl.engine.compress import check_skip_layers
         from knormctl.engine.models import load_model
+        from knormctl.engine.presses import check_model_support
         from knormctl.engine.text import validate_source
 
         import transformers
@@ -214,6 +215,7 @@ class Runner:
                                  trust_remote_code=cfg.trust_remote_code, progress=self.progress)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
+        check_model_support(self.loaded.model, self.configs)
         self.samples = load_samples(cfg, self.loaded, self.progress)
         self.cells = plan_cells(len(self.samples), self.configs, cfg.shard)
         if not self.cells:

@@ -31,7 +31,8 @@ fi
 [ "$rc" -eq 0 ] && rc=$pg_rc
 
 # The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
-COMPAT_TESTS=(tests/test_engine.py tests/test_cli_run.py tests/test_presses.py tests/test_passkey.py)
+COMPAT_TESTS=(tests/test_engine.py tests/test_cli_run.py tests/test_presses.py tests/test_passkey.py
+              tests/test_kvpress_parity.py)
 if bash scripts/setup_compat.sh; then
   .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" "${COMPAT_TESTS[@]}"
   crc=$?

@@ -50,10 +50,12 @@ def test_press_suggestions_follow_the_list_validation_uses(monkeypatch):
     """Not a hard-coded list: a press added to the registry is suggested too."""
     import knormctl.config as config
 
-    monkeypatch.setattr(config, "PRESS_NAMES", (*config.PRESS_NAMES, "snapkv"))
     line = _one_line(["sweep", "--presses", "knorm,snapvk", "--db", "x.db"])
     assert line.startswith("Error: --presses: unknown press 'snapvk' (did you mean 'snapkv'?); choose from: ")
-    assert line.endswith("streaming, snapkv")
+    monkeypatch.setattr(config, "PRESS_NAMES", (*config.PRESS_NAMES, "zebrapress"))
+    line = _one_line(["sweep", "--presses", "knorm,zebrapres", "--db", "x.db"])
+    assert line.startswith("Error: --presses: unknown press 'zebrapres' (did you mean 'zebrapress'?); choose from: ")
+    assert line.endswith("zebrapress, all, kvpress:ClassName")
 
 
 def test_keep_ratio_hints():

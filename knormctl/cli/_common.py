@@ -74,7 +74,8 @@ def error_boundary() -> Iterator[None]:
 
 # --- what to compress (sweep) ----------------------------------------------------------
 PressesOpt = Annotated[str, _opt("--presses", panel=COMPRESS, metavar=LIST,
-                                 help="Presses to compare, comma-separated (e.g. knorm,random).")]
+                                 help="Press specs, comma-separated, e.g. knorm,snapkv(window_size=32); "
+                                      "all: every press that supports the mode (knormctl presses lists them).")]
 KeepRatiosOpt = Annotated[str, _opt("--keep-ratios", panel=COMPRESS, metavar=LIST,
                                     help="Fractions of the cache kept, comma-separated, each in (0, 1].")]
 PruneAfterOpt = Annotated[int, _opt("--prune-after", panel=COMPRESS, metavar="N",
@@ -88,7 +89,8 @@ CompressModeOpt = Annotated[str | None, _opt(
 KeepRecentOpt = Annotated[int, _opt("--keep-recent", panel=COMPRESS, metavar="N",
                                     help="Newest entries never evicted (0: the paper's rule).")]
 NSinkOpt = Annotated[int, _opt("--n-sink", panel=COMPRESS, metavar="N",
-                               help="streaming press: first entries always kept.")]
+                               help="Sink entries always kept by the presses that keep sinks (streaming, "
+                                    "expected-attention).")]
 
 # --- what to measure -------------------------------------------------------------------
 TaskOpt = Annotated[str, _opt("--task", panel=MEASURE, metavar="TASK",

@@ -48,7 +48,7 @@ def sweep(
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import PRESS_NAMES, parse_float_list, parse_int_list, parse_name_list
+    from knormctl.config import parse_float_list, parse_int_list, parse_press_list
 
     with o.error_boundary():
         if resume is not None:
@@ -60,7 +60,7 @@ def sweep(
         cfg = o.run_config(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
-            presses=parse_name_list(presses, "--presses", PRESS_NAMES),
+            presses=parse_press_list(presses),
             compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
             passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))

@@ -90,7 +90,8 @@ def labels_for(protos: dict[str, Any]) -> dict[str, str]:
 
 
 def sort_key(p: Any) -> tuple:
-    press_rank = PRESS_NAMES.index(p.press) if p.press in PRESS_NAMES else len(PRESS_NAMES)
+    family = p.press.split("(", 1)[0]  # 'snapkv(window_size=32)' sorts with snapkv
+    press_rank = PRESS_NAMES.index(family) if family in PRESS_NAMES else len(PRESS_NAMES)
     return (p.config_key != REFERENCE_KEY, press_rank, p.press, -p.keep_ratio, p.prune_after,
             p.skip_layers or "", p.compress_mode, p.keep_recent or 0, p.config_key)
 

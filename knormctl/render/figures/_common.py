@@ -22,8 +22,11 @@ DPI = 100  # saved size in pixels = figure size in inches x DPI
 RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
       "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 14}
 PRESS_COLORS = {"none": "#444444", "knorm": "#1f77b4", "knorm-inverse": "#d62728", "random": "#7f7f7f",
-                "streaming": "#2ca02c"}
-PRESS_MARKERS = {"knorm": "o", "knorm-inverse": "v", "random": "s", "streaming": "D"}
+                "streaming": "#2ca02c", "snapkv": "#ff7f0e", "tova": "#8c564b", "expected-attention": "#ffbb78",
+                "keydiff": "#e377c2", "pyramidkv": "#bcbd22", "adakv": "#17becf", "criticalkv": "#aec7e8"}
+PRESS_MARKERS = {"knorm": "o", "knorm-inverse": "v", "random": "s", "streaming": "D", "snapkv": "^",
+                 "tova": "<", "expected-attention": ">", "keydiff": "P", "pyramidkv": "X", "adakv": "*",
+                 "criticalkv": "h"}
 # The report's verdicts (render.paired.verdict), as fills: strong for bars, pale for table cells.
 VERDICT_COLORS = {"better": "#2a9d4b", "worse": "#c0392b", "noise": "#b0b0b0", "same": "#b0b0b0",
                   "artifact": "#e0b000", None: "#b0b0b0"}
@@ -55,8 +58,18 @@ def caption(fig: Figure, text: str) -> None:
     fig.supxlabel("\n".join(lines), x=0.01, ha="left", fontsize=9, color="#333333")
 
 
-def press_color(row: ConfigRow) -> str:
-    return PRESS_COLORS.get(row.press, "#9467bd")
+def family(press: str) -> str:
+    """'snapkv(window_size=32)' -> 'snapkv': parameterised specs share their press's colour and marker."""
+    return press.split("(", 1)[0]
+
+
+def press_color(row: ConfigRow | str) -> str:
+    press = row if isinstance(row, str) else row.press
+    return PRESS_COLORS.get(family(press), "#9467bd")
+
+
+def press_marker(press: str) -> str:
+    return PRESS_MARKERS.get(family(press), "o")
 
 
 def na(ax, reason: str) -> None:

@@ -9,8 +9,8 @@ from matplotlib.figure import Figure
 
 from knormctl.render.export import shown_metrics
 from knormctl.render.figures._common import (
-    BOOT_TEXT, DODGE, NOISE_BAND, PRESS_MARKERS, VERDICT_COLORS, VERDICT_FILLS, caption, errbar, figure, fit,
-    legend_outside, na, press_color, reason, scale, title, xticks)
+    BOOT_TEXT, DODGE, NOISE_BAND, VERDICT_COLORS, VERDICT_FILLS, caption, errbar, figure, fit,
+    legend_outside, na, press_color, press_marker, reason, scale, title, xticks)
 from knormctl.render.format import DELTA, fmt_change, fmt_interval
 from knormctl.render.metrics import METRIC
 from knormctl.render.summary import Summary
@@ -173,7 +173,7 @@ def tradeoff(summary: Summary) -> Figure:
                cap=0.01 * (y_lim[1] - y_lim[0]))
         errbar(ax, x, r.change_intervals[yn], f"{r.config_key}|{yn}|ci", color=press_color(r),
                cap=0.006 * (x_lim[1] - x_lim[0]))
-        ax.scatter([x], [y], s=60, color=press_color(r), marker=PRESS_MARKERS.get(r.press, "o"),
+        ax.scatter([x], [y], s=60, color=press_color(r), marker=press_marker(r.press),
                    label=None if r.press in seen else r.press, zorder=5, gid=f"{r.config_key}|{xn},{yn}|change")
         seen.add(r.press)
         ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
@@ -206,7 +206,7 @@ def quality(summary: Summary) -> Figure:
         xs = [r.keep_ratio + k * DODGE for r in rows]
         for ax, field, kind in ((left, "values", "value"), (right, "changes", "change")):
             pts = [(x, getattr(r, field)[name], r) for x, r in zip(xs, rows) if getattr(r, field)[name] is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=PRESS_MARKERS.get(press, "o"), color=color,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=press_marker(press), color=color,
                     label=press, gid=f"{press}|{name}|{kind}")
             if kind == "change":
                 for x, _, r in pts:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from knormctl.render.export import task_label
 from knormctl.render.figures._common import (
-    CI_TEXT, DODGE, PRESS_COLORS, PRESS_MARKERS, caption, errbar, figure, legend_outside, na, title)
+    CI_TEXT, DODGE, caption, errbar, figure, legend_outside, na, press_color, press_marker, title)
 from knormctl.render.rows import REFERENCE_KEY
 from knormctl.render.summary import Summary
 from knormctl.render.tasks import TaskRow
@@ -62,9 +62,9 @@ def accuracy(summary: Summary) -> Figure:
                 by_press[t.press].append(t)
         for k, (press, prs) in enumerate(by_press.items()):
             prs.sort(key=lambda t: t.keep_ratio)
-            color = PRESS_COLORS.get(press, "#9467bd")
+            color = press_color(press)
             xs = [t.keep_ratio + k * DODGE for t in prs]
-            ax.plot(xs, [t.accuracy * 100 for t in prs], marker=PRESS_MARKERS.get(press, "o"), color=color,
+            ax.plot(xs, [t.accuracy * 100 for t in prs], marker=press_marker(press), color=color,
                     label=press, gid=f"{press}|{task}|{length}|value")
             for x, t in zip(xs, prs):
                 errbar(ax, x, t.interval, f"{t.config_key}|{task}|{length}|ci", 100.0, color=color, cap=0.006)
