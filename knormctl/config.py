@@ -165,6 +165,7 @@ class RunConfig:
     keep_recent: int = 0
     n_sink: int = 4
     warmup: bool = True
+    repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
@@ -193,6 +194,8 @@ class RunConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.task not in TASKS:

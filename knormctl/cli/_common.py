@@ -51,6 +51,7 @@ TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperat
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off unless you ask).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run id and summary as JSON on stdout.")]
 NoWarmupOpt = Annotated[bool, typer.Option("--warmup/--no-warmup", help="Untimed warm-up generations before the timed ones.")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Measure every (sample x configuration) cell this many rounds; report compares the rounds.")]
 GroupOpt = Annotated[str | None, typer.Option("--group", help="Tag runs that belong together (e.g. the shards of one sweep).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="Run shard I/N of the (sample x configuration) cells, e.g. 1/4.")]
 

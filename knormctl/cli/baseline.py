@@ -23,6 +23,7 @@ def baseline(
     temperature: o.TempOpt = 1.0,
     trust_remote_code: o.TrustOpt = False,
     warmup: o.NoWarmupOpt = True,
+    repeats: o.RepeatsOpt = 1,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,

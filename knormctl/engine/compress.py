@@ -4,10 +4,18 @@ decode mode: after EVERY forward (prefill included), each layer not in
 ``skip_layers`` that holds more than ``prune_after`` entries is cut to
 ``ceil(keep_ratio * length)`` entries. prefill mode: the same cut, once, right
 after the prefill forward. Skipped layers cost nothing (no score, no sort).
+
+Memory: a cut never holds a second copy of the cache. Each layer is gathered on its
+own into a compact tensor it alone owns (the old one is freed as soon as it is
+replaced), so a cut adds at most one layer's kept entries plus the scores. Only the
+SCORING may stack several layers into one tensor -- fewer kernel launches, which is
+what a cut of small layers on a GPU is bound by -- and only in groups whose copy fits
+below the peak the sample has already reached (see ``Compressor.stack_group``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -16,6 +24,11 @@ import torch
 from knormctl.config import PressConfig
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
+
+# Stacked scoring copies the keys and values of a group of layers. It pays where a layer is
+# small (launch-bound: ~2 launches per layer saved, each ~5-10 us on a GPU) and costs where
+# it is large (the copy is memory traffic): at most this many bytes per group.
+STACK_GROUP_CAP_BYTES = 64 << 20
 
 
 def n_keep_for(length: int, keep_ratio: float) -> int:
@@ -29,23 +42,34 @@ def check_skip_layers(skip_layers, num_layers: int) -> None:
         raise UsageError(f"skip layer(s) {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
 
 
+def press_seed(cfg: PressConfig, sample_seed: int | None) -> int:
+    """The seed of a press for one (sample, configuration): a stable hash of the run's seed,
+    the sample's seed and the configuration key, so no two prompts or configurations share
+    draws and a resumed run draws what the first attempt drew. None: the run's seed."""
+    if sample_seed is None:
+        return cfg.seed
+    digest = hashlib.sha256(f"{cfg.seed}|{sample_seed}|{cfg.key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 class Compressor:
     """Owns one generation's compression state: press, counters, time spent.
 
     ``model``: needed only by presses that observe the attention layers (``press.observes``):
     the compressor then hooks every attention module for the generation's lifetime
     (``close()`` removes the hooks; the loop calls it).
+    ``seed``: the sample's seed (see ``press_seed``).
+    ``stack_bytes``: bytes a group of stacked layers may add while scoring (None: automatic,
+    see ``stack_group``; 0: score layer by layer).
     """
 
-    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None, *,
-                 model=None):
-        """``stack_layers``: cut all layers as one stacked tensor (None: on CUDA only, where a
-        cut is bound by kernel launches; on CPU the extra copy costs more than it saves)."""
+    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, *, model=None, seed: int | None = None,
+                 stack_bytes: int | None = None):
         check_skip_layers(cfg.skip_layers, num_layers)
-        self.stack_layers = stack_layers
+        self.stack_bytes = stack_bytes
         self.cfg = cfg
         self.num_layers = num_layers
-        self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink,
+        self.press: BasePress | None = make_press(cfg.press, seed=press_seed(cfg, seed), n_sink=cfg.n_sink,
                                                   params=dict(cfg.params))
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
         self.events = 0  # forwards after which at least one layer was cut
@@ -59,6 +83,11 @@ class Compressor:
 
             self._hooks = install_observers(model, self.press, self.active_layers)
 
+    @property
+    def evicts(self) -> bool:
+        """False when this configuration can never cut (no press, or keep_ratio 1.0)."""
+        return self.press is not None and self.cfg.keep_ratio < 1.0
+
     def close(self) -> None:
         """Remove the observation hooks (if any)."""
         for h in self._hooks:
@@ -67,7 +96,7 @@ class Compressor:
 
     def after_forward(self, cache, prefill: bool) -> bool:
         """Cut the cache if the rule says so. Returns True when something was evicted."""
-        if self.press is None or self.cfg.keep_ratio >= 1.0 or (self.cfg.mode == "prefill" and not prefill):
+        if not self.evicts or (self.cfg.mode == "prefill" and not prefill):
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         layers = cache.layers
         kr, budget = self.cfg.keep_ratio, self.cfg.prune_after
@@ -85,41 +114,70 @@ class Compressor:
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
-        for (_, n_keep), ids in groups.items():
-            self._cut(layers, ids, n_keep)
+        scored = [(self._scores(layers, ids), ids, n_keep) for (_, n_keep), ids in groups.items()]
+        check_scores([s for s, _, _ in scored], self.cfg.press)  # before anything is cut: one host sync
+        for scores, ids, n_keep in scored:
+            self._cut(layers, ids, scores, n_keep)
         self._sync()
         self.seconds += time.perf_counter() - t0
         self.events += 1
         return True
 
-    def _cut(self, layers, ids: list[int], n_keep: int) -> None:
-        stack = self.stack_layers
-        if stack is None:
-            stack = layers[ids[0]].keys.device.type == "cuda"
-        if stack and self.press.stackable:
-            self._cut_stacked(layers, ids, n_keep)
-            return
-        # Score each layer, then ONE top-k and ONE sort over all layers at once:
-        # at small sizes per-operation overhead dominates, so batch what can be batched.
-        scores = torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
+    def _scores(self, layers, ids: list[int]) -> torch.Tensor:
+        """(len(ids), b, h, s) scores: stacked in bounded groups where that is allowed and
+        pays (see ``stack_group``), else layer by layer."""
+        size = self.stack_group(layers[ids[0]].keys) if self.press.stackable else 0
+        if size < 2:
+            return torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
+        parts = []
+        for start in range(0, len(ids), size):
+            group = ids[start:start + size]
+            keys = torch.stack([layers[i].keys for i in group])  # (G, b, h, s, d): a bounded copy
+            values = torch.stack([layers[i].values for i in group])
+            parts.append(self.press.score(keys, values))
+            del keys, values  # freed before the next group is stacked
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def stack_group(self, keys: torch.Tensor) -> int:
+        """How many layers shaped like ``keys`` may be stacked for scoring (< 2: none).
+
+        The copy of a group must stay below the peak this sample already reached, so a cut
+        never raises the peak: on CUDA the budget is ``max_memory_allocated`` (reset per
+        sample by the memory probe) minus what is allocated now, capped by
+        ``STACK_GROUP_CAP_BYTES``. On CPU stacking costs more than it saves (no launches to
+        save): 0, unless ``stack_bytes`` says otherwise.
+        """
+        per_layer = 2 * keys.numel() * keys.element_size()  # keys + values of one layer
+        if self.stack_bytes is not None:
+            budget = self.stack_bytes
+        elif keys.device.type == "cuda":
+            headroom = torch.cuda.max_memory_allocated(keys.device) - torch.cuda.memory_allocated(keys.device)
+            budget = min(STACK_GROUP_CAP_BYTES, headroom)  # allocator counters: no device sync
+        else:
+            budget = 0
+        return int(budget // per_layer) if per_layer else 0
+
+    def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int) -> None:
+        """ONE top-k/selection over all layers' scores, then each layer gathered on its own:
+        every layer owns a compact tensor (no views of a shared stack), and the old one is
+        freed as soon as it is replaced, so the cut holds at most one extra layer."""
         rows = row_indices(keep_indices(scores, n_keep, self.cfg.keep_recent), scores.shape[-1])
         for j, i in enumerate(ids):
             layer = layers[i]
             layer.keys = take_rows(layer.keys, rows[j])
             layer.values = take_rows(layer.values, rows[j])
 
-    def _cut_stacked(self, layers, ids: list[int], n_keep: int) -> None:
-        """The same cut with ~20 kernel launches instead of ~140: stack the layers once, score,
-        select and gather them as one tensor; each layer then holds a view of the result."""
-        keys = torch.stack([layers[i].keys for i in ids])  # (L, b, h, s, d)
-        values = torch.stack([layers[i].values for i in ids])
-        n, b, h, s, d = keys.shape
-        rows = row_indices(keep_indices(self.press.score(keys, values), n_keep, self.cfg.keep_recent), s)
-        rows = (rows + torch.arange(n, device=rows.device).unsqueeze(1) * (b * h * s)).reshape(-1)
-        kept_k = keys.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
-        kept_v = values.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
-        for j, i in enumerate(ids):
-            layers[i].keys, layers[i].values = kept_k[j], kept_v[j]
+
+def check_scores(scores: list[torch.Tensor], press: str) -> None:
+    """Refuse NaN scores: the selection keeps exactly ``n_keep`` entries per head only when
+    every score compares (NaN compares false to everything, so heads would silently get
+    different counts and their rows misalign). +-inf are fine and deliberate (streaming's
+    sinks and ``keep_recent`` use +inf for "always keep"); ties among them are broken like
+    any tie. One ``.item()`` for the whole event: on a GPU, one host sync per event, where
+    the event already synchronises for its timing."""
+    if torch.stack([torch.isnan(s).any() for s in scores]).any().item():
+        raise ValueError(f"press {press!r} gave NaN scores (e.g. a float16 overflow in its arithmetic): "
+                         "the cut needs every entry ordered")
 
 
 def kv_size(cache) -> tuple[int, int]:
