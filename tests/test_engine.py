@@ -312,40 +312,58 @@ def _owns_compact_storage(t: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("press", ["knorm", "knorm-inverse", "streaming", "random"])
-def test_grouped_cut_keeps_the_per_layer_entries_and_every_layer_owns_its_tensors(press):
-    """The cut used on GPUs (scoring stacked in bounded groups) keeps exactly what the
-    layer-by-layer cut keeps, and after it every layer holds its own compact tensors: no view
-    of a shared stack keeps a copy of the cache alive."""
+def test_bounded_cut_keeps_the_per_layer_entries_and_every_layer_owns_its_tensors(press):
+    """The cut used on GPUs (scoring stacked in groups and selection in chunks, both sized by a
+    memory budget) keeps exactly what the unbounded CPU cut and the layer-by-layer cut keep,
+    and after it every layer holds its own compact tensors: no view of a shared stack keeps a
+    copy of the cache alive."""
     m = _llama(layers=6)
     a, _ = _prefill(m, _prompt(50))
-    b, c = _clone_cache(m, a), _clone_cache(m, a)
+    caches = [a] + [_clone_cache(m, a) for _ in range(3)]
     cfg = PressConfig(press=press, keep_ratio=0.6, prune_after=10, skip_layers=(0,), mode="prefill")
     layer_bytes = 2 * a.layers[1].keys.numel() * a.layers[1].keys.element_size()
-    per_layer = Compressor(cfg, 6, stack_bytes=0, seed=5)
-    pairs = Compressor(cfg, 6, stack_bytes=2 * layer_bytes, seed=5)
-    all_at_once = Compressor(cfg, 6, stack_bytes=100 * layer_bytes, seed=5)
-    assert (per_layer.stack_group(a.layers[1].keys), pairs.stack_group(a.layers[1].keys)) == (0, 2)
-    for comp, cache in ((per_layer, a), (pairs, b), (all_at_once, c)):
-        assert comp.after_forward(cache, prefill=True)
-    for la, lb, lc in zip(a.layers, b.layers, c.layers):
-        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-        assert torch.equal(la.keys, lc.keys) and torch.equal(la.values, lc.values)
-    for cache in (a, b, c):
+    budgets = [None, 0, 2 * 2 * layer_bytes, 100 * layer_bytes]  # CPU default, layer by layer, pairs, all at once
+    for budget, cache in zip(budgets, caches):
+        assert Compressor(cfg, 6, budget_bytes=budget, seed=5).after_forward(cache, prefill=True)
+    for other in caches[1:]:
+        for la, lb in zip(a.layers, other.layers):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    for cache in caches:
         cut = cache.layers[1:]
         assert all(layer.keys.shape[-2] == 30 for layer in cut)
         assert all(_owns_compact_storage(layer.keys) and _owns_compact_storage(layer.values) for layer in cut)
         ptrs = [t.untyped_storage().data_ptr() for layer in cut for t in (layer.keys, layer.values)]
         assert len(set(ptrs)) == len(ptrs), "two layers share one storage"
-    with torch.inference_mode():  # and the model decodes on from the grouped cut
-        out = m(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[50]]), **cache_kwargs(m, b))
+    with torch.inference_mode():  # and the model decodes on from the bounded cut
+        out = m(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[50]]), **cache_kwargs(m, caches[2]))
     assert torch.isfinite(out.logits).all()
 
 
-def test_stack_group_is_bounded_by_its_budget_and_off_on_cpu():
-    keys = torch.zeros(1, 2, 100, 8)  # one layer: 2 x 6400 bytes with its values
-    assert Compressor(PressConfig(press="knorm", keep_ratio=0.5), 4).stack_group(keys) == 0  # CPU default
-    assert Compressor(PressConfig(press="knorm", keep_ratio=0.5), 4, stack_bytes=3 * 12800).stack_group(keys) == 3
-    assert Compressor(PressConfig(press="knorm", keep_ratio=0.5), 4, stack_bytes=12799).stack_group(keys) == 0
+def test_the_budget_bounds_the_stacked_groups_and_selection_chunks(monkeypatch):
+    """Spy on the stacks and the selections: their sizes follow the budget."""
+    from knormctl.engine import compress
+
+    stacked, selected = [], []
+    real_stack, real_keep = torch.stack, compress.keep_indices
+    monkeypatch.setattr(compress.torch, "stack",
+                        lambda ts, *a, **k: (stacked.append((len(ts), ts[0].dim())), real_stack(ts, *a, **k))[1])
+    monkeypatch.setattr(compress, "keep_indices", lambda s, *a: (selected.append(s.shape[0]), real_keep(s, *a))[1])
+    g = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    for i in range(5):
+        cache.update(torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g), i)
+    layer_bytes = 2 * 1 * 2 * 100 * 8 * 4
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill")
+    # half the budget for stacking: 2 layers per group (3 groups for 5 layers); half for selection
+    budget = 2 * 2 * layer_bytes
+    Compressor(cfg, 5, budget_bytes=budget).after_forward(cache, prefill=True)
+    kv_stacks = [n for n, dim in stacked if dim == 4]  # stacks of (b, h, s, d) layers
+    assert kv_stacks == [2, 2, 2, 2, 1, 1]  # keys and values of each group
+    assert 2 * 100 * compress.SELECT_BYTES_PER_ENTRY == budget // 4  # a layer's selection: a quarter of it
+    assert selected == [2, 2, 1]
+    selected.clear()
+    Compressor(cfg, 5).after_forward(cache, prefill=True)  # CPU default: one selection over all layers
+    assert selected == [5]
 
 
 def test_nan_scores_are_refused_before_anything_is_cut(model, monkeypatch):

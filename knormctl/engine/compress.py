@@ -7,10 +7,10 @@ after the prefill forward. Skipped layers cost nothing (no score, no sort).
 
 Memory: a cut never holds a second copy of the cache. Each layer is gathered on its
 own into a compact tensor it alone owns (the old one is freed as soon as it is
-replaced), so a cut adds at most one layer's kept entries plus the scores. Only the
-SCORING may stack several layers into one tensor -- fewer kernel launches, which is
-what a cut of small layers on a GPU is bound by -- and only in groups whose copy fits
-below the peak the sample has already reached (see ``Compressor.stack_group``).
+replaced). What a cut allocates besides -- a stacked copy of a few layers for scoring
+(fewer kernel launches, which is what a cut of small layers on a GPU is bound by) and
+the selection's temporaries -- is sized to fit below the peak the sample has already
+reached (``Compressor.budget``), so on CUDA a cut never raises the sample's peak.
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ from knormctl.config import PressConfig
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
 
-# Stacked scoring copies the keys and values of a group of layers. It pays where a layer is
+# Stacked scoring copies the keys and values of a group of layers. It pays where layers are
 # small (launch-bound: ~2 launches per layer saved, each ~5-10 us on a GPU) and costs where
-# it is large (the copy is memory traffic): at most this many bytes per group.
+# they are large (the copy is memory traffic): at most this many bytes per group.
 STACK_GROUP_CAP_BYTES = 64 << 20
+# What the selection allocates per (layer, head, entry): the score (4), top-k values and
+# indices (12), four bool masks (4), the int64 cumsum of ties (8), nonzero_static's output
+# and the row numbers (24): 52, rounded up.
+SELECT_BYTES_PER_ENTRY = 64
 
 
 def n_keep_for(length: int, keep_ratio: float) -> int:
@@ -59,14 +63,14 @@ class Compressor:
     the compressor then hooks every attention module for the generation's lifetime
     (``close()`` removes the hooks; the loop calls it).
     ``seed``: the sample's seed (see ``press_seed``).
-    ``stack_bytes``: bytes a group of stacked layers may add while scoring (None: automatic,
-    see ``stack_group``; 0: score layer by layer).
+    ``budget_bytes``: what a cut may allocate besides the cache (None: automatic, see
+    ``budget``); tests set it to exercise the bounded paths on a CPU.
     """
 
     def __init__(self, cfg: PressConfig, num_layers: int, sync=None, *, model=None, seed: int | None = None,
-                 stack_bytes: int | None = None):
+                 budget_bytes: int | None = None):
         check_skip_layers(cfg.skip_layers, num_layers)
-        self.stack_bytes = stack_bytes
+        self.budget_bytes = budget_bytes
         self.cfg = cfg
         self.num_layers = num_layers
         self.press: BasePress | None = make_press(cfg.press, seed=press_seed(cfg, seed), n_sink=cfg.n_sink,
@@ -114,58 +118,62 @@ class Compressor:
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
-        scored = [(self._scores(layers, ids), ids, n_keep) for (_, n_keep), ids in groups.items()]
+        room = self.budget(layers[self.active_layers[0]].keys.device)
+        scored = [(self._scores(layers, ids, room), ids, n_keep) for (_, n_keep), ids in groups.items()]
         check_scores([s for s, _, _ in scored], self.cfg.press)  # before anything is cut: one host sync
         for scores, ids, n_keep in scored:
-            self._cut(layers, ids, scores, n_keep)
+            self._cut(layers, ids, scores, n_keep, room)
         self._sync()
         self.seconds += time.perf_counter() - t0
         self.events += 1
         return True
 
-    def _scores(self, layers, ids: list[int]) -> torch.Tensor:
-        """(len(ids), b, h, s) scores: stacked in bounded groups where that is allowed and
-        pays (see ``stack_group``), else layer by layer."""
-        size = self.stack_group(layers[ids[0]].keys) if self.press.stackable else 0
+    def budget(self, device: torch.device) -> int | None:
+        """Bytes a cut may allocate besides the cache (None: unbounded).
+
+        On CUDA: the peak this sample already reached (``max_memory_allocated``, which the
+        memory probe resets per sample) minus what is allocated now -- allocator counters,
+        no device sync. Half goes to a stacked group, half to a chunk of the selection
+        (they never overlap). On CPU there are no launches to save and the selection's
+        temporaries are small next to the prefill's: unbounded, without stacking.
+        """
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        if device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))
+        return None
+
+    def _scores(self, layers, ids: list[int], room: int | None) -> torch.Tensor:
+        """(len(ids), b, h, s) scores: stacked in groups that fit half the budget (and
+        ``STACK_GROUP_CAP_BYTES``), else layer by layer."""
+        keys = layers[ids[0]].keys
+        per_layer = 2 * keys.numel() * keys.element_size()  # keys + values of one layer
+        size = 0 if room is None or not self.press.stackable else min(STACK_GROUP_CAP_BYTES, room // 2) // per_layer
         if size < 2:
             return torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
         parts = []
         for start in range(0, len(ids), size):
             group = ids[start:start + size]
-            keys = torch.stack([layers[i].keys for i in group])  # (G, b, h, s, d): a bounded copy
-            values = torch.stack([layers[i].values for i in group])
-            parts.append(self.press.score(keys, values))
-            del keys, values  # freed before the next group is stacked
+            stacked_k = torch.stack([layers[i].keys for i in group])  # (G, b, h, s, d): a bounded copy
+            stacked_v = torch.stack([layers[i].values for i in group])
+            parts.append(self.press.score(stacked_k, stacked_v))
+            del stacked_k, stacked_v  # freed before the next group is stacked
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def stack_group(self, keys: torch.Tensor) -> int:
-        """How many layers shaped like ``keys`` may be stacked for scoring (< 2: none).
-
-        The copy of a group must stay below the peak this sample already reached, so a cut
-        never raises the peak: on CUDA the budget is ``max_memory_allocated`` (reset per
-        sample by the memory probe) minus what is allocated now, capped by
-        ``STACK_GROUP_CAP_BYTES``. On CPU stacking costs more than it saves (no launches to
-        save): 0, unless ``stack_bytes`` says otherwise.
-        """
-        per_layer = 2 * keys.numel() * keys.element_size()  # keys + values of one layer
-        if self.stack_bytes is not None:
-            budget = self.stack_bytes
-        elif keys.device.type == "cuda":
-            headroom = torch.cuda.max_memory_allocated(keys.device) - torch.cuda.memory_allocated(keys.device)
-            budget = min(STACK_GROUP_CAP_BYTES, headroom)  # allocator counters: no device sync
-        else:
-            budget = 0
-        return int(budget // per_layer) if per_layer else 0
-
-    def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int) -> None:
-        """ONE top-k/selection over all layers' scores, then each layer gathered on its own:
-        every layer owns a compact tensor (no views of a shared stack), and the old one is
-        freed as soon as it is replaced, so the cut holds at most one extra layer."""
-        rows = row_indices(keep_indices(scores, n_keep, self.cfg.keep_recent), scores.shape[-1])
-        for j, i in enumerate(ids):
-            layer = layers[i]
-            layer.keys = take_rows(layer.keys, rows[j])
-            layer.values = take_rows(layer.values, rows[j])
+    def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int, room: int | None) -> None:
+        """One selection per chunk of layers (all layers at once where the budget allows: the
+        fewest launches), then each layer gathered on its own: every layer owns a compact
+        tensor (no views of a shared stack), and the old one is freed as soon as it is
+        replaced, so the gather holds at most one extra layer's kept entries."""
+        per_layer = scores[0].numel() * SELECT_BYTES_PER_ENTRY
+        chunk = len(ids) if room is None else max(1, (room // 2) // per_layer)
+        for start in range(0, len(ids), chunk):
+            part = scores[start:start + chunk]
+            rows = row_indices(keep_indices(part, n_keep, self.cfg.keep_recent), part.shape[-1])
+            for j, i in enumerate(ids[start:start + chunk]):
+                layer = layers[i]
+                layer.keys = take_rows(layer.keys, rows[j])
+                layer.values = take_rows(layer.values, rows[j])
 
 
 def check_scores(scores: list[torch.Tensor], press: str) -> None:
