@@ -7,7 +7,8 @@ configuration, round 1's TPOT / the median of the later rounds, and the same for
 
   none  no warm-up at all
   old   the warm-up before issue 10: 4 tokens of the full cache + the first compressing config
-  new   the runner's warm-up: every planned configuration, WARMUP_TOKENS tokens, longest prompt
+  new   the runner's warm-up (runner.warm_up_plan): the full cache for all the tokens, then every
+        other configuration for WARMUP_TOKENS tokens
 
     python benchmarks/warmup.py --threads 2            # ~3-5 minutes on a 2-core CPU
     python benchmarks/warmup.py --device cuda           # on a GPU
@@ -37,7 +38,7 @@ def configs():
 def child(args) -> None:
     """One scheme in this (fresh) process; prints one JSON line of per-round TPOT/TTFT."""
     from knormctl.engine.loop import run_generation
-    from knormctl.runner import WARMUP_TOKENS
+    from knormctl.runner import warm_up_plan
 
     c.setup(args)
     lm = c.load(args)
@@ -47,8 +48,8 @@ def child(args) -> None:
         for cfg in (cfgs["full cache"], cfgs["knorm 0.9 decode"]):
             run_generation(lm.model, ids, cfg, 4)
     elif args.scheme == "new":
-        for cfg in cfgs.values():
-            run_generation(lm.model, ids, cfg, min(WARMUP_TOKENS, args.new_tokens))
+        for cfg, n in warm_up_plan(list(cfgs.values()), args.new_tokens):
+            run_generation(lm.model, ids, cfg, n)
     out = {name: {"tpot": [], "ttft": [], "first_steps": None} for name in cfgs}
     for r in range(args.repeats):
         for name, cfg in cfgs.items():

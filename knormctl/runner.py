@@ -27,9 +27,18 @@ class Interrupted(KeyboardInterrupt):
     """Raised by the SIGTERM handler so SIGINT and SIGTERM take the same path."""
 
 
-# Warm-up: every planned configuration generates this many tokens (untimed) on the longest
-# prompt before the first timed cell. Why these numbers: docs/notes/engine.md (measured).
+# Warm-up (untimed, before the first timed cell), on the longest prompt: the full cache for
+# the run's whole token count -- the largest cache sizes the run will allocate, so the
+# device's memory pool holds them -- then every other planned configuration for
+# WARMUP_TOKENS tokens (its own kernels: the cut, its decode shapes). Measured in
+# docs/notes/engine.md.
 WARMUP_TOKENS = 16
+
+
+def warm_up_plan(configs: list[PressConfig], new_tokens: int) -> list[tuple[PressConfig, int]]:
+    """(configuration, tokens) of the warm-up generations, in order."""
+    plan = [(pc, new_tokens if pc.is_baseline else min(WARMUP_TOKENS, new_tokens)) for pc in configs]
+    return sorted(plan, key=lambda p: not p[0].is_baseline)  # the full cache first: it sizes the pool
 
 
 @dataclass
@@ -244,16 +253,14 @@ class Runner:
                                  "(the text source or tokenizer changed)")
 
     def warm_up(self) -> None:
-        """Untimed generations first, so no configuration pays for a cold start: EVERY planned
-        configuration, on the longest prompt (the allocator then holds blocks of the largest
-        sizes the run needs), for ``WARMUP_TOKENS`` tokens (its cut and its decode-step shapes
-        have run before it is timed). Measured in docs/notes/engine.md."""
+        """Untimed generations first, so no configuration pays for a cold start (see
+        ``warm_up_plan``): every planned configuration runs before any is timed."""
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
         longest = max(self.samples, key=lambda s: len(s.prompt_ids))
-        for pc in planned:
-            run_generation(self.loaded.model, longest.prompt_ids, pc, min(WARMUP_TOKENS, self.new_tokens))
+        for pc, n in warm_up_plan(planned, self.new_tokens):
+            run_generation(self.loaded.model, longest.prompt_ids, pc, n)
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
@@ -294,7 +301,9 @@ class Runner:
         for n, cell in enumerate(self.cells):
             i, pc, r = cell.sample_index, cell.config, cell.repeat
             sample = self.samples[i]
-            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}" + (f" round {r + 1}/{cfg.repeats}" if cfg.repeats > 1 else "")
+            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
+            if cfg.repeats > 1:
+                desc += f" round {r + 1}/{cfg.repeats}"
             if (i, pc.key, r) in done_before:
                 out.skipped_existing += 1
                 self.on_cell(n + 1, len(self.cells), desc + " (kept)")

@@ -47,8 +47,9 @@ def test_warm_up_runs_every_planned_configuration_on_the_longest_prompt(tiny_lla
     assert res.exit_code == 0, res.output
     keys = {"none", "knorm|kr=0.9|pa=8|skip=0|decode", "knorm|kr=0.5|pa=8|skip=0|decode"}
     warm, timed = calls[:3], calls[3:]
-    assert {k for _, k, _ in warm} == keys
-    assert all(length == 72 and n == WARMUP_TOKENS for length, _, n in warm)  # the longest prompt
+    assert {k for _, k, _ in warm} == keys and warm[0][1] == "none"
+    assert all(length == 72 for length, _, _ in warm)  # the longest prompt
+    assert [n for _, _, n in warm] == [20, WARMUP_TOKENS, WARMUP_TOKENS]  # the full cache for all 20 tokens
     assert len(timed) == 2 * 3 and all(n == 20 for _, _, n in timed)
 
 

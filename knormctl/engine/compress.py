@@ -134,8 +134,10 @@ class Compressor:
         On CUDA: the peak this sample already reached (``max_memory_allocated``, which the
         memory probe resets per sample) minus what is allocated now -- allocator counters,
         no device sync. Half goes to a stacked group, half to a chunk of the selection
-        (they never overlap). On CPU there are no launches to save and the selection's
-        temporaries are small next to the prefill's: unbounded, without stacking.
+        (they never overlap). Outside the budget, because they cannot be made smaller:
+        the scores (4 bytes per entry and head, under 1% of the cache) and one layer's
+        kept entries during its gather. On CPU there are no launches to save and the
+        selection's temporaries are small next to the prefill's: unbounded, no stacking.
         """
         if self.budget_bytes is not None:
             return self.budget_bytes
