@@ -3,7 +3,10 @@
 Each warm-up scheme runs in a FRESH process (a cold start is the thing measured), then
 measures every configuration in R interleaved rounds (A B C D, A B C D, ...) on the same
 prompt. Steady state means round 1 looks like rounds 2..R: the table gives, per
-configuration, round 1's TPOT / the median of the later rounds, and the same for TTFT.
+configuration, round 1's TPOT / the median of the later rounds, the same for TTFT, and
+for the process CPU time of the whole generation. CPU time counts the work done, not the
+waiting for a core: on a shared machine it shows a cold start that wall-clock times bury
+in noise (use --threads 1 there, so idle OpenMP threads spinning do not count as work).
 
   none  no warm-up at all
   old   the warm-up before issue 10: 4 tokens of the full cache + the first compressing config
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import _common as c
 
@@ -50,10 +54,12 @@ def child(args) -> None:
     elif args.scheme == "new":
         for cfg, n in warm_up_plan(list(cfgs.values()), args.new_tokens):
             run_generation(lm.model, ids, cfg, n)
-    out = {name: {"tpot": [], "ttft": [], "first_steps": None} for name in cfgs}
+    out = {name: {"tpot": [], "ttft": [], "cpu": [], "first_steps": None} for name in cfgs}
     for r in range(args.repeats):
         for name, cfg in cfgs.items():
+            cpu0 = time.process_time()
             res = run_generation(lm.model, ids, cfg, args.new_tokens)
+            out[name]["cpu"].append(time.process_time() - cpu0)
             out[name]["tpot"].append(c.median(res.step_latencies_s))
             out[name]["ttft"].append(res.ttft_s)
             if r == 0:
@@ -85,16 +91,17 @@ def main() -> None:
     rows = []
     for scheme, res in results.items():
         for name, v in res.items():
-            later_tpot, later_ttft = c.median(v["tpot"][1:]), c.median(v["ttft"][1:])
-            first = v["first_steps"]
-            rows.append([scheme, name, c.ms(v["tpot"][0]), c.ms(later_tpot), c.num(c.ratio(v["tpot"][0], later_tpot)),
-                         c.ms(v["ttft"][0], 0), c.ms(later_ttft, 0), c.num(c.ratio(v["ttft"][0], later_ttft)),
-                         c.ms(first[0]) if first else "-", c.ms(c.median(first[-8:])) if first else "-"])
+            later = {k: c.median(v[k][1:]) for k in ("tpot", "ttft", "cpu")}
+            rows.append([scheme, name, c.ms(v["tpot"][0]), c.num(c.ratio(v["tpot"][0], later["tpot"])),
+                         c.ms(v["ttft"][0], 0), c.num(c.ratio(v["ttft"][0], later["ttft"])),
+                         c.ms(v["cpu"][0], 0), c.ms(later["cpu"], 0), c.num(c.ratio(v["cpu"][0], later["cpu"])),
+                         " ".join(f"{x / later['cpu']:.2f}" for x in v["cpu"][1:])])
     c.table("round 1 vs rounds 2..R (medians); configurations run in the order listed",
-            ["warm-up", "configuration", "TPOT r1 ms", "TPOT later ms", "r1/later", "TTFT r1 ms", "TTFT later ms",
-             "r1/later", "r1 step 1 ms", "r1 last 8 steps ms"], rows,
-            notes=["TPOT here = median step of a generation; 'later' = median over rounds 2..R",
-                   "r1/later near 1.00 for every configuration = the warm-up reached steady state"])
+            ["warm-up", "configuration", "TPOT r1 ms", "r1/later", "TTFT r1 ms", "r1/later", "CPU r1 ms",
+             "CPU later ms", "CPU r1/later", "CPU rounds 2..R / later"], rows,
+            notes=["TPOT = median step of a generation; TTFT and CPU time (process, whole generation): 'later' ="
+                   " median over rounds 2..R", "r1/later near 1.00 for every configuration = steady state; the last"
+                   " column shows how much the later rounds themselves vary"])
 
 
 def argparse_hidden():
