@@ -111,13 +111,17 @@ class TimedCompressor:
     events = property(lambda self: self.inner.events)
     seconds = property(lambda self: self.inner.seconds)
 
+    def close(self) -> None:
+        getattr(self.inner, "close", lambda: None)()
+
 
 def use_compressor(kind):
     """Point the engine loop at ``kind`` (Compressor or OriginalCompressor), timed."""
     import knormctl.engine.loop as loop
 
-    def factory(cfg, num_layers, sync=None):
-        return TimedCompressor(kind(cfg, num_layers, sync=sync), sync or (lambda: None))
+    def factory(cfg, num_layers, sync=None, **kwargs):  # kwargs (model=, seed=): the engine's Compressor only
+        inner = kind(cfg, num_layers, sync=sync, **(kwargs if kind is not OriginalCompressor else {}))
+        return TimedCompressor(inner, sync or (lambda: None))
 
     loop.Compressor = factory
 
@@ -158,13 +162,14 @@ def same_entries(cache_a, cache_b, tol: float = 1e-4) -> tuple[bool, float, str]
 
 
 def prefill_cache(lm, ids) -> DynamicCache:
+    from knormctl.engine.kvcache import cache_kwargs, new_cache
     from knormctl.engine.loop import forward_kwargs
 
-    cache = DynamicCache(config=lm.model.config)
+    cache = new_cache(lm.model)
     pos = torch.arange(len(ids), device=lm.model.device).unsqueeze(0)
     with torch.inference_mode():
-        lm.model(input_ids=torch.tensor([ids], device=lm.model.device), position_ids=pos, cache=cache,
-                 use_cache=True, **forward_kwargs(lm.model))
+        lm.model(input_ids=torch.tensor([ids], device=lm.model.device), position_ids=pos,
+                 **cache_kwargs(lm.model, cache), **forward_kwargs(lm.model))
     return cache
 
 

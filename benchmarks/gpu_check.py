@@ -1,16 +1,22 @@
-"""One short GPU check of issue 6's targets, for a borrowed CUDA machine (< 4 minutes on an H200).
+"""One short GPU check of issue 6's and issue 10's targets, for a borrowed CUDA machine.
 
-The machine has no internet and no smollm2 weights: the model is built from its
-config.json with RANDOM weights (timing and memory do not depend on weight values;
-tokens and quality mean nothing). Per dtype (float32, bfloat16):
+The machine has no internet and no smollm2 weights: the models are built from configs
+with RANDOM weights (timing and memory do not depend on weight values; tokens and
+quality mean nothing). Parts (a)-(d), per dtype (float32, bfloat16), on --model-dir's
+config (< 4 minutes on an H200):
   (a) engine no-press TPOT / model.generate() TPOT          target <= 1.05
   (b) knorm keep_ratio 1.0 (prune_after 0) / no press      target <= 1.02
   (c) one compression event vs the clone() floor at 1024 and 4096 entries per layer
   (d) prefill mode keep_ratio 0.5 at a 4096-token prompt: TPOT and KV bytes vs the full
       cache (targets <= 0.75 and 0.50), torch.cuda.max_memory_allocated of both.
+Part (e), needing no files (~1-2 minutes on an H100): the Llama-3.1-8B shape (32 layers,
+8 KV heads, head_dim 128; random bf16 weights from a LlamaConfig) at a 32k-token prompt,
+prefill keep 0.5: max_memory_allocated of the full cache vs knorm vs streaming, target
+"compression never raises the peak" (issue 10).
 
-    python benchmarks/gpu_check.py --model-dir DIR --text FILE      # DIR: config.json (+ tokenizer files)
-    python benchmarks/gpu_check.py --model-dir DIR --device cpu --quick   # dry run anywhere
+    python benchmarks/gpu_check.py --parts e                            # the 8B-shape memory check
+    python benchmarks/gpu_check.py --model-dir DIR --text FILE          # all parts; DIR: config.json (+ tokenizer)
+    python benchmarks/gpu_check.py --model-dir DIR --device cpu --quick # dry run anywhere (e: a tiny shape)
 Prepare DIR from a machine that has the model: copy config.json, tokenizer.json and
 tokenizer_config.json of knormctl's smollm2-135m folder (a few MB; not the weights).
 """
@@ -107,12 +113,66 @@ def pays(lm, ids, n, repeats):
     return tpot, peak, kv
 
 
+LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rope_theta=500000.0)  # Llama-3.1-8B's config.json (rope scaling left out: timing only)
+TINY_SHAPE = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192)
+
+
+def peak_memory_8b(args, repeats: int) -> list[list[str]]:
+    """(e): max_memory_allocated per configuration (the worst of its rounds), full cache first."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from knormctl.config import PressConfig
+    from knormctl.engine.loop import run_generation
+
+    shape, prompt, n = (TINY_SHAPE, 1024, 4) if args.quick else (LLAMA_8B_SHAPE, 32768, 8)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    with torch.device(args.device):  # initialise on the device: seconds, not a CPU init + copy
+        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=dtype).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(args.seed))
+    cfgs = {"full cache": PressConfig().validate(),
+            "knorm 0.5": PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(),
+                                     mode="prefill").validate(),
+            "streaming 0.5": PressConfig(press="streaming", keep_ratio=0.5, prune_after=0, skip_layers=(),
+                                         mode="prefill").validate()}
+    c.log(f"(e) {shape['num_hidden_layers']} layers, {prompt}-token prompt, weights {weights / 2**30:.2f} GiB")
+    res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
+                        repeats)
+    peak = {k: max(r.memory.bytes or 0 for r in v) for k, v in res.items()}
+    kind = res["full cache"][0].memory.kind
+    rows = []
+    for k, v in res.items():
+        over = peak[k] - peak["full cache"]
+        rows.append([k, c.mib(peak[k]), c.mib(over) if k != "full cache" else "-",
+                     c.mib(v[-1].kv_bytes_final), c.ms(c.median([r.tpot_s for r in v]), 2),
+                     "-" if k == "full cache" else ("meets" if over <= 0 else "MISSES")])
+    c.table(f"(e) peak memory, Llama-3.1-8B shape{' (--quick: a tiny shape)' if args.quick else ''}, "
+            f"random bf16, {prompt}-token prompt, prefill keep 0.5, {n} new tokens",
+            ["configuration", f"peak MiB ({kind})", "above full MiB", "KV final MiB", "TPOT ms",
+             "never raises the peak"], rows,
+            notes=[f"weights {c.mib(weights)} MiB; peak = the highest of {repeats} interleaved round(s)",
+                   "CPU peaks are the whole process's RSS high-water mark: indicative only"
+                   if args.device == "cpu" else "torch.cuda.max_memory_allocated, reset per sample by the engine"])
+    del model
+    return [["bf16", f"(e) {k} peak - full cache peak (MiB)", r[2], r[5]] for k, r in zip(res, rows)
+            if k != "full cache"]
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0], repeats=3)
     p.set_defaults(device="cuda")
-    p.add_argument("--model-dir", type=Path, required=True, help="folder with config.json (+ tokenizer files)")
+    p.add_argument("--model-dir", type=Path, help="folder with config.json (+ tokenizer files); parts a-d")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--parts", default=None, help="which parts: abcd and/or e (default: all with --model-dir, else e)")
     args = p.parse_args()
+    parts = args.parts or ("abcde" if args.model_dir else "e")
+    if set(parts) & set("abcd") and args.model_dir is None:
+        raise SystemExit("parts a-d need --model-dir (a folder with the model's config.json)")
     args.text = None if args.text == c.DEFAULT_TEXT else args.text.removeprefix("text:")  # a plain file here
     short, long_, n, sizes, events = 512, 4096, 128, [1024, 4096], 50
     if args.quick:
@@ -127,6 +187,19 @@ def main() -> None:
     import compression_cost  # noqa: E402 -- part (c) is compression_cost's part A, on random tensors
 
     t_start = time.perf_counter()
+    summary = []
+    if "e" in parts:
+        c.header("GPU check (e): peak memory at the Llama-3.1-8B shape (random weights)", args, {
+            "weights": "RANDOM (built from a LlamaConfig): timing and memory only, tokens mean nothing",
+            "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
+        summary += peak_memory_8b(args, args.repeats)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if not set(parts) & set("abcd"):
+        c.table("summary", ["dtype", "check", "value", "target"], summary,
+                notes=[f"total wall time {time.perf_counter() - t_start:.0f} s"])
+        return
     ids_short, src = prompt_ids(args, long_)
     ids_long, ids_short = ids_short, ids_short[:short]
     dtypes = args.dtypes.split(",")
@@ -137,7 +210,6 @@ def main() -> None:
         "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
     sync = c.sync_for(args.device)
 
-    summary = []
     for dtype in dtypes:
         lm = build_model(args.model_dir, dtype, args.device)
         c.log(f"[{dtype}] (a)+(b)")

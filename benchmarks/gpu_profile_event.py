@@ -3,8 +3,10 @@
     python benchmarks/gpu_profile_event.py      # from the repository root, on a CUDA machine
 
 30 layers x 3 KV heads x 64 dims (SmolLM2-135M's cache shape), random float32 tensors,
-layer 0 skipped, keep_ratio 0.9; the per-layer cut and the stacked cut (the CUDA default)
-against a clone() of the same layers (the floor), 20 events each after 5 warm-ups.
+layer 0 skipped, keep_ratio 0.9; the strictly layer-by-layer cut (budget 0: no stacked
+scoring, one selection per layer) and the CUDA default (stacked scoring groups and
+selection chunks sized from the memory headroom) against a clone() of the same layers
+(the floor), 20 events each after 5 warm-ups.
 """
 
 import sys
@@ -46,7 +48,7 @@ for seq in (1024, 4096):
     base = timed(floor, [fresh(seq) for _ in range(20)])
     for stacked in (False, True):
         comp = Compressor(PressConfig(press="knorm", keep_ratio=0.9, prune_after=512, skip_layers=(0,)), LAYERS,
-                          stack_layers=stacked)
+                          budget_bytes=None if stacked else 0)
         cut = lambda c: comp.after_forward(c, prefill=True)  # noqa: E731
         timed(cut, [fresh(seq) for _ in range(5)])
         per = timed(cut, [fresh(seq) for _ in range(20)])
@@ -56,6 +58,6 @@ for seq in (1024, 4096):
             cut(cache)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         gpu_us = sum(e.device_time for e in kernels)
-        print(f"{seq} entries/layer, {'stacked  ' if stacked else 'per-layer'}: event {per * 1e3:.3f} ms, "
+        print(f"{seq} entries/layer, {'default  ' if stacked else 'budget 0 '}: event {per * 1e3:.3f} ms, "
               f"clone floor {base * 1e3:.3f} ms, ratio {per / base:.2f}, {len(kernels)} CUDA kernels, "
               f"GPU busy {gpu_us / 1e3:.3f} ms")

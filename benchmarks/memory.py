@@ -39,10 +39,9 @@ def main() -> None:
     c.setup(args)
 
     import torch
-    from transformers import DynamicCache
-
     from knormctl.config import PressConfig
     from knormctl.engine.compress import kv_size
+    from knormctl.engine.kvcache import cache_kwargs, new_cache
     from knormctl.engine.loop import forward_kwargs, run_generation
 
     if c.proc_status_bytes("VmRSS") is None or not c.reset_rss_peak():
@@ -66,9 +65,9 @@ def main() -> None:
         gc.collect()
         before = c.proc_status_bytes("VmRSS")
         c.reset_rss_peak()
-        cache = DynamicCache(config=lm.model.config)
-        lm.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids)).unsqueeze(0), cache=cache,
-                 use_cache=True, **forward_kwargs(lm.model))
+        cache = new_cache(lm.model)
+        lm.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids)).unsqueeze(0),
+                 **cache_kwargs(lm.model, cache), **forward_kwargs(lm.model))
         prefill_kv = kv_size(cache)[1]
         activations = max(0, c.proc_status_bytes("VmHWM") - before - prefill_kv)
         del cache

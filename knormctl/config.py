@@ -331,6 +331,7 @@ class RunConfig:
     keep_recent: int = 0
     n_sink: int = 4
     warmup: bool = True
+    repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
@@ -359,6 +360,8 @@ class RunConfig:
             raise unknown_choice("--dtype", "dtype", self.dtype, DTYPES)
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.task not in TASKS:

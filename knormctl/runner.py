@@ -1,9 +1,11 @@
 """Runs a baseline or sweep: the glue between the engine (a library) and the store.
 
-Order of work: validate input, load the model, cut the samples -- all before a run
-row exists, so bad input leaves nothing behind. Then a warm-up, then for each
-sample every configuration, the order rotating from sample to sample so that drift
-and a cold start cannot favour one configuration. One commit per finished cell.
+Order of work: validate input, load the model, check that the engine can handle it
+(family, transformers' cache), cut the samples -- all before a run row exists, so bad
+input leaves nothing behind. Then a warm-up of every planned configuration, then for
+each round (``--repeats``) and sample every configuration, the order rotating from
+sample to sample and round to round so that drift and a cold start cannot favour one
+configuration. One commit per finished cell.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ class Interrupted(KeyboardInterrupt):
     """Raised by the SIGTERM handler so SIGINT and SIGTERM take the same path."""
 
 
+# Warm-up (untimed, before the first timed cell), on the longest prompt: the full cache for
+# the run's whole token count -- the largest cache sizes the run will allocate, so the
+# device's memory pool holds them -- then every other planned configuration for
+# WARMUP_TOKENS tokens (its own kernels: the cut, its decode shapes). Measured in
+# docs/notes/engine.md.
+WARMUP_TOKENS = 16
+
+
+def warm_up_plan(configs: list[PressConfig], new_tokens: int) -> list[tuple[PressConfig, int]]:
+    """(configuration, tokens) of the warm-up generations, in order."""
+    plan = [(pc, new_tokens if pc.is_baseline else min(WARMUP_TOKENS, new_tokens)) for pc in configs]
+    return sorted(plan, key=lambda p: not p[0].is_baseline)  # the full cache first: it sizes the pool
+
+
 @dataclass
 class Cell:
     sample_index: int
@@ -46,18 +62,19 @@ class Outcome:
 
 def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None = None,
                repeats: int = 1) -> list[Cell]:
-    """This shard's cells: for each of its samples, every configuration ``repeats`` times.
+    """This shard's cells: every configuration of each of its samples, round after round.
 
     A shard holds whole samples (shard I of N: samples I-1, I-1+N, ...), so a prompt's
     compressed runs and its full-cache reference are measured on the same machine, in the
-    same process, and pair. The order of configurations rotates with the sample (and the
-    repeat), exactly as without shards, so drift and a cold start cannot favour one.
+    same process, and pair. Rounds (``repeats``) are outermost, so two rounds of a cell are
+    far apart in time: a drift or a cold start shows up as rounds that disagree. The order of
+    configurations rotates with the sample and the round, so no configuration keeps a slot.
     """
     k, total = parse_shard(shard) if shard else (1, 1)
     n = len(configs)
     cells = []
-    for i in range(k - 1, n_samples, total):
-        for r in range(repeats):
+    for r in range(repeats):
+        for i in range(k - 1, n_samples, total):
             cells.extend(Cell(i, configs[(i + r + j) % n], r) for j in range(n))
     return cells
 
@@ -130,10 +147,11 @@ def passkey_samples(cfg: RunConfig, loaded, progress: Callable[[str], None]) -> 
     return samples
 
 
-def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None) -> dict:
+def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None,
+                  repeat: int = 0) -> dict:
     """The store row for one cell (``res`` is a GenerationResult, or None when it failed)."""
     row = dict(
-        task="lm", dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
+        task="lm", repeat=repeat, dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
         char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
         config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
         skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
@@ -196,6 +214,7 @@ class Runner:
         import torch
 
         from knormctl.engine.compress import check_skip_layers
+        from knormctl.engine.kvcache import check_cut_supported, probe_cache
         from knormctl.engine.models import load_model
         from knormctl.engine.presses import check_model_support
         from knormctl.engine.text import validate_source
@@ -216,8 +235,11 @@ class Runner:
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
         check_model_support(self.loaded.model, self.configs)
+        if any(not pc.is_baseline and pc.keep_ratio < 1.0 for pc in self.configs):
+            check_cut_supported(self.loaded.model)  # sliding-window / shared-KV families: one clear line
+        probe_cache(self.loaded.model)  # a transformers version that ignores our cache fails here, not mid-run
         self.samples = load_samples(cfg, self.loaded, self.progress)
-        self.cells = plan_cells(len(self.samples), self.configs, cfg.shard)
+        self.cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
         if not self.cells:
             raise UsageError(f"--shard {cfg.shard} gets no samples: the run has {len(self.samples)} sample(s), "
                              f"so use at most {len(self.samples)} shard(s)")
@@ -245,7 +267,8 @@ class Runner:
             command_line=shlex.join(["knormctl", *sys.argv[1:]]), env=env, group_name=cfg.group,
             shard=cfg.shard, samples_planned=len(self.cells), dtype=lm.dtype, device=lm.device,
             knormctl_version=__version__, git_commit=env.get("git_commit"))
-        self.store.update_run(self.run_id, model_resolved=lm.resolved, model_hash=lm.model_hash)
+        self.store.update_run(self.run_id, model_resolved=lm.resolved, model_hash=lm.model_hash,
+                              attn_implementation=lm.attn_implementation)
         return self.run_id
 
     def _check_resume_samples(self) -> None:
@@ -256,19 +279,22 @@ class Runner:
                                  "(the text source or tokenizer changed)")
 
     def warm_up(self) -> list:
-        """Untimed generations first, so no configuration pays for a cold start. Returns their
-        results (their speed is a first estimate of the run's length)."""
+        """Untimed generations first, so no configuration pays for a cold start (see
+        ``warm_up_plan``): every planned configuration runs before any is timed. Returns their
+        results, full cache first (their speed is a first estimate of the run's length), and
+        sets ``warm_prompt_tokens`` (they run on the longest prompt)."""
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
-        # the full cache, plus one compressing configuration to warm the eviction kernels
-        warm = [pc for pc in planned if pc.is_baseline][:1] + [pc for pc in planned if not pc.is_baseline][:1]
-        return [run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
-                for pc in warm]
+        longest = max(self.samples, key=lambda s: len(s.prompt_ids))
+        self.warm_prompt_tokens = len(longest.prompt_ids)
+        return [run_generation(self.loaded.model, longest.prompt_ids, pc, n)
+                for pc, n in warm_up_plan(planned, self.new_tokens)]
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
-        done_before = self.store.done_cells(run_id) if resume_run_id is not None else set()
+        done_before = ({(s.sample_index, s.config_key, s.repeat) for s in self.store.samples(run_id) if s.error is None}
+                       if resume_run_id is not None else set())
         if resume_run_id is not None:
             self.store.delete_failed_cells(run_id)
         out = Outcome(run_id=run_id, status=m.RUNNING, planned=len(self.cells))
@@ -302,10 +328,12 @@ class Runner:
         for row in self.prior_outputs:  # a resumed run's finished outputs
             outputs.setdefault((row.sample_index, row.repeat), {})[row.config_key] = row.generated_ids_json
         for n, cell in enumerate(self.cells):
-            i, pc, rep = cell.sample_index, cell.config, cell.repeat
+            i, pc, r = cell.sample_index, cell.config, cell.repeat
             sample = self.samples[i]
-            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}" + (f" (repeat {rep})" if rep else "")
-            if (i, pc.key, rep) in done_before:
+            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
+            if cfg.repeats > 1:
+                desc += f" round {r + 1}/{cfg.repeats}"
+            if (i, pc.key, r) in done_before:
                 out.skipped_existing += 1
                 self.on_cell(n + 1, len(self.cells), desc + " (kept)")
                 continue
@@ -314,32 +342,33 @@ class Runner:
                     ppl_ctx[i] = context_perplexity(lm.model, sample.prompt_ids)
                 res = run_generation(lm.model, sample.prompt_ids, pc, self.new_tokens, sampling=cfg.sampling,
                                      temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer)
-                if sample.eval_ids:
-                    res.ppl_compressed, res.eval_tokens = self._quality(sample, pc)
-                row = sample_fields(sample, pc, res, ppl_ctx.get(i))
+                if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only
+                    res.ppl_compressed, res.eval_tokens = self._quality(sample, pc, cfg.seed + i)
+                row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r)
             except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
                 if os.environ.get("KNORMCTL_DEBUG"):
                     traceback.print_exc()
-                row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}")
+                row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}", repeat=r)
                 out.failed += 1
                 res = None
-            self.store.add_sample(self.run_id, sample_index=i, repeat=rep, **row)
+            self.store.add_sample(self.run_id, sample_index=i, **row)
             if res is not None:
                 out.done += 1
-                outs = outputs.setdefault((i, rep), {})
+                outs = outputs.setdefault((i, r), {})
                 outs[pc.key] = res.token_ids
-                self._update_token_match(i, rep, outs, pc.key)
+                self._update_token_match(i, r, outs, pc.key)
             self.on_cell(n + 1, len(self.cells), desc)
 
-    def _quality(self, sample, pc: PressConfig) -> tuple[float | None, int]:
+    def _quality(self, sample, pc: PressConfig, seed: int) -> tuple[float | None, int]:
         """ppl_compressed and how many tokens it scored, by the configured method."""
         from knormctl.engine.quality import compressed_perplexity, stream_perplexity
 
+        model = self.loaded.model
         if self.cfg.ppl_method == "stream":
             chunk = sample.prompt_ids + sample.eval_ids
             skip = self.cfg.prune_after if self.cfg.ppl_skip is None else self.cfg.ppl_skip
-            return stream_perplexity(self.loaded.model, chunk, pc, skip), max(0, len(chunk) - 1 - skip)
-        return compressed_perplexity(self.loaded.model, sample.prompt_ids, sample.eval_ids, pc), len(sample.eval_ids)
+            return stream_perplexity(model, chunk, pc, skip, seed=seed), max(0, len(chunk) - 1 - skip)
+        return compressed_perplexity(model, sample.prompt_ids, sample.eval_ids, pc, seed=seed), len(sample.eval_ids)
 
     def _update_token_match(self, i: int, repeat: int, outs: dict[str, list[int]], new_key: str) -> None:
         """Compare with the full-cache output of the same sample and repeat, whichever finished first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaC
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, n_keep_for
+from knormctl.engine.kvcache import cache_kwargs
 from knormctl.engine.loop import run_generation
 from knormctl.engine.quality import compressed_perplexity, context_perplexity
 from knormctl.errors import UsageError
@@ -47,7 +49,7 @@ def _prompt(n=60, seed=1):
 def _prefill(model, ids):
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).unsqueeze(0), cache=cache, use_cache=True)
+        out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).unsqueeze(0), **cache_kwargs(model, cache))
     return cache, out
 
 
@@ -158,7 +160,7 @@ def test_decode_mode_lengths_follow_the_rule(model):
         res_lengths.append(expected)
         tok = out.logits[:, -1:].argmax(-1)
         with torch.inference_mode():
-            out = model(input_ids=tok, position_ids=torch.tensor([[pos]]), cache=cache, use_cache=True)
+            out = model(input_ids=tok, position_ids=torch.tensor([[pos]]), **cache_kwargs(model, cache))
         pos += 1
         expected += 1
     assert max(res_lengths) <= 24 and min(res_lengths) >= 17  # oscillates just under the budget
@@ -195,7 +197,7 @@ def test_logits_after_pruning_equal_model_fed_only_kept_tokens(make):
     kept = torch.tensor(_brute_force_lowest(norms, 20))
     nxt = torch.tensor([[5]])
     with torch.inference_mode():
-        pruned = m(input_ids=nxt, position_ids=torch.tensor([[40]]), cache=cache, use_cache=True).logits[0, -1]
+        pruned = m(input_ids=nxt, position_ids=torch.tensor([[40]]), **cache_kwargs(m, cache)).logits[0, -1]
         ref_ids = torch.cat([ids[0, kept], nxt[0]]).unsqueeze(0)
         ref_pos = torch.cat([kept, torch.tensor([40])]).unsqueeze(0)
         ref = m(input_ids=ref_ids, position_ids=ref_pos).logits[0, -1]
@@ -222,8 +224,8 @@ def test_multilayer_pruned_logits_equal_hand_built_cache(model):
     Compressor(cfg, model.config.num_hidden_layers).after_forward(cache, prefill=True)
     nxt, pos = torch.tensor([[7]]), torch.tensor([[48]])
     with torch.inference_mode():
-        a = model(input_ids=nxt, position_ids=pos, cache=cache, use_cache=True).logits
-        b = model(input_ids=nxt, position_ids=pos, cache=ref_cache, use_cache=True).logits
+        a = model(input_ids=nxt, position_ids=pos, **cache_kwargs(model, cache)).logits
+        b = model(input_ids=nxt, position_ids=pos, **cache_kwargs(model, ref_cache)).logits
     torch.testing.assert_close(a, b)
 
 
@@ -303,18 +305,184 @@ def test_stream_perplexity_full_cache_equals_one_forward(model):
     assert stream_perplexity(model, ids[:5], PressConfig(), skip_first=10) is None
 
 
-@pytest.mark.parametrize("press", ["knorm", "knorm-inverse", "streaming"])
-def test_stacked_cut_used_on_gpus_keeps_exactly_the_same_entries(model, press):
-    """The CUDA path (all layers stacked, ~20 kernels) must keep what the per-layer path keeps."""
-    ids = _prompt(50)
-    a, _ = _prefill(model, ids)
-    b = _clone_cache(model, a)
+# --- the cut: groups, memory, seeds, NaN -------------------------------------------------------
+
+def _owns_compact_storage(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("press", ["knorm", "knorm-inverse", "streaming", "random"])
+def test_bounded_cut_keeps_the_per_layer_entries_and_every_layer_owns_its_tensors(press):
+    """The cut used on GPUs (scoring stacked in groups and selection in chunks, both sized by a
+    memory budget) keeps exactly what the unbounded CPU cut and the layer-by-layer cut keep,
+    and after it every layer holds its own compact tensors: no view of a shared stack keeps a
+    copy of the cache alive."""
+    m = _llama(layers=6)
+    a, _ = _prefill(m, _prompt(50))
+    caches = [a] + [_clone_cache(m, a) for _ in range(3)]
     cfg = PressConfig(press=press, keep_ratio=0.6, prune_after=10, skip_layers=(0,), mode="prefill")
-    n = model.config.num_hidden_layers
-    Compressor(cfg, n, stack_layers=False).after_forward(a, prefill=True)
-    Compressor(cfg, n, stack_layers=True).after_forward(b, prefill=True)
-    for la, lb in zip(a.layers, b.layers):
-        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
-    with torch.inference_mode():  # and the model decodes on from the stacked layers' views
-        out = model(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[50]]), cache=b, use_cache=True)
+    layer_bytes = 2 * a.layers[1].keys.numel() * a.layers[1].keys.element_size()
+    budgets = [None, 0, 2 * 2 * layer_bytes, 100 * layer_bytes]  # CPU default, layer by layer, pairs, all at once
+    for budget, cache in zip(budgets, caches):
+        assert Compressor(cfg, 6, budget_bytes=budget, seed=5).after_forward(cache, prefill=True)
+    for other in caches[1:]:
+        for la, lb in zip(a.layers, other.layers):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    for cache in caches:
+        cut = cache.layers[1:]
+        assert all(layer.keys.shape[-2] == 30 for layer in cut)
+        assert all(_owns_compact_storage(layer.keys) and _owns_compact_storage(layer.values) for layer in cut)
+        ptrs = [t.untyped_storage().data_ptr() for layer in cut for t in (layer.keys, layer.values)]
+        assert len(set(ptrs)) == len(ptrs), "two layers share one storage"
+    with torch.inference_mode():  # and the model decodes on from the bounded cut
+        out = m(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[50]]), **cache_kwargs(m, caches[2]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_the_budget_bounds_the_stacked_groups_and_selection_chunks(monkeypatch):
+    """Spy on the stacks and the selections: their sizes follow the budget."""
+    from knormctl.engine import compress
+
+    stacked, selected = [], []
+    real_stack, real_keep = torch.stack, compress.keep_indices
+    monkeypatch.setattr(compress.torch, "stack",
+                        lambda ts, *a, **k: (stacked.append((len(ts), ts[0].dim())), real_stack(ts, *a, **k))[1])
+    monkeypatch.setattr(compress, "keep_indices", lambda s, *a: (selected.append(s.shape[0]), real_keep(s, *a))[1])
+    g = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    for i in range(5):
+        cache.update(torch.randn(1, 2, 100, 8, generator=g), torch.randn(1, 2, 100, 8, generator=g), i)
+    layer_bytes = 2 * 1 * 2 * 100 * 8 * 4
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill")
+    # half the budget for stacking: 2 layers per group (3 groups for 5 layers); half for selection
+    budget = 2 * 2 * layer_bytes
+    Compressor(cfg, 5, budget_bytes=budget).after_forward(cache, prefill=True)
+    kv_stacks = [n for n, dim in stacked if dim == 4]  # stacks of (b, h, s, d) layers
+    assert kv_stacks == [2, 2, 2, 2, 1, 1]  # keys and values of each group
+    assert 2 * 100 * compress.SELECT_BYTES_PER_ENTRY == budget // 4  # a layer's selection: a quarter of it
+    assert selected == [2, 2, 1]
+    selected.clear()
+    Compressor(cfg, 5).after_forward(cache, prefill=True)  # CPU default: one selection over all layers
+    assert selected == [5]
+
+
+def test_nan_scores_are_refused_before_anything_is_cut(model, monkeypatch):
+    from knormctl.engine.presses.simple import KnormPress
+
+    cache, _ = _prefill(model, _prompt(30))
+    before = [layer.keys.clone() for layer in cache.layers]
+
+    def nan_score(self, keys, values, layer_idx=None):
+        s = -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+        s[..., 3] = float("nan")
+        return s
+
+    monkeypatch.setattr(KnormPress, "score", nan_score)
+    comp = Compressor(PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
+                      model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="press 'knorm' gave NaN scores"):
+        comp.after_forward(cache, prefill=True)
+    assert all(torch.equal(b, layer.keys) for b, layer in zip(before, cache.layers)), "nothing was cut"
+
+
+def test_infinite_scores_keep_exact_counts_per_head():
+    """+-inf are legal scores (streaming's sinks, keep_recent): each head still keeps n_keep."""
+    from knormctl.engine.compress import keep_indices
+
+    inf = float("inf")
+    scores = torch.tensor([[[inf, inf, inf, 1.0, 2.0, -inf], [-inf, -inf, -inf, -inf, 0.0, inf]]])
+    kept = keep_indices(scores, 3)
+    assert kept.tolist() == [[[0, 1, 2], [3, 4, 5]]]  # ties: the most recent of the tied -inf survives
+
+
+def test_no_cut_after_the_last_token(model):
+    """The cut after the last forward would be read by no token: not done, not counted."""
+    n = model.config.num_hidden_layers
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=2, skip_layers=(), mode="decode")
+    res = run_generation(model, _prompt(20), cfg, 5)
+    # forwards: prefill + 4 steps; cuts after the first 4 only: 20 -> 10, 11 -> 6, 7 -> 4, 5 -> 3, then 4 (not 2)
+    assert res.compress_events == 4
+    assert res.kv_entries_final == n * 4
+    one = run_generation(model, _prompt(20), dataclasses.replace(cfg, mode="prefill"), 1)
+    assert one.compress_events == 0 and one.compress_time_s == 0.0 and one.kv_entries_final == n * 20
+
+
+def test_random_press_draws_per_sample_and_configuration(model):
+    """Not the same subset for every prompt: the seed is hashed with the sample's seed and the
+    configuration; the same (sample, configuration) draws the same subset again."""
+    from knormctl.engine.compress import press_seed
+
+    cache, _ = _prefill(model, _prompt(40))
+    a = PressConfig(press="random", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill", seed=7)
+    b = dataclasses.replace(a, keep_ratio=0.6)
+    seeds = {press_seed(a, 0), press_seed(a, 1), press_seed(b, 0), press_seed(dataclasses.replace(a, seed=8), 0)}
+    assert len(seeds) == 4 and press_seed(a, 0) == press_seed(a, 0)
+
+    def kept(cfg, sample_seed):
+        c = _clone_cache(model, cache)
+        Compressor(cfg, model.config.num_hidden_layers, seed=sample_seed).after_forward(c, prefill=True)
+        return [layer.values.clone() for layer in c.layers]
+
+    same = kept(a, 3), kept(a, 3)
+    assert all(torch.equal(x, y) for x, y in zip(*same))
+    assert not all(torch.equal(x, y) for x, y in zip(kept(a, 3), kept(a, 4)))
+
+
+# --- transformers' cache: the name it reads, and the check after every forward ------------------
+
+def test_the_transformers_under_test_is_the_one_ci_asked_for(model):
+    """scripts/test.sh runs this file on both ends of the supported range and says which one it
+    expects (KNORMCTL_EXPECT_TRANSFORMERS): a compat run that silently used the newest
+    transformers would not test the lowest. Each end reads the cache under its own name."""
+    import os
+
+    import transformers
+
+    from knormctl.engine.kvcache import cache_kwarg
+
+    expected = os.environ.get("KNORMCTL_EXPECT_TRANSFORMERS")
+    if expected is not None:  # the compat run pins its version
+        assert transformers.__version__ == expected
+    # The name by version (an oracle independent of the signature inspection cache_kwarg does):
+    # the lowest supported end reads past_key_values, the newest (>= 5.24) reads cache.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    assert (major, minor) == (5, 2) or (major, minor) >= (5, 24), transformers.__version__
+    assert cache_kwarg(model) == ("past_key_values" if (major, minor) == (5, 2) else "cache")
+
+
+def test_a_cache_the_model_ignores_is_a_clear_error(model, monkeypatch):
+    """A forward that does not read the cache (an unknown name is swallowed by **kwargs, as
+    `cache=` is by transformers < 5.24) must fail loudly, naming the transformers version."""
+    import transformers
+
+    from knormctl.engine import kvcache
+    from knormctl.engine.kvcache import CacheMismatchError, probe_cache
+
+    monkeypatch.setattr(kvcache, "cache_kwarg", lambda m: "kv_cache_not_read")
+    for cfg in (PressConfig(), PressConfig(press="knorm", keep_ratio=0.5, prune_after=4)):
+        with pytest.raises(CacheMismatchError, match=f"transformers {transformers.__version__}"):
+            run_generation(model, _prompt(12), cfg, 3)
+    with pytest.raises(CacheMismatchError, match="holds 0 entries where 3 were expected"):
+        probe_cache(model)
+    with pytest.raises(CacheMismatchError):
+        context_perplexity(model, _prompt(12))
+
+
+def test_ledger_follows_prefill_steps_and_cuts(model):
+    from knormctl.engine.kvcache import CacheLedger, CacheMismatchError, new_cache
+
+    cache = new_cache(model)
+    ledger = CacheLedger(model, cache)
+    kw = cache_kwargs(model, cache)
+    with torch.inference_mode():
+        model(input_ids=_prompt(10), position_ids=torch.arange(10).unsqueeze(0), **kw)
+        ledger.grew(10)
+        Compressor(PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(0,), mode="prefill"),
+                   model.config.num_hidden_layers).after_forward(cache, prefill=True)
+        model(input_ids=_prompt(1), position_ids=torch.tensor([[10]]), **kw)
+        with pytest.raises(CacheMismatchError, match="layer 1 of the KV cache holds 6 entries where 11"):
+            ledger.grew(1)  # the cut was not reported: the ledger notices
+        ledger.rebase()
+        model(input_ids=_prompt(1), position_ids=torch.tensor([[11]]), **kw)
+        ledger.grew(1)
+        assert ledger.held == [12] + [7] * (model.config.num_hidden_layers - 1)

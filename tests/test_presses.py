@@ -328,11 +328,11 @@ def test_stacked_cut_keeps_exactly_what_the_per_layer_cut_keeps(model, spec):
     the same entries that way (random excepted: one draw for all layers is another draw)."""
     ids = _ids(50)
     caches = []
-    for stack in (False, True):
+    for budget in (0, 1 << 40):  # 0: layer by layer; unbounded: all layers scored as one stacked tensor
         cache = DynamicCache(config=model.config)
         _forward(model, ids, cache, 0)
-        comp = Compressor(_cfg(spec, keep_ratio=0.6, skip=(0,)), model.config.num_hidden_layers, stack_layers=stack,
-                          model=model)
+        comp = Compressor(_cfg(spec, keep_ratio=0.6, skip=(0,)), model.config.num_hidden_layers,
+                          budget_bytes=budget, model=model)
         with torch.inference_mode():
             comp.after_forward(cache, prefill=True)
         caches.append(cache)

@@ -117,6 +117,9 @@ TempOpt = Annotated[float, _opt("--temperature", panel=MEASURE, metavar="T",
                                 help="Sampling temperature (with --sample).")]
 NoWarmupOpt = Annotated[bool, _opt("--warmup/--no-warmup", panel=MEASURE, metavar=FLAG,
                                    help="Untimed generations before the timed ones.")]
+RepeatsOpt = Annotated[int, _opt("--repeats", panel=MEASURE, metavar="R",
+                                 help="Measure every (sample x configuration) cell R rounds; the report "
+                                      "compares the rounds.")]
 
 # --- data ------------------------------------------------------------------------------
 NumWikiOpt = Annotated[int, _opt("--num-wikitext-samples", panel=DATA, metavar="N",

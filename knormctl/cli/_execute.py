@@ -92,7 +92,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     def warmed_up(results: list) -> None:
         guess = None
         if not stored and resume is None:  # a resumed run's remaining cells: the live ETA says it
-            guess = estimate.from_warmup(results, len(runner.samples[0].prompt_ids), runner.cells, runner.samples,
+            guess = estimate.from_warmup(results, runner.warm_prompt_tokens, runner.cells, runner.samples,
                                          runner.new_tokens, cfg.ppl_method)
         if guess:
             log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")

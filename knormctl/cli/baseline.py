@@ -24,6 +24,7 @@ def baseline(
     threads: o.ThreadsOpt = None,
     trust_remote_code: o.TrustOpt = False,
     db: o.DbOpt = None,
+    repeats: o.RepeatsOpt = 1,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,

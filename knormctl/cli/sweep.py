@@ -41,6 +41,7 @@ def sweep(
     trust_remote_code: o.TrustOpt = False,
     db: o.DbOpt = None,
     resume: o.ResumeOpt = None,
+    repeats: o.RepeatsOpt = 1,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,

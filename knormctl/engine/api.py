@@ -31,7 +31,7 @@ def generate_with_compression(model, tokenizer, input_ids, max_new_tokens: int =
     res = run_generation(model, input_ids, cfg, max_new_tokens, sampling=sampling, temperature=temperature,
                          seed=seed, tokenizer=tokenizer)
     if eval_ids is not None:
-        res.ppl_compressed = compressed_perplexity(model, input_ids, eval_ids, cfg)
+        res.ppl_compressed = compressed_perplexity(model, input_ids, eval_ids, cfg, seed=seed)
         res.eval_tokens = len(eval_ids)
     return res
 

@@ -4,10 +4,18 @@ decode mode: after EVERY forward (prefill included), each layer not in
 ``skip_layers`` that holds more than ``prune_after`` entries is cut to
 ``ceil(keep_ratio * length)`` entries. prefill mode: the same cut, once, right
 after the prefill forward. Skipped layers cost nothing (no score, no sort).
+
+Memory: a cut never holds a second copy of the cache. Each layer is gathered on its
+own into a compact tensor it alone owns (the old one is freed as soon as it is
+replaced). What a cut allocates besides -- a stacked copy of a few layers for scoring
+(fewer kernel launches, which is what a cut of small layers on a GPU is bound by) and
+the selection's temporaries -- is sized to fit below the peak the sample has already
+reached (``Compressor.budget``), so on CUDA a cut never raises the sample's peak.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -16,6 +24,15 @@ import torch
 from knormctl.config import PressConfig
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
+
+# Stacked scoring copies the keys and values of a group of layers. It pays where layers are
+# small (launch-bound: ~2 launches per layer saved, each ~5-10 us on a GPU) and costs where
+# they are large (the copy is memory traffic): at most this many bytes per group.
+STACK_GROUP_CAP_BYTES = 64 << 20
+# What the selection allocates per (layer, head, entry): the score (4), top-k values and
+# indices (12), four bool masks (4), the int64 cumsum of ties (8), nonzero_static's output
+# and the row numbers (24): 52, rounded up.
+SELECT_BYTES_PER_ENTRY = 64
 
 
 def n_keep_for(length: int, keep_ratio: float) -> int:
@@ -29,6 +46,16 @@ def check_skip_layers(skip_layers, num_layers: int) -> None:
         raise UsageError(f"skip layer(s) {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
 
 
+def press_seed(cfg: PressConfig, sample_seed: int | None) -> int:
+    """The seed of a press for one (sample, configuration): a stable hash of the run's seed,
+    the sample's seed and the configuration key, so no two prompts or configurations share
+    draws and a resumed run draws what the first attempt drew. None: the run's seed."""
+    if sample_seed is None:
+        return cfg.seed
+    digest = hashlib.sha256(f"{cfg.seed}|{sample_seed}|{cfg.key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 class Compressor:
     """Owns one generation's compression state: press, counters, time spent.
 
@@ -36,17 +63,18 @@ class Compressor:
     (``press.observes``), per-head budgets (``press.head_keep``), the kvpress backend
     (``press.cuts_in_forward``). In prefill mode the observers go right after the cut; the
     rest stay until ``close()`` (the loop calls it).
+    ``seed``: the sample's seed (see ``press_seed``).
+    ``budget_bytes``: what a cut may allocate besides the cache (None: automatic, see
+    ``budget``); tests set it to exercise the bounded paths on a CPU.
     """
 
-    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None, *,
-                 model=None):
-        """``stack_layers``: cut all layers as one stacked tensor (None: on CUDA only, where a
-        cut is bound by kernel launches; on CPU the extra copy costs more than it saves)."""
+    def __init__(self, cfg: PressConfig, num_layers: int, sync=None, *, model=None, seed: int | None = None,
+                 budget_bytes: int | None = None):
         check_skip_layers(cfg.skip_layers, num_layers)
-        self.stack_layers = stack_layers
+        self.budget_bytes = budget_bytes
         self.cfg = cfg
         self.num_layers = num_layers
-        self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink,
+        self.press: BasePress | None = make_press(cfg.press, seed=press_seed(cfg, seed), n_sink=cfg.n_sink,
                                                   keep_ratio=cfg.keep_ratio, params=dict(cfg.params))
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
         self.events = 0  # forwards after which at least one layer was cut
@@ -78,6 +106,16 @@ class Compressor:
         if self._per_head:
             self._mask_hooks = install_mask_hooks(model, layers)
 
+    @property
+    def cuts_in_forward(self) -> bool:
+        """The press cuts inside the prefill forward (the kvpress backend), not after it."""
+        return self.evicts and self.press.cuts_in_forward
+
+    @property
+    def evicts(self) -> bool:
+        """False when this configuration can never cut (no press, or keep_ratio 1.0)."""
+        return self.press is not None and self.cfg.keep_ratio < 1.0
+
     def close(self) -> None:
         """Remove the hooks (if any)."""
         for h in self._hooks + self._mask_hooks:
@@ -95,7 +133,7 @@ class Compressor:
 
     def after_forward(self, cache, prefill: bool) -> bool:
         """Cut the cache if the rule says so. Returns True when something was evicted."""
-        if self.press is None or self.cfg.keep_ratio >= 1.0 or (self.cfg.mode == "prefill" and not prefill):
+        if not self.evicts or (self.cfg.mode == "prefill" and not prefill):
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         if self.press.cuts_in_forward:  # the kvpress backend cut inside the forward, timed there
             cut = self.press.take_cut()
@@ -120,8 +158,14 @@ class Compressor:
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
-        for (_, n_keep), ids in groups.items():
-            self._cut(layers, ids, n_keep)
+        room = self.budget(layers[self.active_layers[0]].keys.device)
+        scored = [(self._scores(layers, ids, room), ids, n_keep) for (_, n_keep), ids in groups.items()]
+        check_scores([s for s, _, _ in scored], self.cfg.press)  # before anything is cut: one host sync
+        for scores, ids, n_keep in scored:
+            if self._per_head:
+                self._cut_per_head(layers, ids, scores, n_keep)
+            else:
+                self._cut(layers, ids, scores, n_keep, room)
         if self.cfg.mode == "prefill":
             self._done_observing()
         self._sync()
@@ -129,44 +173,78 @@ class Compressor:
         self.events += 1
         return True
 
-    def _cut(self, layers, ids: list[int], n_keep: int) -> None:
-        if self._per_head:  # issue 12: heads keep different counts (engine/headmask.py)
-            from knormctl.engine.headmask import cut_per_head
+    def _cut_per_head(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int) -> None:
+        """Heads keep different counts (issue 12, engine/headmask.py): each layer is held at its
+        largest per-head count, the other slots masked out of attention."""
+        from knormctl.engine.headmask import cut_per_head
 
-            for i in ids:
-                scores = self.press.score(layers[i].keys, layers[i].values, i)
-                if self.cfg.keep_recent:
-                    scores = scores.float().clone()
-                    scores[..., -self.cfg.keep_recent:] = float("inf")
-                cut_per_head(layers[i], scores, self.press.head_keep(scores, n_keep))
-            return
-        stack = self.stack_layers
-        if stack is None:
-            stack = layers[ids[0]].keys.device.type == "cuda"
-        if stack and self.press.stackable:
-            self._cut_stacked(layers, ids, n_keep)
-            return
-        # Score each layer, then ONE top-k and ONE sort over all layers at once:
-        # at small sizes per-operation overhead dominates, so batch what can be batched.
-        scores = torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
-        rows = row_indices(keep_indices(scores, n_keep, self.cfg.keep_recent), scores.shape[-1])
         for j, i in enumerate(ids):
-            layer = layers[i]
-            layer.keys = take_rows(layer.keys, rows[j])
-            layer.values = take_rows(layer.values, rows[j])
+            s = scores[j]
+            if self.cfg.keep_recent:
+                s = s.float().clone()
+                s[..., -self.cfg.keep_recent:] = float("inf")
+            cut_per_head(layers[i], s, self.press.head_keep(s, n_keep))
 
-    def _cut_stacked(self, layers, ids: list[int], n_keep: int) -> None:
-        """The same cut with ~20 kernel launches instead of ~140: stack the layers once, score,
-        select and gather them as one tensor; each layer then holds a view of the result."""
-        keys = torch.stack([layers[i].keys for i in ids])  # (L, b, h, s, d)
-        values = torch.stack([layers[i].values for i in ids])
-        n, b, h, s, d = keys.shape
-        rows = row_indices(keep_indices(self.press.score(keys, values), n_keep, self.cfg.keep_recent), s)
-        rows = (rows + torch.arange(n, device=rows.device).unsqueeze(1) * (b * h * s)).reshape(-1)
-        kept_k = keys.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
-        kept_v = values.reshape(-1, d).index_select(0, rows).view(n, b, h, n_keep, d)
-        for j, i in enumerate(ids):
-            layers[i].keys, layers[i].values = kept_k[j], kept_v[j]
+    def budget(self, device: torch.device) -> int | None:
+        """Bytes a cut may allocate besides the cache (None: unbounded).
+
+        On CUDA: the peak this sample already reached (``max_memory_allocated``, which the
+        memory probe resets per sample) minus what is allocated now -- allocator counters,
+        no device sync. Half goes to a stacked group, half to a chunk of the selection
+        (they never overlap). Outside the budget, because they cannot be made smaller:
+        the scores (4 bytes per entry and head, under 1% of the cache) and one layer's
+        kept entries during its gather. On CPU there are no launches to save and the
+        selection's temporaries are small next to the prefill's: unbounded, no stacking.
+        """
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        if device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device))
+        return None
+
+    def _scores(self, layers, ids: list[int], room: int | None) -> torch.Tensor:
+        """(len(ids), b, h, s) scores: stacked in groups that fit half the budget (and
+        ``STACK_GROUP_CAP_BYTES``), else layer by layer."""
+        keys = layers[ids[0]].keys
+        per_layer = 2 * keys.numel() * keys.element_size()  # keys + values of one layer
+        size = 0 if room is None or not self.press.stackable else min(STACK_GROUP_CAP_BYTES, room // 2) // per_layer
+        if size < 2:
+            return torch.stack([self.press.score(layers[i].keys, layers[i].values, i) for i in ids])
+        parts = []
+        for start in range(0, len(ids), size):
+            group = ids[start:start + size]
+            stacked_k = torch.stack([layers[i].keys for i in group])  # (G, b, h, s, d): a bounded copy
+            stacked_v = torch.stack([layers[i].values for i in group])
+            parts.append(self.press.score(stacked_k, stacked_v))
+            del stacked_k, stacked_v  # freed before the next group is stacked
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int, room: int | None) -> None:
+        """One selection per chunk of layers (all layers at once where the budget allows: the
+        fewest launches), then each layer gathered on its own: every layer owns a compact
+        tensor (no views of a shared stack), and the old one is freed as soon as it is
+        replaced, so the gather holds at most one extra layer's kept entries."""
+        per_layer = scores[0].numel() * SELECT_BYTES_PER_ENTRY
+        chunk = len(ids) if room is None else max(1, (room // 2) // per_layer)
+        for start in range(0, len(ids), chunk):
+            part = scores[start:start + chunk]
+            rows = row_indices(keep_indices(part, n_keep, self.cfg.keep_recent), part.shape[-1])
+            for j, i in enumerate(ids[start:start + chunk]):
+                layer = layers[i]
+                layer.keys = take_rows(layer.keys, rows[j])
+                layer.values = take_rows(layer.values, rows[j])
+
+
+def check_scores(scores: list[torch.Tensor], press: str) -> None:
+    """Refuse NaN scores: the selection keeps exactly ``n_keep`` entries per head only when
+    every score compares (NaN compares false to everything, so heads would silently get
+    different counts and their rows misalign). +-inf are fine and deliberate (streaming's
+    sinks and ``keep_recent`` use +inf for "always keep"); ties among them are broken like
+    any tie. One ``.item()`` for the whole event: on a GPU, one host sync per event, where
+    the event already synchronises for its timing."""
+    if torch.stack([torch.isnan(s).any() for s in scores]).any().item():
+        raise ValueError(f"press {press!r} gave NaN scores (e.g. a float16 overflow in its arithmetic): "
+                         "the cut needs every entry ordered")
 
 
 def kv_size(cache) -> tuple[int, int]:

@@ -3,7 +3,10 @@
 "No press" is the baseline: the same code path with nothing evicted, so the
 timing of the reference and of every press is measured the same way. Every
 forward gets explicit absolute ``position_ids`` -- after eviction the cache length
-no longer tells the position, and without them RoPE would be applied wrongly.
+no longer tells the position, and without them RoPE would be applied wrongly --
+and is followed by a check that the cache grew by exactly the tokens fed
+(``kvcache.CacheLedger``: a transformers version that ignores the cache fails
+loudly instead of generating garbage).
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import inspect
 import time
 
 import torch
-from transformers import DynamicCache
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, kv_size
+from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult
 from knormctl.engine.timing import MemoryProbe, synchronizer
 from knormctl.errors import UsageError
@@ -39,6 +42,27 @@ def forward_kwargs(model) -> dict:
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         return {"logits_to_keep": 1}
     return {}
+
+
+class CachedForward:
+    """``model(...)`` reading and filling one cache, with the cache checked after every call.
+
+    ``fwd(ids, positions)`` runs a forward of ``ids`` at absolute ``positions``;
+    ``fwd.cut_done()`` tells the ledger that the compressor changed the lengths.
+    """
+
+    def __init__(self, model, cache, last_logits_only: bool = True):
+        self.model, self.cache = model, cache
+        self.kwargs = {**cache_kwargs(model, cache), **(forward_kwargs(model) if last_logits_only else {})}
+        self.ledger = CacheLedger(model, cache)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, may_shrink: bool = False):
+        out = self.model(input_ids=ids, position_ids=positions, **self.kwargs)
+        self.ledger.grew(ids.shape[1], may_shrink)  # may_shrink: a press cut inside this forward
+        return out
+
+    def cut_done(self) -> None:
+        self.ledger.rebase()
 
 
 def model_device(model) -> torch.device:
@@ -76,6 +100,11 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     forward (never cut before they are seen) and the first token comes from that forward,
     so every answer token sees the compressed cache. TTFT then spans prefill, cut and
     question forward.
+
+    ``seed``: the sample's seed -- seeds sampling, and (hashed with the configuration,
+    ``compress.press_seed``) the random press. The cut after the last forward is skipped:
+    no token reads it. Models whose cache the cut cannot handle exactly are refused
+    (``kvcache.cut_refusal``) when ``cfg`` can evict.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
@@ -84,13 +113,15 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     prompt_len = ids.shape[1]
     q_ids = as_input_ids(question_ids, device) if question_ids is not None and len(question_ids) else None
     q_len = 0 if q_ids is None else q_ids.shape[1]
+    if not cfg.is_baseline and cfg.keep_ratio < 1.0:
+        check_cut_supported(model)
     sync = synchronizer(device)
-    comp = Compressor(cfg, model.config.num_hidden_layers, sync=sync, model=model)
     pick = TokenPicker(sampling, temperature, seed, device)
-    fkw = forward_kwargs(model)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
+    fwd = CachedForward(model, cache)
     probe = MemoryProbe(device)
+    comp = Compressor(cfg, num_layers(model), sync=sync, model=model, seed=seed)  # last: it may hook the model
     kv_entries_peak = kv_bytes_peak = 0
     steps: list[float] = []
 
@@ -99,35 +130,39 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         entries, nbytes = kv_size(cache)
         kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
 
+    def cut(prefill: bool) -> None:
+        if comp.after_forward(cache, prefill=prefill):
+            fwd.cut_done()
+
     try:
         probe.start()
         sync()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, position_ids=positions[:, :prompt_len], cache=cache, use_cache=True, **fkw)
+        out = fwd(ids, positions[:, :prompt_len], may_shrink=comp.cuts_in_forward)
         if q_ids is not None:
             account()
-            comp.after_forward(cache, prefill=True)
-            out = model(input_ids=q_ids, position_ids=positions[:, prompt_len:prompt_len + q_len], cache=cache,
-                        use_cache=True, **fkw)
+            cut(prefill=True)  # the question is read through the compressed cache
+            out = fwd(q_ids, positions[:, prompt_len:prompt_len + q_len])
         token = pick(out.logits)
         sync()
         t_prev = time.perf_counter()
         ttft = t_prev - t0
         tokens = [token]
         start = prompt_len + q_len
-        for step in range(1, max_new_tokens + 1):
+        for step in range(1, max_new_tokens):
             account()
-            comp.after_forward(cache, prefill=(step == 1 and q_ids is None))
-            if step == max_new_tokens:
-                break
+            cut(prefill=(step == 1 and q_ids is None))
             pos = start + step - 1
-            out = model(input_ids=token, position_ids=positions[:, pos:pos + 1], cache=cache, use_cache=True, **fkw)
+            out = fwd(token, positions[:, pos:pos + 1])
             token = pick(out.logits)
             tokens.append(token)
             sync()
             t = time.perf_counter()
             steps.append(t - t_prev)
             t_prev = t
+        # No cut after the last forward: no token would ever read it, so it would only add
+        # an event, compress time and a smaller "final" cache that nothing used.
+        account()
         total = t_prev - t0
         memory = probe.stop()
     finally:

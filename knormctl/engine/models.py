@@ -50,6 +50,7 @@ class LoadedModel:
     max_positions: int | None  # max_position_embeddings, when the config has it
     device: str  # "cpu", "cuda:0", "mps"
     dtype: str  # "float32", "bfloat16", "float16"
+    attn_implementation: str = "unknown"  # the attention kernel transformers chose: sdpa, eager, flash_attention_2
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,4 +328,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
         max_positions=getattr(config, "max_position_embeddings", None),
         device=dev,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        attn_implementation=attn_implementation(model),
     )
+
+
+def attn_implementation(model) -> str:
+    """The attention implementation the model runs with (timings depend on it)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    return str(impl) if impl else "unknown"

@@ -13,11 +13,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor
-from knormctl.engine.loop import as_input_ids, forward_kwargs, model_device
+from knormctl.engine.kvcache import check_cut_supported, new_cache, num_layers
+from knormctl.engine.loop import CachedForward, as_input_ids, model_device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,20 +34,21 @@ def context_perplexity(model, input_ids, chunk: int = 512) -> float:
     s = ids.shape[1]
     if s < 2:
         raise ValueError("context perplexity needs at least 2 tokens")
-    cache = DynamicCache(config=model.config)
+    fwd = CachedForward(model, new_cache(model), last_logits_only=False)
     positions = torch.arange(s, device=device).unsqueeze(0)
     total = 0.0
     for start in range(0, s - 1, chunk):
         end = min(start + chunk, s - 1)
-        out = model(input_ids=ids[:, start:end], position_ids=positions[:, start:end], cache=cache, use_cache=True)
+        out = fwd(ids[:, start:end], positions[:, start:end])
         total += float(_nll(out.logits, ids[:, start + 1:end + 1]))
     return math.exp(total / (s - 1))
 
 
 @torch.inference_mode()
-def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float | None:
+def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: int | None = None) -> float | None:
     """Teacher-forced perplexity of ``eval_ids`` (the text after the prompt) while
-    ``cfg``'s press acts on the cache. None when there is nothing to score."""
+    ``cfg``'s press acts on the cache. None when there is nothing to score.
+    ``seed``: the sample's seed (the random press's draws, as in ``run_generation``)."""
     eval_ids = list(eval_ids)
     if not eval_ids:
         return None
@@ -56,17 +57,17 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float
     s = ids.shape[1]
     targets = torch.tensor(eval_ids, dtype=torch.long, device=device)
     positions = torch.arange(s + len(eval_ids), device=device).unsqueeze(0)
-    comp = Compressor(cfg, model.config.num_hidden_layers, model=model)
-    fkw = forward_kwargs(model)
-    cache = DynamicCache(config=model.config)
+    if not cfg.is_baseline and cfg.keep_ratio < 1.0:
+        check_cut_supported(model)
+    fwd = CachedForward(model, new_cache(model))
+    comp = Compressor(cfg, num_layers(model), model=model, seed=seed)
     try:
-        out = model(input_ids=ids, position_ids=positions[:, :s], cache=cache, use_cache=True, **fkw)
-        comp.after_forward(cache, prefill=True)
+        out = fwd(ids, positions[:, :s])
         total = _nll(out.logits[:, -1:], targets[:1])
         for j in range(len(eval_ids) - 1):
-            out = model(input_ids=targets[j:j + 1].view(1, 1), position_ids=positions[:, s + j:s + j + 1],
-                        cache=cache, use_cache=True, **fkw)
-            comp.after_forward(cache, prefill=False)
+            if comp.after_forward(fwd.cache, prefill=(j == 0)):  # never after the last forward: nothing reads it
+                fwd.cut_done()
+            out = fwd(targets[j:j + 1].view(1, 1), positions[:, s + j:s + j + 1])
             total = total + _nll(out.logits, targets[j + 1:j + 2])
     finally:
         comp.close()
@@ -74,7 +75,7 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig) -> float
 
 
 @torch.inference_mode()
-def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0) -> float | None:
+def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0, seed: int | None = None) -> float | None:
     """The original l2compress LM evaluation: stream a whole chunk ONE token at a time from
     its start with the press active after every forward (``prune_after`` acts as the cache
     budget, decode semantics whatever ``cfg.mode`` says: there is no prefill), and report
@@ -86,16 +87,17 @@ def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0) -> floa
     device = model_device(model)
     tokens = torch.tensor(ids, dtype=torch.long, device=device).view(1, -1)
     decode_cfg = dataclasses.replace(cfg, mode="decode")
-    comp = Compressor(decode_cfg, model.config.num_hidden_layers, model=model)
-    fkw = forward_kwargs(model)
-    cache = DynamicCache(config=model.config)
+    if not cfg.is_baseline and cfg.keep_ratio < 1.0:
+        check_cut_supported(model)
+    fwd = CachedForward(model, new_cache(model))
     positions = torch.arange(len(ids), device=device).unsqueeze(0)
+    comp = Compressor(decode_cfg, num_layers(model), model=model, seed=seed)
     total = 0.0
     try:
         for j in range(len(ids) - 1):
-            out = model(input_ids=tokens[:, j:j + 1], position_ids=positions[:, j:j + 1], cache=cache,
-                        use_cache=True, **fkw)
-            comp.after_forward(cache, prefill=False)
+            if j and comp.after_forward(fwd.cache, prefill=False):  # the cut after the previous forward
+                fwd.cut_done()
+            out = fwd(tokens[:, j:j + 1], positions[:, j:j + 1])
             if j >= skip_first:
                 total += float(_nll(out.logits, tokens[:, j + 1:j + 2]))
     finally:

@@ -35,20 +35,23 @@ class KnormInversePress(BasePress):
 
 @register
 class RandomPress(BasePress):
-    """Keep a random subset of the same size (seeded): the control every paper uses."""
+    """Keep a random subset of the same size (seeded): the control every paper uses.
+
+    The engine seeds it per (sample, configuration) (``compress.press_seed``). Draws come
+    from ONE CPU generator, in call order, and then move to the keys' device: the same
+    seed keeps the same entries on CPU and CUDA, and whether layers are scored one by one
+    or stacked (CPU draws are serial, so one (L, ...) draw equals L consecutive draws).
+    """
 
     name = "random"
     description = "keep a seeded random subset of the same size (the control every paper uses)"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def score(self, keys, values, layer_idx=None):
-        gen = self._generators.get(keys.device)
-        if gen is None:
-            gen = self._generators[keys.device] = torch.Generator(device=keys.device).manual_seed(self.seed)
-        return torch.rand(keys.shape[:-1], generator=gen, device=keys.device)
+        return torch.rand(keys.shape[:-1], generator=self._gen).to(keys.device)
 
 
 @register

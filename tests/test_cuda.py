@@ -1,0 +1,91 @@
+"""CUDA only (skipped without a GPU): a compression event never raises the sample's peak
+memory above the full cache's; the bounded cut and the random press keep the same entries
+on the GPU as on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from knormctl.config import PressConfig
+from knormctl.engine.compress import Compressor
+from knormctl.engine.kvcache import cache_kwargs, new_cache
+from knormctl.engine.loop import run_generation
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Llama-shaped, bf16, big enough that the KV cache (4 MiB a layer at 4096 tokens) is
+    visible next to the weights and the prefill's activations."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=4, intermediate_size=1024, max_position_embeddings=8192)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+CONFIGS = [
+    PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
+    PressConfig(press="streaming", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
+    PressConfig(press="random", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
+    PressConfig(press="knorm", keep_ratio=0.9, prune_after=512, skip_layers=(0,), mode="decode"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.key)
+def test_compression_never_raises_the_peak_above_the_full_cache(model, cfg):
+    ids = _ids(4096)
+    run_generation(model, ids, PressConfig(), 4)  # warm both paths (allocator, kernels)
+    run_generation(model, ids, cfg, 4)
+    full = run_generation(model, ids, PressConfig(), 16)
+    cut = run_generation(model, ids, cfg, 16)
+    assert cut.compress_events >= 1 and cut.kv_bytes_final < full.kv_bytes_final
+    assert full.memory.kind == cut.memory.kind == "cuda_max_memory_allocated"
+    assert cut.memory.bytes <= full.memory.bytes, (cut.memory.bytes - full.memory.bytes) / 2**20
+
+
+def _prefilled(model, n=1024):
+    cache = new_cache(model)
+    model(input_ids=_ids(n).cuda(), position_ids=torch.arange(n, device="cuda").unsqueeze(0),
+          **cache_kwargs(model, cache))
+    return cache
+
+
+def _copy(model, cache, device):
+    out = new_cache(model)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.to(device, copy=True), layer.values.to(device, copy=True), i)
+    return out
+
+
+@torch.inference_mode()
+def test_the_gpu_budget_stacks_groups_and_keeps_what_the_layer_by_layer_cut_keeps(model):
+    cache = _prefilled(model)
+    per_layer = _copy(model, cache, "cuda")
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(0,), mode="prefill")
+    auto = Compressor(cfg, 8)
+    room = auto.budget(torch.device("cuda"))
+    layer_bytes = 2 * cache.layers[1].keys.numel() * cache.layers[1].keys.element_size()
+    assert room // 2 >= 2 * layer_bytes, "after a 1024-token prefill the budget fits a stacked pair"
+    auto.after_forward(cache, prefill=True)
+    Compressor(cfg, 8, budget_bytes=0).after_forward(per_layer, prefill=True)
+    for a, b in zip(cache.layers, per_layer.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@torch.inference_mode()
+def test_the_random_press_keeps_the_same_entries_on_the_gpu_as_on_the_cpu(model):
+    """Its draws come from a CPU generator, so the same seed cuts alike on both devices."""
+    gpu = _prefilled(model)
+    cpu = _copy(model, gpu, "cpu")
+    cfg = PressConfig(press="random", keep_ratio=0.5, prune_after=0, skip_layers=(0,), mode="prefill")
+    Compressor(cfg, 8, seed=3).after_forward(gpu, prefill=True)
+    Compressor(cfg, 8, seed=3).after_forward(cpu, prefill=True)
+    for g, c in zip(gpu.layers, cpu.layers):
+        assert torch.equal(g.keys.cpu(), c.keys) and torch.equal(g.values.cpu(), c.values)

@@ -1,0 +1,215 @@
+"""Model families beyond Llama and GPT-NeoX: the cut is exact (kept sets, logits, positions)
+for Qwen2, Qwen3 (q/k norm), Mistral, Phi-3 (fused qkv) and Gemma; families whose cache the
+cut cannot handle (sliding-window and alternating local/global layers) are refused with one
+line that names the family and why, before a run writes anything."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+import transformers as T
+from typer.testing import CliRunner
+
+from knormctl.config import PressConfig
+from knormctl.engine.compress import Compressor, n_keep_for
+from knormctl.engine.kvcache import CacheLedger, cache_kwargs, cut_refusal, new_cache
+from knormctl.engine.loop import run_generation
+from knormctl.errors import UsageError
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, max_position_embeddings=4096,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.2)  # larger than the default 0.02: peaked attention, so positions show
+
+# name -> (config class, model class, architecture kwargs); every one runs the exact cut
+SUPPORTED = {
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 8}),  # q_norm / k_norm before RoPE
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": None}),  # v0.2+ layout
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {}),  # fused qkv_proj
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 8}),
+}
+# name -> (config class, model class, kwargs, what the refusal must say)
+REFUSED = {
+    "mistral-sliding": (T.MistralConfig, T.MistralForCausalLM, {"sliding_window": 16},
+                        r"mistral: sliding-window attention \(window 16\) in every layer"),
+    "qwen2-sliding": (T.Qwen2Config, T.Qwen2ForCausalLM,
+                      {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2},
+                      r"qwen2: sliding-window attention \(window 16\) in layers 2-3 of 4"),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"head_dim": 8, "sliding_window": 16},
+               r"gemma2: sliding-window attention \(window 16\) in layers 0,2 of 4"),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": 8, "sliding_window": 16},
+               r"gemma3_text: sliding-window attention \(window 16\) in"),
+}
+
+
+def _build(config_cls, model_cls, layers=2, kv_heads=2, heads=4, **arch):
+    torch.manual_seed(0)
+    cfg = config_cls(**COMMON, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     **arch)
+    return model_cls(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(SUPPORTED))
+def family(request):
+    config_cls, model_cls, arch = SUPPORTED[request.param]
+    return request.param, config_cls, model_cls, arch
+
+
+def _prompt(n, seed=1):
+    return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _lowest_norms(keys: torch.Tensor, n_keep: int) -> list[int]:
+    """Brute force: the n_keep lowest float32 norms of one head, ties to the most recent, in order."""
+    norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+    order = sorted(range(len(norms)), key=lambda j: (float(norms[j]), -j))
+    return sorted(order[:n_keep])
+
+
+def _hand_cut(cache, keep_ratio, prune_after, skip):
+    """The KnormPress rule written out per layer and head, with a Python sort."""
+    for i, layer in enumerate(cache.layers):
+        length = layer.keys.shape[-2]
+        if i in skip or length <= prune_after:
+            continue
+        n_keep = n_keep_for(length, keep_ratio)
+        idx = torch.tensor([[_lowest_norms(layer.keys[b, h], n_keep) for h in range(layer.keys.shape[1])]
+                            for b in range(layer.keys.shape[0])])
+        gather = idx.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+
+
+def test_these_families_have_plain_caches(family):
+    name, config_cls, model_cls, arch = family
+    assert cut_refusal(_build(config_cls, model_cls, **arch)) is None
+
+
+@torch.inference_mode()
+def test_knorm_generation_equals_a_hand_built_cut_step_by_step(family):
+    """Decode mode (a cut after every forward, layer 0 skipped): at every step the engine's
+    cache holds exactly the hand-cut entries, the logits agree, and run_generation produces
+    the tokens of this reference loop."""
+    name, config_cls, model_cls, arch = family
+    model = _build(config_cls, model_cls, layers=3, **arch)
+    cfg = PressConfig(press="knorm", keep_ratio=0.8, prune_after=16, skip_layers=(0,), mode="decode")
+    ids, n_new = _prompt(40), 8
+    ours, ref = new_cache(model), new_cache(model)
+    comp = Compressor(cfg, 3)
+    positions = torch.arange(40 + n_new).unsqueeze(0)
+    out_a = model(input_ids=ids, position_ids=positions[:, :40], **cache_kwargs(model, ours))
+    out_b = model(input_ids=ids, position_ids=positions[:, :40], **cache_kwargs(model, ref))
+    tokens = []
+    for step in range(n_new):
+        torch.testing.assert_close(out_a.logits[:, -1], out_b.logits[:, -1])
+        token = out_b.logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+        if step == n_new - 1:
+            break
+        comp.after_forward(ours, prefill=(step == 0))
+        _hand_cut(ref, 0.8, 16, skip={0})
+        for la, lb in zip(ours.layers, ref.layers):  # the kept sets (and their order) agree exactly
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        pos = positions[:, 40 + step:41 + step]
+        out_a = model(input_ids=token, position_ids=pos, **cache_kwargs(model, ours))
+        out_b = model(input_ids=token, position_ids=pos, **cache_kwargs(model, ref))
+    # 40 -> 32, 33 -> 27, 28 -> 23, 24 -> 20, 21 -> 17, 18 -> 15, then 16 <= prune_after: 6 cuts
+    assert comp.events == 6 and ours.layers[1].keys.shape[-2] == 17
+    assert run_generation(model, ids, cfg, n_new).token_ids == tokens
+
+
+@torch.inference_mode()
+def test_positions_after_pruning_are_the_original_ones(family):
+    """One layer, one KV head: the kept cache entries ARE the kept tokens, so the model fed
+    only those tokens at their true positions must give the same next-token logits."""
+    name, config_cls, model_cls, arch = family
+    m = _build(config_cls, model_cls, layers=1, kv_heads=1, **arch)
+    ids = _prompt(40)
+    cache = new_cache(m)
+    m(input_ids=ids, position_ids=torch.arange(40).unsqueeze(0), **cache_kwargs(m, cache))
+    kept = torch.tensor(_lowest_norms(cache.layers[0].keys[0, 0], 20))
+    Compressor(PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
+               1).after_forward(cache, prefill=True)
+    nxt = torch.tensor([[5]])
+    pruned = m(input_ids=nxt, position_ids=torch.tensor([[40]]), **cache_kwargs(m, cache)).logits[0, -1]
+    ref_ids = torch.cat([ids[0, kept], nxt[0]]).unsqueeze(0)
+    ref = m(input_ids=ref_ids, position_ids=torch.cat([kept, torch.tensor([40])]).unsqueeze(0)).logits[0, -1]
+    wrong = m(input_ids=ref_ids).logits[0, -1]  # positions counted from 0
+    torch.testing.assert_close(pruned, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(wrong, ref, atol=1e-4), "the test must be able to fail without positions"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_sliding_window_families_are_refused_in_one_line(name):
+    config_cls, model_cls, arch, why = REFUSED[name]
+    model = _build(config_cls, model_cls, layers=4, **arch)
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=4, skip_layers=())
+    with pytest.raises(UsageError, match=why) as err:
+        run_generation(model, _prompt(30), cfg, 3)
+    assert "\n" not in str(err.value) and str(err.value).startswith("cannot compress the KV cache of this model")
+    # keep_ratio 1.0 evicts nothing: allowed, like the full-cache reference
+    run_generation(model, _prompt(30), PressConfig(press="knorm", keep_ratio=1.0), 2)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name", ["gemma2", "mistral-sliding"])
+def test_full_cache_reference_runs_on_sliding_window_layers(name):
+    """No cut, no refusal: the ledger knows a sliding-window layer keeps window - 1 entries,
+    and the engine's tokens equal model.generate()'s past the window."""
+    config_cls, model_cls, arch, _ = REFUSED[name]
+    model = _build(config_cls, model_cls, layers=4, **arch)
+    ids = _prompt(30)
+    res = run_generation(model, ids, PressConfig(), 6)
+    gen = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert res.token_ids == gen[0, 30:].tolist()
+    cache = new_cache(model)
+    ledger = CacheLedger(model, cache)
+    model(input_ids=ids, position_ids=torch.arange(30).unsqueeze(0), **cache_kwargs(model, cache))
+    ledger.grew(30)
+    assert 15 in ledger.held  # window 16: the sliding layers hold 15 of the 30 entries
+
+
+# --- through the CLI: refused before a row exists; the attention implementation is recorded ------
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_dir(tmp_path_factory, tiny_tokenizer):
+    from conftest import _tiny_model_dir
+
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny-gemma2"), T.Gemma2Config, T.Gemma2ForCausalLM,
+                           tiny_tokenizer, num_key_value_heads=2, head_dim=8, sliding_window=16)
+
+
+def _args(model_dir, books_dir, db, *extra):
+    return ["--model", str(model_dir), "--wikitext-source", f"text:{books_dir}", "--num-wikitext-samples", "1",
+            "--num-pg19-samples", "0", "--wikitext-prompt-tokens", "40", "--max-new-tokens", "3",
+            "--eval-tokens", "0", "--threads", "1", "--no-warmup", "--db", str(db), *extra]
+
+
+def test_sweep_refuses_a_sliding_window_family_before_writing(tiny_gemma2_dir, books_dir, tmp_path):
+    from knormctl.cli import app
+
+    db = tmp_path / "r.db"
+    res = CliRunner().invoke(app, ["sweep", "--keep-ratios", "0.5", *_args(tiny_gemma2_dir, books_dir, db)])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error")]  # after the progress lines
+    assert len(errors) == 1 and "gemma2: sliding-window attention (window 16)" in errors[0]
+    assert "Traceback" not in res.output
+    if db.exists():
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def test_runs_record_the_attention_implementation(tiny_llama_dir, tiny_gemma2_dir, books_dir, tmp_path):
+    from knormctl.cli import app
+    from knormctl.engine.models import load_model
+
+    db = tmp_path / "r.db"
+    for folder, command in ((tiny_llama_dir, ["sweep", "--keep-ratios", "0.5"]), (tiny_gemma2_dir, ["baseline"])):
+        res = CliRunner().invoke(app, [*command, "--json", *_args(folder, books_dir, db)])
+        assert res.exit_code == 0, res.output
+        run_id = json.loads(res.stdout)["run_id"]
+        stored = sqlite3.connect(db).execute("SELECT attn_implementation FROM runs WHERE id=?", (run_id,)).fetchone()
+        assert stored[0] == load_model(str(folder)).model.config._attn_implementation
+        assert stored[0] in ("sdpa", "eager")
