@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from knormctl.cli import _common as o
+from knormctl.cli import _task_options as t
 
 
 def sweep(
@@ -14,13 +15,23 @@ def sweep(
     prune_after: Annotated[int, typer.Option("--prune-after", "--prune_after", help="Cache budget: a layer is cut only when it holds more entries.")] = 512,
     skip_layers: Annotated[str, typer.Option("--skip-layers", "--skip_layers", help="Layers never compressed ('' or none: no layer skipped).")] = "0",
     presses: Annotated[str, typer.Option("--presses", help="Comma-separated: knorm, knorm-inverse, random, streaming.")] = "knorm",
-    compress_mode: Annotated[str | None, typer.Option("--compress-mode", "--compress_mode", help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), prefill (passkey).")] = None,
+    compress_mode: Annotated[str | None, typer.Option("--compress-mode", "--compress_mode", help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), prefill (question tasks).")] = None,
     keep_recent: Annotated[int, typer.Option("--keep-recent", help="Newest entries never evicted (0 = the paper's rule).")] = 0,
     n_sink: Annotated[int, typer.Option("--n-sink", help="streaming press: sink entries always kept.")] = 4,
-    task: Annotated[str, typer.Option("--task", help="lm: generation + perplexity; passkey: retrieval accuracy.")] = "lm",
-    passkey_lengths: Annotated[str, typer.Option("--passkey-lengths", help="Passkey prompt lengths in tokens.")] = "1024,2048",
-    passkey_depths: Annotated[str, typer.Option("--passkey-depths", help="Where the passkey sits (0 = start, 1 = end).")] = "0.1,0.5,0.9",
-    passkey_seeds: Annotated[int, typer.Option("--passkey-seeds", help="Filler windows (and passkeys) per length x depth.")] = 2,
+    task: t.TaskOpt = "lm",
+    protocol: t.ProtocolOpt = "context",
+    chat_template: t.ChatTemplateOpt = "auto",
+    context_lengths: t.ContextLengthsOpt = None,
+    needle_depths: t.NeedleDepthsOpt = "0,0.25,0.5,0.75,1",
+    subtasks: t.SubtasksOpt = None,
+    samples_per_task: t.SamplesPerTaskOpt = None,
+    haystack: t.HaystackOpt = None,
+    ruler_source: t.RulerSourceOpt = "generated",
+    hub_dataset: t.HubDatasetOpt = None,
+    answer_tokens: t.AnswerTokensOpt = None,
+    passkey_lengths: t.PasskeyLengthsOpt = "1024,2048",
+    passkey_depths: t.PasskeyDepthsOpt = "0.1,0.5,0.9",
+    passkey_seeds: t.PasskeySeedsOpt = 2,
     ppl_method: Annotated[str, typer.Option("--ppl-method", help="teacher-forced: prefill the prompt, score --eval-tokens one at a time; stream: feed prompt + eval tokens one at a time from the start (the original l2compress evaluation; slow).")] = "teacher-forced",
     ppl_skip: Annotated[int | None, typer.Option("--ppl-skip", help="stream: leading tokens not scored (default: --prune-after, where compression starts).")] = None,
     resume: Annotated[int | None, typer.Option("--resume", help="Finish the missing cells of an interrupted run (same config).")] = None,
@@ -58,7 +69,10 @@ def sweep(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
             presses=parse_name_list(presses, "--presses", PRESS_NAMES),
-            compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
+            compress_mode=compress_mode or ("decode" if task == "lm" else "prefill"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
-            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
+            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"),
+            context_lengths=None if context_lengths is None else parse_int_list(context_lengths, "--context-lengths"),
+            needle_depths=parse_float_list(needle_depths, "--needle-depths"),
+            subtasks=None if subtasks is None else parse_name_list(subtasks, "--subtasks", None))
         run_benchmark(cfg, db, json_out=json_out)
