@@ -217,3 +217,23 @@ def test_interrupted_task_sweep_resumes_with_the_same_samples(tiny_llama_dir, bo
     for r in after.values():
         hashes.setdefault(r["sample_index"], set()).add(r["text_hash"])
     assert all(len(h) == 1 for h in hashes.values())
+
+
+@pytest.mark.slow
+def test_ruler_on_smollm2_finds_the_needle_with_the_full_cache(real_home, tmp_path):
+    """A short real run: the prompt format (smollm2's chat template), the context protocol and
+    the scoring up to EOS together let a real model answer RULER's easiest needle."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--task", "ruler", "--context-lengths", "1024", "--subtasks", "niah_single_1",
+                              "--samples-per-task", "1", "--keep-ratios", "0.5", "--answer-tokens", "12",
+                              "--threads", "2", "--no-warmup", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    rows = {r["config_key"]: r for r in _rows(db, "SELECT config_key, score, answers_json, extra_json, protocol, "
+                                                  "prompt_tokens, generated_text FROM samples")}
+    full = rows["none"]
+    assert full["protocol"] == "context" and 900 < full["prompt_tokens"] <= 1024 - 12
+    assert full["score"] == 1.0, full  # the 7-digit value, before the model's end-of-turn token
+    scored = json.loads(full["extra_json"] or "{}").get("answer", full["generated_text"])
+    assert json.loads(full["answers_json"])[0] in scored
+    rep = runner.invoke(app, ["report", "--last", "--db", str(db)])
+    assert rep.exit_code == 0, rep.output

@@ -90,7 +90,8 @@ def passkey_samples(cfg: RunConfig, tokenizer, fmt: PromptFormat, max_positions:
     from knormctl.tasks.passkey import build_passkey_sample, make_passkey
 
     longest = max(cfg.passkey_lengths)
-    if max_positions is not None and longest + cfg.passkey_new_tokens > max_positions:
+    new_tokens = cfg.answer_tokens or cfg.passkey_new_tokens
+    if max_positions is not None and longest + new_tokens > max_positions:
         raise UsageError(f"--passkey-lengths {longest} does not fit the model's context ({max_positions})")
     fillers = text_windows(cfg.haystack_source, cfg.passkey_seeds, tokenizer, longest, 0, cfg.seed, progress=progress)
     rng = random.Random(cfg.seed)
@@ -100,7 +101,7 @@ def passkey_samples(cfg: RunConfig, tokenizer, fmt: PromptFormat, max_positions:
         for length in cfg.passkey_lengths:
             for depth in cfg.passkey_depths:
                 samples.append(build_passkey_sample(
-                    tokenizer, text, length, depth, make_passkey(rng), fmt=fmt, max_new_tokens=cfg.passkey_new_tokens,
+                    tokenizer, text, length, depth, make_passkey(rng), fmt=fmt, max_new_tokens=new_tokens,
                     dataset=f"passkey:{filler.dataset}", doc_id=filler.doc_id, doc_title=filler.doc_title,
                     char_offset=filler.char_offset))
     return samples
