@@ -155,3 +155,17 @@ def test_every_generated_answer_scores_one_and_a_wrong_one_less(samples):
         assert score(s.metric, "I do not know.", s.answers) == 0.0, name
         if len(s.answers) > 1:
             assert score(s.metric, s.answers[0], s.answers) == pytest.approx(1 / len(s.answers))
+
+
+def test_the_answer_is_scored_up_to_the_first_end_of_sequence(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from knormctl.tasks.scoring import answer_text, stop_ids
+
+    eos = tiny_tokenizer.eos_token_id
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos, 7]))
+    assert stop_ids(tiny_tokenizer, model) == {eos, 7}
+    ids = tiny_tokenizer(" 1234567.", add_special_tokens=False)["input_ids"]
+    after = tiny_tokenizer(" 7654321", add_special_tokens=False)["input_ids"]
+    assert answer_text(ids + [eos] + after, tiny_tokenizer, {eos}) == " 1234567."
+    assert answer_text(ids + after, tiny_tokenizer, {eos}) == " 1234567. 7654321"  # no EOS: all of it
