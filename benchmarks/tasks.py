@@ -34,7 +34,11 @@ def options():
     p.add_argument("--protocol", default="context", choices=("context", "query-aware", "paper"))
     p.add_argument("--skip-layers", default="0")
     p.add_argument("--db", default=None, help="keep the runs in this SQLite file (default: a temporary one)")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the tables of the last run in --db (e.g. an interrupted one) without running anything")
     args = p.parse_args()
+    if args.report_only and not args.db:
+        p.error("--report-only needs --db")
     if args.quick:
         args.lengths, args.subtasks, args.keep_ratios, args.answer_tokens = "1024", "niah_single_1,fwe", "0.5", 8
     return args
@@ -115,7 +119,8 @@ def report(rows, cfg) -> None:
             if full and near_chance(statistics.fmean(full), ch):
                 lost.append(f"{n} (full cache {100 * statistics.fmean(full):.0f}, chance {100 * ch:.0f})")
         n_samples = cfg.samples_per_task
-        c.table(f"RULER accuracy (%) at {length} tokens, [95% Wilson interval], {n_samples} sample(s) per cell",
+        c.table(f"RULER accuracy (%) at {length} tokens, [95% Wilson interval], {n_samples} sample(s) per cell "
+                "(- : not run)",
                 ["configuration"] + names + ["mean"], table_rows,
                 notes=[f"protocol {cfg.protocol}, prefill mode (the context cut once to keep_ratio x its length), "
                        f"skip_layers {cfg.skip_layers or 'none'}, answers "
@@ -127,8 +132,22 @@ def report(rows, cfg) -> None:
         print(f"{len(failed)} cell(s) failed, e.g. {failed[0].error}")
 
 
+def report_only(db: str) -> None:
+    from knormctl.config import RunConfig
+    from knormctl.store import open_store
+
+    store = open_store(db, migrate=False)
+    run = store.last_run()
+    print(f"run {run.id} ({run.status}): {run.samples_done} of {run.samples_planned} cells, started "
+          f"{run.started_utc:%Y-%m-%d %H:%M} UTC, {run.command_line}\n")
+    report(store.samples(run.id), RunConfig.from_dict(run.config_json))
+
+
 def main() -> None:
     args = options()
+    if args.report_only:
+        report_only(args.db)
+        return
     c.setup(args)
     from knormctl.engine.presses import press_names
 
