@@ -136,7 +136,7 @@ def perplexity(args, lm, samples, presses, krs, skip, started: float) -> None:
 
 def passkey(args, lm, configs: dict, depths, skip, started: float) -> None:
     from knormctl.engine.loop import run_generation
-    from knormctl.engine.passkey import build_passkey_sample, is_correct, make_passkey
+    from knormctl.tasks.passkey import build_passkey_sample, is_correct, make_passkey
     from knormctl.engine.text import load_documents
 
     docs = load_documents(args.text, progress=c.log)

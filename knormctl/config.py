@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
+from knormctl.tasks import catalog as tasks
 
 # The registered presses (engine/presses, where each is defined), torch-free for the CLI and the
 # report's ordering; a test keeps the two equal. kvpress:ClassName specs come on top (optional).
@@ -23,7 +24,7 @@ PRESS_SPEC_MAX = 64  # chars: the store's press column
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-TASKS = ("lm", "passkey")
+TASKS = ("lm", *tasks.QUESTION_TASKS)
 PPL_METHODS = ("teacher-forced", "stream")
 
 
@@ -87,16 +88,17 @@ def parse_int_list(text: str | None, name: str, allow_empty: bool = False) -> li
     return values
 
 
-def parse_name_list(text: str, name: str, allowed: tuple[str, ...]) -> list[str]:
-    """'knorm,random' -> ['knorm', 'random']; an unknown name gets a did-you-mean from ``allowed``."""
+def parse_name_list(text: str, name: str, allowed: tuple[str, ...] | None) -> list[str]:
+    """'knorm,random' -> ['knorm', 'random']; an unknown name gets a did-you-mean from ``allowed``
+    (None: names are checked later, they depend on other options)."""
     items = [t.strip() for t in str(text).split(",")]
     if not text or any(t == "" for t in items):
-        raise ConfigError(f"{name}: malformed list {text!r} (expected comma-separated names, e.g. "
-                          f"{','.join(allowed[:2])})")
+        example = f", e.g. {','.join(allowed[:2])}" if allowed else ""
+        raise ConfigError(f"{name}: malformed list {text!r} (expected comma-separated names{example})")
     what = name.lstrip("-")
     what = what[:-2] if what.endswith("sses") else what.removesuffix("s")  # presses -> press, tasks -> task
     for t in items:
-        if t not in allowed:
+        if allowed is not None and t not in allowed:
             raise unknown_choice(name, what, t, allowed)
     if len(set(items)) != len(items):
         raise ConfigError(f"{name}: duplicate values in {text!r}")
@@ -337,6 +339,17 @@ class RunConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_seeds: int = 2
     passkey_new_tokens: int = 10  # the answer is five digits; more tokens only cost time
+    # question tasks (passkey, ruler, niah, longbench); None = the task's default, resolved by validate()
+    protocol: str = "context"  # what is compressed: context | query-aware | paper (tasks/protocol.py)
+    chat_template: str = "auto"  # auto: the tokenizer's template when it has one (kvpress); on | off
+    context_lengths: list[int] | None = None  # ruler/niah: prompt + answer tokens; longbench: room (None: model's)
+    needle_depths: list[float] = field(default_factory=lambda: list(tasks.DEFAULT_NEEDLE_DEPTHS))  # niah
+    subtasks: list[str] | None = None  # ruler: niah_single_1 ... fwe; longbench: dataset names
+    samples_per_task: int | None = None  # per subtask x length (niah: per depth x length cell)
+    haystack: str | None = None  # text source of haystacks and passkey filler (None: --pg19-source)
+    ruler_source: str = "generated"  # or "hub": kvpress's simonjegou/ruler
+    hub_dataset: str | None = None  # Hub id or local folder (None: simonjegou/ruler, Xnhyacinth/LongBench)
+    answer_tokens: int | None = None  # new tokens per answer (None: RULER's / LongBench's per subtask)
     # splitting and grouping
     shard: str | None = None  # "I/N" (whole samples: shard I runs samples I-1, I-1+N, ...); "auto": from the launcher
     group: str | None = None
@@ -390,6 +403,7 @@ class RunConfig:
                 raise ConfigError(f"--passkey-depths: {d} is outside [0, 1]")
         if self.passkey_seeds < 1:
             raise ConfigError(f"--passkey-seeds must be >= 1, got {self.passkey_seeds}")
+        self._validate_question_task()
         if self.shard is not None:
             self.shard = resolve_shard(self.shard)  # stored resolved: resume and report see "I/N"
         if self.command != "baseline":  # resolved specs are stored with the run (resume sees the same)
@@ -401,6 +415,56 @@ class RunConfig:
                     raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
         return self
+
+    @property
+    def haystack_source(self) -> str:
+        return self.haystack or self.pg19_source
+
+    def _validate_question_task(self) -> None:
+        """Protocol and task options; fills the task's defaults in (the stored config is resolved)."""
+        for name, value, allowed in (("--protocol", self.protocol, tasks.PROTOCOLS),
+                                     ("--chat-template", self.chat_template, tasks.CHAT_TEMPLATE_MODES),
+                                     ("--ruler-source", self.ruler_source, tasks.RULER_SOURCES)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.answer_tokens is not None and self.answer_tokens < 1:
+            raise ConfigError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
+        if self.samples_per_task is not None and self.samples_per_task < 1:
+            raise ConfigError(f"--samples-per-task must be >= 1, got {self.samples_per_task}")
+        for n in self.context_lengths or []:
+            if n < 64:
+                raise ConfigError(f"--context-lengths: {n} is too short (>= 64 tokens)")
+        for d in self.needle_depths:
+            if not (0.0 <= d <= 1.0):
+                raise ConfigError(f"--needle-depths: {d} is outside [0, 1]")
+        if not self.needle_depths:
+            raise ConfigError("--needle-depths: empty list")
+        if self.task not in ("ruler", "niah", "longbench"):
+            return
+        if self.samples_per_task is None:
+            self.samples_per_task = tasks.DEFAULT_SAMPLES_PER_TASK[self.task]
+        if self.context_lengths is None and self.task in tasks.DEFAULT_CONTEXT_LENGTHS:
+            self.context_lengths = list(tasks.DEFAULT_CONTEXT_LENGTHS[self.task])
+        if self.task == "niah":
+            return
+        if self.subtasks is None:
+            self.subtasks = list(tasks.DEFAULT_SUBTASKS[self.task])
+        if self.task == "ruler":
+            allowed = tasks.RULER_SYNTHETIC + (tasks.RULER_QA if self.ruler_source == "hub" else ())
+            for s in self.subtasks:
+                if s in tasks.RULER_QA and self.ruler_source != "hub":
+                    raise ConfigError(f"--subtasks: {s} needs documents from the Hub (--ruler-source hub)")
+        else:
+            allowed = tasks.LONGBENCH
+            for s in self.subtasks:
+                if s in tasks.LONGBENCH_UNSUPPORTED:
+                    raise ConfigError(f"--subtasks: LongBench {s} is not supported (needs "
+                                      f"{tasks.LONGBENCH_UNSUPPORTED[s]})")
+        for s in self.subtasks:
+            if s not in allowed:
+                raise ConfigError(f"--subtasks: unknown {self.task} subtask {s!r} (choose from {', '.join(allowed)})")
+        if not self.subtasks or len(set(self.subtasks)) != len(self.subtasks):
+            raise ConfigError("--subtasks: empty list or duplicates")
 
     def press_configs(self) -> list[PressConfig]:
         """The full-cache reference first, then every press x keep_ratio (order as given)."""

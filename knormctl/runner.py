@@ -23,6 +23,8 @@ from knormctl.errors import UsageError
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
 from knormctl.store.liveness import owner
+from knormctl.tasks.catalog import QUESTION_TASKS
+from knormctl.tasks.prompt import QuestionSample
 
 
 class Interrupted(KeyboardInterrupt):
@@ -104,13 +106,16 @@ def prompt_budget(asked: int, max_positions: int | None, max_new: int, eval_toke
     return min(asked, room)
 
 
-def load_samples(cfg: RunConfig, loaded, progress: Callable[[str], None]) -> list:
-    """The run's samples: wikitext-like (short) first, then pg19-like (long); or passkey prompts."""
+def load_samples(cfg: RunConfig, loaded, progress: Callable[[str], None], records=None) -> list:
+    """The run's samples: wikitext-like (short) first, then pg19-like (long); or a question
+    task's prompts (``records``: what ``tasks.build.fetch_records`` fetched from the Hub)."""
     from knormctl.engine.text import make_samples
 
     tok, maxpos = loaded.tokenizer, loaded.max_positions
-    if cfg.task == "passkey":
-        return passkey_samples(cfg, loaded, progress)
+    if cfg.task in QUESTION_TASKS:
+        from knormctl.tasks.build import make_samples as task_samples
+
+        return task_samples(cfg, tok, maxpos, progress, records)
     samples = []
     if cfg.num_wikitext_samples:
         n_tok = prompt_budget(cfg.wikitext_prompt_tokens, maxpos, cfg.max_new_tokens, cfg.eval_tokens)
@@ -123,33 +128,13 @@ def load_samples(cfg: RunConfig, loaded, progress: Callable[[str], None]) -> lis
     return samples
 
 
-def passkey_samples(cfg: RunConfig, loaded, progress: Callable[[str], None]) -> list:
-    """One prompt per (length x depth x seed): filler from the long-text source, a fresh passkey each."""
-    import random
+def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None, *,
+                  protocol: str | None = None, answer: str | None = None, repeat: int = 0) -> dict:
+    """The store row for one cell (``res`` is a GenerationResult, or None when it failed).
 
-    from knormctl.engine.passkey import build_passkey_sample, make_passkey
-    from knormctl.engine.text import make_samples
-
-    tok = loaded.tokenizer
-    longest = max(cfg.passkey_lengths)
-    if loaded.max_positions is not None and longest + cfg.passkey_new_tokens > loaded.max_positions:
-        raise UsageError(f"--passkey-lengths {longest} does not fit the model's context ({loaded.max_positions})")
-    fillers = make_samples(cfg.pg19_source, cfg.passkey_seeds, tok, longest, 0, cfg.seed, progress=progress)
-    rng = random.Random(cfg.seed)
-    samples = []
-    for filler in fillers:
-        text = tok.decode(filler.prompt_ids)
-        for length in cfg.passkey_lengths:
-            for depth in cfg.passkey_depths:
-                s = build_passkey_sample(tok, text, length, depth, make_passkey(rng), dataset=f"passkey:{filler.dataset}",
-                                         doc_id=filler.doc_id, doc_title=filler.doc_title, char_offset=filler.char_offset)
-                samples.append(s)
-    return samples
-
-
-def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None,
-                  repeat: int = 0) -> dict:
-    """The store row for one cell (``res`` is a GenerationResult, or None when it failed)."""
+    Question samples also get their task columns; ``answer`` is the generated text as
+    scored (up to the first EOS), ``protocol`` what was compressed.
+    """
     row = dict(
         task="lm", repeat=repeat, dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
         char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
@@ -157,9 +142,14 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
         skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
         ppl_context=ppl_context, error=error,
     )
-    if hasattr(sample, "passkey"):
-        row.update(task="passkey", subtask="passkey", protocol="query-aware", answers_json=[sample.passkey],
-                   needle_depth=sample.depth, context_length=sample.length)
+    question = isinstance(sample, QuestionSample)
+    if question:
+        row.update(task=sample.task, subtask=sample.subtask, protocol=protocol, answers_json=sample.answers,
+                   needle_depth=sample.needle_depth, context_length=sample.context_length,
+                   question_tokens=sample.question_tokens, score_metric=sample.metric)
+        extra = {k: v for k, v in sample.extra.items() if k in ("chance", "truncated") and v is not None}
+        if extra:
+            row["extra_json"] = extra
     if res is not None:
         row.update(
             new_tokens=res.new_tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s, itl_p50_s=res.itl_p50_s,
@@ -171,10 +161,14 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
             ppl_compressed=res.ppl_compressed, eval_tokens=res.eval_tokens, generated_text=res.text,
             generated_ids_json=res.token_ids, step_latencies_json=res.step_latencies_s,
         )
-        if hasattr(sample, "passkey"):
-            from knormctl.engine.passkey import is_correct
+        if question:
+            from knormctl.tasks.scoring import score
 
-            row.update(score=float(is_correct(res.text, sample.passkey)), score_metric="passkey_digits")
+            scored = res.text if answer is None else answer
+            row["score"] = score(sample.metric, scored, sample.answers, subtask=sample.subtask,
+                                 all_classes=sample.extra.get("all_classes"))
+            if scored != res.text:  # what was scored, when the output goes on past an EOS
+                row["extra_json"] = {**row.get("extra_json", {}), "answer": scored}
     return row
 
 
@@ -223,10 +217,17 @@ class Runner:
 
         transformers.logging.disable_progress_bar()  # our own progress is on stderr; keep one bar
         cfg = self.cfg
-        if cfg.num_wikitext_samples:
+        if cfg.num_wikitext_samples and cfg.task == "lm":
             validate_source(cfg.wikitext_source)
-        if cfg.num_pg19_samples:
+        if cfg.num_pg19_samples and cfg.task == "lm":
             validate_source(cfg.pg19_source)
+        if cfg.task in ("passkey", "ruler", "niah"):
+            validate_source(cfg.haystack_source)
+        records = None
+        if cfg.task in QUESTION_TASKS:
+            from knormctl.tasks.build import fetch_records
+
+            records = fetch_records(cfg)  # a missing Hub dataset fails here, before the model loads
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = launcher_device(cfg.device, torch.cuda.is_available())  # torchrun: cuda:LOCAL_RANK
@@ -238,12 +239,16 @@ class Runner:
         if any(not pc.is_baseline and pc.keep_ratio < 1.0 for pc in self.configs):
             check_cut_supported(self.loaded.model)  # sliding-window / shared-KV families: one clear line
         probe_cache(self.loaded.model)  # a transformers version that ignores our cache fails here, not mid-run
-        self.samples = load_samples(cfg, self.loaded, self.progress)
+        self.samples = load_samples(cfg, self.loaded, self.progress, records)
         self.cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
         if not self.cells:
             raise UsageError(f"--shard {cfg.shard} gets no samples: the run has {len(self.samples)} sample(s), "
                              f"so use at most {len(self.samples)} shard(s)")
-        self.new_tokens = cfg.passkey_new_tokens if cfg.task == "passkey" else cfg.max_new_tokens
+        # the longest answer of the run (question tasks size answers per subtask)
+        self.new_tokens = max(self._new_tokens(s) for s in self.samples)
+        from knormctl.tasks.scoring import stop_ids
+
+        self.stop_ids = stop_ids(self.loaded.tokenizer, self.loaded.model)
 
     def start(self, resume_run_id: int | None = None) -> int:
         from knormctl.engine.env import get_environment
@@ -287,9 +292,21 @@ class Runner:
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
         longest = max(self.samples, key=lambda s: len(s.prompt_ids))
-        self.warm_prompt_tokens = len(longest.prompt_ids)
-        return [run_generation(self.loaded.model, longest.prompt_ids, pc, n)
+        ids, question = self._split(longest)
+        self.warm_prompt_tokens = len(ids) + len(question or ())
+        return [run_generation(self.loaded.model, ids, pc, n, question_ids=question)
                 for pc, n in warm_up_plan(planned, self.new_tokens)]
+
+    def _new_tokens(self, sample) -> int:
+        return sample.max_new_tokens if isinstance(sample, QuestionSample) else self.cfg.max_new_tokens
+
+    def _split(self, sample) -> tuple[list[int], list[int] | None]:
+        """(ids prefilled and compressed, ids fed after the cut) under the run's protocol."""
+        if not isinstance(sample, QuestionSample):
+            return sample.prompt_ids, None
+        from knormctl.tasks.protocol import split
+
+        return split(sample, self.cfg.protocol)
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
@@ -340,15 +357,18 @@ class Runner:
             try:
                 if i not in ppl_ctx and cfg.task == "lm":
                     ppl_ctx[i] = context_perplexity(lm.model, sample.prompt_ids)
-                res = run_generation(lm.model, sample.prompt_ids, pc, self.new_tokens, sampling=cfg.sampling,
-                                     temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer)
+                ids, question = self._split(sample)
+                res = run_generation(lm.model, ids, pc, self._new_tokens(sample), sampling=cfg.sampling,
+                                     temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer,
+                                     question_ids=question)
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only
                     res.ppl_compressed, res.eval_tokens = self._quality(sample, pc, cfg.seed + i)
-                row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r)
+                row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r, **self._task_fields(sample, res))
             except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
                 if os.environ.get("KNORMCTL_DEBUG"):
                     traceback.print_exc()
-                row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}", repeat=r)
+                row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}",
+                                    repeat=r, **self._task_fields(sample, None))
                 out.failed += 1
                 res = None
             self.store.add_sample(self.run_id, sample_index=i, **row)
@@ -358,6 +378,15 @@ class Runner:
                 outs[pc.key] = res.token_ids
                 self._update_token_match(i, r, outs, pc.key)
             self.on_cell(n + 1, len(self.cells), desc)
+
+    def _task_fields(self, sample, res) -> dict:
+        """protocol and scored answer for a question sample (nothing for an lm sample)."""
+        if not isinstance(sample, QuestionSample):
+            return {}
+        from knormctl.tasks.scoring import answer_text
+
+        answer = None if res is None else answer_text(res.token_ids, self.loaded.tokenizer, self.stop_ids)
+        return {"protocol": self.cfg.protocol, "answer": answer}
 
     def _quality(self, sample, pc: PressConfig, seed: int) -> tuple[float | None, int]:
         """ppl_compressed and how many tokens it scored, by the configured method."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from knormctl.engine.passkey import INTRO, NEEDLE, QUESTION, build_passkey_sample, is_correct
 from knormctl.errors import UsageError
+from knormctl.tasks.passkey import ANSWER_PREFIX, INTRO, NEEDLE, QUESTION, build_passkey_sample, is_correct
+from knormctl.tasks.prompt import PromptFormat
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,16 @@ def _n_tokens(tokenizer, text: str) -> int:
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_key_sits_at_the_asked_depth_in_a_prompt_of_the_asked_length(tiny_tokenizer, filler, depth):
     s = build_passkey_sample(tiny_tokenizer, filler, 512, depth, "48213")
-    assert len(s.prompt_ids) == 512 and s.passkey == "48213" and s.depth == depth
+    assert len(s.prompt_ids) == 512 and s.answers == ["48213"] and s.needle_depth == depth
+    assert s.task == s.subtask == "passkey" and s.metric == "passkey_digits" and s.context_length == 512
     needle = tiny_tokenizer(NEEDLE.format(key="48213"), add_special_tokens=False)["input_ids"]
-    at = s.needle_token_index
-    assert s.prompt_ids[at:at + len(needle)] == needle
-    assert tiny_tokenizer.decode(s.prompt_ids).endswith(QUESTION)
+    at = s.extra["needle_token_index"]
+    assert s.context_ids[at:at + len(needle)] == needle  # the needle is in the part that may be compressed
+    assert tiny_tokenizer.decode(s.question_ids) == QUESTION
+    assert tiny_tokenizer.decode(s.suffix_ids) == "\n" + ANSWER_PREFIX  # plain format: newline, answer prefix
     # the needle's position among the filler tokens is depth x the filler's length (to one token)
-    intro, tail = _n_tokens(tiny_tokenizer, INTRO), _n_tokens(tiny_tokenizer, QUESTION)
-    filler_tokens = 512 - intro - len(needle) - tail
+    intro = _n_tokens(tiny_tokenizer, INTRO)
+    filler_tokens = len(s.context_ids) - intro - len(needle)
     assert abs((at - intro) - depth * filler_tokens) <= 1
 
 
@@ -35,6 +38,19 @@ def test_different_keys_give_different_prompts(tiny_tokenizer, filler):
     a = build_passkey_sample(tiny_tokenizer, filler, 256, 0.5, "11111")
     b = build_passkey_sample(tiny_tokenizer, filler, 256, 0.5, "22222")
     assert a.text_hash != b.text_hash and a.prompt_ids != b.prompt_ids
+
+
+def test_chat_template_wraps_context_and_question_and_opens_the_answer(tiny_tokenizer, filler):
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    s = build_passkey_sample(tok, filler, 512, 0.5, "48213", fmt=PromptFormat(tok, "auto"))
+    assert len(s.prompt_ids) == 512
+    assert tok.decode(s.context_ids).startswith("<|im_start|>user\n" + INTRO)
+    assert tok.decode(s.suffix_ids) == "<|im_end|>\n<|im_start|>assistant\n" + ANSWER_PREFIX
+    with pytest.raises(UsageError, match="no chat template"):
+        PromptFormat(tiny_tokenizer, "on")
 
 
 def test_too_short_or_not_enough_filler_is_a_clear_error(tiny_tokenizer, filler):

@@ -93,8 +93,6 @@ NSinkOpt = Annotated[int, _opt("--n-sink", panel=COMPRESS, metavar="N",
                                     "expected-attention).")]
 
 # --- what to measure -------------------------------------------------------------------
-TaskOpt = Annotated[str, _opt("--task", panel=MEASURE, metavar="TASK",
-                              help="lm: generation + perplexity; passkey: retrieval accuracy.")]
 MaxNewOpt = Annotated[int, _opt("--max-new-tokens", panel=MEASURE, metavar="N",
                                 help="Tokens generated per sample (EOS does not stop).")]
 EvalTokOpt = Annotated[int, _opt("--eval-tokens", panel=MEASURE, metavar="N",
@@ -105,12 +103,6 @@ PplMethodOpt = Annotated[str, _opt(
          "prompt + eval tokens one at a time (the original l2compress evaluation; slow).")]
 PplSkipOpt = Annotated[int | None, _opt("--ppl-skip", panel=MEASURE, metavar="N",
                                         help="stream: leading tokens not scored (default: --prune-after).")]
-PasskeyLengthsOpt = Annotated[str, _opt("--passkey-lengths", panel=MEASURE, metavar=LIST,
-                                        help="passkey: prompt lengths in tokens.")]
-PasskeyDepthsOpt = Annotated[str, _opt("--passkey-depths", panel=MEASURE, metavar=LIST,
-                                       help="passkey: where the key sits (0 = start, 1 = end).")]
-PasskeySeedsOpt = Annotated[int, _opt("--passkey-seeds", panel=MEASURE, metavar="N",
-                                      help="passkey: filler windows (and keys) per length x depth.")]
 SampleOpt = Annotated[bool, _opt("--sample/--greedy", panel=MEASURE, metavar=FLAG,
                                  help="Sample tokens (seeded) instead of greedy decoding.")]
 TempOpt = Annotated[float, _opt("--temperature", panel=MEASURE, metavar="T",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from knormctl.cli import _common as o
+from knormctl.cli import _task_options as t
 
 
 def sweep(
@@ -16,17 +17,27 @@ def sweep(
     compress_mode: o.CompressModeOpt = None,
     keep_recent: o.KeepRecentOpt = 0,
     n_sink: o.NSinkOpt = 4,
-    task: o.TaskOpt = "lm",
+    task: t.TaskOpt = "lm",
+    protocol: t.ProtocolOpt = "context",
+    chat_template: t.ChatTemplateOpt = "auto",
+    context_lengths: t.ContextLengthsOpt = None,
+    needle_depths: t.NeedleDepthsOpt = "0,0.25,0.5,0.75,1",
+    subtasks: t.SubtasksOpt = None,
+    samples_per_task: t.SamplesPerTaskOpt = None,
+    answer_tokens: t.AnswerTokensOpt = None,
+    passkey_lengths: t.PasskeyLengthsOpt = "1024,2048",
+    passkey_depths: t.PasskeyDepthsOpt = "0.1,0.5,0.9",
+    passkey_seeds: t.PasskeySeedsOpt = 2,
     max_new_tokens: o.MaxNewOpt = 100,
     eval_tokens: o.EvalTokOpt = 128,
     ppl_method: o.PplMethodOpt = "teacher-forced",
     ppl_skip: o.PplSkipOpt = None,
-    passkey_lengths: o.PasskeyLengthsOpt = "1024,2048",
-    passkey_depths: o.PasskeyDepthsOpt = "0.1,0.5,0.9",
-    passkey_seeds: o.PasskeySeedsOpt = 2,
     sample: o.SampleOpt = False,
     temperature: o.TempOpt = 1.0,
     warmup: o.NoWarmupOpt = True,
+    haystack: t.HaystackOpt = None,
+    ruler_source: t.RulerSourceOpt = "generated",
+    hub_dataset: t.HubDatasetOpt = None,
     num_wikitext_samples: o.NumWikiOpt = 3,
     num_pg19_samples: o.NumPg19Opt = 2,
     wikitext_source: o.WikiSrcOpt = "wiki-lite",
@@ -49,7 +60,7 @@ def sweep(
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import parse_float_list, parse_int_list, parse_press_list
+    from knormctl.config import parse_float_list, parse_int_list, parse_name_list, parse_press_list
 
     with o.error_boundary():
         if resume is not None:
@@ -62,7 +73,10 @@ def sweep(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
             presses=parse_press_list(presses),
-            compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
+            compress_mode=compress_mode or ("decode" if task == "lm" else "prefill"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
-            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
+            passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"),
+            context_lengths=None if context_lengths is None else parse_int_list(context_lengths, "--context-lengths"),
+            needle_depths=parse_float_list(needle_depths, "--needle-depths"),
+            subtasks=None if subtasks is None else parse_name_list(subtasks, "--subtasks", None))
         run_benchmark(cfg, db, json_out=json_out, verbose=verbose)

@@ -142,7 +142,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         if q_ids is not None:
             account()
             cut(prefill=True)  # the question is read through the compressed cache
-            out = fwd(q_ids, positions[:, prompt_len:prompt_len + q_len])
+            out = feed(fwd, q_ids, positions[:, prompt_len:prompt_len + q_len], stepwise=not uniform_lengths(cache))
         token = pick(out.logits)
         sync()
         t_prev = time.perf_counter()
@@ -171,6 +171,25 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
 
     return _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
                    kv_entries_peak, kv_entries_final, comp)
+
+
+def uniform_lengths(cache) -> bool:
+    """True when every layer holds the same number of entries (no skipped layers after a cut)."""
+    return len({layer.keys.shape[-2] for layer in cache.layers if layer.keys is not None}) <= 1
+
+
+def feed(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, stepwise: bool):
+    """Feed ``ids`` into the cache: one forward, or one token at a time when ``stepwise``.
+
+    Layers of different lengths (skip_layers after a cut) break a multi-token forward: its
+    attention mask is built for one cache length. One token at a time needs no mask and
+    gives the same logits (tests/test_protocols.py).
+    """
+    if not stepwise:
+        return fwd(ids, positions)
+    for k in range(ids.shape[1]):
+        out = fwd(ids[:, k:k + 1], positions[:, k:k + 1])
+    return out
 
 
 def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kvb_peak, kvb_final, kve_peak,

@@ -1,0 +1,72 @@
+"""The needle grid: the needle is at the asked depth, the prompt is as long as asked, the
+same seed gives the same sample, and the scorer accepts exactly the needle's value."""
+
+from __future__ import annotations
+
+import pytest
+
+from knormctl.tasks import niah
+from knormctl.tasks.haystack import load_haystack
+from knormctl.tasks.prompt import PromptFormat
+from knormctl.tasks.scoring import score
+
+
+@pytest.fixture(scope="module")
+def hay(books_dir):
+    return load_haystack(f"text:{books_dir}")
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_tokenizer):
+    return PromptFormat(tiny_tokenizer, "off")
+
+
+def _needle_position(tok, s) -> tuple[int, int, int]:
+    """(first token of the needle, first and last token of the haystack) in the context."""
+    needle = tok(s.extra["needle"], add_special_tokens=False)["input_ids"]
+    ids = s.context_ids
+    head = len(tok(niah.HEAD, add_special_tokens=False)["input_ids"])
+    for at in range(len(ids)):
+        # the needle's own tokens (the first may merge with the space before it)
+        if ids[at + 1:at + len(needle) - 1] == needle[1:-1]:
+            return at, head, len(ids) - 1  # the context ends with "\n"
+    raise AssertionError("needle not found in the context tokens")
+
+
+@pytest.mark.parametrize("length", [1024, 2048])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_needle_sits_at_the_asked_depth(tiny_tokenizer, fmt, hay, length, depth):
+    s = niah.make_sample(fmt, hay, length, depth, 0, seed=3)
+    at, start, end = _needle_position(tiny_tokenizer, s)
+    needle_len = len(tiny_tokenizer(s.extra["needle"], add_special_tokens=False)["input_ids"])
+    haystack_tokens = end - start - needle_len
+    # depth counts the haystack before the needle; it moves to the nearest sentence end (a
+    # sentence of Austen is up to ~100 tokens of this 512-token vocabulary)
+    assert abs((at - start) - depth * haystack_tokens) <= 110, (at - start, depth * haystack_tokens)
+    assert s.needle_depth == depth and s.context_length == length
+    assert length - 40 <= len(s.prompt_ids) + s.max_new_tokens <= length
+    assert s.answers[0] in s.extra["needle"] and s.answers[0] not in tiny_tokenizer.decode(s.question_ids)
+
+
+def test_depth_zero_opens_and_depth_one_closes_the_haystack(tiny_tokenizer, fmt, hay):
+    first = tiny_tokenizer.decode(niah.make_sample(fmt, hay, 1024, 0.0, 0, seed=3).context_ids)
+    last = tiny_tokenizer.decode(niah.make_sample(fmt, hay, 1024, 1.0, 0, seed=3).context_ids)
+    assert first.startswith(niah.HEAD + "One of the special magic numbers for ")
+    assert last.rstrip("\n").endswith(".") and "One of the special magic numbers" in last[-120:]
+
+
+def test_same_seed_same_sample(fmt, hay):
+    a = niah.make_sample(fmt, hay, 1024, 0.5, 0, seed=3)
+    b = niah.make_sample(fmt, hay, 1024, 0.5, 0, seed=3)
+    c = niah.make_sample(fmt, hay, 1024, 0.5, 0, seed=4)
+    d = niah.make_sample(fmt, hay, 1024, 0.5, 1, seed=3)
+    assert a.prompt_ids == b.prompt_ids and a.answers == b.answers
+    assert len({a.text_hash, c.text_hash, d.text_hash}) == 3
+
+
+def test_scored_right_and_wrong(fmt, hay):
+    s = niah.make_sample(fmt, hay, 1024, 0.5, 0, seed=3)
+    value = s.answers[0]
+    assert score(s.metric, f" {value}.", s.answers) == 1.0
+    assert score(s.metric, f" {value[:-1]}", s.answers) == 0.0
+    assert score(s.metric, " 1234567", s.answers) == (1.0 if value == "1234567" else 0.0)

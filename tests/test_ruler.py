@@ -1,0 +1,171 @@
+"""RULER's synthetic tasks: the answers are really in the prompt, the prompt is as long as
+asked, the same seed gives the same sample, and RULER's scoring accepts right and refuses
+wrong answers."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from knormctl.errors import UsageError
+from knormctl.tasks import ruler
+from knormctl.tasks.catalog import RULER_SYNTHETIC, subtask
+from knormctl.tasks.haystack import Haystack, load_haystack
+from knormctl.tasks.prompt import PromptFormat
+from knormctl.tasks.scoring import ruler_clean, score, string_match_all, string_match_part
+
+LENGTH = 1536  # vt alone brings a ~500-token solved example
+
+
+@pytest.fixture(scope="module")
+def hay(books_dir):
+    return load_haystack(f"text:{books_dir}")
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_tokenizer):
+    return PromptFormat(tiny_tokenizer, "off")
+
+
+@pytest.fixture(scope="module")
+def samples(fmt, hay):
+    return {name: ruler.make_sample(name, fmt, hay, LENGTH, 0, seed=7) for name in RULER_SYNTHETIC}
+
+
+def _context(tok, s) -> str:
+    return tok.decode(s.context_ids)
+
+
+@pytest.mark.parametrize("name", RULER_SYNTHETIC)
+def test_prompt_plus_answer_fills_the_asked_length(samples, name):
+    s = samples[name]
+    total = len(s.prompt_ids) + s.max_new_tokens
+    assert s.max_new_tokens == subtask(name).max_new_tokens and s.context_length == LENGTH
+    # the haystack grows in whole units (a word, a line, a list entry): the last one may not fit
+    slack = 120 if name in ("niah_multikey_2", "niah_multikey_3", "vt", "niah_single_1") else 40
+    assert LENGTH - slack <= total <= LENGTH, total
+    assert s.task == "ruler" and s.subtask == name and s.metric == "string_match_all" and s.answers
+
+
+@pytest.mark.parametrize("name", RULER_SYNTHETIC)
+def test_same_seed_same_sample_other_seed_or_index_another(fmt, hay, samples, name):
+    again = ruler.make_sample(name, fmt, hay, LENGTH, 0, seed=7)
+    assert again.prompt_ids == samples[name].prompt_ids and again.answers == samples[name].answers
+    assert again.text_hash == samples[name].text_hash
+    other_index = ruler.make_sample(name, fmt, hay, LENGTH, 1, seed=7)
+    other_seed = ruler.make_sample(name, fmt, hay, LENGTH, 0, seed=8)
+    assert other_index.text_hash != again.text_hash and other_seed.text_hash != again.text_hash
+
+
+@pytest.mark.parametrize("name", [n for n in RULER_SYNTHETIC if n.startswith("niah")])
+def test_each_needle_answer_is_in_the_context_with_its_key(tiny_tokenizer, samples, name):
+    s = samples[name]
+    context = _context(tiny_tokenizer, s)
+    question = tiny_tokenizer.decode(s.question_ids)
+    spec = ruler.NIAH[name]
+    for value in s.answers:
+        needles = re.findall(rf"One of the special magic {spec.type_v} for (\S+) is: {re.escape(value)}\.", context)
+        assert len(needles) == 1, (value, needles)
+        assert needles[0] in question  # the needle's key is what the question asks about
+    assert len(s.answers) == spec.num_v * spec.num_q
+    n_needles = len(re.findall(r"One of the special magic", context))
+    if spec.haystack != "needle":  # multikey_2/3: the haystack itself is made of needles
+        assert n_needles == max(spec.num_k, spec.num_q) * spec.num_v
+    assert ("are all the special magic" in question) == (spec.num_q * spec.num_v > 1)
+
+
+def test_variable_tracking_chain_is_in_order_and_complete(tiny_tokenizer, samples):
+    s = samples["vt"]
+    context = _context(tiny_tokenizer, s)
+    value = re.search(r"assigned the value (\d+)", tiny_tokenizer.decode(s.question_ids)).group(1)
+    names = s.answers
+    assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
+    assert f"VAR {names[0]} = {value}" in context
+    positions = [context.index(f"VAR {names[j + 1]} = VAR {names[j]} ") for j in range(4)]
+    assert positions == sorted(positions) and context.index(f"VAR {names[0]} = {value}") < positions[0]
+    # the solved example before it has its own chain, with its answer written out
+    assert re.search(r"they are:  [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3} [A-Z]{3}\n", context)
+
+
+def test_common_words_are_the_ten_most_frequent(tiny_tokenizer, samples):
+    s = samples["cwe"]
+    main = _context(tiny_tokenizer, s).split("Below is a numbered list of words.")[-1]
+    counts = Counter(re.findall(r"\d+\. (\S+)", main))
+    top = [w for w, _ in counts.most_common(10)]
+    assert sorted(top) == sorted(s.answers)
+    assert {counts[w] for w in s.answers} == {6}  # below 4096 tokens: 6x the common, 1x the others
+    assert max(counts[w] for w in counts if w not in s.answers) == 1
+    assert 0 <= s.extra["chance"] <= 1
+
+
+def test_frequent_words_are_ranks_two_to_four(tiny_tokenizer, samples):
+    s = samples["fwe"]
+    text = _context(tiny_tokenizer, s).split("coded words. ")[1]
+    counts = Counter(text.split())
+    ranked = [w for w, _ in counts.most_common(4)]
+    assert ranked[0] == "..." and ranked[1:] == s.answers
+    assert counts[s.answers[0]] > counts[s.answers[1]] > counts[s.answers[2]]
+
+
+def test_cwe_from_4096_on_uses_rulers_heavier_mix(fmt, hay):
+    s = ruler.make_sample("cwe", fmt, hay, 8192, 0, seed=1)  # a 512-token vocabulary needs room
+    main = fmt.tokenizer.decode(s.context_ids).split("Below is a numbered list of words.")[-1]
+    counts = Counter(re.findall(r"\d+\. (\S+)", main))
+    assert {counts[w] for w in s.answers} == {30} and max(c for w, c in counts.items() if w not in s.answers) == 3
+
+
+def test_a_length_too_short_for_the_template_is_a_clear_error(fmt, hay):
+    with pytest.raises(UsageError, match="ask for a longer context length"):
+        ruler.make_sample("vt", fmt, hay, 400, 0, seed=0)
+
+
+def test_a_word_pool_too_small_for_cwe_is_a_clear_error(fmt):
+    tiny = Haystack("text:tiny", ("The cat sat. " * 50).split(), [f"w{i:03d}" for i in range(60)])
+    with pytest.raises(UsageError, match="haystack material runs out"):
+        ruler.make_sample("cwe", fmt, tiny, 2048, 0, seed=0)
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction, refs, expected", [
+    (" 1234567.", ["1234567"], 1.0),
+    ("The number is 7654321", ["1234567"], 0.0),
+    ("1234567, 2345678", ["1234567", "2345678", "3456789", "4567890"], 0.5),
+    ("ABCDE FGHIJ", ["abcde", "fghij"], 1.0),  # case-insensitive, as RULER
+    ("", ["x"], 0.0),
+])
+def test_string_match_all(prediction, refs, expected):
+    assert string_match_all(prediction, refs) == expected
+    assert score("string_match_all", prediction, refs) == expected
+
+
+def test_string_match_part_and_rulers_clean_up():
+    assert string_match_part("Paris, France", ["London", "paris"]) == 1.0
+    assert string_match_part("Rome", ["London", "Paris"]) == 0.0
+    assert ruler_clean("  a\tb\x00c \n") == "a\nb\nc"
+
+
+def test_every_generated_answer_scores_one_and_a_wrong_one_less(samples):
+    for name, s in samples.items():
+        right = " ".join(s.answers)
+        assert score(s.metric, right, s.answers) == 1.0, name
+        assert score(s.metric, "I do not know.", s.answers) == 0.0, name
+        if len(s.answers) > 1:
+            assert score(s.metric, s.answers[0], s.answers) == pytest.approx(1 / len(s.answers))
+
+
+def test_the_answer_is_scored_up_to_the_first_end_of_sequence(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from knormctl.tasks.scoring import answer_text, stop_ids
+
+    eos = tiny_tokenizer.eos_token_id
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[eos, 7]))
+    assert stop_ids(tiny_tokenizer, model) == {eos, 7}
+    ids = tiny_tokenizer(" 1234567.", add_special_tokens=False)["input_ids"]
+    after = tiny_tokenizer(" 7654321", add_special_tokens=False)["input_ids"]
+    assert answer_text(ids + [eos] + after, tiny_tokenizer, {eos}) == " 1234567."
+    assert answer_text(ids + after, tiny_tokenizer, {eos}) == " 1234567. 7654321"  # no EOS: all of it
