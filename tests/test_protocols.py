@@ -158,6 +158,8 @@ def test_stepwise_question_feed_equals_one_forward(lm, sample):
     forward's mask fits one cache length only); on equal lengths both give the same result."""
     from transformers import DynamicCache
 
+    from knormctl.engine.kvcache import cache_kwargs
+
     C, n = len(sample.context_ids), len(sample.prompt_ids)
     rest = torch.tensor([sample.question_ids + sample.suffix_ids])
     positions = torch.arange(C, n).unsqueeze(0)
@@ -166,7 +168,7 @@ def test_stepwise_question_feed_equals_one_forward(lm, sample):
         for stepwise in (False, True):
             cache = DynamicCache(config=lm.model.config)
             lm.model(input_ids=torch.tensor([sample.context_ids]), position_ids=torch.arange(C).unsqueeze(0),
-                     cache=cache, use_cache=True)
+                     **cache_kwargs(lm.model, cache))  # the cache under the name this transformers reads
             fwd = loop.CachedForward(lm.model, cache, last_logits_only=False)
             fwd.ledger.held = [C] * len(cache.layers)  # the context's prefill above, outside the ledger
             outs.append(loop.feed(fwd, rest, positions, stepwise=stepwise).logits[0, -1])
