@@ -173,6 +173,7 @@ class RunConfig:
     # splitting and grouping
     shard: str | None = None  # "I/N"
     group: str | None = None
+    study: dict | None = None  # the study (knormctl/study.py) this run belongs to, as resolved
 
     def validate(self) -> RunConfig:
         for name in ("num_wikitext_samples", "num_pg19_samples"):
