@@ -1,10 +1,12 @@
 """Quality under compression (issue 5), from one run on smollm2-135m and the books (no Hub).
 
 1. ppl_compressed -- teacher-forced perplexity of the ``--eval-tokens`` that follow each
-   prompt, while the press acts on the cache -- for knorm / random / streaming /
-   knorm-inverse at keep_ratio 0.9, 0.7, 0.5, 0.3, next to the full cache; median over
-   ``--samples`` windows. If knorm's claim holds on this model: knorm < random and
-   knorm << knorm-inverse at the same keep_ratio.
+   prompt, while the press acts on the cache -- for every registered press (``--presses``,
+   default ``all``: knorm and its controls, and the field's strong policies: SnapKV, TOVA,
+   Expected Attention, KeyDiff, PyramidKV, AdaKV, CriticalKV) at keep_ratio 0.9, 0.7, 0.5,
+   0.3, next to the full cache; median over ``--samples`` windows. If knorm's claim holds on
+   this model: knorm < random and knorm << knorm-inverse at the same keep_ratio; the
+   informed policies show what else is on offer.
 2. Passkey retrieval (prefill mode, the paper's setting): accuracy at keep_ratio 1.0 /
    0.5 / 0.2 for each press, needle at several depths, a few seeds, greedy answers.
 
@@ -17,6 +19,10 @@ keep_ratio is, which only sets the eviction batch -- the columns then barely dif
     python benchmarks/quality.py                      # CPU heavy: prints its estimate first
     python benchmarks/quality.py --mode decode --prune-after 512
     python benchmarks/quality.py --quick
+    python benchmarks/quality.py --presses knorm,snapkv(window_size=32),kvpress:TOVAPress
+
+Presses that do not support the mode (pyramidkv, adakv and kvpress:* are prefill-only) are
+left out of the decode-mode table, with a note.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ def parse_args():
     p.add_argument("--prune-after", type=int, default=512, help="decode mode: the budget")
     p.add_argument("--skip-layers", default="0", help="comma-separated layer indices never cut ('' for none)")
     p.add_argument("--keep-recent", type=int, default=0)
-    p.add_argument("--presses", default="knorm,random,streaming,knorm-inverse")
+    p.add_argument("--presses", default="all", help="press specs as for knormctl sweep (default: every registered press)")
     p.add_argument("--keep-ratios", default="0.9,0.7,0.5,0.3")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=2048)
@@ -55,12 +61,26 @@ def parse_args():
 
 
 def press_config(press: str, kr: float, args, skip, seed: int = 0, mode: str | None = None):
-    from knormctl.config import PressConfig
+    from knormctl.config import PressConfig, parse_press_spec
 
     mode = mode or args.mode
+    name, params = parse_press_spec(press)
     # prefill mode: prune_after 0 so the prompt is always cut to keep_ratio of its length
-    return PressConfig(press=press, keep_ratio=kr, prune_after=0 if mode == "prefill" else args.prune_after,
-                       skip_layers=skip, mode=mode, keep_recent=args.keep_recent, seed=seed).validate()
+    return PressConfig(press=name, params=params, keep_ratio=kr,
+                       prune_after=0 if mode == "prefill" else args.prune_after, skip_layers=skip, mode=mode,
+                       keep_recent=args.keep_recent, seed=seed).validate()
+
+
+def supported(presses: list[str], mode: str) -> list[str]:
+    from knormctl.config import parse_press_spec
+    from knormctl.engine.presses import make_press
+
+    kept = []
+    for spec in presses:
+        name, params = parse_press_spec(spec)
+        if mode in make_press(name, params=dict(params)).modes:
+            kept.append(spec)
+    return kept
 
 
 def estimate(args, lm, sample, n_ppl: int, n_passkey: int) -> str:
@@ -150,9 +170,13 @@ def passkey(args, lm, configs: dict, depths, skip, started: float) -> None:
 def main() -> None:
     args = parse_args()
     c.setup(args)
-    from knormctl.config import parse_float_list, parse_int_list, parse_name_list, PRESS_NAMES
+    from knormctl.config import parse_float_list, parse_int_list, parse_press_list, resolve_press_list
 
-    presses = parse_name_list(args.presses, "--presses", PRESS_NAMES)
+    presses = resolve_press_list(parse_press_list(args.presses), "prefill")  # passkey runs in prefill mode
+    ppl_presses = supported(presses, args.mode)
+    if len(ppl_presses) < len(presses):
+        c.log(f"{args.mode} mode: leaving out {', '.join(p for p in presses if p not in ppl_presses)} "
+              "(prefill-only) from the perplexity table")
     krs = parse_float_list(args.keep_ratios, "--keep-ratios")
     pk_krs = parse_float_list(args.passkey_keep_ratios, "--passkey-keep-ratios")
     skip = tuple(parse_int_list(args.skip_layers, "--skip-layers", allow_empty=True))
@@ -160,7 +184,7 @@ def main() -> None:
     lm = c.load(args)
     samples = c.prompts(args, lm.tokenizer, args.samples, args.prompt_tokens, args.eval_tokens)
     pk_configs = passkey_configs(args, presses, pk_krs, skip)
-    n_ppl = 0 if args.skip_ppl else len(samples) * (1 + len(presses) * len(krs))
+    n_ppl = 0 if args.skip_ppl else len(samples) * (1 + len(ppl_presses) * len(krs))
     n_pk = 0 if args.skip_passkey else args.passkey_seeds * len(depths) * len(pk_configs)
     c.header("quality under compression", args, {
         "model": lm.resolved, "text": args.text, "ppl mode": args.mode, "presses": ", ".join(presses),
@@ -170,7 +194,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     if n_ppl:
-        perplexity(args, lm, samples, presses, krs, skip, started)
+        perplexity(args, lm, samples, ppl_presses, krs, skip, started)
     if n_pk:
         passkey(args, lm, pk_configs, depths, skip, started)
     print(f"run time: {(time.perf_counter() - started) / 60:.1f} min")

@@ -6,17 +6,46 @@ as JSON, so ``--resume`` and ``report`` see exactly what was measured.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 
-PRESS_NAMES = ("none", "knorm", "knorm-inverse", "random", "streaming")
+# The registered presses (engine/presses, where each is defined), torch-free for the CLI and the
+# report's ordering; a test keeps the two equal. kvpress:ClassName specs come on top (optional).
+PRESS_NAMES = ("none", "knorm", "knorm-inverse", "random", "streaming", "keydiff", "snapkv", "tova", "pyramidkv",
+               "expected-attention", "adakv", "criticalkv")
+PRESS_SPEC_MAX = 64  # chars: the store's press column
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TASKS = ("lm", "passkey")
 PPL_METHODS = ("teacher-forced", "stream")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'knorm'?)' when ``word`` is close to one of ``choices``, else ''."""
+    close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_choice(flag: str, what: str, value: str, choices) -> ConfigError:
+    """"--presses: unknown press 'knrom' (did you mean 'knorm'?); choose from: ..." as a ConfigError."""
+    return ConfigError(f"{flag}: unknown {what} {value!r}{did_you_mean(value, choices)}; "
+                       f"choose from: {', '.join(map(str, choices))}")
+
+
+def keep_ratio_error(value: float, flag: str = "--keep-ratios") -> ConfigError | None:
+    """None for a keep ratio in (0, 1]; else the error, with the fraction when it looks like a percentage."""
+    if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value <= 1.0:
+        return None
+    percent = isinstance(value, (int, float)) and 2 <= value <= 100 and float(value).is_integer()  # 90, not 1.5
+    hint = f"; use {value / 100:g} for {value:g} %" if percent else ""
+    return ConfigError(f"{flag}: {value:g} is outside (0, 1] (the fraction of the cache kept){hint}")
 
 
 def parse_float_list(text: str, name: str) -> list[float]:
@@ -59,15 +88,141 @@ def parse_int_list(text: str | None, name: str, allow_empty: bool = False) -> li
 
 
 def parse_name_list(text: str, name: str, allowed: tuple[str, ...]) -> list[str]:
+    """'knorm,random' -> ['knorm', 'random']; an unknown name gets a did-you-mean from ``allowed``."""
     items = [t.strip() for t in str(text).split(",")]
     if not text or any(t == "" for t in items):
-        raise ConfigError(f"{name}: malformed list {text!r}")
+        raise ConfigError(f"{name}: malformed list {text!r} (expected comma-separated names, e.g. "
+                          f"{','.join(allowed[:2])})")
+    what = name.lstrip("-")
+    what = what[:-2] if what.endswith("sses") else what.removesuffix("s")  # presses -> press, tasks -> task
     for t in items:
         if t not in allowed:
-            raise ConfigError(f"{name}: unknown {name.lstrip('-').rstrip('s')} {t!r} (choose from {', '.join(allowed)})")
+            raise unknown_choice(name, what, t, allowed)
     if len(set(items)) != len(items):
         raise ConfigError(f"{name}: duplicate values in {text!r}")
     return items
+
+
+# ----------------------------------------------------------------------------- press specs
+# A press spec: ``name`` or ``name(key=value,...)``; a value is a number, true/false, a word, or
+# another press spec (``adakv(base=snapkv(window_size=32))``). Torch-free: the engine validates
+# names and parameters (``engine.presses.resolve_press``), lazily.
+
+_SPEC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*\Z")
+
+
+def split_top_level(text: str, what: str = "--presses") -> list[str]:
+    """'a,b(x=1,y=2),c' -> ['a', 'b(x=1,y=2)', 'c']: commas inside parentheses do not split."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"{what}: unbalanced ')' in {text!r}")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise ConfigError(f"{what}: unclosed '(' in {text!r}")
+    items.append(text[start:].strip())
+    return items
+
+
+def _spec_value(text: str, spec: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        name, params = parse_press_spec(text)  # a word or a nested press spec, kept as its text
+        return format_press_spec(name, params)
+    if not math.isfinite(value):
+        raise ConfigError(f"--presses: {text!r} is not a finite number (in {spec!r})")
+    return value
+
+
+def parse_press_spec(spec: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """'snapkv(window_size=32)' -> ('snapkv', (('window_size', 32),)); syntax only."""
+    text = str(spec).strip()
+    name, _, rest = text.partition("(")
+    name = name.strip()
+    if not _SPEC_NAME.match(name):
+        raise ConfigError(f"--presses: malformed press spec {spec!r} (expected name or name(key=value,...))")
+    if not rest:
+        return name, ()
+    if not rest.endswith(")"):
+        raise ConfigError(f"--presses: malformed press spec {spec!r} (text after the closing parenthesis)")
+    body = rest[:-1].strip()
+    params: list[tuple[str, object]] = []
+    for item in split_top_level(body) if body else []:
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key.isidentifier() or not value:
+            raise ConfigError(f"--presses: {item!r} in {spec!r} is not key=value")
+        if key in (k for k, _ in params):
+            raise ConfigError(f"--presses: {key} given twice in {spec!r}")
+        params.append((key, _spec_value(value, spec)))
+    return name, tuple(params)
+
+
+def format_spec_value(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value) if isinstance(value, float) \
+        else str(value)
+
+
+def format_press_spec(name: str, params=()) -> str:
+    """The inverse of ``parse_press_spec``: ('snapkv', (('window_size', 32),)) -> 'snapkv(window_size=32)'."""
+    params = tuple(params)
+    if not params:
+        return name
+    return f"{name}({','.join(f'{k}={format_spec_value(v)}' for k, v in params)})"
+
+
+def parse_press_list(text: str) -> list[str]:
+    """--presses: 'knorm,snapkv(window_size=32),all' -> press specs (syntax checked; ``all`` kept as
+    is and expanded by ``RunConfig.validate``, which knows the compression mode)."""
+    if not str(text).strip():
+        raise ConfigError("--presses: empty list")
+    specs = []
+    for item in split_top_level(str(text)):
+        if not item:
+            raise ConfigError(f"--presses: malformed list {text!r} (an empty item)")
+        spec = item if item == "all" else format_press_spec(*parse_press_spec(item))
+        name = spec.split("(", 1)[0]
+        if name != "all" and not name.startswith("kvpress:") and name not in PRESS_NAMES:
+            raise unknown_choice("--presses", "press", name, PRESS_NAMES + ("all", "kvpress:ClassName"))
+        if spec in specs:
+            raise ConfigError(f"--presses: duplicate press {spec!r} in {text!r}")
+        specs.append(spec)
+    return specs
+
+
+def resolve_press_list(specs: list[str], mode: str) -> list[str]:
+    """Expand ``all`` (every registered press that supports ``mode``), validate every spec against
+    the press registry (imports the engine: torch) and write each one canonically."""
+    from knormctl.engine.presses import PRESSES, make_press, resolve_press
+
+    out: list[str] = []
+    for spec in specs:
+        if spec == "all":
+            names = [n for n in PRESSES if n != "none" and mode in make_press(n).modes]
+            out += [n for n in names if n not in out]
+            continue
+        name, params = parse_press_spec(spec)
+        canonical = format_press_spec(name, resolve_press(name, params, mode))
+        if canonical in out:
+            same = "" if spec == canonical else f" (the same as {canonical!r})"
+            raise ConfigError(f"--presses: duplicate press {spec!r}{same}")
+        if len(canonical) > PRESS_SPEC_MAX:
+            raise ConfigError(f"--presses: {canonical!r} is longer than {PRESS_SPEC_MAX} characters")
+        out.append(canonical)
+    return out
 
 
 @dataclass(frozen=True)
@@ -90,8 +245,8 @@ class PressConfig:
     params: tuple[tuple[str, object], ...] = ()  # the press's own parameters, e.g. (("window_size", 64),)
 
     def validate(self) -> PressConfig:
-        if self.press not in PRESS_NAMES:
-            raise ConfigError(f"unknown press {self.press!r} (choose from {', '.join(PRESS_NAMES)})")
+        """Raise ConfigError on bad input; return the configuration with its press parameters in
+        canonical form (typed, declaration order, defaults dropped)."""
         if not (isinstance(self.keep_ratio, (int, float)) and math.isfinite(self.keep_ratio)
                 and 0.0 < self.keep_ratio <= 1.0):
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
@@ -105,11 +260,22 @@ class PressConfig:
             raise ConfigError(f"keep_recent must be >= 0, got {self.keep_recent}")
         if self.n_sink < 0:
             raise ConfigError(f"n_sink must be >= 0, got {self.n_sink}")
-        return self
+        if self.is_baseline:
+            return self
+        # the press registry checks name, parameters and mode (imports the engine: torch)
+        from knormctl.engine.presses import resolve_press
+
+        params = resolve_press(self.press, self.params, self.mode)
+        return self if params == tuple(self.params) else replace(self, params=params)
 
     @property
     def is_baseline(self) -> bool:
         return self.press == "none"
+
+    @property
+    def spec(self) -> str:
+        """The press as the user writes it: 'snapkv(window_size=32)' (the store's press column)."""
+        return format_press_spec(self.press, self.params)
 
     @property
     def key(self) -> str:
@@ -123,7 +289,7 @@ class PressConfig:
         if self.press == "streaming":
             k += f"|sink={self.n_sink}"
         if self.params:
-            k += "|" + ",".join(f"{name}={value}" for name, value in self.params)
+            k += "|" + ",".join(f"{name}={format_spec_value(value)}" for name, value in self.params)
         return k
 
     def to_dict(self) -> dict:
@@ -171,7 +337,7 @@ class RunConfig:
     passkey_seeds: int = 2
     passkey_new_tokens: int = 10  # the answer is five digits; more tokens only cost time
     # splitting and grouping
-    shard: str | None = None  # "I/N"
+    shard: str | None = None  # "I/N" (whole samples: shard I runs samples I-1, I-1+N, ...); "auto": from the launcher
     group: str | None = None
     study: dict | None = None  # the study (knormctl/study.py) this run belongs to, as resolved
 
@@ -187,26 +353,33 @@ class RunConfig:
         if self.eval_tokens < 0:
             raise ConfigError(f"--eval-tokens must be >= 0, got {self.eval_tokens}")
         if self.ppl_method not in PPL_METHODS:
-            raise ConfigError(f"--ppl-method must be one of {', '.join(PPL_METHODS)}, got {self.ppl_method!r}")
+            raise unknown_choice("--ppl-method", "method", self.ppl_method, PPL_METHODS)
         if self.ppl_skip is not None and self.ppl_skip < 0:
             raise ConfigError(f"--ppl-skip must be >= 0, got {self.ppl_skip}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise unknown_choice("--dtype", "dtype", self.dtype, DTYPES)
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise unknown_choice("--task", "task", self.task, TASKS)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if not self.keep_ratios:
             raise ConfigError("--keep-ratios: empty list")
-        for p in self.presses:
-            if p not in PRESS_NAMES:
-                raise ConfigError(f"unknown press {p!r} (choose from {', '.join(PRESS_NAMES)})")
+        if not self.presses:
+            raise ConfigError("--presses: empty list")
         for kr in self.keep_ratios:
-            PressConfig(press="knorm", keep_ratio=kr).validate()
+            if (error := keep_ratio_error(kr)) is not None:
+                raise error
+        if self.compress_mode not in COMPRESS_MODES:
+            raise unknown_choice("--compress-mode", "mode", self.compress_mode, COMPRESS_MODES)
+        for name in ("prune_after", "keep_recent", "n_sink"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if any(i < 0 for i in self.skip_layers):
+            raise ConfigError(f"--skip-layers: layer indices are >= 0, got {list(self.skip_layers)}")
         for L in self.passkey_lengths:
             if L < 64:
                 raise ConfigError(f"--passkey-lengths: {L} is too short (>= 64 tokens)")
@@ -216,7 +389,14 @@ class RunConfig:
         if self.passkey_seeds < 1:
             raise ConfigError(f"--passkey-seeds must be >= 1, got {self.passkey_seeds}")
         if self.shard is not None:
-            parse_shard(self.shard)
+            self.shard = resolve_shard(self.shard)  # stored resolved: resume and report see "I/N"
+        if self.command != "baseline":  # resolved specs are stored with the run (resume sees the same)
+            self.presses = resolve_press_list(self.presses, self.compress_mode)
+            if self.ppl_method == "stream" and self.eval_tokens:  # stream ppl cuts as in decode mode
+                try:
+                    resolve_press_list(self.presses, "decode")
+                except ConfigError as exc:
+                    raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
         return self
 
@@ -227,11 +407,12 @@ class RunConfig:
         configs = [PressConfig(press="none", **common).validate()]
         if self.command == "baseline":
             return configs
-        for press in self.presses:
-            if press == "none":
+        for spec in self.presses:
+            name, params = parse_press_spec(spec)
+            if name == "none":
                 continue
             for kr in self.keep_ratios:
-                configs.append(PressConfig(press=press, keep_ratio=kr, **common).validate())
+                configs.append(PressConfig(press=name, params=params, keep_ratio=kr, **common).validate())
         return configs
 
     def to_dict(self) -> dict:
@@ -248,7 +429,78 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
-        raise ConfigError(f"--shard must look like I/N (e.g. 1/4), got {text!r}") from None
+        raise ConfigError(f"--shard must look like I/N (e.g. 1/4) or be auto, got {text!r}") from None
     if n < 1 or not (1 <= i <= n):
         raise ConfigError(f"--shard {text!r}: need 1 <= I <= N")
     return i, n
+
+
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name, "").strip()
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--shard auto: {name}={value!r} is not an integer") from None
+
+
+def _slurm_array(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(0-based task, tasks) of a Slurm job array (``sbatch --array``), or None outside one."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    if "SLURM_ARRAY_TASK_COUNT" not in environ:
+        raise ConfigError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not "
+                          "(Slurm sets both for sbatch --array); give --shard I/N")
+    task, count = _env_int(environ, "SLURM_ARRAY_TASK_ID"), _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
+    first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
+    step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
+    index, off_step = divmod(task - first, max(step, 1))
+    if count < 1 or off_step or not 0 <= index < count:
+        raise ConfigError(f"--shard auto: array task {task} is not one of {count} evenly spaced tasks from "
+                          f"{first} (SLURM_ARRAY_TASK_MIN/STEP/COUNT); use a range such as --array=0-{count - 1}, "
+                          "or give --shard I/N")
+    return index, count
+
+
+def _torchrun(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(rank, world size) under torchrun, or None."""
+    if "RANK" not in environ and "WORLD_SIZE" not in environ:
+        return None
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        raise ConfigError("--shard auto: torchrun sets both RANK and WORLD_SIZE, found only "
+                          f"{'RANK' if 'RANK' in environ else 'WORLD_SIZE'}; give --shard I/N")
+    rank, world = _env_int(environ, "RANK"), _env_int(environ, "WORLD_SIZE")
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"--shard auto: RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    return rank, world
+
+
+def resolve_shard(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """'I/N' checked, or 'auto' resolved from the launcher into 'I/N'.
+
+    A Slurm job array gives task ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of
+    ``SLURM_ARRAY_TASK_COUNT``; torchrun gives ``RANK`` of ``WORLD_SIZE``. Both at once (one
+    torchrun per array task) give task * WORLD_SIZE + RANK of COUNT * WORLD_SIZE.
+    """
+    if str(text).strip().lower() != "auto":
+        i, n = parse_shard(text)
+        return f"{i}/{n}"
+    environ = os.environ if environ is None else environ
+    array, torch_rank = _slurm_array(environ), _torchrun(environ)
+    if array is None and torch_rank is None:
+        raise ConfigError("--shard auto: found neither a Slurm job array (SLURM_ARRAY_TASK_ID) nor torchrun "
+                          "(RANK, WORLD_SIZE); give --shard I/N")
+    task, tasks = array or (0, 1)
+    rank, world = torch_rank or (0, 1)
+    return f"{task * world + rank + 1}/{tasks * world}"
+
+
+def launcher_device(device: str, cuda_available: bool, environ: Mapping[str, str] | None = None) -> str:
+    """One GPU per torchrun rank: with --device auto or cuda, ``LOCAL_RANK`` picks cuda:LOCAL_RANK
+    (auto without CUDA stays auto). Other devices, and runs outside torchrun, are unchanged."""
+    environ = os.environ if environ is None else environ
+    local = environ.get("LOCAL_RANK", "").strip()
+    if not local or device not in ("auto", "cuda") or (device == "auto" and not cuda_available):
+        return device
+    if not local.isdigit():
+        raise ConfigError(f"LOCAL_RANK={local!r} is not a GPU index")
+    return f"cuda:{int(local)}"

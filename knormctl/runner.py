@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from knormctl import __version__
-from knormctl.config import PressConfig, RunConfig, parse_shard
+from knormctl.config import PressConfig, RunConfig, launcher_device, parse_shard
 from knormctl.errors import UsageError
+from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
+from knormctl.store.liveness import owner
 
 
 class Interrupted(KeyboardInterrupt):
@@ -29,6 +31,7 @@ class Interrupted(KeyboardInterrupt):
 class Cell:
     sample_index: int
     config: PressConfig
+    repeat: int = 0  # measurement round of the same (sample, configuration); 0 = the first
 
 
 @dataclass
@@ -41,17 +44,36 @@ class Outcome:
     skipped_existing: int = 0
 
 
-def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None) -> list[Cell]:
-    """Every (sample x configuration), configurations rotated per sample; then this shard's share."""
-    cells = []
+def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None = None,
+               repeats: int = 1) -> list[Cell]:
+    """This shard's cells: for each of its samples, every configuration ``repeats`` times.
+
+    A shard holds whole samples (shard I of N: samples I-1, I-1+N, ...), so a prompt's
+    compressed runs and its full-cache reference are measured on the same machine, in the
+    same process, and pair. The order of configurations rotates with the sample (and the
+    repeat), exactly as without shards, so drift and a cold start cannot favour one.
+    """
+    k, total = parse_shard(shard) if shard else (1, 1)
     n = len(configs)
-    for i in range(n_samples):
-        for j in range(n):
-            cells.append(Cell(i, configs[(i + j) % n]))
-    if shard:
-        k, total = parse_shard(shard)
-        cells = [c for idx, c in enumerate(cells) if idx % total == k - 1]
+    cells = []
+    for i in range(k - 1, n_samples, total):
+        for r in range(repeats):
+            cells.extend(Cell(i, configs[(i + r + j) % n], r) for j in range(n))
     return cells
+
+
+def resume_config(store, run_id: int) -> RunConfig:
+    """The stored configuration of a run that ``--resume`` may continue. Refused with one line when
+    the run does not exist, is complete, or its owner is still alive (same host: its pid and start
+    time; another host: a fresh heartbeat). ``Store.reopen_run`` checks again, atomically."""
+    run = store.get_run(run_id)  # a 'running' run whose owner is gone reads as interrupted
+    if run is None:
+        raise UsageError(f"run {run_id} does not exist in {store.url}")
+    if run.status == m.COMPLETE:
+        raise UsageError(f"run {run_id} is complete: nothing to resume")
+    if run.status == m.RUNNING:
+        raise UsageError(f"run {run_id} is still running ({owner(run)}); resume it once that process has stopped")
+    return RunConfig.from_dict(run.config_json).validate()
 
 
 def prompt_budget(asked: int, max_positions: int | None, max_new: int, eval_tokens: int) -> int:
@@ -113,7 +135,7 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
     row = dict(
         task="lm", dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
         char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
-        config_key=pc.key, press=pc.press, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
+        config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
         skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
         ppl_context=ppl_context, error=error,
     )
@@ -136,12 +158,6 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
 
             row.update(score=float(is_correct(res.text, sample.passkey)), score_metric="passkey_digits")
     return row
-
-
-def token_match(ids: list[int], reference: list[int]) -> float | None:
-    """Fraction of positions where the output equals the full-cache output."""
-    n = min(len(ids), len(reference))
-    return sum(a == b for a, b in zip(ids, reference)) / n if n else None
 
 
 class _Heartbeat:
@@ -170,8 +186,10 @@ class Runner:
     """One baseline/sweep execution against one store."""
 
     def __init__(self, cfg: RunConfig, store, *, progress: Callable[[str], None] = lambda s: None,
-                 on_cell: Callable[[int, int, str], None] = lambda done, total, desc: None):
+                 on_cell: Callable[[int, int, str], None] = lambda done, total, desc: None,
+                 on_warmed_up: Callable[[list], None] = lambda results: None):
         self.cfg, self.store, self.progress, self.on_cell = cfg, store, progress, on_cell
+        self.on_warmed_up = on_warmed_up  # gets the warm-up's results: the CLI estimates the run's length from them
 
     def prepare(self):
         """Everything that can fail on bad input, before any row is written."""
@@ -179,6 +197,7 @@ class Runner:
 
         from knormctl.engine.compress import check_skip_layers
         from knormctl.engine.models import load_model
+        from knormctl.engine.presses import check_model_support
         from knormctl.engine.text import validate_source
 
         import transformers
@@ -191,25 +210,34 @@ class Runner:
             validate_source(cfg.pg19_source)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        device = launcher_device(cfg.device, torch.cuda.is_available())  # torchrun: cuda:LOCAL_RANK
+        self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=device,
                                  trust_remote_code=cfg.trust_remote_code, progress=self.progress)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
+        check_model_support(self.loaded.model, self.configs)
         self.samples = load_samples(cfg, self.loaded, self.progress)
         self.cells = plan_cells(len(self.samples), self.configs, cfg.shard)
+        if not self.cells:
+            raise UsageError(f"--shard {cfg.shard} gets no samples: the run has {len(self.samples)} sample(s), "
+                             f"so use at most {len(self.samples)} shard(s)")
         self.new_tokens = cfg.passkey_new_tokens if cfg.task == "passkey" else cfg.max_new_tokens
 
     def start(self, resume_run_id: int | None = None) -> int:
         from knormctl.engine.env import get_environment
 
         cfg, lm = self.cfg, self.loaded
-        self.prior_references = []
+        self.prior_outputs = []
+        self.store.mark_stale_runs()  # a writer records what readers only show: runs whose owner is gone
         if resume_run_id is not None:
             self.run_id = resume_run_id
-            self.prior_references = [s for s in self.store.samples(resume_run_id, with_blobs=True)
-                                     if s.config_key == "none" and s.error is None]
+            # Every finished output, not only the references: a compressed cell stored before the
+            # interruption gets its token match when its sample's reference is measured now.
+            self.prior_outputs = [s for s in self.store.samples(resume_run_id, with_blobs=True)
+                                  if s.error is None and s.generated_ids_json is not None]
             self._check_resume_samples()
-            self.store.reopen_run(resume_run_id)  # running again, owned by this process (pid, host, heartbeat)
+            # running again, owned by this process (pid, host, heartbeat); refused if another process took it
+            self.store.reopen_run(resume_run_id)
             return resume_run_id
         env = get_environment(lm.device)
         self.run_id = self.store.create_run(
@@ -227,15 +255,16 @@ class Runner:
                 raise UsageError(f"cannot resume run {self.run_id}: sample {i} no longer has the same text "
                                  "(the text source or tokenizer changed)")
 
-    def warm_up(self) -> None:
-        """Untimed generations first, so no configuration pays for a cold start."""
+    def warm_up(self) -> list:
+        """Untimed generations first, so no configuration pays for a cold start. Returns their
+        results (their speed is a first estimate of the run's length)."""
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
         # the full cache, plus one compressing configuration to warm the eviction kernels
         warm = [pc for pc in planned if pc.is_baseline][:1] + [pc for pc in planned if not pc.is_baseline][:1]
-        for pc in warm:
-            run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
+        return [run_generation(self.loaded.model, self.samples[0].prompt_ids, pc, min(4, self.new_tokens))
+                for pc in warm]
 
     def run(self, resume_run_id: int | None = None) -> Outcome:
         run_id = self.start(resume_run_id)
@@ -247,7 +276,7 @@ class Runner:
         try:
             if self.cfg.warmup:
                 self.progress("warm-up (untimed)")
-                self.warm_up()
+                self.on_warmed_up(self.warm_up())
             self._run_cells(out, done_before)
         except KeyboardInterrupt:
             out.status = m.INTERRUPTED
@@ -269,14 +298,14 @@ class Runner:
 
         lm, cfg = self.loaded, self.cfg
         ppl_ctx: dict[int, float] = {}
-        outputs: dict[int, dict[str, list[int]]] = {}  # sample -> config key -> generated ids
-        for row in self.prior_references:  # a resumed run's finished full-cache outputs
-            outputs.setdefault(row.sample_index, {})["none"] = row.generated_ids_json
+        outputs: dict[tuple[int, int], dict[str, list[int]]] = {}  # (sample, repeat) -> config key -> ids
+        for row in self.prior_outputs:  # a resumed run's finished outputs
+            outputs.setdefault((row.sample_index, row.repeat), {})[row.config_key] = row.generated_ids_json
         for n, cell in enumerate(self.cells):
-            i, pc = cell.sample_index, cell.config
+            i, pc, rep = cell.sample_index, cell.config, cell.repeat
             sample = self.samples[i]
-            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
-            if (i, pc.key) in done_before:
+            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}" + (f" (repeat {rep})" if rep else "")
+            if (i, pc.key, rep) in done_before:
                 out.skipped_existing += 1
                 self.on_cell(n + 1, len(self.cells), desc + " (kept)")
                 continue
@@ -294,12 +323,12 @@ class Runner:
                 row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}")
                 out.failed += 1
                 res = None
-            self.store.add_sample(self.run_id, sample_index=i, **row)
+            self.store.add_sample(self.run_id, sample_index=i, repeat=rep, **row)
             if res is not None:
                 out.done += 1
-                outs = outputs.setdefault(i, {})
+                outs = outputs.setdefault((i, rep), {})
                 outs[pc.key] = res.token_ids
-                self._update_token_match(i, outs, pc.key)
+                self._update_token_match(i, rep, outs, pc.key)
             self.on_cell(n + 1, len(self.cells), desc)
 
     def _quality(self, sample, pc: PressConfig) -> tuple[float | None, int]:
@@ -312,10 +341,10 @@ class Runner:
             return stream_perplexity(self.loaded.model, chunk, pc, skip), max(0, len(chunk) - 1 - skip)
         return compressed_perplexity(self.loaded.model, sample.prompt_ids, sample.eval_ids, pc), len(sample.eval_ids)
 
-    def _update_token_match(self, i: int, outs: dict[str, list[int]], new_key: str) -> None:
-        """Compare with the full-cache output of the same sample, whichever finished first."""
+    def _update_token_match(self, i: int, repeat: int, outs: dict[str, list[int]], new_key: str) -> None:
+        """Compare with the full-cache output of the same sample and repeat, whichever finished first."""
         ref = outs.get("none")
         if ref is None:
             return
         keys = outs if new_key == "none" else [new_key]
-        self.store.set_token_match(self.run_id, i, {k: token_match(outs[k], ref) for k in keys})
+        self.store.set_token_match(self.run_id, i, {k: token_match(outs[k], ref) for k in keys}, repeat=repeat)

@@ -1,7 +1,7 @@
 """Alembic environment for knormctl's results store.
 
 knormctl migrates the database itself when a store is opened
-(``knormctl.store.db.open_store``): it passes an open connection, already inside
+(``knormctl.store.open_store``): it passes an open connection, already inside
 a locked transaction, in ``config.attributes["connection"]``, so the migration
 and the check that decided to run it are one atomic step.
 
@@ -38,7 +38,7 @@ def _configure(**kw) -> None:
 
 
 def _dev_url() -> str:
-    from knormctl.store.db import to_url
+    from knormctl.store.locations import to_url
 
     return to_url(context.get_x_argument(as_dictionary=True).get("db") or config.get_main_option("sqlalchemy.url"))
 
@@ -58,7 +58,7 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
 
-    from knormctl.store.db import make_engine
+    from knormctl.store.connect import make_engine
 
     engine = make_engine(_dev_url())  # same pragmas as knormctl itself
     try:

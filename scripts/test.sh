@@ -9,10 +9,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 . .venv/bin/activate
+# The PostgreSQL store tests must run: without a server they fail instead of skipping
+# (tests/db_fixtures.py), and a server that cannot start fails the run by itself.
+export KNORMCTL_REQUIRE_PG=1
+pg_rc=0
 if url=$(bash .ci/pg.sh start); then
   export KNORMCTL_TEST_PG_URL="$url"
 else
-  echo "warning: PostgreSQL could not be started; PostgreSQL store tests will be skipped" >&2
+  echo "error: PostgreSQL could not be started: the PostgreSQL store tests cannot run (see pg.sh's messages above)" >&2
+  pg_rc=1
 fi
 python -m pytest -m "not kvpress" "$@"
 rc=$?
@@ -23,9 +28,11 @@ if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
   rc=1
 fi
+[ "$rc" -eq 0 ] && rc=$pg_rc
 
 # The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
-COMPAT_TESTS=(tests/test_engine.py tests/test_cli_run.py tests/test_presses.py tests/test_passkey.py)
+COMPAT_TESTS=(tests/test_engine.py tests/test_cli_run.py tests/test_presses.py tests/test_passkey.py
+              tests/test_kvpress_parity.py)
 if bash scripts/setup_compat.sh; then
   .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" "${COMPAT_TESTS[@]}"
   crc=$?

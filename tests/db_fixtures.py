@@ -2,7 +2,9 @@
 
 PostgreSQL runs when ``KNORMCTL_TEST_PG_URL`` points at a server whose user may
 create databases (CI: ``export KNORMCTL_TEST_PG_URL="$(.ci/pg.sh start)"``); each
-test gets a database of its own, dropped afterwards.
+test gets a database of its own, dropped afterwards. Without a server these tests are
+skipped -- unless ``KNORMCTL_REQUIRE_PG=1`` (set by scripts/test.sh, i.e. in CI): then
+they fail, so a suite whose PostgreSQL tests did not run cannot pass.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 PG_ENV = "KNORMCTL_TEST_PG_URL"
+REQUIRE_ENV = "KNORMCTL_REQUIRE_PG"
 PG_SKIP = f"PostgreSQL store tests need {PG_ENV} (e.g. export {PG_ENV}=\"$(.ci/pg.sh start)\")"
 
 
@@ -22,6 +25,8 @@ def pg_database():
     """Yield the URL of a new, empty PostgreSQL database; drop it afterwards."""
     admin_url = os.environ.get(PG_ENV, "").strip()
     if not admin_url:
+        if os.environ.get(REQUIRE_ENV, "").strip() not in ("", "0"):
+            pytest.fail(f"{REQUIRE_ENV} is set but {PG_ENV} is not: the PostgreSQL store tests cannot run", False)
         pytest.skip(PG_SKIP)
     name = f"knormctl_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")  # CREATE DATABASE cannot run in a transaction

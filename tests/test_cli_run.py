@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -52,12 +53,42 @@ def test_sweep_stores_every_cell_with_env(model_dir, books_dir, tmp_path):
     # ppl_context is a property of the sample, identical across configurations
     for i in range(3):
         assert len({r[7] for r in rows if r[1] == i}) == 1
+    # stderr is not a terminal here (as in a CI log): the progress comes as plain timestamped lines
+    log = res.stderr.splitlines()
+    assert all(re.fullmatch(r"\[\d\d:\d\d:\d\d\] \S.*", line) for line in log), log
+    assert any(line.endswith("plan: 9 cells = 3 samples x 3 configurations (full cache; knorm keep 1, 0.5); "
+                             "6 new tokens + 8 scored tokens per cell") for line in log)
+    assert any(re.search(r"estimate: ~\d.* for 9 cells \(warm-up speed: prefill .* ms/token, decode", line)
+               for line in log)
+    assert any(re.search(r"\] 1/9 cells, .* elapsed, ETA \d", line) for line in log)
+    assert re.search(r"\] 9/9 cells done in \d", log[-1])
+    assert not any(".py:" in line for line in log), "source locations only with --verbose"
     env, status, cfg = con.execute("SELECT env_json, status, config_json FROM runs WHERE id=?", (run_id,)).fetchone()
     env = json.loads(env)
     for key in ("cpu_model", "torch", "transformers", "python", "torch_threads", "ram_bytes"):
         assert env.get(key) is not None, key
     assert env["torch_threads"] == 1
     assert json.loads(cfg)["keep_ratios"] == [1.0, 0.5]
+
+
+def test_verbose_logs_say_where_and_a_stored_run_gives_the_next_estimate(tiny_llama_dir, books_dir, tmp_path,
+                                                                        monkeypatch):
+    from knormctl.cli import _execute
+
+    db = tmp_path / "r.db"
+    args = ["sweep", "--keep-ratios", "0.5", "--prune-after", "16", *_args(tiny_llama_dir, books_dir, db)]
+    monkeypatch.setattr(_execute, "LONG_RUN_S", 0)  # every estimate is "long": say how to stop and resume
+    first = runner.invoke(app, [*args, "--verbose"])
+    assert first.exit_code == 0, first.output
+    assert "Ctrl-C stops it at any time: finished cells are kept, and `knormctl sweep --resume 1` measures the rest" \
+        in first.stderr
+    assert re.search(r"\] loading model .*tiny-llama.* \(float32, cpu\)  \(models\.py:\d+\)", first.stderr)
+    assert re.search(r"\] warm-up \(untimed\)  \(runner\.py:\d+\)", first.stderr)
+    second = runner.invoke(app, [*args, "--num-wikitext-samples", "1"])  # fewer samples, same cells
+    assert second.exit_code == 0, second.output
+    line = next(ln for ln in second.stderr.splitlines() if "estimate:" in ln)
+    assert re.search(r"estimate: ~\d.* \(run 1 of this model on this host took \d+\.\d s per cell\)$", line)
+    assert "warm-up speed" not in second.stderr  # the better estimate wins
 
 
 def test_configuration_order_rotates_per_sample(tiny_llama_dir, books_dir, tmp_path):
@@ -98,16 +129,19 @@ def test_passkey_task_stores_answers(tiny_llama_dir, books_dir, tmp_path):
 
 
 BAD_INPUT = [
-    (["--keep-ratios", "1.5"], "keep_ratio must be in (0, 1]"),
-    (["--keep-ratios", "0"], "keep_ratio must be in (0, 1]"),
+    (["--keep-ratios", "1.5"], "--keep-ratios: 1.5 is outside (0, 1]"),
+    (["--keep-ratios", "0"], "--keep-ratios: 0 is outside (0, 1]"),
+    (["--keep-ratios", "90"], "--keep-ratios: 90 is outside (0, 1] (the fraction of the cache kept); use 0.9 for 90 %"),
     (["--keep-ratios", "0.9,,x"], "malformed list"),
     (["--keep-ratios", "nan"], "not a finite number"),
     (["--keep-ratios", "0.9,0.9"], "duplicate"),
-    (["--prune-after", "-1"], "prune_after must be >= 0"),
-    (["--presses", "h2o"], "unknown press"),
+    (["--prune-after", "-1"], "--prune-after must be >= 0"),
+    (["--presses", "h2o"], "--presses: unknown press 'h2o'; choose from: none, knorm"),
+    (["--presses", "knrom"], "--presses: unknown press 'knrom' (did you mean 'knorm'?)"),
     (["--skip-layers", "7"], "do not exist"),
     (["--skip-layers", "a"], "not an integer"),
-    (["--compress-mode", "sometimes"], "compress mode"),
+    (["--compress-mode", "sometimes"], "--compress-mode: unknown mode 'sometimes'"),
+    (["--compress-mode", "prefil"], "(did you mean 'prefill'?)"),
     (["--num-pg19-samples", "-2"], "must be >= 0"),
     (["--max-new-tokens", "0"], "must be >= 1"),
     (["--pg19-source", "nowhere"], "unknown text source"),
@@ -118,18 +152,22 @@ BAD_INPUT = [
     (["--shard", "3/2"], "--shard"),
     (["--shard", "x"], "--shard"),
     (["--keep-ratios", ""], "malformed list"),
-    (["--keep-ratios", "-0.5"], "keep_ratio must be in (0, 1]"),
+    (["--keep-ratios", "-0.5"], "--keep-ratios: -0.5 is outside (0, 1]"),
     (["--keep-ratios", "inf"], "not a finite number"),
     (["--presses", "knorm,knorm"], "duplicate"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--eval-tokens", "-1"], "--eval-tokens must be >= 0"),
-    (["--dtype", "float8"], "--dtype must be one of"),
-    (["--device", "tpu"], "--device must be one of"),
+    (["--dtype", "float8"], "--dtype: unknown dtype 'float8'"),
+    (["--dtype", "bf16"], "--dtype: unknown dtype 'bf16' (did you mean 'bfloat16'?)"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--device", "cdua"], "(did you mean 'cuda'?)"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--temperature", "nan"], "--temperature must be > 0"),
     (["--passkey-depths", "1.5"], "outside [0, 1]"),
-    (["--ppl-method", "guess"], "--ppl-method must be one of"),
-    (["--task", "qa"], "--task must be one of"),
+    (["--ppl-method", "guess"], "--ppl-method: unknown method 'guess'"),
+    (["--task", "qa"], "--task: unknown task 'qa'"),
+    (["--task", "paskey"], "(did you mean 'passkey'?)"),
+    (["--model", "smollm"], "(did you mean 'smollm2-135m'?)"),
     (["--model", "{NO_WEIGHTS}"], "has no weights"),
     (["--pg19-source", "text:{EMPTY_FILE}"], "empty"),
     (["--pg19-source", "text:{BINARY_FILE}"], "binary"),
@@ -139,23 +177,33 @@ BAD_INPUT = [
 ]
 
 
+# Mistakes that only the loaded model or the text itself can reveal: the progress lines of
+# that work come first (timestamped), the error is still one line, and the last.
+FOUND_LATE = {"--skip-layers 7", "--pg19-source text:{EMPTY_FILE}", "--pg19-source text:{BINARY_FILE}"}
+
+
 @pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(e) for e, _ in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_nothing_stored(tiny_llama_dir, books_dir, tmp_path, extra, message):
     db = tmp_path / "r.db"
     args = _args(tiny_llama_dir, books_dir, db)
     paths = _bad_paths(tmp_path)
-    extra = [e.format(**paths) for e in extra]
+    extra_template, extra = extra, [e.format(**paths) for e in extra]
     not_sqlite = Path(paths["NOT_SQLITE"]).read_bytes()
     for flag, value in zip(extra[::2], extra[1::2]):  # later flags win in Typer, but keep it explicit
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
+    late = " ".join(extra_template) in FOUND_LATE
     res = runner.invoke(app, ["sweep", *args])
     assert res.exit_code == 2, res.output
-    assert message in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert message in lines[-1] and lines[-1].startswith("Error: ")
     assert "Traceback" not in res.output
-    assert len([line for line in res.stderr.splitlines() if line.strip()]) == 1
+    if late:
+        assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines[:-1]), lines
+    else:
+        assert len(lines) == 1, lines
     if db.exists():
         assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone() == (0,)
     assert Path(paths["NOT_SQLITE"]).read_bytes() == not_sqlite, "a file that is not a database stays untouched"

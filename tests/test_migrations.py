@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 import knormctl
 from db_fixtures import db_url  # noqa: F401  (a fixture)
 from knormctl.store import INTERRUPTED, RUNNING, StoreError, open_store
-from knormctl.store.db import alembic_config, make_engine, migrations_dir
+from knormctl.store.connect import make_engine
+from knormctl.store.migrate import alembic_config, migrations_dir
 from knormctl.store.models import Base
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -41,7 +42,7 @@ def test_one_linear_history_ending_at_head():
     assert script.get_heads() == [HEAD]
     assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003"]
     # the no-Alembic fast path of open_store compares with this constant: it must follow the scripts
-    from knormctl.store.db import SCHEMA_HEAD
+    from knormctl.store.migrate import SCHEMA_HEAD
 
     assert SCHEMA_HEAD == script.get_current_head()
 
@@ -129,7 +130,7 @@ def test_upgrade_from_0001_keeps_every_row(db_url):
         run_ids = sorted(before["runs"])
         assert store.get_run(run_ids[-1]).status == INTERRUPTED
         assert len(store.samples(run_ids)) == 60
-        assert store.done_cells(run_ids[0]) == {(i, "knorm|kr=0.5") for i in range(20) if i != 3}
+        assert store.done_cells(run_ids[0]) == {(i, "knorm|kr=0.5", 0) for i in range(20) if i != 3}  # repeat 0
 
     if path is not None:  # the backup is a valid SQLite database holding the old rows at 0001
         with closing(sqlite3.connect(store.backup_path)) as bak:

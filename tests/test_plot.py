@@ -1,26 +1,27 @@
-"""`knormctl plot` on hand-built stores: every figure is written at its fixed size, decodes
-as an image, differs between runs, and N/A data draws labelled empty panels, never warnings."""
+"""`knormctl plot` on hand-built stores: every figure is written at its size, decodes as an
+image, differs between runs; what each figure draws (read back from its artists) equals
+the report's json; colours follow the report's verdicts; legends stay off the data; N/A
+data draws labelled empty panels, never warnings."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+from matplotlib.colors import to_hex
 from report_data import Cfg, fill_run
 from typer.testing import CliRunner
 
 from knormctl.cli import app
+from knormctl.cli.report import load_samples
 
 runner = CliRunner()
-# Saved size in pixels (width, height): figure size x DPI, fixed so README embeds stay stable.
-SIZES = {"comprehensive": (1600, 900), "summary": (1400, 800), "tradeoff": (1100, 800), "table": (1800, 800),
-         "quality": (1100, 700), "latency": (1400, 700), "passkey_accuracy": (1100, 700),
-         "passkey_heatmap": (1000, 700)}
 LM_FIGURES = ["comprehensive", "summary", "tradeoff", "table", "quality", "latency"]
-PASSKEY = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("knorm", 0.2, mode="prefill"),
-           Cfg("random", 0.5, mode="prefill"))
+TASK_CONFIGS = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("knorm", 0.2, mode="prefill"),
+                Cfg("random", 0.5, mode="prefill"))
 
 
 def plot(db, *args) -> list[Path]:
@@ -32,15 +33,50 @@ def plot(db, *args) -> list[Path]:
     return [Path(line) for line in result.stdout.splitlines()]
 
 
+def report_json(db, *args):
+    result = runner.invoke(app, ["report", "--db", db, *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def name_of(path: Path) -> str:
     return path.stem.removeprefix("knormpress_")
 
 
-def check_png(path: Path) -> None:
+def summary_of(store, run_ids):
+    """The Summary exactly as `plot` builds it."""
+    from knormctl.render.summary import build_summary
+
+    runs = [store.get_run(i) for i in run_ids]
+    return build_summary(runs, load_samples(store, runs, blobs=True))
+
+
+def check_png(path: Path, size_inches) -> None:
+    from knormctl.render import figures
+
     assert path.is_file() and path.suffix == ".png"
     image = matplotlib.image.imread(path)
-    width, height = SIZES[name_of(path)]
+    width, height = (round(x * figures.DPI) for x in size_inches)
     assert image.shape[:2] == (height, width), path
+
+
+def drawn(fig) -> dict[str, object]:
+    """Every artist that carries a number, by its gid ("config_key|metric|kind")."""
+    return {a.get_gid(): a for a in fig.findobj(lambda a: a.get_gid() is not None)}
+
+
+def segment(artist) -> tuple[float, float]:
+    (x0, y0), (x1, y1) = artist.get_segments()[0]
+    return (y0, y1) if x0 == x1 else (x0, x1)
+
+
+def spec(name):
+    from knormctl.render import figures
+
+    return next(f for f in figures.FIGURES if f.name == name)
+
+
+# ------------------------------------------------------------------ files
 
 
 def test_every_figure_is_written_at_its_size_and_differs_between_runs(store, db, tmp_path):
@@ -50,33 +86,30 @@ def test_every_figure_is_written_at_its_size_and_differs_between_runs(store, db,
     paths_b = plot(db, "--run-id", str(b), "--out", str(tmp_path / "b"))
     assert [name_of(p) for p in paths_a] == LM_FIGURES
     assert paths_a[0].name == "knormpress_comprehensive.png"  # the old visualize_results.py names
+    sa, sb = summary_of(store, [a]), summary_of(store, [b])
     for pa, pb in zip(paths_a, paths_b):
-        check_png(pa)
-        check_png(pb)
+        check_png(pa, spec(name_of(pa)).size(sa))
+        check_png(pb, spec(name_of(pb)).size(sb))
         assert pa.read_bytes() != pb.read_bytes(), pa.name
 
 
 def test_all_memory_na_and_single_configuration_draw_without_warnings(store, db, tmp_path):
-    na = fill_run(store, memory=False)
-    for p in plot(db, "--run-id", str(na), "--out", str(tmp_path / "na")):
-        check_png(p)
-    single = fill_run(store, configs=(Cfg(),))
-    for p in plot(db, "--run-id", str(single), "--out", str(tmp_path / "single")):
-        check_png(p)
-    interrupted = fill_run(store, status="interrupted", stop_after=2)
-    for p in plot(db, "--run-id", str(interrupted), "--out", str(tmp_path / "interrupted")):
-        check_png(p)
-    empty = store.create_run(command="sweep", task="lm", model_requested="m", config={}, command_line="x")
-    for p in plot(db, "--run-id", str(empty), "--out", str(tmp_path / "empty")):
-        check_png(p)
+    cases = {"na": fill_run(store, memory=False), "single": fill_run(store, configs=(Cfg(),)),
+             "interrupted": fill_run(store, status="interrupted", stop_after=2),
+             "empty": store.create_run(command="sweep", task="lm", model_requested="m", config={}, command_line="x")}
+    for name, run in cases.items():
+        summary = summary_of(store, [run])
+        for p in plot(db, "--run-id", str(run), "--out", str(tmp_path / name)):
+            check_png(p, spec(name_of(p)).size(summary))
 
 
-def test_passkey_run_adds_accuracy_and_heatmap(store, db, tmp_path):
-    run = fill_run(store, task="passkey", configs=PASSKEY, n_samples=6, prompt_tokens=(1024, 2048))
+def test_task_run_adds_accuracy_and_needle_heatmap(store, db, tmp_path):
+    run = fill_run(store, task="passkey", configs=TASK_CONFIGS, n_samples=6, prompt_tokens=(1024, 2048))
     paths = plot(db, "--run-id", str(run), "--out", str(tmp_path / "pk"))
-    assert [name_of(p) for p in paths] == LM_FIGURES + ["passkey_accuracy", "passkey_heatmap"]
+    assert [name_of(p) for p in paths] == LM_FIGURES + ["accuracy", "needle_heatmap"]
+    summary = summary_of(store, [run])
     for p in paths:
-        check_png(p)
+        check_png(p, spec(name_of(p)).size(summary))
 
 
 def test_default_folder_last_run_and_svg(store, db, tmp_path, monkeypatch):
@@ -116,9 +149,196 @@ def test_figure_functions_return_figures_without_saving(store):
 
     run = fill_run(store, memory=False)
     summary = build_summary([store.get_run(run)], store.samples(run))  # no blobs: latency panel is N/A
-    for spec in figures.figures_for(summary):
-        fig = spec.draw(summary)
+    for f in figures.figures_for(summary):
+        fig = f.draw(summary)
         assert isinstance(fig, Figure)
-        assert tuple(fig.get_size_inches() * figures.DPI) == SIZES[spec.name]
-    latency = figures.latency(summary)
+        assert tuple(fig.get_size_inches()) == pytest.approx(f.size(summary))
+    latency = figures.FIGURES[5].draw(summary)
     assert any("N/A" in t.get_text() for ax in latency.axes for t in ax.texts)
+
+
+# ------------------------------------------------------------------ what is drawn is what the report says
+
+
+def test_speed_figures_draw_the_json_numbers(store, db):
+    from knormctl.render.figures import speed
+    from knormctl.render.figures._common import VERDICT_COLORS, VERDICT_FILLS
+    from knormctl.render.format import fmt_change, fmt_interval
+
+    run = fill_run(store, n_samples=8, mem_jitter=0.03)
+    data = report_json(db, "--run-id", str(run))
+    rows = {r["config_key"]: r for r in data["rows"]}
+    summary = summary_of(store, [run])
+
+    art = drawn(speed.comprehensive(summary))
+    for key, row in rows.items():
+        for name, k in (("ttft_s", 1e3), ("tpot_s", 1e3), ("throughput_tps", 1.0), ("ppl_compressed", 1.0)):
+            assert art[f"{key}|{name}|value"].get_height() == pytest.approx(row["values"][name] * k)
+        if row["is_reference"]:
+            continue
+        for name in ("ttft_s", "tpot_s"):  # bottom row: paired changes, their intervals, the verdict's colour
+            bar = art[f"{key}|{name}|change"]
+            assert bar.get_height() == pytest.approx(row["changes"][name])
+            assert segment(art[f"{key}|{name}|ci"]) == pytest.approx(tuple(row["change_intervals"][name]))
+            assert to_hex(bar.get_edgecolor()) == VERDICT_COLORS[row["verdicts"][name]]
+
+    art = drawn(speed.summary_figure(summary))
+    noise_cells = 0
+    for key, row in rows.items():
+        if row["is_reference"]:
+            continue
+        for name, change in row["changes"].items():
+            if f"{key}|{name}|text" not in art:
+                continue
+            expected = "N/A" if change is None else f"{fmt_change(name, change)}\n{fmt_interval(row['change_intervals'][name])}"
+            assert art[f"{key}|{name}|text"].get_text() == expected
+            fill = to_hex(art[f"{key}|{name}|cell"].get_facecolor())
+            assert fill == VERDICT_FILLS.get(row["verdicts"][name], "#ffffff"), (key, name)
+            noise_cells += row["verdicts"][name] == "noise"
+    # a small memory change whose interval spans zero is not red
+    mem = rows[Cfg("knorm", 0.9).pc.key]
+    assert mem["verdicts"]["peak_mem_bytes"] == "noise"
+    assert to_hex(art[f"{Cfg('knorm', 0.9).pc.key}|peak_mem_bytes|cell"].get_facecolor()) == "#ffffff"
+    assert noise_cells
+
+    art = drawn(speed.tradeoff(summary))
+    for key, row in rows.items():
+        if row["is_reference"]:
+            continue
+        x, y = art[f"{key}|throughput_tps,ppl_compressed|change"].get_offsets()[0]
+        assert (x, y) == pytest.approx((row["changes"]["throughput_tps"], row["changes"]["ppl_compressed"]))
+        assert segment(art[f"{key}|throughput_tps|ci"]) == pytest.approx(tuple(row["change_intervals"]["throughput_tps"]))
+        assert segment(art[f"{key}|ppl_compressed|ci"]) == pytest.approx(tuple(row["change_intervals"]["ppl_compressed"]))
+
+    art = drawn(speed.quality(summary))
+    for press in ("knorm", "random"):
+        pr = sorted((r for r in rows.values() if r["press"] == press), key=lambda r: r["keep_ratio"])
+        assert list(art[f"{press}|ppl_compressed|value"].get_ydata()) == pytest.approx(
+            [r["values"]["ppl_compressed"] for r in pr])
+        assert list(art[f"{press}|ppl_compressed|change"].get_ydata()) == pytest.approx(
+            [r["changes"]["ppl_compressed"] for r in pr])
+
+
+def test_table_image_cells_are_the_report_cells(store, db):
+    from knormctl.render.figures import table
+    from knormctl.render.figures._common import VERDICT_FILLS
+
+    run = fill_run(store, n_samples=6)
+    data = report_json(db, "--run-id", str(run))
+    fig = table.table(summary_of(store, [run]))
+    cells = fig.axes[0].tables[0].get_celld()
+    header = [cells[(0, j)].get_text().get_text().replace("\n", " ") for j in range(len({j for _, j in cells}))]
+    for i, row in enumerate(data["rows"], start=1):
+        for j, head in enumerate(header[2:], start=2):
+            name = next(n for n in row["values"] if head == _label(n))
+            text = cells[(i, j)].get_text().get_text()
+            from knormctl.render.format import fmt_change, fmt_value
+
+            assert text.startswith(fmt_value(name, row["values"][name]))
+            if row["changes"][name] is not None:
+                assert fmt_change(name, row["changes"][name]) in text
+            assert to_hex(cells[(i, j)].get_facecolor()) == VERDICT_FILLS.get(row["verdicts"][name], "#ffffff")
+
+
+def _label(name):
+    import textwrap
+
+    from knormctl.render.metrics import METRIC
+
+    return textwrap.fill(METRIC[name].label, 12).replace("\n", " ")
+
+
+def test_task_figures_draw_the_json_accuracy(store, db):
+    from knormctl.render.figures import tasks
+
+    run = fill_run(store, task="niah", configs=TASK_CONFIGS, n_samples=24, subtasks=("niah_single_1", "niah_mk"),
+                   lengths=(2048, 4096), depths=(0.0, 0.5, 1.0),
+                   score=lambda i, pc, sub, d, n: float(pc.press == "none" or d > 0.3 or i % 5 == 0))
+    data = report_json(db, "--run-id", str(run))
+    summary = summary_of(store, [run])
+    art = drawn(tasks.accuracy(summary))
+    means = [t for t in data["tasks"] if t["subtask"] is None]
+    assert means
+    for length in (2048, 4096):
+        for press in ("knorm", "random"):
+            pr = sorted((t for t in means if t["press"] == press and t["context_length"] == length),
+                        key=lambda t: t["keep_ratio"])
+            line = art[f"{press}|niah|{length}|value"]
+            assert list(line.get_ydata()) == pytest.approx([t["accuracy"] * 100 for t in pr])
+            for t in pr:
+                assert segment(art[f"{t['config_key']}|niah|{length}|ci"]) == pytest.approx(
+                    tuple(x * 100 for x in t["interval"]))
+        ref = next(t for t in means if t["is_reference"] and t["context_length"] == length)
+        assert art[f"none|niah|{length}|value"].get_ydata()[0] == pytest.approx(ref["accuracy"] * 100)
+
+    art = drawn(tasks.needle_heatmap(summary))
+    depths = sorted({c["needle_depth"] for c in data["needle_cells"]})
+    lengths = sorted({c["context_length"] for c in data["needle_cells"]})
+    for c in data["needle_cells"]:
+        grid = art[f"{c['config_key']}|needle|image"].get_array()
+        assert grid[depths.index(c["needle_depth"]), lengths.index(c["context_length"])] == pytest.approx(c["accuracy"] * 100)
+
+
+def test_plot_and_report_agree_on_a_group_with_token_match_to_compute(store, db):
+    """Cells of one prompt in different runs: report --group computes the token match the plot draws."""
+    from knormctl.render.figures import speed
+    from knormctl.render.format import fmt_change
+
+    a = fill_run(store, group="cells", configs=(Cfg(),), token_match=False, seed=3)
+    b = fill_run(store, group="cells", configs=(Cfg("knorm", 0.7), Cfg("knorm", 0.9)), token_match=False, seed=3)
+    data = report_json(db, "--group", "cells")
+    art = drawn(speed.summary_figure(summary_of(store, [a, b])))
+    for row in data["rows"]:
+        if not row["is_reference"]:
+            assert row["values"]["token_match"] is not None
+            text = art[f"{row['config_key']}|token_match|text"].get_text()
+            assert text.startswith(fmt_change("token_match", row["changes"]["token_match"]))
+
+
+def test_legends_never_cover_data_and_captions_explain_error_bars(store):
+    from knormctl.render.figures import speed
+
+    run = fill_run(store, n_samples=6)
+    summary = summary_of(store, [run])
+    for draw in (speed.tradeoff, speed.quality):
+        fig = draw(summary)
+        fig.canvas.draw()
+        assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside an axes
+        [legend] = fig.legends
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), draw.__name__
+    for draw in (speed.comprehensive, speed.summary_figure, speed.tradeoff, speed.quality):
+        text = draw(summary)._supxlabel.get_text()
+        assert "95%" in text and "n = 6 prompts" in text, draw.__name__
+
+
+def test_tradeoff_axes_fit_the_data_and_keep_the_noise_band(store):
+    from knormctl.render.figures import speed
+
+    run = fill_run(store, n_samples=6)
+    summary = summary_of(store, [run])
+    ax = speed.tradeoff(summary).axes[0]
+    rows = [r for r in summary.rows if not r.is_reference]
+    xs = [e for r in rows for e in (r.change_intervals["throughput_tps"] or ())]
+    lo, hi = ax.get_xlim()
+    assert lo <= min(xs + [-summary.noise_pct]) and hi >= max(xs + [summary.noise_pct])
+    span = max(xs + [summary.noise_pct]) - min(xs + [-summary.noise_pct])
+    assert hi - lo <= 1.5 * span  # fitted, not +-100%
+
+
+def test_plot_imports_neither_torch_nor_the_engine(store, db, tmp_path):
+    import subprocess
+    import sys
+
+    fill_run(store, task="passkey", configs=TASK_CONFIGS, n_samples=3)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from knormctl.cli import app\n"
+        f"r = CliRunner().invoke(app, ['plot', '--db', {db!r}, '--out', {str(tmp_path / 'p')!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'knormctl.engine', 'knormctl.runner') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

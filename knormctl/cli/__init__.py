@@ -6,31 +6,11 @@ are imported inside the command bodies so ``knormctl --help`` starts fast.
 
 from __future__ import annotations
 
-import sys
-
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError
-from typer.core import TyperGroup
 
-from knormctl.cli import baseline, plot, report, sweep
-
-
-class OneLineErrors(TyperGroup):
-    """Usage errors (a bad choice, an out-of-range number, an unknown option) as ONE line on
-    stderr with exit code 2, like knormctl's own errors -- not a framed help panel."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
-        except NoArgsIsHelpError:  # bare `knormctl`: show the help as usual
-            return super().main(args, prog_name, complete_var, True, **extra)
-        except ClickException as exc:
-            print(f"Error: {exc.format_message()}", file=sys.stderr)
-            sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
-
+from knormctl.cli import baseline, export, importing, plot, presses, report, runs, sweep
+from knormctl.cli._common import PanelCommand
+from knormctl.cli._group import OneLineErrors
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -41,10 +21,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("baseline")(baseline.baseline)
-app.command("sweep")(sweep.sweep)
+app.command("baseline", cls=PanelCommand)(baseline.baseline)
+app.command("sweep", cls=PanelCommand)(sweep.sweep)
 app.command("report")(report.report)
 app.command("plot")(plot.plot)
+app.command("export")(export.export)
+app.command("import")(importing.import_results)
+app.add_typer(runs.app, name="runs")
+app.command("presses")(presses.presses)
 
 
 def main() -> None:

@@ -1,4 +1,15 @@
-"""Shared CLI plumbing: option aliases, the error boundary, stderr console."""
+"""Shared CLI plumbing: option aliases (grouped into help panels), the error boundary.
+
+Every option of `baseline` and `sweep` is declared here once, as an ``Annotated`` alias
+with its help panel, so the command modules stay a list of parameters. Conventions the
+error hints in ``cli/__init__.py`` rely on:
+
+- an option that takes a comma-separated list has ``metavar=LIST`` (a value given with
+  spaces instead of commas then gets "separate with commas" as its hint);
+- names are spelled with dashes only; the old scripts' underscore spellings
+  (``--keep_ratios``) are rewritten to dashes before parsing, so they work without
+  doubling every name in ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +19,41 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from knormctl.errors import KnormctlError
 
+# Help panels: `sweep --help` has ~35 options; grouped by the question a user has in mind.
+COMPRESS = "What to compress"
+MEASURE = "What to measure"
+DATA = "Data"
+MODEL = "Model and device"
+OUTPUT = "Output and store"
+
+LIST = "LIST"  # metavar of every comma-separated list option (see the module docstring)
+FLAG = ""  # metavar of on/off flags: the type column would only say <bool>
+
+
+class PanelCommand(TyperCommand):
+    """A command whose options all sit in panels: --help joins the last one, so no box holding
+    only --help heads the page."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.rich_help_panel, option.metavar = OUTPUT, FLAG
+        return option
+
+
+def _opt(*names: str, panel: str, help: str, metavar: str | None = None):  # noqa: A002 -- typer's name
+    return typer.Option(*names, help=help, rich_help_panel=panel, metavar=metavar)
+
+
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", help="Results database: a path or SQLAlchemy URL (default: $KNORMCTL_DB, else a file in the user data dir)."),
+    typer.Option("--db", metavar="PATH|URL", rich_help_panel=OUTPUT,
+                 help="Results database: a path or SQLAlchemy URL (default: $KNORMCTL_DB, else a file in the "
+                      "user data dir)."),
 ]
 
 
@@ -32,27 +72,94 @@ def error_boundary() -> Iterator[None]:
         raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code) from None
 
 
-# Options shared by `baseline` and `sweep` (the old scripts' underscore spellings are aliases).
-ModelOpt = Annotated[str, typer.Option("--model", help="Hub id, local folder, .gguf file, or the offline alias smollm2-135m.")]
-NumWikiOpt = Annotated[int, typer.Option("--num-wikitext-samples", "--num_wikitext_samples", help="Short (wikitext-like) samples.")]
-NumPg19Opt = Annotated[int, typer.Option("--num-pg19-samples", "--num_pg19_samples", help="Long-text (pg19-like) samples.")]
-MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens", help="Tokens generated per sample (EOS does not stop).")]
-WikiSrcOpt = Annotated[str, typer.Option("--wikitext-source", help="wiki-lite (offline), wikitext (Hub), or text:PATH.")]
-Pg19SrcOpt = Annotated[str, typer.Option("--pg19-source", help="wiki-lite-long (offline: the longest wiki-lite articles), pg19 (Hub), or text:PATH.")]
-WikiTokOpt = Annotated[int, typer.Option("--wikitext-prompt-tokens", help="Prompt tokens of the short samples.")]
-MaxPromptOpt = Annotated[int, typer.Option("--max-prompt-tokens", "--max_prompt_tokens", help="Prompt tokens of the long samples (capped by the model's context).")]
-EvalTokOpt = Annotated[int, typer.Option("--eval-tokens", help="Tokens after the prompt scored teacher-forced for ppl_compressed (0: skip).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Chooses the samples (and seeds sampling / the random press).")]
-SampleOpt = Annotated[bool, typer.Option("--sample/--greedy", help="Sample tokens (seeded) instead of greedy decoding.")]
-TempOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (with --sample).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the Hub (off unless you ask).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the run id and summary as JSON on stdout.")]
-NoWarmupOpt = Annotated[bool, typer.Option("--warmup/--no-warmup", help="Untimed warm-up generations before the timed ones.")]
-GroupOpt = Annotated[str | None, typer.Option("--group", help="Tag runs that belong together (e.g. the shards of one sweep).")]
-ShardOpt = Annotated[str | None, typer.Option("--shard", help="Run shard I/N of the (sample x configuration) cells, e.g. 1/4.")]
+# --- what to compress (sweep) ----------------------------------------------------------
+PressesOpt = Annotated[str, _opt("--presses", panel=COMPRESS, metavar=LIST,
+                                 help="Press specs, comma-separated, e.g. knorm,snapkv(window_size=32); "
+                                      "all: every press that supports the mode (knormctl presses lists them).")]
+KeepRatiosOpt = Annotated[str, _opt("--keep-ratios", panel=COMPRESS, metavar=LIST,
+                                    help="Fractions of the cache kept, comma-separated, each in (0, 1].")]
+PruneAfterOpt = Annotated[int, _opt("--prune-after", panel=COMPRESS, metavar="N",
+                                    help="Cache budget: a layer is cut only when it holds more entries.")]
+SkipLayersOpt = Annotated[str, _opt("--skip-layers", panel=COMPRESS, metavar=LIST,
+                                    help="Layers never compressed ('' or none: every layer is).")]
+CompressModeOpt = Annotated[str | None, _opt(
+    "--compress-mode", panel=COMPRESS, metavar="MODE",
+    help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), "
+         "prefill (passkey).")]
+KeepRecentOpt = Annotated[int, _opt("--keep-recent", panel=COMPRESS, metavar="N",
+                                    help="Newest entries never evicted (0: the paper's rule).")]
+NSinkOpt = Annotated[int, _opt("--n-sink", panel=COMPRESS, metavar="N",
+                               help="Sink entries always kept by the presses that keep sinks (streaming, "
+                                    "expected-attention).")]
+
+# --- what to measure -------------------------------------------------------------------
+TaskOpt = Annotated[str, _opt("--task", panel=MEASURE, metavar="TASK",
+                              help="lm: generation + perplexity; passkey: retrieval accuracy.")]
+MaxNewOpt = Annotated[int, _opt("--max-new-tokens", panel=MEASURE, metavar="N",
+                                help="Tokens generated per sample (EOS does not stop).")]
+EvalTokOpt = Annotated[int, _opt("--eval-tokens", panel=MEASURE, metavar="N",
+                                 help="Tokens after the prompt scored for ppl_compressed (0: skip).")]
+PplMethodOpt = Annotated[str, _opt(
+    "--ppl-method", panel=MEASURE, metavar="METHOD",
+    help="teacher-forced: prefill the prompt, score --eval-tokens one at a time; stream: feed "
+         "prompt + eval tokens one at a time (the original l2compress evaluation; slow).")]
+PplSkipOpt = Annotated[int | None, _opt("--ppl-skip", panel=MEASURE, metavar="N",
+                                        help="stream: leading tokens not scored (default: --prune-after).")]
+PasskeyLengthsOpt = Annotated[str, _opt("--passkey-lengths", panel=MEASURE, metavar=LIST,
+                                        help="passkey: prompt lengths in tokens.")]
+PasskeyDepthsOpt = Annotated[str, _opt("--passkey-depths", panel=MEASURE, metavar=LIST,
+                                       help="passkey: where the key sits (0 = start, 1 = end).")]
+PasskeySeedsOpt = Annotated[int, _opt("--passkey-seeds", panel=MEASURE, metavar="N",
+                                      help="passkey: filler windows (and keys) per length x depth.")]
+SampleOpt = Annotated[bool, _opt("--sample/--greedy", panel=MEASURE, metavar=FLAG,
+                                 help="Sample tokens (seeded) instead of greedy decoding.")]
+TempOpt = Annotated[float, _opt("--temperature", panel=MEASURE, metavar="T",
+                                help="Sampling temperature (with --sample).")]
+NoWarmupOpt = Annotated[bool, _opt("--warmup/--no-warmup", panel=MEASURE, metavar=FLAG,
+                                   help="Untimed generations before the timed ones.")]
+
+# --- data ------------------------------------------------------------------------------
+NumWikiOpt = Annotated[int, _opt("--num-wikitext-samples", panel=DATA, metavar="N",
+                                 help="Short (wikitext-like) samples.")]
+NumPg19Opt = Annotated[int, _opt("--num-pg19-samples", panel=DATA, metavar="N",
+                                 help="Long-text (pg19-like) samples.")]
+WikiSrcOpt = Annotated[str, _opt("--wikitext-source", panel=DATA, metavar="SOURCE",
+                                 help="wiki-lite (offline), wikitext (Hub), or text:PATH.")]
+Pg19SrcOpt = Annotated[str, _opt("--pg19-source", panel=DATA, metavar="SOURCE",
+                                 help="wiki-lite-long (offline: the longest wiki-lite articles), pg19 (Hub), "
+                                      "or text:PATH.")]
+WikiTokOpt = Annotated[int, _opt("--wikitext-prompt-tokens", panel=DATA, metavar="N",
+                                 help="Prompt tokens of the short samples.")]
+MaxPromptOpt = Annotated[int, _opt("--max-prompt-tokens", panel=DATA, metavar="N",
+                                   help="Prompt tokens of the long samples (capped by the model's context).")]
+SeedOpt = Annotated[int, _opt("--seed", panel=DATA, metavar="N",
+                              help="Chooses the samples (and seeds sampling / the random press).")]
+
+# --- model and device ------------------------------------------------------------------
+ModelOpt = Annotated[str, _opt("--model", panel=MODEL, metavar="NAME",
+                               help="Hub id, local folder, .gguf file, or the offline alias smollm2-135m.")]
+DeviceOpt = Annotated[str, _opt("--device", panel=MODEL, metavar="DEV", help="auto, cpu, cuda[:N] or mps.")]
+DtypeOpt = Annotated[str, _opt("--dtype", panel=MODEL, metavar="DTYPE", help="float32, bfloat16 or float16.")]
+ThreadsOpt = Annotated[int | None, _opt("--threads", panel=MODEL, metavar="N",
+                                        help="torch CPU threads (default: torch's choice).")]
+TrustOpt = Annotated[bool, _opt("--trust-remote-code", panel=MODEL, metavar=FLAG,
+                                help="Allow model code from the Hub (off unless you ask).")]
+
+# --- output and store ------------------------------------------------------------------
+JsonOpt = Annotated[bool, _opt("--json", panel=OUTPUT, metavar=FLAG,
+                               help="Print the run id and summary as JSON on stdout.")]
+GroupOpt = Annotated[str | None, _opt("--group", panel=OUTPUT, metavar="NAME",
+                                      help="Tag runs that belong together (e.g. the shards of one sweep).")]
+ShardOpt = Annotated[str | None, _opt("--shard", panel=OUTPUT, metavar="I/N",
+                                      help="Run shard I/N of the samples (whole prompts, every configuration), "
+                                           "e.g. 1/4; auto: from a Slurm job array or torchrun.")]
+ResumeOpt = Annotated[int | None, _opt("--resume", panel=OUTPUT, metavar="RUN",
+                                       help="Finish the missing cells of an interrupted run with its stored "
+                                            "configuration (only --db, --json and --verbose may "
+                                            "be given with it; other options are refused).")]
+VerboseOpt = Annotated[bool, _opt("--verbose", "-v", panel=OUTPUT, metavar=FLAG,
+                                  help="Log lines with their source location; tracebacks for unexpected "
+                                       "errors.")]
 
 
 def run_config(command: str, options: dict, **parsed):

@@ -5,15 +5,36 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from knormctl.cli._common import fail
+from knormctl.cli._progress import cell_progress
 from knormctl.config import RunConfig
-from knormctl.errors import StoreError, UsageError
+from knormctl.errors import StoreError
 
-err = Console(stderr=True)  # progress and logs on stderr: stdout stays parseable
+
+LONG_RUN_S = 600  # an estimate longer than this gets a line on how to stop and resume
+
+
+class Log:
+    """Timestamped lines on stderr (stdout stays parseable), never wrapped: a log file is
+    read with grep. The source location -- the engine or runner code that reported the
+    line -- only with --verbose."""
+
+    def __init__(self, verbose: bool = False):
+        self.console = Console(stderr=True)
+        self.verbose = verbose
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        if self.verbose:
+            caller = sys._getframe(1)  # whoever reported it, not this file
+            line += f"  ({Path(caller.f_code.co_filename).name}:{caller.f_lineno})"
+        # markup/highlight off: messages hold paths and intervals like "(0, 1]"
+        self.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
 
 def _raise_interrupted(signum, frame):
@@ -22,55 +43,95 @@ def _raise_interrupted(signum, frame):
     raise Interrupted()
 
 
-def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None) -> None:
+def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None,
+                  verbose: bool = False) -> None:
+    from knormctl.runner import resume_config
     from knormctl.store import open_store
-    from knormctl.store.models import COMPLETE
 
+    log = Log(verbose)
     store = open_store(db)
     if store.upgrade_note:
-        err.print(store.upgrade_note)
+        log(store.upgrade_note)
     if resume is not None:
-        run = store.get_run(resume)
-        if run is None:
-            raise UsageError(f"run {resume} does not exist in {store.url}")
-        if run.status == COMPLETE:
-            raise UsageError(f"run {resume} is complete: nothing to resume")
-        cfg = RunConfig.from_dict(run.config_json).validate()
+        cfg = resume_config(store, resume)  # refused while its owner is alive, or when complete
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM takes the Ctrl-C path
     try:
-        _run(cfg, store, json_out, resume)
+        _run(cfg, store, json_out, resume, log, verbose)
     finally:
         signal.signal(signal.SIGTERM, previous)  # in-process callers (tests, notebooks) get theirs back
 
 
-def _run(cfg: RunConfig, store, json_out: bool, resume: int | None) -> None:
+def _quiet_libraries(verbose: bool) -> None:
+    """One voice on stderr: no transformers / huggingface_hub progress bars (a load or a
+    download is announced by our own log line). --verbose keeps their defaults."""
+    if verbose:
+        return
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, verbose: bool) -> None:
+    from knormctl import estimate
     from knormctl.runner import Runner
 
-    runner = Runner(cfg, store, progress=lambda msg: err.log(msg))
+    _quiet_libraries(verbose)
+    runner = Runner(cfg, store, progress=log)
     try:
         runner.prepare()  # model, samples, checks: bad input fails here, before any row is written
     except KeyboardInterrupt:
         raise fail("interrupted before the run started; nothing was stored", 130) from None
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False, disable=json_out and not err.is_terminal) as bar:
-        task = bar.add_task("warm-up", total=len(runner.cells))
-        runner.on_cell = lambda done, total, desc: bar.update(task, completed=done, description=desc)
+    stored = _announce_plan(runner, cfg, store, resume, log)
+    progress = cell_progress(log.console, log, len(runner.cells))
+    if not cfg.warmup:
+        progress.measuring()
+
+    def warmed_up(results: list) -> None:
+        guess = None
+        if not stored and resume is None:  # a resumed run's remaining cells: the live ETA says it
+            guess = estimate.from_warmup(results, len(runner.samples[0].prompt_ids), runner.cells, runner.samples,
+                                         runner.new_tokens, cfg.ppl_method)
+        if guess:
+            log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")
+        if (guess or stored) and (guess or stored).seconds > LONG_RUN_S:
+            log(f"Ctrl-C stops it at any time: finished cells are kept, and "
+                f"`knormctl sweep --resume {runner.run_id}` measures the rest")
+        progress.measuring()
+
+    runner.on_warmed_up = warmed_up
+    runner.on_cell = progress.update
+    try:
         try:
             outcome = runner.run(resume_run_id=resume)
-        except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
-            bar.stop()
-            raise fail(str(exc).splitlines()[0], 1) from None
-        except KeyboardInterrupt:
-            run_id = getattr(runner, "run_id", None)
-            bar.stop()
-            if run_id is None:
-                raise fail("interrupted before the run started; nothing was stored", 130) from None
-            run = store.get_run(run_id)
-            raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
-                       f"finish it with: knormctl sweep --resume {run_id}", 130) from None
+        finally:
+            progress.close()  # before any message: a live bar would draw over it
+    except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
+        raise fail(str(exc).splitlines()[0], 1) from None
+    except KeyboardInterrupt:
+        run_id = getattr(runner, "run_id", None)
+        if run_id is None:
+            raise fail("interrupted before the run started; nothing was stored", 130) from None
+        run = store.get_run(run_id)
+        raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
+                   f"finish it with: knormctl sweep --resume {run_id}", 130) from None
     _print_summary(store, outcome, json_out)
+
+
+def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
+    """The plan line, and the estimate from a stored run when there is one (returned)."""
+    from knormctl import estimate
+
+    log(estimate.plan_line(len(runner.cells), len(runner.samples), runner.configs, runner.new_tokens,
+                           0 if cfg.task == "passkey" else cfg.eval_tokens))
+    stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
+    if stored:
+        log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")
+    elif not cfg.warmup and resume is None:
+        log("estimate: after the first cell (no warm-up to time)")
+    return stored
 
 
 def _print_summary(store, outcome, json_out: bool) -> None:

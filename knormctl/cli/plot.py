@@ -28,7 +28,7 @@ def plot(
 ) -> None:
     """Draw the figures of a stored run and print the paths written, one per line."""
     with error_boundary():
-        from knormctl.cli.report import select_runs
+        from knormctl.cli.report import load_samples, select_runs
         from knormctl.errors import UsageError
         from knormctl.render import figures
         from knormctl.render.summary import build_summary
@@ -36,12 +36,12 @@ def plot(
 
         if last and run_id is not None:
             raise UsageError("choose one of --last, --run-id")
-        store = open_store(db)
+        store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         runs = select_runs(store, run_id=run_id, group=group)
-        # Blobs too: the latency figure needs the per-step latencies.
-        summary = build_summary(runs, store.samples([r.id for r in runs], with_blobs=True))
+        # Blobs too: the latency figure needs the per-step latencies (numbers are the report's).
+        summary = build_summary(runs, load_samples(store, runs, blobs=True))
         if out is None:
             out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():

@@ -43,6 +43,20 @@ def select_runs(store, run_id: int | None = None, group: str | None = None) -> l
     return [run]
 
 
+def load_samples(store, runs: list, *, blobs: bool = False) -> list:
+    """The runs' samples as report AND plot read them, so both show the same numbers: when a
+    token match is missing (e.g. cells of one prompt stored by different runs), the generated
+    ids are loaded too and the summary computes it. ``blobs``: always load them (plot's
+    per-step latencies)."""
+    from knormctl.render.summary import needs_generated_ids
+
+    ids = [r.id for r in runs]
+    rows = store.samples(ids, with_blobs=blobs)
+    if not blobs and needs_generated_ids(rows):
+        rows = store.samples(ids, with_blobs=True)
+    return rows
+
+
 def report(
     last: Annotated[bool, typer.Option("--last", help="Report the newest run (the default).")] = False,
     run_id: Annotated[int | None, typer.Option("--run-id", help="Report this run.")] = None,
@@ -50,6 +64,8 @@ def report(
     compare: Annotated[tuple[int, int] | None, typer.Option(
         "--compare", metavar="A B", help="The same configurations of runs A and B side by side, with B/A.")] = None,
     samples: Annotated[bool, typer.Option("--samples", help="Also show every sample row.")] = False,
+    tasks: Annotated[bool, typer.Option(
+        "--tasks", help="With --format csv: the question-task accuracy rows instead of the configurations.")] = False,
     by_dataset: Annotated[bool, typer.Option("--by-dataset", help="One table block per dataset.")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="table (rich), or json / csv / markdown on stdout.")]
         = Format.table,
@@ -57,15 +73,17 @@ def report(
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs --list shows.")] = 20,
     db: DbOpt = None,
 ) -> None:
-    """Show a stored run: per-configuration medians, changes against the full cache, honesty flags."""
+    """Show a stored run: per-configuration medians, paired changes against the full cache with
+    95% intervals, question-task accuracy, honesty flags."""
     with error_boundary():
         from knormctl.errors import UsageError
         from knormctl.render import export, summary as sm
+        from knormctl.render.compare import compare as compare_runs, same_model
         from knormctl.store import open_store
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
-        store = open_store(db)
+        store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         if fmt is Format.table:
@@ -81,21 +99,21 @@ def report(
             elif runs:
                 tables.print_runs(runs, console)
         elif compare is not None:
-            a, b = (sm.build_summary(r, store.samples([x.id for x in r]), by_dataset=by_dataset)
+            a, b = (sm.build_summary(r, load_samples(store, r), by_dataset=by_dataset)
                     for r in (select_runs(store, run_id=i) for i in compare))
-            if not sm.same_model(a.header, b.header):
+            if not same_model(a.header, b.header):
                 raise UsageError(f"runs {compare[0]} and {compare[1]} used different models "
                                  f"({a.header.model} vs {b.header.model}); --compare needs the same model")
-            cmp = sm.compare(a, b)
+            cmp = compare_runs(a, b)
             if fmt is Format.table:
                 tables.print_comparison(cmp, console)
             else:
                 print(export.comparison_text(cmp, fmt.value), end="")
         else:
             runs = select_runs(store, run_id=run_id, group=group)
-            rows = store.samples([r.id for r in runs])
+            rows = load_samples(store, runs)
             summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
             if fmt is Format.table:
                 tables.print_summary(summary, console, rows if samples else None)
             else:
-                print(export.summary_text(summary, fmt.value, rows if samples else None), end="")
+                print(export.summary_text(summary, fmt.value, rows if samples else None, tasks=tasks), end="")

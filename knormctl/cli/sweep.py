@@ -2,63 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from knormctl.cli import _common as o
 
 
 def sweep(
-    keep_ratios: Annotated[str, typer.Option("--keep-ratios", "--keep_ratios", help="Comma-separated, each in (0, 1].")] = "1.0,0.9,0.8,0.7",
-    prune_after: Annotated[int, typer.Option("--prune-after", "--prune_after", help="Cache budget: a layer is cut only when it holds more entries.")] = 512,
-    skip_layers: Annotated[str, typer.Option("--skip-layers", "--skip_layers", help="Layers never compressed ('' or none: no layer skipped).")] = "0",
-    presses: Annotated[str, typer.Option("--presses", help="Comma-separated: knorm, knorm-inverse, random, streaming.")] = "knorm",
-    compress_mode: Annotated[str | None, typer.Option("--compress-mode", "--compress_mode", help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), prefill (passkey).")] = None,
-    keep_recent: Annotated[int, typer.Option("--keep-recent", help="Newest entries never evicted (0 = the paper's rule).")] = 0,
-    n_sink: Annotated[int, typer.Option("--n-sink", help="streaming press: sink entries always kept.")] = 4,
-    task: Annotated[str, typer.Option("--task", help="lm: generation + perplexity; passkey: retrieval accuracy.")] = "lm",
-    passkey_lengths: Annotated[str, typer.Option("--passkey-lengths", help="Passkey prompt lengths in tokens.")] = "1024,2048",
-    passkey_depths: Annotated[str, typer.Option("--passkey-depths", help="Where the passkey sits (0 = start, 1 = end).")] = "0.1,0.5,0.9",
-    passkey_seeds: Annotated[int, typer.Option("--passkey-seeds", help="Filler windows (and passkeys) per length x depth.")] = 2,
-    ppl_method: Annotated[str, typer.Option("--ppl-method", help="teacher-forced: prefill the prompt, score --eval-tokens one at a time; stream: feed prompt + eval tokens one at a time from the start (the original l2compress evaluation; slow).")] = "teacher-forced",
-    ppl_skip: Annotated[int | None, typer.Option("--ppl-skip", help="stream: leading tokens not scored (default: --prune-after, where compression starts).")] = None,
-    resume: Annotated[int | None, typer.Option("--resume", help="Finish the missing cells of an interrupted run (same config).")] = None,
-    model: o.ModelOpt = "smollm2-135m",
+    ctx: typer.Context,
+    presses: o.PressesOpt = "knorm",
+    keep_ratios: o.KeepRatiosOpt = "1.0,0.9,0.8,0.7",
+    prune_after: o.PruneAfterOpt = 512,
+    skip_layers: o.SkipLayersOpt = "0",
+    compress_mode: o.CompressModeOpt = None,
+    keep_recent: o.KeepRecentOpt = 0,
+    n_sink: o.NSinkOpt = 4,
+    task: o.TaskOpt = "lm",
+    max_new_tokens: o.MaxNewOpt = 100,
+    eval_tokens: o.EvalTokOpt = 128,
+    ppl_method: o.PplMethodOpt = "teacher-forced",
+    ppl_skip: o.PplSkipOpt = None,
+    passkey_lengths: o.PasskeyLengthsOpt = "1024,2048",
+    passkey_depths: o.PasskeyDepthsOpt = "0.1,0.5,0.9",
+    passkey_seeds: o.PasskeySeedsOpt = 2,
+    sample: o.SampleOpt = False,
+    temperature: o.TempOpt = 1.0,
+    warmup: o.NoWarmupOpt = True,
     num_wikitext_samples: o.NumWikiOpt = 3,
     num_pg19_samples: o.NumPg19Opt = 2,
-    max_new_tokens: o.MaxNewOpt = 100,
     wikitext_source: o.WikiSrcOpt = "wiki-lite",
     pg19_source: o.Pg19SrcOpt = "wiki-lite-long",
     wikitext_prompt_tokens: o.WikiTokOpt = 1024,
     max_prompt_tokens: o.MaxPromptOpt = 2048,
-    eval_tokens: o.EvalTokOpt = 128,
+    seed: o.SeedOpt = 0,
+    model: o.ModelOpt = "smollm2-135m",
     device: o.DeviceOpt = "auto",
     dtype: o.DtypeOpt = "float32",
     threads: o.ThreadsOpt = None,
-    seed: o.SeedOpt = 0,
-    sample: o.SampleOpt = False,
-    temperature: o.TempOpt = 1.0,
     trust_remote_code: o.TrustOpt = False,
-    warmup: o.NoWarmupOpt = True,
+    db: o.DbOpt = None,
+    resume: o.ResumeOpt = None,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,
-    db: o.DbOpt = None,
+    verbose: o.VerboseOpt = False,
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import PRESS_NAMES, parse_float_list, parse_int_list, parse_name_list
+    from knormctl.config import parse_float_list, parse_int_list, parse_press_list
 
     with o.error_boundary():
         if resume is not None:
-            run_benchmark(None, db, json_out=json_out, resume=resume)
+            from knormctl.cli._resume import refuse_options_given_with_resume
+
+            refuse_options_given_with_resume(ctx, resume)
+            run_benchmark(None, db, json_out=json_out, resume=resume, verbose=verbose)
             return
         cfg = o.run_config(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
-            presses=parse_name_list(presses, "--presses", PRESS_NAMES),
+            presses=parse_press_list(presses),
             compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
             passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
-        run_benchmark(cfg, db, json_out=json_out)
+        run_benchmark(cfg, db, json_out=json_out, verbose=verbose)

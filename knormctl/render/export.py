@@ -1,7 +1,7 @@
 """Machine- and paste-friendly output: json, csv, markdown (pure Python, no rich).
 
 Column names are stable; json and csv carry unrounded numbers, markdown the same
-formatting as the rich tables.
+formatting as the rich tables. Every number comes from the ``Summary``.
 """
 
 from __future__ import annotations
@@ -13,20 +13,42 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from knormctl.render.summary import (
-    METRIC, METRICS, SAMPLE_FIELDS, Comparison, Summary, fmt_change, fmt_value, run_datasets, sample_rows)
+from knormctl.render.compare import Comparison
+from knormctl.render.format import (DELTA, fmt_accuracy, fmt_change, fmt_duration, fmt_interval, fmt_pct_interval,
+                                    fmt_pp, fmt_value)
+from knormctl.render.header import Machine
+from knormctl.render.metrics import METRIC, METRICS
+from knormctl.render.summary import SAMPLE_FIELDS, Summary, run_datasets, sample_rows
+from knormctl.render.tasks import TaskRow
 
 ROW_FIELDS = ("dataset", "config_key", "label", "press", "keep_ratio", "prune_after", "skip_layers",
-              "compress_mode", "keep_recent", "n_samples", "n_failed")
+              "compress_mode", "keep_recent", "n_samples", "n_failed", "n_prompts", "n_repeats")
+
+
+def metric_columns(name: str) -> tuple[str, ...]:
+    """The csv columns of one metric: value, its interval, change, its interval, verdict, prompts needed."""
+    m = METRIC[name]
+    return (name, f"{name}_ci_lo", f"{name}_ci_hi", m.change_column, f"{name}_change_ci_lo", f"{name}_change_ci_hi",
+            f"{name}_verdict", f"{name}_n_needed")
+
+
 CONFIG_COLUMNS = (
     ROW_FIELDS
-    + tuple(c for m in METRICS for c in (m.name, m.change_column))
+    + tuple(c for m in METRICS for c in metric_columns(m.name))
     + ("peak_mem_kind", "peak_mem_reason", "compressed_samples", "max_context_tokens", "paired")
 )
+TASK_COLUMNS = ("task", "subtask", "context_length", "config_key", "label", "press", "keep_ratio", "is_reference",
+                "score_metric", "n", "n_subtasks", "correct", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
+                "interval_method", "reference_accuracy", "change_pp", "change_ci_lo", "change_ci_hi", "verdict",
+                "n_needed", "near_chance")
 RUN_COLUMNS = ("id", "command", "task", "model", "datasets", "status", "samples_done", "samples_failed",
                "samples_planned", "started_utc", "group_name")
 COMPARE_COLUMNS = ("dataset", "config_key", "label") + tuple(
     c for m in METRICS for c in (f"{m.name}_a", f"{m.name}_b", f"{m.name}_ratio"))
+
+
+def _lo_hi(interval) -> tuple[float | None, float | None]:
+    return (None, None) if interval is None else (interval[0], interval[1])
 
 
 def config_records(summary: Summary) -> list[dict[str, Any]]:
@@ -34,10 +56,24 @@ def config_records(summary: Summary) -> list[dict[str, Any]]:
     for r in summary.rows:
         rec = {c: getattr(r, c) for c in ROW_FIELDS}
         for m in METRICS:
-            rec[m.name] = r.values[m.name]
-            rec[m.change_column] = r.changes[m.name]
+            n = m.name
+            lo, hi = _lo_hi(r.intervals[n])
+            clo, chi = _lo_hi(r.change_intervals[n])
+            rec.update({n: r.values[n], f"{n}_ci_lo": lo, f"{n}_ci_hi": hi, m.change_column: r.changes[n],
+                        f"{n}_change_ci_lo": clo, f"{n}_change_ci_hi": chi, f"{n}_verdict": r.verdicts[n],
+                        f"{n}_n_needed": r.n_needed[n]})
         rec.update(peak_mem_kind=r.peak_mem_kind, peak_mem_reason=r.peak_mem_reason,
                    compressed_samples=r.compressed_samples, max_context_tokens=r.max_context_tokens, paired=r.paired)
+        out.append(rec)
+    return out
+
+
+def task_records(summary: Summary) -> list[dict[str, Any]]:
+    out = []
+    for t in summary.tasks:
+        rec = {c: getattr(t, c, None) for c in TASK_COLUMNS}
+        rec["accuracy_ci_lo"], rec["accuracy_ci_hi"] = _lo_hi(t.interval)
+        rec["change_ci_lo"], rec["change_ci_hi"] = _lo_hi(t.change_interval)
         out.append(rec)
     return out
 
@@ -92,53 +128,91 @@ def _json(obj: Any) -> str:
     return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n"
 
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+def _machine_text(m: Machine) -> str:
+    device = m.device or "?"
+    if m.device_name:
+        device += f" ({m.device_name}" + (f", {m.threads} threads" if m.threads else "") + ")"
+    elif m.threads:
+        device += f" ({m.threads} threads)"
+    commit = f" (commit {m.git_commit[:12]}{'+dirty' if m.git_dirty else ''})" if m.git_commit else ""
+    return (f"{m.dtype or '?'} on {device}; torch {m.torch_version or '?'}, transformers "
+            f"{m.transformers_version or '?'}, knormctl {m.knormctl_version or '?'}{commit}")
 
 
 def header_lines(summary: Summary) -> list[str]:
     """The run header as short 'name: value' lines (markdown, figure titles, rich panel)."""
     h = summary.header
-    device = h.device or "?"
-    if h.device_name:
-        device += f" ({h.device_name}" + (f", {h.threads} threads" if h.threads else "") + ")"
-    elif h.threads:
-        device += f" ({h.threads} threads)"
     cells = (f"{h.samples_done} of {h.samples_planned} planned cells" if h.samples_planned is not None
              else f"{h.samples_done} cells") + (f", {h.samples_failed} failed" if h.samples_failed else "")
     lines = [
         f"{h.title} ({h.command}, task {h.task}): {h.status}" + (f", group {h.group_name}" if h.group_name else "")
         + (f", shard {h.shard}" if h.shard else ""),
         f"model: {h.model}" + (f" ({h.model_resolved})" if h.model_resolved and h.model_resolved != h.model else ""),
-        f"dtype / device: {h.dtype or '?'} on {device}",
-        f"versions: torch {h.torch_version or '?'}, transformers {h.transformers_version or '?'}, "
-        f"knormctl {h.knormctl_version or '?'}" + (f" (commit {h.git_commit[:12]}{'+dirty' if h.git_dirty else ''})" if h.git_commit else ""),
+    ]
+    if len(h.machines) == 1:
+        m = h.machines[0]
+        lines.append(f"machine: {m.hostname + ': ' if m.hostname else ''}{_machine_text(m)}")
+    else:
+        lines.append(f"machines: {len(h.machines)} (they differ: see the flags)")
+        for m in h.machines:
+            runs = ",".join(map(str, m.run_ids))
+            lines.append(f"  runs {runs}: {m.hostname + ': ' if m.hostname else ''}{_machine_text(m)}")
+    lines += [
         f"date: {(h.started_utc or '?').replace('T', ' ').rstrip('Z')} UTC"
-        + (f", took {_duration(h.duration_s)}" if h.duration_s is not None else ", not finished") + f"; {cells}",
+        + (f", took {fmt_duration(h.duration_s)}" if h.duration_s is not None else ", not finished") + f"; {cells}",
         f"timing noise: \u00b1{summary.noise_pct:.1f}% ({summary.noise_source})",
     ]
     return lines
 
 
-def cell_text(row: Any, name: str) -> str:
-    """'123.4 ms (-3.1%)' or 'N/A (reason)' for memory."""
+LEGEND = (f"Each cell: the median over prompts (mean for fractions); {DELTA} paired = the median over prompts of "
+          f"each prompt's change against the full cache on the same prompt (so it need not equal the change "
+          f"between the two medians shown), fractions in percentage points; [low, high] = its 95% bootstrap "
+          f"interval.")
+
+
+def legend_lines(summary: Summary) -> list[str]:
+    return [LEGEND, f"Colours: green better, red worse, grey no detectable difference (the interval contains 0, "
+                    f"or a timing change within this run's noise \u00b1{summary.noise_pct:.1f}%), yellow a TTFT "
+                    f"timing artifact (see below)."]
+
+
+def cell_text(row: Any, name: str, sep: str = " ") -> str:
+    """'123.4 ms (Δ −3.1% [−5.0, −1.2])' or 'N/A (reason)' for memory."""
     value = row.values[name]
     if value is None and name == "peak_mem_bytes" and row.peak_mem_reason:
         return f"N/A ({row.peak_mem_reason})"
     change = fmt_change(name, row.changes[name])
-    return fmt_value(name, value) + (f" ({change})" if change else "")
+    if not change:
+        return fmt_value(name, value)
+    ci = fmt_interval(row.change_intervals[name])
+    return f"{fmt_value(name, value)}{sep}({DELTA} {change}" + (f" {ci}" if ci else "") + ")"
 
 
 def shown_metrics(summary: Summary) -> list[str]:
-    """Metrics worth a column: passkey accuracy only for passkey runs; token match only when stored."""
-    skip = set()
-    if summary.header.task != "passkey":
-        skip.add("accuracy")
-    if all(r.values["token_match"] is None for r in summary.rows):
-        skip.add("token_match")
-    return [m.name for m in METRICS if m.name not in skip]
+    """Metrics worth a column: those with a value somewhere (peak memory also when only its reason is known)."""
+    def any_value(n: str) -> bool:
+        return any(r.values[n] is not None for r in summary.rows)
+    return [m.name for m in METRICS if any_value(m.name)
+            or (m.name == "peak_mem_bytes" and any(r.peak_mem_reason for r in summary.rows))]
+
+
+def task_label(t: TaskRow) -> str:
+    if t.subtask is None:
+        return f"{t.task}: mean of {t.n_subtasks} subtasks"
+    return t.task if t.subtask == t.task else f"{t.task}: {t.subtask}"
+
+
+def accuracy_text(t: TaskRow) -> str:
+    """'83% [44, 97] (5/6)', and for a compressed row its paired change."""
+    text = fmt_accuracy(t.accuracy)
+    if t.interval:
+        text += f" {fmt_pct_interval(t.interval)}"
+    if t.correct is not None:
+        text += f" ({t.correct}/{t.n})"
+    if t.change_pp is not None:
+        text += f" {DELTA} {fmt_pp(t.change_pp)} {fmt_interval(t.change_interval, 0)}"
+    return text
 
 
 def to_json(summary: Summary, samples: Sequence[Any] | None = None) -> str:
@@ -148,26 +222,28 @@ def to_json(summary: Summary, samples: Sequence[Any] | None = None) -> str:
     return _json(d)
 
 
-def to_csv(summary: Summary, samples: Sequence[Any] | None = None) -> str:
+def to_csv(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
     if samples is not None:
         return csv_text(SAMPLE_FIELDS, sample_rows(samples))
+    if tasks:
+        return csv_text(TASK_COLUMNS, task_records(summary))
     return csv_text(CONFIG_COLUMNS, config_records(summary))
 
 
-def to_markdown(summary: Summary, samples: Sequence[Any] | None = None) -> str:
+def to_markdown(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
     names = shown_metrics(summary)
     lead = ["dataset"] if summary.by_dataset else []
     out = ["\n".join(f"- {line}" for line in header_lines(summary)), ""]
     out.append(markdown_table(
-        lead + ["configuration", "samples", "failed"] + [METRIC[n].label for n in names],
-        [([r.dataset] if summary.by_dataset else []) + [r.label, r.n_samples, r.n_failed] + [cell_text(r, n) for n in names]
-         for r in summary.rows]))
-    if summary.passkey:
+        lead + ["configuration", "prompts", "failed"] + [METRIC[n].label for n in names],
+        [([r.dataset] if summary.by_dataset else []) + [r.label, r.n_prompts, r.n_failed]
+         + [cell_text(r, n) for n in names] for r in summary.rows]))
+    out.append(" ".join(legend_lines(summary)[:1]) + "\n")
+    if summary.tasks:
         out.append(markdown_table(
-            ["configuration", "length", "correct", "accuracy"],
-            [[p.label, p.passkey_length, f"{p.correct}/{p.n}",
-              fmt_value("accuracy", p.accuracy) + (f" ({fmt_change('accuracy', p.change_pp)})" if p.change_pp is not None else "")]
-             for p in summary.passkey]))
+            ["task", "length", "configuration", "accuracy [95% CI] (correct/n), Δ paired [95% CI]", "full cache near chance"],
+            [[task_label(t), t.context_length or "", t.label, accuracy_text(t), "yes" if t.near_chance else ""]
+             for t in summary.tasks]))
     if summary.flags:
         out.append("\n".join(f"- **{f.kind.replace('_', ' ')}**: {f.message}" for f in summary.flags) + "\n")
     if samples is not None:
@@ -176,8 +252,10 @@ def to_markdown(summary: Summary, samples: Sequence[Any] | None = None) -> str:
     return "\n".join(out)
 
 
-def summary_text(summary: Summary, fmt: str, samples: Sequence[Any] | None = None) -> str:
-    return {"json": to_json, "csv": to_csv, "markdown": to_markdown}[fmt](summary, samples)
+def summary_text(summary: Summary, fmt: str, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
+    if fmt == "json":
+        return to_json(summary, samples)
+    return {"csv": to_csv, "markdown": to_markdown}[fmt](summary, samples, tasks)
 
 
 def runs_text(runs: Sequence[Any], fmt: str) -> str:

@@ -4,10 +4,12 @@ Loads without torch. The CLI, report and plot only use what is exported here.
 """
 
 from knormctl.errors import StoreError
-from knormctl.store.db import STATUSES, Store, default_db_path, default_db_url, open_store, to_url, utcnow
-from knormctl.store.models import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INTERRUPTED, RUNNING, Run, Sample
+from knormctl.store.api import STATUSES, Store
+from knormctl.store.db import open_store
+from knormctl.store.locations import default_db_path, default_db_url, to_url
+from knormctl.store.models import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INTERRUPTED, RUNNING, Run, Sample, utcnow
 
 __all__ = [
-    "open_store", "Store", "StoreError", "default_db_url", "default_db_path", "to_url", "utcnow",
+    "open_store", "Store", "StoreError", "default_db_path", "default_db_url", "to_url", "utcnow",
     "Run", "Sample", "STATUSES", "RUNNING", "COMPLETE", "COMPLETE_WITH_ERRORS", "INTERRUPTED", "FAILED",
 ]

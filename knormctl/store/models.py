@@ -7,7 +7,7 @@ Typed columns hold what reports query; ``*_json`` columns hold the long tail
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -24,6 +24,24 @@ NAMING_CONVENTION = {
 # Run states. "complete_with_errors": finished, but some samples stored an error.
 RUNNING, COMPLETE, COMPLETE_WITH_ERRORS, INTERRUPTED, FAILED = (
     "running", "complete", "complete_with_errors", "interrupted", "failed")
+
+
+def utcnow() -> datetime:
+    """Now, as the store keeps it: a naive datetime in UTC.
+
+    Every ``*_utc`` column holds a *naive* datetime in UTC. SQLite's DateTime drops the
+    zone anyway, and PostgreSQL's ``timestamp without time zone`` would shift an aware
+    value by the session's TimeZone, so the store strips the zone from whatever it is
+    given (``naive_utc``) and returns naive UTC values.
+    """
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def naive_utc(value):
+    """An aware datetime as naive UTC; anything else unchanged."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
 
 
 class Base(DeclarativeBase):
@@ -65,6 +83,10 @@ class Run(Base):
 
     samples: Mapped[list[Sample]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="Sample.id")
+
+    # Not a column. Readers show a 'running' run whose process is gone as 'interrupted'
+    # without writing that down (reading never writes); the stored value is kept here.
+    stored_status = None
 
 
 class Sample(Base):

@@ -3,22 +3,38 @@
 ``score(keys, values, layer_idx) -> (batch, kv_heads, seq)``: HIGHER = KEEP. The cut
 (``engine/compress.py``) keeps the best-scored entries per head, in their original order.
 
-Presses that need more than the keys and values (the layer's queries, hidden states)
-set ``observes = True``: the engine then calls ``observe()`` from a forward pre-hook on
-every attention module during the forwards after which it may cut, so the press can keep
-what it needs (e.g. the last window's queries) -- the attention itself stays SDPA, and
-presses that do not observe cost nothing extra.
+What a press may ask for, each only when it needs it (the others stay one-liners):
+
+- ``observes = True``: ``observe(layer)`` is called from a forward pre-hook on every
+  attention module it may cut (``engine/observe.py``), with a ``LayerInput``: layer index,
+  the attention module, this forward's hidden states and position embeddings, and helpers
+  that recompute the layer's queries (kvpress's habit: the attention stays SDPA). What the
+  press keeps is its own business -- a window of queries, running statistics -- never the
+  whole prompt's hidden states of every layer.
+- ``layer_keep()``: a per-layer budget (PyramidKV) instead of the uniform one.
+- ``head_keep()``: per-head budgets within a layer (AdaKV). The cut then holds every head at
+  the largest per-head count and masks the surplus out of attention (``engine/headmask.py``);
+  the bytes reported are the bytes held, not the nominal ratio.
+
+Parameters are the constructor's keyword arguments, each with a default (the paper's);
+``press_params`` names those that take another press (given as a spec such as
+``snapkv(window_size=32)``). ``make_press`` builds every press the same way.
 
 Adding a policy = one class with ``@register`` + one test-matrix entry.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from knormctl.errors import UsageError
+
+MODES = ("prefill", "decode")
 
 
 class BasePress:
@@ -26,25 +42,39 @@ class BasePress:
 
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""  # one line, for `knormctl presses`
-    modes: ClassVar[tuple[str, ...]] = ("prefill", "decode")  # compression modes it supports
-    observes: ClassVar[bool] = False  # wants observe() from each attention layer's forward
+    modes: tuple[str, ...] = MODES  # compression modes it supports (an instance may narrow it)
+    observes: bool = False  # wants observe() from each attention layer's forward
     # Its scores of several layers can be computed at once on a stacked (L, b, h, s, d) tensor:
     # the cut may then batch layers (fewer kernel launches on GPUs).
-    stackable: ClassVar[bool] = True
+    stackable: bool = True
+    press_params: ClassVar[tuple[str, ...]] = ()  # constructor parameters that take a press spec
+    # Cuts the cache itself inside the prefill forward (the kvpress backend): the compressor then
+    # calls attach(model, layer_ids, compressor) -> hook handles, and take_cut() -> bool after it.
+    cuts_in_forward: ClassVar[bool] = False
 
-    def observe(self, layer_idx: int, module: torch.nn.Module, hidden_states: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Called before attention layer ``layer_idx`` runs (only when ``observes``)."""
+    def observe(self, layer) -> None:
+        """Called before attention layer ``layer.layer_idx`` runs (only when ``observes``);
+        ``layer`` is an ``engine.observe.LayerInput``."""
 
     def score(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int | None = None) -> torch.Tensor:
         """(..., b, h, s, d) keys/values -> (..., b, h, s) scores, higher = keep."""
         raise NotImplementedError
 
-    def layer_keep(self, n_keep: int, length: int, layer_idx: int, num_layers: int) -> int:
+    def layer_keep(self, n_keep: int, length: int, layer_idx: int, num_layers: int, keep_ratio: float) -> int:
         """Entries to keep in ``layer_idx`` when the uniform rule says ``n_keep`` of ``length``
-        (PyramidKV-style per-layer budgets override this; the default is uniform)."""
+        (``keep_ratio`` as asked). PyramidKV-style per-layer budgets override this."""
         return n_keep
 
+    def head_keep(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor | None:
+        """Per-head kept sets: a bool (b, h, s) mask keeping ``n_keep`` entries per head ON
+        AVERAGE (b x h x n_keep in all), or None for exactly ``n_keep`` in every head."""
+        return None
+
+    def reset(self) -> None:
+        """Drop what observe() kept (after a prefill cut, or between generations)."""
+
+
+# ----------------------------------------------------------------------------- registry
 
 PRESSES: dict[str, type[BasePress] | None] = {"none": None}
 
@@ -61,23 +91,174 @@ def press_names() -> tuple[str, ...]:
     return tuple(PRESSES)
 
 
-def make_press(name: str, *, seed: int = 0, n_sink: int = 4, params: dict | None = None) -> BasePress | None:
+@dataclass(frozen=True)
+class Param:
+    """One constructor parameter of a press, as `knormctl presses` lists it."""
+
+    name: str
+    default: Any
+    is_press: bool = False
+
+    @property
+    def kind(self) -> type:
+        return str if self.is_press else type(self.default)
+
+
+# Run-wide settings handed to every press whose constructor takes them (not press parameters).
+RUN_WIDE = ("seed", "n_sink", "keep_ratio")
+
+
+def press_parameters(cls: type[BasePress]) -> list[Param]:
+    """The press's own parameters (constructor keywords with defaults), in declaration order."""
+    params = []
+    for p in inspect.signature(cls).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise TypeError(f"press {cls.name!r}: parameter {p.name!r} needs a default (the paper's)")
+        params.append(Param(p.name, p.default, p.name in cls.press_params))
+    return params
+
+
+def _coerce(press: str, param: Param, value):
+    """A value parsed from a spec, as the parameter's type; UsageError when it does not fit."""
+    kind = param.kind
+    if param.is_press:
+        if not isinstance(value, str):
+            raise UsageError(f"press {press!r}: {param.name} takes a press (e.g. {param.default}), got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif isinstance(value, kind):
+        return value
+    raise UsageError(f"press {press!r}: {param.name} must be {kind.__name__} (default {param.default!r}), got {value!r}")
+
+
+def resolve_press(name: str, params=(), mode: str | None = None) -> tuple[tuple[str, Any], ...]:
+    """Validate a press spec and return its parameters normalised: typed, in declaration order,
+    defaults dropped (``snapkv(window_size=64)`` is ``snapkv``). Nested press specs are resolved
+    too. With ``mode``, a press that does not support it is refused. Raises UsageError."""
+    if name.startswith("kvpress:"):
+        from knormctl.engine.presses.kvpress_backend import resolve_kvpress
+
+        return resolve_kvpress(name, params, mode)
+    if name not in PRESSES:
+        raise UsageError(f"unknown press {name!r} (choose from {', '.join(n for n in PRESSES if n != 'none')}, "
+                         "or kvpress:ClassName)")
+    cls = PRESSES[name]
+    params = dict(params)
+    if cls is None:
+        if params:
+            raise UsageError("the full-cache reference 'none' takes no parameters")
+        return ()
+    declared = {p.name: p for p in press_parameters(cls)}
+    out = []
+    for key in params:
+        if key in RUN_WIDE:
+            flag = "--keep-ratios" if key == "keep_ratio" else f"--{key.replace('_', '-')}"
+            raise UsageError(f"press {name!r}: {key} is set for every press by {flag}")
+        if key not in declared:
+            raise UsageError(f"press {name!r} has no parameter {key!r} "
+                             f"(it takes: {', '.join(declared) or 'none'})")
+    for key, param in declared.items():
+        if key not in params or key in RUN_WIDE:
+            continue
+        value = _coerce(name, param, params[key])
+        if param.is_press:
+            value = canonical_spec(value)
+        if value != param.default and not (param.is_press and value == canonical_spec(param.default)):
+            out.append((key, value))
+    resolved = tuple(out)
+    press = make_press(name, params=dict(resolved))  # constructor checks (ranges) + the modes it supports
+    if mode is not None and mode not in press.modes:
+        raise UsageError(f"press {format_spec(name, resolved)!r} supports {' and '.join(press.modes)} mode only, "
+                         f"not {mode} (use --compress-mode {press.modes[0]})")
+    return resolved
+
+
+def canonical_spec(spec: str) -> str:
+    """A nested press spec, validated and written one way (``adakv(base=snapkv)``)."""
+    from knormctl.config import parse_press_spec
+
+    name, params = parse_press_spec(spec)
+    return format_spec(name, resolve_press(name, params))
+
+
+def format_spec(name: str, params) -> str:
+    from knormctl.config import format_press_spec
+
+    return format_press_spec(name, params)
+
+
+def make_press(name: str, *, seed: int = 0, n_sink: int = 4, keep_ratio: float = 1.0,
+               params: dict | None = None) -> BasePress | None:
     """Instantiate a press by registry name (None for the full-cache reference).
 
-    ``params`` are the press's own constructor arguments; ``seed`` and ``n_sink`` are
-    passed to presses whose constructor takes them.
+    ``params`` are the press's own constructor arguments (already typed, see ``resolve_press``);
+    parameters that take a press get a spec string and receive the built press. ``seed``,
+    ``n_sink`` and ``keep_ratio`` are run-wide: passed to every press whose constructor takes them.
     """
+    if name.startswith("kvpress:"):
+        from knormctl.engine.presses.kvpress_backend import make_kvpress
+
+        return make_kvpress(name, params or {}, keep_ratio=keep_ratio)
     if name not in PRESSES:
         raise UsageError(f"unknown press {name!r} (choose from {', '.join(PRESSES)})")
     cls = PRESSES[name]
     if cls is None:
         return None
-    import inspect
-
-    accepted = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in (("seed", seed), ("n_sink", n_sink)) if k in accepted}
+    declared = {p.name: p for p in press_parameters(cls)}
+    run_wide = {"seed": seed, "n_sink": n_sink, "keep_ratio": keep_ratio}
+    kwargs = {k: v for k, v in run_wide.items() if k in declared}
     for k, v in (params or {}).items():
-        if k not in accepted:
-            raise UsageError(f"press {name!r} has no parameter {k!r} (it takes: {', '.join(accepted) or 'none'})")
+        if k not in declared:
+            raise UsageError(f"press {name!r} has no parameter {k!r} (it takes: {', '.join(declared) or 'none'})")
         kwargs[k] = v
-    return cls(**kwargs)
+    for k in cls.press_params:
+        spec = kwargs.get(k, declared[k].default)
+        if isinstance(spec, str):
+            from knormctl.config import parse_press_spec
+
+            inner, inner_params = parse_press_spec(spec)
+            kwargs[k] = make_press(inner, seed=seed, n_sink=n_sink, keep_ratio=keep_ratio, params=dict(inner_params))
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a constructor's range check: bad input, one line
+        raise UsageError(f"press {name!r}: {exc}") from None
+
+
+def catalog() -> list[dict]:
+    """Every registered press as `knormctl presses` lists it: name, modes, parameters, description."""
+    rows = []
+    for name, cls in PRESSES.items():
+        if cls is None:
+            continue
+        params = press_parameters(cls)
+        rows.append({
+            "name": name,
+            "description": cls.description,
+            "modes": list(make_press(name).modes),
+            "params": {p.name: p.default for p in params if p.name not in RUN_WIDE},
+            "run_wide": [p.name for p in params if p.name in RUN_WIDE and p.name != "keep_ratio"],
+        })
+    return rows
+
+
+def check_model_support(model, configs) -> None:
+    """One clear line, before any run row exists, when a configuration's press cannot run on
+    ``model`` (a query-aware press on attention whose queries knormctl cannot recompute)."""
+    from knormctl.engine.observe import attention_modules, check_queries_supported
+
+    for cfg in configs:
+        if cfg.is_baseline:
+            continue
+        press = make_press(cfg.press, params=dict(cfg.params))
+        if press.observes:
+            check_queries_supported(attention_modules(model)[0], cfg.spec)

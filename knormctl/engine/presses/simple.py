@@ -1,9 +1,11 @@
 """Presses that look at nothing but the cached keys (or at positions): KnormPress, its
-inverse, random and StreamingLLM. Each is one scoring method."""
+inverse, random, StreamingLLM and KeyDiff. Each is one scoring method; all work in both
+modes and on stacked layers."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from knormctl.engine.presses.base import BasePress, register
 
@@ -68,3 +70,19 @@ class StreamingPress(BasePress):
         scores = torch.arange(shape[-1], device=keys.device, dtype=torch.float32).expand(shape).clone()
         scores[..., : self.n_sink] = float("inf")
         return scores
+
+
+@register
+class KeyDiffPress(BasePress):
+    """KeyDiff (Park et al., 2025): keep the keys LEAST similar to the layer's mean key direction.
+
+    One-shot, as kvpress scores it (the paper evicts block by block; kvpress's BlockPress does that).
+    """
+
+    name = "keydiff"
+    description = "KeyDiff (Park et al., 2025): keep the keys least cosine-similar to the mean key direction"
+
+    def score(self, keys, values, layer_idx=None):
+        keys = keys.float()  # float32 like knorm: low-precision similarities tie
+        anchor = F.normalize(keys, p=2, dim=-1).mean(dim=-2, keepdim=True)
+        return -F.cosine_similarity(keys, anchor, dim=-1)

@@ -1,0 +1,65 @@
+"""`knormctl runs delete|upgrade`: managing the stored runs and the database itself."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from knormctl.cli._common import DbOpt, error_boundary, fail
+
+app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True)
+
+
+@app.command("delete")
+def delete(
+    run_ids: Annotated[list[int], typer.Argument(help="Ids of the runs to delete.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Delete runs with all their samples (asks first; a run still running is refused)."""
+    with error_boundary():
+        from knormctl.errors import UsageError
+        from knormctl.store import open_store
+
+        with open_store(db) as store:
+            runs = store.get_runs(run_ids)
+            missing = sorted(set(run_ids) - {r.id for r in runs})
+            if missing:
+                raise UsageError(f"no run {', '.join(map(str, missing))} in {store.url}; nothing deleted")
+            for r in runs:
+                print(f"run {r.id}: {r.command} {r.model_requested}, {r.status}, "
+                      f"{r.samples_done + r.samples_failed} sample(s), started {r.started_utc:%Y-%m-%d %H:%M} UTC"
+                      + (f", group {r.group_name}" if r.group_name else ""), file=sys.stderr)
+            if not yes:
+                try:
+                    sure = typer.confirm(f"Delete {len(runs)} run(s) and their samples from {store.url}?",
+                                         default=False, err=True)
+                except typer.Abort:  # no answer: stdin closed (a script): never delete by default
+                    raise fail("no confirmation (stdin closed): nothing deleted; add --yes to delete "
+                               "without asking", 2) from None
+                if not sure:
+                    raise fail("nothing deleted", 1)
+            n_runs, n_samples = store.delete_runs([r.id for r in runs])
+        print(f"deleted {n_runs} run(s) and {n_samples} sample(s) from {store.url}")
+
+
+@app.command("upgrade")
+def upgrade(db: DbOpt = None) -> None:
+    """Bring an existing database to this knormctl's schema (SQLite: keeps a backup).
+
+    `report`, `plot` and `export` never change a database; `sweep` and `baseline` upgrade it too.
+    """
+    with error_boundary():
+        from sqlalchemy.engine import make_url
+
+        from knormctl.errors import UsageError
+        from knormctl.store import open_store, to_url
+        from knormctl.store.locations import sqlite_file
+
+        path = sqlite_file(make_url(to_url(db)))
+        if path is not None and not path.exists():  # upgrading creates nothing
+            raise UsageError(f"{path} does not exist")
+        with open_store(db) as store:
+            print(store.upgrade_note or f"{store.url} is already at schema {store.schema_revision}")

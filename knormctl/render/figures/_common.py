@@ -1,0 +1,138 @@
+"""What every figure shares: size and style, verdict colours (the report's), error bars
+drawn as inspectable artists, captions, fitted axes, and panels that say why they are empty.
+
+Artists that carry a number get a gid "config_key|metric|kind" (kind: value, change, ci,
+text), so a test can read back what was drawn and compare it with the json.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: before any canvas is created
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from knormctl.render.metrics import METRIC  # noqa: E402
+from knormctl.render.rows import ConfigRow  # noqa: E402
+from knormctl.render.summary import Summary  # noqa: E402
+from knormctl.stats import CONFIDENCE  # noqa: E402
+
+DPI = 100  # saved size in pixels = figure size in inches x DPI
+RC = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+      "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 14}
+PRESS_COLORS = {"none": "#444444", "knorm": "#1f77b4", "knorm-inverse": "#d62728", "random": "#7f7f7f",
+                "streaming": "#2ca02c", "snapkv": "#ff7f0e", "tova": "#8c564b", "expected-attention": "#ffbb78",
+                "keydiff": "#e377c2", "pyramidkv": "#bcbd22", "adakv": "#17becf", "criticalkv": "#aec7e8"}
+PRESS_MARKERS = {"knorm": "o", "knorm-inverse": "v", "random": "s", "streaming": "D", "snapkv": "^",
+                 "tova": "<", "expected-attention": ">", "keydiff": "P", "pyramidkv": "X", "adakv": "*",
+                 "criticalkv": "h"}
+# The report's verdicts (render.paired.verdict), as fills: strong for bars, pale for table cells.
+VERDICT_COLORS = {"better": "#2a9d4b", "worse": "#c0392b", "noise": "#b0b0b0", "same": "#b0b0b0",
+                  "artifact": "#e0b000", None: "#b0b0b0"}
+VERDICT_FILLS = {"better": "#dff3e4", "worse": "#f8dddd", "artifact": "#fff3cd"}
+NOISE_BAND = "#e6e6e6"
+DODGE = 0.008  # keep_ratio offset between presses, so equal values stay visible
+CI_TEXT = f"{CONFIDENCE:.0%} interval"
+BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts"
+
+
+def figure(size: tuple[float, float]) -> Figure:
+    with matplotlib.rc_context(RC):
+        return Figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+def title(summary: Summary, what: str) -> str:
+    return f"{what} \u2014 {summary.header.title}, {summary.header.model}"
+
+
+CAPTION_CHARS_PER_INCH = 14  # 9 pt DejaVu Sans: about 0.07 inch per character
+
+
+def caption(fig: Figure, text: str) -> None:
+    """A caption under the figure, wrapped to its width (constrained layout keeps room for it)."""
+    import textwrap
+
+    width = int(fig.get_figwidth() * CAPTION_CHARS_PER_INCH)
+    lines = [textwrap.fill(par, width) for par in text.split("\n")]
+    fig.supxlabel("\n".join(lines), x=0.01, ha="left", fontsize=9, color="#333333")
+
+
+def family(press: str) -> str:
+    """'snapkv(window_size=32)' -> 'snapkv': parameterised specs share their press's colour and marker."""
+    return press.split("(", 1)[0]
+
+
+def press_color(row: ConfigRow | str) -> str:
+    press = row if isinstance(row, str) else row.press
+    return PRESS_COLORS.get(family(press), "#9467bd")
+
+
+def press_marker(press: str) -> str:
+    return PRESS_MARKERS.get(family(press), "o")
+
+
+def na(ax, reason: str) -> None:
+    """An empty panel that says why it is empty."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, f"N/A: {reason}", ha="center", va="center", wrap=True, color="#666666",
+            transform=ax.transAxes, fontsize=11)
+
+
+def reason(summary: Summary, name: str, compared: bool = False) -> str:
+    """Why a panel is empty. ``compared``: the panel needs compressed configurations (and the
+    reference, for changes) besides the metric itself."""
+    if not summary.rows:
+        return "no samples stored for this run"
+    if compared and all(r.is_reference for r in summary.rows):
+        return "only the full-cache reference was run"
+    if name == "peak_mem_bytes":
+        reasons = sorted({r.peak_mem_reason for r in summary.rows if r.peak_mem_reason})
+        if reasons:
+            return "; ".join(reasons)
+    if compared and summary.reference is None:
+        return "no full-cache reference in this run"
+    return f"no {METRIC[name].label} stored for this run"
+
+
+def xticks(ax, labels: list[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
+
+
+def scale(name: str) -> tuple[float, str]:
+    """Display scale and unit of a metric's values (changes are always % or pp)."""
+    unit = METRIC[name].unit
+    return {"s": (1e3, "ms"), "B": (1 / 2**20, "MiB"), "tok/s": (1.0, "tokens/s"),
+            "fraction": (100.0, "%")}.get(unit, (1.0, ""))
+
+
+def errbar(ax, x: float, interval: tuple[float, float] | None, gid: str, k: float = 1.0, color: str = "black",
+           cap: float = 0.12, horizontal: bool = False, y: float | None = None) -> None:
+    """An interval drawn as a line with caps (gid on the line: its segment is the interval)."""
+    if interval is None:
+        return
+    lo, hi = interval[0] * k, interval[1] * k
+    if horizontal:
+        ax.hlines([y], lo, hi, colors=color, linewidth=1.2, gid=gid, zorder=4)
+        ax.vlines([lo, hi], y - cap, y + cap, colors=color, linewidth=1.2, zorder=4)
+    else:
+        ax.vlines([x], lo, hi, colors=color, linewidth=1.2, gid=gid, zorder=4)
+        ax.hlines([lo, hi], x - cap, x + cap, colors=color, linewidth=1.2, zorder=4)
+
+
+def fit(values: list[float], *, include: tuple[float, ...] = (0.0,), pad: float = 0.12) -> tuple[float, float]:
+    """Axis limits around the data (and ``include``, e.g. 0 and the noise band), with a margin."""
+    xs = [v for v in values if v is not None] + list(include)
+    lo, hi = min(xs), max(xs)
+    span = hi - lo or max(abs(hi), 1.0)
+    return lo - pad * span, hi + pad * span
+
+
+def legend_outside(fig: Figure, ax, where: str = "outside right upper") -> None:
+    """One legend outside the axes, so it never covers data (duplicate labels merged)."""
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        fig.legend(unique.values(), unique.keys(), loc=where)

@@ -1,0 +1,192 @@
+"""Honesty flags: plain sentences printed under the tables when a number must not be taken
+at face value. Every rule that decides one lives here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from knormctl.render.header import DIFFER_LABELS, RunHeader
+from knormctl.render.metrics import DETECTABLE_EFFECT, METRIC, METRICS
+from knormctl.render.rows import ASSUMED_NOISE_PCT, ConfigRow
+from knormctl.render.tasks import TaskRow
+
+# Below this many prompts a 95% interval over prompts is optimistic: even the full range of
+# n prompts covers their median only 1 - 2 * 0.5**n of the time (75% at 3, 97% at 6).
+MIN_PROMPTS = 6
+# Two configurations doing the same work (keep_ratio 1.0 evicts nothing) should time alike;
+# beyond this the run's speed numbers are flagged as disturbed.
+NOISY_SAME_WORK_PCT = 10.0
+
+
+@dataclass
+class Flag:
+    """A plain sentence printed under the table when a number must not be taken at face value."""
+
+    kind: str  # see the functions below: each names the kinds it raises
+    message: str
+    config_key: str | None = None
+
+
+def first_line(text: str | None) -> str | None:
+    """The first non-blank line of an error or message (tracebacks stay in the database)."""
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[0] if lines else None
+
+
+def run_flags(runs: Sequence[Any], samples: Sequence[Any]) -> list[Flag]:
+    """interrupted | run_failed | running. The store marks a run whose process is gone
+    (dead pid, stale heartbeat) as interrupted and says why in ``error``."""
+    stored: dict[int, int] = defaultdict(int)
+    for s in samples:
+        stored[s.run_id] += 1
+    flags = []
+    for r in runs:
+        done, planned = stored[r.id], r.samples_planned
+        cells = (f"{done} of {planned} planned cells finished" if planned is not None
+                 else f"{done} cells finished (planned count unknown)")
+        why = f" \u2014 {first_line(r.error)}" if first_line(r.error) else ""
+        if r.status == "interrupted":
+            flags.append(Flag("interrupted", f"run {r.id} was interrupted: {cells}{why}."))
+        elif r.status == "failed":
+            flags.append(Flag("run_failed", f"run {r.id} failed: {cells}{why}."))
+        elif r.status == "running":
+            flags.append(Flag("running", f"run {r.id} is still running: {cells} so far."))
+    return flags
+
+
+def machine_flags(header: RunHeader) -> list[Flag]:
+    """mixed_machines: the runs of a group ran in different environments."""
+    if not header.differs:
+        return []
+    what = ", ".join(DIFFER_LABELS[f] for f in header.differs)
+    hosts_only = set(header.differs) <= {"hostname"}
+    consequence = ("each prompt's configurations ran together on one machine, so paired changes hold, but "
+                   "values pool machines" if hosts_only else
+                   "values pool different set-ups, and a prompt's changes are only comparable to those of "
+                   "prompts run in the same set-up")
+    return [Flag("mixed_machines", f"the {len(header.machines)} environments of this group differ in {what} "
+                                   f"(see the header): {consequence}.")]
+
+
+def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) -> list[Flag]:
+    """no_reference | full_cache_path | no_compression | unpaired | noisy_timing | ttft_artifact | repeats_disagree."""
+    flags = []
+    refs = {r.dataset: r for r in rows if r.is_reference}
+    if rows and not refs:
+        flags.append(Flag("no_reference", "no full-cache reference (press none) in these samples: "
+                                          "changes against it cannot be computed."))
+    for r in rows:
+        where = f"{r.label}" + (f" on {r.dataset}" if r.dataset else "")
+        if r.n_repeats > 1:
+            # One keep_ratio-1.0 configuration is a rough noise estimate; rounds are called out
+            # only beyond it AND beyond the floor a shared machine shows anyway.
+            limit = max(noise_pct, ASSUMED_NOISE_PCT)
+            spread = {m: s for m, s in r.repeat_spread_pct.items() if s is not None and s > limit}
+            if spread:
+                worst = max(spread, key=spread.get)
+                flags.append(Flag("repeats_disagree", f"{where}: its {r.n_repeats} repeated rounds disagree by up to "
+                                                      f"{spread[worst]:.1f}% in {METRIC[worst].label} (paired by "
+                                                      f"prompt, beyond their scatter and beyond "
+                                                      f"\u00b1{limit:.1f}%): the machine's speed changed during "
+                                                      f"the run; its timings mix those speeds.", r.config_key))
+        if r.is_reference:
+            continue
+        ref = refs.get(r.dataset)
+        if r.evicts_nothing:
+            flags.append(Flag("full_cache_path", f"{where}: keep_ratio 1.0 takes the full cache's code path (the "
+                                                 f"press returns before any work), so any gap to the full cache is "
+                                                 f"noise; it measures this run's noise, not the press.", r.config_key))
+        elif r.compressed_samples == 0:
+            longest = f"; the longest was {r.max_context_tokens} tokens" if r.max_context_tokens else ""
+            flags.append(Flag("no_compression", f"{where}: no sample triggered a compression (prompt + new tokens "
+                                                f"never exceeded prune_after={r.prune_after}{longest}), so its "
+                                                f"numbers say nothing about compression.", r.config_key))
+        if r.paired is False and ref is not None:
+            flags.append(Flag("unpaired", f"{where}: its successful prompts are not the full cache's "
+                                          f"({r.n_prompts} vs {ref.n_prompts}); its changes use the {_pairs(r)} prompts both have, "
+                                          f"but its medians cover different prompts.", r.config_key))
+        tpot_change = r.changes.get("tpot_s")
+        if r.evicts_nothing and tpot_change is not None and abs(tpot_change) > NOISY_SAME_WORK_PCT:
+            flags.append(Flag("noisy_timing", f"{where} evicts nothing, yet its TPOT differs from the full cache by "
+                                              f"{tpot_change:+.1f}%: this run's timings were disturbed (other load "
+                                              f"on the machine?). Speed changes of that size are not evidence; rerun "
+                                              f"on a quiet machine with --threads pinned.", r.config_key))
+        change = r.changes.get("ttft_s")
+        if r.verdicts["ttft_s"] == "artifact":
+            what = ("not a gain" if change < 0 else
+                    f"not a slower prefill (unless it is the cut itself: median compression time "
+                    f"{(r.values['compress_time_s'] or 0) * 1e3:.1f} ms)")
+            flags.append(Flag("ttft_artifact", f"{where}: TTFT {abs(change):.1f}% {'lower' if change < 0 else 'higher'} "
+                                               f"than the full cache, beyond this run's noise (\u00b1{noise_pct:.1f}%, "
+                                               f"{noise_source}). Compression only acts after the prefill (the prefill "
+                                               f"forward is identical; the only prefill-time work is the cut right "
+                                               f"after it), so this is a timing artifact, {what}.", r.config_key))
+    return flags
+
+
+def _pairs(r: ConfigRow) -> int:
+    return max(r.n_pairs.values(), default=0)
+
+
+def power_flags(rows: Sequence[ConfigRow], tasks: Sequence[TaskRow]) -> list[Flag]:
+    """underpowered: changes whose interval spans zero and is too wide to tell a 5% (5 pp) change."""
+    needed: dict[str, int] = {}
+    have: dict[str, int] = {}
+    for r in rows:
+        for m in METRICS:
+            n = r.n_needed.get(m.name)
+            if n is not None and n > needed.get(m.label, 0):
+                needed[m.label], have[m.label] = n, r.n_pairs[m.name]
+    for t in tasks:
+        if t.n_needed is not None and not t.near_chance:
+            what = f"{t.task} accuracy" + (f" ({t.subtask})" if t.subtask and t.subtask != t.task else "")
+            if t.n_needed > needed.get(what, 0):
+                needed[what], have[what] = t.n_needed, t.n
+    if not needed:
+        return []
+    parts = ", ".join(f"{what} ~{n} (has {have[what]})" for what, n in needed.items())
+    return [Flag("underpowered", f"too few prompts to tell a {DETECTABLE_EFFECT:g}% change ({DETECTABLE_EFFECT:g} pp "
+                                 f"for fractions) where the 95% interval spans zero; prompts needed for 80% power: "
+                                 f"{parts}. A 'no detectable difference' there is not evidence of no difference.")]
+
+
+def few_prompts_flags(rows: Sequence[ConfigRow]) -> list[Flag]:
+    """few_prompts: intervals from fewer than MIN_PROMPTS prompts."""
+    small = sorted({_pairs(r) for r in rows if not r.is_reference and 1 < _pairs(r) < MIN_PROMPTS})
+    if not small:
+        return []
+    return [Flag("few_prompts", f"intervals here come from {', '.join(map(str, small))} prompts: with fewer than "
+                                f"{MIN_PROMPTS} a 95% interval over prompts is optimistic (even the whole range of "
+                                f"{small[0]} prompts covers their median only {1 - 2 * 0.5 ** small[0]:.0%} of the "
+                                f"time). Treat better/worse there as a hint, not a finding.")]
+
+
+def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
+    """near_chance: subtasks the model cannot do even with the full cache (tasks.near_chance)."""
+    by_subtask: dict[tuple, list[TaskRow]] = defaultdict(list)
+    for t in tasks:
+        if t.is_reference and t.near_chance and t.subtask is not None:
+            by_subtask[(t.task, t.subtask)].append(t)
+    flags = []
+    for (task, sub), refs in by_subtask.items():
+        refs.sort(key=lambda t: t.context_length or 0)
+        at = ", ".join(f"{t.accuracy:.0%}" + (f" at {t.context_length}" if t.context_length else "") for t in refs)
+        lengths = [str(t.context_length) for t in refs if t.context_length is not None]
+        where = f" at {', '.join(lengths)} tokens" if lengths else ""
+        flags.append(Flag("near_chance", f"{task} {sub}{where}: the full cache itself is near chance (accuracy {at}), "
+                                         f"so the model cannot do this task and compression results there mean "
+                                         f"nothing.", refs[0].config_key))
+    return flags
+
+
+def failed_flags(samples: Sequence[Any], labels: dict[str, str]) -> list[Flag]:
+    """failed_sample: one per sample that stored an error."""
+    flags = []
+    for s in sorted((s for s in samples if s.error), key=lambda s: (s.run_id, s.sample_index, s.config_key)):
+        flags.append(Flag("failed_sample", f"sample {s.sample_index} ({s.dataset}, {labels.get(s.config_key, s.config_key)}, "
+                                           f"run {s.run_id}) failed: {first_line(s.error) or '(empty error)'}",
+                          s.config_key))
+    return flags

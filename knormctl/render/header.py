@@ -1,0 +1,144 @@
+"""Who measured what, where: the header of one run or of a merged ``--group``, with every
+machine the group ran on (a group's shards may run on several hosts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+STATUS_SEVERITY = ("complete", "complete_with_errors", "running", "interrupted", "failed")
+
+
+@dataclass
+class Machine:
+    """The environment of one or more runs, as stored with them (engine/env.py's record)."""
+
+    run_ids: list[int]
+    hostname: str | None
+    device: str | None
+    device_name: str | None  # GPU name, else CPU model
+    threads: int | None
+    dtype: str | None
+    torch_version: str | None
+    transformers_version: str | None
+    knormctl_version: str | None
+    git_commit: str | None
+    git_dirty: bool | None  # uncommitted changes in the checkout that ran
+
+    def identity(self) -> tuple:
+        return tuple(getattr(self, f) for f in MACHINE_FIELDS)
+
+
+# What must agree between the runs of a group for their numbers to pool (the rest is context).
+MACHINE_FIELDS = ("hostname", "device", "device_name", "threads", "dtype", "torch_version", "transformers_version",
+                  "knormctl_version", "git_commit", "git_dirty")
+DIFFER_LABELS = {"hostname": "host", "device": "device", "device_name": "device model", "threads": "threads",
+                 "dtype": "dtype", "torch_version": "torch version", "transformers_version": "transformers version",
+                 "knormctl_version": "knormctl version", "git_commit": "knormctl commit", "git_dirty": "dirty checkout"}
+
+
+@dataclass
+class RunHeader:
+    """Who measured what, where. For a merged ``--group`` several run ids and maybe several
+    machines; a machine field at the top level is None when the runs disagree on it."""
+
+    run_ids: list[int]
+    command: str
+    task: str
+    status: str
+    group_name: str | None
+    shard: str | None
+    model: str
+    model_resolved: str | None
+    model_hash: str | None
+    dtype: str | None
+    device: str | None
+    device_name: str | None
+    threads: int | None
+    torch_version: str | None
+    transformers_version: str | None
+    knormctl_version: str | None
+    git_commit: str | None
+    git_dirty: bool | None
+    started_utc: str | None  # ISO 8601, UTC
+    ended_utc: str | None
+    duration_s: float | None  # first start to last end
+    samples_done: int
+    samples_failed: int
+    samples_planned: int | None
+    command_line: str
+    machines: list[Machine]  # one per distinct environment, in run order
+    differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
+
+    @property
+    def title(self) -> str:
+        ids = ",".join(map(str, self.run_ids))
+        return f"run {ids}" if len(self.run_ids) == 1 else f"runs {ids}"
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat(timespec="seconds") + ("" if dt.tzinfo else "Z") if dt else None
+
+
+def _env(env: dict, *keys: str) -> Any:
+    """The first of ``keys`` with a value in the run's environment record (engine/env.py)."""
+    for k in keys:
+        if env.get(k) not in (None, ""):
+            return env[k]
+    return None
+
+
+def machine_of(run: Any) -> Machine:
+    env = run.env_json or {}
+    on_gpu = str(run.device or env.get("device") or "").startswith("cuda")
+    return Machine(
+        run_ids=[run.id], hostname=getattr(run, "hostname", None) or _env(env, "hostname", "host"),
+        device=run.device or _env(env, "device"),
+        device_name=_env(env, "gpu_name") if on_gpu else _env(env, "cpu_model"),
+        threads=_env(env, "torch_threads", "threads"), dtype=run.dtype,
+        torch_version=_env(env, "torch"), transformers_version=_env(env, "transformers"),
+        knormctl_version=run.knormctl_version or _env(env, "knormctl"),
+        git_commit=run.git_commit or _env(env, "git_commit"), git_dirty=env.get("git_dirty"))
+
+
+def machines_of(runs: Sequence[Any]) -> tuple[list[Machine], list[str]]:
+    """Distinct environments (runs that share one are merged) and the fields they disagree on."""
+    merged: dict[tuple, Machine] = {}
+    for r in runs:
+        m = machine_of(r)
+        if m.identity() in merged:
+            merged[m.identity()].run_ids.append(r.id)
+        else:
+            merged[m.identity()] = m
+    machines = list(merged.values())
+    differs = [f for f in MACHINE_FIELDS if len({getattr(m, f) for m in machines}) > 1]
+    return machines, differs
+
+
+def run_header(runs: Sequence[Any]) -> RunHeader:
+    """The header of one run, or of several runs merged by ``--group``."""
+    first = runs[0]
+    status = max((r.status for r in runs),
+                 key=lambda s: STATUS_SEVERITY.index(s) if s in STATUS_SEVERITY else len(STATUS_SEVERITY))
+    planned = [r.samples_planned for r in runs]
+    started = min(r.started_utc for r in runs)
+    ended = max(r.ended_utc for r in runs) if all(r.ended_utc for r in runs) else None
+    machines, differs = machines_of(runs)
+    shared = {f.name: (None if f.name in differs else getattr(machines[0], f.name))
+              for f in fields(Machine) if f.name in MACHINE_FIELDS and f.name != "hostname"}
+    return RunHeader(
+        run_ids=[r.id for r in runs], command=first.command, task=first.task, status=status,
+        group_name=first.group_name, shard=first.shard if len(runs) == 1 else None,
+        model=first.model_requested, model_resolved=first.model_resolved, model_hash=first.model_hash,
+        **shared,
+        started_utc=_iso(started),
+        ended_utc=_iso(ended) if ended else None,
+        duration_s=(ended - started).total_seconds() if ended else None,
+        samples_done=sum(r.samples_done or 0 for r in runs),
+        samples_failed=sum(r.samples_failed or 0 for r in runs),
+        samples_planned=sum(planned) if all(p is not None for p in planned) else None,
+        command_line=first.command_line or "",
+        machines=machines, differs=differs,
+    )

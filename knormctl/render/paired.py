@@ -1,0 +1,182 @@
+"""The numbers of one metric for one configuration: its value with a 95% interval, its
+paired change against the full cache with a 95% interval, how many prompts would tell a
+5% change, and the verdict. Every table, export and figure reads these (``Stat``).
+
+Prompts, not samples, are the unit: the repeats of one prompt (``samples.repeat``,
+measurement rounds of the same cell) are first reduced to one value per prompt with the
+metric's own statistic (median; mean for fractions; lower median for counts), then:
+
+- value: that statistic over prompts; interval (fractions only): Wilson when every score is
+  0 or 1, else a seeded percentile bootstrap over prompts. Medians of timings, memory and
+  perplexity get none: over different prompts it would show the prompt mix, not the press;
+- change (relative metrics): each prompt's change against the full cache on the same
+  prompt, in %, then the median over prompts; fractions: the mean of per-prompt
+  differences, in percentage points. Interval: bootstrap over prompts of that statistic.
+- verdict: "no detectable difference" ("noise") when the change's interval contains 0,
+  or, for timings, when the change is within the run's same-work noise; otherwise better
+  or worse by the metric's direction (a TTFT change is an "artifact": see flags).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from knormctl.render.metrics import DETECTABLE_EFFECT, LOWER, METRICS, Metric
+from knormctl.stats import aggregate, bootstrap_interval, samples_needed, seed_for, wilson_interval
+
+PromptKey = tuple  # (dataset, sample_index, text_hash): the same prompt in every configuration and shard
+Interval = tuple[float, float]
+
+
+def prompt_key(s: Any) -> PromptKey:
+    """The same prompt in another configuration (and in another run of a group). No run id:
+    the runs of a group may split the prompts between them."""
+    return (s.dataset, s.sample_index, s.text_hash)
+
+
+def ok(samples: Iterable[Any]) -> list[Any]:
+    return [s for s in samples if not s.error]
+
+
+@dataclass
+class PerPrompt:
+    """One configuration's successful samples reduced to one value per prompt and metric."""
+
+    values: dict[str, dict[PromptKey, float]]  # metric -> prompt -> value (repeats aggregated)
+    rounds: dict[str, dict[int, dict[PromptKey, float]]]  # metric -> repeat -> prompt -> value
+    n_repeats: int  # the most rounds any prompt has
+
+
+def per_prompt(samples: Sequence[Any], metrics: Sequence[Metric] = METRICS) -> PerPrompt:
+    raw: dict[str, dict[PromptKey, dict[int, float]]] = {m.name: defaultdict(dict) for m in metrics}
+    for s in ok(samples):
+        key, rep = prompt_key(s), getattr(s, "repeat", 0) or 0
+        for m in metrics:
+            v = getattr(s, m.source)
+            if v is not None:
+                raw[m.name][key][rep] = float(v)
+    values = {m.name: {k: aggregate(list(reps.values()), m.aggregate) for k, reps in raw[m.name].items()}
+              for m in metrics}
+    rounds: dict[str, dict[int, dict[PromptKey, float]]] = {}
+    n_repeats = max((len(reps) for by in raw.values() for reps in by.values()), default=0)
+    if n_repeats > 1:
+        for m in metrics:
+            by_round: dict[int, dict[PromptKey, float]] = defaultdict(dict)
+            for k, reps in raw[m.name].items():
+                for rep, v in reps.items():
+                    by_round[rep][k] = v
+            rounds[m.name] = dict(by_round)
+    return PerPrompt(values=values, rounds=rounds, n_repeats=n_repeats)
+
+
+@dataclass
+class Stat:
+    """One metric of one configuration, computed once."""
+
+    value: float | None = None
+    interval: Interval | None = None  # 95% interval of the value
+    change: float | None = None  # vs the full cache: % (relative) or pp (fractions)
+    change_interval: Interval | None = None  # 95% bootstrap interval of the change
+    n: int = 0  # prompts with a value
+    n_pairs: int = 0  # prompts paired with the full cache
+    n_needed: int | None = None  # prompts that would tell a 5% (5 pp) change; only when this run cannot
+    verdict: str | None = None  # better | worse | noise | same | artifact | None (no direction / no interval)
+
+
+def _is_binary(xs: Iterable[float]) -> bool:
+    return all(x in (0.0, 1.0) for x in xs)
+
+
+def value_stat(m: Metric, values: dict[PromptKey, float], seed: int) -> Stat:
+    xs = list(values.values())
+    if not xs:
+        return Stat()
+    value = aggregate(xs, m.aggregate)
+    if not m.points:
+        # A median over different prompts (1024 and 2048 tokens, different texts) spreads with
+        # the prompt mix, not with the press: no interval; the paired change carries the uncertainty.
+        interval = None
+    elif _is_binary(xs):
+        interval = wilson_interval(sum(xs), len(xs))
+    else:
+        interval = bootstrap_interval(xs, m.aggregate, seed=seed)
+    return Stat(value=value, interval=interval, n=len(xs))
+
+
+def per_prompt_changes(m: Metric, mine: dict[PromptKey, float], ref: dict[PromptKey, float]) -> list[float]:
+    """Each shared prompt's change against the reference: % for relative metrics, pp for fractions."""
+    out = []
+    for k, v in mine.items():
+        r = ref.get(k)
+        if r is None:
+            continue
+        if m.points:
+            out.append((v - r) * 100.0)
+        elif r != 0:
+            out.append((v - r) / r * 100.0)
+    return out
+
+
+def change_statistic(m: Metric) -> str:
+    """Fractions: the mean of per-prompt differences (= the difference of the means on
+    shared prompts); everything else: the median of per-prompt relative changes."""
+    return "mean" if m.points else "median"
+
+
+def add_change(stat: Stat, m: Metric, mine: dict[PromptKey, float], ref: dict[PromptKey, float] | None,
+               seed: int) -> None:
+    """Fill ``stat``'s change, its interval and ``n_needed`` (no verdict yet: that needs the run's noise)."""
+    if m.better is None or ref is None:
+        return
+    changes = per_prompt_changes(m, mine, ref)
+    stat.n_pairs = len(changes)
+    if not changes:
+        return
+    how = change_statistic(m)
+    stat.change = aggregate(changes, how)
+    stat.change_interval = bootstrap_interval(changes, how, seed=seed)
+    if spans_zero(stat.change_interval):
+        stat.n_needed = samples_needed(len(changes), stat.change_interval, DETECTABLE_EFFECT)
+
+
+def spans_zero(interval: Interval | None) -> bool:
+    return interval is not None and interval[0] <= 0.0 <= interval[1]
+
+
+def verdict(m: Metric, stat: Stat, noise_pct: float) -> str | None:
+    """The verdict rule (module docstring). None: no direction, no change, or a single prompt
+    (no interval, so nothing can be called)."""
+    change, interval = stat.change, stat.change_interval
+    if m.better is None or change is None or interval is None:
+        return None
+    if change == 0.0 and interval == (0.0, 0.0):
+        return "same"
+    if spans_zero(interval) or (m.timing and abs(change) <= noise_pct):
+        return "noise"
+    if m.name == "ttft_s":
+        # Compression acts only after the prefill: a TTFT change beyond noise is not its doing.
+        return "artifact"
+    return "better" if (change < 0) == (m.better == LOWER) else "worse"
+
+
+def metric_seed(config_key: str, dataset: str | None, name: str, what: str) -> int:
+    """Each interval has its own seed, from names only: reproducible, and independent of row order."""
+    return seed_for(config_key, dataset or "", name, what)
+
+
+def repeat_spread(m: Metric, rounds: dict[int, dict[PromptKey, float]], seed: int) -> float | None:
+    """How far repeated rounds of the same configuration disagree beyond their scatter: for each
+    later round, the median over prompts of its change against the first round (%), kept only
+    when its 95% bootstrap interval excludes 0; the largest |change| kept (None: the rounds agree)."""
+    if len(rounds) < 2:
+        return None
+    first, *later = sorted(rounds)
+    spreads = []
+    for r in later:
+        changes = per_prompt_changes(m, rounds[r], rounds[first])
+        if changes and not spans_zero(bootstrap_interval(changes, "median", seed=seed + r) or (0.0, 0.0)):
+            spreads.append(abs(aggregate(changes, "median")))
+    return max(spreads) if spreads else None

@@ -1,0 +1,210 @@
+"""Question-task accuracy (passkey, ruler, niah, longbench): per configuration x subtask x
+context length, with 95% intervals, the mean over a task's subtasks, the full cache's
+accuracy beside every compressed one, and whether the full cache itself is near chance.
+
+Accuracy is the mean ``score`` (0..1) over questions; a question's repeats are averaged
+first. Intervals: Wilson when every score is 0 or 1 (exact-match tasks), else a seeded
+bootstrap over questions (partial matches, F1, ROUGE). The mean over subtasks weighs
+subtasks equally (RULER's convention) and its interval is a stratified bootstrap
+(questions resampled within each subtask). Changes are paired by question: the mean of
+per-question differences against the full cache, in percentage points.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from knormctl.render.metrics import DETECTABLE_EFFECT
+from knormctl.render.paired import Interval, ok, prompt_key, spans_zero
+from knormctl.render.rows import REFERENCE_KEY, sort_key
+from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, wilson_interval
+
+# Chance level of a score, by score_metric: the accuracy a model gets without reading the
+# context. Open answers (passkey digits, needle values, word lists, F1/ROUGE against a
+# free-text answer) have chance ~0; a task with options would list 1/k here.
+CHANCE_LEVEL: dict[str, float] = {}
+# "Near chance": the full cache answers at most this much above chance (a quarter of the
+# questions beyond guessing), or its 95% interval reaches down to chance. Compression
+# results on such a subtask say nothing about the press.
+NEAR_CHANCE_MARGIN = 0.25
+
+
+@dataclass
+class TaskRow:
+    """Accuracy of one configuration on one subtask (or the mean over subtasks) at one length."""
+
+    task: str
+    subtask: str | None  # None: the mean over the task's subtasks
+    context_length: int | None  # the asked context length (None: not a grid axis, e.g. LongBench)
+    config_key: str
+    label: str
+    press: str
+    keep_ratio: float
+    is_reference: bool
+    score_metric: str | None
+    n: int  # questions (prompts; repeats averaged)
+    n_subtasks: int  # subtasks averaged (1 for a subtask row)
+    correct: int | None  # questions answered right, when every score is 0 or 1
+    accuracy: float | None
+    interval: Interval | None
+    interval_method: str | None  # wilson | bootstrap | stratified bootstrap
+    reference_accuracy: float | None  # the full cache's, on the same subtask and length
+    change_pp: float | None  # paired, vs the full cache, in percentage points
+    change_interval: Interval | None
+    verdict: str | None  # better | worse | noise | same | None
+    n_needed: int | None  # questions that would tell a 5 pp change (only where this run cannot)
+    near_chance: bool  # the full cache itself is near chance here: compression results mean nothing
+
+
+@dataclass
+class NeedleCell:
+    """Accuracy at one needle depth x context length for one configuration (the heat-map)."""
+
+    config_key: str
+    label: str
+    needle_depth: float
+    context_length: int | None
+    n: int
+    accuracy: float | None
+    interval: Interval | None
+    subtasks: list[str]  # the subtasks pooled in this cell
+
+
+def _scores(samples: Sequence[Any]) -> dict[tuple, float]:
+    """One score per question: its repeats averaged."""
+    raw: dict[tuple, list[float]] = defaultdict(list)
+    for s in samples:
+        raw[prompt_key(s)].append(float(s.score))
+    return {k: statistics.fmean(v) for k, v in raw.items()}
+
+
+def _binary(xs) -> bool:
+    return all(x in (0.0, 1.0) for x in xs)
+
+
+def accuracy_interval(xs: Sequence[float], seed: int) -> tuple[Interval | None, str | None]:
+    if not xs:
+        return None, None
+    if _binary(xs):
+        return wilson_interval(sum(xs), len(xs)), "wilson"
+    return bootstrap_interval(xs, "mean", seed=seed), "bootstrap"
+
+
+def near_chance(accuracy: float | None, interval: Interval | None, metric: str | None) -> bool:
+    if accuracy is None:
+        return False
+    chance = CHANCE_LEVEL.get(metric or "", 0.0)
+    return accuracy <= chance + NEAR_CHANCE_MARGIN or (interval is not None and interval[0] <= chance)
+
+
+def _diffs(mine: dict[tuple, float], ref: dict[tuple, float]) -> list[float]:
+    return [(v - ref[k]) * 100.0 for k, v in mine.items() if k in ref]
+
+
+def _verdict(change: float | None, interval: Interval | None) -> str | None:
+    if change is None or interval is None:
+        return None
+    if change == 0.0 and interval == (0.0, 0.0):
+        return "same"
+    if spans_zero(interval):
+        return "noise"
+    return "better" if change > 0 else "worse"
+
+
+def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[TaskRow], list[NeedleCell]]:
+    """Every (task, subtask, length, configuration) row, the per-task mean rows, and the needle cells."""
+    scored = [s for s in ok(samples) if s.score is not None]
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    for s in scored:
+        groups[(s.task, s.subtask or s.task, s.context_length, s.config_key)].append(s)
+    scores = {k: _scores(v) for k, v in groups.items()}
+    proto = {k[3]: v[0] for k, v in groups.items()}
+
+    rows: list[TaskRow] = []
+    for (task, sub, length, key), group in groups.items():
+        mine = scores[(task, sub, length, key)]
+        ref = scores.get((task, sub, length, REFERENCE_KEY))
+        xs = list(mine.values())
+        acc = statistics.fmean(xs)
+        interval, method = accuracy_interval(xs, seed_for(key, task, sub, length, "accuracy"))
+        ref_acc = statistics.fmean(ref.values()) if ref else None
+        ref_interval = accuracy_interval(list(ref.values()), seed_for(REFERENCE_KEY, task, sub, length, "accuracy"))[0] \
+            if ref else None
+        change = change_interval = n_needed = None
+        if ref is not None and key != REFERENCE_KEY:
+            d = _diffs(mine, ref)
+            if d:
+                change = statistics.fmean(d)
+                change_interval = bootstrap_interval(d, "mean", seed=seed_for(key, task, sub, length, "change"))
+                if spans_zero(change_interval):
+                    n_needed = samples_needed(len(d), change_interval, DETECTABLE_EFFECT)
+        metric = group[0].score_metric
+        rows.append(TaskRow(
+            task=task, subtask=sub, context_length=length, config_key=key, label=labels.get(key, key),
+            press=group[0].press, keep_ratio=group[0].keep_ratio, is_reference=key == REFERENCE_KEY,
+            score_metric=metric, n=len(xs), n_subtasks=1, correct=round(sum(xs)) if _binary(xs) else None,
+            accuracy=acc, interval=interval, interval_method=method, reference_accuracy=ref_acc,
+            change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
+            n_needed=n_needed, near_chance=near_chance(ref_acc, ref_interval, metric)))
+    rows += _means(rows, scores)
+    rows.sort(key=lambda r: (r.task, r.subtask is not None, r.subtask or "", r.context_length or 0,
+                             sort_key(proto[r.config_key])))
+    return rows, _needles(scored, labels)
+
+
+def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list[TaskRow]:
+    """The mean over subtasks, per task x length x configuration (only where a task has several)."""
+    by: dict[tuple, list[TaskRow]] = defaultdict(list)
+    for r in rows:
+        by[(r.task, r.context_length, r.config_key)].append(r)
+    out = []
+    for (task, length, key), subs in by.items():
+        if len(subs) < 2:
+            continue
+        subs.sort(key=lambda r: r.subtask)
+        per_sub = [list(scores[(task, r.subtask, length, key)].values()) for r in subs]
+        acc = statistics.fmean(r.accuracy for r in subs)
+        interval = stratified_mean_interval(per_sub, seed=seed_for(key, task, "mean", length, "accuracy"))
+        refs = [scores.get((task, r.subtask, length, REFERENCE_KEY)) for r in subs]
+        change = change_interval = n_needed = ref_acc = None
+        if all(refs):
+            ref_acc = statistics.fmean(statistics.fmean(r.values()) for r in refs)
+            if key != REFERENCE_KEY:
+                diffs = [_diffs(scores[(task, r.subtask, length, key)], ref) for r, ref in zip(subs, refs)]
+                if all(diffs):
+                    change = statistics.fmean(statistics.fmean(d) for d in diffs)
+                    change_interval = stratified_mean_interval(diffs, seed=seed_for(key, task, "mean", length, "change"))
+                    if spans_zero(change_interval):
+                        n_needed = samples_needed(min(len(d) for d in diffs) * len(diffs), change_interval,
+                                                  DETECTABLE_EFFECT)
+        first = subs[0]
+        out.append(TaskRow(
+            task=task, subtask=None, context_length=length, config_key=key, label=first.label, press=first.press,
+            keep_ratio=first.keep_ratio, is_reference=first.is_reference,
+            score_metric=",".join(sorted({r.score_metric or "?" for r in subs})), n=sum(r.n for r in subs),
+            n_subtasks=len(subs), correct=None, accuracy=acc, interval=interval,
+            interval_method="stratified bootstrap" if interval else None, reference_accuracy=ref_acc,
+            change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
+            n_needed=n_needed, near_chance=all(r.near_chance for r in subs)))
+    return out
+
+
+def _needles(scored: Sequence[Any], labels: dict[str, str]) -> list[NeedleCell]:
+    """Depth x length cells, every subtask with a needle pooled (passkey, the niah variants)."""
+    by: dict[tuple, list[Any]] = defaultdict(list)
+    for s in scored:
+        if s.needle_depth is not None:
+            by[(s.config_key, float(s.needle_depth), s.context_length)].append(s)
+    cells = []
+    for (key, depth, length), group in by.items():
+        xs = list(_scores(group).values())
+        cells.append(NeedleCell(config_key=key, label=labels.get(key, key), needle_depth=depth, context_length=length,
+                                n=len(xs), accuracy=statistics.fmean(xs),
+                                interval=accuracy_interval(xs, seed_for(key, depth, length, "needle"))[0],
+                                subtasks=sorted({s.subtask or s.task for s in group})))
+    cells.sort(key=lambda c: (c.config_key != REFERENCE_KEY, c.config_key, c.needle_depth, c.context_length or 0))
+    return cells

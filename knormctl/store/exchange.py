@@ -1,0 +1,251 @@
+"""Sharing results between stores: one self-contained JSON Lines file per export.
+
+The file, one JSON object per line::
+
+    {"format": "knormctl-results", "version": 1, "schema_revision": "0003", ...}   header
+    {"run": {every column of runs}}                                            a run ...
+    {"sample": {every column of samples}}                                      ... its samples
+    ...
+    {"end": {"runs": 2, "samples": 300}}                                       nothing was cut off
+
+Every column is written, read from the tables' own column lists, so a column added by
+a future migration is exported without a change here. Timestamps are ISO 8601 (naive
+UTC, as stored); JSON columns are nested JSON. A name ending in ``.gz`` is gzip-compressed.
+
+Import is idempotent: a run whose ``uuid`` is already in the store is skipped with its
+samples; new runs get new ids (ids are local to one database) and their samples follow.
+The whole file is imported in one transaction, or nothing is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import JSON, Column, DateTime, MetaData, Table, insert, select
+from sqlalchemy.exc import DBAPIError
+
+from knormctl import __version__
+from knormctl.errors import StoreError, UsageError
+from knormctl.store.api import Store
+from knormctl.store.connect import WRITE, reason
+from knormctl.store.models import Run, Sample, utcnow
+
+FORMAT = "knormctl-results"
+VERSION = 1  # of the file layout above; the columns follow the schema revision in the header
+_BATCH = 500  # samples per INSERT round trip
+
+RUNS, SAMPLES = Run.__table__, Sample.__table__
+
+
+def _for_import(table: Table) -> Table:
+    """The table with JSON columns that store Python None as SQL NULL (as the ORM leaves an
+    unset column), so an imported row is the row that was exported."""
+    columns = [Column(c.name, JSON(none_as_null=True) if isinstance(c.type, JSON) else c.type,
+                      primary_key=c.primary_key) for c in table.columns]
+    return Table(table.name, MetaData(), *columns)
+
+
+def _encode(table: Table, row) -> dict:
+    out = {}
+    for col in table.columns:
+        value = row[col.name]
+        out[col.name] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def _writer(path: Path, compress: bool):
+    return gzip.open(path, "wt", encoding="utf-8") if compress else path.open("w", encoding="utf-8")
+
+
+def _reader(path: Path):
+    """Plain or gzip-compressed, told by the content (a renamed file still reads)."""
+    with path.open("rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8") if compressed else path.open("r", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]:
+    """Write the runs (oldest first) with all their samples to ``path``; returns (runs, samples).
+
+    Written to a temporary file beside ``path`` and renamed at the end: an interrupted
+    export leaves no half file. Reads only."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"-o {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"folder {path.parent} does not exist")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    ids = sorted(set(run_ids))
+    n_samples = 0
+    try:
+        with _writer(partial, path.name.endswith(".gz")) as out, store.engine.connect() as conn, conn.begin():
+            def write(obj: dict) -> None:
+                out.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+            write({"format": FORMAT, "version": VERSION, "schema_revision": store.schema_revision,
+                   "knormctl_version": __version__, "exported_utc": utcnow().isoformat(), "runs": len(ids)})
+            for run_id in ids:  # one read transaction: a consistent snapshot of every run
+                write({"run": _encode(RUNS, conn.execute(select(RUNS).where(RUNS.c.id == run_id)).one()._mapping)})
+                rows = conn.execute(select(SAMPLES).where(SAMPLES.c.run_id == run_id).order_by(SAMPLES.c.id),
+                                    execution_options={"yield_per": _BATCH})  # streamed: no run held in memory
+                for row in rows:
+                    write({"sample": _encode(SAMPLES, row._mapping)})
+                    n_samples += 1
+            write({"end": {"runs": len(ids), "samples": n_samples}})
+        os.replace(partial, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except DBAPIError as exc:
+        raise StoreError(f"exporting from {store.url} failed: {reason(exc)}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return len(ids), n_samples
+
+
+# ----------------------------------------------------------------------------- import
+
+@dataclass
+class Imported:
+    """What ``import_file`` did."""
+
+    run_ids: list[int] = field(default_factory=list)  # the new ids, in file order
+    samples: int = 0
+    skipped_runs: int = 0  # already in the store (same uuid)
+    skipped_samples: int = 0
+
+
+def _lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an error."""
+    try:
+        with _reader(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    obj = None
+                if not isinstance(obj, dict) or len(obj) < 1:
+                    if number == 1:
+                        raise UsageError(f"{path} is not a knormctl export (line 1 is not its JSON header)")
+                    raise UsageError(f"{path} line {number} is not a JSON object (the file is damaged)")
+                yield number, obj
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise UsageError(f"{path} is not a knormctl export ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_header(path: Path, header: dict) -> None:
+    from knormctl.store.migrate import SCHEMA_HEAD, known_revisions
+
+    if header.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a knormctl export (its first line is not a knormctl-results header)")
+    if header.get("version") != VERSION:
+        raise UsageError(f"{path} is an export of format version {header.get('version')!r}; this knormctl "
+                         f"reads version {VERSION}")
+    revision = header.get("schema_revision")
+    if revision != SCHEMA_HEAD and revision not in known_revisions()[1]:
+        raise UsageError(f"{path} was exported by a newer knormctl (schema {revision}, this one knows up to "
+                         f"{SCHEMA_HEAD}); upgrade knormctl")
+
+
+def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
+    unknown = sorted(set(data) - set(table.c.keys()))
+    if unknown:
+        raise UsageError(f"{path} line {number}: unknown {table.name} column(s) {', '.join(unknown)}")
+    row = {}
+    for name, value in data.items():
+        if value is not None and isinstance(table.c[name].type, DateTime):
+            try:
+                value = datetime.fromisoformat(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{path} line {number}: {name} is not a timestamp ({value!r})") from None
+        row[name] = value
+    return row
+
+
+def import_file(store: Store, path: Path) -> Imported:
+    """Load an export into ``store``: new runs added with new ids, runs already there (same uuid)
+    skipped. One transaction: a damaged or truncated file imports nothing."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    if store.readonly:
+        raise StoreError(f"importing refused: {store.url} was opened read-only")
+    runs_t, samples_t = _for_import(RUNS), _for_import(SAMPLES)
+    result = Imported()
+    lines = _lines(path)
+    try:
+        with store.engine.execution_options(**{WRITE: True}).begin() as conn:
+            first = next(lines, None)
+            if first is None:
+                raise UsageError(f"{path} is empty (not a knormctl export)")
+            _check_header(path, first[1])
+            known = set(conn.execute(select(RUNS.c.uuid)).scalars())
+            new_ids: dict[int, int] = {}  # id in the exporting store -> id here
+            current, keep, batch, seen = None, False, [], {"runs": 0, "samples": 0}
+            end = None
+            for number, obj in lines:
+                if end is not None:
+                    raise UsageError(f"{path} line {number}: data after the end line (the file is damaged)")
+                kind = next(iter(obj))
+                if len(obj) != 1 or kind not in ("run", "sample", "end") or not isinstance(obj[kind], dict):
+                    raise UsageError(f"{path} line {number} is not a run, sample or end record")
+                if kind == "end":
+                    end = obj["end"]
+                    continue
+                row = _decode(runs_t if kind == "run" else samples_t, obj[kind], path, number)
+                seen[kind + "s"] += 1
+                if kind == "run":
+                    _flush(conn, samples_t, batch)
+                    current = row.pop("id", None)
+                    uuid = row.get("uuid")
+                    if not uuid or not isinstance(uuid, str):
+                        raise UsageError(f"{path} line {number}: a run without a uuid")
+                    keep = uuid not in known
+                    known.add(uuid)  # the same run twice in one file is imported once
+                    if not keep:
+                        result.skipped_runs += 1
+                        continue
+                    # A run it was resumed from keeps the link only if it came along.
+                    row["resumed_from"] = new_ids.get(row.get("resumed_from"))
+                    new_id = conn.execute(insert(runs_t).values(**row)).inserted_primary_key[0]
+                    new_ids[current] = new_id
+                    result.run_ids.append(new_id)
+                    continue
+                if current is None or row.get("run_id") != current:
+                    raise UsageError(f"{path} line {number}: a sample of run {row.get('run_id')!r} outside "
+                                     "that run's block (the file is damaged)")
+                if not keep:
+                    result.skipped_samples += 1
+                    continue
+                row.pop("id", None)
+                row["run_id"] = new_ids[current]
+                batch.append(row)
+                result.samples += 1
+                if len(batch) >= _BATCH:
+                    _flush(conn, samples_t, batch)
+            _flush(conn, samples_t, batch)
+            if end is None:
+                raise UsageError(f"{path} is truncated (no end line); nothing was imported")
+            if end != seen:
+                raise UsageError(f"{path} is damaged: its end line counts {end}, the file holds {seen}; "
+                                 "nothing was imported")
+    except DBAPIError as exc:
+        raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
+    return result
+
+
+def _flush(conn, table: Table, batch: list[dict]) -> None:
+    if batch:
+        conn.execute(insert(table), batch)
+        batch.clear()

@@ -1,0 +1,292 @@
+"""Sharing results: `knormctl export` -> `knormctl import` keeps every column of every row, on
+SQLite and PostgreSQL, adds nothing the second time, remaps ids, and imports nothing from a
+bad file; `knormctl runs delete` asks first."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from db_fixtures import pg_database
+from report_data import fill_run
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.store import Run, Sample, open_store
+from knormctl.store.connect import make_engine
+
+runner = CliRunner()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def source_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'source.db'}"
+    else:
+        yield from pg_database()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def target_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'target.db'}"
+    else:
+        yield from pg_database()
+
+
+def cli(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def rows(url: str, table, **where) -> list[dict]:
+    """Every column of every row, as the database returns them (raw Core: no verdicts, no defer)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            stmt = select(table).order_by(table.c.id)
+            for name, value in where.items():
+                stmt = stmt.where(table.c[name].in_(value) if isinstance(value, list) else table.c[name] == value)
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+    finally:
+        engine.dispose()
+
+
+def count(url: str) -> tuple[int, int]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return tuple(conn.scalar(select(func.count()).select_from(t)) for t in (Run.__table__, Sample.__table__))
+    finally:
+        engine.dispose()
+
+
+def fill_source(url: str) -> list[int]:
+    """Three runs with every kind of value: blobs, NULLs, a failed cell, passkey answers, a resume link."""
+    with open_store(url) as store:
+        a = fill_run(store, n_samples=3, group="shared", fail=(1, "knorm|kr=0.7|pa=512|skip=0|decode"))
+        b = fill_run(store, n_samples=2, task="passkey", seed=1, memory=False, token_match=False)
+        c = fill_run(store, n_samples=2, seed=2, status="interrupted", stop_after=5, group="shared")
+        store.update_run(c, resumed_from=b, env_json={"nested": {"list": [1, 2.5, None], "ok": True}})
+        store.add_sample(c, sample_index=9, config_key="none", dataset="d", prompt_tokens=3, press="none",
+                         keep_ratio=1.0, prune_after=512, compress_mode="decode", extra_json={"why": "é ✓"},
+                         answers_json=[], repeat=2)
+    return [a, b, c]
+
+
+def without(row: dict, *names: str) -> dict:
+    return {k: v for k, v in row.items() if k not in names}
+
+
+def test_export_import_round_trip_keeps_every_column(source_url, target_url, tmp_path):
+    ids = fill_source(source_url)
+    with open_store(target_url) as store:  # the target already holds runs: ids must be remapped
+        fill_run(store, seed=5)
+        fill_run(store, seed=6)
+    out = tmp_path / "shared.jsonl"
+    res = cli("export", "--run-id", str(ids[0]), "--run-id", str(ids[1]), "--run-id", str(ids[2]), "-o", str(out),
+              "--db", source_url)
+    assert res.exit_code == 0, res.output
+    n_samples = len(rows(source_url, Sample.__table__))
+    assert res.stdout.strip() == f"exported 3 run(s) with {n_samples} sample(s) to {out}"
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["format"] == "knormctl-results" and lines[0]["version"] == 1
+    assert lines[0]["schema_revision"] == "0003" and lines[-1] == {"end": {"runs": 3, "samples": n_samples}}
+    # every column of the tables, read from the models: a new column would be exported as well
+    assert set(lines[1]["run"]) == set(Run.__table__.c.keys())
+    assert all(set(line["sample"]) == set(Sample.__table__.c.keys()) for line in lines if "sample" in line)
+
+    res = cli("import", str(out), "--db", target_url)
+    assert res.exit_code == 0, res.output
+    new_ids = [3, 4, 5]
+    assert res.stdout.strip().startswith(f"imported 3 run(s) (now id 3, 4, 5) with {n_samples} sample(s) from {out}")
+
+    src_runs = rows(source_url, Run.__table__, id=ids)
+    dst_runs = rows(target_url, Run.__table__, id=new_ids)
+    assert [r["uuid"] for r in dst_runs] == [r["uuid"] for r in src_runs]
+    for src, dst in zip(src_runs, dst_runs):
+        assert without(dst, "id", "resumed_from") == without(src, "id", "resumed_from")  # all other columns equal
+    assert dst_runs[2]["resumed_from"] == dst_runs[1]["id"]  # the link follows the remapped id
+    assert dst_runs[2]["env_json"] == {"nested": {"list": [1, 2.5, None], "ok": True}}
+    assert dst_runs[0]["started_utc"].microsecond == src_runs[0]["started_utc"].microsecond
+
+    for old, new in zip(ids, new_ids):
+        src_samples = rows(source_url, Sample.__table__, run_id=old)
+        dst_samples = rows(target_url, Sample.__table__, run_id=new)
+        assert len(dst_samples) == len(src_samples) > 0
+        for s, d in zip(src_samples, dst_samples):
+            assert without(d, "id", "run_id") == without(s, "id", "run_id")
+    blobs = rows(target_url, Sample.__table__, run_id=new_ids[0])[0]
+    assert blobs["step_latencies_json"] and blobs["generated_ids_json"] and blobs["generated_text"]
+    assert rows(target_url, Sample.__table__, run_id=new_ids[2])[-1]["extra_json"] == {"why": "é ✓"}
+
+    # the imported runs report like the originals (only the run's id differs)
+    reports = []
+    for url, run_id in ((source_url, ids[0]), (target_url, new_ids[0])):
+        rep = cli("report", "--run-id", str(run_id), "--format", "json", "--db", url)
+        assert rep.exit_code == 0, rep.output
+        data = json.loads(rep.stdout)
+        assert data["header"].pop("run_ids") == [run_id]
+        reports.append(json.dumps(data).replace(f"run {run_id})", "run N)"))  # flags name the run
+    assert json.loads(reports[1]) == json.loads(reports[0])
+
+
+def test_importing_twice_adds_nothing_and_a_partly_known_file_adds_the_rest(tmp_path):
+    src, dst = tmp_path / "a.db", tmp_path / "b.db"
+    ids = fill_source(str(src))
+    first, both = tmp_path / "first.jsonl.gz", tmp_path / "both.jsonl"
+    assert cli("export", "--run-id", str(ids[0]), "-o", str(first), "--db", str(src)).exit_code == 0
+    assert first.read_bytes()[:2] == b"\x1f\x8b"  # .gz: compressed
+    assert cli("export", "--group", "shared", "-o", str(both), "--db", str(src)).exit_code == 0  # runs a and c
+
+    res = cli("import", str(first), "--db", str(dst))
+    assert res.exit_code == 0 and "imported 1 run(s) (now id 1)" in res.stdout
+    after_first = count(f"sqlite:///{dst}")
+    res = cli("import", str(first), "--db", str(dst))
+    assert res.exit_code == 0
+    assert res.stdout.strip() == f"nothing imported from {first}: its 1 run(s) are already in {dst}"
+    assert count(f"sqlite:///{dst}") == after_first
+
+    res = cli("import", str(both), "--db", str(dst))
+    assert res.exit_code == 0, res.output
+    c_samples = len(rows(f"sqlite:///{src}", Sample.__table__, run_id=ids[2]))
+    a_samples = len(rows(f"sqlite:///{src}", Sample.__table__, run_id=ids[0]))
+    assert res.stdout.strip().endswith(f"with {c_samples} sample(s) from {both} into {dst}; skipped 1 run(s) "
+                                       f"already in the database ({a_samples} sample(s))")
+    assert count(f"sqlite:///{dst}") == (2, a_samples + c_samples)
+    resumed = rows(f"sqlite:///{dst}", Run.__table__, id=2)[0]
+    assert resumed["resumed_from"] is None  # run b did not come along: no link to an unrelated run 2
+
+
+def sample_file(tmp_path: Path) -> tuple[Path, list[str]]:
+    src = tmp_path / "src.db"
+    fill_source(str(src))
+    path = tmp_path / "all.jsonl"
+    assert cli("export", "--run-id", "1", "--run-id", "2", "--run-id", "3", "-o", str(path), "--db", str(src)).exit_code == 0
+    return path, path.read_text().splitlines(keepends=True)
+
+
+def _edit(lines, what):
+    if what == "not-json":
+        return "this is not json\n" + "".join(lines)
+    if what == "csv":
+        return "run_id,config_key\n1,none\n"
+    if what == "version":
+        return json.dumps(json.loads(lines[0]) | {"version": 99}) + "\n" + "".join(lines[1:])
+    if what == "schema":
+        return json.dumps(json.loads(lines[0]) | {"schema_revision": "0099"}) + "\n" + "".join(lines[1:])
+    if what == "no-end":
+        return "".join(lines[:-1])
+    if what == "cut-mid-line":
+        text = "".join(lines)
+        return text[: len(text) // 2]
+    if what == "wrong-count":
+        return "".join(lines[:-2] + lines[-1:])  # one sample line dropped
+    if what == "orphan-sample":
+        return "".join(lines[:1] + lines[2:])  # the first run line dropped: its samples have no run
+    if what == "unknown-column":
+        run = json.loads(lines[1])
+        run["run"]["colour"] = "blue"
+        return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
+    if what == "bad-timestamp":
+        run = json.loads(lines[1])
+        run["run"]["started_utc"] = "yesterday"
+        return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
+    if what == "empty":
+        return ""
+    raise AssertionError(what)
+
+
+BAD = [
+    ("not-json", "is not a knormctl export (line 1 is not its JSON header)"),
+    ("csv", "is not a knormctl export (line 1 is not its JSON header)"),
+    ("version", "is an export of format version 99; this knormctl reads version 1"),
+    ("schema", "was exported by a newer knormctl (schema 0099, this one knows up to 0003); upgrade knormctl"),
+    ("no-end", "is truncated (no end line); nothing was imported"),
+    ("cut-mid-line", "is not a JSON object (the file is damaged)"),
+    ("wrong-count", "is damaged: its end line counts"),
+    ("orphan-sample", "outside that run's block (the file is damaged)"),
+    ("unknown-column", "unknown runs column(s) colour"),
+    ("bad-timestamp", "started_utc is not a timestamp ('yesterday')"),
+    ("empty", "is empty (not a knormctl export)"),
+]
+
+
+@pytest.mark.parametrize("what,message", BAD, ids=[w for w, _ in BAD])
+def test_a_bad_file_imports_nothing(tmp_path, what, message):
+    good, lines = sample_file(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_edit(lines, what))
+    dst = tmp_path / "dst.db"
+    with open_store(dst) as store:
+        fill_run(store, seed=9)
+    before = count(f"sqlite:///{dst}")
+    res = cli("import", str(bad), "--db", str(dst))
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip()
+    assert line.startswith(f"Error: {bad}") and message in line and "\n" not in line
+    assert count(f"sqlite:///{dst}") == before  # one transaction: the runs before the damage are gone too
+    assert cli("import", str(good), "--db", str(dst)).exit_code == 0  # and the good file still imports
+
+
+def test_import_refuses_a_missing_file_or_garbage_without_creating_a_database(tmp_path):
+    dst = tmp_path / "new.db"
+    res = cli("import", str(tmp_path / "nope.jsonl"), "--db", str(dst))
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: {tmp_path / 'nope.jsonl'} does not exist"
+    assert not dst.exists()
+    garbage = tmp_path / "x.jsonl.gz"
+    garbage.write_bytes(gzip.compress(b"\xff\xfe\x00 binary"))
+    res = cli("import", str(garbage), "--db", str(dst))
+    assert res.exit_code == 2 and "is not a knormctl export" in res.stderr
+
+
+def test_export_reads_only_and_refuses_what_it_cannot_export(tmp_path):
+    db = tmp_path / "r.db"
+    with open_store(db) as store:
+        done = fill_run(store, group="g")
+        live = fill_run(store, status="running", stop_after=2)  # owned by this live process
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    out = tmp_path / "x.jsonl"
+    for args, message in [
+        ([], "give the runs to export: --run-id N (repeatable) or --group NAME"),
+        (["--run-id", "1", "--group", "g"], "give the runs to export"),
+        (["--run-id", "77"], f"no run 77 in {db}"),
+        (["--group", "nope"], f"no runs in group 'nope' in {db}"),
+        (["--run-id", str(live)], f"run {live} is still running (process"),
+        (["--run-id", str(done), "-o", str(tmp_path / "no" / "x.jsonl")], f"folder {tmp_path / 'no'} does not exist"),
+        (["--run-id", str(done), "-o", str(tmp_path)], "is a folder"),
+    ]:
+        if "-o" not in args:
+            args = [*args, "-o", str(out)]
+        res = cli("export", *args, "--db", str(db))
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.stderr.strip() and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    assert cli("export", "--group", "g", "-o", str(out), "--db", str(db)).exit_code == 0
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest  # the source is never written
+
+
+def test_runs_delete_asks_first(tmp_path):
+    db = tmp_path / "r.db"
+    with open_store(db) as store:
+        ids = [fill_run(store, seed=s) for s in range(4)]
+    n = len(rows(f"sqlite:///{db}", Sample.__table__, run_id=ids[0]))
+    res = cli("runs", "delete", str(ids[0]), "--db", str(db), input="n\n")
+    assert res.exit_code == 1 and "nothing deleted" in res.stderr
+    assert "run 1: sweep smollm2-135m, complete" in res.stderr and "Delete 1 run(s)" in res.stderr
+    res = cli("runs", "delete", str(ids[0]), "--db", str(db))  # no answer at all (a script)
+    assert res.exit_code == 2 and "add --yes" in res.stderr
+    assert count(f"sqlite:///{db}") == (4, 4 * n)
+    res = cli("runs", "delete", str(ids[0]), "99", "--yes", "--db", str(db))
+    assert res.exit_code == 2 and "no run 99" in res.stderr and count(f"sqlite:///{db}") == (4, 4 * n)
+
+    res = cli("runs", "delete", str(ids[0]), "--db", str(db), input="y\n")
+    assert res.exit_code == 0 and f"deleted 1 run(s) and {n} sample(s)" in res.stdout
+    res = cli("runs", "delete", str(ids[1]), str(ids[2]), "--yes", "--db", str(db))
+    assert res.exit_code == 0 and f"deleted 2 run(s) and {2 * n} sample(s)" in res.stdout
+    assert count(f"sqlite:///{db}") == (1, n)
+    assert [r["id"] for r in rows(f"sqlite:///{db}", Run.__table__)] == [ids[3]]

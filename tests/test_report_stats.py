@@ -1,0 +1,278 @@
+"""The report's statistics: intervals (bootstrap, Wilson) and what they promise, the verdict
+rule, the samples-needed estimate, repeats, token match (one definition), and groups whose
+runs split the prompts between machines."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections import defaultdict
+
+import pytest
+from report_data import ENV, Cfg, fill_run
+from typer.testing import CliRunner
+
+from knormctl import stats
+from knormctl.cli import app
+from knormctl.render.summary import REFERENCE_KEY, build_summary
+
+runner = CliRunner()
+KNORM_07 = Cfg("knorm", 0.7).pc.key
+KNORM_09 = Cfg("knorm", 0.9).pc.key
+KNORM_1 = Cfg("knorm", 1.0).pc.key
+
+
+def report_json(db, *args):
+    result = runner.invoke(app, ["report", "--db", db, *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def rows_by_key(data, dataset=None):
+    return {r["config_key"]: r for r in data["rows"] if r["dataset"] == dataset}
+
+
+# ------------------------------------------------------------------ primitives
+
+
+def test_token_match_is_one_definition_divided_by_the_longer_output():
+    from knormctl import runner as run_module
+
+    assert run_module.token_match is stats.token_match  # the runner stores what the report would compute
+    assert stats.token_match([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert stats.token_match([1, 2, 9, 4], [1, 2, 3, 4]) == 0.75
+    # an output that stops early does not score 100%: missing tokens are mismatches
+    assert stats.token_match([1, 2], [1, 2, 3, 4]) == 0.5
+    assert stats.token_match([1, 2, 3, 4], [1, 2]) == 0.5
+    assert stats.token_match([], []) is None and stats.token_match(None, [1]) is None
+
+
+def test_bootstrap_interval_is_seeded_and_exact_where_it_can_be_worked_out():
+    xs = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0]
+    a = stats.bootstrap_interval(xs, "mean", seed=7)  # means: seeded resampling
+    assert a == stats.bootstrap_interval(xs, "mean", seed=7)  # reproducible
+    assert a != stats.bootstrap_interval(xs, "mean", seed=8)  # and really resampled
+    assert a[0] <= statistics.fmean(xs) <= a[1] and min(xs) <= a[0] and a[1] <= max(xs)
+    m = stats.bootstrap_interval(xs, "median", seed=7)
+    assert m[0] <= statistics.median(xs) <= m[1]
+    # Two values: the resampled median is a, (a+b)/2 or b with 1/4, 1/2, 1/4; the 2.5% and 97.5% points are a and b.
+    assert stats.bootstrap_interval([2.0, 10.0], "median", seed=1) == (2.0, 10.0)
+    # No spread, no uncertainty; one value, no interval.
+    assert stats.bootstrap_interval([4.0, 4.0, 4.0], "mean", seed=1) == (4.0, 4.0)
+    assert stats.bootstrap_interval([4.0], "median", seed=1) is None
+    # median_low stays on observed values (counts)
+    lo, hi = stats.bootstrap_interval([1, 2, 2, 3, 5, 8], "median_low", seed=3)
+    assert lo in (1, 2, 3, 5, 8) and hi in (1, 2, 3, 5, 8)
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+@pytest.mark.parametrize("how", ["median", "median_low"])
+def test_exact_median_bootstrap_equals_enumerating_every_resample(n, how):
+    import itertools
+
+    rng = random.Random(n)
+    xs = [round(rng.gauss(0, 1), 2) for _ in range(n)]
+    xs[1] = xs[0]  # ties too
+    brute: dict[float, float] = defaultdict(float)
+    for idx in itertools.product(range(n), repeat=n):  # all n**n equally likely resamples
+        v = [xs[i] for i in idx]
+        brute[statistics.median(v) if how == "median" else statistics.median_low(v)] += 1 / n ** n
+    exact: dict[float, float] = defaultdict(float)
+    for value, p in stats.median_bootstrap_distribution(xs, how):
+        exact[value] += p
+    assert set(exact) <= set(brute)
+    assert all(exact[k] == pytest.approx(brute[k], abs=1e-12) for k in brute)
+
+
+def test_exact_and_resampled_median_intervals_agree_beyond_the_exact_limit():
+    import numpy as np
+
+    rng = random.Random(2)
+    xs = [rng.gauss(0, 5) for _ in range(30)]
+    exact = stats.bootstrap_interval(xs, "median", seed=0)
+    x = np.asarray(xs)
+    many = np.median(x[np.random.default_rng(0).integers(0, 30, size=(100_000, 30))], axis=1)
+    assert exact == pytest.approx(tuple(np.percentile(many, [2.5, 97.5])), abs=0.05)
+    big = [rng.gauss(0, 5) for _ in range(stats.EXACT_MEDIAN_MAX_N + 1)]  # resampled, seeded
+    assert stats.bootstrap_interval(big, "median", seed=1) == stats.bootstrap_interval(big, "median", seed=1)
+
+
+def test_bootstrap_covers_the_true_median_about_95_percent_of_the_time():
+    rng = random.Random(0)
+    hits = 0
+    trials = 200
+    for t in range(trials):
+        xs = [rng.gauss(10.0, 3.0) for _ in range(30)]
+        lo, hi = stats.bootstrap_interval(xs, "median", seed=t)
+        hits += lo <= 10.0 <= hi
+    assert 0.88 <= hits / trials <= 0.99, hits
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    assert stats.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert stats.wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert stats.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert stats.wilson_interval(0, 0) is None
+
+
+def test_samples_needed_gives_the_power_it_promises():
+    """n_needed from a null run's interval: a run of that size with a true 5% change then
+    detects it (interval excludes 0) about 80% of the time."""
+    rng = random.Random(1)
+    sd = 6.0  # per-prompt changes (%) scatter this much
+    pilot = [rng.gauss(0.0, sd) for _ in range(10)]
+    interval = stats.bootstrap_interval(pilot, "median", seed=0)
+    assert interval[0] < 0 < interval[1]
+    needed = stats.samples_needed(len(pilot), interval, 5.0)
+    assert needed is not None and needed > 10
+    detected = 0
+    for t in range(60):
+        xs = [rng.gauss(5.0, sd) for _ in range(needed)]
+        lo, _ = stats.bootstrap_interval(xs, "median", seed=100 + t)
+        detected += lo > 0
+    assert detected / 60 >= 0.6, (needed, detected)
+    # scaling: 4x the prompts, half the width, same answer; a narrow interval needs nothing more
+    wider = (interval[0] * 2 ** 0.5, interval[1] * 2 ** 0.5)  # half the prompts: sqrt(2) wider
+    assert stats.samples_needed(5, wider, 5.0) == pytest.approx(needed, abs=2)
+    assert stats.samples_needed(10, (-0.5, 0.5), 5.0) is None
+
+
+# ------------------------------------------------------------------ verdicts follow the interval
+
+
+def test_a_small_change_whose_interval_spans_zero_is_no_detectable_difference(store, db):
+    # peak memory jitters +-3% per sample while knorm 0.9 saves ~0.6%: the interval spans zero
+    run = fill_run(store, n_samples=10, mem_jitter=0.03)
+    data = report_json(db, "--run-id", str(run))
+    row = rows_by_key(data)[KNORM_09]
+    lo, hi = row["change_intervals"]["peak_mem_bytes"]
+    assert lo < 0 < hi and abs(row["changes"]["peak_mem_bytes"]) < 3
+    assert row["verdicts"]["peak_mem_bytes"] == "noise"
+    # deterministic KV bytes: a zero-width interval away from zero is a finding
+    lo, hi = row["change_intervals"]["kv_bytes_final"]
+    assert lo == pytest.approx(hi) and hi < 0
+    assert row["verdicts"]["kv_bytes_final"] == "better"
+    # the same verdicts in csv
+    result = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "csv"])
+    import csv
+    import io
+
+    rec = next(r for r in csv.DictReader(io.StringIO(result.stdout)) if r["config_key"] == KNORM_09)
+    assert rec["peak_mem_bytes_verdict"] == "noise" and rec["kv_bytes_final_verdict"] == "better"
+
+
+def test_intervals_are_reproducible_and_paired_by_prompt(store, db):
+    run = fill_run(store, n_samples=8)
+    first, second = report_json(db, "--run-id", str(run)), report_json(db, "--run-id", str(run))
+    assert first["rows"] == second["rows"]
+    # the interval is a bootstrap over per-prompt changes: rebuild it from the stored rows
+    samples = store.samples(run)
+    ref = {s.sample_index: s.tpot_s for s in samples if s.config_key == REFERENCE_KEY}
+    changes = [(s.tpot_s / ref[s.sample_index] - 1) * 100 for s in samples if s.config_key == KNORM_07]
+    row = rows_by_key(first)[KNORM_07]
+    assert row["changes"]["tpot_s"] == pytest.approx(statistics.median(changes))
+    lo, hi = row["change_intervals"]["tpot_s"]
+    assert min(changes) <= lo <= statistics.median(changes) <= hi <= max(changes)
+    assert row["n_pairs"]["tpot_s"] == 8
+
+
+def test_underpowered_changes_say_how_many_prompts_would_tell_5_percent(store, db):
+    run = fill_run(store, n_samples=4)
+    data = report_json(db, "--run-id", str(run))
+    flagged = [f for f in data["flags"] if f["kind"] == "underpowered"]
+    needed = {(r["config_key"], m): n for r in data["rows"] for m, n in r["n_needed"].items() if n is not None}
+    assert needed and len(flagged) == 1
+    for (key, m), n in needed.items():
+        row = rows_by_key(data)[key]
+        lo, hi = row["change_intervals"][m]
+        assert lo <= 0 <= hi and n > row["n_pairs"][m]  # only where this run cannot tell
+    assert "prompts needed for 80% power" in flagged[0]["message"]
+    assert "few_prompts" in [f["kind"] for f in data["flags"]]  # 4 prompts: intervals are optimistic
+
+
+# ------------------------------------------------------------------ repeats
+
+
+def test_repeats_are_reduced_per_prompt_before_pairing(store, db):
+    run = fill_run(store, n_samples=4, repeats=3)
+    data = report_json(db, "--run-id", str(run))
+    samples = store.samples(run)
+    per_prompt = defaultdict(list)
+    for s in samples:
+        per_prompt[(s.config_key, s.sample_index)].append(s.tpot_s)
+    assert all(len(v) == 3 for v in per_prompt.values())
+    for key, row in rows_by_key(data).items():
+        meds = [statistics.median(per_prompt[(key, i)]) for i in range(4)]
+        assert row["values"]["tpot_s"] == pytest.approx(statistics.median(meds))
+        assert row["n_prompts"] == 4 and row["n_repeats"] == 3 and row["n_samples"] == 12
+        if key != REFERENCE_KEY:
+            ref = [statistics.median(per_prompt[(REFERENCE_KEY, i)]) for i in range(4)]
+            assert row["changes"]["tpot_s"] == pytest.approx(statistics.median(
+                (m / r - 1) * 100 for m, r in zip(meds, ref)))
+            assert row["n_pairs"]["tpot_s"] == 4
+    assert "repeats_disagree" not in [f["kind"] for f in data["flags"]]
+
+
+def test_repeated_rounds_that_disagree_beyond_noise_are_flagged(store, db):
+    # the third round of every cell ran 30% slower (the machine got busy)
+    run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.7)), n_samples=6, repeats=3, round_factor={2: 1.3})
+    data = report_json(db, "--run-id", str(run))
+    flagged = {f["config_key"]: f["message"] for f in data["flags"] if f["kind"] == "repeats_disagree"}
+    assert set(flagged) == {REFERENCE_KEY, KNORM_07}
+    assert "3 repeated rounds disagree by up to 3" in flagged[KNORM_07]
+    ref = rows_by_key(data)[REFERENCE_KEY]
+    assert ref["repeat_spread_pct"]["tpot_s"] == pytest.approx(30.0, abs=4)
+    # the values are robust to the slow round: per-prompt medians over rounds
+    assert ref["values"]["tpot_s"] < 0.032
+
+
+# ------------------------------------------------------------------ groups
+
+
+def test_a_group_sharded_by_sample_pairs_within_prompts_and_shows_every_machine(store, db):
+    a = fill_run(store, group="g", n_samples=6, samples=[0, 2, 4], hostname="node-a", seed=1)
+    b = fill_run(store, group="g", n_samples=6, samples=[1, 3, 5], hostname="node-b", seed=2)
+    data = report_json(db, "--group", "g")
+    h = data["header"]
+    assert h["run_ids"] == [a, b]
+    assert [m["hostname"] for m in h["machines"]] == ["node-a", "node-b"]
+    assert [m["run_ids"] for m in h["machines"]] == [[a], [b]]
+    assert h["differs"] == ["hostname"] and h["dtype"] == "float32"
+    [flag] = [f for f in data["flags"] if f["kind"] == "mixed_machines"]
+    assert "differ in host" in flag["message"] and "paired changes hold" in flag["message"]
+    rows = rows_by_key(data)
+    assert rows[KNORM_07]["n_pairs"]["tpot_s"] == 6 and rows[KNORM_07]["paired"] is True
+    samples = store.samples([a, b])
+    ref = {s.sample_index: s.tpot_s for s in samples if s.config_key == REFERENCE_KEY}
+    changes = [(s.tpot_s / ref[s.sample_index] - 1) * 100 for s in samples if s.config_key == KNORM_07]
+    assert rows[KNORM_07]["changes"]["tpot_s"] == pytest.approx(statistics.median(changes))
+    table = runner.invoke(app, ["report", "--db", db, "--group", "g"]).stdout
+    assert "node-a" in table and "node-b" in table
+
+
+def test_a_group_mixing_dtypes_and_versions_is_flagged(store, db):
+    fill_run(store, group="mix", samples=[0, 1], hostname="h")
+    fill_run(store, group="mix", samples=[2], hostname="h", dtype="bfloat16", env=dict(ENV, transformers="5.2.0"))
+    data = report_json(db, "--group", "mix")
+    assert set(data["header"]["differs"]) == {"dtype", "transformers_version"}
+    assert data["header"]["dtype"] is None  # no single dtype to show
+    [flag] = [f for f in data["flags"] if f["kind"] == "mixed_machines"]
+    assert "dtype" in flag["message"] and "transformers version" in flag["message"]
+    assert "different set-ups" in flag["message"]
+
+
+def test_report_and_summary_fill_a_missing_token_match_the_same_way(store, db):
+    """Cells of one prompt stored by different runs (old cell shards) have no token match:
+    `report --group` loads the generated ids and computes it, exactly as plot does."""
+    a = fill_run(store, group="cells", configs=(Cfg(),), token_match=False, seed=3)
+    b = fill_run(store, group="cells", configs=(Cfg("knorm", 0.7),), token_match=False, seed=3)
+    data = report_json(db, "--group", "cells")
+    rows = store.samples([a, b], with_blobs=True)
+    refs = {s.sample_index: s.generated_ids_json for s in rows if s.config_key == REFERENCE_KEY}
+    expected = statistics.fmean(stats.token_match(s.generated_ids_json, refs[s.sample_index])
+                                for s in rows if s.config_key == KNORM_07)
+    assert rows_by_key(data)[KNORM_07]["values"]["token_match"] == pytest.approx(expected)
+    assert rows_by_key(data)[REFERENCE_KEY]["values"]["token_match"] == 1.0
+    direct = build_summary([store.get_run(a), store.get_run(b)], rows)
+    assert next(r for r in direct.rows if r.config_key == KNORM_07).values["token_match"] == pytest.approx(expected)

@@ -1,0 +1,156 @@
+"""Question-task accuracy in the report (hand-made rows, the columns of schema 0003): per
+configuration x subtask x length with intervals, the mean over subtasks, the full cache
+beside every compressed row, and subtasks where the full cache itself is near chance."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+
+import pytest
+from report_data import Cfg, fill_run
+from typer.testing import CliRunner
+
+from knormctl import stats
+from knormctl.cli import app
+from knormctl.render.summary import REFERENCE_KEY
+
+runner = CliRunner()
+CONFIGS = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("random", 0.5, mode="prefill"))
+KNORM = CONFIGS[1].pc.key
+SUBTASKS = ("niah_single_1", "vt", "cwe")
+LENGTHS = (4096, 8192)
+
+
+def ruler_score(i, pc, sub, depth, length):
+    """niah: exact (0/1), compression loses shallow needles; vt: the model cannot do it (near
+    chance even with the full cache); cwe: partial credit (not binary)."""
+    if sub.startswith("niah"):
+        return float(pc.press == "none" or (depth or 0) > 0.3)
+    if sub == "vt":
+        return float(i == 1)  # one question of 16, whatever the cache
+    return 0.9 if pc.press == "none" else (0.6 if pc.press == "knorm" else 0.3) + 0.05 * (i % 3)
+
+
+def report_json(db, *args):
+    result = runner.invoke(app, ["report", "--db", db, *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def ruler(store):
+    # 48 questions: 8 per subtask x length
+    return fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
+                    depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",
+                    prompt_tokens=(4096,))
+
+
+def test_accuracy_per_configuration_subtask_and_length_with_intervals(store, db, ruler):
+    data = report_json(db, "--run-id", str(ruler))
+    expected = defaultdict(dict)
+    for s in store.samples(ruler):
+        expected[(s.subtask, s.context_length, s.config_key)][s.sample_index] = s.score
+    rows = {(t["subtask"], t["context_length"], t["config_key"]): t for t in data["tasks"] if t["subtask"]}
+    assert set(rows) == set(expected)
+    for key, scores in expected.items():
+        t = rows[key]
+        xs = list(scores.values())
+        assert t["n"] == len(xs) == 8 and t["task"] == "ruler"
+        assert t["accuracy"] == pytest.approx(statistics.fmean(xs))
+        if all(x in (0.0, 1.0) for x in xs):
+            assert t["interval_method"] == "wilson"
+            assert t["interval"] == pytest.approx(list(stats.wilson_interval(sum(xs), len(xs))))
+            assert t["correct"] == sum(xs)
+        else:  # partial matches: a bootstrap over questions
+            assert t["interval_method"] == "bootstrap" and t["correct"] is None
+            assert t["interval"][0] <= t["accuracy"] <= t["interval"][1]
+        ref = expected[(key[0], key[1], REFERENCE_KEY)]
+        assert t["reference_accuracy"] == pytest.approx(statistics.fmean(ref.values()))  # the full cache beside it
+        if key[2] == REFERENCE_KEY:
+            assert t["change_pp"] is None and t["is_reference"]
+        else:  # paired by question
+            diffs = [(scores[i] - ref[i]) * 100 for i in scores]
+            assert t["change_pp"] == pytest.approx(statistics.fmean(diffs))
+            lo, hi = t["change_interval"]
+            assert lo <= t["change_pp"] <= hi
+    cwe = rows[("cwe", 4096, KNORM)]
+    assert cwe["verdict"] == "worse" and cwe["score_metric"] == "string_match_all"
+
+
+def test_mean_over_subtasks_weighs_each_subtask_equally(store, db, ruler):
+    data = report_json(db, "--run-id", str(ruler))
+    subs = {(t["subtask"], t["context_length"], t["config_key"]): t for t in data["tasks"] if t["subtask"]}
+    means = [t for t in data["tasks"] if t["subtask"] is None]
+    assert len(means) == len(LENGTHS) * len(CONFIGS)
+    for m in means:
+        parts = [subs[(s, m["context_length"], m["config_key"])] for s in SUBTASKS]
+        assert m["n_subtasks"] == 3 and m["n"] == 24
+        assert m["accuracy"] == pytest.approx(statistics.fmean(p["accuracy"] for p in parts))
+        assert m["interval_method"] == "stratified bootstrap"
+        assert m["interval"][0] <= m["accuracy"] <= m["interval"][1]
+        if m["config_key"] != REFERENCE_KEY:
+            assert m["change_pp"] == pytest.approx(statistics.fmean(p["change_pp"] for p in parts))
+    # the mean comes first in each task's listing, as the headline
+    assert data["tasks"][0]["subtask"] is None
+
+
+def test_subtasks_where_the_full_cache_is_near_chance_are_flagged(store, db, ruler):
+    data = report_json(db, "--run-id", str(ruler))
+    near = {(t["subtask"], t["config_key"]) for t in data["tasks"] if t["near_chance"] and t["subtask"]}
+    assert {sub for sub, _ in near} == {"vt"}
+    assert ("vt", KNORM) in near  # every configuration's row on that subtask carries it
+    [flag] = [f for f in data["flags"] if f["kind"] == "near_chance"]
+    assert "ruler vt at 4096, 8192 tokens" in flag["message"] and "cannot do this task" in flag["message"]
+    # underpowered accuracy changes on a near-chance subtask are not worth more prompts
+    power = " ".join(f["message"] for f in data["flags"] if f["kind"] == "underpowered")
+    assert "(vt)" not in power
+    out = " ".join(runner.invoke(app, ["report", "--db", db, "--run-id", str(ruler)]).stdout.split())
+    assert "FULL CACHE NEAR CHANCE" in out and "ruler: mean of 3 subtasks" in out and "ruler: vt" in out
+
+
+def test_needle_cells_pool_every_subtask_with_a_depth(store, db):
+    run = fill_run(store, task="niah", configs=CONFIGS, n_samples=24, subtasks=("niah_single_1", "niah_multikey_1"),
+                   lengths=(2048, 4096), depths=(0.0, 0.5, 1.0), score=ruler_score)
+    data = report_json(db, "--run-id", str(run))
+    expected = defaultdict(list)
+    for s in store.samples(run):
+        expected[(s.config_key, s.needle_depth, s.context_length)].append(s.score)
+    cells = {(c["config_key"], c["needle_depth"], c["context_length"]): c for c in data["needle_cells"]}
+    assert set(cells) == set(expected)
+    for k, xs in expected.items():
+        assert cells[k]["n"] == len(xs) and cells[k]["accuracy"] == pytest.approx(statistics.fmean(xs))
+        assert cells[k]["subtasks"] == ["niah_multikey_1", "niah_single_1"]
+    assert cells[(KNORM, 0.0, 2048)]["accuracy"] == 0.0 and cells[(KNORM, 1.0, 2048)]["accuracy"] == 1.0
+
+
+def test_passkey_has_one_subtask_and_no_mean_row(store, db):
+    run = fill_run(store, task="passkey", configs=CONFIGS, n_samples=6, prompt_tokens=(1024, 2048))
+    data = report_json(db, "--run-id", str(run))
+    assert data["tasks"] and all(t["subtask"] == "passkey" for t in data["tasks"])
+    got = {(t["config_key"], t["context_length"]): t for t in data["tasks"]}
+    assert set(got) == {(c.pc.key, n) for c in CONFIGS for n in (1024, 2048)}
+    knorm = got[(KNORM, 1024)]
+    assert knorm["change_pp"] == pytest.approx((knorm["accuracy"] - got[(REFERENCE_KEY, 1024)]["accuracy"]) * 100)
+    out = runner.invoke(app, ["report", "--db", db, "--run-id", str(run)]).stdout
+    assert "passkey" in out and "accuracy" in out
+
+
+def test_task_rows_as_csv_and_markdown(store, db, ruler):
+    result = runner.invoke(app, ["report", "--db", db, "--run-id", str(ruler), "--format", "csv", "--tasks"])
+    assert result.exit_code == 0, result.output
+    recs = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(recs) == (len(SUBTASKS) + 1) * len(LENGTHS) * len(CONFIGS)
+    assert {"task", "subtask", "context_length", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi", "change_pp",
+            "change_ci_lo", "change_ci_hi", "near_chance", "interval_method"} <= set(recs[0])
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(ruler), "--format", "markdown"]).stdout
+    assert "ruler: mean of 3 subtasks" in md and "| yes |" in md
+
+
+def test_an_lm_run_has_no_task_rows(store, db):
+    data = report_json(db, "--run-id", str(fill_run(store)))
+    assert data["tasks"] == [] and data["needle_cells"] == []
+    assert all(r["values"]["accuracy"] is None for r in data["rows"])

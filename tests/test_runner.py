@@ -1,0 +1,261 @@
+"""Run orchestration: cells by sample (shards, repeats), `--shard auto` from Slurm or torchrun,
+`--resume` refused while the run's owner lives and with options that cannot apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+from datetime import timedelta
+
+import pytest
+from db_fixtures import db_url  # noqa: F401  (a fixture)
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.config import PressConfig, RunConfig, launcher_device, resolve_shard
+from knormctl.errors import UsageError
+from knormctl.runner import plan_cells
+from knormctl.store import RUNNING, open_store, utcnow
+
+runner = CliRunner()
+CONFIGS = [PressConfig()] + [PressConfig(press="knorm", keep_ratio=kr).validate() for kr in (0.9, 0.7, 0.5)]
+
+
+# ----------------------------------------------------------------------------- cells
+
+def test_cells_rotate_configurations_from_sample_to_sample():
+    cells = plan_cells(3, CONFIGS)
+    assert len(cells) == 12 and {c.repeat for c in cells} == {0}
+    keys = [c.config.key for c in cells]
+    assert [c.sample_index for c in cells] == [0] * 4 + [1] * 4 + [2] * 4
+    assert keys[:4] == [c.key for c in CONFIGS] and keys[4:8] == [c.key for c in CONFIGS[1:] + CONFIGS[:1]]
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
+def test_a_shard_holds_whole_samples_and_the_shards_hold_every_cell_once(n_shards):
+    whole = plan_cells(7, CONFIGS, repeats=2)
+    shards = [plan_cells(7, CONFIGS, f"{k}/{n_shards}", repeats=2) for k in range(1, n_shards + 1)]
+    cell = lambda c: (c.sample_index, c.config.key, c.repeat)  # noqa: E731
+    assert sorted(cell(c) for s in shards for c in s) == sorted(cell(c) for c in whole)
+    for k, shard in enumerate(shards):
+        samples = {c.sample_index for c in shard}
+        assert samples == set(range(k, 7, n_shards))  # shard k+1 of N: samples k, k+N, ...
+        for i in samples:  # every configuration and repeat of its samples, in the unsharded order
+            assert [cell(c) for c in shard if c.sample_index == i] == [cell(c) for c in whole if c.sample_index == i]
+
+
+def test_repeats_measure_every_cell_again_in_a_rotated_order():
+    cells = plan_cells(2, CONFIGS, repeats=3)
+    assert len(cells) == 2 * 3 * 4
+    for i in range(2):
+        for r in range(3):
+            block = [c.config.key for c in cells if (c.sample_index, c.repeat) == (i, r)]
+            assert sorted(block) == sorted(c.key for c in CONFIGS)
+            assert block[0] == CONFIGS[(i + r) % 4].key
+    assert plan_cells(2, CONFIGS, "3/3") == []  # more shards than samples: nothing for this one
+
+
+# ----------------------------------------------------------------------------- --shard auto
+
+SLURM = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "3"}
+
+
+@pytest.mark.parametrize("env,shard", [
+    (SLURM, "2/3"),
+    (SLURM | {"SLURM_ARRAY_TASK_ID": "4"}, "1/3"),
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_STEP": "2",
+      "SLURM_ARRAY_TASK_COUNT": "3"}, "3/3"),  # --array=2-6:2
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"}, "1/1"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "2/4"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "1/1"),
+    (SLURM | {"RANK": "3", "WORLD_SIZE": "4"}, "8/12"),  # one torchrun of 4 ranks per array task
+])
+def test_shard_auto_reads_the_launcher(env, shard):
+    assert resolve_shard("auto", env) == shard
+    assert resolve_shard(" AUTO ", env) == shard
+
+
+@pytest.mark.parametrize("env,message", [
+    ({}, "found neither a Slurm job array (SLURM_ARRAY_TASK_ID) nor torchrun (RANK, WORLD_SIZE); give --shard I/N"),
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0"}, "found neither a Slurm job array"),  # a job, not an array
+    ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_COUNT is not"),
+    (SLURM | {"SLURM_ARRAY_TASK_ID": "9"}, "array task 9 is not one of 3 evenly spaced tasks from 4"),
+    (SLURM | {"SLURM_ARRAY_TASK_ID": "x"}, "SLURM_ARRAY_TASK_ID='x' is not an integer"),
+    ({"RANK": "0"}, "found only RANK"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 is not in 0..WORLD_SIZE-1"),
+])
+def test_shard_auto_explains_what_it_did_not_find(env, message):
+    with pytest.raises(UsageError) as err:
+        resolve_shard("auto", env)
+    assert message in str(err.value) and str(err.value).startswith("--shard auto: ")
+
+
+def test_explicit_shards_are_checked_and_auto_is_stored_resolved(monkeypatch):
+    assert resolve_shard("2/4", {}) == "2/4"
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(UsageError, match="--shard"):
+            resolve_shard(bad, {})
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert RunConfig(shard="auto").validate().shard == "3/3"  # the run stores I/N, never "auto"
+
+
+@pytest.mark.parametrize("device,cuda,env,expected", [
+    ("auto", True, {"LOCAL_RANK": "3"}, "cuda:3"),
+    ("cuda", False, {"LOCAL_RANK": "1"}, "cuda:1"),  # resolve_device then says CUDA is missing
+    ("auto", False, {"LOCAL_RANK": "1"}, "auto"),  # a CPU-only torchrun
+    ("cpu", True, {"LOCAL_RANK": "1"}, "cpu"),
+    ("auto", True, {}, "auto"),
+])
+def test_one_gpu_per_torchrun_rank(device, cuda, env, expected):
+    assert launcher_device(device, cuda, env) == expected
+
+
+def test_a_bad_local_rank_is_one_line():
+    with pytest.raises(UsageError, match="LOCAL_RANK='gpu0' is not a GPU index"):
+        launcher_device("auto", True, {"LOCAL_RANK": "gpu0"})
+
+
+# ----------------------------------------------------------------------------- --resume
+
+def stored_run(db, **fields) -> int:
+    """A run as a sweep stores it (config_json from a RunConfig), owned by this process unless changed."""
+    cfg = RunConfig(model="/no/such/model", num_wikitext_samples=1, num_pg19_samples=0).validate()
+    with open_store(db) as store:
+        run_id = store.create_run(command="sweep", task="lm", model_requested=cfg.model, config=cfg.to_dict(),
+                                  command_line="knormctl sweep")
+        if fields:
+            store.update_run(run_id, **fields)
+    return run_id
+
+
+def test_resume_refuses_options_it_cannot_apply_naming_them(tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--keep-ratios", "0.5", "--model", "x", "--greedy",
+                              "--db", str(db)])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == ("Error: --resume 1 continues the run with its stored configuration; "
+                                  "--keep-ratios, --sample, --model cannot change it "
+                                  "(only --db, --json and --verbose may be given with --resume)")
+    assert not db.exists()  # refused before the database is opened
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])  # these two apply
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: run 1 does not exist in {db}"
+    import typer
+
+    resume = next(p for p in typer.main.get_command(app).commands["sweep"].params if p.name == "resume")
+    assert "only --db, --json and --verbose may be given with it" in " ".join(resume.help.split())  # --help says so
+
+
+def test_resume_refuses_a_run_whose_owner_is_alive(tmp_path):
+    db = tmp_path / "r.db"
+    mine = stored_run(db)  # owned by this (live) process
+    elsewhere = stored_run(db, hostname="gpu-node-8", pid=4321, heartbeat_utc=utcnow() - timedelta(seconds=30))
+    for run_id, owner in ((mine, f"process {os.getpid()} on {socket.gethostname()}"),
+                          (elsewhere, "process 4321 on gpu-node-8, last heartbeat 3")):
+        res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--db", str(db)])
+        assert res.exit_code == 2, res.output
+        line = res.stderr.strip()
+        assert line.startswith(f"Error: run {run_id} is still running ({owner}") and "\n" not in line
+        assert line.endswith("resume it once that process has stopped")
+    with sqlite3.connect(db) as con:  # untouched: still theirs
+        assert con.execute("SELECT pid, hostname FROM runs WHERE id=?", (elsewhere,)).fetchone() == (4321, "gpu-node-8")
+
+
+def test_resume_goes_on_when_the_owner_is_gone(tmp_path):
+    db = tmp_path / "r.db"
+    stale = stored_run(db, hostname="gpu-node-7", pid=4321, heartbeat_utc=utcnow() - timedelta(hours=1))
+    res = runner.invoke(app, ["sweep", "--resume", str(stale), "--db", str(db)])
+    # past the liveness check: it failed loading the stored model, before writing anything
+    assert res.exit_code == 2 and "/no/such/model" in res.stderr, res.output
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT status, hostname FROM runs").fetchone() == (RUNNING, "gpu-node-7")
+
+
+def test_two_processes_resuming_one_run_at_once_one_gets_it(db_url):
+    """The take-over is one locked transaction: of two simultaneous resumers exactly one wins."""
+    with open_store(db_url) as store:
+        run_id = store.create_run(command="sweep", task="lm", model_requested="m", config={}, command_line="x")
+        store.update_run(run_id, hostname="gpu-node-7", pid=1, heartbeat_utc=utcnow() - timedelta(hours=1))
+    stores = [open_store(db_url) for _ in range(2)]
+    barrier, outcomes = threading.Barrier(2), []
+
+    def take(store):
+        barrier.wait()
+        try:
+            store.reopen_run(run_id)
+            outcomes.append("took it")
+        except UsageError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=take, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert sorted(outcomes)[1] == "took it" and sorted(outcomes)[0].startswith(f"run {run_id} is still running")
+    with open_store(db_url) as store:
+        assert store.get_run(run_id).status == RUNNING
+
+
+# ----------------------------------------------------------------------------- shards end to end
+
+def _args(model_dir, books_dir, db, *extra):
+    return ["--model", str(model_dir), "--wikitext-source", f"text:{books_dir}", "--pg19-source",
+            f"text:{books_dir}", "--num-wikitext-samples", "2", "--num-pg19-samples", "1",
+            "--wikitext-prompt-tokens", "48", "--max-prompt-tokens", "64", "--max-new-tokens", "4",
+            "--eval-tokens", "4", "--threads", "1", "--keep-ratios", "0.5", "--prune-after", "16",
+            "--no-warmup", "--group", "g", "--db", str(db), *extra]
+
+
+def test_shards_run_whole_samples_with_their_own_reference(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--shard", "1/2", "--json", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # the second task of sbatch --array=0-1
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    res = runner.invoke(app, ["sweep", "--shard", "auto", "--json", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, shard, samples_planned FROM runs ORDER BY id").fetchall() == [
+        (1, "1/2", 4), (2, "2/2", 2)]
+    rows = con.execute("SELECT run_id, sample_index, config_key, token_match FROM samples").fetchall()
+    assert sorted((i, k) for _, i, k, _ in rows) == sorted((i, k) for i in range(3) for k in
+                                                            ("none", "knorm|kr=0.5|pa=16|skip=0|decode"))
+    assert {(run, i) for run, i, _, _ in rows} == {(1, 0), (1, 2), (2, 1)}  # each prompt in one shard
+    assert all(tm is not None for *_, tm in rows)  # every compressed cell paired with its own reference
+    res = runner.invoke(app, ["sweep", "--shard", "4/4", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 2 and "--shard 4/4 gets no samples: the run has 3 sample(s)" in res.stderr
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    res = runner.invoke(app, ["sweep", "--shard", "auto", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 2 and "--shard auto: found neither" in res.stderr
+    assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)  # the refused ones stored nothing
+    assert json.loads(runner.invoke(app, ["report", "--group", "g", "--format", "json", "--db", str(db)])
+                      .stdout)["header"]["run_ids"] == [1, 2]
+
+
+def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_measured_after(
+        tiny_llama_dir, books_dir, tmp_path):
+    """Configurations rotate, so a run can stop after a sample's compressed cell and before its
+    full-cache reference: once the reference is measured on resume, the earlier cell gets its
+    token match too (it stayed NULL before)."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--json", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    matches = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
+    # as if interrupted after sample 1's compressed cell, before its reference
+    with con:
+        con.execute("DELETE FROM samples WHERE sample_index = 1 AND config_key = 'none'")
+        con.execute("UPDATE samples SET token_match = NULL WHERE sample_index = 1")
+        con.execute("UPDATE runs SET status = 'interrupted', samples_done = samples_done - 1")
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["done"] == 1  # only the reference was measured again
+    after = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
+    assert after == matches and None not in after.values()
