@@ -115,3 +115,46 @@ def figure_png(fig, dpi: int) -> bytes:
 
 def tables_from_records(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> HtmlTable:
     return HtmlTable(title=title, columns=list(columns), rows=[["" if v is None else str(v) for v in r] for r in rows])
+
+
+# ----------------------------------------------------------------------------- the report page
+
+def summary_page(summary, *, figures: bool = True, samples=None) -> str:
+    """The report of one run (or a merged group) as one page: the same header, tables, flags and
+    numbers as ``report --format markdown``, the verdict colours of the rich tables, and the
+    figures ``plot`` draws (same code, embedded)."""
+    from knormctl.render.export import (
+        accuracy_text, cell_text, header_lines, legend_lines, shown_metrics, task_label)
+    from knormctl.render.metrics import METRIC
+
+    names = shown_metrics(summary)
+    lead = ["dataset"] if summary.by_dataset else []
+    rows = []
+    for r in summary.rows:
+        cells: list[Cell | str] = ([r.dataset or ""] if summary.by_dataset else []) + [
+            Cell(r.label, "ref" if r.is_reference else None), str(r.n_prompts), str(r.n_failed)]
+        cells += [Cell(cell_text(r, n, sep="\n"), r.verdicts.get(n)) for n in names]
+        rows.append(cells)
+    tables = [HtmlTable(title="configurations", columns=lead + ["configuration", "prompts", "failed"]
+                        + [METRIC[n].label for n in names], rows=rows, caption=" ".join(legend_lines(summary)))]
+    if summary.tasks:
+        tables.append(HtmlTable(
+            title="question tasks", columns=["task", "length", "configuration",
+                                             "accuracy [95% CI] (correct/n), Δ paired [95% CI]", "full cache near chance"],
+            rows=[[task_label(t), str(t.context_length or ""), t.label, Cell(accuracy_text(t), t.verdict),
+                   "yes" if t.near_chance else ""] for t in summary.tasks]))
+    if samples is not None:
+        from knormctl.render.summary import SAMPLE_FIELDS, sample_rows
+
+        recs = sample_rows(samples)
+        tables.append(tables_from_records("samples", SAMPLE_FIELDS, [[rec[c] for c in SAMPLE_FIELDS] for rec in recs]))
+    page = HtmlPage(title=f"knormctl report \u2014 {summary.header.title}, {summary.header.model}",
+                    header=header_lines(summary), tables=tables, notes=[f.message for f in summary.flags])
+    if figures:
+        from knormctl.render.figures import DPI, figures_for
+
+        for spec in figures_for(summary):
+            fig = spec.draw(summary)
+            page.figures.append(HtmlFigure(title=spec.name.replace("_", " "), png=figure_png(fig, DPI)))
+            fig.clear()
+    return render_page(page)
