@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._select import load_samples, select_runs, study_view  # noqa: F401  (plot, tests use them)
 
 
 class Format(str, Enum):
@@ -18,45 +19,6 @@ class Format(str, Enum):
     csv = "csv"
     markdown = "markdown"
     html = "html"
-
-
-def select_runs(store, run_id: int | None = None, group: str | None = None) -> list:
-    """The run(s) to show: one id, the runs of a group (merged), or the newest run."""
-    from knormctl.errors import KnormctlError, UsageError
-
-    if run_id is not None and group is not None:
-        raise UsageError("--run-id and --group select different things; give one of them")
-    if run_id is not None:
-        run = store.get_run(run_id)
-        if run is None:
-            raise UsageError(f"run {run_id} does not exist in {store.url}")
-        return [run]
-    if group is not None:
-        runs = store.runs_in_group(group)
-        if not runs:
-            raise UsageError(f"no runs in group {group!r} in {store.url}")
-        models = sorted({r.model_requested for r in runs})
-        if len(models) > 1:
-            raise UsageError(f"the runs of group {group!r} used different models ({', '.join(models)})")
-        return runs
-    run = store.last_run()
-    if run is None:
-        raise KnormctlError(f"no runs in {store.url} (run `knormctl sweep` or `knormctl baseline` first)")
-    return [run]
-
-
-def load_samples(store, runs: list, *, blobs: bool = False) -> list:
-    """The runs' samples as report AND plot read them, so both show the same numbers: when a
-    token match is missing (e.g. cells of one prompt stored by different runs), the generated
-    ids are loaded too and the summary computes it. ``blobs``: always load them (plot's
-    per-step latencies)."""
-    from knormctl.render.summary import needs_generated_ids
-
-    ids = [r.id for r in runs]
-    rows = store.samples(ids, with_blobs=blobs)
-    if not blobs and needs_generated_ids(rows):
-        rows = store.samples(ids, with_blobs=True)
-    return rows
 
 
 def report(
@@ -121,6 +83,10 @@ def report(
                 emit(export.comparison_text(cmp, fmt.value))
         else:
             runs = select_runs(store, run_id=run_id, group=group)
+            view = study_view(store, runs, group) if group is not None else None
+            if view is not None:  # runs that differ in model or settings: read run by run, side by side
+                _print_study(view, fmt, emit, console if fmt is Format.table else None)
+                return
             rows = load_samples(store, runs, blobs=fmt is Format.html)  # html: the figures' per-step latencies
             summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
             if fmt is Format.table:
@@ -131,6 +97,17 @@ def report(
                 emit(summary_page(summary, samples=rows if samples else None))
             else:
                 emit(export.summary_text(summary, fmt.value, rows if samples else None, tasks=tasks))
+
+
+def _print_study(view, fmt: Format, emit, console) -> None:
+    from knormctl.render import study_output
+
+    if fmt is Format.table:
+        study_output.print_study(view, console)
+    elif fmt is Format.html:
+        emit(study_output.study_page(view))
+    else:
+        emit(study_output.study_text(view, fmt.value))
 
 
 def _writer(output: Path | None):
