@@ -84,7 +84,7 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('prune_after = [1, 2.5]\n', "prune_after", 1, "expected integer, got 2.5"),
     ('presses = "knorm"\n', "presses", 1, "expected a list of strings"),
     ('model = "m"\n\n[[rows]]\nseed = 1\n\n[[rows]]\nmodel = 3\n', "model", 7, "expected string"),
-    ('keep_ratios = [2.0]\n', "keep_ratios", 1, "keep_ratio must be in (0, 1]"),
+    ('keep_ratios = [2.0]\n', "keep_ratios", 1, "is outside (0, 1]"),
     ('dtype = "float64"\n', "dtype", 1, "dtype"),
     ('[sweep]\nmodel = "m"\n', "sweep", 1, "unknown key"),
 ])
