@@ -221,7 +221,25 @@ def parse_study(text: str, *, path: str = "study.toml", overrides: dict[str, Any
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
-    lines = _Lines(text)
+    return plan_study(data, path=path, overrides=overrides, name=name, lines=_Lines(text))
+
+
+def study_from_stored(resolved: dict[str, Any]) -> Study:
+    """The study as planned when its runs were stored (``config_json["study"]``): continuing a
+    study needs only the database, not the file."""
+    data = dict(resolved.get("settings") or {})
+    for key in ("name", "description"):
+        if resolved.get(key) is not None:
+            data[key] = resolved[key]
+    if resolved.get("rows"):
+        data[ROWS] = resolved["rows"]
+    return plan_study(data, path=resolved.get("source") or "stored study", overrides=resolved.get("overrides"))
+
+
+def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dict[str, Any] | None = None,
+               name: str | None = None, lines: _Lines | None = None) -> Study:
+    """Plan a study from its parsed settings (see ``parse_study``)."""
+    data = dict(data)
     study_name = data.pop("name", None)
     description = data.pop("description", None)
     rows = data.pop(ROWS, None)
