@@ -424,6 +424,16 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def planned_samples(cfg: RunConfig) -> int | None:
+    """Prompts a run will measure, known from its configuration alone (None: only once the
+    texts are cut). Shards and repeats are not counted here."""
+    if cfg.task == "lm":
+        return cfg.num_wikitext_samples + cfg.num_pg19_samples
+    if cfg.task == "passkey":
+        return len(cfg.passkey_lengths) * len(cfg.passkey_depths) * cfg.passkey_seeds
+    return None
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'2/4' -> (2, 4): shard I of N, 1-based."""
     try:

@@ -40,7 +40,10 @@ def sweep(
     threads: o.ThreadsOpt = None,
     trust_remote_code: o.TrustOpt = False,
     db: o.DbOpt = None,
+    config: o.ConfigOpt = None,
+    dry_run: o.DryRunOpt = False,
     resume: o.ResumeOpt = None,
+    resume_group: o.ResumeGroupOpt = None,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,
@@ -51,6 +54,11 @@ def sweep(
     from knormctl.config import parse_float_list, parse_int_list, parse_press_list
 
     with o.error_boundary():
+        if resume_group is not None:
+            from knormctl.cli._study import resume_study
+
+            resume_study(ctx, resume_group, db, json_out=json_out, verbose=verbose, dry_run=dry_run)
+            return
         if resume is not None:
             from knormctl.cli._resume import refuse_options_given_with_resume
 
@@ -64,4 +72,9 @@ def sweep(
             compress_mode=compress_mode or ("prefill" if task == "passkey" else "decode"),
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
             passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"))
+        if config is not None or dry_run:
+            from knormctl.cli._study import study_command
+
+            study_command(ctx, cfg, config, db, group=group, json_out=json_out, verbose=verbose, dry_run=dry_run)
+            return
         run_benchmark(cfg, db, json_out=json_out, verbose=verbose)
