@@ -353,6 +353,7 @@ class RunConfig:
     # splitting and grouping
     shard: str | None = None  # "I/N" (whole samples: shard I runs samples I-1, I-1+N, ...); "auto": from the launcher
     group: str | None = None
+    study: dict | None = None  # the study (knormctl/study.py) this run belongs to, as resolved
 
     def validate(self) -> RunConfig:
         for name in ("num_wikitext_samples", "num_pg19_samples"):
@@ -488,6 +489,20 @@ class RunConfig:
     def from_dict(cls, data: dict) -> RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def planned_samples(cfg: RunConfig) -> int | None:
+    """Prompts a run will measure, known from its configuration alone (None: only once the
+    texts are cut). Shards and repeats are not counted here."""
+    if cfg.task == "lm":
+        return cfg.num_wikitext_samples + cfg.num_pg19_samples
+    if cfg.task == "passkey":
+        return len(cfg.passkey_lengths) * len(cfg.passkey_depths) * cfg.passkey_seeds
+    if cfg.task == "ruler" and cfg.ruler_source == "generated":  # validate() filled in the defaults
+        return len(cfg.context_lengths) * len(cfg.subtasks) * cfg.samples_per_task
+    if cfg.task == "niah":
+        return len(cfg.context_lengths) * len(cfg.needle_depths) * cfg.samples_per_task
+    return None  # Hub datasets: as many records as the dataset has
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -117,3 +117,25 @@ def from_warmup(warm: list, warm_prompt_tokens: int, cells: list, samples: list,
             total += prefill_per_token * len(samples[i].prompt_ids)
     return Estimate(total, f"warm-up speed: prefill {1000 * prefill_per_token:.2f} ms/token, "
                            f"decode {1000 * step:.0f} ms/token")
+
+
+def _tokens_per_cell(config: dict) -> int:
+    """Generated + scored tokens of one cell: what a cell's time mostly scales with."""
+    return int(config.get("max_new_tokens") or 0) + int(config.get("eval_tokens") or 0)
+
+
+def from_model_runs(store, cfg, n_cells: int, scan: int = 50) -> Estimate | None:
+    """A rougher estimate when no stored run has the same per-cell settings: the newest finished
+    run of the same model on this host, its seconds per cell scaled by tokens per cell."""
+    host = socket.gethostname()
+    want = _tokens_per_cell(cfg.to_dict())
+    for run in store.list_runs(limit=scan):
+        if run.hostname != host or run.model_requested != cfg.model or run.status not in FINISHED_CELLS:
+            continue
+        have = _tokens_per_cell(run.config_json or {})
+        per_cell = seconds_per_cell([s.created_utc for s in store.samples(run.id)])
+        if per_cell is None or not have or not want:
+            continue
+        return Estimate(per_cell * n_cells * want / have,
+                        f"rough: run {run.id} of this model took {per_cell:.1f} s per cell of {have} tokens")
+    return None

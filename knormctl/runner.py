@@ -203,8 +203,9 @@ class Runner:
         self.cfg, self.store, self.progress, self.on_cell = cfg, store, progress, on_cell
         self.on_warmed_up = on_warmed_up  # gets the warm-up's results: the CLI estimates the run's length from them
 
-    def prepare(self):
-        """Everything that can fail on bad input, before any row is written."""
+    def prepare(self, loaded=None):
+        """Everything that can fail on bad input, before any row is written. ``loaded``: a model
+        already in memory (a study's previous run of the same model, dtype and device)."""
         import torch
 
         from knormctl.engine.compress import check_skip_layers
@@ -231,8 +232,12 @@ class Runner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = launcher_device(cfg.device, torch.cuda.is_available())  # torchrun: cuda:LOCAL_RANK
-        self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=device,
-                                 trust_remote_code=cfg.trust_remote_code, progress=self.progress)
+        if loaded is not None and (loaded.requested, loaded.dtype) == (cfg.model, cfg.dtype) and \
+                (cfg.device == "auto" or loaded.device.startswith(device)):
+            self.loaded = loaded
+        else:
+            self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=device,
+                                     trust_remote_code=cfg.trust_remote_code, progress=self.progress)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
         check_model_support(self.loaded.model, self.configs)

@@ -50,7 +50,8 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
              subtasks: Sequence[str] | None = None, lengths: Sequence[int] | None = None,
              depths: Sequence[float | None] = (0.1, 0.5, 0.9),
              score: Callable[[int, PressConfig, str, float | None, int], float] = passkey_score,
-             score_metric: str = "passkey_digits", mem_jitter: float = 0.0) -> int:
+             score_metric: str = "passkey_digits", mem_jitter: float = 0.0,
+             settings: dict | None = None) -> int:
     """One run with ``n_samples`` x ``configs`` x ``repeats`` sample rows; returns the run id.
 
     fail=(sample_index, config_key): that cell stores an error instead of numbers.
@@ -64,6 +65,7 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
     Question tasks (task in QUESTION_TASKS): sample i asks subtasks[i % k] at lengths[...] with needle
     depths[i % len(depths)]; ``score`` gives its score (0..1), stored with ``score_metric``.
     mem_jitter: relative noise on peak memory (0: deterministic).
+    settings: more run settings stored in the run's config (a study's runs differ in them).
     """
     if prune_after is not None:
         configs = tuple(Cfg(c.press, c.keep_ratio, prune_after, c.mode) for c in configs)
@@ -74,7 +76,8 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
     run_id = store.create_run(
         command="sweep", task=task, model_requested=model,
         config={"num_wikitext_samples": 2, "num_pg19_samples": max(0, n_samples - 2), "wikitext_source": "wiki-lite",
-                "pg19_source": "wiki-lite-long", "presses": sorted({c.press for c in configs})},
+                "pg19_source": "wiki-lite-long", "presses": sorted({c.press for c in configs}),
+                "model": model, "dtype": dtype, **(settings or {})},
         command_line=f"knormctl sweep --model {model}", env=env or ENV, group_name=group, samples_planned=len(cells),
         dtype=dtype, device=(env or ENV)["device"], knormctl_version="0.1.0", git_commit="0123456789abcdef")
     store.update_run(run_id, model_resolved=f"/models/{model}", model_hash=f"sha256:{model}",

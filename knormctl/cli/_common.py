@@ -148,6 +148,16 @@ GroupOpt = Annotated[str | None, _opt("--group", panel=OUTPUT, metavar="NAME",
 ShardOpt = Annotated[str | None, _opt("--shard", panel=OUTPUT, metavar="I/N",
                                       help="Run shard I/N of the samples (whole prompts, every configuration), "
                                            "e.g. 1/4; auto: from a Slurm job array or torchrun.")]
+ConfigOpt = Annotated[str | None, _opt("--config", panel=OUTPUT, metavar="FILE",
+                                      help="A study file (TOML): its keys are these options in snake_case; a list "
+                                           "of values is an axis; runs the cross product as one group. Options "
+                                           "given here override the file.")]
+DryRunOpt = Annotated[bool, _opt("--dry-run", panel=OUTPUT, metavar=FLAG,
+                                 help="Print the planned runs, their cells and a time estimate from stored runs; "
+                                      "run nothing, load no model.")]
+ResumeGroupOpt = Annotated[str | None, _opt("--resume-group", panel=OUTPUT, metavar="NAME",
+                                            help="Continue the study stored in group NAME (complete runs are "
+                                                 "kept).")]
 ResumeOpt = Annotated[int | None, _opt("--resume", panel=OUTPUT, metavar="RUN",
                                        help="Finish the missing cells of an interrupted run with its stored "
                                             "configuration (only --db, --json and --verbose may "

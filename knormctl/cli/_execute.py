@@ -74,14 +74,17 @@ def _quiet_libraries(verbose: bool) -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, verbose: bool) -> None:
+def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, verbose: bool, *,
+         loaded=None, summary: bool = True, interrupt_hint: str | None = None):
+    """One run, with progress and estimates on stderr; its summary on stdout (``summary``).
+    ``loaded``: a model already in memory (studies). Returns (outcome, the loaded model)."""
     from knormctl import estimate
     from knormctl.runner import Runner
 
     _quiet_libraries(verbose)
     runner = Runner(cfg, store, progress=log)
     try:
-        runner.prepare()  # model, samples, checks: bad input fails here, before any row is written
+        runner.prepare(loaded)  # model, samples, checks: bad input fails here, before any row is written
     except KeyboardInterrupt:
         raise fail("interrupted before the run started; nothing was stored", 130) from None
     stored = _announce_plan(runner, cfg, store, resume, log)
@@ -116,8 +119,10 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             raise fail("interrupted before the run started; nothing was stored", 130) from None
         run = store.get_run(run_id)
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
-                   f"finish it with: knormctl sweep --resume {run_id}", 130) from None
-    _print_summary(store, outcome, json_out)
+                   f"finish it with: {interrupt_hint or f'knormctl sweep --resume {run_id}'}", 130) from None
+    if summary:
+        _print_summary(store, outcome, json_out)
+    return outcome, runner.loaded
 
 
 def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):

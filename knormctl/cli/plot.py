@@ -28,7 +28,7 @@ def plot(
 ) -> None:
     """Draw the figures of a stored run and print the paths written, one per line."""
     with error_boundary():
-        from knormctl.cli.report import load_samples, select_runs
+        from knormctl.cli._select import load_samples, select_runs, study_view
         from knormctl.errors import UsageError
         from knormctl.render import figures
         from knormctl.render.summary import build_summary
@@ -40,8 +40,15 @@ def plot(
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         runs = select_runs(store, run_id=run_id, group=group)
-        # Blobs too: the latency figure needs the per-step latencies (numbers are the report's).
-        summary = build_summary(runs, load_samples(store, runs, blobs=True))
+        view = study_view(store, runs, group) if group is not None else None
+        if view is not None:  # a study: the Pareto view (each run's own figures: plot --run-id N)
+            from knormctl.render.figures.pareto import pareto
+
+            drawn = [("knormpress_pareto", lambda: pareto(view))]
+        else:
+            # Blobs too: the latency figure needs the per-step latencies (numbers are the report's).
+            summary = build_summary(runs, load_samples(store, runs, blobs=True))
+            drawn = [(spec.filename, lambda spec=spec: spec.draw(summary)) for spec in figures.figures_for(summary)]
         if out is None:
             out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():
@@ -50,9 +57,9 @@ def plot(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create --out folder {out}: {exc.strerror}") from None
-        for spec in figures.figures_for(summary):
-            fig = spec.draw(summary)
-            path = out / f"{spec.filename}.{fmt.value}"
+        for filename, draw in drawn:
+            fig = draw()
+            path = out / f"{filename}.{fmt.value}"
             # Fixed size: no bbox_inches="tight", so every PNG is exactly figsize x DPI pixels.
             fig.savefig(path, dpi=figures.DPI, format=fmt.value)
             fig.clear()

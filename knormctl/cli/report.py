@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._select import load_samples, select_runs, study_view  # noqa: F401  (plot, tests use them)
 
 
 class Format(str, Enum):
@@ -16,45 +18,7 @@ class Format(str, Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
-
-
-def select_runs(store, run_id: int | None = None, group: str | None = None) -> list:
-    """The run(s) to show: one id, the runs of a group (merged), or the newest run."""
-    from knormctl.errors import KnormctlError, UsageError
-
-    if run_id is not None and group is not None:
-        raise UsageError("--run-id and --group select different things; give one of them")
-    if run_id is not None:
-        run = store.get_run(run_id)
-        if run is None:
-            raise UsageError(f"run {run_id} does not exist in {store.url}")
-        return [run]
-    if group is not None:
-        runs = store.runs_in_group(group)
-        if not runs:
-            raise UsageError(f"no runs in group {group!r} in {store.url}")
-        models = sorted({r.model_requested for r in runs})
-        if len(models) > 1:
-            raise UsageError(f"the runs of group {group!r} used different models ({', '.join(models)})")
-        return runs
-    run = store.last_run()
-    if run is None:
-        raise KnormctlError(f"no runs in {store.url} (run `knormctl sweep` or `knormctl baseline` first)")
-    return [run]
-
-
-def load_samples(store, runs: list, *, blobs: bool = False) -> list:
-    """The runs' samples as report AND plot read them, so both show the same numbers: when a
-    token match is missing (e.g. cells of one prompt stored by different runs), the generated
-    ids are loaded too and the summary computes it. ``blobs``: always load them (plot's
-    per-step latencies)."""
-    from knormctl.render.summary import needs_generated_ids
-
-    ids = [r.id for r in runs]
-    rows = store.samples(ids, with_blobs=blobs)
-    if not blobs and needs_generated_ids(rows):
-        rows = store.samples(ids, with_blobs=True)
-    return rows
+    html = "html"
 
 
 def report(
@@ -67,8 +31,11 @@ def report(
     tasks: Annotated[bool, typer.Option(
         "--tasks", help="With --format csv: the question-task accuracy rows instead of the configurations.")] = False,
     by_dataset: Annotated[bool, typer.Option("--by-dataset", help="One table block per dataset.")] = False,
-    fmt: Annotated[Format, typer.Option("--format", help="table (rich), or json / csv / markdown on stdout.")]
-        = Format.table,
+    fmt: Annotated[Format, typer.Option(
+        "--format", help="table (rich), or json / csv / markdown / html (one self-contained page with the "
+                         "figures) on stdout or into --output.")] = Format.table,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
     group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs --list shows.")] = 20,
     db: DbOpt = None,
@@ -83,6 +50,11 @@ def report(
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
+        if output is not None and fmt is Format.table:
+            raise UsageError("--output needs --format json, csv, markdown or html (tables go to the terminal)")
+        if fmt is Format.html and (list_runs or compare is not None):
+            raise UsageError("--format html shows one run or a group; use json/csv/markdown for --list and --compare")
+        emit = _writer(output)
         store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
@@ -95,7 +67,7 @@ def report(
             if not runs:
                 print(f"no runs in {store.url}" + (f" for group {group!r}" if group else ""), file=sys.stderr)
             if fmt is not Format.table:
-                print(export.runs_text(runs, fmt.value), end="")
+                emit(export.runs_text(runs, fmt.value))
             elif runs:
                 tables.print_runs(runs, console)
         elif compare is not None:
@@ -108,12 +80,55 @@ def report(
             if fmt is Format.table:
                 tables.print_comparison(cmp, console)
             else:
-                print(export.comparison_text(cmp, fmt.value), end="")
+                emit(export.comparison_text(cmp, fmt.value))
         else:
             runs = select_runs(store, run_id=run_id, group=group)
-            rows = load_samples(store, runs)
+            view = study_view(store, runs, group) if group is not None else None
+            if view is not None:  # runs that differ in model or settings: read run by run, side by side
+                _print_study(view, fmt, emit, console if fmt is Format.table else None)
+                return
+            rows = load_samples(store, runs, blobs=fmt is Format.html)  # html: the figures' per-step latencies
             summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
             if fmt is Format.table:
                 tables.print_summary(summary, console, rows if samples else None)
+            elif fmt is Format.html:
+                from knormctl.render.html import summary_page
+
+                emit(summary_page(summary, samples=rows if samples else None))
             else:
-                print(export.summary_text(summary, fmt.value, rows if samples else None, tasks=tasks), end="")
+                emit(export.summary_text(summary, fmt.value, rows if samples else None, tasks=tasks))
+
+
+def _print_study(view, fmt: Format, emit, console) -> None:
+    from knormctl.render import study_output
+
+    if fmt is Format.table:
+        study_output.print_study(view, console)
+    elif fmt is Format.html:
+        emit(study_output.study_page(view))
+    else:
+        emit(study_output.study_text(view, fmt.value))
+
+
+def _writer(output: Path | None):
+    """stdout, or the file (written whole to a temporary name first: never half a report)."""
+    if output is None:
+        return lambda text: print(text, end="")
+
+    def write(text: str) -> None:
+        import os
+
+        from knormctl.errors import UsageError
+
+        if output.is_dir():
+            raise UsageError(f"--output {output} is a folder")
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, output)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write --output {output}: {exc.strerror}") from None
+        print(output, file=sys.stderr)
+
+    return write

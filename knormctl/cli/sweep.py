@@ -51,8 +51,11 @@ def sweep(
     threads: o.ThreadsOpt = None,
     trust_remote_code: o.TrustOpt = False,
     db: o.DbOpt = None,
+    config: o.ConfigOpt = None,
+    dry_run: o.DryRunOpt = False,
     resume: o.ResumeOpt = None,
     repeats: o.RepeatsOpt = 1,
+    resume_group: o.ResumeGroupOpt = None,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,
@@ -63,6 +66,11 @@ def sweep(
     from knormctl.config import parse_float_list, parse_int_list, parse_name_list, parse_press_list
 
     with o.error_boundary():
+        if resume_group is not None:
+            from knormctl.cli._study import resume_study
+
+            resume_study(ctx, resume_group, db, json_out=json_out, verbose=verbose, dry_run=dry_run)
+            return
         if resume is not None:
             from knormctl.cli._resume import refuse_options_given_with_resume
 
@@ -79,4 +87,9 @@ def sweep(
             context_lengths=None if context_lengths is None else parse_int_list(context_lengths, "--context-lengths"),
             needle_depths=parse_float_list(needle_depths, "--needle-depths"),
             subtasks=None if subtasks is None else parse_name_list(subtasks, "--subtasks", None))
+        if config is not None or dry_run:
+            from knormctl.cli._study import study_command
+
+            study_command(ctx, cfg, config, db, group=group, json_out=json_out, verbose=verbose, dry_run=dry_run)
+            return
         run_benchmark(cfg, db, json_out=json_out, verbose=verbose)

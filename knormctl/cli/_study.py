@@ -1,0 +1,232 @@
+"""`sweep --config study.toml`: plan, dry-run, run and continue a study (knormctl/study.py).
+
+A study runs its planned runs one after the other, all in one group named after the study,
+reusing a loaded model while model, dtype and device stay the same. Running the same study
+again continues it: complete runs are kept, an interrupted run is resumed, missing runs
+start. ``--resume-group NAME`` does the same from the database alone (the resolved study
+is stored with every run).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from knormctl.errors import KnormctlError, UsageError
+
+# options that say where and how to print, not what to measure: never study overrides
+NOT_OVERRIDES = ("config", "dry_run", "db", "json_out", "verbose", "resume", "resume_group", "group")
+
+
+def given_options(ctx) -> list[str]:
+    """Parameter names given on the command line (or by the environment)."""
+    out = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name != "DEFAULT":
+            out.append(param.name)
+    return out
+
+
+def overrides_from(ctx, cli_cfg) -> dict[str, Any]:
+    """The command line's options as study overrides: field name -> parsed value."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cli_cfg)}
+    out = {}
+    for name in given_options(ctx):
+        if name in NOT_OVERRIDES:
+            continue
+        field = "sampling" if name == "sample" else name
+        if field in names:
+            out[field] = getattr(cli_cfg, field)
+    return out
+
+
+def planned_cells(cfg) -> int | None:
+    """Cells a run will measure, without loading the model or cutting texts (None: not known
+    before the texts are cut)."""
+    from knormctl.config import planned_samples
+
+    n = planned_samples(cfg)
+    if n is None:
+        return None
+    if cfg.shard:
+        i, total = (int(x) for x in cfg.shard.split("/"))
+        n = len(range(i - 1, n, total))
+    return n * len(cfg.press_configs()) * max(1, getattr(cfg, "repeats", 1) or 1)
+
+
+def print_plan(study, db: str | None, json_out: bool) -> None:
+    """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model."""
+    from knormctl import estimate
+    from knormctl.store import open_store
+    from knormctl.store.locations import to_url
+
+    store = None
+    url = to_url(db)
+    try:
+        store = open_store(url, readonly=True)
+    except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
+        store = None
+    rows, total_cells, total_s, unknown = [], 0, 0.0, False
+    for run in study.runs:
+        cells = planned_cells(run.config)
+        guess = None
+        if store is not None and cells:
+            guess = estimate.from_stored_run(store, run.config, cells) or estimate.from_model_runs(
+                store, run.config, cells)
+        rows.append((run, cells, guess))
+        total_cells += cells or 0
+        if guess is None:
+            unknown = True
+        else:
+            total_s += guess.seconds
+    if store is not None:
+        store.close()
+    if json_out:
+        import json
+
+        sys.stdout.write(json.dumps({
+            "study": study.name, "runs": [
+                {"index": r.index + 1, "model": r.config.model, "varying": r.varying, "cells": cells,
+                 "estimate_s": None if g is None else g.seconds, "estimate_basis": None if g is None else g.basis}
+                for r, cells, g in rows],
+            "cells": total_cells, "estimate_s": None if unknown else total_s}, indent=2, default=str) + "\n")
+        return
+    print(f"study {study.name}: {len(study.runs)} run(s)" + (f", varying {', '.join(study.axes)}" if study.axes else ""))
+    for run, cells, guess in rows:
+        what = ", ".join(f"{k}={v}" for k, v in run.varying.items() if k != "model")
+        print(f"  {run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
+              + f": {cells if cells is not None else '?'} cells"
+              + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"))
+    when = (f"~{estimate.format_duration(total_s)}" if not unknown else
+            (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
+            + "no estimate for some runs (no stored run of that model on this host)")
+    print(f"total: {total_cells} cells, {when}. Nothing was run (--dry-run).")
+
+
+def _stored_key(run) -> str | None:
+    return ((run.config_json or {}).get("study") or {}).get("key")
+
+
+def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: str) -> None:
+    """Run (or continue) every planned run of ``study``, then print the study's report."""
+    import signal
+
+    from knormctl.cli._execute import Log, _raise_interrupted, _run
+    from knormctl.runner import resume_config
+    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
+
+    log = Log(verbose)
+    store = open_store(db)
+    if store.upgrade_note:
+        log(store.upgrade_note)
+    stored = store.runs_in_group(study.name)
+    planned = {r.key for r in study.runs}
+    foreign = [r for r in stored if _stored_key(r) not in planned]
+    if foreign:
+        raise UsageError(f"group {study.name!r} already holds {len(foreign)} run(s) that are not part of this study "
+                         f"(e.g. run {foreign[0].id}); give the study another name (name = ... or --group), or "
+                         f"delete them: knormctl runs delete {' '.join(str(r.id) for r in foreign[:5])}")
+    by_key = {}
+    for r in stored:  # the newest run of each planned key
+        by_key[_stored_key(r)] = r
+    hint = f"knormctl sweep {source}"
+    loaded = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        for planned_run in study.runs:
+            n = f"study {study.name}, run {planned_run.index + 1} of {len(study.runs)}"
+            what = ", ".join(f"{k}={v}" for k, v in planned_run.varying.items())
+            existing = by_key.get(planned_run.key)
+            if existing is not None and existing.status in (COMPLETE, COMPLETE_WITH_ERRORS):
+                log(f"{n}: kept (run {existing.id}, {existing.status})" + (f" [{what}]" if what else ""))
+                continue
+            log(f"{n}" + (f" [{what}]" if what else "") + (f": resuming run {existing.id}" if existing else ""))
+            cfg = planned_run.config
+            if existing is not None:
+                cfg = resume_config(store, existing.id)  # refused while its owner is alive
+            _, loaded = _run(cfg, store, json_out, None if existing is None else existing.id, log, verbose,
+                             loaded=loaded, summary=False, interrupt_hint=hint)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _print_study(store, study.name, json_out)
+
+
+def _print_study(store, group: str, json_out: bool) -> None:
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render import study_output
+
+    runs = select_runs(store, group=group)
+    view = study_view(store, runs, group)
+    if view is None:  # one run (or its shards): the usual summary
+        from knormctl.render.summary import build_summary
+        from knormctl.render.tables import make_console, print_summary
+
+        from knormctl.cli._select import load_samples
+
+        summary = build_summary(runs, load_samples(store, runs))
+        if json_out:
+            from knormctl.render.export import to_json
+
+            sys.stdout.write(to_json(summary))
+        else:
+            print_summary(summary, make_console())
+        return
+    if json_out:
+        sys.stdout.write(study_output.study_text(view, "json"))
+    else:
+        from knormctl.render.tables import make_console
+
+        study_output.print_study(view, make_console())
+    print(f"study {group}: {len(runs)} run(s). Details: knormctl report --group {group}", file=sys.stderr)
+
+
+def stored_study(store, group: str):
+    """The study stored with the runs of ``group`` (for --resume-group)."""
+    from knormctl.study import study_from_stored
+
+    runs = store.runs_in_group(group)
+    if not runs:
+        raise UsageError(f"no runs in group {group!r} in {store.url}")
+    resolved = next(((r.config_json or {}).get("study") for r in runs if (r.config_json or {}).get("study")), None)
+    if resolved is None:
+        raise UsageError(f"group {group!r} is not a study (its runs were not planned from a study file); "
+                         "resume its runs one by one with --resume N")
+    return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key")})
+
+
+def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: str | None, json_out: bool,
+                  verbose: bool, dry_run: bool) -> None:
+    """`sweep --config FILE [--dry-run]`, or `sweep --dry-run` for a plain sweep."""
+    from knormctl.study import load_study, plan_study
+
+    if config is not None:
+        study = load_study(config, overrides=overrides_from(ctx, cli_cfg), name=group)
+        source = f"--config {config}" + (f" --group {group}" if group else "")
+    else:  # a plain sweep, planned as a study of one run
+        data = {k: v for k, v in overrides_from(ctx, cli_cfg).items()}
+        study = plan_study(data, path="the command line", name=group or cli_cfg.group or "sweep")
+        source = "(the same options)"
+    if dry_run:
+        print_plan(study, db, json_out)
+        return
+    run_study(study, db, json_out=json_out, verbose=verbose, source=source)
+
+
+def resume_study(ctx, group: str, db: str | None, *, json_out: bool, verbose: bool, dry_run: bool) -> None:
+    """`sweep --resume-group NAME`: the stored study, continued."""
+    from knormctl.store import open_store
+
+    given = [n for n in given_options(ctx) if n not in ("resume_group", "db", "json_out", "verbose", "dry_run")]
+    if given:
+        raise UsageError(f"--resume-group {group} continues the study as stored; "
+                         f"{', '.join('--' + n.replace('_', '-') for n in given)} cannot change it "
+                         "(only --db, --json, --verbose and --dry-run may be given with --resume-group)")
+    with open_store(db, readonly=True) as store:
+        study = stored_study(store, group)
+    if dry_run:
+        print_plan(study, db, json_out)
+        return
+    run_study(study, db, json_out=json_out, verbose=verbose, source=f"--resume-group {group}")

@@ -1,0 +1,70 @@
+"""The figure to decide from: quality against KV memory held (and against decode TPOT), one
+point per press x setting, one colour per press, the Pareto frontier drawn, one row of
+panels per model. Reads ``render.study.StudyView`` (the same numbers as the report)."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from knormctl.render.figures._common import caption, figure, press_color, press_marker
+from knormctl.render.study import BUDGETS, StudyView
+
+GID = "pareto"  # artists carry gids so tests can read the drawn data back
+
+
+def size(view: StudyView) -> tuple[float, float]:
+    return 14.0, 1.5 + 5.0 * max(1, len(view.models))
+
+
+def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: str, frontier_line: bool) -> None:
+    pts = [p for p in view.points_of(model) if p.quality is not None and getattr(p, x_attr) is not None]
+    if not pts:
+        ax.text(0.5, 0.5, f"N/A: no {view.quality_kind} stored for {model}", ha="center", va="center",
+                transform=ax.transAxes, color="#666666")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    k = 100.0 if view.higher_quality else 1.0
+    for p in pts:
+        x, y = getattr(p, x_attr) * 100.0, p.quality * k
+        color = press_color(p.press)
+        xi, yi = getattr(p, xi_attr), p.quality_interval
+        if xi is not None:
+            ax.hlines([y], xi[0] * 100.0, xi[1] * 100.0, colors=color, linewidth=1.0, alpha=0.7, zorder=2)
+        if yi is not None:
+            ax.vlines([x], yi[0] * k, yi[1] * k, colors=color, linewidth=1.0, alpha=0.7, zorder=2)
+        ax.scatter([x], [y], s=70 if p.on_frontier else 40, color="white" if p.is_reference else color,
+                   edgecolors=color, linewidths=1.5, marker=press_marker(p.press), zorder=3,
+                   label="full cache" if p.is_reference else p.press.split("(", 1)[0],
+                   gid=f"{GID}|{model}|{x_attr}|{p.key}")
+        if p.on_frontier and frontier_line:
+            ax.annotate(p.name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if frontier_line:
+        front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
+        ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
+                linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{model}|frontier")
+        for b in BUDGETS[:-1]:
+            ax.axvline(b * 100.0, color="#bbbbbb", linewidth=0.8, linestyle=":", zorder=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
+    ax.set_title(f"{model}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
+    ax.grid(True, alpha=0.3)
+
+
+def pareto(view: StudyView) -> Figure:
+    fig = figure(size(view))
+    axes = fig.subplots(max(1, len(view.models)), 2, squeeze=False)
+    for row, model in enumerate(view.models or ["(no model)"]):
+        _panel(axes[row][0], view, model, "kv_held", "kv_interval", "KV memory held (% of the full cache)", True)
+        _panel(axes[row][1], view, model, "tpot_ratio", "tpot_interval", "decode TPOT (% of the full cache)", False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        fig.legend(unique.values(), unique.keys(), loc="outside right upper")
+    better = "higher" if view.higher_quality else "lower"
+    caption(fig, f"Study {view.name}. Each point is one configuration of one run, against that run's own full "
+                 f"cache ({better} quality is better; less KV and lower TPOT are cheaper). Lines through a point: "
+                 f"95% intervals (paired bootstrap over prompts; Wilson or bootstrap for accuracy). Larger points "
+                 f"and the dashed line: the Pareto frontier (no other configuration holds less KV with better "
+                 f"quality). Dotted lines: the 25/50/75% budgets named in the report.")
+    return fig

@@ -1,0 +1,264 @@
+"""A study's view: the runs of one group that differ in model or settings, read side by side.
+
+Every run keeps its own full-cache reference (a run is one model at one setting: dtype,
+budget, mode ... change what the reference measures), so each configuration's numbers
+are its run's paired changes (``render.summary``), put on common scales:
+
+- quality: perplexity of the following text as a ratio to the run's full cache (the
+  paired median change + 1; lower is better), or, for question tasks, accuracy (mean over
+  subtasks; higher is better);
+- KV held: the cache's bytes at the end as a ratio to the full cache's (paired);
+- TPOT ratio: decode time per token against the full cache (paired).
+
+Each comes with its 95% interval. On top: one table per model (the settings that vary as
+columns), a leaderboard (for each press, the quality kept at each keep ratio, per model),
+the Pareto frontier per model (quality vs KV held) and, per model, the best configuration
+that fits each memory budget -- the sentence a deployer reads. Pure Python.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from knormctl.render.pareto import Point, best_at_budgets, frontier
+from knormctl.render.summary import Summary, build_summary
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0)  # fractions of the full cache's KV bytes
+# settings that identify a run but are not settings of the measurement
+NOT_SETTINGS = ("group", "shard", "threads", "study", "presses", "keep_ratios", "command")
+
+Interval = tuple[float, float]
+
+
+@dataclass
+class StudyPoint:
+    """One configuration of one run."""
+
+    model: str
+    run_id: int
+    settings: dict[str, str]  # the run settings that vary across the study, as text
+    order: tuple  # the same settings' raw values, for sorting (256 before 1024)
+    config_key: str
+    label: str  # e.g. "snapkv 0.5"
+    press: str
+    keep_ratio: float
+    is_reference: bool
+    n_prompts: int
+    quality: float | None
+    quality_interval: Interval | None
+    kv_held: float | None  # ratio to the run's full cache
+    kv_interval: Interval | None
+    tpot_ratio: float | None
+    tpot_interval: Interval | None
+    on_frontier: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}|{self.config_key}"
+
+    @property
+    def name(self) -> str:
+        """The label with the settings that tell it apart, e.g. 'snapkv 0.5 (prune_after=512)'."""
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.label} ({extra})" if extra else self.label
+
+
+@dataclass
+class BudgetLine:
+    model: str
+    budget: float
+    best: StudyPoint | None
+
+
+@dataclass
+class StudyView:
+    name: str
+    quality_kind: str  # "ppl ratio" | "accuracy"
+    higher_quality: bool
+    axes: list[str]  # run settings that vary
+    models: list[str]
+    points: list[StudyPoint]
+    best: list[BudgetLine]
+    leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]  # press -> model -> keep ratio -> best point
+    summaries: dict[int, Summary] = field(default_factory=dict)  # run id -> its own summary
+
+    def points_of(self, model: str) -> list[StudyPoint]:
+        return [p for p in self.points if p.model == model]
+
+    def to_dict(self) -> dict[str, Any]:
+        def pt(p: StudyPoint | None):
+            return None if p is None else {**{k: getattr(p, k) for k in p.__dataclass_fields__}, "name": p.name}
+
+        return {
+            "study": self.name, "quality": self.quality_kind, "quality_higher_is_better": self.higher_quality,
+            "axes": self.axes, "models": self.models, "budgets": list(BUDGETS),
+            "points": [pt(p) for p in self.points],
+            "best_at_budget": [{"model": b.model, "budget": b.budget, "best": pt(b.best)} for b in self.best],
+            "leaderboard": {press: {model: {str(kr): pt(p) for kr, p in by_kr.items()}
+                                    for model, by_kr in by_model.items()}
+                            for press, by_model in self.leaderboard.items()},
+            "runs": {rid: {"flags": [f.message for f in s.flags], "status": s.header.status}
+                     for rid, s in self.summaries.items()},
+        }
+
+
+def run_settings(run: Any) -> dict[str, Any]:
+    cfg = dict(run.config_json or {})
+    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+
+
+def is_study(runs: Sequence[Any]) -> bool:
+    """A group is a study (read run by run) when its runs differ in model or settings; runs of
+    one sweep split into shards share them and are merged instead."""
+    keys = {(r.model_requested, repr(sorted(run_settings(r).items()))) for r in runs}
+    return len(keys) > 1
+
+
+def _axes(runs: Sequence[Any]) -> list[str]:
+    settings = [run_settings(r) for r in runs]
+    keys = dict.fromkeys(k for s in settings for k in s)
+    return [k for k in keys if k != "model" and len({repr(s.get(k)) for s in settings}) > 1]
+
+
+def _ratio(change: float | None, interval: Interval | None) -> tuple[float | None, Interval | None]:
+    if change is None:
+        return None, None
+    return 1 + change / 100.0, (None if interval is None else (1 + interval[0] / 100.0, 1 + interval[1] / 100.0))
+
+
+def _accuracy(summary: Summary, config_key: str) -> tuple[float | None, Interval | None]:
+    """Mean over subtasks; with several context lengths, the mean of the per-length means and of their
+    interval bounds (wider than the interval of the mean itself: conservative)."""
+    rows = [t for t in summary.tasks if t.config_key == config_key and t.subtask is None and t.accuracy is not None]
+    if not rows:  # a task with one subtask has no mean row
+        rows = [t for t in summary.tasks if t.config_key == config_key and t.accuracy is not None]
+    if not rows:
+        return None, None
+    acc = sum(t.accuracy for t in rows) / len(rows)
+    if any(t.interval is None for t in rows):
+        return acc, None
+    return acc, (sum(t.interval[0] for t in rows) / len(rows), sum(t.interval[1] for t in rows) / len(rows))
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "none"
+    return str(v)
+
+
+def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], name: str) -> StudyView:
+    """The study view of ``runs`` (each with its stored samples)."""
+    axes = _axes(runs)
+    question_task = any(r.task not in ("lm", None) for r in runs)
+    points: list[StudyPoint] = []
+    summaries = {}
+    for run in runs:
+        s = build_summary([run], samples_by_run.get(run.id, []))
+        summaries[run.id] = s
+        raw = run_settings(run)
+        settings = {k: _text(raw.get(k)) for k in axes}
+        order = tuple(repr(raw.get(k)) if not isinstance(raw.get(k), (int, float)) else raw.get(k) for k in axes)
+        for r in s.rows:
+            if r.dataset is not None:
+                continue
+            if question_task:
+                quality, qi = _accuracy(s, r.config_key)
+            elif r.is_reference:
+                quality, qi = (1.0, (1.0, 1.0)) if r.values.get("ppl_compressed") is not None else (None, None)
+            else:
+                quality, qi = _ratio(r.changes.get("ppl_compressed"), r.change_intervals.get("ppl_compressed"))
+            kv, kvi = ((1.0, (1.0, 1.0)) if r.is_reference else
+                       _ratio(r.changes.get("kv_bytes_final"), r.change_intervals.get("kv_bytes_final")))
+            tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
+                       _ratio(r.changes.get("tpot_s"), r.change_intervals.get("tpot_s")))
+            points.append(StudyPoint(model=run.model_requested, run_id=run.id, settings=settings, order=order,
+                                     config_key=r.config_key, label=r.label, press=r.press,
+                                     keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=r.n_prompts,
+                                     quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
+                                     tpot_ratio=tp, tpot_interval=tpi))
+    higher = question_task
+    models = sorted({p.model for p in points})
+    best: list[BudgetLine] = []
+    for model in models:
+        mine = [p for p in points if p.model == model and p.quality is not None and p.kv_held is not None]
+        pts = [Point(key=p.key, label=p.name, cost=p.kv_held, quality=p.quality, group=p.press, meta=p)
+               for p in mine]
+        on = {q.key for q in frontier(pts, higher_quality=higher)}
+        for p in mine:
+            p.on_frontier = p.key in on
+        for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
+            best.append(BudgetLine(model, choice.budget, None if choice.best is None else choice.best.meta))
+    board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(lambda: defaultdict(dict))
+    for p in points:
+        if p.quality is None:
+            continue
+        cur = board[p.press][p.model].get(p.keep_ratio)
+        if cur is None or (p.quality > cur.quality if higher else p.quality < cur.quality):
+            board[p.press][p.model][p.keep_ratio] = p
+    leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
+                   for press, bm in board.items()}
+    return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
+                     axes=axes, models=models, points=points, best=best, leaderboard=leaderboard,
+                     summaries=summaries)
+
+
+def _same(interval: Interval | None, value: float, tol: float) -> bool:
+    return interval is None or (abs(interval[0] - value) < tol and abs(interval[1] - value) < tol)
+
+
+def fmt_quality(view: StudyView, value: float | None, interval: Interval | None, sep: str = " ") -> str:
+    """'1.154 [1.14,1.17]' (ppl ratio) or '62% [48,75]' (accuracy); no interval where it is a point.
+    ``sep``: between the value and its interval (a newline in narrow tables)."""
+    if value is None:
+        return "N/A"
+    if view.higher_quality:
+        text = f"{value * 100:.0f}%"
+        return text + ("" if _same(interval, value, 5e-3) else f"{sep}[{interval[0] * 100:.0f},{interval[1] * 100:.0f}]")
+    text = f"{value:.3f}"
+    return text + ("" if _same(interval, value, 5e-4) else f"{sep}[{interval[0]:.2f},{interval[1]:.2f}]")
+
+
+def fmt_ratio(value: float | None, interval: Interval | None, sep: str = " ") -> str:
+    """'51%' or '93% [88,97]' (percent of the full cache)."""
+    if value is None:
+        return "N/A"
+    text = f"{value * 100:.0f}%"
+    return text + ("" if _same(interval, value, 5e-3) else f"{sep}[{interval[0] * 100:.0f},{interval[1] * 100:.0f}]")
+
+
+def study_flags(view: StudyView) -> list[str]:
+    """The runs' flags, one line per kind: identical messages list their runs once; differing ones
+    (numbers per run) keep the first and point to the run's own report."""
+    by_kind: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for rid, summary in view.summaries.items():
+        for f in summary.flags:
+            by_kind[f.kind].append((rid, f.message))
+    out = []
+    for kind, items in by_kind.items():
+        runs = ", ".join(str(r) for r in dict.fromkeys(r for r, _ in items))
+        label = "run" if "," not in runs else "runs"
+        messages = list(dict.fromkeys(m for _, m in items))
+        if len(messages) == 1:
+            out.append(f"{label} {runs}: {messages[0]}")
+        else:
+            first = messages[0].split(": ", 1)[-1] if kind in ("failed_sample",) else messages[0]
+            out.append(f"{label} {runs} ({kind.replace('_', ' ')}): {first} (each run's own numbers: "
+                       f"knormctl report --run-id N)")
+    return out
+
+
+def budget_sentences(view: StudyView) -> list[str]:
+    """'smollm2-135m, KV <= 50%: streaming 0.5 (ppl x1.021 [1.01, 1.03], KV 51%)' per model and budget."""
+    out = []
+    for b in view.best:
+        lead = f"{b.model}, KV held \u2264 {b.budget * 100:.0f}% of the full cache: "
+        if b.best is None:
+            out.append(lead + "no configuration fits")
+            continue
+        p = b.best
+        q = fmt_quality(view, p.quality, p.quality_interval)
+        out.append(lead + f"{p.name} ({view.quality_kind} {q}, KV held {fmt_ratio(p.kv_held, p.kv_interval)})")
+    return out

@@ -1,0 +1,147 @@
+"""A study's view as text: rich tables, json / csv / markdown, and the HTML page.
+
+Every format reads the same ``StudyView`` (``render.study``): one table per model with the
+settings that vary, the leaderboard, and the best configuration per memory budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_sentences, fmt_quality, fmt_ratio,
+                                   study_flags)
+
+LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV held and TPOT: ratio to the full "
+          "cache; [95% intervals] (paired bootstrap over prompts, Wilson/bootstrap for accuracy); * on the "
+          "Pareto frontier (no configuration holds less KV with better quality)")
+
+
+def legend(view: StudyView) -> str:
+    return LEGEND.format(kind=view.quality_kind, better="higher" if view.higher_quality else "lower")
+
+
+def model_columns(view: StudyView) -> list[str]:
+    return [*view.axes, "configuration", "n", view.quality_kind, "KV held", "TPOT", "*"]
+
+
+def model_rows(view: StudyView, model: str, sep: str = " ") -> list[list[str]]:
+    def order(p: StudyPoint):
+        return (p.order, not p.is_reference, p.press, -p.keep_ratio)
+
+    return [[*p.settings.values(), p.label, str(p.n_prompts), fmt_quality(view, p.quality, p.quality_interval, sep),
+             fmt_ratio(p.kv_held, p.kv_interval, sep), fmt_ratio(p.tpot_ratio, p.tpot_interval, sep),
+             "*" if p.on_frontier else ""] for p in sorted(view.points_of(model), key=order)]
+
+
+def leaderboard_columns(view: StudyView, model: str) -> tuple[list[str], list[float]]:
+    ratios = sorted({kr for by_model in view.leaderboard.values() for kr in by_model.get(model, {})}, reverse=True)
+    return ["press"] + [f"keep {kr:g}" for kr in ratios], ratios
+
+
+def leaderboard_rows(view: StudyView, model: str, sep: str = " ") -> list[list[str]]:
+    _, ratios = leaderboard_columns(view, model)
+    rows = []
+    for press, by_model in sorted(view.leaderboard.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+        if model not in by_model:
+            continue
+        row = ["full cache" if press == "none" else press]
+        for kr in ratios:
+            p = by_model[model].get(kr)
+            row.append("" if p is None else fmt_quality(view, p.quality, p.quality_interval, sep))
+        rows.append(row)
+    return rows
+
+
+def print_study(view: StudyView, console) -> None:
+    from rich import box
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Panel(f"study {view.name}: {len(view.summaries)} runs, models: {', '.join(view.models)}"
+                        + (f"\nvarying: {', '.join(view.axes)}" if view.axes else ""),
+                        title="knormctl report --group", title_align="left"))
+    for model in view.models:
+        table = Table(title=f"{model}", title_justify="left", box=box.SIMPLE_HEAD)
+        for i, col in enumerate(model_columns(view)):
+            table.add_column(col, justify="left" if i <= len(view.axes) else "right", no_wrap=True)
+        for row in model_rows(view, model, sep="\n"):
+            table.add_row(*row)
+        console.print(table)
+    for model in view.models:
+        cols, _ = leaderboard_columns(view, model)
+        board = Table(title=f"leaderboard, {model}: {view.quality_kind} at each keep ratio (each press's best "
+                            f"setting)", title_justify="left", box=box.SIMPLE_HEAD)
+        for i, col in enumerate(cols):
+            board.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in leaderboard_rows(view, model, sep="\n"):
+            board.add_row(*row)
+        console.print(board)
+    console.print(Text("best configuration per memory budget:", style="bold"))
+    for line in budget_sentences(view):
+        console.print(Text(f"- {line}"))
+    console.print(Text(legend(view), style="dim"))
+    flags = study_flags(view)
+    if flags:
+        console.print(Text("Read before quoting these numbers:", style="bold yellow"))
+        for line in flags:
+            console.print(Text(f"- {line}"))
+
+
+def study_text(view: StudyView, fmt: str) -> str:
+    from knormctl.render.export import _json, csv_text, markdown_table
+
+    if fmt == "json":
+        return _json(view.to_dict())
+    if fmt == "csv":
+        cols = ["model", *view.axes, "run_id", "config_key", "label", "press", "keep_ratio", "n_prompts",
+                "quality", "quality_ci_lo", "quality_ci_hi", "kv_held", "kv_ci_lo", "kv_ci_hi", "tpot_ratio",
+                "tpot_ci_lo", "tpot_ci_hi", "on_frontier"]
+        recs = []
+        for p in view.points:
+            rec: dict[str, Any] = dict(model=p.model, run_id=p.run_id, config_key=p.config_key, label=p.label,
+                                       press=p.press, keep_ratio=p.keep_ratio, n_prompts=p.n_prompts,
+                                       quality=p.quality, kv_held=p.kv_held, tpot_ratio=p.tpot_ratio,
+                                       on_frontier=p.on_frontier, **p.settings)
+            for name, iv in (("quality", p.quality_interval), ("kv", p.kv_interval), ("tpot", p.tpot_interval)):
+                rec[f"{name}_ci_lo"], rec[f"{name}_ci_hi"] = iv if iv else (None, None)
+            recs.append(rec)
+        return csv_text(cols, recs)
+    out = [f"- study {view.name}: {len(view.summaries)} runs; models {', '.join(view.models)}"
+           + (f"; varying {', '.join(view.axes)}" if view.axes else ""), ""]
+    for model in view.models:
+        out.append(f"**{model}**\n")
+        out.append(markdown_table(model_columns(view), model_rows(view, model)))
+    for model in view.models:
+        cols, _ = leaderboard_columns(view, model)
+        out.append(f"**leaderboard, {model}** ({view.quality_kind} at each keep ratio, each press's best setting)\n")
+        out.append(markdown_table(cols, leaderboard_rows(view, model)))
+    out.append("\n".join(f"- {line}" for line in budget_sentences(view)) + "\n")
+    out.append(legend(view) + "\n")
+    flags = study_flags(view)
+    if flags:
+        out.append("\n".join(f"- {line}" for line in flags) + "\n")
+    return "\n".join(out)
+
+
+def study_page(view: StudyView) -> str:
+    from knormctl.render.figures import DPI
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.render.html import HtmlFigure, HtmlPage, HtmlTable, figure_png, render_page
+
+    tables = [HtmlTable(title=model, columns=model_columns(view), rows=model_rows(view, model),
+                        caption=legend(view)) for model in view.models]
+    for model in view.models:
+        cols, _ = leaderboard_columns(view, model)
+        tables.append(HtmlTable(title=f"leaderboard, {model}: {view.quality_kind} at each keep ratio", columns=cols,
+                                rows=leaderboard_rows(view, model)))
+    tables.append(HtmlTable(title="best configuration per memory budget", columns=["model and budget"],
+                            rows=[[line] for line in budget_sentences(view)]))
+    fig = pareto(view)
+    page = HtmlPage(title=f"knormctl study {view.name}", header=[f"models: {', '.join(view.models)}",
+                                                                 f"varying: {', '.join(view.axes) or '-'}",
+                                                                 f"budgets: {', '.join(f'{b:.0%}' for b in BUDGETS)}"],
+                    tables=tables, figures=[HtmlFigure("Pareto view", figure_png(fig, DPI))],
+                    notes=study_flags(view))
+    fig.clear()
+    return render_page(page)

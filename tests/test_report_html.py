@@ -1,0 +1,94 @@
+"""`report --format html`: one self-contained page, checked in a real headless browser.
+
+The browser is Debian's Chromium driven by Playwright (``.ci/chromium.sh`` installs it for CI;
+with KNORMCTL_REQUIRE_BROWSER=1, as scripts/test.sh sets, a missing browser fails the test
+instead of skipping it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from report_data import Cfg, fill_run
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+
+runner = CliRunner()
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _browser_or_skip():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if exe is None or sync_playwright is None:
+        why = "no chromium on PATH" if exe is None else "playwright is not installed"
+        if os.environ.get("KNORMCTL_REQUIRE_BROWSER"):
+            pytest.fail(f"the HTML report must be checked in a browser, but {why} (.ci/chromium.sh installs it)")
+        pytest.skip(why)
+    return exe, sync_playwright
+
+
+def _report(db, *args):
+    res = runner.invoke(app, ["report", "--db", db, *args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_html_report_opens_in_a_browser_with_every_table_and_figure(store, db, tmp_path):
+    exe, sync_playwright = _browser_or_skip()
+    run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("streaming", 0.5)), n_samples=4)
+    page_path = tmp_path / "report.html"
+    _report(db, "--run-id", str(run), "--format", "html", "-o", str(page_path))
+    data = json.loads(_report(db, "--run-id", str(run), "--format", "json").stdout)
+
+    from knormctl.render.figures import figures_for
+    from knormctl.render.summary import build_summary
+
+    n_figures = len(figures_for(build_summary([store.get_run(run)], store.samples(run, with_blobs=True))))
+    html = page_path.read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing fetched
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_path.as_uri())
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+            tables = page.evaluate("""Array.from(document.querySelectorAll('table')).map(t =>
+                Array.from(t.rows).map(r => Array.from(r.cells).map(c => c.innerText)))""")
+            title = page.title()
+        finally:
+            browser.close()
+
+    assert title.startswith(f"knormctl report \u2014 run {run}")
+    assert len(images) == n_figures >= 4
+    assert all(done and width > 0 for done, width, _ in images), images  # every figure decoded
+    configs = tables[0]
+    assert configs[0][:3] == ["configuration", "prompts", "failed"]
+    assert [row[0] for row in configs[1:]] == [r["label"] for r in data["rows"]]
+    # the same numbers as the json: each row's prompt count, and the TPOT cell's change
+    col = configs[0].index("TPOT")
+    for row, rec in zip(configs[1:], data["rows"]):
+        assert int(row[1]) == rec["n_prompts"]
+        change = rec["changes"]["tpot_s"]
+        if change is not None:
+            assert f"{abs(change):.1f}%" in row[col], (row[col], change)
+
+
+def test_html_needs_a_file_or_stdout_and_refuses_list(store, db, tmp_path):
+    fill_run(store)
+    res = runner.invoke(app, ["report", "--db", db, "--format", "html"])
+    assert res.exit_code == 0 and res.stdout.startswith("<!DOCTYPE html>")
+    res = runner.invoke(app, ["report", "--db", db, "--list", "--format", "html"])
+    assert res.exit_code == 2 and "--format html shows one run or a group" in res.stderr
+    res = runner.invoke(app, ["report", "--db", db, "-o", str(tmp_path / "x.txt")])
+    assert res.exit_code == 2 and "--output needs --format" in res.stderr
+    assert not (tmp_path / "x.txt").exists()

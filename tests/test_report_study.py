@@ -1,0 +1,112 @@
+"""report / plot --group on a study: runs that differ in model or settings, read run by run."""
+
+from __future__ import annotations
+
+import json
+
+from report_data import Cfg, fill_run
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.render.pareto import Point, frontier
+
+runner = CliRunner()
+CONFIGS = (Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("streaming", 0.5), Cfg("random", 0.25))
+
+
+def _study(store, group="s1"):
+    """2 models x 2 budgets; every run has its own full-cache reference."""
+    runs = {}
+    for seed, (model, pa) in enumerate([("smollm2-135m", 256), ("smollm2-135m", 1024), ("tiny-llama", 256),
+                                        ("tiny-llama", 1024)]):
+        runs[(model, pa)] = fill_run(store, configs=CONFIGS, n_samples=4, seed=seed, model=model, group=group,
+                                     settings={"prune_after": pa}, prompt_tokens=(2048,) * 4)
+    return runs
+
+
+def _json(db, *args):
+    res = runner.invoke(app, ["report", "--db", db, *args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_shards_of_one_sweep_are_merged_not_read_as_a_study(store, db):
+    for part in ((0, 1), (2, 3)):
+        fill_run(store, configs=CONFIGS, n_samples=4, samples=part, group="shards")
+    data = _json(db, "--group", "shards")
+    assert "rows" in data and "study" not in data  # one merged summary
+
+
+def test_study_points_are_each_runs_own_paired_numbers(store, db):
+    runs = _study(store)
+    data = _json(db, "--group", "s1")
+    assert data["study"] == "s1" and data["axes"] == ["prune_after"] and data["quality"] == "ppl ratio"
+    assert data["models"] == ["smollm2-135m", "tiny-llama"]
+    assert len(data["points"]) == 4 * len(CONFIGS)
+    for (model, pa), run_id in runs.items():
+        own = {r["config_key"]: r for r in _json(db, "--run-id", str(run_id))["rows"]}
+        mine = [p for p in data["points"] if p["run_id"] == run_id]
+        assert {p["model"] for p in mine} == {model} and {p["settings"]["prune_after"] for p in mine} == {str(pa)}
+        for p in mine:
+            r = own[p["config_key"]]
+            if p["is_reference"]:
+                assert p["quality"] == 1.0 and p["kv_held"] == 1.0
+                continue
+            assert p["quality"] == 1 + r["changes"]["ppl_compressed"] / 100
+            lo, hi = r["change_intervals"]["ppl_compressed"]
+            assert p["quality_interval"] == [1 + lo / 100, 1 + hi / 100]
+            assert p["kv_held"] == 1 + r["changes"]["kv_bytes_final"] / 100
+            assert p["tpot_ratio"] == 1 + r["changes"]["tpot_s"] / 100
+
+
+def test_frontier_and_best_per_budget_follow_the_points(store, db):
+    _study(store)
+    data = _json(db, "--group", "s1")
+    for model in data["models"]:
+        pts = [p for p in data["points"] if p["model"] == model]
+        hand = frontier([Point(f'{p["run_id"]}|{p["config_key"]}', "", p["kv_held"], p["quality"]) for p in pts],
+                        higher_quality=False)
+        assert {f'{p["run_id"]}|{p["config_key"]}' for p in pts if p["on_frontier"]} == \
+            {q.key for q in hand}
+        for b in (x for x in data["best_at_budget"] if x["model"] == model):
+            fits = [p for p in pts if p["kv_held"] <= b["budget"]]
+            assert b["best"]["quality"] == min(p["quality"] for p in fits)
+    # 25 % budget: only random 0.25 (and nothing else) holds that little KV in this data
+    assert all(b["best"]["label"] == "random 0.25" for b in data["best_at_budget"] if b["budget"] == 0.25)
+
+
+def test_study_tables_leaderboard_and_sentences(store, db):
+    _study(store)
+    res = runner.invoke(app, ["report", "--db", db, "--group", "s1"])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "smollm2-135m" in out and "tiny-llama" in out and "prune_after" in out
+    assert "leaderboard" in out and "best configuration per memory budget" in out
+    assert "KV held \u2264 50% of the full cache:" in out
+    md = runner.invoke(app, ["report", "--db", db, "--group", "s1", "--format", "markdown"]).stdout
+    assert md.count("| prune_after | configuration |") == 2  # one table per model
+
+
+def test_plot_group_draws_the_pareto_chart_with_the_reports_points(store, db, tmp_path):
+    _study(store)
+    res = runner.invoke(app, ["plot", "--db", db, "--group", "s1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().endswith("knormpress_pareto.png") and (tmp_path / "knormpress_pareto.png").exists()
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    with open_store(db, readonly=True) as store_ro:
+        view = study_view(store_ro, select_runs(store_ro, group="s1"), "s1")
+    fig = pareto(view)
+    drawn = {}
+    for ax in fig.axes:
+        for coll in ax.collections:
+            gid = coll.get_gid() or ""
+            if gid.startswith("pareto|") and "|kv_held|" in gid:
+                drawn[gid.split("|kv_held|")[1]] = tuple(coll.get_offsets()[0])
+    data = _json(db, "--group", "s1")
+    assert len(drawn) == len(data["points"])
+    for p in data["points"]:
+        x, y = drawn[f'{p["run_id"]}|{p["config_key"]}']
+        assert abs(x - p["kv_held"] * 100) < 1e-9 and abs(y - p["quality"]) < 1e-9

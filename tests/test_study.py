@@ -1,0 +1,111 @@
+"""Study files: the parser (good and bad files), the cross product, rows and overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from knormctl.errors import UsageError
+from knormctl.study import load_study, parse_study
+
+GOOD = '''\
+name = "budgets"
+description = "two budgets, two skip sets, prefill and decode"
+model = "smollm2-135m"
+presses = ["knorm", "streaming"]
+keep_ratios = [0.9, 0.5]
+prune_after = [256, 1024]
+skip_layers = [[0], []]
+compress_mode = "prefill"
+num_wikitext_samples = 2
+num_pg19_samples = 0
+'''
+
+
+def test_lists_of_scalar_options_and_lists_of_lists_are_axes():
+    study = parse_study(GOOD)
+    assert study.name == "budgets"
+    assert study.axes == ["prune_after", "skip_layers"]
+    assert len(study.runs) == 4
+    combos = {(r.config.prune_after, tuple(r.config.skip_layers)) for r in study.runs}
+    assert combos == {(256, (0,)), (256, ()), (1024, (0,)), (1024, ())}
+    for r in study.runs:
+        # presses and keep_ratios are lists inside one run, not axes
+        assert r.config.presses == ["knorm", "streaming"] and r.config.keep_ratios == [0.9, 0.5]
+        assert r.config.group == "budgets" and r.config.compress_mode == "prefill"
+        assert r.config.study["name"] == "budgets" and r.config.study["index"] == r.index
+        assert r.varying == {"prune_after": r.config.prune_after, "skip_layers": r.config.skip_layers}
+    assert len({r.key for r in study.runs}) == 4
+
+
+def test_runs_of_one_model_are_planned_back_to_back():
+    study = parse_study('model = ["b-model", "a-model"]\ndtype = ["float32", "bfloat16"]\n')
+    assert [(r.config.model, r.config.dtype) for r in study.runs] == [
+        ("a-model", "bfloat16"), ("a-model", "float32"), ("b-model", "bfloat16"), ("b-model", "float32")]
+
+
+def test_rows_override_the_top_level_and_may_hold_axes():
+    text = GOOD.replace("prune_after = [256, 1024]\n", "") + '''
+[[rows]]
+compress_mode = "decode"
+prune_after = 128
+
+[[rows]]
+compress_mode = "prefill"
+dtype = ["float32", "bfloat16"]
+'''
+    study = parse_study(text)
+    settings = sorted((r.config.compress_mode, r.config.prune_after, r.config.dtype, tuple(r.config.skip_layers))
+                      for r in study.runs)
+    assert settings == sorted([("decode", 128, "float32", (0,)), ("decode", 128, "float32", ()),
+                               ("prefill", 512, "float32", (0,)), ("prefill", 512, "float32", ()),
+                               ("prefill", 512, "bfloat16", (0,)), ("prefill", 512, "bfloat16", ())])
+
+
+def test_command_line_overrides_replace_the_whole_key():
+    study = parse_study(GOOD, overrides={"prune_after": 64, "keep_ratios": [0.3]})
+    assert {r.config.prune_after for r in study.runs} == {64}
+    assert len(study.runs) == 2 and study.axes == ["skip_layers"]
+    assert all(r.config.keep_ratios == [0.3] for r in study.runs)
+    assert study.resolved["overrides"] == {"prune_after": 64, "keep_ratios": [0.3]}
+
+
+def test_the_file_name_is_the_default_study_name(tmp_path):
+    path = tmp_path / "my-study.toml"
+    path.write_text('model = "smollm2-135m"\n')
+    assert load_study(path).name == "my-study"
+
+
+@pytest.mark.parametrize("text, key, line, fragment", [
+    ('model = "m"\nmodle = "x"\n', "modle", 2, "unknown key (did you mean 'model'?)"),
+    ('\n\nprune_after = "a lot"\n', "prune_after", 3, "expected integer"),
+    ('keep_ratios = []\n', "keep_ratios", 1, "empty list"),
+    ('dtype = []\n', "dtype", 1, "empty list"),
+    ('dtype = ["float32", "float32"]\n', "dtype", 1, "duplicate values"),
+    ('prune_after = [1, 2.5]\n', "prune_after", 1, "expected integer, got 2.5"),
+    ('presses = "knorm"\n', "presses", 1, "expected a list of strings"),
+    ('model = "m"\n\n[[rows]]\nseed = 1\n\n[[rows]]\nmodel = 3\n', "model", 7, "expected string"),
+    ('keep_ratios = [2.0]\n', "keep_ratios", 1, "is outside (0, 1]"),
+    ('dtype = "float64"\n', "dtype", 1, "dtype"),
+    ('[sweep]\nmodel = "m"\n', "sweep", 1, "unknown key"),
+])
+def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
+    with pytest.raises(UsageError) as err:
+        parse_study(text, path="s.toml")
+    msg = str(err.value)
+    assert f"s.toml, line {line}: {key}:" in msg, msg
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_not_toml_and_missing_files_are_one_line(tmp_path):
+    with pytest.raises(UsageError, match=r"s.toml: not valid TOML"):
+        parse_study('model = "unclosed\n', path="s.toml")
+    with pytest.raises(UsageError, match="no such file"):
+        load_study(tmp_path / "nope.toml")
+    with pytest.raises(UsageError, match="is a folder"):
+        load_study(tmp_path)
+
+
+def test_identical_runs_are_refused():
+    with pytest.raises(UsageError, match="identical"):
+        parse_study('[[rows]]\nseed = 1\n\n[[rows]]\nseed = 1\n')

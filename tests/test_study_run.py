@@ -1,0 +1,132 @@
+"""`sweep --config study.toml`: the cross product runs as one group, --dry-run plans without a
+model, a second invocation (or --resume-group) continues where the study stopped."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+
+runner = CliRunner()
+
+
+def _study_file(tmp_path, model_dir, books_dir, **extra) -> str:
+    lines = [f'name = "{extra.pop("name", "tiny-study")}"', f'model = "{model_dir}"',
+             f'wikitext_source = "text:{books_dir}"', 'num_wikitext_samples = 2', 'num_pg19_samples = 0',
+             'wikitext_prompt_tokens = 48', 'max_new_tokens = 4', 'eval_tokens = 4', 'threads = 1',
+             'presses = ["knorm", "streaming"]', 'keep_ratios = [0.5]', 'compress_mode = "prefill"',
+             'prune_after = [0, 16]']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    path = tmp_path / "study.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _runs(db):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT id, group_name, status, config_json FROM runs ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def test_dry_run_plans_without_a_model_or_a_database(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    res = runner.invoke(app, ["sweep", "--config", path, "--dry-run", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "study tiny-study: 2 run(s), varying prune_after" in res.stdout
+    # 2 samples x (full cache + knorm 0.5 + streaming 0.5) per run
+    assert "1. " in res.stdout and "(prune_after=0): 6 cells" in res.stdout and "(prune_after=16): 6 cells" in res.stdout
+    assert "total: 12 cells" in res.stdout and "Nothing was run" in res.stdout
+    assert not db.exists()
+    res = runner.invoke(app, ["sweep", "--config", path, "--dry-run", "--json", "--db", str(db), "--prune-after", "8"])
+    data = json.loads(res.stdout)
+    assert [r["cells"] for r in data["runs"]] == [6] and data["cells"] == 6  # the flag overrides the axis
+
+
+def test_study_runs_every_run_in_one_group_and_continues(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    runs = _runs(db)
+    assert [(g, s) for _, g, s, _ in runs] == [("tiny-study", "complete")] * 2
+    configs = [json.loads(c) for *_, c in runs]
+    assert sorted(c["prune_after"] for c in configs) == [0, 16]
+    assert all(c["study"]["name"] == "tiny-study" and c["study"]["axes"] == ["prune_after"] for c in configs)
+    assert "prune_after" in res.stdout and "best configuration per memory budget" in res.stdout
+    # a second invocation keeps both runs; --resume-group as well
+    res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "kept (run 1, complete)" in res.stderr and "kept (run 2, complete)" in res.stderr
+    res = runner.invoke(app, ["sweep", "--resume-group", "tiny-study", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert len(_runs(db)) == 2
+
+
+def test_an_interrupted_study_resumes_the_interrupted_run_and_starts_the_missing_one(
+        tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    from knormctl import runner as runner_mod
+
+    real = runner_mod.Runner._run_cells
+    calls = {"n": 0}
+
+    def stop_in_second_run(self, out, done_before):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the study's second run: interrupted before its cells
+            raise KeyboardInterrupt
+        return real(self, out, done_before)
+
+    monkeypatch.setattr(runner_mod.Runner, "_run_cells", stop_in_second_run)
+    res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
+    assert res.exit_code == 130
+    assert f"finish it with: knormctl sweep --config {path}" in res.stderr
+    assert [s for _, _, s, _ in _runs(db)] == ["complete", "interrupted"]
+    monkeypatch.setattr(runner_mod.Runner, "_run_cells", real)
+    res = runner.invoke(app, ["sweep", "--resume-group", "tiny-study", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "resuming run 2" in res.stderr
+    assert [s for _, _, s, _ in _runs(db)] == ["complete", "complete"]
+
+
+def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    assert runner.invoke(app, ["sweep", "--config", path, "--db", str(db)]).exit_code == 0
+    other = _study_file(tmp_path, tiny_llama_dir, books_dir, seed=3)
+    res = runner.invoke(app, ["sweep", "--config", other, "--db", str(db)])
+    assert res.exit_code == 2
+    assert "already holds 2 run(s) that are not part of this study" in res.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ('model = "x"\nkeep_ratio = [0.5]\n', "line 2: keep_ratio: unknown key (did you mean 'keep_ratios'?)"),
+    ('prune_after = []\n', "line 1: prune_after: empty list"),
+])
+def test_bad_study_files_fail_before_anything_runs(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not db.exists()
+
+
+def test_dry_run_counts_question_task_cells(tmp_path):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--dry-run", "--json", "--db", str(db), "--task", "ruler", "--context-lengths",
+                              "1024,2048", "--subtasks", "niah_single_1,vt", "--samples-per-task", "3",
+                              "--presses", "knorm,streaming", "--keep-ratios", "0.5"])
+    assert res.exit_code == 0, res.output
+    # 2 lengths x 2 subtasks x 3 samples, x (full cache + 2 presses)
+    assert json.loads(res.stdout)["cells"] == 2 * 2 * 3 * 3
+    res = runner.invoke(app, ["sweep", "--dry-run", "--json", "--db", str(db), "--task", "niah", "--context-lengths",
+                              "1024", "--needle-depths", "0,0.5,1", "--keep-ratios", "0.5,0.25", "--repeats", "2"])
+    assert json.loads(res.stdout)["cells"] == 1 * 3 * 1 * 3 * 2  # samples x (full + knorm x 2) x repeats
