@@ -82,7 +82,7 @@ def tiny_hub(monkeypatch):
     """Records served through hub.LOAD as a real ``datasets.Dataset`` (no network)."""
     import datasets
 
-    from knormctl.engine import text
+    from knormctl.engine.text import hub as text
 
     served: dict[tuple[str, str], list[dict]] = {}
     monkeypatch.setattr(text, "hub_status", lambda: (True, "test"))
@@ -129,7 +129,7 @@ def test_kvpress_ruler_records_become_samples_per_subtask(tiny_hub, tiny_tokeniz
 
 
 def test_offline_hub_fails_at_once_naming_the_offline_tasks(monkeypatch):
-    from knormctl.engine import text
+    from knormctl.engine.text import hub as text
 
     def unreachable(name, config):
         raise ConnectionError("no route to huggingface.co")

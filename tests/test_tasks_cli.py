@@ -90,7 +90,7 @@ def test_passkey_runs_on_the_context_protocol_by_default(tiny_llama_dir, books_d
 def test_longbench_from_records_through_the_hub_loader(tiny_llama_dir, tmp_path, monkeypatch):
     import datasets
 
-    from knormctl.engine import text
+    from knormctl.engine.text import hub as text
     from knormctl.tasks import hub
 
     record = {"input": "Which city is the capital?", "context": "Paris is the capital of France. " * 30,

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from knormctl.engine import text as T
+from knormctl.engine.text import hub as _hub, wiki as _wiki  # noqa: F401  (T.hub, T.wiki)
 from knormctl.engine.text import load_documents, make_samples, validate_source
 from knormctl.errors import AssetError, UsageError
 
@@ -126,7 +127,7 @@ def test_unknown_source(tiny_tokenizer):
 
 
 def test_validate_source_downloads_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "pip_download", lambda *a, **k: pytest.fail("validate_source downloaded"))
+    monkeypatch.setattr(T.wiki, "pip_download", lambda *a, **k: pytest.fail("validate_source downloaded"))
     for name in ("wiki-lite", "wiki-lite-long", "wikitext", "pg19"):
         validate_source(name)
 
@@ -154,7 +155,7 @@ Born in [[London]] in 1815.<!-- hidden -->
 [[Category:Mathematicians]]
 [[de:Ada Lovelace]]
 """
-    text = T.wiki_to_text(markup)
+    text = T.wiki.wiki_to_text(markup)
     assert text.startswith("Ada was a mathematical writer. She wrote notes.")
     assert "Born in London in 1815." in text and "Life" in text
     for junk in ("[[", "{{", "<ref", "thumb", "portrait", "cell", "Category", "Babbage", "hidden", "de:"):
@@ -162,7 +163,7 @@ Born in [[London]] in 1815.<!-- hidden -->
 
 
 def test_hub_datasets_fail_fast_with_a_hint_when_unreachable(monkeypatch):
-    monkeypatch.setattr(T, "hub_status", lambda: (False, "test: Hub unreachable"))
+    monkeypatch.setattr(T.hub, "hub_status", lambda: (False, "test: Hub unreachable"))
     for source, hint in (("wikitext", "--wikitext-source wiki-lite"), ("pg19", "--pg19-source wiki-lite-long")):
         t0 = time.perf_counter()
         try:

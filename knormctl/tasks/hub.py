@@ -47,7 +47,7 @@ LOAD: Callable[[str, str], object] = _load_dataset
 
 def records(name: str, config: str) -> list[dict]:
     """All records of one config of a Hub dataset; no Hub and no cache: one clear AssetError."""
-    from knormctl.engine.text import _hub_iter  # the Hub probe and one-line failure shared with the text sources
+    from knormctl.engine.text.hub import hub_iter as _hub_iter  # the Hub probe and one-line failure, shared
 
     return list(_hub_iter(f"{name} ({config})", OFFLINE_HINT, lambda: LOAD(name, config)))
 
