@@ -131,6 +131,7 @@ def test_export_import_round_trip_keeps_every_column(source_url, target_url, tmp
         assert rep.exit_code == 0, rep.output
         data = json.loads(rep.stdout)
         assert data["header"].pop("run_ids") == [run_id]
+        assert [m.pop("run_ids") for m in data["header"]["machines"]] == [[run_id]]
         reports.append(json.dumps(data).replace(f"run {run_id})", "run N)"))  # flags name the run
     assert json.loads(reports[1]) == json.loads(reports[0])
 

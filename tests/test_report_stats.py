@@ -251,15 +251,24 @@ def test_a_group_sharded_by_sample_pairs_within_prompts_and_shows_every_machine(
     assert "node-a" in table and "node-b" in table
 
 
-def test_a_group_mixing_dtypes_and_versions_is_flagged(store, db):
+def test_shards_mixing_software_versions_are_flagged(store, db):
     fill_run(store, group="mix", samples=[0, 1], hostname="h")
-    fill_run(store, group="mix", samples=[2], hostname="h", dtype="bfloat16", env=dict(ENV, transformers="5.2.0"))
+    fill_run(store, group="mix", samples=[2], hostname="h", env=dict(ENV, transformers="5.2.0", torch_threads=8))
     data = report_json(db, "--group", "mix")
-    assert set(data["header"]["differs"]) == {"dtype", "transformers_version"}
-    assert data["header"]["dtype"] is None  # no single dtype to show
+    assert set(data["header"]["differs"]) == {"threads", "transformers_version"}
     [flag] = [f for f in data["flags"] if f["kind"] == "mixed_machines"]
-    assert "dtype" in flag["message"] and "transformers version" in flag["message"]
+    assert "threads" in flag["message"] and "transformers version" in flag["message"]
     assert "different set-ups" in flag["message"]
+
+
+def test_a_group_mixing_dtypes_is_read_as_a_study_not_merged(store, db):
+    # dtype is a run setting: fp32 and bf16 samples are never merged into one summary row
+    a = fill_run(store, group="mix", samples=[0, 1], hostname="h")
+    b = fill_run(store, group="mix", samples=[0, 1], hostname="h", dtype="bfloat16")
+    data = report_json(db, "--group", "mix")
+    assert "header" not in data and data["study"] == "mix"
+    assert "dtype" in data["axes"]
+    assert set(data["runs"]) == {str(a), str(b)}
 
 
 def test_report_and_summary_fill_a_missing_token_match_the_same_way(store, db):
