@@ -279,7 +279,9 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
             if bad is not None:
                 raise _error(path, lines, bad, f"{exc}{where}") from None
             raise UsageError(f"{path}: {exc}{where}") from None
-        run = PlannedRun(index=len(runs), varying={k: settings.get(k) for k in axes}, config=cfg)
+        # a row that leaves an axis out runs it at the option's default: show that value, not None
+        varying = {k: settings[k] if k in settings else getattr(cfg, k, None) for k in axes}
+        run = PlannedRun(index=len(runs), varying=varying, config=cfg)
         if run.key in seen:
             raise UsageError(f"{path}: runs {seen[run.key] + 1} and {i + 1} are identical "
                              f"({_describe(run.varying) or 'no setting varies'}); remove the duplicate row")

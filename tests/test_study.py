@@ -60,6 +60,11 @@ dtype = ["float32", "bfloat16"]
                                ("prefill", 512, "float32", (0,)), ("prefill", 512, "float32", ()),
                                ("prefill", 512, "bfloat16", (0,)), ("prefill", 512, "bfloat16", ())])
 
+    # a row that leaves an axis out runs at the option's default, and says so (not None)
+    decode = [r for r in study.runs if r.config.compress_mode == "decode"]
+    assert {r.varying["dtype"] for r in decode} == {"float32"}
+    assert all(None not in r.varying.values() for r in study.runs)
+
 
 def test_command_line_overrides_replace_the_whole_key():
     study = parse_study(GOOD, overrides={"prune_after": 64, "keep_ratios": [0.3]})
