@@ -40,8 +40,10 @@ def report(
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs --list shows.")] = 20,
     db: DbOpt = None,
 ) -> None:
-    """Show a stored run: per-configuration medians, paired changes against the full cache with
-    95% intervals, question-task accuracy, honesty flags."""
+    """Show a stored run or group: medians, paired changes with 95% intervals, accuracy, flags.
+
+    A study (a group whose runs differ in model or settings) is shown side by side: leaderboards, the Pareto frontier of quality vs KV held, the best configuration per budget.
+    """
     with error_boundary():
         from knormctl.errors import UsageError
         from knormctl.render import export, summary as sm
