@@ -31,7 +31,8 @@ def main() -> None:
         args.long_tokens, args.short_tokens, args.new_tokens, args.repeats = 256, 64, 12, 1
     c.setup(args)
 
-    from knormctl.config import PressConfig, parse_int_list
+    from knormctl.config import PressConfig
+    from knormctl.options import parse_int_list
     from knormctl.engine.loop import run_generation
 
     skip = tuple(parse_int_list(args.skip_layers, "--skip-layers", allow_empty=True))

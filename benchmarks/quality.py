@@ -61,7 +61,8 @@ def parse_args():
 
 
 def press_config(press: str, kr: float, args, skip, seed: int = 0, mode: str | None = None):
-    from knormctl.config import PressConfig, parse_press_spec
+    from knormctl.config import PressConfig
+    from knormctl.press_spec import parse_press_spec
 
     mode = mode or args.mode
     name, params = parse_press_spec(press)
@@ -72,7 +73,7 @@ def press_config(press: str, kr: float, args, skip, seed: int = 0, mode: str | N
 
 
 def supported(presses: list[str], mode: str) -> list[str]:
-    from knormctl.config import parse_press_spec
+    from knormctl.press_spec import parse_press_spec
     from knormctl.engine.presses import make_press
 
     kept = []
@@ -170,7 +171,8 @@ def passkey(args, lm, configs: dict, depths, skip, started: float) -> None:
 def main() -> None:
     args = parse_args()
     c.setup(args)
-    from knormctl.config import parse_float_list, parse_int_list, parse_press_list, resolve_press_list
+    from knormctl.options import parse_float_list, parse_int_list
+    from knormctl.press_spec import parse_press_list, resolve_press_list
 
     presses = resolve_press_list(parse_press_list(args.presses), "prefill")  # passkey runs in prefill mode
     ppl_presses = supported(presses, args.mode)

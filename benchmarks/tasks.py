@@ -63,7 +63,8 @@ def cell(scores: list[float]) -> str:
 
 
 def run(args, presses: list[str]) -> tuple[list, object]:
-    from knormctl.config import RunConfig, parse_float_list, parse_int_list
+    from knormctl.config import RunConfig
+    from knormctl.options import parse_float_list, parse_int_list
     from knormctl.runner import Runner
     from knormctl.store import open_store
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from knormctl import __version__
-from knormctl.config import PressConfig, RunConfig, launcher_device, parse_shard
+from knormctl.config import PressConfig, RunConfig
+from knormctl.launch import launcher_device, parse_shard
 from knormctl.errors import UsageError
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m

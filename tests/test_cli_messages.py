@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from knormctl.cli import app
-from knormctl.config import keep_ratio_error
+from knormctl.options import keep_ratio_error
 
 runner = CliRunner()
 
@@ -48,11 +48,11 @@ def test_a_misspelt_option_gets_did_you_mean():
 
 def test_press_suggestions_follow_the_list_validation_uses(monkeypatch):
     """Not a hard-coded list: a press added to the registry is suggested too."""
-    import knormctl.config as config
+    import knormctl.press_spec as press_spec
 
     line = _one_line(["sweep", "--presses", "knorm,snapvk", "--db", "x.db"])
     assert line.startswith("Error: --presses: unknown press 'snapvk' (did you mean 'snapkv'?); choose from: ")
-    monkeypatch.setattr(config, "PRESS_NAMES", (*config.PRESS_NAMES, "zebrapress"))
+    monkeypatch.setattr(press_spec, "PRESS_NAMES", (*press_spec.PRESS_NAMES, "zebrapress"))
     line = _one_line(["sweep", "--presses", "knorm,zebrapres", "--db", "x.db"])
     assert line.startswith("Error: --presses: unknown press 'zebrapres' (did you mean 'zebrapress'?); choose from: ")
     assert line.endswith("zebrapress, all, kvpress:ClassName")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from knormctl.config import (PRESS_NAMES, PressConfig, RunConfig, format_press_spec, parse_press_list,
-                             parse_press_spec)
+from knormctl.config import PressConfig, RunConfig
+from knormctl.press_spec import PRESS_NAMES, format_press_spec, parse_press_list, parse_press_spec
 from knormctl.engine.compress import Compressor, keep_indices, kv_size, n_keep_for
 from knormctl.engine.presses import PRESSES, make_press, resolve_press
 from knormctl.errors import UsageError
@@ -91,7 +91,7 @@ def test_ties_at_the_boundary_keep_the_most_recent_entries():
 def test_registry_and_unknown_press():
     assert set(PRESSES) >= {"none", "knorm", "knorm-inverse", "random", "streaming", "snapkv", "tova",
                             "expected-attention", "keydiff", "pyramidkv", "adakv"}
-    assert tuple(PRESSES) == PRESS_NAMES, "config.PRESS_NAMES (torch-free, for the CLI and report) follows the registry"
+    assert tuple(PRESSES) == PRESS_NAMES, "press_spec.PRESS_NAMES (torch-free, for the CLI and report) follows the registry"
     assert make_press("none") is None
     with pytest.raises(UsageError, match="unknown press"):
         make_press("h2o")
@@ -548,7 +548,7 @@ def test_config_and_cli_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, knormctl.cli, knormctl.config as c\n"
+    code = ("import sys, knormctl.cli, knormctl.config, knormctl.press_spec as c\n"
             "assert c.parse_press_list('knorm,snapkv(window_size=8)') == ['knorm', 'snapkv(window_size=8)']\n"
             "heavy = [m for m in ('torch', 'transformers', 'knormctl.engine') if m in sys.modules]\n"
             "assert not heavy, heavy\n")

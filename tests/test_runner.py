@@ -15,7 +15,8 @@ from db_fixtures import db_url  # noqa: F401  (a fixture)
 from typer.testing import CliRunner
 
 from knormctl.cli import app
-from knormctl.config import PressConfig, RunConfig, launcher_device, resolve_shard
+from knormctl.config import PressConfig, RunConfig
+from knormctl.launch import launcher_device, resolve_shard
 from knormctl.errors import UsageError
 from knormctl.runner import plan_cells
 from knormctl.store import RUNNING, open_store, utcnow

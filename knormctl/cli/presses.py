@@ -23,7 +23,7 @@ def presses(
     Use them as --presses knorm,snapkv(window_size=32),adakv(base=tova); --presses all runs
     every press that supports the compression mode.
     """
-    from knormctl.config import format_press_spec, format_spec_value
+    from knormctl.press_spec import format_press_spec, format_spec_value
     from knormctl.engine.presses.base import catalog
 
     with error_boundary():

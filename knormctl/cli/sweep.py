@@ -63,7 +63,8 @@ def sweep(
 ) -> None:
     """Measure the same samples under compression: every press x keep_ratio, plus the full cache."""
     from knormctl.cli._execute import run_benchmark
-    from knormctl.config import parse_float_list, parse_int_list, parse_name_list, parse_press_list
+    from knormctl.options import parse_float_list, parse_int_list, parse_name_list
+    from knormctl.press_spec import parse_press_list
 
     with o.error_boundary():
         if resume_group is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from knormctl.config import did_you_mean
+from knormctl.options import did_you_mean
 from knormctl.engine.assets import hub_status, knormctl_home, pip_download, remove_quietly, short_reason
 from knormctl.errors import AssetError, UsageError
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from knormctl.config import PRESS_NAMES
+from knormctl.press_spec import PRESS_NAMES
 from knormctl.render.metrics import METRICS
 from knormctl.render.paired import (
     Interval, PerPrompt, Stat, add_change, metric_seed, ok, per_prompt, prompt_key, repeat_spread, value_stat, verdict)

@@ -185,14 +185,14 @@ def resolve_press(name: str, params=(), mode: str | None = None) -> tuple[tuple[
 
 def canonical_spec(spec: str) -> str:
     """A nested press spec, validated and written one way (``adakv(base=snapkv)``)."""
-    from knormctl.config import parse_press_spec
+    from knormctl.press_spec import parse_press_spec
 
     name, params = parse_press_spec(spec)
     return format_spec(name, resolve_press(name, params))
 
 
 def format_spec(name: str, params) -> str:
-    from knormctl.config import format_press_spec
+    from knormctl.press_spec import format_press_spec
 
     return format_press_spec(name, params)
 
@@ -224,7 +224,7 @@ def make_press(name: str, *, seed: int = 0, n_sink: int = 4, keep_ratio: float =
     for k in cls.press_params:
         spec = kwargs.get(k, declared[k].default)
         if isinstance(spec, str):
-            from knormctl.config import parse_press_spec
+            from knormctl.press_spec import parse_press_spec
 
             inner, inner_params = parse_press_spec(spec)
             kwargs[k] = make_press(inner, seed=seed, n_sink=n_sink, keep_ratio=keep_ratio, params=dict(inner_params))

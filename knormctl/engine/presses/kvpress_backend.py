@@ -70,7 +70,7 @@ def _press_class(kvpress, name: str):
 def _build(kvpress, name: str, params: dict, *, resolve: bool):
     """Build kvpress.<name>(**params) (nested presses given as specs); with ``resolve`` return the
     canonical parameters instead (declaration order, defaults dropped)."""
-    from knormctl.config import format_press_spec, parse_press_spec
+    from knormctl.press_spec import format_press_spec, parse_press_spec
 
     cls = _press_class(kvpress, name)
     declared = {p.name: p for p in inspect.signature(cls).parameters.values()
