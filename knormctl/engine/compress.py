@@ -22,6 +22,7 @@ import time
 import torch
 
 from knormctl.config import PressConfig
+from knormctl.engine.kvbuffer import keep_entries
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
 
@@ -221,18 +222,16 @@ class Compressor:
 
     def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int, room: int | None) -> None:
         """One selection per chunk of layers (all layers at once where the budget allows: the
-        fewest launches), then each layer gathered on its own: every layer owns a compact
-        tensor (no views of a shared stack), and the old one is freed as soon as it is
-        replaced, so the gather holds at most one extra layer's kept entries."""
+        fewest launches), then each layer cut on its own (``kvbuffer.keep_entries``): a
+        ``BufferLayer`` compacts in place; a reference ``DynamicLayer`` gets a compact tensor it
+        owns (no views of a shared stack), the old one freed as soon as it is replaced. Either
+        way the cut holds at most one extra layer's kept entries."""
         per_layer = scores[0].numel() * SELECT_BYTES_PER_ENTRY
         chunk = len(ids) if room is None else max(1, (room // 2) // per_layer)
         for start in range(0, len(ids), chunk):
-            part = scores[start:start + chunk]
-            rows = row_indices(keep_indices(part, n_keep, self.cfg.keep_recent), part.shape[-1])
+            idx = keep_indices(scores[start:start + chunk], n_keep, self.cfg.keep_recent)
             for j, i in enumerate(ids[start:start + chunk]):
-                layer = layers[i]
-                layer.keys = take_rows(layer.keys, rows[j])
-                layer.values = take_rows(layer.values, rows[j])
+                keep_entries(layers[i], idx[j])  # in place in a BufferLayer, a compact gather otherwise
 
 
 def check_scores(scores: list[torch.Tensor], press: str) -> None:

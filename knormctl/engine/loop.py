@@ -87,7 +87,7 @@ class TokenPicker:
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int = 0, tokenizer=None,
-                   question_ids=None) -> GenerationResult:
+                   question_ids=None, kv_buffer: bool = True) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
 
@@ -105,6 +105,11 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     ``compress.press_seed``) the random press. The cut after the last forward is skipped:
     no token reads it. Models whose cache the cut cannot handle exactly are refused
     (``kvcache.cut_refusal``) when ``cfg`` can evict.
+
+    ``kv_buffer``: the cache appends and compacts in place in a buffer sized to the tokens
+    this generation feeds (engine/kvbuffer.py); False: transformers' ``DynamicCache``, which
+    copies the whole cache every step -- kept as the reference the tests compare tokens and
+    kept sets with.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
@@ -118,7 +123,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     sync = synchronizer(device)
     pick = TokenPicker(sampling, temperature, seed, device)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
-    cache = new_cache(model)
+    cache = new_cache(model, capacity=prompt_len + q_len + max_new_tokens - 1, buffered=kv_buffer)
     fwd = CachedForward(model, cache)
     probe = MemoryProbe(device)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model, seed=seed)  # last: it may hook the model

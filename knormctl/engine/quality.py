@@ -34,7 +34,7 @@ def context_perplexity(model, input_ids, chunk: int = 512) -> float:
     s = ids.shape[1]
     if s < 2:
         raise ValueError("context perplexity needs at least 2 tokens")
-    fwd = CachedForward(model, new_cache(model), last_logits_only=False)
+    fwd = CachedForward(model, new_cache(model, capacity=s), last_logits_only=False)
     positions = torch.arange(s, device=device).unsqueeze(0)
     total = 0.0
     for start in range(0, s - 1, chunk):
@@ -59,7 +59,7 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: in
     positions = torch.arange(s + len(eval_ids), device=device).unsqueeze(0)
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
-    fwd = CachedForward(model, new_cache(model))
+    fwd = CachedForward(model, new_cache(model, capacity=s + len(eval_ids) - 1))
     comp = Compressor(cfg, num_layers(model), model=model, seed=seed)
     try:
         out = fwd(ids, positions[:, :s])
@@ -89,7 +89,7 @@ def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0, seed: i
     decode_cfg = dataclasses.replace(cfg, mode="decode")
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
-    fwd = CachedForward(model, new_cache(model))
+    fwd = CachedForward(model, new_cache(model, capacity=len(ids) - 1))
     positions = torch.arange(len(ids), device=device).unsqueeze(0)
     comp = Compressor(decode_cfg, num_layers(model), model=model, seed=seed)
     total = 0.0
