@@ -132,8 +132,14 @@ class Compressor:
         self.press.reset()
     # --- end issue 12
 
-    def after_forward(self, cache, prefill: bool) -> bool:
-        """Cut the cache if the rule says so. Returns True when something was evicted."""
+    def after_forward(self, cache, prefill: bool, *, of_length: int | None = None, last_chunk: bool = True) -> bool:
+        """Cut the cache if the rule says so. Returns True when something was evicted.
+
+        Chunked prefill (``loop.prefill``): ``of_length`` is the whole prompt's length, so in
+        prefill mode every cut keeps what a one-forward prefill of the whole prompt would keep
+        (``ceil(keep_ratio x of_length)`` per layer, the press's per-layer budgets taken at that
+        length); ``last_chunk=False`` keeps the observers for the chunks still to come.
+        """
         if not self.evicts or (self.cfg.mode == "prefill" and not prefill):
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         if self.press.cuts_in_forward:  # the kvpress backend cut inside the forward, timed there
@@ -150,11 +156,12 @@ class Compressor:
             length = layers[i].keys.shape[-2]
             if length <= budget:
                 continue
-            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(length, kr), length, i, self.num_layers, kr)))
+            whole = length if of_length is None else of_length
+            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(whole, kr), whole, i, self.num_layers, kr)))
             if n_keep < length:
                 groups.setdefault((length, n_keep), []).append(i)
         if not groups:
-            if self.cfg.mode == "prefill":
+            if self.cfg.mode == "prefill" and last_chunk:
                 self._done_observing()
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
@@ -167,7 +174,7 @@ class Compressor:
                 self._cut_per_head(layers, ids, scores, n_keep)
             else:
                 self._cut(layers, ids, scores, n_keep, room)
-        if self.cfg.mode == "prefill":
+        if self.cfg.mode == "prefill" and last_chunk:
             self._done_observing()
         self._sync()
         self.seconds += time.perf_counter() - t0
