@@ -128,6 +128,7 @@ class RunConfig:
     compress_mode: str = "decode"
     keep_recent: int = 0
     n_sink: int = 4
+    prefill_chunk: int = 0  # > 0: the prompt is prefilled this many tokens at a time, cut after each chunk
     warmup: bool = True
     repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
     # passkey task
@@ -187,7 +188,7 @@ class RunConfig:
                 raise error
         if self.compress_mode not in COMPRESS_MODES:
             raise unknown_choice("--compress-mode", "mode", self.compress_mode, COMPRESS_MODES)
-        for name in ("prune_after", "keep_recent", "n_sink"):
+        for name in ("prune_after", "keep_recent", "n_sink", "prefill_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if any(i < 0 for i in self.skip_layers):
@@ -211,7 +212,18 @@ class RunConfig:
                 except ConfigError as exc:
                     raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
+        if self.prefill_chunk and self.command != "baseline":
+            self._check_chunked_presses()
         return self
+
+    def _check_chunked_presses(self) -> None:
+        from knormctl.engine.presses import make_press
+        from knormctl.engine.presses.base import chunked_prefill_refusal
+
+        for spec in self.presses:
+            name, params = parse_press_spec(spec)
+            if (why := chunked_prefill_refusal(make_press(name, params=dict(params)))) is not None:
+                raise ConfigError(f"--prefill-chunk cannot be used with press {spec!r}: {why}")
 
     @property
     def haystack_source(self) -> str:

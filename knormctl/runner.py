@@ -300,7 +300,8 @@ class Runner:
         longest = max(self.samples, key=lambda s: len(s.prompt_ids))
         ids, question = self._split(longest)
         self.warm_prompt_tokens = len(ids) + len(question or ())
-        return [run_generation(self.loaded.model, ids, pc, n, question_ids=question)
+        return [run_generation(self.loaded.model, ids, pc, n, question_ids=question,
+                               prefill_chunk=self.cfg.prefill_chunk)
                 for pc, n in warm_up_plan(planned, self.new_tokens)]
 
     def _new_tokens(self, sample) -> int:
@@ -366,7 +367,7 @@ class Runner:
                 ids, question = self._split(sample)
                 res = run_generation(lm.model, ids, pc, self._new_tokens(sample), sampling=cfg.sampling,
                                      temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer,
-                                     question_ids=question)
+                                     question_ids=question, prefill_chunk=cfg.prefill_chunk)
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only
                     res.ppl_compressed, res.eval_tokens = self._quality(sample, pc, cfg.seed + i)
                 row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r, **self._task_fields(sample, res))
@@ -403,7 +404,8 @@ class Runner:
             chunk = sample.prompt_ids + sample.eval_ids
             skip = self.cfg.prune_after if self.cfg.ppl_skip is None else self.cfg.ppl_skip
             return stream_perplexity(model, chunk, pc, skip, seed=seed), max(0, len(chunk) - 1 - skip)
-        return compressed_perplexity(model, sample.prompt_ids, sample.eval_ids, pc, seed=seed), len(sample.eval_ids)
+        return (compressed_perplexity(model, sample.prompt_ids, sample.eval_ids, pc, seed=seed,
+                                      prefill_chunk=self.cfg.prefill_chunk), len(sample.eval_ids))
 
     def _update_token_match(self, i: int, repeat: int, outs: dict[str, list[int]], new_key: str) -> None:
         """Compare with the full-cache output of the same sample and repeat, whichever finished first."""

@@ -69,8 +69,8 @@ def capture(monkeypatch, lm):
 
     real = loop.new_cache
 
-    def recording(model):
-        cache = real(model)
+    def recording(model, **kw):
+        cache = real(model, **kw)
         caches.append(cache)
         return cache
 

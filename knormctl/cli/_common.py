@@ -92,6 +92,11 @@ NSinkOpt = Annotated[int, _opt("--n-sink", panel=COMPRESS, metavar="N",
                                help="Sink entries always kept by the presses that keep sinks (streaming, "
                                     "expected-attention).")]
 
+PrefillChunkOpt = Annotated[int, _opt("--prefill-chunk", panel=COMPRESS, metavar="N",
+                                      help="Prefill the prompt N tokens at a time, the press cutting after each "
+                                           "chunk, so the cache never holds more than its budget plus one chunk "
+                                           "(0: one forward).")]
+
 # --- what to measure -------------------------------------------------------------------
 MaxNewOpt = Annotated[int, _opt("--max-new-tokens", panel=MEASURE, metavar="N",
                                 help="Tokens generated per sample (EOS does not stop).")]

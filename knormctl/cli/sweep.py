@@ -17,6 +17,7 @@ def sweep(
     compress_mode: o.CompressModeOpt = None,
     keep_recent: o.KeepRecentOpt = 0,
     n_sink: o.NSinkOpt = 4,
+    prefill_chunk: o.PrefillChunkOpt = 0,
     task: t.TaskOpt = "lm",
     protocol: t.ProtocolOpt = "context",
     chat_template: t.ChatTemplateOpt = "auto",

@@ -22,6 +22,7 @@ import time
 import torch
 
 from knormctl.config import PressConfig
+from knormctl.engine.kvbuffer import keep_entries
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
 
@@ -131,8 +132,14 @@ class Compressor:
         self.press.reset()
     # --- end issue 12
 
-    def after_forward(self, cache, prefill: bool) -> bool:
-        """Cut the cache if the rule says so. Returns True when something was evicted."""
+    def after_forward(self, cache, prefill: bool, *, of_length: int | None = None, last_chunk: bool = True) -> bool:
+        """Cut the cache if the rule says so. Returns True when something was evicted.
+
+        Chunked prefill (``loop.prefill``): ``of_length`` is the whole prompt's length, so in
+        prefill mode every cut keeps what a one-forward prefill of the whole prompt would keep
+        (``ceil(keep_ratio x of_length)`` per layer, the press's per-layer budgets taken at that
+        length); ``last_chunk=False`` keeps the observers for the chunks still to come.
+        """
         if not self.evicts or (self.cfg.mode == "prefill" and not prefill):
             return False  # keep_ratio 1.0 keeps ceil(1.0 x length) = everything: nothing to do, every step
         if self.press.cuts_in_forward:  # the kvpress backend cut inside the forward, timed there
@@ -149,11 +156,12 @@ class Compressor:
             length = layers[i].keys.shape[-2]
             if length <= budget:
                 continue
-            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(length, kr), length, i, self.num_layers, kr)))
+            whole = length if of_length is None else of_length
+            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(whole, kr), whole, i, self.num_layers, kr)))
             if n_keep < length:
                 groups.setdefault((length, n_keep), []).append(i)
         if not groups:
-            if self.cfg.mode == "prefill":
+            if self.cfg.mode == "prefill" and last_chunk:
                 self._done_observing()
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
@@ -166,7 +174,7 @@ class Compressor:
                 self._cut_per_head(layers, ids, scores, n_keep)
             else:
                 self._cut(layers, ids, scores, n_keep, room)
-        if self.cfg.mode == "prefill":
+        if self.cfg.mode == "prefill" and last_chunk:
             self._done_observing()
         self._sync()
         self.seconds += time.perf_counter() - t0
@@ -221,18 +229,16 @@ class Compressor:
 
     def _cut(self, layers, ids: list[int], scores: torch.Tensor, n_keep: int, room: int | None) -> None:
         """One selection per chunk of layers (all layers at once where the budget allows: the
-        fewest launches), then each layer gathered on its own: every layer owns a compact
-        tensor (no views of a shared stack), and the old one is freed as soon as it is
-        replaced, so the gather holds at most one extra layer's kept entries."""
+        fewest launches), then each layer cut on its own (``kvbuffer.keep_entries``): a
+        ``BufferLayer`` compacts in place; a reference ``DynamicLayer`` gets a compact tensor it
+        owns (no views of a shared stack), the old one freed as soon as it is replaced. Either
+        way the cut holds at most one extra layer's kept entries."""
         per_layer = scores[0].numel() * SELECT_BYTES_PER_ENTRY
         chunk = len(ids) if room is None else max(1, (room // 2) // per_layer)
         for start in range(0, len(ids), chunk):
-            part = scores[start:start + chunk]
-            rows = row_indices(keep_indices(part, n_keep, self.cfg.keep_recent), part.shape[-1])
+            idx = keep_indices(scores[start:start + chunk], n_keep, self.cfg.keep_recent)
             for j, i in enumerate(ids[start:start + chunk]):
-                layer = layers[i]
-                layer.keys = take_rows(layer.keys, rows[j])
-                layer.values = take_rows(layer.values, rows[j])
+                keep_entries(layers[i], idx[j])  # in place in a BufferLayer, a compact gather otherwise
 
 
 def check_scores(scores: list[torch.Tensor], press: str) -> None:

@@ -21,16 +21,15 @@ from knormctl.engine.observe import attention_modules
 def cut_per_head(layer, scores: torch.Tensor, live: torch.Tensor) -> None:
     """Cut ``layer`` to the largest per-head count of ``live`` (bool (b, h, s), the entries each
     head keeps); the surplus slots hold the next-best entries, dead. Kept slots stay in order."""
-    from knormctl.engine.compress import keep_indices, row_indices, take_rows
+    from knormctl.engine.compress import keep_indices
+    from knormctl.engine.kvbuffer import keep_entries
 
     n_max = int(live.sum(-1).max())
     if n_max == scores.shape[-1]:  # a head keeps everything: nothing leaves the layer, only masks
         layer.live_mask = live.clone()
         return
     idx = keep_indices(scores.float().masked_fill(live, float("inf")), n_max)  # live first, then the best dead
-    rows = row_indices(idx, scores.shape[-1])
-    layer.keys = take_rows(layer.keys, rows)
-    layer.values = take_rows(layer.values, rows)
+    keep_entries(layer, idx)
     layer.live_mask = live.gather(-1, idx)
 
 

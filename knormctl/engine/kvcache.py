@@ -51,9 +51,21 @@ def cache_kwargs(model, cache) -> dict:
     return {cache_kwarg(model): cache, "use_cache": True}
 
 
-def new_cache(model) -> DynamicCache:
-    """An empty cache laid out for this model (sliding-window layers where its config says so)."""
-    return DynamicCache(config=model.config)
+def new_cache(model, capacity: int = 0, buffered: bool = True) -> DynamicCache:
+    """An empty cache laid out for this model (sliding-window layers where its config says so).
+
+    ``buffered`` (the engine's path): every plain full-attention layer is a ``BufferLayer``
+    (engine/kvbuffer.py: in-place append into a buffer of ``capacity`` entries, the tokens the
+    caller will feed; in-place compaction after a cut). ``buffered=False``: transformers' own
+    ``DynamicCache``, appending with ``torch.cat`` -- the reference path the tests compare to.
+    Other layer kinds (sliding windows) stay transformers' own either way.
+    """
+    cache = DynamicCache(config=model.config)
+    if buffered:
+        from knormctl.engine.kvbuffer import BufferLayer
+
+        cache.layers = [BufferLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 # ----------------------------------------------------------------------------- families
@@ -88,7 +100,7 @@ def cut_refusal(model) -> str | None:
     if shared or any(m == "reuse" for m in (getattr(cfg, "kv_sharing_modes", None) or ())):
         return (f"{family}: layers share one KV cache, so a cut of one layer would silently cut the others; "
                 "KV-sharing models are not supported")
-    layers = new_cache(model).layers
+    layers = new_cache(model, buffered=False).layers
     if len(layers) != n_layers:
         return (f"{family}: its cache has {len(layers)} layers for {n_layers} decoder layers "
                 "(shared or missing KV layers); the cut needs one plain KV layer per decoder layer")

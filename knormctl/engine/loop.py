@@ -18,6 +18,7 @@ import torch
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, kv_size
+from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult
 from knormctl.engine.timing import MemoryProbe, synchronizer
@@ -87,7 +88,7 @@ class TokenPicker:
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int = 0, tokenizer=None,
-                   question_ids=None) -> GenerationResult:
+                   question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
 
@@ -105,6 +106,15 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     ``compress.press_seed``) the random press. The cut after the last forward is skipped:
     no token reads it. Models whose cache the cut cannot handle exactly are refused
     (``kvcache.cut_refusal``) when ``cfg`` can evict.
+
+    ``kv_buffer``: the cache appends and compacts in place in a buffer sized to the tokens
+    this generation feeds (engine/kvbuffer.py); False: transformers' ``DynamicCache``, which
+    copies the whole cache every step -- kept as the reference the tests compare tokens and
+    kept sets with.
+
+    ``prefill_chunk`` (> 0): ``input_ids`` is prefilled ``prefill_chunk`` tokens at a time and
+    the press cuts after every chunk once a layer holds more than its budget (see ``prefill``),
+    so the cache never holds more than the budget plus one chunk. TTFT then includes those cuts.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
@@ -115,13 +125,20 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     q_len = 0 if q_ids is None else q_ids.shape[1]
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
+    if prefill_chunk < 0:
+        raise UsageError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
     sync = synchronizer(device)
     pick = TokenPicker(sampling, temperature, seed, device)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
-    cache = new_cache(model)
+    cache = new_cache(model, capacity=prompt_len + q_len + max_new_tokens - 1, buffered=kv_buffer)
     fwd = CachedForward(model, cache)
     probe = MemoryProbe(device)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model, seed=seed)  # last: it may hook the model
+    if prefill_chunk and comp.evicts and (why := chunked_prefill_refusal(comp.press)) is not None:
+        comp.close()
+        raise UsageError(f"--prefill-chunk: {why}")
+    # In prefill mode with a chunked prefill, every cut keeps what a cut of the whole prompt would.
+    whole = prompt_len if prefill_chunk and cfg.mode == "prefill" else None
     kv_entries_peak = kv_bytes_peak = 0
     steps: list[float] = []
 
@@ -130,15 +147,18 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         entries, nbytes = kv_size(cache)
         kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
 
-    def cut(prefill: bool) -> None:
-        if comp.after_forward(cache, prefill=prefill):
+    def cut(prefill: bool, last_chunk: bool = True) -> None:
+        if comp.after_forward(cache, prefill=prefill, of_length=whole if prefill else None, last_chunk=last_chunk):
             fwd.cut_done()
 
     try:
         probe.start()
         sync()
         t0 = time.perf_counter()
-        out = fwd(ids, positions[:, :prompt_len], may_shrink=comp.cuts_in_forward)
+        if prefill_chunk and prompt_len > prefill_chunk:
+            out = prefill(fwd, ids, positions[:, :prompt_len], prefill_chunk, account, cut)
+        else:
+            out = fwd(ids, positions[:, :prompt_len], may_shrink=comp.cuts_in_forward)
         if q_ids is not None:
             account()
             cut(prefill=True)  # the question is read through the compressed cache
@@ -171,6 +191,26 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
 
     return _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
                    kv_entries_peak, kv_entries_final, comp)
+
+
+def prefill(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, chunk: int, account, cut):
+    """Prefill ``ids`` ``chunk`` tokens at a time, the press cutting after every chunk but the last
+    (the loop's own post-prefill cut follows it), so a layer never holds more than its budget
+    plus one chunk: the peak KV memory is bounded by the budget, not by the prompt (issue 16
+    item 2; kvpress issue #178). ``account`` records the cache before each cut (the peak).
+
+    A query-aware press scores each chunk's entries with that chunk's own queries, and later
+    chunks attend to a cache already cut: chunked prefill keeps what the press picks with the
+    information it has at each chunk, not necessarily the set a one-forward prefill keeps.
+    """
+    n = ids.shape[1]
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        out = feed(fwd, ids[:, start:end], positions[:, start:end], stepwise=not uniform_lengths(fwd.cache))
+        if end < n:
+            account()
+            cut(prefill=True, last_chunk=False)
+    return out
 
 
 def uniform_lengths(cache) -> bool:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor
 from knormctl.engine.kvcache import check_cut_supported, new_cache, num_layers
-from knormctl.engine.loop import CachedForward, as_input_ids, model_device
+from knormctl.engine.loop import CachedForward, as_input_ids, model_device, prefill
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def context_perplexity(model, input_ids, chunk: int = 512) -> float:
     s = ids.shape[1]
     if s < 2:
         raise ValueError("context perplexity needs at least 2 tokens")
-    fwd = CachedForward(model, new_cache(model), last_logits_only=False)
+    fwd = CachedForward(model, new_cache(model, capacity=s), last_logits_only=False)
     positions = torch.arange(s, device=device).unsqueeze(0)
     total = 0.0
     for start in range(0, s - 1, chunk):
@@ -45,10 +45,12 @@ def context_perplexity(model, input_ids, chunk: int = 512) -> float:
 
 
 @torch.inference_mode()
-def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: int | None = None) -> float | None:
+def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: int | None = None,
+                          prefill_chunk: int = 0) -> float | None:
     """Teacher-forced perplexity of ``eval_ids`` (the text after the prompt) while
     ``cfg``'s press acts on the cache. None when there is nothing to score.
-    ``seed``: the sample's seed (the random press's draws, as in ``run_generation``)."""
+    ``seed``: the sample's seed (the random press's draws, as in ``run_generation``);
+    ``prefill_chunk``: the prompt prefilled in chunks, cut after each (``loop.prefill``)."""
     eval_ids = list(eval_ids)
     if not eval_ids:
         return None
@@ -59,14 +61,23 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: in
     positions = torch.arange(s + len(eval_ids), device=device).unsqueeze(0)
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
-    fwd = CachedForward(model, new_cache(model))
+    fwd = CachedForward(model, new_cache(model, capacity=s + len(eval_ids) - 1))
     comp = Compressor(cfg, num_layers(model), model=model, seed=seed)
+    whole = s if prefill_chunk and cfg.mode == "prefill" else None
+
+    def cut(prefill: bool, last_chunk: bool = True) -> None:
+        if comp.after_forward(fwd.cache, prefill=prefill, of_length=whole if prefill else None,
+                              last_chunk=last_chunk):
+            fwd.cut_done()
+
     try:
-        out = fwd(ids, positions[:, :s])
+        if prefill_chunk and s > prefill_chunk:
+            out = prefill(fwd, ids, positions[:, :s], prefill_chunk, lambda: None, cut)
+        else:
+            out = fwd(ids, positions[:, :s])
         total = _nll(out.logits[:, -1:], targets[:1])
         for j in range(len(eval_ids) - 1):
-            if comp.after_forward(fwd.cache, prefill=(j == 0)):  # never after the last forward: nothing reads it
-                fwd.cut_done()
+            cut(prefill=(j == 0))  # never after the last forward: nothing reads it
             out = fwd(targets[j:j + 1].view(1, 1), positions[:, s + j:s + j + 1])
             total = total + _nll(out.logits, targets[j + 1:j + 2])
     finally:
@@ -89,7 +100,7 @@ def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0, seed: i
     decode_cfg = dataclasses.replace(cfg, mode="decode")
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
-    fwd = CachedForward(model, new_cache(model))
+    fwd = CachedForward(model, new_cache(model, capacity=len(ids) - 1))
     positions = torch.arange(len(ids), device=device).unsqueeze(0)
     comp = Compressor(decode_cfg, num_layers(model), model=model, seed=seed)
     total = 0.0

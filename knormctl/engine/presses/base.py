@@ -262,3 +262,20 @@ def check_model_support(model, configs) -> None:
         press = make_press(cfg.press, params=dict(cfg.params))
         if press.observes:
             check_queries_supported(attention_modules(model)[0], cfg.spec)
+
+
+def chunked_prefill_refusal(press) -> str | None:
+    """Why ``press`` (a built press, or None for the full cache) cannot cut between the chunks of a
+    chunked prefill, in one clause; None when it can.
+
+    The kvpress backend cuts inside kvpress's own prefill hook (it knows no chunks). A per-head
+    press leaves dead slots in the cache after a cut (engine/headmask.py); a later cut would
+    score them again and could bring an evicted entry back.
+    """
+    if press is None:
+        return None
+    if press.cuts_in_forward:
+        return "kvpress presses cut inside kvpress's own prefill hook, which knows no chunks"
+    if type(press).head_keep is not BasePress.head_keep:
+        return f"{press.name} sets per-head budgets, whose dead slots a later chunk's cut would score again"
+    return None

@@ -1,0 +1,121 @@
+"""Chunked prefill with compression (`--prefill-chunk`, issue 16 item 2): the press cuts after
+every chunk, so the cache never holds more than its budget plus one chunk."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.config import PressConfig, RunConfig, parse_press_spec
+from knormctl.engine import loop
+from knormctl.engine.loop import run_generation
+from knormctl.engine.quality import compressed_perplexity
+from knormctl.errors import UsageError
+from tests.test_kvbuffer import MODELS, VOCAB, _ids
+
+PROMPT, CHUNK, NEW = 100, 16, 8
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _cfg(spec="knorm", mode="prefill", kr=0.5, prune_after=0, skip=()):
+    name, params = parse_press_spec(spec)
+    return PressConfig(press=name, params=params, keep_ratio=kr, prune_after=prune_after, skip_layers=skip,
+                       mode=mode).validate()
+
+
+@pytest.mark.parametrize("spec", ["knorm", "streaming", "snapkv(window_size=8)", "pyramidkv(window_size=4)"])
+def test_the_cache_never_holds_more_than_the_budget_plus_a_chunk(model, spec):
+    cfg = _cfg(spec)
+    layers = model.config.num_hidden_layers
+    whole = run_generation(model, _ids(PROMPT), cfg, NEW)
+    chunked = run_generation(model, _ids(PROMPT), cfg, NEW, prefill_chunk=CHUNK)
+    budget = math.ceil(0.5 * PROMPT)
+    per_layer_max = max(budget, whole.kv_entries_final // layers - (NEW - 1))  # pyramidkv: budgets per layer
+    assert whole.kv_entries_peak == layers * PROMPT  # one forward: the whole prompt before the cut
+    assert chunked.kv_entries_peak <= layers * (per_layer_max + CHUNK)
+    assert chunked.kv_bytes_peak < whole.kv_bytes_peak
+    # every cut keeps what the cut of the whole prompt keeps: the same counts at the end
+    assert chunked.kv_entries_final == whole.kv_entries_final
+    assert chunked.new_tokens == NEW and all(0 <= t < VOCAB for t in chunked.token_ids)
+    assert chunked.compress_events > whole.compress_events == 1
+
+
+def test_without_a_press_chunking_changes_nothing_but_the_forwards(model):
+    whole = run_generation(model, _ids(PROMPT), PressConfig().validate(), NEW)
+    chunked = run_generation(model, _ids(PROMPT), PressConfig().validate(), NEW, prefill_chunk=CHUNK)
+    assert chunked.token_ids == whole.token_ids
+    assert chunked.kv_entries_peak == whole.kv_entries_peak and chunked.compress_events == 0
+
+
+def test_streaming_keeps_the_same_positions_chunked_or_not(model, monkeypatch):
+    """Sinks + the newest entries: the same positions whatever the chunks. Layer 0's keys depend
+    on the token and its position alone, so equal keys there mean equal kept positions."""
+    made = []
+    real = loop.new_cache
+    monkeypatch.setattr(loop, "new_cache", lambda m, **kw: made.append(real(m, **kw)) or made[-1])
+    cfg = _cfg("streaming")
+    run_generation(model, _ids(PROMPT), cfg, 2)
+    run_generation(model, _ids(PROMPT), cfg, 2, prefill_chunk=CHUNK)
+    a, b = made[0].layers[0], made[1].layers[0]
+    kept = math.ceil(0.5 * PROMPT)  # the prompt's kept entries (the generated token after them may differ)
+    assert a.keys.shape == b.keys.shape and a.keys.shape[-2] == kept + 1
+    torch.testing.assert_close(a.keys[:, :, :kept], b.keys[:, :, :kept], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_mode_cuts_between_chunks_by_its_own_rule(model):
+    cfg = _cfg("knorm", mode="decode", kr=0.5, prune_after=24)
+    layers = model.config.num_hidden_layers
+    chunked = run_generation(model, _ids(PROMPT), cfg, NEW, prefill_chunk=CHUNK)
+    # a layer over 24 entries is halved after each chunk: it never holds more than 24 + 16
+    assert chunked.kv_entries_peak <= layers * (24 + CHUNK)
+    assert chunked.compress_events >= PROMPT // CHUNK
+
+
+def test_quality_uses_the_same_chunked_prefill(model):
+    cfg = _cfg("knorm")
+    ids, ev = _ids(PROMPT), _ids(12, seed=4)[0].tolist()
+    whole = compressed_perplexity(model, ids, ev, cfg)
+    chunked = compressed_perplexity(model, ids, ev, cfg, prefill_chunk=CHUNK)
+    assert math.isfinite(chunked) and chunked != whole  # later chunks attend to a cut cache
+
+
+@pytest.mark.parametrize("spec", ["adakv(base=knorm)",
+                                  pytest.param("kvpress:KnormPress", marks=pytest.mark.kvpress)])
+def test_presses_that_cannot_cut_between_chunks_are_refused(spec):
+    with pytest.raises(UsageError, match="--prefill-chunk cannot be used with press"):
+        RunConfig(presses=[spec], keep_ratios=[0.5], compress_mode="prefill", prefill_chunk=16).validate()
+
+
+def test_the_engine_refuses_them_too(model):
+    with pytest.raises(UsageError, match="--prefill-chunk: adakv sets per-head budgets"):
+        run_generation(model, _ids(PROMPT), _cfg("adakv(base=knorm)"), 2, prefill_chunk=CHUNK)
+    with pytest.raises(UsageError, match="must be >= 0"):
+        RunConfig(prefill_chunk=-1).validate()
+
+
+def test_sweep_stores_the_option_and_bounds_the_peak(tiny_llama_dir, books_dir, tmp_path):
+    db = tmp_path / "r.db"
+    args = ["--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}", "--pg19-source",
+            f"text:{books_dir}", "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
+            "--wikitext-prompt-tokens", "64", "--max-new-tokens", "4", "--eval-tokens", "4", "--threads", "1",
+            "--db", str(db), "--keep-ratios", "0.5", "--prune-after", "0", "--skip-layers", "",
+            "--compress-mode", "prefill", "--no-warmup"]
+    res = CliRunner().invoke(app, ["sweep", *args, "--prefill-chunk", "16"])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    cfg = json.loads(con.execute("SELECT config_json FROM runs").fetchone()[0])
+    assert cfg["prefill_chunk"] == 16
+    rows = dict(con.execute("SELECT config_key, kv_bytes_peak FROM samples").fetchall())
+    knorm = [k for k in rows if k.startswith("knorm|")]
+    assert len(rows) == 2 and len(knorm) == 1, rows
+    assert 0 < rows[knorm[0]] < rows["none"]
