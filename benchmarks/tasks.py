@@ -33,6 +33,15 @@ def options():
     p.add_argument("--answer-tokens", type=int, default=None, help="new tokens per answer (default: RULER's)")
     p.add_argument("--protocol", default="context", choices=("context", "query-aware", "paper"))
     p.add_argument("--skip-layers", default="0")
+    p.add_argument("--presses", default=None,
+                   help="comma-separated presses (default: every registered press; 'none': the full cache only, "
+                        "to see first which subtasks the model can do at all); to fit a time budget")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up (one generation per configuration on the longest prompt): "
+                        "accuracy does not depend on it, only the timings this script does not report")
+    p.add_argument("--full-answers", action="store_true",
+                   help="generate every answer to its full length; by default an answer stops at its first EOS, "
+                        "which is where its score stops reading (same scores, often half the decode time)")
     p.add_argument("--db", default=None, help="keep the runs in this SQLite file (default: a temporary one)")
     p.add_argument("--report-only", action="store_true",
                    help="print the tables of the last run in --db (e.g. an interrupted one) without running anything")
@@ -68,12 +77,15 @@ def run(args, presses: list[str]) -> tuple[list, object]:
     from knormctl.store import open_store
 
     cfg = RunConfig(
-        command="sweep", task="ruler", model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-        seed=args.seed, haystack=args.text, presses=presses, keep_ratios=parse_float_list(args.keep_ratios, "--keep-ratios"),
+        command="sweep" if presses else "baseline",  # baseline: the full cache only (ignores presses)
+        task="ruler", model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        seed=args.seed, haystack=args.text, presses=presses or ["knorm"],
+        keep_ratios=parse_float_list(args.keep_ratios, "--keep-ratios"),
         prune_after=0, skip_layers=parse_int_list(args.skip_layers, "--skip-layers", allow_empty=True),
         compress_mode="prefill", protocol=args.protocol, context_lengths=parse_int_list(args.lengths, "--lengths"),
         subtasks=args.subtasks.split(",") if args.subtasks else None, samples_per_task=args.samples,
-        answer_tokens=args.answer_tokens).validate()
+        answer_tokens=args.answer_tokens, warmup=not args.no_warmup,
+        stop_at_eos=not args.full_answers).validate()
     db = args.db or str(Path(tempfile.mkdtemp(prefix="knormctl-tasks-")) / "tasks.db")
     store = open_store(db)
     started = time.perf_counter()
@@ -124,7 +136,8 @@ def report(rows, cfg) -> None:
                 ["configuration"] + names + ["mean"], table_rows,
                 notes=[f"protocol {cfg.protocol}, prefill mode (the context cut once to keep_ratio x its length), "
                        f"skip_layers {cfg.skip_layers or 'none'}, answers "
-                       f"{cfg.answer_tokens or 'RULER defaults'} tokens, haystack {cfg.haystack_source}",
+                       f"{cfg.answer_tokens or 'RULER defaults'} tokens"
+                       f"{' (stopped at the first EOS)' if cfg.stop_at_eos else ''}, haystack {cfg.haystack_source}",
                        "near chance with the FULL cache (within "
                        f"{100 * NEAR_CHANCE_MARGIN:.0f} points; compression results mean nothing there): "
                        + (", ".join(lost) or "none")])
@@ -151,8 +164,14 @@ def main() -> None:
     c.setup(args)
     from knormctl.engine.presses import press_names
 
-    presses = [p for p in press_names() if p != "none"]  # whatever the registry holds
+    registered = [p for p in press_names() if p != "none"]  # whatever the registry holds
+    presses = registered if not args.presses else [] if args.presses == "none" else args.presses.split(",")
+    unknown = sorted(set(presses) - set(registered))
+    if unknown:
+        raise SystemExit(f"--presses: unknown {', '.join(unknown)}; registered: {', '.join(registered)}")
+    cut = [p for p in registered if p not in presses]
     c.header("RULER accuracy under compression", args, {"presses": ", ".join(presses),
+                                                        "registered presses not run": ", ".join(cut) or "none",
                                                         "lengths": args.lengths, "keep ratios": args.keep_ratios})
     rows, cfg = run(args, presses)
     report(rows, cfg)

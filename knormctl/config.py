@@ -333,6 +333,9 @@ class RunConfig:
     keep_recent: int = 0
     n_sink: int = 4
     warmup: bool = True
+    # stop each answer at its first EOS (question tasks; benchmarks/tasks.py): the score reads
+    # the answer up to that token anyway, so only time changes -- and timings stop comparing
+    stop_at_eos: bool = False
     repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
