@@ -44,7 +44,8 @@ def options():
                         "which is where its score stops reading (same scores, often half the decode time)")
     p.add_argument("--db", default=None, help="keep the runs in this SQLite file (default: a temporary one)")
     p.add_argument("--report-only", action="store_true",
-                   help="print the tables of the last run in --db (e.g. an interrupted one) without running anything")
+                   help="print the tables of the last run in --db (e.g. an interrupted one) without running anything; "
+                        "--db a.db,b.db merges the last runs of several files")
     args = p.parse_args()
     if args.report_only and not args.db:
         p.error("--report-only needs --db")
@@ -103,6 +104,10 @@ def run(args, presses: list[str]) -> tuple[list, object]:
     return store.samples(outcome.run_id), cfg
 
 
+EOS_NOTE = {True: " (stopped at the first EOS)",
+            None: " (stopped at the first EOS in some runs: the score reads an answer only up to there either way)"}
+
+
 def report(rows, cfg) -> None:
     from knormctl.tasks.catalog import NEAR_CHANCE_MARGIN, near_chance, subtask
 
@@ -137,7 +142,7 @@ def report(rows, cfg) -> None:
                 notes=[f"protocol {cfg.protocol}, prefill mode (the context cut once to keep_ratio x its length), "
                        f"skip_layers {cfg.skip_layers or 'none'}, answers "
                        f"{cfg.answer_tokens or 'RULER defaults'} tokens"
-                       f"{' (stopped at the first EOS)' if cfg.stop_at_eos else ''}, haystack {cfg.haystack_source}",
+                       f"{EOS_NOTE.get(cfg.stop_at_eos, '')}, haystack {cfg.haystack_source}",
                        "near chance with the FULL cache (within "
                        f"{100 * NEAR_CHANCE_MARGIN:.0f} points; compression results mean nothing there): "
                        + (", ".join(lost) or "none")])
@@ -145,15 +150,42 @@ def report(rows, cfg) -> None:
         print(f"{len(failed)} cell(s) failed, e.g. {failed[0].error}")
 
 
-def report_only(db: str) -> None:
+def report_only(dbs: str) -> None:
+    """Print the last run of each file in ``dbs`` (comma-separated) as one table: runs of the
+    same subtasks split by press (to fit a time budget) merge; a cell measured in two runs
+    (the full cache, which every run measures) counts once, and must have scored the same
+    (greedy decoding on the same prompt)."""
     from knormctl.config import RunConfig
     from knormctl.store import open_store
 
-    store = open_store(db, migrate=False)
-    run = store.last_run()
-    print(f"run {run.id} ({run.status}): {run.samples_done} of {run.samples_planned} cells, started "
-          f"{run.started_utc:%Y-%m-%d %H:%M} UTC, {run.command_line}\n")
-    report(store.samples(run.id), RunConfig.from_dict(run.config_json))
+    rows, cfgs, seen = [], [], {}
+    for db in dbs.split(","):
+        store = open_store(db, migrate=False)
+        run = store.last_run()
+        print(f"{db}: run {run.id} ({run.status}): {run.samples_done} of {run.samples_planned} cells, started "
+              f"{run.started_utc:%Y-%m-%d %H:%M} UTC, {run.command_line}")
+        cfgs.append(RunConfig.from_dict(run.config_json))
+        for s in store.samples(run.id):
+            key = (s.text_hash, s.config_key)
+            if key in seen:
+                if seen[key].score != s.score:
+                    print(f"  note: {s.subtask} at {s.context_length} under {s.config_key} scored "
+                          f"{seen[key].score} and {s.score} in two runs; the first is kept")
+                continue
+            seen[key] = s
+            rows.append(s)
+    print()
+    cfg = cfgs[0]
+    if len(cfgs) > 1:
+        for other in cfgs[1:]:
+            if (other.protocol, other.seed, other.haystack_source, other.samples_per_task) != \
+                    (cfg.protocol, cfg.seed, cfg.haystack_source, cfg.samples_per_task):
+                raise SystemExit("--report-only: these runs differ in protocol, seed, haystack or samples per task")
+        cfg.subtasks = list(dict.fromkeys(n for c_ in cfgs for n in c_.subtasks))
+        cfg.context_lengths = sorted({n for c_ in cfgs for n in c_.context_lengths})
+        if len({c_.stop_at_eos for c_ in cfgs}) > 1:
+            cfg.stop_at_eos = None
+    report(rows, cfg)
 
 
 def main() -> None:
