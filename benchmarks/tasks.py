@@ -125,10 +125,20 @@ def report(rows, cfg) -> None:
                 by[(s.config_key, s.subtask)].append(s.score)
                 if s.config_key == "none":
                     chance[s.subtask].append((s.extra_json or {}).get("chance", subtask(s.subtask).chance))
+        keys = [k for k in order if any(by[(k, n)] for n in names)]
+        # the mean over the subtasks every row has, so rows compare (runs split by press may
+        # measure the presses only where the full cache can do the task)
+        common = [n for n in names if all(by[(k, n)] for k in keys)]
         table_rows = []
-        for key in order:
+        for key in keys:
             scores = [by[(key, n)] for n in names]
-            table_rows.append([label[key]] + [cell(x) for x in scores] + [cell([v for x in scores for v in x])])
+            table_rows.append([label[key]] + [cell(x) for x in scores]
+                              + [cell([v for n in common for v in by[(key, n)]])])
+        mean_note = []
+        if common != names:
+            every = [v for n in names for v in by[("none", n)]]
+            mean_note = [f"mean: over the subtasks every row has ({', '.join(common) or 'none'}); "
+                         f"the full cache over all {len(names)}: {cell(every)}"]
         lost = []
         for n in names:
             full = by[("none", n)]
@@ -145,7 +155,7 @@ def report(rows, cfg) -> None:
                        f"{EOS_NOTE.get(cfg.stop_at_eos, '')}, haystack {cfg.haystack_source}",
                        "near chance with the FULL cache (within "
                        f"{100 * NEAR_CHANCE_MARGIN:.0f} points; compression results mean nothing there): "
-                       + (", ".join(lost) or "none")])
+                       + (", ".join(lost) or "none")] + mean_note)
     if failed:
         print(f"{len(failed)} cell(s) failed, e.g. {failed[0].error}")
 
