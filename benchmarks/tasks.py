@@ -33,9 +33,19 @@ def options():
     p.add_argument("--answer-tokens", type=int, default=None, help="new tokens per answer (default: RULER's)")
     p.add_argument("--protocol", default="context", choices=("context", "query-aware", "paper"))
     p.add_argument("--skip-layers", default="0")
+    p.add_argument("--presses", default=None,
+                   help="comma-separated presses (default: every registered press; 'none': the full cache only, "
+                        "to see first which subtasks the model can do at all); to fit a time budget")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up (one generation per configuration on the longest prompt): "
+                        "accuracy does not depend on it, only the timings this script does not report")
+    p.add_argument("--full-answers", action="store_true",
+                   help="generate every answer to its full length; by default an answer stops at its first EOS, "
+                        "which is where its score stops reading (same scores, often half the decode time)")
     p.add_argument("--db", default=None, help="keep the runs in this SQLite file (default: a temporary one)")
     p.add_argument("--report-only", action="store_true",
-                   help="print the tables of the last run in --db (e.g. an interrupted one) without running anything")
+                   help="print the tables of the last run in --db (e.g. an interrupted one) without running anything; "
+                        "--db a.db,b.db merges the last runs of several files")
     args = p.parse_args()
     if args.report_only and not args.db:
         p.error("--report-only needs --db")
@@ -69,12 +79,15 @@ def run(args, presses: list[str]) -> tuple[list, object]:
     from knormctl.store import open_store
 
     cfg = RunConfig(
-        command="sweep", task="ruler", model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-        seed=args.seed, haystack=args.text, presses=presses, keep_ratios=parse_float_list(args.keep_ratios, "--keep-ratios"),
+        command="sweep" if presses else "baseline",  # baseline: the full cache only (ignores presses)
+        task="ruler", model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        seed=args.seed, haystack=args.text, presses=presses or ["knorm"],
+        keep_ratios=parse_float_list(args.keep_ratios, "--keep-ratios"),
         prune_after=0, skip_layers=parse_int_list(args.skip_layers, "--skip-layers", allow_empty=True),
         compress_mode="prefill", protocol=args.protocol, context_lengths=parse_int_list(args.lengths, "--lengths"),
         subtasks=args.subtasks.split(",") if args.subtasks else None, samples_per_task=args.samples,
-        answer_tokens=args.answer_tokens).validate()
+        answer_tokens=args.answer_tokens, warmup=not args.no_warmup,
+        stop_at_eos=not args.full_answers).validate()
     db = args.db or str(Path(tempfile.mkdtemp(prefix="knormctl-tasks-")) / "tasks.db")
     store = open_store(db)
     started = time.perf_counter()
@@ -90,6 +103,10 @@ def run(args, presses: list[str]) -> tuple[list, object]:
     outcome = r.run()
     c.log(f"run {outcome.run_id}: {outcome.status}, {outcome.done} cells in {(time.perf_counter() - started) / 60:.1f} min")
     return store.samples(outcome.run_id), cfg
+
+
+EOS_NOTE = {True: " (stopped at the first EOS)",
+            None: " (stopped at the first EOS in some runs: the score reads an answer only up to there either way)"}
 
 
 def report(rows, cfg) -> None:
@@ -109,10 +126,20 @@ def report(rows, cfg) -> None:
                 by[(s.config_key, s.subtask)].append(s.score)
                 if s.config_key == "none":
                     chance[s.subtask].append((s.extra_json or {}).get("chance", subtask(s.subtask).chance))
+        keys = [k for k in order if any(by[(k, n)] for n in names)]
+        # the mean over the subtasks every row has, so rows compare (runs split by press may
+        # measure the presses only where the full cache can do the task)
+        common = [n for n in names if all(by[(k, n)] for k in keys)]
         table_rows = []
-        for key in order:
+        for key in keys:
             scores = [by[(key, n)] for n in names]
-            table_rows.append([label[key]] + [cell(x) for x in scores] + [cell([v for x in scores for v in x])])
+            table_rows.append([label[key]] + [cell(x) for x in scores]
+                              + [cell([v for n in common for v in by[(key, n)]])])
+        mean_note = []
+        if common != names:
+            every = [v for n in names for v in by[("none", n)]]
+            mean_note = [f"mean: over the subtasks every row has ({', '.join(common) or 'none'}); "
+                         f"the full cache over all {len(names)}: {cell(every)}"]
         lost = []
         for n in names:
             full = by[("none", n)]
@@ -125,23 +152,51 @@ def report(rows, cfg) -> None:
                 ["configuration"] + names + ["mean"], table_rows,
                 notes=[f"protocol {cfg.protocol}, prefill mode (the context cut once to keep_ratio x its length), "
                        f"skip_layers {cfg.skip_layers or 'none'}, answers "
-                       f"{cfg.answer_tokens or 'RULER defaults'} tokens, haystack {cfg.haystack_source}",
+                       f"{cfg.answer_tokens or 'RULER defaults'} tokens"
+                       f"{EOS_NOTE.get(cfg.stop_at_eos, '')}, haystack {cfg.haystack_source}",
                        "near chance with the FULL cache (within "
                        f"{100 * NEAR_CHANCE_MARGIN:.0f} points; compression results mean nothing there): "
-                       + (", ".join(lost) or "none")])
+                       + (", ".join(lost) or "none")] + mean_note)
     if failed:
         print(f"{len(failed)} cell(s) failed, e.g. {failed[0].error}")
 
 
-def report_only(db: str) -> None:
+def report_only(dbs: str) -> None:
+    """Print the last run of each file in ``dbs`` (comma-separated) as one table: runs of the
+    same subtasks split by press (to fit a time budget) merge; a cell measured in two runs
+    (the full cache, which every run measures) counts once, and must have scored the same
+    (greedy decoding on the same prompt)."""
     from knormctl.config import RunConfig
     from knormctl.store import open_store
 
-    store = open_store(db, migrate=False)
-    run = store.last_run()
-    print(f"run {run.id} ({run.status}): {run.samples_done} of {run.samples_planned} cells, started "
-          f"{run.started_utc:%Y-%m-%d %H:%M} UTC, {run.command_line}\n")
-    report(store.samples(run.id), RunConfig.from_dict(run.config_json))
+    rows, cfgs, seen = [], [], {}
+    for db in dbs.split(","):
+        store = open_store(db, migrate=False)
+        run = store.last_run()
+        print(f"{db}: run {run.id} ({run.status}): {run.samples_done} of {run.samples_planned} cells, started "
+              f"{run.started_utc:%Y-%m-%d %H:%M} UTC, {run.command_line}")
+        cfgs.append(RunConfig.from_dict(run.config_json))
+        for s in store.samples(run.id):
+            key = (s.text_hash, s.config_key)
+            if key in seen:
+                if seen[key].score != s.score:
+                    print(f"  note: {s.subtask} at {s.context_length} under {s.config_key} scored "
+                          f"{seen[key].score} and {s.score} in two runs; the first is kept")
+                continue
+            seen[key] = s
+            rows.append(s)
+    print()
+    cfg = cfgs[0]
+    if len(cfgs) > 1:
+        for other in cfgs[1:]:
+            if (other.protocol, other.seed, other.haystack_source, other.samples_per_task) != \
+                    (cfg.protocol, cfg.seed, cfg.haystack_source, cfg.samples_per_task):
+                raise SystemExit("--report-only: these runs differ in protocol, seed, haystack or samples per task")
+        cfg.subtasks = list(dict.fromkeys(n for c_ in cfgs for n in c_.subtasks))
+        cfg.context_lengths = sorted({n for c_ in cfgs for n in c_.context_lengths})
+        if len({c_.stop_at_eos for c_ in cfgs}) > 1:
+            cfg.stop_at_eos = None
+    report(rows, cfg)
 
 
 def main() -> None:
@@ -152,8 +207,14 @@ def main() -> None:
     c.setup(args)
     from knormctl.engine.presses import press_names
 
-    presses = [p for p in press_names() if p != "none"]  # whatever the registry holds
+    registered = [p for p in press_names() if p != "none"]  # whatever the registry holds
+    presses = registered if not args.presses else [] if args.presses == "none" else args.presses.split(",")
+    unknown = sorted(set(presses) - set(registered))
+    if unknown:
+        raise SystemExit(f"--presses: unknown {', '.join(unknown)}; registered: {', '.join(registered)}")
+    cut = [p for p in registered if p not in presses]
     c.header("RULER accuracy under compression", args, {"presses": ", ".join(presses),
+                                                        "registered presses not run": ", ".join(cut) or "none",
                                                         "lengths": args.lengths, "keep ratios": args.keep_ratios})
     rows, cfg = run(args, presses)
     report(rows, cfg)

@@ -130,6 +130,9 @@ class RunConfig:
     n_sink: int = 4
     prefill_chunk: int = 0  # > 0: the prompt is prefilled this many tokens at a time, cut after each chunk
     warmup: bool = True
+    # stop each answer at its first EOS (question tasks; benchmarks/tasks.py): the score reads
+    # the answer up to that token anyway, so only time changes -- and timings stop comparing
+    stop_at_eos: bool = False
     repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])

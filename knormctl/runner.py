@@ -367,7 +367,9 @@ class Runner:
                 ids, question = self._split(sample)
                 res = run_generation(lm.model, ids, pc, self._new_tokens(sample), sampling=cfg.sampling,
                                      temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer,
-                                     question_ids=question, prefill_chunk=cfg.prefill_chunk)
+                                     question_ids=question, prefill_chunk=cfg.prefill_chunk,
+                                     stop_ids=self.stop_ids if cfg.stop_at_eos and isinstance(sample, QuestionSample)
+                                     else None)
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only
                     res.ppl_compressed, res.eval_tokens = self._quality(sample, pc, cfg.seed + i)
                 row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r, **self._task_fields(sample, res))

@@ -239,6 +239,23 @@ def test_baseline_matches_transformers_generate(model):
     assert res.token_ids == gen[0, 30:].tolist()
 
 
+@pytest.mark.parametrize("press", ["none", "knorm"])
+def test_stop_ids_end_the_answer_after_the_first_stop_token(model, press):
+    ids = _prompt(40)
+    pc = PressConfig(press=press, keep_ratio=0.5 if press != "none" else 1.0, prune_after=0, skip_layers=(),
+                     mode="prefill")
+    question = _prompt(5, seed=3)[0].tolist()
+    full = run_generation(model, ids, pc, 16, question_ids=question).token_ids
+    # the first token that has not appeared before it, past the first: stopping there is visible
+    k = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    cut = run_generation(model, ids, pc, 16, question_ids=question, stop_ids={full[k]})
+    assert cut.token_ids == full[:k + 1] and cut.new_tokens == k + 1  # the stop token kept, nothing after it
+    assert len(cut.step_latencies_s) == k
+    never = next(t for t in range(VOCAB) if t not in full)
+    assert run_generation(model, ids, pc, 16, question_ids=question, stop_ids=[never]).token_ids == full
+    assert run_generation(model, ids, pc, 16, question_ids=question, stop_ids=None).token_ids == full
+
+
 def test_keep_ratio_one_equals_no_press(model):
     ids = _prompt(40)
     eval_ids = _prompt(20, seed=2)[0].tolist()

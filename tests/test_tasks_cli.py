@@ -239,3 +239,26 @@ def test_ruler_on_smollm2_finds_the_needle_with_the_full_cache(real_home, tmp_pa
     assert json.loads(full["answers_json"])[0] in scored
     rep = runner.invoke(app, ["report", "--last", "--db", str(db)])
     assert rep.exit_code == 0, rep.output
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_stop_at_eos_ends_question_answers_at_a_stop_token(tiny_llama_dir, books_dir, tmp_path, stop):
+    """RunConfig.stop_at_eos (benchmarks/tasks.py): the runner hands its stop ids to the loop.
+    With every token a stop token, an answer is one token long; without the flag, never."""
+    from knormctl.config import RunConfig
+    from knormctl.runner import Runner
+    from knormctl.store import open_store
+
+    cfg = RunConfig(command="sweep", task="ruler", model=str(tiny_llama_dir), threads=1, haystack=f"text:{books_dir}",
+                    presses=["knorm"], keep_ratios=[0.5], prune_after=0, compress_mode="prefill",
+                    context_lengths=[1024], subtasks=["niah_single_2"], samples_per_task=1, answer_tokens=6,
+                    warmup=False, stop_at_eos=stop).validate()
+    store = open_store(str(tmp_path / "s.db"))
+    r = Runner(cfg, store)
+    r.prepare()
+    r.stop_ids = set(range(len(r.loaded.tokenizer)))  # every token ends the answer
+    out = r.run()
+    rows = store.samples(out.run_id)
+    assert out.status == "complete" and len(rows) == 2
+    assert {s.new_tokens for s in rows} == ({1} if stop else {6})
+    assert all(s.score is not None for s in rows)

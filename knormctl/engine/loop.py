@@ -88,9 +88,15 @@ class TokenPicker:
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int = 0, tokenizer=None,
-                   question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0) -> GenerationResult:
+                   question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0,
+                   stop_ids=None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
+
+    ``stop_ids``: stop after the first token among them (it is kept in ``token_ids``).
+    For runs that only score answers: an answer is scored up to its first EOS anyway
+    (``tasks.scoring.answer_text``), so the tokens after it cost time and change nothing;
+    the latency fields then cover fewer tokens and do not compare across configurations.
 
     Without ``question_ids``: TTFT = start of the prefill forward until the first token
     id is known. The post-prefill cut (if any) happens after that, and its time counts in
@@ -169,7 +175,10 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         ttft = t_prev - t0
         tokens = [token]
         start = prompt_len + q_len
+        stops = frozenset(int(i) for i in stop_ids) if stop_ids else frozenset()
         for step in range(1, max_new_tokens):
+            if stops and int(token) in stops:  # int(): a device sync, paid only when asked to stop
+                break
             account()
             cut(prefill=(step == 1 and q_ids is None))
             pos = start + step - 1
