@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from report_data import Cfg, fill_run
 from typer.testing import CliRunner
 
@@ -85,6 +87,22 @@ def test_study_tables_leaderboard_and_sentences(store, db):
     assert "KV held \u2264 50% of the full cache:" in out
     md = runner.invoke(app, ["report", "--db", db, "--group", "s1", "--format", "markdown"]).stdout
     assert md.count("| prune_after | configuration |") == 2  # one table per model
+
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_frontier_mark_survives_a_narrow_terminal(store, db, width):
+    _study(store)
+    on_front = {(p["settings"]["prune_after"], p["label"]) for p in _json(db, "--group", "s1")["points"]
+                if p["on_frontier"] and p["model"] == "tiny-llama"}
+    res = runner.invoke(app, ["report", "--db", db, "--group", "s1"], env={"COLUMNS": str(width)})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= width
+    table = lines[next(i for i, line in enumerate(lines) if line.strip() == "tiny-llama"):]
+    marked = {(cells[0], " ".join(cells[1:cells.index("*")])) for cells in (line.split() for line in table)
+              if "*" in cells and cells[0].isdigit()}
+    assert marked == on_front and on_front
 
 
 def test_plot_group_draws_the_pareto_chart_with_the_reports_points(store, db, tmp_path):

@@ -63,10 +63,15 @@ def print_study(view: StudyView, console) -> None:
                         title="knormctl report --group", title_align="left"))
     for model in view.models:
         table = Table(title=f"{model}", title_justify="left", box=box.SIMPLE_HEAD)
-        for i, col in enumerate(model_columns(view)):
-            table.add_column(col, justify="left" if i <= len(view.axes) else "right", no_wrap=True)
+        # the frontier mark goes beside the configuration's name: a column of its own is the
+        # first one rich drops at 80 columns
+        label = len(view.axes)
+        for i, col in enumerate(model_columns(view)[:-1]):
+            table.add_column(col, justify="left" if i <= label else "right", no_wrap=True)
         for row in model_rows(view, model, sep="\n"):
-            table.add_row(*row)
+            *cells, star = row
+            cells[label] = f"{cells[label]} {star}" if star else cells[label]
+            table.add_row(*cells)
         console.print(table)
     for model in view.models:
         cols, _ = leaderboard_columns(view, model)
