@@ -22,7 +22,7 @@ def plot(
     last: Annotated[bool, typer.Option("--last", help="Plot the newest run (the default).")] = False,
     group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
+        "--out", "-o", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
     fmt: Annotated[ImageFormat, typer.Option("--format", help="png or svg.")] = ImageFormat.png,
     db: DbOpt = None,
 ) -> None:

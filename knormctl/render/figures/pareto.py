@@ -4,6 +4,7 @@ panels per model. Reads ``render.study.StudyView`` (the same numbers as the repo
 
 from __future__ import annotations
 
+from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
 from knormctl.render.figures._common import caption, figure, press_color, press_marker
@@ -37,14 +38,26 @@ def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: s
                    edgecolors=color, linewidths=1.5, marker=press_marker(p.press), zorder=3,
                    label="full cache" if p.is_reference else p.press.split("(", 1)[0],
                    gid=f"{GID}|{model}|{x_attr}|{p.key}")
-        if p.on_frontier and frontier_line:
-            ax.annotate(p.name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
+        for i, p in enumerate(front):  # staggered: neighbours on the frontier sit close together
+            ax.annotate(p.name, (p.kv_held * 100.0, p.quality * k), textcoords="offset points",
+                        xytext=(4, 8 + 12 * (i % 3)), fontsize=8, rotation=0)
         ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
                 linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{model}|frontier")
         for b in BUDGETS[:-1]:
             ax.axvline(b * 100.0, color="#bbbbbb", linewidth=0.8, linestyle=":", zorder=0)
+    if not view.higher_quality:
+        # ratios: a log axis gives 1.0-1.2 (where good presses sit) room beside a 3x outlier; the
+        # axis fits the points, so an interval of a few prompts may run off it (said in the caption)
+        ys = [p.quality for p in pts]
+        ax.set_yscale("log")
+        lo, hi = min(ys) / 1.03, max(ys) * 1.15
+        ax.set_ylim(lo, hi)
+        ax.yaxis.set_major_locator(mticker.FixedLocator(
+            [t for t in (0.9, 0.95, 1, 1.05, 1.1, 1.2, 1.5, 2, 3, 5, 10, 20, 50) if lo <= t <= hi]))
+        ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
     ax.set_title(f"{model}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
@@ -61,10 +74,11 @@ def pareto(view: StudyView) -> Figure:
     unique = dict(zip(labels, handles))
     if unique:
         fig.legend(unique.values(), unique.keys(), loc="outside right upper")
-    better = "higher" if view.higher_quality else "lower"
+    better = "higher accuracy" if view.higher_quality else "a lower perplexity ratio (log axis)"
     caption(fig, f"Study {view.name}. Each point is one configuration of one run, against that run's own full "
-                 f"cache ({better} quality is better; less KV and lower TPOT are cheaper). Lines through a point: "
-                 f"95% intervals (paired bootstrap over prompts; Wilson or bootstrap for accuracy). Larger points "
+                 f"cache ({better} is better; less KV and lower TPOT are cheaper). Lines through a point: "
+                 f"95% intervals (paired bootstrap over prompts; Wilson or bootstrap for accuracy; the axes fit "
+                 f"the points, so a wide interval may run off them). Larger points "
                  f"and the dashed line: the Pareto frontier (no other configuration holds less KV with better "
                  f"quality). Dotted lines: the 25/50/75% budgets named in the report.")
     return fig
