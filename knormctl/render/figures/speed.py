@@ -17,8 +17,9 @@ from knormctl.render.summary import Summary
 
 
 def _noise_note(summary: Summary) -> str:
-    how = "measured" if summary.noise_measured else "assumed"
-    return f"grey band: this run's timing noise \u00b1{summary.noise_pct:.1f}% ({how}: {summary.noise_source})"
+    # an assumed noise's source already says "assumed: ..." (as the report's header shows it)
+    how = "measured: " if summary.noise_measured else ""
+    return f"grey band: this run's timing noise \u00b1{summary.noise_pct:.1f}% ({how}{summary.noise_source})"
 
 
 def _n_note(summary: Summary) -> str:
