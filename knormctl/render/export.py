@@ -130,10 +130,11 @@ def _json(obj: Any) -> str:
 
 def _machine_text(m: Machine) -> str:
     device = m.device or "?"
+    threads = f"{m.threads} thread{'s' if m.threads != 1 else ''}" if m.threads else ""
     if m.device_name:
-        device += f" ({m.device_name}" + (f", {m.threads} threads" if m.threads else "") + ")"
-    elif m.threads:
-        device += f" ({m.threads} threads)"
+        device += f" ({m.device_name}" + (f", {threads}" if threads else "") + ")"
+    elif threads:
+        device += f" ({threads})"
     commit = f" (commit {m.git_commit[:12]}{'+dirty' if m.git_dirty else ''})" if m.git_commit else ""
     return (f"{m.dtype or '?'} on {device}; torch {m.torch_version or '?'}, transformers "
             f"{m.transformers_version or '?'}, knormctl {m.knormctl_version or '?'}{commit}")
