@@ -251,6 +251,9 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
         raise _error(path, lines, ROWS, "expected one or more [[rows]] tables")
     study_name = name or study_name or Path(path).stem
 
+    if "shard" in data or any(isinstance(r, dict) and "shard" in r for r in rows or []):
+        raise _error(path, lines, "shard", "a study runs on one machine; give each machine a study file of "
+                                           "its own rows, with its own name")
     base = _check_settings(data, path, lines, None)
     overrides = dict(overrides or {})
     if overrides:

@@ -92,6 +92,7 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('keep_ratios = [2.0]\n', "keep_ratios", 1, "is outside (0, 1]"),
     ('dtype = "float64"\n', "dtype", 1, "dtype"),
     ('[sweep]\nmodel = "m"\n', "sweep", 1, "unknown key"),
+    ('model = "m"\nshard = "1/2"\n', "shard", 2, "a study runs on one machine"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:

@@ -130,3 +130,12 @@ def test_dry_run_counts_question_task_cells(tmp_path):
     res = runner.invoke(app, ["sweep", "--dry-run", "--json", "--db", str(db), "--task", "niah", "--context-lengths",
                               "1024", "--needle-depths", "0,0.5,1", "--keep-ratios", "0.5,0.25", "--repeats", "2"])
     assert json.loads(res.stdout)["cells"] == 1 * 3 * 1 * 3 * 2  # samples x (full + knorm x 2) x repeats
+
+
+def test_a_study_is_not_sharded(tiny_llama_dir, books_dir, tmp_path):
+    # study resume matches runs by settings (shard excluded): shards on two machines would collide
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    res = runner.invoke(app, ["sweep", "--config", path, "--shard", "1/2", "--db", str(db)])
+    assert res.exit_code == 2
+    assert "--shard cannot be combined with --config" in res.output and not db.exists()

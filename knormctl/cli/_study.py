@@ -34,6 +34,11 @@ def overrides_from(ctx, cli_cfg) -> dict[str, Any]:
 
     names = {f.name for f in fields(cli_cfg)}
     out = {}
+    if "shard" in given_options(ctx):
+        # study resume matches runs by their settings, shard excluded: two machines running
+        # shards of one study would take each other's runs
+        raise UsageError("--shard cannot be combined with --config: a study runs on one machine (to spread one "
+                         "over machines, give each machine a study file of its own rows, with its own name)")
     for name in given_options(ctx):
         if name in NOT_OVERRIDES:
             continue
