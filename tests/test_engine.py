@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, n_keep_for
@@ -15,25 +15,7 @@ from knormctl.engine.kvcache import cache_kwargs
 from knormctl.engine.loop import run_generation
 from knormctl.engine.quality import compressed_perplexity, context_perplexity
 from knormctl.errors import UsageError
-
-VOCAB = 97
-
-
-def _llama(layers=3, kv_heads=2, heads=4):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=37, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _neox(layers=3, heads=4):
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=37, rotary_pct=0.25, max_position_embeddings=4096)
-    return GPTNeoXForCausalLM(cfg).eval()
-
-
-MODELS = {"llama": _llama, "neox": _neox}
+from tiny_models import MODELS, VOCAB, llama as _llama, neox as _neox  # noqa: F401
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

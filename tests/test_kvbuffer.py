@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from knormctl.config import PressConfig, parse_press_spec
+from knormctl.config import PressConfig
 from knormctl.engine import loop
 from knormctl.engine.kvbuffer import BufferLayer
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, new_cache
 from knormctl.engine.loop import run_generation
-
-VOCAB = 97
-
-
-def _llama(layers=3, kv_heads=2, heads=4):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=37, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _neox(layers=3, heads=4):
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=37, rotary_pct=0.25, max_position_embeddings=4096)
-    return GPTNeoXForCausalLM(cfg).eval()
-
-
-MODELS = {"llama": _llama, "neox": _neox}
+from knormctl.press_spec import parse_press_spec
+from tiny_models import MODELS, VOCAB, llama as _llama, neox as _neox  # noqa: F401
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

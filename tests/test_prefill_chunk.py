@@ -12,11 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from knormctl.cli import app
-from knormctl.config import PressConfig, RunConfig, parse_press_spec
+from knormctl.config import PressConfig, RunConfig
 from knormctl.engine import loop
 from knormctl.engine.loop import run_generation
 from knormctl.engine.quality import compressed_perplexity
 from knormctl.errors import UsageError
+from knormctl.press_spec import parse_press_spec
 from tests.test_kvbuffer import MODELS, VOCAB, _ids
 
 PROMPT, CHUNK, NEW = 100, 16, 8
