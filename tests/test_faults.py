@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from sweep_process import REPO, count as _count, process_env as _env, start_and_wait as _start_and_wait
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _cmd(model_dir, books_dir, db, *extra):
@@ -24,34 +21,6 @@ def _cmd(model_dir, books_dir, db, *extra):
             "--threads", "1", "--db", str(db), *extra]
 
 
-def _count(db, sql="SELECT count(*) FROM samples", args=()):
-    try:
-        con = sqlite3.connect(db, timeout=30)
-        try:
-            return con.execute(sql, args).fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0  # not created yet
-
-
-def _env(tmp_path):
-    env = dict(os.environ, KNORMCTL_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
-    env.pop("KNORMCTL_DB", None)
-    return env
-
-
-def _start_and_wait(cmd, env, db, at_least, timeout=120):
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while _count(db) < at_least:
-        if proc.poll() is not None:
-            pytest.fail(f"sweep ended before it could be interrupted: {proc.communicate()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("sweep produced no samples in time")
-        time.sleep(0.05)
-    return proc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

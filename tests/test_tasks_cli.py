@@ -9,14 +9,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from knormctl.cli import app
+from sweep_process import REPO, process_env as _env, start_and_wait
 
-REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
@@ -160,23 +159,6 @@ def test_longbench_offline_fails_at_once_before_the_model_loads(tmp_path):
     assert time.monotonic() - started < 60
 
 
-def _env(tmp_path):
-    import os
-
-    env = dict(os.environ, KNORMCTL_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
-    env.pop("KNORMCTL_DB", None)
-    return env
-
-
-def _count(db) -> int:
-    try:
-        con = sqlite3.connect(db, timeout=30)
-        try:
-            return con.execute("SELECT count(*) FROM samples").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
 
 
 @pytest.mark.parametrize("task_args", [
@@ -188,15 +170,7 @@ def test_interrupted_task_sweep_resumes_with_the_same_samples(tiny_llama_dir, bo
     env = _env(tmp_path)
     cmd = [sys.executable, "-m", "knormctl", *_args(tiny_llama_dir, books_dir, db, *task_args)]
     cmd[cmd.index("--answer-tokens") + 1] = "40"  # long enough to be interrupted mid-run
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while _count(db) < 3:
-        if proc.poll() is not None:
-            pytest.fail(f"sweep ended before it could be interrupted: {proc.communicate()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("sweep produced no samples in time")
-        time.sleep(0.05)
+    proc = start_and_wait(cmd, env, db, at_least=3, timeout=180)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
