@@ -251,6 +251,11 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
         raise _error(path, lines, ROWS, "expected one or more [[rows]] tables")
     study_name = name or study_name or Path(path).stem
 
+    # Study resume finds runs by their settings, shard left out: shards of one study on two
+    # machines would take each other's runs. One check for the file and the command line.
+    if overrides and "shard" in overrides:
+        raise UsageError("--shard cannot be combined with --config: a study runs on one machine (to spread one "
+                         "over machines, give each machine a study file of its own rows, with its own name)")
     if "shard" in data or any(isinstance(r, dict) and "shard" in r for r in rows or []):
         raise _error(path, lines, "shard", "a study runs on one machine; give each machine a study file of "
                                            "its own rows, with its own name")

@@ -34,11 +34,6 @@ def overrides_from(ctx, cli_cfg) -> dict[str, Any]:
 
     names = {f.name for f in fields(cli_cfg)}
     out = {}
-    if "shard" in given_options(ctx):
-        # study resume matches runs by their settings, shard excluded: two machines running
-        # shards of one study would take each other's runs
-        raise UsageError("--shard cannot be combined with --config: a study runs on one machine (to spread one "
-                         "over machines, give each machine a study file of its own rows, with its own name)")
     for name in given_options(ctx):
         if name in NOT_OVERRIDES:
             continue
@@ -49,16 +44,13 @@ def overrides_from(ctx, cli_cfg) -> dict[str, Any]:
 
 
 def planned_cells(cfg) -> int | None:
-    """Cells a run will measure, without loading the model or cutting texts (None: not known
-    before the texts are cut)."""
+    """Cells a run of a study will measure (studies are never sharded), without loading the
+    model or cutting texts (None: not known before the texts are cut)."""
     from knormctl.config import planned_samples
 
     n = planned_samples(cfg)
     if n is None:
         return None
-    if cfg.shard:
-        i, total = (int(x) for x in cfg.shard.split("/"))
-        n = len(range(i - 1, n, total))
     return n * len(cfg.press_configs()) * max(1, getattr(cfg, "repeats", 1) or 1)
 
 
