@@ -64,7 +64,7 @@ class Compressor:
     (``press.observes``), per-head budgets (``press.head_keep``), the kvpress backend
     (``press.cuts_in_forward``). In prefill mode the observers go right after the cut; the
     rest stay until ``close()`` (the loop calls it).
-    ``seed``: the sample's seed (see ``press_seed``).
+    ``seed``: the sample's seed (see ``press_seed``), or one per batch row (a list).
     ``budget_bytes``: what a cut may allocate besides the cache (None: automatic, see
     ``budget``); tests set it to exercise the bounded paths on a CPU.
     """
@@ -75,8 +75,7 @@ class Compressor:
         self.budget_bytes = budget_bytes
         self.cfg = cfg
         self.num_layers = num_layers
-        self.press: BasePress | None = make_press(cfg.press, seed=press_seed(cfg, seed), n_sink=cfg.n_sink,
-                                                  keep_ratio=cfg.keep_ratio, params=dict(cfg.params))
+        self.press: BasePress | None = self._make(cfg, seed)
         self.active_layers = [i for i in range(num_layers) if i not in set(cfg.skip_layers)]
         self.events = 0  # forwards after which at least one layer was cut
         self.seconds = 0.0
@@ -106,6 +105,23 @@ class Compressor:
             self._hooks = install_observers(model, press, layers)
         if self._per_head:
             self._mask_hooks = install_mask_hooks(model, layers)
+
+    @staticmethod
+    def _make(cfg: PressConfig, seed) -> BasePress | None:
+        """The press; ``seed`` a list (one per batch row): a seeded press is built once per row
+        (engine/batch.py ``RowPress``), so row j draws what it draws alone."""
+        from knormctl.engine.batch import row_press, takes_seed
+
+        seeds = [seed] if seed is None or isinstance(seed, int) else list(seed)
+
+        def build(s):
+            return make_press(cfg.press, seed=press_seed(cfg, s), n_sink=cfg.n_sink, keep_ratio=cfg.keep_ratio,
+                              params=dict(cfg.params))
+
+        first = build(seeds[0])
+        if len(seeds) > 1 and takes_seed(first):
+            return row_press([first] + [build(s) for s in seeds[1:]])
+        return first
 
     @property
     def cuts_in_forward(self) -> bool:

@@ -43,7 +43,7 @@ def _cache_of(kwargs):
 def _mask_hook(module, args, kwargs, layer_idx: int):
     """Replace the layer's attention mask: dead slots hidden from every query, new tokens causal.
 
-    The model's own mask is dropped, not combined: knormctl runs batch 1 without padding, and
+    The model's own mask is dropped, not combined: knormctl runs batches without padding (every row causal), and
     after a per-head cut this layer's length differs from the one the model built its mask for.
     """
     cache = _cache_of(kwargs)

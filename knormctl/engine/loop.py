@@ -17,10 +17,11 @@ import time
 import torch
 
 from knormctl.config import PressConfig
+from knormctl.engine.batch import RowPicker, as_batch_ids, batch_refusal, question_block, row_seeds
 from knormctl.engine.compress import Compressor, kv_size
 from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
-from knormctl.engine.result import GenerationResult
+from knormctl.engine.result import GenerationResult, MemoryPeak
 from knormctl.engine.timing import MemoryProbe, synchronizer
 from knormctl.errors import UsageError
 from knormctl.stats import Latency
@@ -70,24 +71,9 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class TokenPicker:
-    """Greedy by default; seeded multinomial sampling when asked."""
-
-    def __init__(self, sampling: bool, temperature: float, seed: int, device: torch.device):
-        self.sampling, self.temperature = sampling, temperature
-        self.gen = torch.Generator(device=device).manual_seed(seed) if sampling else None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        last = logits[:, -1, :]
-        if not self.sampling:
-            return last.argmax(dim=-1, keepdim=True)
-        probs = torch.softmax(last.float() / self.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.gen)
-
-
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
-                   temperature: float = 1.0, seed: int = 0, tokenizer=None,
+                   temperature: float = 1.0, seed: int | list[int] = 0, tokenizer=None,
                    question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0,
                    stop_ids=None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
@@ -118,6 +104,13 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     copies the whole cache every step -- kept as the reference the tests compare tokens and
     kept sets with.
 
+    Batches (issue 16 item 3; engine/batch.py): ``input_ids`` (B, S) -- a tensor or B equal-length
+    lists -- runs B prompts together under the same press; ``question_ids`` one sequence (every
+    row's) or B equal-length rows; ``seed`` an int (every row's) or one per row. Row j generates
+    what prompt j generates alone with its seed. ``stop_ids`` with B > 1: the loop stops once EVERY
+    row has produced a stop id; a row that stopped earlier keeps generating (its tokens after the
+    stop are kept in ``rows``; scoring cuts an answer at its first EOS anyway).
+
     ``prefill_chunk`` (> 0): ``input_ids`` is prefilled ``prefill_chunk`` tokens at a time and
     the press cuts after every chunk once a layer holds more than its budget (see ``prefill``),
     so the cache never holds more than the budget plus one chunk. TTFT then includes those cuts.
@@ -125,21 +118,26 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
     device = model_device(model)
-    ids = as_input_ids(input_ids, device)
-    prompt_len = ids.shape[1]
-    q_ids = as_input_ids(question_ids, device) if question_ids is not None and len(question_ids) else None
+    ids = as_batch_ids(input_ids, device)
+    batch, prompt_len = ids.shape
+    q_ids = question_block(question_ids, batch, device)
     q_len = 0 if q_ids is None else q_ids.shape[1]
+    seeds = row_seeds(seed, batch)
     if not cfg.is_baseline and cfg.keep_ratio < 1.0:
         check_cut_supported(model)
     if prefill_chunk < 0:
         raise UsageError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
     sync = synchronizer(device)
-    pick = TokenPicker(sampling, temperature, seed, device)
-    positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
+    pick = RowPicker(sampling, temperature, seeds, device)
+    positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0).expand(batch, -1)
     cache = new_cache(model, capacity=prompt_len + q_len + max_new_tokens - 1, buffered=kv_buffer)
     fwd = CachedForward(model, cache)
     probe = MemoryProbe(device)
-    comp = Compressor(cfg, num_layers(model), sync=sync, model=model, seed=seed)  # last: it may hook the model
+    comp = Compressor(cfg, num_layers(model), sync=sync, model=model,  # last: it may hook the model
+                      seed=seeds[0] if batch == 1 else seeds)
+    if batch > 1 and comp.evicts and (why := batch_refusal(comp.press)) is not None:
+        comp.close()
+        raise UsageError(f"batch size {batch}: {why}")
     if prefill_chunk and comp.evicts and (why := chunked_prefill_refusal(comp.press)) is not None:
         comp.close()
         raise UsageError(f"--prefill-chunk: {why}")
@@ -175,10 +173,13 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         ttft = t_prev - t0
         tokens = [token]
         start = prompt_len + q_len
-        stops = frozenset(int(i) for i in stop_ids) if stop_ids else frozenset()
+        stops = torch.tensor(sorted({int(i) for i in stop_ids}), device=device) if stop_ids else None
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         for step in range(1, max_new_tokens):
-            if stops and int(token) in stops:  # int(): a device sync, paid only when asked to stop
-                break
+            if stops is not None:  # bool(): a device sync, paid only when asked to stop
+                stopped |= torch.isin(token[:, 0], stops)
+                if bool(stopped.all()):
+                    break
             account()
             cut(prefill=(step == 1 and q_ids is None))
             pos = start + step - 1
@@ -241,15 +242,19 @@ def feed(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, stepwis
     return out
 
 
-def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kvb_peak, kvb_final, kve_peak,
+def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory: MemoryPeak, kvb_peak, kvb_final, kve_peak,
             kve_final, comp) -> GenerationResult:
-    ids = torch.cat(tokens, dim=1)[0].tolist()
+    """The batch's result: row 0 in ``token_ids``/``text``, every row in ``rows``/``row_texts``;
+    times are the batch step's; KV bytes the whole batch's (``GenerationResult.split``)."""
+    rows = torch.cat(tokens, dim=1).tolist()
+    texts = [tokenizer.decode(r, skip_special_tokens=True) if tokenizer is not None else "" for r in rows]
     lat = Latency.from_values(steps)
+    n = len(rows[0])
     return GenerationResult(
-        token_ids=ids,
-        text=tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else "",
+        token_ids=rows[0],
+        text=texts[0],
         prompt_tokens=prompt_len,
-        new_tokens=len(ids),
+        new_tokens=n,
         ttft_s=ttft,
         step_latencies_s=steps,
         total_s=total,
@@ -257,7 +262,7 @@ def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kvb_peak,
         itl_p50_s=lat.p50,
         itl_p90_s=lat.p90,
         itl_p99_s=lat.p99,
-        throughput_tps=len(ids) / total if total > 0 else 0.0,
+        throughput_tps=len(rows) * n / total if total > 0 else 0.0,
         memory=memory,
         kv_bytes_peak=kvb_peak,
         kv_bytes_final=kvb_final,
@@ -265,4 +270,7 @@ def _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kvb_peak,
         kv_entries_final=kve_final,
         compress_events=comp.events,
         compress_time_s=comp.seconds,
+        batch_size=len(rows),
+        rows=rows,
+        row_texts=texts,
     )
