@@ -134,6 +134,7 @@ class RunConfig:
     # the answer up to that token anyway, so only time changes -- and timings stop comparing
     stop_at_eos: bool = False
     repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
+    batch_size: int = 1  # samples of equal length generated together (runner.plan_batches; samples.batch_size)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
@@ -176,6 +177,8 @@ class RunConfig:
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.task not in TASKS:

@@ -82,6 +82,31 @@ def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None = N
     return cells
 
 
+def plan_batches(cells: list[Cell], batch_size: int, shape_of: Callable[[int], tuple]) -> list[list[Cell]]:
+    """The cells grouped into the batches that run together (``--batch-size``; 1: one cell each).
+
+    A batch is up to ``batch_size`` samples of the same shape (``shape_of(sample_index)``: prompt
+    and question lengths and new tokens -- no padding, so only equal lengths batch), under one
+    configuration and round. Samples are grouped by shape in their order and cut into runs of
+    ``batch_size``; a group's last batch may be smaller (lm samples of one dataset share their
+    length; question tasks group by length, so odd lengths run in smaller batches). The order
+    of configurations still rotates, now from batch to batch.
+    """
+    if batch_size == 1:
+        return [[c] for c in cells]
+    order = list(dict.fromkeys(c.sample_index for c in cells))  # this shard's samples, in order
+    groups: dict[tuple, list[int]] = {}
+    for i in order:
+        groups.setdefault(shape_of(i), []).append(i)
+    runs = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    configs = list(dict.fromkeys(c.config.key for c in cells))
+    by_key = {c.config.key: c.config for c in cells}
+    repeats = sorted({c.repeat for c in cells})
+    n = len(configs)
+    return [[Cell(i, by_key[configs[(k + r + j) % n]], r) for i in rows]
+            for r in repeats for k, rows in enumerate(runs) for j in range(n)]
+
+
 def resume_config(store, run_id: int) -> RunConfig:
     """The stored configuration of a run that ``--resume`` may continue. Refused with one line when
     the run does not exist, is complete, or its owner is still alive (same host: its pid and start
@@ -246,10 +271,12 @@ class Runner:
             check_cut_supported(self.loaded.model)  # sliding-window / shared-KV families: one clear line
         probe_cache(self.loaded.model)  # a transformers version that ignores our cache fails here, not mid-run
         self.samples = load_samples(cfg, self.loaded, self.progress, records)
-        self.cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
-        if not self.cells:
+        cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
+        if not cells:
             raise UsageError(f"--shard {cfg.shard} gets no samples: the run has {len(self.samples)} sample(s), "
                              f"so use at most {len(self.samples)} shard(s)")
+        self.batches = plan_batches(cells, cfg.batch_size, self._shape)
+        self.cells = [c for batch in self.batches for c in batch]  # one per stored row, in run order
         # the longest answer of the run (question tasks size answers per subtask)
         self.new_tokens = max(self._new_tokens(s) for s in self.samples)
         from knormctl.tasks.scoring import stop_ids
@@ -297,12 +324,19 @@ class Runner:
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
-        longest = max(self.samples, key=lambda s: len(s.prompt_ids))
-        ids, question = self._split(longest)
-        self.warm_prompt_tokens = len(ids) + len(question or ())
+        # the batch of the longest prompt, as many rows as the largest batch: the shapes the run allocates
+        longest = max(self.batches, key=lambda b: (len(self.samples[b[0].sample_index].prompt_ids), len(b)))
+        split = [self._split(self.samples[c.sample_index]) for c in longest]
+        ids, question = [s[0] for s in split], (None if split[0][1] is None else [s[1] for s in split])
+        self.warm_prompt_tokens = len(split) * (len(ids[0]) + len(question[0] if question else ()))
         return [run_generation(self.loaded.model, ids, pc, n, question_ids=question,
                                prefill_chunk=self.cfg.prefill_chunk)
                 for pc, n in warm_up_plan(planned, self.new_tokens)]
+
+    def _shape(self, i: int) -> tuple:
+        """What must be equal for samples to batch: prompt and question lengths, new tokens."""
+        ids, question = self._split(self.samples[i])
+        return len(ids), len(question or ()), self._new_tokens(self.samples[i])
 
     def _new_tokens(self, sample) -> int:
         return sample.max_new_tokens if isinstance(sample, QuestionSample) else self.cfg.max_new_tokens
@@ -343,7 +377,8 @@ class Runner:
         return out
 
     def _run_cells(self, out: Outcome, done_before: set) -> None:
-        from knormctl.engine.loop import run_generation
+        """Every batch of cells (one cell each at --batch-size 1). A batch runs again when any
+        of its rows is missing (resume); the rows already stored are not stored twice."""
         from knormctl.engine.quality import context_perplexity
 
         lm, cfg = self.loaded, self.cfg
@@ -351,42 +386,77 @@ class Runner:
         outputs: dict[tuple[int, int], dict[str, list[int]]] = {}  # (sample, repeat) -> config key -> ids
         for row in self.prior_outputs:  # a resumed run's finished outputs
             outputs.setdefault((row.sample_index, row.repeat), {})[row.config_key] = row.generated_ids_json
-        for n, cell in enumerate(self.cells):
-            i, pc, r = cell.sample_index, cell.config, cell.repeat
-            sample = self.samples[i]
-            desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
-            if cfg.repeats > 1:
-                desc += f" round {r + 1}/{cfg.repeats}"
-            if (i, pc.key, r) in done_before:
-                out.skipped_existing += 1
-                self.on_cell(n + 1, len(self.cells), desc + " (kept)")
+        n = 0
+        for batch in self.batches:
+            pc, r = batch[0].config, batch[0].repeat
+            descs = []
+            for cell in batch:
+                desc = f"sample {cell.sample_index + 1}/{len(self.samples)} {pc.key}"
+                if cfg.repeats > 1:
+                    desc += f" round {r + 1}/{cfg.repeats}"
+                descs.append(desc)
+            todo = [(i, c) for i, c in enumerate(batch) if (c.sample_index, pc.key, r) not in done_before]
+            if not todo:
+                for desc in descs:
+                    n += 1
+                    out.skipped_existing += 1
+                    self.on_cell(n, len(self.cells), desc + " (kept)")
                 continue
-            try:
+            results, error = self._generate(batch, ppl_ctx, context_perplexity)
+            for k, cell in enumerate(batch):
+                i, sample = cell.sample_index, self.samples[cell.sample_index]
+                n += 1
+                if (i, pc.key, r) in done_before:  # stored by an earlier attempt: not stored twice
+                    out.skipped_existing += 1
+                    self.on_cell(n, len(self.cells), descs[k] + " (kept)")
+                    continue
+                res = None if results is None else results[k]
+                if res is not None:
+                    row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r, **self._task_fields(sample, res))
+                else:
+                    row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=error, repeat=r,
+                                        **self._task_fields(sample, None))
+                    out.failed += 1
+                row["batch_size"] = len(batch)
+                self.store.add_sample(self.run_id, sample_index=i, **row)
+                if res is not None:
+                    out.done += 1
+                    outs = outputs.setdefault((i, r), {})
+                    outs[pc.key] = res.token_ids
+                    self._update_token_match(i, r, outs, pc.key)
+                self.on_cell(n, len(self.cells), descs[k])
+
+    def _generate(self, batch: list[Cell], ppl_ctx: dict, context_perplexity):
+        """(one GenerationResult per row, None) or (None, the error) for one batch of cells.
+        Perplexities are per sample (batch 1): the context's and, in the first round, the
+        compressed one."""
+        from knormctl.engine.loop import run_generation
+
+        lm, cfg = self.loaded, self.cfg
+        pc, r = batch[0].config, batch[0].repeat
+        rows = [c.sample_index for c in batch]
+        samples = [self.samples[i] for i in rows]
+        try:
+            for i, sample in zip(rows, samples):
                 if i not in ppl_ctx and cfg.task == "lm":
                     ppl_ctx[i] = context_perplexity(lm.model, sample.prompt_ids)
-                ids, question = self._split(sample)
-                res = run_generation(lm.model, ids, pc, self._new_tokens(sample), sampling=cfg.sampling,
-                                     temperature=cfg.temperature, seed=cfg.seed + i, tokenizer=lm.tokenizer,
-                                     question_ids=question, prefill_chunk=cfg.prefill_chunk,
-                                     stop_ids=self.stop_ids if cfg.stop_at_eos and isinstance(sample, QuestionSample)
-                                     else None)
+            split = [self._split(s) for s in samples]
+            question = None if split[0][1] is None else [q for _, q in split]
+            stop = cfg.stop_at_eos and isinstance(samples[0], QuestionSample)
+            res = run_generation(lm.model, [ids for ids, _ in split], pc, self._new_tokens(samples[0]),
+                                 sampling=cfg.sampling, temperature=cfg.temperature,
+                                 seed=[cfg.seed + i for i in rows], tokenizer=lm.tokenizer,
+                                 question_ids=question, prefill_chunk=cfg.prefill_chunk,
+                                 stop_ids=self.stop_ids if stop else None)
+            results = res.split()
+            for i, sample, one in zip(rows, samples, results):
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only
-                    res.ppl_compressed, res.eval_tokens = self._quality(sample, pc, cfg.seed + i)
-                row = sample_fields(sample, pc, res, ppl_ctx.get(i), repeat=r, **self._task_fields(sample, res))
-            except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
-                if os.environ.get("KNORMCTL_DEBUG"):
-                    traceback.print_exc()
-                row = sample_fields(sample, pc, None, ppl_ctx.get(i), error=f"{type(exc).__name__}: {exc}",
-                                    repeat=r, **self._task_fields(sample, None))
-                out.failed += 1
-                res = None
-            self.store.add_sample(self.run_id, sample_index=i, **row)
-            if res is not None:
-                out.done += 1
-                outs = outputs.setdefault((i, r), {})
-                outs[pc.key] = res.token_ids
-                self._update_token_match(i, r, outs, pc.key)
-            self.on_cell(n + 1, len(self.cells), desc)
+                    one.ppl_compressed, one.eval_tokens = self._quality(sample, pc, cfg.seed + i)
+            return results, None
+        except (RuntimeError, ValueError, MemoryError) as exc:  # OOM, CUDA errors, a failing press
+            if os.environ.get("KNORMCTL_DEBUG"):
+                traceback.print_exc()
+            return None, f"{type(exc).__name__}: {exc}"
 
     def _task_fields(self, sample, res) -> dict:
         """protocol and scored answer for a question sample (nothing for an lm sample)."""

@@ -114,6 +114,9 @@ TempOpt = Annotated[float, _opt("--temperature", panel=MEASURE, metavar="T",
                                 help="Sampling temperature (with --sample).")]
 NoWarmupOpt = Annotated[bool, _opt("--warmup/--no-warmup", panel=MEASURE, metavar=FLAG,
                                    help="Untimed generations before the timed ones.")]
+BatchSizeOpt = Annotated[int, _opt("--batch-size", panel=MEASURE, metavar="B",
+                                   help="Generate B samples of equal prompt length together (one batch, one "
+                                        "press); each is stored as its own row, with the batch's timing.")]
 RepeatsOpt = Annotated[int, _opt("--repeats", panel=MEASURE, metavar="R",
                                  help="Measure every (sample x configuration) cell R rounds; the report "
                                       "compares the rounds.")]

@@ -26,6 +26,7 @@ def baseline(
     trust_remote_code: o.TrustOpt = False,
     db: o.DbOpt = None,
     repeats: o.RepeatsOpt = 1,
+    batch_size: o.BatchSizeOpt = 1,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,
     json_out: o.JsonOpt = False,

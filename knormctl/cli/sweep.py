@@ -56,6 +56,7 @@ def sweep(
     dry_run: o.DryRunOpt = False,
     resume: o.ResumeOpt = None,
     repeats: o.RepeatsOpt = 1,
+    batch_size: o.BatchSizeOpt = 1,
     resume_group: o.ResumeGroupOpt = None,
     group: o.GroupOpt = None,
     shard: o.ShardOpt = None,

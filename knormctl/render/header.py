@@ -71,6 +71,7 @@ class RunHeader:
     command_line: str
     machines: list[Machine]  # one per distinct environment, in run order
     differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
+    batch_size: int = 1  # --batch-size of the run(s) (the largest when merged runs differ)
 
     @property
     def title(self) -> str:
@@ -141,4 +142,5 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         samples_planned=sum(planned) if all(p is not None for p in planned) else None,
         command_line=first.command_line or "",
         machines=machines, differs=differs,
+        batch_size=max(int((getattr(r, "config_json", None) or {}).get("batch_size") or 1) for r in runs),
     )
