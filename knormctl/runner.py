@@ -381,7 +381,7 @@ class Runner:
         of its rows is missing (resume); the rows already stored are not stored twice."""
         from knormctl.engine.quality import context_perplexity
 
-        lm, cfg = self.loaded, self.cfg
+        cfg = self.cfg
         ppl_ctx: dict[int, float] = {}
         outputs: dict[tuple[int, int], dict[str, list[int]]] = {}  # (sample, repeat) -> config key -> ids
         for row in self.prior_outputs:  # a resumed run's finished outputs

@@ -200,10 +200,13 @@ def test_unequal_rows_are_refused_in_one_line(llama32):
         as_batch_ids([], torch.device("cpu"))
 
 
-def test_presses_that_cut_inside_the_forward_cannot_batch(llama32):
+def test_presses_that_cut_inside_the_forward_cannot_batch():
     assert "batch size 1" in batch_refusal(SimpleNamespace(cuts_in_forward=True))
     assert batch_refusal(None) is None
-    pytest.importorskip("kvpress")
+
+
+@pytest.mark.kvpress
+def test_the_kvpress_backend_is_refused_for_batches(llama32):
     cfg = PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, prune_after=0, skip_layers=(),
                       mode="prefill").validate()
     with pytest.raises(UsageError, match="batch size 3: kvpress presses"):
