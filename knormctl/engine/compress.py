@@ -287,6 +287,22 @@ def kv_size(cache) -> tuple[int, int]:
     return entries, nbytes
 
 
+def kv_held_bytes(cache) -> int:
+    """Bytes the cache's layers hold: a ``BufferLayer``'s whole buffers (room for the tokens to
+    come included), else the tensors themselves -- what a memory budget must hold."""
+    total = 0
+    for layer in cache.layers:
+        held = getattr(layer, "held_bytes", None)
+        if held is not None:
+            total += held()
+        elif layer.keys is not None and layer.keys.numel():
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        live = getattr(layer, "live_mask", None)
+        if live is not None:
+            total += live.numel() * live.element_size()
+    return total
+
+
 # ----------------------------------------------------------------------------- selection
 
 def keep_indices(scores: torch.Tensor, n_keep: int, keep_recent: int = 0) -> torch.Tensor:

@@ -36,9 +36,12 @@ class BufferLayer(DynamicLayer):
     how much room the rest of the generation needs.
     """
 
-    def __init__(self, capacity: int = 0):
+    def __init__(self, capacity: int = 0, holds: int | None = None):
         super().__init__()
         self.capacity_hint = int(capacity)
+        # the most entries this layer holds at once, when a chunked prefill cuts it as it goes
+        # (loop.chunk_holds): the first buffer is sized to that, not to every token fed
+        self.holds = holds
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0  # valid entries at the front of the buffers
@@ -74,6 +77,12 @@ class BufferLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return 0 if self._k is None else int(self._k.shape[-2])
+
+    def held_bytes(self) -> int:
+        """Bytes the buffers hold (capacity, not only the valid entries)."""
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
     def compact(self, idx: torch.Tensor) -> None:
         """Keep the entries ``idx`` ((b, h, n_keep) positions, ascending per head), moved to the
@@ -123,7 +132,10 @@ class BufferLayer(DynamicLayer):
 
     def _grow(self, like_k: torch.Tensor, like_v: torch.Tensor, need: int) -> None:
         """A buffer holding at least ``need`` entries: the hint, else double the old one."""
-        cap = max(need, self.capacity_hint - self._fed + self._n, 2 * self.capacity)
+        if self._k is None and self.holds is not None:
+            cap = max(need, min(self.holds, self.capacity_hint - self._fed + self._n))
+        else:
+            cap = max(need, self.capacity_hint - self._fed + self._n, 2 * self.capacity)
         b, h, _, dk = like_k.shape
         k = like_k.new_empty(b, h, cap, dk)
         v = like_v.new_empty(b, h, cap, like_v.shape[-1])

@@ -51,20 +51,23 @@ def cache_kwargs(model, cache) -> dict:
     return {cache_kwarg(model): cache, "use_cache": True}
 
 
-def new_cache(model, capacity: int = 0, buffered: bool = True) -> DynamicCache:
+def new_cache(model, capacity: int = 0, buffered: bool = True, holds: list | None = None) -> DynamicCache:
     """An empty cache laid out for this model (sliding-window layers where its config says so).
 
     ``buffered`` (the engine's path): every plain full-attention layer is a ``BufferLayer``
     (engine/kvbuffer.py: in-place append into a buffer of ``capacity`` entries, the tokens the
     caller will feed; in-place compaction after a cut). ``buffered=False``: transformers' own
     ``DynamicCache``, appending with ``torch.cat`` -- the reference path the tests compare to.
-    Other layer kinds (sliding windows) stay transformers' own either way.
+    Other layer kinds (sliding windows) stay transformers' own either way. ``holds``: per layer,
+    the most entries it holds at once (None: every token fed), for a chunked prefill that cuts.
     """
     cache = DynamicCache(config=model.config)
     if buffered:
         from knormctl.engine.kvbuffer import BufferLayer
 
-        cache.layers = [BufferLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        holds = holds or [None] * len(cache.layers)
+        cache.layers = [BufferLayer(capacity, h) if type(layer) is DynamicLayer else layer
+                        for layer, h in zip(cache.layers, holds)]
     return cache
 
 

@@ -18,7 +18,7 @@ import torch
 
 from knormctl.config import PressConfig
 from knormctl.engine.batch import RowPicker, as_batch_ids, batch_refusal, question_block, row_seeds
-from knormctl.engine.compress import Compressor, kv_size
+from knormctl.engine.compress import Compressor, kv_held_bytes, kv_size, n_keep_for
 from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult, MemoryPeak
@@ -130,7 +130,9 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     sync = synchronizer(device)
     pick = RowPicker(sampling, temperature, seeds, device)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0).expand(batch, -1)
-    cache = new_cache(model, capacity=prompt_len + q_len + max_new_tokens - 1, buffered=kv_buffer)
+    rest = q_len + max_new_tokens - 1  # tokens fed after the prompt
+    holds = chunk_holds(cfg, model, prompt_len, prefill_chunk, rest) if prefill_chunk else None
+    cache = new_cache(model, capacity=prompt_len + rest, buffered=kv_buffer, holds=holds)
     fwd = CachedForward(model, cache)
     probe = MemoryProbe(device)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model,  # last: it may hook the model
@@ -143,11 +145,12 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         raise UsageError(f"--prefill-chunk: {why}")
     # In prefill mode with a chunked prefill, every cut keeps what a cut of the whole prompt would.
     whole = prompt_len if prefill_chunk and cfg.mode == "prefill" else None
-    kv_entries_peak = kv_bytes_peak = 0
+    kv_entries_peak = kv_bytes_peak = held_peak = 0
     steps: list[float] = []
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
-        nonlocal kv_entries_peak, kv_bytes_peak
+        nonlocal kv_entries_peak, kv_bytes_peak, held_peak
+        held_peak = max(held_peak, kv_held_bytes(cache))
         entries, nbytes = kv_size(cache)
         kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
 
@@ -199,8 +202,35 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         comp.close()
     kv_entries_final, kv_bytes_final = kv_size(cache)
 
-    return _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
-                   kv_entries_peak, kv_entries_final, comp)
+    res = _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
+                  kv_entries_peak, kv_entries_final, comp)
+    res.kv_bytes_held_peak = held_peak
+    return res
+
+
+def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int) -> list[int | None] | None:
+    """Per layer, the most entries it holds at once when a chunked prefill cuts after every chunk
+    (prefill mode): its budget (or ``prune_after``, below which nothing is cut) + one chunk + the
+    tokens after the prompt. The buffer is sized to that rather than to the whole prompt, so the
+    chunked prefill's bound holds for the memory allocated, not only for the entries counted.
+    None where a layer is never cut (skipped) or the mode cuts by another rule (decode)."""
+    if cfg.is_baseline or cfg.keep_ratio >= 1.0 or cfg.mode != "prefill" or prompt_len <= chunk:
+        return None
+    from knormctl.engine.presses import make_press
+
+    press = make_press(cfg.press, n_sink=cfg.n_sink, keep_ratio=cfg.keep_ratio, params=dict(cfg.params))
+    if press is None or press.cuts_in_forward:
+        return None
+    n_layers, uniform = num_layers(model), n_keep_for(prompt_len, cfg.keep_ratio)
+    holds: list[int | None] = []
+    for i in range(n_layers):
+        if i in cfg.skip_layers:
+            holds.append(None)
+            continue
+        budget = press.layer_keep(uniform, prompt_len, i, n_layers, cfg.keep_ratio)
+        most = max(budget, min(prompt_len, cfg.prune_after)) + chunk
+        holds.append(min(prompt_len, most) + rest)
+    return holds
 
 
 def prefill(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, chunk: int, account, cut):

@@ -48,6 +48,7 @@ class GenerationResult:
     ppl_compressed: float | None = None
     eval_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    kv_bytes_held_peak: int = 0  # bytes the cache's buffers held at the peak (room for later tokens included)
     batch_size: int = 1
     rows: list[list[int]] = field(default_factory=list)  # every row's token ids (B = 1: [token_ids])
     row_texts: list[str] = field(default_factory=list)
@@ -64,7 +65,8 @@ class GenerationResult:
                         step_latencies_s=list(self.step_latencies_s), extra=dict(self.extra),
                         memory=replace(self.memory),
                         throughput_tps=len(r) / self.total_s if self.total_s > 0 else 0.0,
-                        kv_bytes_peak=self.kv_bytes_peak // b, kv_bytes_final=self.kv_bytes_final // b)
+                        kv_bytes_peak=self.kv_bytes_peak // b, kv_bytes_final=self.kv_bytes_final // b,
+                        kv_bytes_held_peak=self.kv_bytes_held_peak // b)
                 for r, t in zip(rows, texts)]
 
     def to_dict(self) -> dict:
