@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from knormctl.cli import baseline, export, importing, plot, presses, report, runs, sweep
+from knormctl.cli import baseline, capacity, export, importing, plot, presses, report, runs, sweep
 from knormctl.cli._common import PanelCommand
 from knormctl.cli._group import OneLineErrors
 
@@ -29,6 +29,7 @@ app.command("export")(export.export)
 app.command("import")(importing.import_results)
 app.add_typer(runs.app, name="runs")
 app.command("presses")(presses.presses)
+app.command("capacity")(capacity.capacity)
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""`knormctl capacity`: the largest batch that fits a memory budget, with and without compression."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from knormctl.cli import _common as o
+
+
+def capacity(
+    memory_budget: Annotated[str, typer.Option("--memory-budget", metavar="SIZE",
+                                               help="Memory the generation may use, e.g. 70GiB, 80GB, 512MiB.")],
+    context: Annotated[int, typer.Option("--context", metavar="N", help="Prompt tokens per sequence.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="N",
+                                                help="Tokens generated per sequence (>= 2).")] = 32,
+    presses: o.PressesOpt = "knorm",
+    keep_ratios: o.KeepRatiosOpt = "0.5",
+    compress_mode: Annotated[str, typer.Option("--compress-mode", metavar="MODE",
+                                               help="prefill (default) or decode.")] = "prefill",
+    prefill_chunk: o.PrefillChunkOpt = 0,
+    prune_after: o.PruneAfterOpt = 0,
+    skip_layers: o.SkipLayersOpt = "",
+    max_batch: Annotated[int, typer.Option("--max-batch", metavar="B", help="Largest batch tried.")] = 256,
+    random_ids: Annotated[bool, typer.Option("--random-ids", help="Random token ids instead of the embedded "
+                                                                  "text (shapes only).")] = False,
+    seed: o.SeedOpt = 0,
+    model: o.ModelOpt = "smollm2-135m",
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = "float32",
+    threads: o.ThreadsOpt = None,
+    trust_remote_code: o.TrustOpt = False,
+    fmt: Annotated[str, typer.Option("--format", metavar="FMT", help="table or json.")] = "table",
+) -> None:
+    """Find the largest batch whose generation fits --memory-budget at --context tokens, for the full
+    cache and each press x keep ratio, and its decode throughput (tokens/s = batch / TPOT).
+
+    Every probe is a real generation of that batch. Memory: on CUDA the peak allocated (an
+    out-of-memory error = does not fit); on CPU the weights plus the KV cache held, activations
+    not counted. Prints only: nothing is stored in the results database.
+    """
+    from knormctl.config import RunConfig
+    from knormctl.engine.capacity import check_batchable, parse_memory
+    from knormctl.errors import UsageError
+    from knormctl.options import parse_float_list, parse_int_list
+    from knormctl.press_spec import parse_press_list
+
+    with o.error_boundary():
+        if fmt not in ("table", "json"):
+            raise UsageError(f"--format must be table or json, got {fmt!r}")
+        budget = parse_memory(memory_budget)
+        for flag, value, least in (("--context", context, 1), ("--max-new-tokens", max_new_tokens, 2),
+                                   ("--max-batch", max_batch, 1)):
+            if value < least:
+                raise UsageError(f"{flag} must be >= {least}, got {value}")
+        cfg = RunConfig(command="sweep", model=model, dtype=dtype, device=device, threads=threads, seed=seed,
+                        trust_remote_code=trust_remote_code, presses=parse_press_list(presses),
+                        keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"), compress_mode=compress_mode,
+                        prefill_chunk=prefill_chunk, prune_after=prune_after, max_new_tokens=max_new_tokens,
+                        skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True)).validate()
+        configs = cfg.press_configs()
+        check_batchable(configs)
+        result = _run(cfg, configs, context, budget, max_batch, random_ids)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    from knormctl.render.capacity import capacity_table
+    from knormctl.render.format import fmt_bytes
+    from knormctl.render.tables import make_console
+
+    console = make_console()
+    console.width = min(console.width, 80)  # the table is laid out for 80 columns
+    title = (f"{result['model']} on {result['device']}, context {context} + {max_new_tokens} new tokens, "
+             f"budget {fmt_bytes(budget)}")
+    console.print(capacity_table(result["results"], title=title))
+    console.print(f"memory: {result['memory_kind']}; + after a batch: --max-batch reached, more may fit")
+    if not prefill_chunk and any(not c.is_baseline for c in configs):
+        console.print("note: a press that cuts after a whole prefill cannot lower the peak (the prefill "
+                      "holds the full cache); --prefill-chunk N bounds it")
+
+
+def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bool) -> dict:
+    import torch
+
+    from knormctl.engine.capacity import capacity_table, memory_kind, weight_bytes
+    from knormctl.engine.models import load_model
+    from knormctl.engine.text import make_samples
+    from knormctl.errors import UsageError
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                    progress=log)
+    if lm.max_positions is not None and context + cfg.max_new_tokens > lm.max_positions:
+        raise UsageError(f"--context {context} + --max-new-tokens {cfg.max_new_tokens} exceed the model's "
+                         f"context ({lm.max_positions} tokens)")
+    if random_ids:
+        vocab = len(lm.tokenizer) if lm.tokenizer is not None else lm.model.config.vocab_size
+        prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    else:
+        prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
+    device = torch.device(lm.device)
+    rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
+                          max_batch=max_batch, prefill_chunk=cfg.prefill_chunk, progress=log)
+    return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,
+            "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weight_bytes(lm.model),
+            "memory_kind": memory_kind(device), "prefill_chunk": cfg.prefill_chunk, "prompt": "random ids" if random_ids
+            else cfg.pg19_source, "results": rows}

@@ -1,0 +1,139 @@
+"""`knormctl capacity` (issue 16 item 3): the largest batch that fits a memory budget. Each answer
+is checked against real generations: the reported batch fits and one more does not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.config import PressConfig
+from knormctl.engine.capacity import find_capacity, measure, parse_memory, weight_bytes
+from knormctl.engine.loop import run_generation
+from knormctl.errors import UsageError
+from tiny_models import VOCAB, llama
+
+runner = CliRunner()
+PROMPT, NEW, CHUNK = 200, 8, 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llama()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+FULL = PressConfig().validate()
+KNORM = PressConfig(press="knorm", keep_ratio=0.5, mode="prefill", prune_after=0, skip_layers=()).validate()
+
+
+def _budget(model, prompt, rows):
+    """A budget between what `rows` and `rows + 1` full-cache rows need (measured, not modelled)."""
+    a = measure(model, prompt, rows, FULL, NEW, 1 << 62).peak_bytes
+    b = measure(model, prompt, rows + 1, FULL, NEW, 1 << 62).peak_bytes
+    return (a + b) // 2
+
+
+def test_largest_batch_fits_and_one_more_does_not(model, prompt):
+    budget = _budget(model, prompt, 13)
+    for cfg, chunk in ((FULL, 0), (KNORM, CHUNK)):
+        cap = find_capacity(model, prompt, cfg, cfg.key, new_tokens=NEW, budget=budget, max_batch=500,
+                            prefill_chunk=chunk)
+        b = cap.largest_batch
+        assert b >= 1 and not cap.capped
+        assert cap.peak_bytes <= budget and cap.tokens_per_s == pytest.approx(b / cap.tpot_s)
+        # checked by generations outside the search
+        assert measure(model, prompt, b, cfg, NEW, budget, prefill_chunk=chunk).fits
+        over = measure(model, prompt, b + 1, cfg, NEW, budget, prefill_chunk=chunk)
+        assert not over.fits and over.peak_bytes > budget
+        assert len(cap.probes) <= 8  # a handful of generations
+        if cfg is FULL:
+            assert b == 13  # the budget was put between 13 and 14 full-cache rows
+            full = b
+    # chunked prefill at keep 0.5 bounds the cache by the budget: more rows fit
+    assert b > full
+
+
+def test_a_cut_after_a_whole_prefill_does_not_raise_the_capacity(model, prompt):
+    budget = _budget(model, prompt, 5)
+    full = find_capacity(model, prompt, FULL, "f", new_tokens=NEW, budget=budget, max_batch=100)
+    knorm = find_capacity(model, prompt, KNORM, "k", new_tokens=NEW, budget=budget, max_batch=100)
+    assert knorm.largest_batch == full.largest_batch == 5  # the peak is the prefill's full cache
+
+
+def test_cpu_memory_is_weights_plus_the_cache_held(model, prompt):
+    p = measure(model, prompt, 2, FULL, NEW, 1 << 62)
+    res = run_generation(model, [prompt] * 2, FULL, NEW)
+    assert p.peak_bytes == weight_bytes(model) + res.kv_bytes_held_peak
+    # the full cache's buffers hold every position fed (prompt + new - 1), keys and values, fp32
+    layers, kv_heads, head_dim = 3, 2, 8
+    assert res.kv_bytes_held_peak == 2 * layers * 2 * kv_heads * (PROMPT + NEW - 1) * head_dim * 4
+
+
+def test_nothing_fits_and_the_cap(model, prompt):
+    tiny = find_capacity(model, prompt, FULL, "f", new_tokens=NEW, budget=1000, max_batch=10)
+    assert tiny.largest_batch == 0 and tiny.peak_bytes is None and len(tiny.probes) == 1
+    huge = find_capacity(model, prompt, FULL, "f", new_tokens=NEW, budget=1 << 40, max_batch=6)
+    assert huge.largest_batch == 6 and huge.capped
+
+
+def test_chunked_prefill_holds_less_memory_than_a_whole_prefill(model, prompt):
+    whole = run_generation(model, [prompt], KNORM, NEW)
+    chunked = run_generation(model, [prompt], KNORM, NEW, prefill_chunk=CHUNK)
+    assert chunked.kv_bytes_held_peak < 0.75 * whole.kv_bytes_held_peak
+    assert chunked.kv_entries_final == whole.kv_entries_final
+
+
+@pytest.mark.parametrize("text,value", [("70GiB", 70 * 2**30), ("80GB", 80 * 10**9), ("512 MiB", 512 * 2**20),
+                                        ("1e6", 10**6), ("1.5KiB", 1536), ("100B", 100)])
+def test_parse_memory(text, value):
+    assert parse_memory(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "GiB", "70 parsecs", "-1GB", "0", "abc"])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(UsageError, match="--memory-budget"):
+        parse_memory(bad)
+
+
+@pytest.mark.parametrize("args", [["--memory-budget", "lots"], ["--memory-budget", "0B"],
+                                  ["--memory-budget", "1GiB", "--max-batch", "0"],
+                                  ["--memory-budget", "1GiB", "--context", "0"],
+                                  ["--memory-budget", "1GiB", "--max-new-tokens", "1"],
+                                  ["--memory-budget", "1GiB", "--keep-ratios", "50"],
+                                  ["--memory-budget", "1GiB", "--format", "yaml"]])
+def test_bad_input_exits_2_with_one_line(args, tiny_llama_dir):
+    res = runner.invoke(app, ["capacity", "--model", str(tiny_llama_dir), *args])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), res.stderr
+
+
+def test_cli_json_and_table(tiny_llama_dir):
+    args = ["capacity", "--model", str(tiny_llama_dir), "--context", "128", "--max-new-tokens", "4",
+            "--memory-budget", "1MiB", "--prefill-chunk", "32", "--threads", "1", "--max-batch", "200"]
+    res = runner.invoke(app, [*args, "--format", "json", "--random-ids"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    rows = out["results"]
+    assert [r["config"] for r in rows] == ["full cache", "knorm keep 0.5 prefill"]
+    assert out["memory_kind"].startswith("weights + KV") and "not counted" in out["memory_kind"]
+    full, knorm = rows
+    assert 1 <= full["largest_batch"] < knorm["largest_batch"]
+    assert knorm["batch_vs_full"] == pytest.approx(knorm["largest_batch"] / full["largest_batch"])
+    for r in rows:
+        assert not r["capped"] and r["peak_bytes"] <= out["memory_budget_bytes"]
+        assert not any(p["fits"] for p in r["probes"] if p["batch"] > r["largest_batch"])
+        assert any(not p["fits"] for p in r["probes"] if p["batch"] == r["largest_batch"] + 1)
+    table = runner.invoke(app, [*args, "--random-ids"])
+    assert table.exit_code == 0, table.output
+    assert "full cache" in table.stdout and "knorm keep 0.5" in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    assert "not counted" in table.stdout
