@@ -198,6 +198,14 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
     return row
 
 
+def _block(split: list[tuple[list[int], list[int] | None]]):
+    """(ids, question) of a batch's rows for run_generation: one row as plain lists (batch 1,
+    as before), several as lists of rows."""
+    if len(split) == 1:
+        return split[0]
+    return [ids for ids, _ in split], (None if split[0][1] is None else [q for _, q in split])
+
+
 class _Heartbeat:
     """Refreshes the run's heartbeat while cells run, so readers on other hosts can tell a
     long forward pass from a dead process (add_sample beats too, but a cell can be long)."""
@@ -327,8 +335,8 @@ class Runner:
         # the batch of the longest prompt, as many rows as the largest batch: the shapes the run allocates
         longest = max(self.batches, key=lambda b: (len(self.samples[b[0].sample_index].prompt_ids), len(b)))
         split = [self._split(self.samples[c.sample_index]) for c in longest]
-        ids, question = [s[0] for s in split], (None if split[0][1] is None else [s[1] for s in split])
-        self.warm_prompt_tokens = len(split) * (len(ids[0]) + len(question[0] if question else ()))
+        ids, question = _block(split)
+        self.warm_prompt_tokens = len(split) * (len(split[0][0]) + len(split[0][1] or ()))
         return [run_generation(self.loaded.model, ids, pc, n, question_ids=question,
                                prefill_chunk=self.cfg.prefill_chunk)
                 for pc, n in warm_up_plan(planned, self.new_tokens)]
@@ -440,12 +448,12 @@ class Runner:
             for i, sample in zip(rows, samples):
                 if i not in ppl_ctx and cfg.task == "lm":
                     ppl_ctx[i] = context_perplexity(lm.model, sample.prompt_ids)
-            split = [self._split(s) for s in samples]
-            question = None if split[0][1] is None else [q for _, q in split]
+            ids, question = _block([self._split(s) for s in samples])
             stop = cfg.stop_at_eos and isinstance(samples[0], QuestionSample)
-            res = run_generation(lm.model, [ids for ids, _ in split], pc, self._new_tokens(samples[0]),
+            seeds = [cfg.seed + i for i in rows]
+            res = run_generation(lm.model, ids, pc, self._new_tokens(samples[0]),
                                  sampling=cfg.sampling, temperature=cfg.temperature,
-                                 seed=[cfg.seed + i for i in rows], tokenizer=lm.tokenizer,
+                                 seed=seeds[0] if len(seeds) == 1 else seeds, tokenizer=lm.tokenizer,
                                  question_ids=question, prefill_chunk=cfg.prefill_chunk,
                                  stop_ids=self.stop_ids if stop else None)
             results = res.split()
