@@ -93,6 +93,9 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # progress lines go to stderr, one per step
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
