@@ -392,8 +392,14 @@ class Runner:
         cfg = self.cfg
         ppl_ctx: dict[int, float] = {}
         outputs: dict[tuple[int, int], dict[str, list[int]]] = {}  # (sample, repeat) -> config key -> ids
+        unmatched = set()
         for row in self.prior_outputs:  # a resumed run's finished outputs
             outputs.setdefault((row.sample_index, row.repeat), {})[row.config_key] = row.generated_ids_json
+            if row.token_match is None:
+                unmatched.add((row.sample_index, row.repeat))
+        for i, r in sorted(unmatched):  # an interruption between storing a cell and its token match
+            if "none" in outputs[(i, r)]:
+                self._update_token_match(i, r, outputs[(i, r)], "none")
         n = 0
         for batch in self.batches:
             pc, r = batch[0].config, batch[0].repeat

@@ -87,6 +87,8 @@ def test_resume_reruns_a_batch_with_a_missing_row_and_stores_only_that_row(tiny_
     with con:
         con.execute("DELETE FROM samples WHERE run_id=? AND sample_index=1 AND config_key=?", (run_id, KEY))
         con.execute("UPDATE runs SET status='interrupted', samples_done=samples_done-1 WHERE id=?", (run_id,))
+        # and as if stopped between storing sample 3's cell and its token match: resume fills it in
+        con.execute("UPDATE samples SET token_match=NULL WHERE run_id=? AND sample_index=3", (run_id,))
     kept_id = con.execute("SELECT id FROM samples WHERE run_id=? AND sample_index=0 AND config_key=?",
                           (run_id, KEY)).fetchone()
     res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
@@ -98,6 +100,7 @@ def test_resume_reruns_a_batch_with_a_missing_row_and_stores_only_that_row(tiny_
     assert con.execute("SELECT id FROM samples WHERE run_id=? AND sample_index=0 AND config_key=?",
                        (run_id, KEY)).fetchone() == kept_id  # the stored row was kept, not replaced
     after = _rows(con, run_id)
+    assert con.execute("SELECT count(*) FROM samples WHERE token_match IS NULL").fetchone() == (0,)
     assert after[(1, KEY)][0] == before[(1, KEY)][0] and after[(1, KEY)][1] == 2
 
 
