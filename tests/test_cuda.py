@@ -89,3 +89,31 @@ def test_the_random_press_keeps_the_same_entries_on_the_gpu_as_on_the_cpu(model)
     Compressor(cfg, 8, seed=3).after_forward(cpu, prefill=True)
     for g, c in zip(gpu.layers, cpu.layers):
         assert torch.equal(g.keys.cpu(), c.keys) and torch.equal(g.values.cpu(), c.values)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=lambda c: c.key)
+def test_a_model_split_over_two_gpus_cuts_each_layer_on_its_own_gpu(model, cfg, tmp_path):
+    """--device-map: layers 0-3 on cuda:0, 4-7 on cuda:1; each cache layer lives (and is cut) on
+    its layer's GPU, tokens and kept counts equal the one-GPU model's, and the peak is summed
+    over both GPUs."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    placed = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+              **{f"model.layers.{i}": 0 if i < 4 else 1 for i in range(8)}}
+    split = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map=placed).eval()
+    ids = _ids(1024, seed=5)
+    a = run_generation(model, ids, cfg, 16)
+    b = run_generation(split, ids, cfg, 16)
+    assert a.token_ids == b.token_ids and a.kv_entries_final == b.kv_entries_final
+    assert b.memory.kind == "cuda_max_memory_allocated_sum_2_gpus"
+    cache = new_cache(split, capacity=64)
+    with torch.inference_mode():
+        split(input_ids=ids[:, :32].to("cuda:0"), position_ids=torch.arange(32, device="cuda:0").view(1, -1),
+              **cache_kwargs(split, cache))
+    assert [layer.keys.device.index for layer in cache.layers] == [0] * 4 + [1] * 4
+    comp = Compressor(cfg, 8, model=split)
+    assert comp.after_forward(cache, prefill=True)
+    assert all(layer.keys.shape[-2] == 16 and layer.keys.device.index == (0 if i < 4 else 1)
+               for i, layer in enumerate(cache.layers))

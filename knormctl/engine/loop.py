@@ -21,7 +21,7 @@ from knormctl.engine.compress import Compressor, kv_size
 from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult
-from knormctl.engine.timing import MemoryProbe, synchronizer
+from knormctl.engine.timing import MemoryProbe, model_device, model_devices, synchronizer
 from knormctl.errors import UsageError
 from knormctl.stats import Latency
 
@@ -66,21 +66,19 @@ class CachedForward:
         self.ledger.rebase()
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 class TokenPicker:
     """Greedy by default; seeded multinomial sampling when asked."""
 
-    def __init__(self, sampling: bool, temperature: float, seed: int, device: torch.device):
-        self.sampling, self.temperature = sampling, temperature
-        self.gen = torch.Generator(device=device).manual_seed(seed) if sampling else None
+    def __init__(self, sampling: bool, temperature: float, seed: int):
+        self.sampling, self.temperature, self.seed = sampling, temperature, seed
+        self.gen = None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         last = logits[:, -1, :]
         if not self.sampling:
             return last.argmax(dim=-1, keepdim=True)
+        if self.gen is None:  # on the logits' device (a mapped model's last device may not be the first)
+            self.gen = torch.Generator(device=last.device).manual_seed(self.seed)
         probs = torch.softmax(last.float() / self.temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=self.gen)
 
@@ -133,12 +131,13 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         check_cut_supported(model)
     if prefill_chunk < 0:
         raise UsageError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
-    sync = synchronizer(device)
-    pick = TokenPicker(sampling, temperature, seed, device)
+    devices = model_devices(model)
+    sync = synchronizer(devices)
+    pick = TokenPicker(sampling, temperature, seed)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0)
     cache = new_cache(model, capacity=prompt_len + q_len + max_new_tokens - 1, buffered=kv_buffer)
     fwd = CachedForward(model, cache)
-    probe = MemoryProbe(device)
+    probe = MemoryProbe(devices)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model, seed=seed)  # last: it may hook the model
     if prefill_chunk and comp.evicts and (why := chunked_prefill_refusal(comp.press)) is not None:
         comp.close()

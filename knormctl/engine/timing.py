@@ -1,6 +1,10 @@
 """Device synchronisation and peak-memory probes, one per device kind.
 
-CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` (exact, per sample).
+A model placed across several devices (``--device-map``, engine/models.py) is synchronised
+and measured on every device it uses (``model_devices``).
+
+CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` (exact, per sample); across
+several GPUs the sum of each GPU's peak (an upper bound of the simultaneous total).
 CPU (Linux): the kernel's resident-set high-water mark (VmHWM), reset per sample by
 writing "5" to /proc/self/clear_refs -- exact for the whole process, weights included.
 Elsewhere: a sampled figure when the device offers one, else None with the reason.
@@ -17,11 +21,41 @@ import torch
 from knormctl.engine.result import MemoryPeak
 
 
-def synchronizer(device: torch.device):
-    """A no-arg callable that waits for queued device work (no-op on CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
+def model_device(model) -> torch.device:
+    """Where the input ids go: the input embeddings' device (the first of a mapped model's
+    devices; accelerate's hooks move each layer's inputs to its own device)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
+
+
+def model_devices(model) -> list[torch.device]:
+    """The devices holding the model's parameters, in the order the layers use them (one for a
+    model on one device; several under a ``device_map``)."""
+    seen: dict[torch.device, None] = {}
+    for p in model.parameters():
+        if p.device.type != "meta":  # offloaded weights: accelerate loads them onto a GPU per forward
+            seen.setdefault(p.device, None)
+    return list(seen) or [torch.device("cpu")]
+
+
+def _devices(device) -> list[torch.device]:
+    return [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else [torch.device(device)]
+
+
+def synchronizer(device):
+    """A no-arg callable that waits for queued work on ``device`` (one device or a list of
+    them: every GPU a mapped model uses); a no-op on CPU."""
+    devices = _devices(device)
+    cuda = [d for d in devices if d.type == "cuda"]
+    if len(cuda) == 1:
+        return lambda: torch.cuda.synchronize(cuda[0])
+    if cuda:
+        def sync_all() -> None:
+            for d in cuda:
+                torch.cuda.synchronize(d)
+        return sync_all
+    if any(d.type == "mps" for d in devices):
         return torch.mps.synchronize
     return lambda: None
 
@@ -48,10 +82,15 @@ def reset_rss_peak() -> bool:
 
 
 class MemoryProbe:
-    """``start()`` before a sample, ``stop()`` after: returns a MemoryPeak (never NaN)."""
+    """``start()`` before a sample, ``stop()`` after: returns a MemoryPeak (never NaN).
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    ``device``: one device, or the list a mapped model uses -- the GPUs among them are
+    measured (the sum of their peaks; CPU-offloaded weights are not in CUDA's counters)."""
+
+    def __init__(self, device):
+        devices = _devices(device)
+        self.cuda = [d for d in devices if d.type == "cuda"]
+        self.device = self.cuda[0] if self.cuda else devices[0]
         self._thread = None
         self._peak = 0
         self._stop = threading.Event()
@@ -59,8 +98,9 @@ class MemoryProbe:
 
     def start(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for d in self.cuda:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
         elif self.device.type == "cpu":
             self._hwm_ok = reset_rss_peak() and read_rss_peak() is not None
         elif self.device.type == "mps":
@@ -75,8 +115,12 @@ class MemoryProbe:
 
     def stop(self) -> MemoryPeak:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return MemoryPeak(torch.cuda.max_memory_allocated(self.device), "cuda_max_memory_allocated")
+            for d in self.cuda:
+                torch.cuda.synchronize(d)
+            peak = sum(torch.cuda.max_memory_allocated(d) for d in self.cuda)
+            kind = "cuda_max_memory_allocated" if len(self.cuda) == 1 else \
+                f"cuda_max_memory_allocated_sum_{len(self.cuda)}_gpus"
+            return MemoryPeak(peak, kind)
         if self.device.type == "cpu":
             if self._hwm_ok:
                 return MemoryPeak(read_rss_peak(), "cpu_process_rss_peak")
