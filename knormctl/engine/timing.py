@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +59,49 @@ def synchronizer(device):
     if any(d.type == "mps" for d in devices):
         return torch.mps.synchronize
     return lambda: None
+
+
+class StepClock:
+    """The timestamps of one generation: ``start()`` before the prefill, ``mark()`` once each
+    token is picked; ``offsets()`` at the end gives each mark's seconds since the start.
+
+    On one CUDA device, CUDA events recorded on the stream: the GPU stamps each token when it
+    has computed it, and the host never waits for the GPU between steps -- it queues the next
+    step's kernels while the GPU runs this one, as a deployed decode loop does (a host sync
+    per step would add its latency to every step). Elsewhere (CPU, MPS, a model split over
+    several devices, whose events could not be compared): the host clock after a device sync.
+    """
+
+    def __init__(self, devices):
+        devices = _devices(devices)
+        self.events = len(devices) == 1 and devices[0].type == "cuda"
+        self.kind = "cuda_events" if self.events else "host_clock"
+        self._sync = synchronizer(devices)
+        self._marks: list = []
+
+    def _now(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        self._sync()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self.events:
+            self._sync()  # nothing queued before the start counts
+        self._marks = [self._now()]
+
+    def mark(self) -> None:
+        self._marks.append(self._now())
+
+    def offsets(self) -> list[float]:
+        """Seconds from the start to each mark (one device sync on CUDA, here, at the end)."""
+        first = self._marks[0]
+        if self.events:
+            self._marks[-1].synchronize()
+            return [first.elapsed_time(m) / 1000.0 for m in self._marks[1:]]
+        return [m - first for m in self._marks[1:]]
 
 
 _HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
