@@ -13,8 +13,12 @@ Part (e), needing no files (~1-2 minutes on an H100): the Llama-3.1-8B shape (32
 8 KV heads, head_dim 128; random bf16 weights from a LlamaConfig) at a 32k-token prompt,
 prefill keep 0.5: max_memory_allocated of the full cache vs knorm vs streaming, target
 "compression never raises the peak" (issue 10).
+Part (f), on the same model (benchmarks/gpu_targets.py): issue 16's targets -- the decode
+step against the memory floor, the keep-0.5 step against the floor's ratio, the spread of
+one configuration's rounds, and the peak with --prefill-chunk 4096.
 
-    python benchmarks/gpu_check.py --parts e                            # the 8B-shape memory check
+    python benchmarks/gpu_check.py --parts ef                           # the 8B-shape checks, no files needed
+    python benchmarks/gpu_check.py --parts ef --device cpu --quick      # dry run anywhere (a tiny shape)
     python benchmarks/gpu_check.py --model-dir DIR --text FILE          # all parts; DIR: config.json (+ tokenizer)
     python benchmarks/gpu_check.py --model-dir DIR --device cpu --quick # dry run anywhere (e: a tiny shape)
 Prepare DIR from a machine that has the model: copy config.json, tokenizer.json and
@@ -120,27 +124,35 @@ TINY_SHAPE = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_h
                   num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192)
 
 
-def peak_memory_8b(args, repeats: int) -> list[list[str]]:
-    """(e): max_memory_allocated per configuration (the worst of its rounds), full cache first."""
+def build_8b(args):
+    """(model, prompt ids, new tokens): the Llama-3.1-8B shape with random bf16 weights, built on
+    the device (seconds, not a CPU init and a copy), and a random 32k-token prompt; --quick: a
+    tiny shape and a 1024-token prompt."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape, prompt, n = (TINY_SHAPE, 1024, 4) if args.quick else (LLAMA_8B_SHAPE, 32768, 8)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(args.seed))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c.log(f"{shape['num_hidden_layers']} layers, {prompt}-token prompt, weights {weights / 2**30:.2f} GiB")
+    return model, ids, n
+
+
+def peak_memory_8b(args, model, ids, n: int, repeats: int) -> list[list[str]]:
+    """(e): max_memory_allocated per configuration (the worst of its rounds), full cache first."""
     from knormctl.config import PressConfig
     from knormctl.engine.loop import run_generation
 
-    shape, prompt, n = (TINY_SHAPE, 1024, 4) if args.quick else (LLAMA_8B_SHAPE, 32768, 8)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16
-    with torch.device(args.device):  # initialise on the device: seconds, not a CPU init + copy
-        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=dtype).eval()
+    prompt = ids.shape[1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(args.seed))
     cfgs = {"full cache": PressConfig().validate(),
             "knorm 0.5": PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(),
                                      mode="prefill").validate(),
             "streaming 0.5": PressConfig(press="streaming", keep_ratio=0.5, prune_after=0, skip_layers=(),
                                          mode="prefill").validate()}
-    c.log(f"(e) {shape['num_hidden_layers']} layers, {prompt}-token prompt, weights {weights / 2**30:.2f} GiB")
     res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
                         repeats)
     peak = {k: max(r.memory.bytes or 0 for r in v) for k, v in res.items()}
@@ -158,9 +170,19 @@ def peak_memory_8b(args, repeats: int) -> list[list[str]]:
             notes=[f"weights {c.mib(weights)} MiB; peak = the highest of {repeats} interleaved round(s)",
                    "CPU peaks are the whole process's RSS high-water mark: indicative only"
                    if args.device == "cpu" else "torch.cuda.max_memory_allocated, reset per sample by the engine"])
-    del model
     return [["bf16", f"(e) {k} peak - full cache peak (MiB)", r[2], r[5]] for k, r in zip(res, rows)
             if k != "full cache"]
+
+
+def issue16_targets(args, model, ids) -> list[list[str]]:
+    """(f): issue 16's decode-floor, repeatability and chunked-prefill targets (gpu_targets.py)."""
+    import gpu_targets as g
+
+    env = c.environment(args.device)
+    n = 8 if args.quick else 64
+    rows = g.decode_floor(model, ids, n, args.repeats, args.device, env.get("gpu_name"))
+    rows += g.chunked_peak(model, ids, 4 if args.quick else 8, 256 if args.quick else 4096)
+    return rows
 
 
 def main() -> None:
@@ -168,9 +190,9 @@ def main() -> None:
     p.set_defaults(device="cuda")
     p.add_argument("--model-dir", type=Path, help="folder with config.json (+ tokenizer files); parts a-d")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--parts", default=None, help="which parts: abcd and/or e (default: all with --model-dir, else e)")
+    p.add_argument("--parts", default=None, help="which parts: abcd, e, f (default: all with --model-dir, else ef)")
     args = p.parse_args()
-    parts = args.parts or ("abcde" if args.model_dir else "e")
+    parts = args.parts or ("abcdef" if args.model_dir else "ef")
     if set(parts) & set("abcd") and args.model_dir is None:
         raise SystemExit("parts a-d need --model-dir (a folder with the model's config.json)")
     args.text = None if args.text == c.DEFAULT_TEXT else args.text.removeprefix("text:")  # a plain file here
@@ -188,11 +210,16 @@ def main() -> None:
 
     t_start = time.perf_counter()
     summary = []
-    if "e" in parts:
-        c.header("GPU check (e): peak memory at the Llama-3.1-8B shape (random weights)", args, {
+    if set(parts) & set("ef"):
+        c.header("GPU check (e, f): the Llama-3.1-8B shape (random weights)", args, {
             "weights": "RANDOM (built from a LlamaConfig): timing and memory only, tokens mean nothing",
             "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
-        summary += peak_memory_8b(args, args.repeats)
+        model, ids, n_e = build_8b(args)
+        if "e" in parts:
+            summary += peak_memory_8b(args, model, ids, n_e, args.repeats)
+        if "f" in parts:
+            summary += issue16_targets(args, model, ids)
+        del model
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -19,6 +19,7 @@ from knormctl.tasks import catalog as tasks
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 TASKS = ("lm", *tasks.QUESTION_TASKS)
 PPL_METHODS = ("teacher-forced", "stream")
 
@@ -106,6 +107,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "auto"
+    device_map: str | None = None  # accelerate places the layers over several devices (--device-map)
     threads: int | None = None
     seed: int = 0
     trust_remote_code: bool = False
@@ -175,6 +177,12 @@ class RunConfig:
             raise unknown_choice("--dtype", "dtype", self.dtype, DTYPES)
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
+        if self.device_map is not None:
+            if self.device_map not in DEVICE_MAPS:
+                raise unknown_choice("--device-map", "strategy", self.device_map, DEVICE_MAPS)
+            if self.device != "auto":
+                raise ConfigError(f"--device-map {self.device_map} places the model on the devices itself: "
+                                  f"leave out --device {self.device}")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -266,12 +266,16 @@ class Runner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = launcher_device(cfg.device, torch.cuda.is_available())  # torchrun: cuda:LOCAL_RANK
-        if loaded is not None and (loaded.requested, loaded.dtype) == (cfg.model, cfg.dtype) and \
-                (cfg.device == "auto" or loaded.device.startswith(device)):
+        if cfg.device_map is not None and device != cfg.device:
+            raise UsageError(f"--device-map {cfg.device_map} under torchrun: every rank would place the model "
+                             "over every GPU; run one process per mapped model")
+        if loaded is not None and (loaded.requested, loaded.dtype, loaded.device_map) == \
+                (cfg.model, cfg.dtype, cfg.device_map) and (cfg.device == "auto" or loaded.device.startswith(device)):
             self.loaded = loaded
         else:
             self.loaded = load_model(cfg.model, dtype=cfg.dtype, device=device,
-                                     trust_remote_code=cfg.trust_remote_code, progress=self.progress)
+                                     trust_remote_code=cfg.trust_remote_code, progress=self.progress,
+                                     device_map=cfg.device_map)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
         check_model_support(self.loaded.model, self.configs)

@@ -38,7 +38,7 @@ fi
 # run cannot pass on the wrong stack), and checks which name each end reads the cache under.
 COMPAT_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_families.py tests/test_cli_run.py tests/test_presses.py
               tests/test_passkey.py tests/test_protocols.py tests/test_kvpress_parity.py tests/test_cuda.py
-              tests/test_repeats.py tests/test_kvbuffer.py tests/test_prefill_chunk.py)
+              tests/test_repeats.py tests/test_kvbuffer.py tests/test_prefill_chunk.py tests/test_device_map.py)
 if bash scripts/setup_compat.sh; then
   KNORMCTL_EXPECT_TRANSFORMERS=5.2.0 .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" \
     "${COMPAT_TESTS[@]}"

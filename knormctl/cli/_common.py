@@ -142,6 +142,9 @@ SeedOpt = Annotated[int, _opt("--seed", panel=DATA, metavar="N",
 ModelOpt = Annotated[str, _opt("--model", panel=MODEL, metavar="NAME",
                                help="Hub id, local folder, .gguf file, or the offline alias smollm2-135m.")]
 DeviceOpt = Annotated[str, _opt("--device", panel=MODEL, metavar="DEV", help="auto, cpu, cuda[:N] or mps.")]
+DeviceMapOpt = Annotated[str | None, _opt("--device-map", panel=MODEL, metavar="HOW",
+                                          help="Spread a model too large for one GPU over all of them "
+                                               "(accelerate): auto, balanced, balanced_low_0 or sequential.")]
 DtypeOpt = Annotated[str, _opt("--dtype", panel=MODEL, metavar="DTYPE", help="float32, bfloat16 or float16.")]
 ThreadsOpt = Annotated[int | None, _opt("--threads", panel=MODEL, metavar="N",
                                         help="torch CPU threads (default: torch's choice).")]

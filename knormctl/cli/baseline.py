@@ -21,6 +21,7 @@ def baseline(
     seed: o.SeedOpt = 0,
     model: o.ModelOpt = "smollm2-135m",
     device: o.DeviceOpt = "auto",
+    device_map: o.DeviceMapOpt = None,
     dtype: o.DtypeOpt = "float32",
     threads: o.ThreadsOpt = None,
     trust_remote_code: o.TrustOpt = False,

@@ -12,7 +12,7 @@ from knormctl.config import PressConfig
 from knormctl.engine.loop import as_input_ids, model_device, run_generation
 from knormctl.engine.quality import compressed_perplexity
 from knormctl.engine.result import GenerationResult
-from knormctl.engine.timing import synchronizer
+from knormctl.engine.timing import model_devices, synchronizer
 from knormctl.stats import Latency
 
 
@@ -61,7 +61,7 @@ def reference_generate(model, input_ids, max_new_tokens: int) -> dict:
     """
     device = model_device(model)
     ids = as_input_ids(input_ids, device)
-    sync = synchronizer(device)
+    sync = synchronizer(model_devices(model))
     clock = _TokenClock(sync)
     sync()
     t0 = time.perf_counter()

@@ -71,15 +71,17 @@ class RowPicker:
     """Greedy by default (argmax per row: no draws); seeded multinomial sampling when asked,
     one generator per row so row j draws what it draws alone with its seed."""
 
-    def __init__(self, sampling: bool, temperature: float, seeds: list[int], device: torch.device):
-        self.sampling, self.temperature = sampling, temperature
-        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds] if sampling else []
+    def __init__(self, sampling: bool, temperature: float, seeds: list[int]):
+        self.sampling, self.temperature, self.seeds = sampling, temperature, seeds
+        self.gens: list[torch.Generator] = []
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, n, V) logits -> (B, 1) next ids."""
         last = logits[:, -1, :]
         if not self.sampling:
             return last.argmax(dim=-1, keepdim=True)
+        if not self.gens:  # on the logits' device (a mapped model's last device may not be the first)
+            self.gens = [torch.Generator(device=last.device).manual_seed(s) for s in self.seeds]
         probs = torch.softmax(last.float() / self.temperature, dim=-1)
         return torch.cat([torch.multinomial(probs[j:j + 1], 1, generator=g) for j, g in enumerate(self.gens)])
 

@@ -92,7 +92,8 @@ def memory_kind(device: torch.device) -> str:
 def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: int, budget: int, *,
             prefill_chunk: int = 0) -> Probe:
     """One real generation of ``batch`` copies of ``prompt``: its peak memory and decode step."""
-    from knormctl.engine.loop import model_device, run_generation
+    from knormctl.engine.loop import run_generation
+    from knormctl.engine.timing import model_device
 
     device = model_device(model)
     try:
@@ -111,7 +112,7 @@ def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new
                   max_batch: int, prefill_chunk: int = 0,
                   progress: Callable[[str], None] = lambda s: None) -> Capacity:
     """The largest batch of ``prompt`` under ``cfg`` whose generation fits ``budget`` bytes."""
-    from knormctl.engine.loop import model_device
+    from knormctl.engine.timing import model_device
 
     if new_tokens < 2:
         raise UsageError("--max-new-tokens must be >= 2: the decode step is what is timed")

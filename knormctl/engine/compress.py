@@ -165,31 +165,33 @@ class Compressor:
             return cut
         layers = cache.layers
         kr, budget = self.cfg.keep_ratio, self.cfg.prune_after
-        # Group the layers to cut by (length, kept count): all equal unless layers were skipped
-        # or the press sets per-layer budgets.
-        groups: dict[tuple[int, int], list[int]] = {}
+        # Group the layers to cut by (device, length, kept count): all equal unless layers were
+        # skipped, the press sets per-layer budgets, or a device map spreads the layers over
+        # several devices (a group's scores are stacked: one device per group).
+        groups: dict[tuple[torch.device, int, int], list[int]] = {}
         for i in self.active_layers:
-            length = layers[i].keys.shape[-2]
+            keys = layers[i].keys
+            length = keys.shape[-2]
             if length <= budget:
                 continue
             whole = length if of_length is None else of_length
             n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(whole, kr), whole, i, self.num_layers, kr)))
             if n_keep < length:
-                groups.setdefault((length, n_keep), []).append(i)
+                groups.setdefault((keys.device, length, n_keep), []).append(i)
         if not groups:
             if self.cfg.mode == "prefill" and last_chunk:
                 self._done_observing()
             return False  # nothing to evict costs nothing: no norm, no sort
         self._sync()
         t0 = time.perf_counter()
-        room = self.budget(layers[self.active_layers[0]].keys.device)
-        scored = [(self._scores(layers, ids, room), ids, n_keep) for (_, n_keep), ids in groups.items()]
-        check_scores([s for s, _, _ in scored], self.cfg.press)  # before anything is cut: one host sync
-        for scores, ids, n_keep in scored:
+        rooms = {device: self.budget(device) for device, _, _ in groups}
+        scored = [(self._scores(layers, ids, rooms[dev]), ids, n_keep, dev) for (dev, _, n_keep), ids in groups.items()]
+        check_scores([s for s, *_ in scored], self.cfg.press)  # before anything is cut: one host sync per device
+        for scores, ids, n_keep, dev in scored:
             if self._per_head:
                 self._cut_per_head(layers, ids, scores, n_keep)
             else:
-                self._cut(layers, ids, scores, n_keep, room)
+                self._cut(layers, ids, scores, n_keep, rooms[dev])
         if self.cfg.mode == "prefill" and last_chunk:
             self._done_observing()
         self._sync()
@@ -262,9 +264,12 @@ def check_scores(scores: list[torch.Tensor], press: str) -> None:
     every score compares (NaN compares false to everything, so heads would silently get
     different counts and their rows misalign). +-inf are fine and deliberate (streaming's
     sinks and ``keep_recent`` use +inf for "always keep"); ties among them are broken like
-    any tie. One ``.item()`` for the whole event: on a GPU, one host sync per event, where
-    the event already synchronises for its timing."""
-    if torch.stack([torch.isnan(s).any() for s in scores]).any().item():
+    any tie. One ``.item()`` per device for the whole event: on a GPU, one host sync per event,
+    where the event already synchronises for its timing."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for s in scores:
+        by_device.setdefault(s.device, []).append(torch.isnan(s).any())
+    if any(torch.stack(flags).any().item() for flags in by_device.values()):
         raise ValueError(f"press {press!r} gave NaN scores (e.g. a float16 overflow in its arithmetic): "
                          "the cut needs every entry ordered")
 

@@ -96,7 +96,8 @@ def get_environment(device: str | None = None) -> dict:
         "hostname": socket.gethostname(),
     }
     if torch.cuda.is_available():
-        index = (torch.device(device).index or 0) if device and device.startswith("cuda") else 0
+        first = device.split("+")[0] if device else None  # a mapped model: "cuda:0+cuda:1"
+        index = (torch.device(first).index or 0) if first and first.startswith("cuda") else 0
         props = torch.cuda.get_device_properties(index)
         env["gpu_name"] = props.name
         env["gpu_memory_bytes"] = int(props.total_memory)

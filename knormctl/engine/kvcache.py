@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from knormctl.engine.timing import model_device
 from knormctl.errors import KnormctlError, UsageError
 
 TESTED_TRANSFORMERS = "5.2.0 and 5.24.0"  # what CI runs (scripts/test.sh); pyproject allows >=5.2,<6
@@ -185,7 +186,7 @@ class CacheLedger:
 def probe_cache(model) -> None:
     """Three tokens of prefill and one decode step through the engine's own forward: raises
     CacheMismatchError at once (before a run writes anything) where the cache is not used."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = new_cache(model)
     ledger = CacheLedger(model, cache)
     kw = cache_kwargs(model, cache)

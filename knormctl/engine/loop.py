@@ -12,7 +12,6 @@ loudly instead of generating garbage).
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 
@@ -22,7 +21,7 @@ from knormctl.engine.compress import Compressor, kv_held_bytes, kv_size, n_keep_
 from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult, MemoryPeak
-from knormctl.engine.timing import MemoryProbe, synchronizer
+from knormctl.engine.timing import MemoryProbe, StepClock, model_device, model_devices, synchronizer
 from knormctl.errors import UsageError
 from knormctl.stats import Latency
 
@@ -67,8 +66,6 @@ class CachedForward:
         self.ledger.rebase()
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -86,7 +83,9 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
 
     Without ``question_ids``: TTFT = start of the prefill forward until the first token
     id is known. The post-prefill cut (if any) happens after that, and its time counts in
-    the first inter-token latency -- compression cannot change prefill time.
+    the first inter-token latency -- compression cannot change prefill time. On one CUDA
+    device every time comes from CUDA events, with no host sync between steps
+    (``timing.StepClock``); elsewhere from the host clock after a device sync.
 
     With ``question_ids`` (question tasks, kvpress's protocol): ``input_ids`` is the part
     that may be compressed; after its prefill and the cut, ``question_ids`` are fed in one
@@ -127,14 +126,16 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         check_cut_supported(model)
     if prefill_chunk < 0:
         raise UsageError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
-    sync = synchronizer(device)
-    pick = RowPicker(sampling, temperature, seeds, device)
+    devices = model_devices(model)
+    sync = synchronizer(devices)
+    pick = RowPicker(sampling, temperature, seeds)
     positions = torch.arange(prompt_len + q_len + max_new_tokens, device=device).unsqueeze(0).expand(batch, -1)
     rest = q_len + max_new_tokens - 1  # tokens fed after the prompt
     holds = chunk_holds(cfg, model, prompt_len, prefill_chunk, rest) if prefill_chunk else None
     cache = new_cache(model, capacity=prompt_len + rest, buffered=kv_buffer, holds=holds)
     fwd = CachedForward(model, cache)
-    probe = MemoryProbe(device)
+    probe = MemoryProbe(devices)
+    clock = StepClock(devices)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model,  # last: it may hook the model
                       seed=seeds[0] if batch == 1 else seeds)
     if batch > 1 and comp.evicts and (why := batch_refusal(comp.press)) is not None:
@@ -146,7 +147,6 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     # In prefill mode with a chunked prefill, every cut keeps what a cut of the whole prompt would.
     whole = prompt_len if prefill_chunk and cfg.mode == "prefill" else None
     kv_entries_peak = kv_bytes_peak = held_peak = 0
-    steps: list[float] = []
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
         nonlocal kv_entries_peak, kv_bytes_peak, held_peak
@@ -160,8 +160,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
 
     try:
         probe.start()
-        sync()
-        t0 = time.perf_counter()
+        clock.start()
         if prefill_chunk and prompt_len > prefill_chunk:
             out = prefill(fwd, ids, positions[:, :prompt_len], prefill_chunk, account, cut)
         else:
@@ -171,13 +170,12 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
             cut(prefill=True)  # the question is read through the compressed cache
             out = feed(fwd, q_ids, positions[:, prompt_len:prompt_len + q_len], stepwise=not uniform_lengths(cache))
         token = pick(out.logits)
-        sync()
-        t_prev = time.perf_counter()
-        ttft = t_prev - t0
+        clock.mark()  # the first token is known: TTFT
         tokens = [token]
         start = prompt_len + q_len
-        stops = torch.tensor(sorted({int(i) for i in stop_ids}), device=device) if stop_ids else None
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        # on the tokens' device (a mapped model's last device may not be its first)
+        stops = torch.tensor(sorted({int(i) for i in stop_ids}), device=token.device) if stop_ids else None
+        stopped = torch.zeros(batch, dtype=torch.bool, device=token.device)
         for step in range(1, max_new_tokens):
             if stops is not None:  # bool(): a device sync, paid only when asked to stop
                 stopped |= torch.isin(token[:, 0], stops)
@@ -189,19 +187,17 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
             out = fwd(token, positions[:, pos:pos + 1])
             token = pick(out.logits)
             tokens.append(token)
-            sync()
-            t = time.perf_counter()
-            steps.append(t - t_prev)
-            t_prev = t
+            clock.mark()
         # No cut after the last forward: no token would ever read it, so it would only add
         # an event, compress time and a smaller "final" cache that nothing used.
         account()
-        total = t_prev - t0
+        marks = clock.offsets()
         memory = probe.stop()
     finally:
         comp.close()
     kv_entries_final, kv_bytes_final = kv_size(cache)
-
+    ttft, total = marks[0], marks[-1]
+    steps = [b - a for a, b in zip(marks, marks[1:])]
     res = _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
                   kv_entries_peak, kv_entries_final, comp)
     res.kv_bytes_held_peak = held_peak

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from knormctl.options import did_you_mean
+from knormctl.config import DEVICE_MAPS
+from knormctl.options import did_you_mean, unknown_choice
 from knormctl.engine.assets import hub_status, knormctl_home, pip_download, remove_quietly, short_reason
 from knormctl.errors import AssetError, UsageError
 
@@ -48,9 +49,10 @@ class LoadedModel:
     arch: str  # config.model_type, e.g. "llama", "gpt_neox"
     num_layers: int
     max_positions: int | None  # max_position_embeddings, when the config has it
-    device: str  # "cpu", "cuda:0", "mps"
+    device: str  # "cpu", "cuda:0", "mps"; a mapped model: its devices joined by "+" ("cuda:0+cuda:1")
     dtype: str  # "float32", "bfloat16", "float16"
     attn_implementation: str = "unknown"  # the attention kernel transformers chose: sdpa, eager, flash_attention_2
+    device_map: str | None = None  # accelerate's placement strategy, when the model spans devices
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,6 +79,28 @@ def resolve_device(device: str = "auto") -> str:
             raise UsageError("--device mps: MPS (Apple GPU) is not available on this machine")
         return "mps"
     raise UsageError(f"unknown device {device!r} (choose auto, cpu, cuda or mps)")
+
+
+def check_device_map(device_map: str, device: str) -> str:
+    """Refuse a device map knormctl does not pass on, or one given with an explicit device;
+    return a provisional device label (the real one is known once the model is placed)."""
+    if device_map not in DEVICE_MAPS:
+        raise unknown_choice("--device-map", "strategy", device_map, DEVICE_MAPS)
+    if device != "auto":
+        raise UsageError(f"--device-map {device_map} places the model on the devices itself: "
+                         f"leave out --device {device}")
+    return "auto"
+
+
+def mapped_devices(model) -> str:
+    """The devices a mapped model's layers sit on, in layer order, as one label: "cuda:0+cuda:1";
+    CPU- or disk-offloaded layers appear as "cpu" / "disk" (they run on a GPU, loaded per forward)."""
+    placed = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+    seen: dict[str, None] = {}
+    for where in placed.values():
+        seen.setdefault(f"cuda:{where}" if isinstance(where, int) else str(where), None)
+    label = "+".join(seen)
+    return label if len(label) <= 64 else f"{next(iter(seen))}+{len(seen) - 1} more"
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -228,7 +252,7 @@ def _from_pretrained(source: str, torch_dtype: torch.dtype, trust_remote_code: b
     return model, tokenizer
 
 
-def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None):
+def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None, **load):
     if not (folder / "config.json").exists():
         raise UsageError(f"model folder {folder} has no config.json (not a transformers model folder)")
     files = weight_files(folder)
@@ -238,25 +262,25 @@ def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: 
     announce()
     try:
         model, tokenizer = _from_pretrained(str(folder), torch_dtype, trust_remote_code,
-                                            use_safetensors=True if use_st else None)
+                                            use_safetensors=True if use_st else None, **load)
     except (OSError, ValueError, KeyError) as e:
         raise AssetError(f"could not load the model in {folder}: {short_reason(e)}") from None
     return model, tokenizer, str(folder.resolve()), weights_hash(files)
 
 
-def _load_gguf(path: Path, torch_dtype, trust_remote_code, announce=lambda: None):
+def _load_gguf(path: Path, torch_dtype, trust_remote_code, announce=lambda: None, **load):
     announce()
     try:
         with _quiet_stdio():  # the GGUF reader's own tqdm bar
             model, tokenizer = _from_pretrained(str(path.parent), torch_dtype, trust_remote_code,
-                                                gguf_file=path.name)
+                                                gguf_file=path.name, **load)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise AssetError(f"could not load GGUF file {path}: {short_reason(e)} "
                          "(transformers needs the 'gguf' and 'accelerate' packages)") from None
     return model, tokenizer, str(path.resolve()), weights_hash([path])
 
 
-def _load_hub(name: str, torch_dtype, trust_remote_code, announce=lambda: None):
+def _load_hub(name: str, torch_dtype, trust_remote_code, announce=lambda: None, **load):
     from transformers import AutoConfig
 
     reachable, why = hub_status()
@@ -276,46 +300,58 @@ def _load_hub(name: str, torch_dtype, trust_remote_code, announce=lambda: None):
         kwargs["revision"] = commit  # model and tokenizer from the same snapshot as the config
     announce()  # the weights may be gigabytes to download: say so before, not after
     try:
-        model, tokenizer = _from_pretrained(name, torch_dtype, trust_remote_code, **kwargs)
+        model, tokenizer = _from_pretrained(name, torch_dtype, trust_remote_code, **kwargs, **load)
     except (OSError, ValueError, KeyError) as e:
         raise AssetError(f"could not load model {name!r} from the Hugging Face Hub: {short_reason(e)}") from None
     return model, tokenizer, f"{name}@{commit}" if commit else name, commit
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-               progress: Callable[[str], None] | None = None) -> LoadedModel:
+               progress: Callable[[str], None] | None = None, device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on the resolved device.
 
     ``name``: the alias ``smollm2-135m``; a model folder (config.json + weights); a path to
     a ``.gguf`` file; otherwise a Hugging Face Hub id. Bad names and paths raise
     ``UsageError``; fetch or load failures raise ``AssetError``. Remote code runs only
     when ``trust_remote_code`` is True.
+
+    ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``): accelerate
+    places the layers over every GPU (and CPU, disk) for a model larger than one device;
+    ``device`` must then be ``auto``. The engine's cache and cut follow each layer's device.
     """
     torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)  # before any download: a wrong device fails at once
+    load: dict = {}
+    if device_map is not None:
+        dev = check_device_map(device_map, device)
+        load["device_map"] = device_map
+    else:
+        dev = resolve_device(device)  # before any download: a wrong device fails at once
 
     def announce() -> None:  # once the name is known good, so bad input stays one error line
         if progress:
             progress(f"loading model {name} ({dtype}, {dev})")
 
     if name == SMOLLM2_ALIAS:
-        model, tokenizer, resolved, model_hash = _load_folder(smollm2_folder(progress), torch_dtype, False, announce)
+        model, tokenizer, resolved, model_hash = _load_folder(smollm2_folder(progress), torch_dtype, False, announce, **load)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            model, tokenizer, resolved, model_hash = _load_folder(path, torch_dtype, trust_remote_code, announce)
+            model, tokenizer, resolved, model_hash = _load_folder(path, torch_dtype, trust_remote_code, announce, **load)
         elif path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise UsageError(f"model path {name} is a file but not a .gguf file "
                                  "(pass a model folder, a .gguf file, a Hub id or smollm2-135m)")
-            model, tokenizer, resolved, model_hash = _load_gguf(path, torch_dtype, trust_remote_code, announce)
+            model, tokenizer, resolved, model_hash = _load_gguf(path, torch_dtype, trust_remote_code, announce, **load)
         elif looks_like_path(name):
             raise UsageError(f"model path does not exist: {name}")
         else:
-            model, tokenizer, resolved, model_hash = _load_hub(name, torch_dtype, trust_remote_code, announce)
+            model, tokenizer, resolved, model_hash = _load_hub(name, torch_dtype, trust_remote_code, announce, **load)
 
     model.eval()
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
+    else:
+        dev = mapped_devices(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return LoadedModel(
         model=model,
@@ -329,6 +365,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
         device=dev,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         attn_implementation=attn_implementation(model),
+        device_map=device_map,
     )
 
 

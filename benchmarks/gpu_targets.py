@@ -1,0 +1,134 @@
+"""Issue 16's GPU targets at the Llama-3.1-8B shape (random bf16 weights, 32k-token prompt),
+run as part (f) of gpu_check.py on the model part (e) builds:
+
+  (f1) full-cache decode step / memory floor                            target <= 1.5
+  (f2) knorm keep 0.5 (prefill) step / full step, vs the floor's ratio  target within 0.05
+  (f3) the same configuration measured twice in one run                 target within 3 %
+  (f4) peak with --prefill-chunk 4096 at keep 0.5                       target <= weights + 0.6 x full KV + activations
+  (f5) largest batch within 70 GiB, keep 0.5 vs full cache              target >= 1.8x, higher tokens/s
+
+The memory floor of a decode step: every byte the step must read once -- the weights a
+token uses (all but the input embeddings, of which it reads one row) and the KV cache --
+over the GPU's memory bandwidth. The bandwidth is the datasheet's where the GPU is known
+(as issue 16 computed it: 3.35 TB/s for an H100 SXM) and a measured device copy otherwise;
+both are printed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common as c
+
+# Datasheet HBM bandwidths (bytes/s), matched against torch.cuda.get_device_name() in order.
+SPEC_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
+                  ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12)]
+
+
+def spec_bandwidth(name: str | None) -> float | None:
+    for key, bw in SPEC_BANDWIDTH:
+        if name and key in name:
+            return bw
+    return None
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes moved per second by a device-to-device copy (read + write), best of 5."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = c.sync_for(device)
+    best = float("inf")
+    for _ in range(6):  # the first is a warm-up
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / best
+
+
+def read_bytes_per_token(model) -> int:
+    """Weight bytes a decode step reads: every parameter but the input embeddings (one row of
+    them is read), unless they are tied to the output head (then the head reads them all)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if emb.data_ptr() == out.data_ptr() else total - emb.numel() * emb.element_size()
+
+
+def _cfg(press: str = "none", keep: float = 1.0):
+    from knormctl.config import PressConfig
+
+    if press == "none":
+        return PressConfig().validate()
+    return PressConfig(press=press, keep_ratio=keep, prune_after=0, skip_layers=(), mode="prefill").validate()
+
+
+def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
+    """(f1)-(f3): TPOT of the full cache and of knorm 0.5 against the floor; the same
+    configuration's rounds against each other. Returns summary rows."""
+    from knormctl.engine.loop import run_generation
+
+    cfgs = {"full cache": _cfg(), "knorm 0.5": _cfg("knorm", 0.5)}
+    res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
+                        max(2, repeats))
+    w = read_bytes_per_token(model)
+    measured = copy_bandwidth(device)
+    spec = spec_bandwidth(gpu_name) if device == "cuda" else None
+    bw = spec or measured
+    rows, tpot, floor = [], {}, {}
+    for k, runs in res.items():
+        tpot[k] = c.median([r.tpot_s for r in runs])
+        kv = c.median([(r.kv_bytes_peak + r.kv_bytes_final) / 2 for r in runs])  # the cache over the decode
+        floor[k] = (w + kv) / bw
+        rounds = [r.tpot_s for r in runs]
+        spread = (max(rounds) - min(rounds)) / min(rounds)
+        rows.append([k, c.ms(tpot[k], 2), c.ms(floor[k], 2), c.num(tpot[k] / floor[k], 2), c.mib(kv),
+                     " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread:.1f}%"])
+    c.table(f"(f1-f3) decode step vs the memory floor ({ids.shape[1]}-token prompt, {n} new tokens)",
+            ["configuration", "TPOT ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread"], rows,
+            notes=[f"bandwidth for the floor: {bw / 1e12:.2f} TB/s ({'datasheet' if spec else 'measured copy'}); "
+                   f"measured copy {measured / 1e12:.2f} TB/s; weights read per token {c.mib(w)} MiB",
+                   "TPOT: CUDA events, no host sync between steps (engine/timing.StepClock)"
+                   if device == "cuda" else "TPOT: host clock (CPU)"])
+    r_full = tpot["full cache"] / floor["full cache"]
+    r_keep, r_floor = tpot["knorm 0.5"] / tpot["full cache"], floor["knorm 0.5"] / floor["full cache"]
+    spreads = {row[0]: float(row[6].rstrip("%")) / 100 for row in rows}
+    return [["bf16", "(f1) full-cache step / floor", c.num(r_full, 2), c.verdict(r_full, 1.5)],
+            ["bf16", f"(f2) keep 0.5 step / full (floor ratio {r_floor:.3f})", c.num(r_keep),
+             "meets: within 0.05" if abs(r_keep - r_floor) <= 0.05 else "MISSES: not within 0.05"]] + \
+           [["bf16", f"(f3) {k}: spread of {len(res[k])} rounds", f"{100 * s:.1f}%", c.verdict(s, 0.03)]
+            for k, s in spreads.items()]
+
+
+def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
+    """(f4): the prompt prefilled ``chunk`` tokens at a time, with and without knorm 0.5. The
+    activations are what the full cache's chunked run holds above its weights and KV."""
+    from knormctl.engine.loop import run_generation
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    runs = {}
+    for name, cfg, size in [("full, one forward", _cfg(), 0), ("full, chunked", _cfg(), chunk),
+                            ("knorm 0.5, one forward", _cfg("knorm", 0.5), 0),
+                            ("knorm 0.5, chunked", _cfg("knorm", 0.5), chunk)]:
+        c.log(f"(f4) {name}")
+        runs[name] = run_generation(model, ids, cfg, n, prefill_chunk=size)
+    full = runs["full, chunked"]
+    kv_full = full.kv_bytes_peak
+    act = (full.memory.bytes or 0) - weights - kv_full
+    bound = weights + 0.6 * kv_full + act
+    peak = runs["knorm 0.5, chunked"].memory.bytes
+    c.table(f"(f4) peak memory, --prefill-chunk {chunk} vs one forward ({ids.shape[1]}-token prompt)",
+            ["configuration", "peak MiB", "KV peak MiB", "KV final MiB"],
+            [[k, c.mib(r.memory.bytes), c.mib(r.kv_bytes_peak), c.mib(r.kv_bytes_final)] for k, r in runs.items()],
+            notes=[f"weights {c.mib(weights)} MiB; activations (full, chunked: peak - weights - KV) {c.mib(act)} MiB",
+                   f"bound: weights + 0.6 x full KV + activations = {c.mib(bound)} MiB",
+                   f"a chunked prefill holds at most the budget plus one chunk: KV peak / full = 0.5 + {chunk} / "
+                   f"{ids.shape[1]} = {0.5 + chunk / ids.shape[1]:.3f} (the bound's 0.6 needs a chunk <= "
+                   f"{int(0.1 * ids.shape[1])} tokens)"])
+    ok = peak is not None and peak <= bound
+    return [["bf16", f"(f4) keep 0.5 chunked peak MiB (bound {c.mib(bound)})", c.mib(peak),
+             "meets" if ok else "MISSES"]]
