@@ -10,7 +10,7 @@ in noise (use --threads 1 there, so idle OpenMP threads spinning do not count as
 
   none  no warm-up at all
   old   the warm-up before issue 10: 4 tokens of the full cache + the first compressing config
-  new   the runner's warm-up (runner.warm_up_plan): the full cache for all the tokens, then every
+  new   the runner's warm-up (plan.warm_up_plan): the full cache for all the tokens, then every
         other configuration for WARMUP_TOKENS tokens
 
     python benchmarks/warmup.py --threads 2            # ~3-5 minutes on a 2-core CPU
@@ -42,7 +42,7 @@ def configs():
 def child(args) -> None:
     """One scheme in this (fresh) process; prints one JSON line of per-round TPOT/TTFT."""
     from knormctl.engine.loop import run_generation
-    from knormctl.runner import warm_up_plan
+    from knormctl.plan import warm_up_plan
 
     c.setup(args)
     lm = c.load(args)

@@ -136,7 +136,7 @@ class RunConfig:
     # the answer up to that token anyway, so only time changes -- and timings stop comparing
     stop_at_eos: bool = False
     repeats: int = 1  # measurement rounds of every (sample x configuration) cell (samples.repeat)
-    batch_size: int = 1  # samples of equal length generated together (runner.plan_batches; samples.batch_size)
+    batch_size: int = 1  # samples of equal length generated together (plan.plan_batches; samples.batch_size)
     # passkey task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])

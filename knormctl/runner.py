@@ -5,7 +5,8 @@ Order of work: validate input, load the model, check that the engine can handle 
 input leaves nothing behind. Then a warm-up of every planned configuration, then for
 each round (``--repeats``) and sample every configuration, the order rotating from
 sample to sample and round to round so that drift and a cold start cannot favour one
-configuration. One commit per finished cell.
+configuration (the plan: knormctl/plan.py). One commit per finished cell (its row:
+knormctl/sample_rows.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
-from knormctl.launch import launcher_device, parse_shard
+from knormctl.launch import launcher_device
 from knormctl.errors import UsageError
+from knormctl.plan import Cell, plan_batches, plan_cells, warm_up_plan
+from knormctl.sample_rows import load_samples, sample_fields
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
 from knormctl.store.liveness import owner
@@ -32,27 +35,6 @@ class Interrupted(KeyboardInterrupt):
     """Raised by the SIGTERM handler so SIGINT and SIGTERM take the same path."""
 
 
-# Warm-up (untimed, before the first timed cell), on the longest prompt: the full cache for
-# the run's whole token count -- the largest cache sizes the run will allocate, so the
-# device's memory pool holds them -- then every other planned configuration for
-# WARMUP_TOKENS tokens (its own kernels: the cut, its decode shapes). Measured in
-# docs/notes/engine.md.
-WARMUP_TOKENS = 16
-
-
-def warm_up_plan(configs: list[PressConfig], new_tokens: int) -> list[tuple[PressConfig, int]]:
-    """(configuration, tokens) of the warm-up generations, in order."""
-    plan = [(pc, new_tokens if pc.is_baseline else min(WARMUP_TOKENS, new_tokens)) for pc in configs]
-    return sorted(plan, key=lambda p: not p[0].is_baseline)  # the full cache first: it sizes the pool
-
-
-@dataclass
-class Cell:
-    sample_index: int
-    config: PressConfig
-    repeat: int = 0  # measurement round of the same (sample, configuration); 0 = the first
-
-
 @dataclass
 class Outcome:
     run_id: int
@@ -61,50 +43,6 @@ class Outcome:
     failed: int = 0
     planned: int = 0
     skipped_existing: int = 0
-
-
-def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None = None,
-               repeats: int = 1) -> list[Cell]:
-    """This shard's cells: every configuration of each of its samples, round after round.
-
-    A shard holds whole samples (shard I of N: samples I-1, I-1+N, ...), so a prompt's
-    compressed runs and its full-cache reference are measured on the same machine, in the
-    same process, and pair. Rounds (``repeats``) are outermost, so two rounds of a cell are
-    far apart in time: a drift or a cold start shows up as rounds that disagree. The order of
-    configurations rotates with the sample and the round, so no configuration keeps a slot.
-    """
-    k, total = parse_shard(shard) if shard else (1, 1)
-    n = len(configs)
-    cells = []
-    for r in range(repeats):
-        for i in range(k - 1, n_samples, total):
-            cells.extend(Cell(i, configs[(i + r + j) % n], r) for j in range(n))
-    return cells
-
-
-def plan_batches(cells: list[Cell], batch_size: int, shape_of: Callable[[int], tuple]) -> list[list[Cell]]:
-    """The cells grouped into the batches that run together (``--batch-size``; 1: one cell each).
-
-    A batch is up to ``batch_size`` samples of the same shape (``shape_of(sample_index)``: prompt
-    and question lengths and new tokens -- no padding, so only equal lengths batch), under one
-    configuration and round. Samples are grouped by shape in their order and cut into runs of
-    ``batch_size``; a group's last batch may be smaller (lm samples of one dataset share their
-    length; question tasks group by length, so odd lengths run in smaller batches). The order
-    of configurations still rotates, now from batch to batch.
-    """
-    if batch_size == 1:
-        return [[c] for c in cells]
-    order = list(dict.fromkeys(c.sample_index for c in cells))  # this shard's samples, in order
-    groups: dict[tuple, list[int]] = {}
-    for i in order:
-        groups.setdefault(shape_of(i), []).append(i)
-    runs = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
-    configs = list(dict.fromkeys(c.config.key for c in cells))
-    by_key = {c.config.key: c.config for c in cells}
-    repeats = sorted({c.repeat for c in cells})
-    n = len(configs)
-    return [[Cell(i, by_key[configs[(k + r + j) % n]], r) for i in rows]
-            for r in repeats for k, rows in enumerate(runs) for j in range(n)]
 
 
 def resume_config(store, run_id: int) -> RunConfig:
@@ -119,83 +57,6 @@ def resume_config(store, run_id: int) -> RunConfig:
     if run.status == m.RUNNING:
         raise UsageError(f"run {run_id} is still running ({owner(run)}); resume it once that process has stopped")
     return RunConfig.from_dict(run.config_json).validate()
-
-
-def prompt_budget(asked: int, max_positions: int | None, max_new: int, eval_tokens: int) -> int:
-    """Prompt tokens so that prompt + new tokens + evaluated tokens fit the model's context."""
-    if max_positions is None:
-        return asked
-    room = max_positions - max_new - eval_tokens
-    if room < 16:
-        raise UsageError(f"the model's context ({max_positions} tokens) cannot hold --max-new-tokens {max_new} "
-                         f"+ --eval-tokens {eval_tokens} and a prompt")
-    return min(asked, room)
-
-
-def load_samples(cfg: RunConfig, loaded, progress: Callable[[str], None], records=None) -> list:
-    """The run's samples: wikitext-like (short) first, then pg19-like (long); or a question
-    task's prompts (``records``: what ``tasks.build.fetch_records`` fetched from the Hub)."""
-    from knormctl.engine.text import make_samples
-
-    tok, maxpos = loaded.tokenizer, loaded.max_positions
-    if cfg.task in QUESTION_TASKS:
-        from knormctl.tasks.build import make_samples as task_samples
-
-        return task_samples(cfg, tok, maxpos, progress, records)
-    samples = []
-    if cfg.num_wikitext_samples:
-        n_tok = prompt_budget(cfg.wikitext_prompt_tokens, maxpos, cfg.max_new_tokens, cfg.eval_tokens)
-        samples += make_samples(cfg.wikitext_source, cfg.num_wikitext_samples, tok, n_tok, cfg.eval_tokens,
-                                cfg.seed, progress=progress)
-    if cfg.num_pg19_samples:
-        n_tok = prompt_budget(cfg.max_prompt_tokens, maxpos, cfg.max_new_tokens, cfg.eval_tokens)
-        samples += make_samples(cfg.pg19_source, cfg.num_pg19_samples, tok, n_tok, cfg.eval_tokens,
-                                cfg.seed + 1, progress=progress)
-    return samples
-
-
-def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None, *,
-                  protocol: str | None = None, answer: str | None = None, repeat: int = 0) -> dict:
-    """The store row for one cell (``res`` is a GenerationResult, or None when it failed).
-
-    Question samples also get their task columns; ``answer`` is the generated text as
-    scored (up to the first EOS), ``protocol`` what was compressed.
-    """
-    row = dict(
-        task="lm", repeat=repeat, dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
-        char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
-        config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
-        skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
-        ppl_context=ppl_context, error=error,
-    )
-    question = isinstance(sample, QuestionSample)
-    if question:
-        row.update(task=sample.task, subtask=sample.subtask, protocol=protocol, answers_json=sample.answers,
-                   needle_depth=sample.needle_depth, context_length=sample.context_length,
-                   question_tokens=sample.question_tokens, score_metric=sample.metric)
-        extra = {k: v for k, v in sample.extra.items() if k in ("chance", "truncated") and v is not None}
-        if extra:
-            row["extra_json"] = extra
-    if res is not None:
-        row.update(
-            new_tokens=res.new_tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s, itl_p50_s=res.itl_p50_s,
-            itl_p90_s=res.itl_p90_s, itl_p99_s=res.itl_p99_s, throughput_tps=res.throughput_tps,
-            total_s=res.total_s, peak_mem_bytes=res.memory.bytes, peak_mem_kind=res.memory.kind,
-            peak_mem_reason=res.memory.reason, kv_bytes_peak=res.kv_bytes_peak, kv_bytes_final=res.kv_bytes_final,
-            kv_entries_peak=res.kv_entries_peak, kv_entries_final=res.kv_entries_final,
-            compress_events=res.compress_events, compress_time_s=res.compress_time_s,
-            ppl_compressed=res.ppl_compressed, eval_tokens=res.eval_tokens, generated_text=res.text,
-            generated_ids_json=res.token_ids, step_latencies_json=res.step_latencies_s,
-        )
-        if question:
-            from knormctl.tasks.scoring import score
-
-            scored = res.text if answer is None else answer
-            row["score"] = score(sample.metric, scored, sample.answers, subtask=sample.subtask,
-                                 all_classes=sample.extra.get("all_classes"))
-            if scored != res.text:  # what was scored, when the output goes on past an EOS
-                row["extra_json"] = {**row.get("extra_json", {}), "answer": scored}
-    return row
 
 
 def _block(split: list[tuple[list[int], list[int] | None]]):

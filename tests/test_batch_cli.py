@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from knormctl.cli import app
 from knormctl.config import PressConfig
-from knormctl.runner import Cell, plan_batches, plan_cells
+from knormctl.plan import Cell, plan_batches, plan_cells
 
 runner = CliRunner()
 KEY = "knorm|kr=0.5|pa=8|skip=0|decode"

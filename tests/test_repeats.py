@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from knormctl.cli import app
 from knormctl.config import PressConfig
-from knormctl.runner import WARMUP_TOKENS, plan_cells
+from knormctl.plan import WARMUP_TOKENS, plan_cells
 
 runner = CliRunner()
 

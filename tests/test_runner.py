@@ -18,7 +18,7 @@ from knormctl.cli import app
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device, resolve_shard
 from knormctl.errors import UsageError
-from knormctl.runner import plan_cells
+from knormctl.plan import plan_cells
 from knormctl.store import RUNNING, open_store, utcnow
 
 runner = CliRunner()
