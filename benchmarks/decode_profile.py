@@ -94,28 +94,30 @@ class Markers:
 
 
 def categorize(events) -> tuple[dict[str, float], float, int, dict[str, float]]:
-    """Self CPU us per category over ``events`` (one profiler cycle), the summed wall of its
-    ProfilerStep ranges, their count, and self us per op name (for the notes)."""
-    cat = dict.fromkeys(CATEGORIES, 0.0)
+    """Per profiler step (= decode step): self CPU us per category and what no op accounts
+    for (the step's wall minus its ops). Returns the median of each over the steps (robust
+    to a burst of outside load in one step), the median step wall, the step count, and the
+    mean self us per step of each op name."""
+    def root(e):
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+        return e
+
+    steps = {id(e): e for e in events if e.name.startswith("ProfilerStep")}  # "ProfilerStep*"
+    per_step = {sid: dict.fromkeys(CATEGORIES, 0.0) for sid in steps}
     per_op: dict[str, float] = {}
-    wall, steps = 0.0, 0
-
-    def ancestors(e):
-        p = e.cpu_parent
-        while p is not None:
-            yield p.name
-            p = p.cpu_parent
-
     for e in events:
-        if e.name.startswith("ProfilerStep"):  # "ProfilerStep*" (the step ranges)
-            wall += e.cpu_time_total
-            steps += 1
-            continue
         if not e.name.startswith("aten::"):
             continue  # markers: their own self time is the profiler's, counted as "not in any op"
+        top = root(e)
+        if id(top) not in per_step:
+            continue  # outside the active steps
         op = e.name[6:]
-        self_us = e.self_cpu_time_total
-        up = set(ancestors(e))
+        up = set()
+        p = e.cpu_parent
+        while p is not None:
+            up.add(p.name)
+            p = p.cpu_parent
         if "knormctl.cache_append" in up:
             k = "cache append"
         elif "aten::scaled_dot_product_attention" in up or "scaled_dot_product" in op:
@@ -128,9 +130,15 @@ def categorize(events) -> tuple[dict[str, float], float, int, dict[str, float]]:
             k = "norm / rotary / elementwise"
         else:
             k = "other aten ops"
-        cat[k] += self_us
-        per_op[e.name] = per_op.get(e.name, 0.0) + self_us
-    return cat, wall, steps, per_op
+        per_step[id(top)][k] += e.self_cpu_time_total
+        per_op[e.name] = per_op.get(e.name, 0.0) + e.self_cpu_time_total
+    not_in = CATEGORIES[-1]
+    for sid, cats in per_step.items():
+        cats[not_in] = steps[sid].cpu_time_total - sum(cats.values())
+    n = len(steps)
+    med = {k: statistics.median(cats[k] for cats in per_step.values()) for k in CATEGORIES}
+    wall = statistics.median(e.cpu_time_total for e in steps.values())
+    return med, wall, n, {op: us / n for op, us in per_op.items()}
 
 
 def profile_run(lm, ids, cfg, n_steps: int):
@@ -162,7 +170,9 @@ def profile_run(lm, ids, cfg, n_steps: int):
 
 
 def bench(fn, reps: int, inner: int = 1) -> float:
-    """Median seconds of ``fn`` (``inner`` calls per sample), after 3 warm-up samples."""
+    """Fastest sample's seconds per call of ``fn`` (``inner`` calls per sample), after 3 warm-up
+    samples: the minimum, not the median, because a burst of outside load on these 2 shared
+    cores stalls a two-thread op for a whole scheduler slice and only ever adds time."""
     for _ in range(3):
         fn()
     xs = []
@@ -171,7 +181,7 @@ def bench(fn, reps: int, inner: int = 1) -> float:
         for _ in range(inner):
             fn()
         xs.append((time.perf_counter() - t0) / inner)
-    return statistics.median(xs)
+    return min(xs)
 
 
 def micro(lm, lengths, reps: int) -> dict:
@@ -191,12 +201,13 @@ def micro(lm, lengths, reps: int) -> dict:
     with torch.inference_mode():
         h = torch.randn(1, 1, cfg.hidden_size, dtype=dt)
         out["lm_head"] = bench(lambda: m.lm_head(h), reps, 5)
-        # the rest of the weights: one decoder layer's linears, times the layers
-        layer = m.model.layers[0]
-        lin = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
-        mlp = layer.mlp
-        out["q/k/v/o projections"] = L * bench(lambda: [f(h) for f in lin], reps, 5)
-        out["MLP"] = L * bench(lambda: mlp(h), reps, 5)
+        # the other weights, every layer's in turn: one layer's alone would stay in the CPU's
+        # caches between calls, where a decode step streams every weight from memory once
+        layers = m.model.layers
+        lin = [f for lay in layers for f in (lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj,
+                                             lay.self_attn.o_proj)]
+        out["q/k/v/o projections"] = bench(lambda: [f(h) for f in lin], reps)
+        out["MLP"] = bench(lambda: [lay.mlp(h) for lay in layers], reps)
         q = torch.randn(1, 1, H, D, dtype=dt).transpose(1, 2)  # as q_proj(...).view(...).transpose(1, 2)
         scale = D ** -0.5
         for n in lengths:
@@ -344,22 +355,26 @@ def main() -> None:
     for cat in CATEGORIES:
         row = [cat]
         for k in order:
-            cats, wall, n, _ = prof[k]
-            ops = sum(cats.values())
-            v = wall - ops if cat.startswith("not in") else cats[cat]
-            row += [c.ms(v / n / 1e6), f"{100 * v / wall:.1f}%"]
+            cats, wall, _, _ = prof[k]
+            row += [c.ms(cats[cat] / 1e6), f"{100 * cats[cat] / wall:.1f}%"]
         rows.append(row)
     row = ["profiled step (wall)"]
     for k in order:
-        _, wall, n, _ = prof[k]
-        row += [c.ms(wall / n / 1e6), "100%"]
+        _, wall, _, _ = prof[k]
+        row += [c.ms(wall / 1e6), "100%"]
     rows.append(row)
     row = ["unprofiled step (ITL p50)"]
     for k in order:
         row += [c.ms(itl[k]), "-"]
     rows.append(row)
-    c.table(f"2. profiled decode step by op category (self CPU time per step, {args.profile_steps} steps)", hdr, rows,
-            notes=["matmul: aten::" + ", ".join(sorted(MATMUL)) + " outside lm_head",
+    row = ["unprofiled step - the ops' time"]
+    for k in order:
+        ops = sum(v for cat, v in prof[k][0].items() if not cat.startswith("not in")) / 1e6
+        row += [c.ms(itl[k] - ops), f"{100 * (itl[k] - ops) / itl[k]:.1f}%"]
+    rows.append(row)
+    c.table(f"2. profiled decode step by op category (self CPU ms per step, median of {args.profile_steps} steps)",
+            hdr, rows, notes=["share = of the median profiled step; medians per row, so the rows need not add up",
+                   "matmul: aten::" + ", ".join(sorted(MATMUL)) + " outside lm_head",
                    "elementwise: aten::" + ", ".join(sorted(ELEMENTWISE)) + " outside the cache append and SDPA",
                    "the profiler adds a few us per op: the profiled step is longer than the unprofiled one,",
                    "and most of that shows up as 'not in any op'"])
@@ -367,9 +382,9 @@ def main() -> None:
     top = {}
     for k in order:
         for op, us in prof[k][3].items():
-            top.setdefault(op, {})[k] = us / prof[k][2]
+            top.setdefault(op, {})[k] = us
     top_ops = sorted(top, key=lambda op: -top[op].get("full", 0))[:12]
-    c.table("2b. the largest ops (self CPU ms per step)", ["op"] + [names[k] for k in order],
+    c.table("2b. the largest ops (self CPU ms per step, mean over the profiled steps)", ["op"] + [names[k] for k in order],
             [[op] + [c.ms(top[op].get(k, 0) / 1e6) for k in order] for op in top_ops])
 
     rows = [["lm_head", c.ms(mb["lm_head"])],
@@ -379,7 +394,7 @@ def main() -> None:
         rows.append([f"attention, {n} entries (all layers; buffer views)", c.ms(mb[f"attention {n}"])])
         rows.append([f"attention, {n} entries (all layers; contiguous)", c.ms(mb[f"attention {n} contiguous"])])
         rows.append([f"cache append at {n} entries (all layers)", c.ms(mb[f"append {n}"])])
-    c.table("3. micro-benchmarks (median ms per decode step, summed over the layers)", ["part", "ms"], rows)
+    c.table("3. micro-benchmarks (fastest of 15 samples, ms per decode step, summed over the layers)", ["part", "ms"], rows)
 
     step = itl["full"]
     rows = [[k, f"{v * 1e6:.1f}", f"{100 * v / step:.2f}%"] for k, v in ks.items()]
@@ -401,11 +416,24 @@ def main() -> None:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     x_fit = b * entries["full"]
+    att = {k: prof[k][0]["attention (SDPA)"] / 1e6 for k in order}
+    x_prof = (att["full"] - att["short"]) / (entries["full"] - entries["short"]) * entries["full"]
     rows = []
-    for label, x in (("attention micro-benchmark (slope x entries)", x_micro), ("fit of the three steps", x_fit)):
+    for label, x in (("attention micro-benchmark (slope x entries)", x_micro),
+                     ("profiled SDPA (slope x entries)", x_prof), ("fit of the three steps", x_fit)):
         y = step - x
         bound = (y + kr * x) / step
         rows.append([label, c.ms(x), c.ms(y), f"{100 * x / step:.1f}%", c.num(bound)])
+    # the bandwidth view: a decode step reads every weight once (the tied embedding as lm_head)
+    # and every cached key and value once
+    m = lm.model
+    w_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in m.parameters()}.values())
+    cfg = m.config
+    kv_per_entry = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * next(m.parameters()).element_size()
+    kv = {k: entries[k] * kv_per_entry for k in order}
+    bw_bound = (w_bytes + kv["prefill"]) / (w_bytes + kv["full"])
+    bw_short = (w_bytes + kv["short"]) / (w_bytes + kv["full"])
     meas = itl["prefill"] / itl["full"]
     bound_direct = 1 - (a_long - a_half) / step
     rows.append(["attention(4096) - attention(2048), micro", c.ms(a_long - a_half), "-", "-", c.num(bound_direct)])
@@ -414,6 +442,11 @@ def main() -> None:
             notes=[f"best ratio = (Y + {kr:g} X) / (X + Y): the compressed step with attention exactly "
                    f"proportional to its entries", f"measured here (ITL p50): {meas:.3f}; "
                    f"TPOT: {tpot['prefill'] / tpot['full']:.3f}; target <= 0.75",
+                   f"bytes one step reads: weights {c.mib(w_bytes)} MiB, KV {c.mib(kv['full'])} / "
+                   f"{c.mib(kv['prefill'])} / {c.mib(kv['short'])} MiB ({names['full']} / {names['prefill']} / "
+                   f"{names['short']})",
+                   f"if a step were bound by those bytes alone: {kr:g}-prefill / full = {bw_bound:.3f}, "
+                   f"{S} / {L} full = {bw_short:.3f} (measured {itl['short'] / itl['full']:.3f})",
                    "machine load (1/5/15 min) " + "; ".join(f"{k}: {v}" for k, v in loads.items())])
 
 
