@@ -211,38 +211,37 @@ def micro(lm, lengths, reps: int) -> dict:
         q = torch.randn(1, 1, H, D, dtype=dt).transpose(1, 2)  # as q_proj(...).view(...).transpose(1, 2)
         scale = D ** -0.5
         for n in lengths:
+            # one BufferLayer per model layer, n entries each: every layer's keys and values are
+            # read once per step, from memory (one layer's alone would stay in the CPU's caches)
             cap = n + 96
-            kb = torch.randn(1, KV, cap, D, dtype=dt)
-            vb = torch.randn(1, KV, cap, D, dtype=dt)
-            k, v = kb[:, :, :n], vb[:, :, :n]  # views of a buffer, as BufferLayer hands them to attention
+            bufs = []
+            for _ in range(L):
+                b = BufferLayer(cap)
+                b.update(torch.randn(1, KV, n, D, dtype=dt), torch.randn(1, KV, n, D, dtype=dt))
+                bufs.append(b)
 
             def attn():
-                for _ in range(L):
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=scale,
+                for b in bufs:  # views of a buffer, as BufferLayer hands them to attention
+                    F.scaled_dot_product_attention(q, b.keys, b.values, attn_mask=None, dropout_p=0.0, scale=scale,
                                                    is_causal=False, enable_gqa=True)
 
             out[f"attention {n}"] = bench(attn, reps)
-            kc, vc = k.contiguous(), v.contiguous()
+            contig = [(b.keys.contiguous(), b.values.contiguous()) for b in bufs]
 
             def attn_contig():
-                for _ in range(L):
-                    F.scaled_dot_product_attention(q, kc, vc, attn_mask=None, dropout_p=0.0, scale=scale,
+                for k, v in contig:
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=scale,
                                                    is_causal=False, enable_gqa=True)
 
             out[f"attention {n} contiguous"] = bench(attn_contig, reps)
-            # the append: L BufferLayers at n entries, one token each, then rolled back by hand
-            layers = []
-            for _ in range(L):
-                b = BufferLayer(cap)
-                b.update(kb[:, :, :n].clone(), vb[:, :, :n].clone())
-                layers.append(b)
+            del contig
             k1 = torch.randn(1, KV, 1, D, dtype=dt)
             v1 = torch.randn(1, KV, 1, D, dtype=dt)
 
             def append():
-                for b in layers:
+                for b in bufs:
                     b.update(k1, v1)
-                for b in layers:  # back to n entries: the buffer stays the same size
+                for b in bufs:  # back to n entries: the buffer stays the same size
                     b._n -= 1
                     b._fed -= 1
                     b._set_views()
