@@ -15,10 +15,14 @@ prefill keep 0.5: max_memory_allocated of the full cache vs knorm vs streaming, 
 "compression never raises the peak" (issue 10).
 Part (f), on the same model (benchmarks/gpu_targets.py): issue 16's targets -- the decode
 step against the memory floor, the keep-0.5 step against the floor's ratio, the spread of
-one configuration's rounds, and the peak with --prefill-chunk 4096.
+one configuration's rounds, and the peak with --prefill-chunk 4096. Part (g): the largest
+batch within 70 GiB with and without compression, and its tokens/s (knormctl capacity).
+Estimated on an H100 (not yet run on one): (e)+(f) about 2 minutes, (g) about 5 (some
+50 prefills of 32k tokens), so within one 10-minute call; split them if time is short.
 
-    python benchmarks/gpu_check.py --parts ef                           # the 8B-shape checks, no files needed
-    python benchmarks/gpu_check.py --parts ef --device cpu --quick      # dry run anywhere (a tiny shape)
+    python benchmarks/gpu_check.py --parts efg                          # the 8B-shape checks, no files needed
+    python benchmarks/gpu_check.py --parts ef; python benchmarks/gpu_check.py --parts g   # the same, in two
+    python benchmarks/gpu_check.py --parts efg --device cpu --quick     # dry run anywhere (a tiny shape)
     python benchmarks/gpu_check.py --model-dir DIR --text FILE          # all parts; DIR: config.json (+ tokenizer)
     python benchmarks/gpu_check.py --model-dir DIR --device cpu --quick # dry run anywhere (e: a tiny shape)
 Prepare DIR from a machine that has the model: copy config.json, tokenizer.json and
@@ -185,14 +189,22 @@ def issue16_targets(args, model, ids) -> list[list[str]]:
     return rows
 
 
+def capacity_targets(args, model, ids) -> list[list[str]]:
+    """(g): issue 16's batch-capacity target at 70 GiB (--quick: 40 MiB of weights + KV on a tiny shape)."""
+    import gpu_targets as g
+
+    budget = (40 << 20) if args.quick else (70 << 30)
+    return g.capacity(model, ids, budget, 128 if args.quick else 1024, 64 if args.quick else 256)
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0], repeats=3)
     p.set_defaults(device="cuda")
     p.add_argument("--model-dir", type=Path, help="folder with config.json (+ tokenizer files); parts a-d")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--parts", default=None, help="which parts: abcd, e, f (default: all with --model-dir, else ef)")
+    p.add_argument("--parts", default=None, help="which parts: abcd, e, f, g (default: all with --model-dir, else efg)")
     args = p.parse_args()
-    parts = args.parts or ("abcdef" if args.model_dir else "ef")
+    parts = args.parts or ("abcdefg" if args.model_dir else "efg")
     if set(parts) & set("abcd") and args.model_dir is None:
         raise SystemExit("parts a-d need --model-dir (a folder with the model's config.json)")
     args.text = None if args.text == c.DEFAULT_TEXT else args.text.removeprefix("text:")  # a plain file here
@@ -210,8 +222,8 @@ def main() -> None:
 
     t_start = time.perf_counter()
     summary = []
-    if set(parts) & set("ef"):
-        c.header("GPU check (e, f): the Llama-3.1-8B shape (random weights)", args, {
+    if set(parts) & set("efg"):
+        c.header("GPU check (e-g): the Llama-3.1-8B shape (random weights)", args, {
             "weights": "RANDOM (built from a LlamaConfig): timing and memory only, tokens mean nothing",
             "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
         model, ids, n_e = build_8b(args)
@@ -219,6 +231,8 @@ def main() -> None:
             summary += peak_memory_8b(args, model, ids, n_e, args.repeats)
         if "f" in parts:
             summary += issue16_targets(args, model, ids)
+        if "g" in parts:
+            summary += capacity_targets(args, model, ids)
         del model
         gc.collect()
         if args.device == "cuda":

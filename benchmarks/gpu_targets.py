@@ -1,11 +1,11 @@
 """Issue 16's GPU targets at the Llama-3.1-8B shape (random bf16 weights, 32k-token prompt),
-run as part (f) of gpu_check.py on the model part (e) builds:
+run as parts (f) and (g) of gpu_check.py on the model part (e) builds:
 
   (f1) full-cache decode step / memory floor                            target <= 1.5
   (f2) knorm keep 0.5 (prefill) step / full step, vs the floor's ratio  target within 0.05
   (f3) the same configuration measured twice in one run                 target within 3 %
   (f4) peak with --prefill-chunk 4096 at keep 0.5                       target <= weights + 0.6 x full KV + activations
-  (f5) largest batch within 70 GiB, keep 0.5 vs full cache              target >= 1.8x, higher tokens/s
+  (g) largest batch within 70 GiB, keep 0.5 vs full cache              target >= 1.8x, higher tokens/s
 
 The memory floor of a decode step: every byte the step must read once -- the weights a
 token uses (all but the input embeddings, of which it reads one row) and the KV cache --
@@ -132,3 +132,30 @@ def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
     ok = peak is not None and peak <= bound
     return [["bf16", f"(f4) keep 0.5 chunked peak MiB (bound {c.mib(bound)})", c.mib(peak),
              "meets" if ok else "MISSES"]]
+
+
+def capacity(model, ids, budget: int, chunk: int, max_batch: int) -> list[list[str]]:
+    """(g): the largest batch within ``budget`` bytes, full cache against knorm 0.5, every
+    configuration prefilled ``chunk`` tokens at a time (bounded activations for both; the
+    press cuts after every chunk), and the decode tokens/s at that batch (knormctl capacity)."""
+    from knormctl.engine.capacity import capacity_table
+
+    rows = capacity_table(model, ids[0].tolist(), [_cfg(), _cfg("knorm", 0.5)], new_tokens=8, budget=budget,
+                          max_batch=max_batch, prefill_chunk=chunk, progress=c.log)
+    size = f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB"
+    c.table(f"(g) largest batch within {size} ({ids.shape[1]}-token prompt, --prefill-chunk "
+            f"{chunk}, 8 new tokens)",
+            ["configuration", "largest batch", "peak MiB", "TPOT ms", "tokens/s", "x batch", "x tokens/s"],
+            [[r["config"], f"{r['largest_batch']}{'+' if r['capped'] else ''}", c.mib(r["peak_bytes"]),
+              c.ms(r["tpot_s"], 2), c.num(r["tokens_per_s"], 1), c.num(r["batch_vs_full"], 2),
+              c.num(r["tokens_per_s_vs_full"], 2)] for r in rows],
+            notes=[f"memory: {rows[0]['memory_kind']}; probes: "
+                   + "; ".join(f"{r['config']}: " + ", ".join(f"{p['batch']}{'' if p['fits'] else ' (no)'}"
+                                                               for p in r["probes"]) for r in rows)])
+    keep = rows[1]
+    ok_b = keep["batch_vs_full"] is not None and keep["batch_vs_full"] >= 1.8
+    ok_t = keep["tokens_per_s_vs_full"] is not None and keep["tokens_per_s_vs_full"] > 1.0
+    return [["bf16", "(g) largest batch, keep 0.5 / full", c.num(keep["batch_vs_full"], 2),
+             "meets >= 1.8" if ok_b else "MISSES >= 1.8"],
+            ["bf16", "(g) tokens/s at that batch, keep 0.5 / full", c.num(keep["tokens_per_s_vs_full"], 2),
+             "meets > 1" if ok_t else "MISSES > 1"]]

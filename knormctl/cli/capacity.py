@@ -30,17 +30,15 @@ def capacity(
     seed: o.SeedOpt = 0,
     model: o.ModelOpt = "smollm2-135m",
     device: o.DeviceOpt = "auto",
+    device_map: o.DeviceMapOpt = None,
     dtype: o.DtypeOpt = "float32",
     threads: o.ThreadsOpt = None,
     trust_remote_code: o.TrustOpt = False,
     fmt: Annotated[str, typer.Option("--format", metavar="FMT", help="table or json.")] = "table",
 ) -> None:
-    """Find the largest batch whose generation fits --memory-budget at --context tokens, for the full
-    cache and each press x keep ratio, and its decode throughput (tokens/s = batch / TPOT).
+    """Find the largest batch that fits a memory budget, with and without compression, and its tokens/s.
 
-    Every probe is a real generation of that batch. Memory: on CUDA the peak allocated (an
-    out-of-memory error = does not fit); on CPU the weights plus the KV cache held, activations
-    not counted. Prints only: nothing is stored in the results database.
+    At --context prompt tokens, within --memory-budget; tokens/s = batch / TPOT. Every probe is a real generation of that batch; every configuration is prefilled alike (--prefill-chunk N: N tokens at a time, the press cutting after each chunk; without it a press cannot lower the prefill's peak). Memory: on CUDA the peak allocated, an out-of-memory error meaning "does not fit"; on CPU the weights plus the KV cache held (activations not counted). Prints only: nothing is stored in the results database.
     """
     from knormctl.config import RunConfig
     from knormctl.engine.capacity import check_batchable, parse_memory
@@ -56,7 +54,8 @@ def capacity(
                                    ("--max-batch", max_batch, 1)):
             if value < least:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
-        cfg = RunConfig(command="sweep", model=model, dtype=dtype, device=device, threads=threads, seed=seed,
+        cfg = RunConfig(command="sweep", model=model, dtype=dtype, device=device, device_map=device_map,
+                        threads=threads, seed=seed,
                         trust_remote_code=trust_remote_code, presses=parse_press_list(presses),
                         keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"), compress_mode=compress_mode,
                         prefill_chunk=prefill_chunk, prune_after=prune_after, max_new_tokens=max_new_tokens,
@@ -99,7 +98,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                    progress=log)
+                    progress=log, device_map=cfg.device_map)
     if lm.max_positions is not None and context + cfg.max_new_tokens > lm.max_positions:
         raise UsageError(f"--context {context} + --max-new-tokens {cfg.max_new_tokens} exceed the model's "
                          f"context ({lm.max_positions} tokens)")
@@ -108,7 +107,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     else:
         prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
-    device = torch.device(lm.device)
+    device = torch.device(lm.device.split("+")[0])  # a mapped model: its first device's kind
     rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
                           max_batch=max_batch, prefill_chunk=cfg.prefill_chunk, progress=log)
     return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,

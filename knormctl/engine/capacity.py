@@ -188,10 +188,9 @@ def capacity_table(model, prompt: list[int], configs: list[PressConfig], *, new_
 
     run_generation(model, [prompt], configs[0], 2)  # untimed: the first generation pays for a cold start
     rows = []
-    for pc in configs:
-        chunk = prefill_chunk if not pc.is_baseline else 0  # the full cache holds the prompt either way
+    for pc in configs:  # prefilled alike: on CUDA a one-forward prefill's activations would count against one side
         rows.append(find_capacity(model, prompt, pc, config_label(pc), new_tokens=new_tokens, budget=budget,
-                                  max_batch=max_batch, prefill_chunk=chunk, progress=progress).to_dict())
+                                  max_batch=max_batch, prefill_chunk=prefill_chunk, progress=progress).to_dict())
     full = rows[0]
     for r in rows:
         r["batch_vs_full"] = r["largest_batch"] / full["largest_batch"] if full["largest_batch"] else None
