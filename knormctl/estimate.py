@@ -3,8 +3,8 @@
 Two sources, the better first:
 
 1. a stored run of the same model with the same per-cell settings on this host: its
-   measured seconds per cell (the gaps between its samples' commit times) x the cells
-   now planned;
+   measured seconds per cell (the gaps between its batches' commit times, over the rows
+   a batch stores) x the cells now planned;
 2. the warm-up's speed: its prefill time per prompt token and its time per output token,
    applied to every planned cell's prompt and token counts. The warm-up is cold, so this
    errs on the long side.
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 # The settings that decide how long one cell takes; a stored run is comparable when they match.
 PER_CELL_SETTINGS = ("task", "dtype", "device", "threads", "max_new_tokens", "eval_tokens", "ppl_method",
                      "wikitext_source", "pg19_source", "wikitext_prompt_tokens", "max_prompt_tokens",
-                     "passkey_lengths", "passkey_new_tokens", "compress_mode")
+                     "passkey_lengths", "passkey_new_tokens", "compress_mode", "batch_size")
+DEFAULTS = {"batch_size": 1}  # what a run stored before the setting existed ran with
 FINISHED_CELLS = ("complete", "complete_with_errors", "interrupted")  # runs whose stored cells are whole
 RESUME_GAP = 5.0  # a gap between two stored cells this many times the median is a pause (resume), not work
 
@@ -68,19 +69,22 @@ def from_stored_run(store, cfg, n_cells: int, scan: int = 50) -> Estimate | None
         if run.hostname != host or run.model_requested != cfg.model or run.status not in FINISHED_CELLS:
             continue
         stored = run.config_json or {}
-        if any(stored.get(k) != wanted.get(k) for k in PER_CELL_SETTINGS):
+        if any(stored.get(k, DEFAULTS.get(k)) != wanted.get(k) for k in PER_CELL_SETTINGS):
             continue
-        per_cell = seconds_per_cell([s.created_utc for s in store.samples(run.id)])
+        per_cell = seconds_per_cell([s.created_utc for s in store.samples(run.id)], stored.get("batch_size", 1))
         if per_cell is not None:
             return Estimate(per_cell * n_cells, f"run {run.id} of this model on this host took "
                                                 f"{per_cell:.1f} s per cell")
     return None
 
 
-def seconds_per_cell(created: list) -> float | None:
-    """Mean gap between consecutive stored cells, pauses (a resume days later) left out."""
-    times = sorted(t for t in created if t is not None)
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+def seconds_per_cell(created: list, batch_size: int = 1) -> float | None:
+    """Mean gap between consecutive stored batches over the rows a batch stores, pauses (a
+    resume days later) left out. A batch stores its rows together (milliseconds apart), so
+    the gaps are taken between every ``batch_size``-th commit: between rows they would be
+    near zero and pass for the typical gap."""
+    times = sorted(t for t in created if t is not None)[batch_size - 1::batch_size]
+    gaps = [(b - a).total_seconds() / batch_size for a, b in zip(times, times[1:])]
     if not gaps:
         return None
     median = statistics.median(gaps)
@@ -89,14 +93,17 @@ def seconds_per_cell(created: list) -> float | None:
 
 
 def from_warmup(warm: list, warm_prompt_tokens: int, cells: list, samples: list, new_tokens: int,
-                ppl_method: str = "teacher-forced") -> Estimate | None:
+                ppl_method: str = "teacher-forced", batch_rows: int = 1) -> Estimate | None:
     """Plan size x the warm-up's speed.
 
     ``warm``: the warm-up's GenerationResults (full cache first); ``cells``: the planned
     cells (``sample_index``); ``samples``: their prompts (``prompt_ids``, ``eval_ids``).
     A cell costs a prefill and ``new_tokens`` decode steps, plus the scored tokens (a
     prefill + one step each, or -- ppl_method stream -- one step per prompt and scored
-    token); each sample once more a prefill for its context perplexity.
+    token); each sample once more a prefill for its context perplexity. ``batch_rows``: the
+    rows of the warm-up's batch (``warm_prompt_tokens`` counts all of them): a decode step
+    makes a token for each, so a row's share of it is 1 / ``batch_rows`` (the scored tokens
+    run at batch 1: counted at the batch step, on the long side).
     """
     steps = [r.tpot_s for r in warm if r.tpot_s]
     if not warm or not steps or warm_prompt_tokens < 1:
@@ -107,7 +114,7 @@ def from_warmup(warm: list, warm_prompt_tokens: int, cells: list, samples: list,
     for cell in cells:
         s = samples[cell.sample_index]
         n_prompt, n_eval = len(s.prompt_ids), len(getattr(s, "eval_ids", None) or ())
-        total += prefill_per_token * n_prompt + new_tokens * step
+        total += prefill_per_token * n_prompt + new_tokens * step / batch_rows
         if n_eval and ppl_method == "stream":
             total += (n_prompt + n_eval) * step
         elif n_eval:
@@ -133,7 +140,8 @@ def from_model_runs(store, cfg, n_cells: int, scan: int = 50) -> Estimate | None
         if run.hostname != host or run.model_requested != cfg.model or run.status not in FINISHED_CELLS:
             continue
         have = _tokens_per_cell(run.config_json or {})
-        per_cell = seconds_per_cell([s.created_utc for s in store.samples(run.id)])
+        per_cell = seconds_per_cell([s.created_utc for s in store.samples(run.id)],
+                                    (run.config_json or {}).get("batch_size", 1))
         if per_cell is None or not have or not want:
             continue
         return Estimate(per_cell * n_cells * want / have,

@@ -193,7 +193,7 @@ class Runner:
         """Untimed generations first, so no configuration pays for a cold start (see
         ``warm_up_plan``): every planned configuration runs before any is timed. Returns their
         results, full cache first (their speed is a first estimate of the run's length), and
-        sets ``warm_prompt_tokens`` (they run on the longest prompt)."""
+        sets ``warm_rows`` and ``warm_prompt_tokens`` (they run the batch of the longest prompt)."""
         from knormctl.engine.loop import run_generation
 
         planned = list({c.config.key: c.config for c in self.cells}.values())
@@ -201,6 +201,7 @@ class Runner:
         longest = max(self.batches, key=lambda b: (len(self.samples[b[0].sample_index].prompt_ids), len(b)))
         split = [self._split(self.samples[c.sample_index]) for c in longest]
         ids, question = _block(split)
+        self.warm_rows = len(split)
         self.warm_prompt_tokens = len(split) * (len(split[0][0]) + len(split[0][1] or ()))
         return [run_generation(self.loaded.model, ids, pc, n, question_ids=question,
                                prefill_chunk=self.cfg.prefill_chunk)

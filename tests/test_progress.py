@@ -184,3 +184,47 @@ def test_stored_estimate_only_from_a_comparable_run_on_this_host():
     assert est.basis == "run 5 of this model on this host took 3.0 s per cell"
     Store.runs = Store.runs[:4]
     assert from_stored_run(Store(), cfg, n_cells=10) is None
+
+
+def test_a_batched_run_estimates_its_cells_by_the_batches():
+    """A batch stores its rows milliseconds apart: the time per cell comes from the gaps between
+    batches over their rows, never from the gaps between rows of one batch."""
+    t0 = datetime(2026, 1, 1)
+    times = [t0 + timedelta(seconds=10 * b, milliseconds=3 * r) for b in range(4) for r in range(2)]
+    assert seconds_per_cell(times, batch_size=2) == pytest.approx(5.0, rel=1e-3)
+    # the warm-up ran a batch of 2 (200 prompt tokens in all): each row pays half of every decode step
+    warm = [Warm(0.200, 0.020)]
+    samples = [Sample(list(range(100)))]
+    alone = from_warmup(warm, 100, [Cell(0)], samples, new_tokens=10)
+    batched = from_warmup(warm, 200, [Cell(0)], samples, new_tokens=10, batch_rows=2)
+    assert alone.seconds == pytest.approx(0.200 + 10 * 0.020)
+    assert batched.seconds == pytest.approx(0.100 + 10 * 0.010)
+
+
+def test_stored_estimate_matches_the_batch_size():
+    import socket
+    from types import SimpleNamespace as NS
+
+    from knormctl.config import RunConfig
+    from knormctl.estimate import from_stored_run
+
+    t0 = datetime(2026, 1, 1)
+
+    def run(id, config):
+        return NS(id=id, hostname=socket.gethostname(), model_requested="m", status="complete", config_json=config)
+
+    old = {k: v for k, v in RunConfig(model="m").to_dict().items() if k != "batch_size"}  # stored before batches
+
+    class Store:
+        runs = [run(3, {**old, "batch_size": 4}), run(2, old)]
+
+        def list_runs(self, limit):
+            return self.runs[:limit]
+
+        def samples(self, run_id):
+            return [NS(created_utc=t0 + timedelta(seconds=6 * i)) for i in range(8)]
+
+    one = from_stored_run(Store(), RunConfig(model="m"), n_cells=10)
+    assert one.basis.startswith("run 2 ")  # batch 1 now: the batch-4 run is not comparable; the old one is
+    four = from_stored_run(Store(), RunConfig(model="m", batch_size=4), n_cells=10)
+    assert four.basis.startswith("run 3 ")

@@ -96,7 +96,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         guess = None
         if not stored and resume is None:  # a resumed run's remaining cells: the live ETA says it
             guess = estimate.from_warmup(results, runner.warm_prompt_tokens, runner.cells, runner.samples,
-                                         runner.new_tokens, cfg.ppl_method)
+                                         runner.new_tokens, cfg.ppl_method, batch_rows=runner.warm_rows)
         if guess:
             log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")
         if (guess or stored) and (guess or stored).seconds > LONG_RUN_S:
