@@ -14,7 +14,7 @@ the books as in compression_pays.py:
 3. Micro-benchmarks on the model's own modules and shapes: lm_head alone; attention (SDPA
    as transformers calls it, on buffer views) and the cache append alone at 1024, 2048
    and 4096 entries; knormctl's per-step Python (CacheLedger.grew, kv_size, the cut
-   check, TokenPicker) alone.
+   check, RowPicker) alone.
 4. The split of the 4096-token step into a part that depends on the cache and one that
    does not, and the best prefill-0.5 / full TPOT ratio this CPU could reach even if
    attention cost exactly what its entries cost.
@@ -253,12 +253,13 @@ def micro(lm, lengths, reps: int) -> dict:
 def knormctl_step_costs(lm, ids, cfgs: dict, reps: int) -> dict:
     """knormctl's per-step Python, each part alone on a real cache after a generation:
     CacheLedger.grew (shapes of every layer), kv_size (the loop's account()), the cut check
-    (Compressor.after_forward on a decode step), TokenPicker (argmax), the positions slice."""
+    (Compressor.after_forward on a decode step), RowPicker (argmax), the positions slice."""
     import torch
 
     from knormctl.engine.compress import Compressor, kv_size
     from knormctl.engine.kvcache import CacheLedger, new_cache
-    from knormctl.engine.loop import CachedForward, TokenPicker, as_input_ids
+    from knormctl.engine.batch import RowPicker
+    from knormctl.engine.loop import CachedForward, as_input_ids
 
     m = lm.model
     out = {}
@@ -276,8 +277,8 @@ def knormctl_step_costs(lm, ids, cfgs: dict, reps: int) -> dict:
             comp = Compressor(cfg, lm.num_layers, model=m, seed=0)
             out[f"cut check ({name})"] = bench(lambda: comp.after_forward(cache, prefill=False), reps, 50)
             comp.close()
-        pick = TokenPicker(False, 1.0, 0, torch.device("cpu"))
-        out["TokenPicker (argmax)"] = bench(lambda: pick(logits), reps, 50)
+        pick = RowPicker(False, 1.0, [0])
+        out["RowPicker (argmax)"] = bench(lambda: pick(logits), reps, 50)
         out["positions slice"] = bench(lambda: pos[:, 100:101], reps, 50)
     return out
 
@@ -398,7 +399,7 @@ def main() -> None:
     step = itl["full"]
     rows = [[k, f"{v * 1e6:.1f}", f"{100 * v / step:.2f}%"] for k, v in ks.items()]
     total_k = ks["CacheLedger.grew"] + ks["kv_size (account)"] + ks[f"cut check (knorm {kr:g} prefill)"] \
-        + ks["TokenPicker (argmax)"] + ks["positions slice"]
+        + ks["RowPicker (argmax)"] + ks["positions slice"]
     rows.append(["sum (prefill-mode step)", f"{total_k * 1e6:.1f}", f"{100 * total_k / step:.2f}%"])
     rows.append(["cache append at 4096 (from 3.)", f"{mb[f'append {L}'] * 1e6:.1f}",
                  f"{100 * mb[f'append {L}'] / step:.2f}%"])
