@@ -123,7 +123,7 @@ def test_cli_json_and_table(tiny_llama_dir):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     rows = out["results"]
-    assert [r["config"] for r in rows] == ["full cache", "knorm keep 0.5 prefill"]
+    assert [r["config"] for r in rows] == ["full cache", "knorm 0.5 prefill"]
     assert out["memory_kind"].startswith("weights + KV") and "not counted" in out["memory_kind"]
     full, knorm = rows
     assert 1 <= full["largest_batch"] < knorm["largest_batch"]
@@ -134,6 +134,6 @@ def test_cli_json_and_table(tiny_llama_dir):
         assert any(not p["fits"] for p in r["probes"] if p["batch"] == r["largest_batch"] + 1)
     table = runner.invoke(app, [*args, "--random-ids"])
     assert table.exit_code == 0, table.output
-    assert "full cache" in table.stdout and "knorm keep 0.5" in table.stdout
+    assert "full cache" in table.stdout and "knorm 0.5 prefill" in table.stdout
     assert max(len(line) for line in table.stdout.splitlines()) <= 80
     assert "not counted" in table.stdout

@@ -159,12 +159,13 @@ def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new
 
 
 def config_label(pc: PressConfig) -> str:
-    """'full cache' or 'knorm keep 0.5 prefill' (+ chunk): short enough for an 80-column table."""
+    """'full cache' or 'knorm 0.5 prefill' (as the report names configurations): one line of an
+    80-column table."""
     from knormctl.press_spec import format_press_spec
 
     if pc.is_baseline:
         return "full cache"
-    return f"{format_press_spec(pc.press, pc.params)} keep {pc.keep_ratio:g} {pc.mode}"
+    return f"{format_press_spec(pc.press, pc.params)} {pc.keep_ratio:g} {pc.mode}"
 
 
 def check_batchable(configs: list[PressConfig]) -> None:
