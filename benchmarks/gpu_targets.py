@@ -68,7 +68,7 @@ def _cfg(press: str = "none", keep: float = 1.0):
 
 
 def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
-    """(f1)-(f3): TPOT of the full cache and of knorm 0.5 against the floor; the same
+    """(f1)-(f3): the median decode step of the full cache and of knorm 0.5 against the floor; the same
     configuration's rounds against each other. Returns summary rows."""
     from knormctl.engine.loop import run_generation
 
@@ -81,19 +81,20 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
     bw = spec or measured
     rows, tpot, floor = [], {}, {}
     for k, runs in res.items():
-        tpot[k] = c.median([r.tpot_s for r in runs])
+        tpot[k] = c.median([r.itl_p50_s for r in runs])  # the median step: the first carries the prefill cut
         kv = c.median([(r.kv_bytes_peak + r.kv_bytes_final) / 2 for r in runs])  # the cache over the decode
         floor[k] = (w + kv) / bw
-        rounds = [r.tpot_s for r in runs]
+        rounds = [r.itl_p50_s for r in runs]
         spread = (max(rounds) - min(rounds)) / min(rounds)
         rows.append([k, c.ms(tpot[k], 2), c.ms(floor[k], 2), c.num(tpot[k] / floor[k], 2), c.mib(kv),
                      " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread:.1f}%"])
     c.table(f"(f1-f3) decode step vs the memory floor ({ids.shape[1]}-token prompt, {n} new tokens)",
-            ["configuration", "TPOT ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread"], rows,
+            ["configuration", "step ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread"], rows,
             notes=[f"bandwidth for the floor: {bw / 1e12:.2f} TB/s ({'datasheet' if spec else 'measured copy'}); "
                    f"measured copy {measured / 1e12:.2f} TB/s; weights read per token {c.mib(w)} MiB",
-                   "TPOT: CUDA events, no host sync between steps (engine/timing.StepClock)"
-                   if device == "cuda" else "TPOT: host clock (CPU)"])
+                   "step: median inter-token latency (the first step carries the prefill cut); CUDA events, no "
+                   "host sync between steps (engine/timing.StepClock)" if device == "cuda" else
+                   "step: median inter-token latency; host clock (CPU)"])
     r_full = tpot["full cache"] / floor["full cache"]
     r_keep, r_floor = tpot["knorm 0.5"] / tpot["full cache"], floor["knorm 0.5"] / floor["full cache"]
     spreads = {row[0]: float(row[6].rstrip("%")) / 100 for row in rows}
@@ -145,9 +146,9 @@ def capacity(model, ids, budget: int, chunk: int, max_batch: int) -> list[list[s
     size = f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB"
     c.table(f"(g) largest batch within {size} ({ids.shape[1]}-token prompt, --prefill-chunk "
             f"{chunk}, 8 new tokens)",
-            ["configuration", "largest batch", "peak MiB", "TPOT ms", "tokens/s", "x batch", "x tokens/s"],
+            ["configuration", "largest batch", "peak MiB", "step ms", "tokens/s", "x batch", "x tokens/s"],
             [[r["config"], f"{r['largest_batch']}{'+' if r['capped'] else ''}", c.mib(r["peak_bytes"]),
-              c.ms(r["tpot_s"], 2), c.num(r["tokens_per_s"], 1), c.num(r["batch_vs_full"], 2),
+              c.ms(r["step_s"], 2), c.num(r["tokens_per_s"], 1), c.num(r["batch_vs_full"], 2),
               c.num(r["tokens_per_s_vs_full"], 2)] for r in rows],
             notes=[f"memory: {rows[0]['memory_kind']}; probes: "
                    + "; ".join(f"{r['config']}: " + ", ".join(f"{p['batch']}{'' if p['fits'] else ' (no)'}"

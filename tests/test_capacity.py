@@ -48,7 +48,7 @@ def test_largest_batch_fits_and_one_more_does_not(model, prompt):
                             prefill_chunk=chunk)
         b = cap.largest_batch
         assert b >= 1 and not cap.capped
-        assert cap.peak_bytes <= budget and cap.tokens_per_s == pytest.approx(b / cap.tpot_s)
+        assert cap.peak_bytes <= budget and cap.tokens_per_s == pytest.approx(b / cap.step_s)
         # checked by generations outside the search
         assert measure(model, prompt, b, cfg, NEW, budget, prefill_chunk=chunk).fits
         over = measure(model, prompt, b + 1, cfg, NEW, budget, prefill_chunk=chunk)

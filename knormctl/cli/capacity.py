@@ -38,7 +38,7 @@ def capacity(
 ) -> None:
     """Find the largest batch that fits a memory budget, with and without compression, and its tokens/s.
 
-    At --context prompt tokens, within --memory-budget; tokens/s = batch / TPOT. Every probe is a real generation of that batch; every configuration is prefilled alike (--prefill-chunk N: N tokens at a time, the press cutting after each chunk; without it a press cannot lower the prefill's peak). Memory: on CUDA the peak allocated, an out-of-memory error meaning "does not fit"; on CPU the weights plus the KV cache held (activations not counted). Prints only: nothing is stored in the results database.
+    At --context prompt tokens, within --memory-budget; tokens/s = batch / the median decode step. Every probe is a real generation of that batch; every configuration is prefilled alike (--prefill-chunk N: N tokens at a time, the press cutting after each chunk; without it a press cannot lower the prefill's peak). Memory: on CUDA the peak allocated, an out-of-memory error meaning "does not fit"; on CPU the weights plus the KV cache held (activations not counted). Prints only: nothing is stored in the results database.
     """
     from knormctl.config import RunConfig
     from knormctl.engine.capacity import check_batchable, parse_memory

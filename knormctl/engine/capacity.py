@@ -2,7 +2,8 @@
 
 The number a deployer decides on: at a given context length, how many sequences decode
 together in the memory there is, with and without compression, and how many tokens per
-second that batch makes (B / TPOT: every row gets one token per step).
+second that batch makes (B / the median decode step: every row gets one token per step; the
+median, because in prefill mode the first step after the prompt carries the cut).
 
 Memory of one generation of batch B (``measure``):
 - CUDA: ``torch.cuda.max_memory_allocated`` over the generation (the engine's MemoryProbe:
@@ -40,12 +41,12 @@ class Probe:
     batch: int
     fits: bool
     peak_bytes: int | None  # None: out of memory before the end
-    tpot_s: float | None = None
+    step_s: float | None = None  # the median decode step (inter-token latency): the first step carries a prefill cut
     error: str | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
-        return self.batch / self.tpot_s if self.tpot_s else None
+        return self.batch / self.step_s if self.step_s else None
 
 
 @dataclass
@@ -55,8 +56,8 @@ class Capacity:
     config: str  # the configuration's label
     largest_batch: int  # 0: not even one sequence fits
     peak_bytes: int | None  # at the largest batch
-    tpot_s: float | None  # decode step at the largest batch
-    tokens_per_s: float | None  # largest_batch / tpot_s
+    step_s: float | None  # median decode step at the largest batch
+    tokens_per_s: float | None  # largest_batch / step_s
     memory_kind: str
     capped: bool  # largest_batch is --max-batch: more might fit
     probes: list[Probe] = field(default_factory=list)
@@ -105,7 +106,7 @@ def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: 
         peak = res.memory.bytes
     else:
         peak = weight_bytes(model) + res.kv_bytes_held_peak
-    return Probe(batch, peak is not None and peak <= budget, peak, res.tpot_s)
+    return Probe(batch, peak is not None and peak <= budget, peak, res.itl_p50_s)
 
 
 def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new_tokens: int, budget: int,
@@ -153,7 +154,7 @@ def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new
     best = probes.get(lo)
     device = model_device(model)
     return Capacity(config=label, largest_batch=lo, peak_bytes=best.peak_bytes if best else None,
-                    tpot_s=best.tpot_s if best else None, tokens_per_s=best.tokens_per_s if best else None,
+                    step_s=best.step_s if best else None, tokens_per_s=best.tokens_per_s if best else None,
                     memory_kind=memory_kind(device), capped=lo == max_batch,
                     probes=[probes[b] for b in sorted(probes)])
 

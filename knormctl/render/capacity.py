@@ -13,10 +13,10 @@ def _ratio(x: float | None) -> str:
 
 
 def capacity_table(rows: list[dict], *, title: str) -> Table:
-    """config | largest batch | peak memory | TPOT | tokens/s | x full (batch, tokens/s): fits 80 columns."""
+    """config | largest batch | peak memory | decode step (median) | tokens/s | x full (batch, tokens/s): fits 80 columns."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name, justify in (("configuration", "left"), ("batch", "right"), ("peak mem", "right"),
-                          ("TPOT", "right"), ("tok/s", "right"), ("x batch", "right"), ("x tok/s", "right")):
+                          ("step", "right"), ("tok/s", "right"), ("x batch", "right"), ("x tok/s", "right")):
         if name == "configuration":  # the one column that wraps: the numbers stay on one line
             table.add_column(name, justify=justify, overflow="fold", max_width=26)
         else:
@@ -24,7 +24,7 @@ def capacity_table(rows: list[dict], *, title: str) -> Table:
     for r in rows:
         batch = f"{r['largest_batch']}" + ("+" if r["capped"] else "")
         table.add_row(r["config"], batch, "n/a" if r["peak_bytes"] is None else fmt_bytes(r["peak_bytes"]),
-                      "n/a" if r["tpot_s"] is None else f"{1000 * r['tpot_s']:.1f} ms",
+                      "n/a" if r["step_s"] is None else f"{1000 * r['step_s']:.1f} ms",
                       "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
                       _ratio(r["batch_vs_full"]), _ratio(r["tokens_per_s_vs_full"]))
     return table
