@@ -59,7 +59,7 @@ def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: s
         ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
+    ax.set_ylabel("accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
     ax.set_title(f"{model}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
     ax.grid(True, alpha=0.3)
 
