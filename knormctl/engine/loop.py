@@ -66,8 +66,6 @@ class CachedForward:
         self.ledger.rebase()
 
 
-
-
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int | list[int] = 0, tokenizer=None,
