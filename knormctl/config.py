@@ -12,14 +12,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 from knormctl.launch import resolve_shard
-from knormctl.options import keep_ratio_error, unknown_choice
+from knormctl.options import check_device_map, keep_ratio_error, unknown_choice
 from knormctl.press_spec import format_press_spec, format_spec_value, parse_press_spec, resolve_press_list
 from knormctl.tasks import catalog as tasks
 
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 TASKS = ("lm", *tasks.QUESTION_TASKS)
 PPL_METHODS = ("teacher-forced", "stream")
 
@@ -178,11 +177,7 @@ class RunConfig:
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.device_map is not None:
-            if self.device_map not in DEVICE_MAPS:
-                raise unknown_choice("--device-map", "strategy", self.device_map, DEVICE_MAPS)
-            if self.device != "auto":
-                raise ConfigError(f"--device-map {self.device_map} places the model on the devices itself: "
-                                  f"leave out --device {self.device}")
+            check_device_map(self.device_map, self.device)
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

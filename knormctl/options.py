@@ -9,6 +9,19 @@ import math
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+
+
+def check_device_map(device_map: str, device: str) -> None:
+    """Refuse a device map knormctl does not pass on, or one given with an explicit device
+    (the map places the model itself): the one check, for the CLI's config and load_model."""
+    if device_map not in DEVICE_MAPS:
+        raise unknown_choice("--device-map", "strategy", device_map, DEVICE_MAPS)
+    if device != "auto":
+        raise ConfigError(f"--device-map {device_map} places the model on the devices itself: "
+                          f"leave out --device {device}")
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'knorm'?)' when ``word`` is close to one of ``choices``, else ''."""
     close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from knormctl.config import DEVICE_MAPS
-from knormctl.options import did_you_mean, unknown_choice
+from knormctl.options import check_device_map, did_you_mean
 from knormctl.engine.assets import hub_status, knormctl_home, pip_download, remove_quietly, short_reason
 from knormctl.errors import AssetError, UsageError
 
@@ -79,17 +78,6 @@ def resolve_device(device: str = "auto") -> str:
             raise UsageError("--device mps: MPS (Apple GPU) is not available on this machine")
         return "mps"
     raise UsageError(f"unknown device {device!r} (choose auto, cpu, cuda or mps)")
-
-
-def check_device_map(device_map: str, device: str) -> str:
-    """Refuse a device map knormctl does not pass on, or one given with an explicit device;
-    return a provisional device label (the real one is known once the model is placed)."""
-    if device_map not in DEVICE_MAPS:
-        raise unknown_choice("--device-map", "strategy", device_map, DEVICE_MAPS)
-    if device != "auto":
-        raise UsageError(f"--device-map {device_map} places the model on the devices itself: "
-                         f"leave out --device {device}")
-    return "auto"
 
 
 def mapped_devices(model) -> str:
@@ -322,7 +310,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
     torch_dtype = resolve_dtype(dtype)
     load: dict = {}
     if device_map is not None:
-        dev = check_device_map(device_map, device)
+        check_device_map(device_map, device)
+        dev = "auto"  # until the model is placed (mapped_devices)
         load["device_map"] = device_map
     else:
         dev = resolve_device(device)  # before any download: a wrong device fails at once
