@@ -27,14 +27,11 @@ from knormctl.stats import Latency
 
 
 def as_input_ids(input_ids, device: torch.device) -> torch.Tensor:
-    """Accept a list of ids or a (1, S) / (S,) tensor; return (1, S) long on ``device``."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if ids.dim() == 1:
-        ids = ids.unsqueeze(0)
-    if ids.dim() != 2 or ids.shape[0] != 1:
+    """One sequence (a list of ids or a (1, S) / (S,) tensor) as (1, S) long on ``device``: the
+    perplexity paths, which run one prompt at a time (``batch.as_batch_ids``, one row)."""
+    ids = as_batch_ids(input_ids, device)
+    if ids.shape[0] != 1:
         raise UsageError(f"input_ids must be one sequence (batch size 1), got shape {tuple(ids.shape)}")
-    if ids.shape[1] == 0:
-        raise UsageError("input_ids is empty")
     return ids
 
 
