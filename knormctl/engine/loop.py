@@ -63,6 +63,20 @@ class CachedForward:
         self.ledger.rebase()
 
 
+def cutter(comp: Compressor, fwd: CachedForward, prompt_len: int, prefill_chunk: int):
+    """``cut(prefill, last_chunk=True)``: the press's cut after a forward, the ledger told when
+    something was evicted. With a chunked prefill in prefill mode every prefill cut keeps what a
+    cut of the whole prompt would (``of_length``)."""
+    whole = prompt_len if prefill_chunk and comp.cfg.mode == "prefill" else None
+
+    def cut(prefill: bool, last_chunk: bool = True) -> None:
+        if comp.after_forward(fwd.cache, prefill=prefill, of_length=whole if prefill else None,
+                              last_chunk=last_chunk):
+            fwd.cut_done()
+
+    return cut
+
+
 @torch.inference_mode()
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int | list[int] = 0, tokenizer=None,
@@ -139,8 +153,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     if prefill_chunk and comp.evicts and (why := chunked_prefill_refusal(comp.press)) is not None:
         comp.close()
         raise UsageError(f"--prefill-chunk: {why}")
-    # In prefill mode with a chunked prefill, every cut keeps what a cut of the whole prompt would.
-    whole = prompt_len if prefill_chunk and cfg.mode == "prefill" else None
+    cut = cutter(comp, fwd, prompt_len, prefill_chunk)
     kv_entries_peak = kv_bytes_peak = held_peak = 0
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
@@ -148,10 +161,6 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         held_peak = max(held_peak, kv_held_bytes(cache))
         entries, nbytes = kv_size(cache)
         kv_entries_peak, kv_bytes_peak = max(kv_entries_peak, entries), max(kv_bytes_peak, nbytes)
-
-    def cut(prefill: bool, last_chunk: bool = True) -> None:
-        if comp.after_forward(cache, prefill=prefill, of_length=whole if prefill else None, last_chunk=last_chunk):
-            fwd.cut_done()
 
     try:
         probe.start()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor
 from knormctl.engine.kvcache import check_cut_supported, new_cache, num_layers
-from knormctl.engine.loop import CachedForward, as_input_ids, model_device, prefill
+from knormctl.engine.loop import CachedForward, as_input_ids, cutter, model_device, prefill
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,13 +63,7 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: in
         check_cut_supported(model)
     fwd = CachedForward(model, new_cache(model, capacity=s + len(eval_ids) - 1))
     comp = Compressor(cfg, num_layers(model), model=model, seed=seed)
-    whole = s if prefill_chunk and cfg.mode == "prefill" else None
-
-    def cut(prefill: bool, last_chunk: bool = True) -> None:
-        if comp.after_forward(fwd.cache, prefill=prefill, of_length=whole if prefill else None,
-                              last_chunk=last_chunk):
-            fwd.cut_done()
-
+    cut = cutter(comp, fwd, s, prefill_chunk)
     try:
         if prefill_chunk and s > prefill_chunk:
             out = prefill(fwd, ids, positions[:, :s], prefill_chunk, lambda: None, cut)
