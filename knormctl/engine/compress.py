@@ -41,6 +41,13 @@ def n_keep_for(length: int, keep_ratio: float) -> int:
     return max(1, math.ceil(round(keep_ratio * length, 9)))
 
 
+def layer_budget(press: BasePress, layer: int, length: int, num_layers: int, keep_ratio: float) -> int:
+    """Entries layer ``layer`` keeps of ``length`` (at least 1): ``ceil(keep_ratio x length)``,
+    or the press's own per-layer budget (PyramidKV). The cut and the chunked-prefill buffer
+    sizing (``loop.chunk_holds``) both read it here."""
+    return max(1, press.layer_keep(n_keep_for(length, keep_ratio), length, layer, num_layers, keep_ratio))
+
+
 def check_skip_layers(skip_layers, num_layers: int) -> None:
     bad = [i for i in skip_layers if not 0 <= i < num_layers]
     if bad:
@@ -175,7 +182,7 @@ class Compressor:
             if length <= budget:
                 continue
             whole = length if of_length is None else of_length
-            n_keep = min(length, max(1, self.press.layer_keep(n_keep_for(whole, kr), whole, i, self.num_layers, kr)))
+            n_keep = min(length, layer_budget(self.press, i, whole, self.num_layers, kr))
             if n_keep < length:
                 groups.setdefault((keys.device, length, n_keep), []).append(i)
         if not groups:

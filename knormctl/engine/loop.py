@@ -17,7 +17,7 @@ import torch
 
 from knormctl.config import PressConfig
 from knormctl.engine.batch import RowPicker, as_batch_ids, batch_refusal, question_block, row_seeds
-from knormctl.engine.compress import Compressor, kv_held_bytes, kv_size, n_keep_for
+from knormctl.engine.compress import Compressor, kv_held_bytes, kv_size, layer_budget
 from knormctl.engine.presses.base import chunked_prefill_refusal
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, check_cut_supported, new_cache, num_layers
 from knormctl.engine.result import GenerationResult, MemoryPeak
@@ -221,13 +221,13 @@ def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int)
     press = make_press(cfg.press, n_sink=cfg.n_sink, keep_ratio=cfg.keep_ratio, params=dict(cfg.params))
     if press is None or press.cuts_in_forward:
         return None
-    n_layers, uniform = num_layers(model), n_keep_for(prompt_len, cfg.keep_ratio)
+    n_layers = num_layers(model)
     holds: list[int | None] = []
     for i in range(n_layers):
         if i in cfg.skip_layers:
             holds.append(None)
             continue
-        budget = press.layer_keep(uniform, prompt_len, i, n_layers, cfg.keep_ratio)
+        budget = layer_budget(press, i, prompt_len, n_layers, cfg.keep_ratio)
         most = max(budget, min(prompt_len, cfg.prune_after)) + chunk
         holds.append(min(prompt_len, most) + rest)
     return holds
