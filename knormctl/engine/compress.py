@@ -281,6 +281,11 @@ def check_scores(scores: list[torch.Tensor], press: str) -> None:
                          "the cut needs every entry ordered")
 
 
+def _nbytes(*tensors) -> int:
+    """Bytes of the tensors given (None counts nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def kv_size(cache) -> tuple[int, int]:
     """(entries, bytes) actually held: entries = cached positions summed over layers.
 
@@ -292,10 +297,7 @@ def kv_size(cache) -> tuple[int, int]:
         if k is None or k.numel() == 0:
             continue
         entries += k.shape[-2]
-        nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
-        live = getattr(layer, "live_mask", None)
-        if live is not None:
-            nbytes += live.numel() * live.element_size()
+        nbytes += _nbytes(k, v, getattr(layer, "live_mask", None))
     return entries, nbytes
 
 
@@ -305,13 +307,8 @@ def kv_held_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
         held = getattr(layer, "held_bytes", None)
-        if held is not None:
-            total += held()
-        elif layer.keys is not None and layer.keys.numel():
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        live = getattr(layer, "live_mask", None)
-        if live is not None:
-            total += live.numel() * live.element_size()
+        total += held() if held is not None else _nbytes(layer.keys, layer.values)
+        total += _nbytes(getattr(layer, "live_mask", None))
     return total
 
 
