@@ -269,26 +269,17 @@ class Runner:
         n = 0
         for batch in self.batches:
             pc, r = batch[0].config, batch[0].repeat
-            descs = []
-            for cell in batch:
-                desc = f"sample {cell.sample_index + 1}/{len(self.samples)} {pc.key}"
-                if cfg.repeats > 1:
-                    desc += f" round {r + 1}/{cfg.repeats}"
-                descs.append(desc)
-            todo = [(i, c) for i, c in enumerate(batch) if (c.sample_index, pc.key, r) not in done_before]
-            if not todo:
-                for desc in descs:
-                    n += 1
-                    out.skipped_existing += 1
-                    self.on_cell(n, len(self.cells), desc + " (kept)")
-                continue
-            results, error = self._generate(batch, ppl_ctx, context_perplexity)
+            kept = [(c.sample_index, pc.key, r) in done_before for c in batch]  # stored by an earlier attempt
+            results, error = (None, None) if all(kept) else self._generate(batch, ppl_ctx, context_perplexity)
             for k, cell in enumerate(batch):
                 i, sample = cell.sample_index, self.samples[cell.sample_index]
                 n += 1
-                if (i, pc.key, r) in done_before:  # stored by an earlier attempt: not stored twice
+                desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
+                if cfg.repeats > 1:
+                    desc += f" round {r + 1}/{cfg.repeats}"
+                if kept[k]:  # not stored twice
                     out.skipped_existing += 1
-                    self.on_cell(n, len(self.cells), descs[k] + " (kept)")
+                    self.on_cell(n, len(self.cells), desc + " (kept)")
                     continue
                 res = None if results is None else results[k]
                 if res is not None:
@@ -304,7 +295,7 @@ class Runner:
                     outs = outputs.setdefault((i, r), {})
                     outs[pc.key] = res.token_ids
                     self._update_token_match(i, r, outs, pc.key)
-                self.on_cell(n, len(self.cells), descs[k])
+                self.on_cell(n, len(self.cells), desc)
 
     def _generate(self, batch: list[Cell], ppl_ctx: dict, context_perplexity):
         """(one GenerationResult per row, None) or (None, the error) for one batch of cells.
