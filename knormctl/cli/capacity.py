@@ -84,7 +84,7 @@ def capacity(
 def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bool) -> dict:
     import torch
 
-    from knormctl.engine.capacity import capacity_table, memory_kind, weight_bytes
+    from knormctl.engine.capacity import capacity_table, weight_bytes
     from knormctl.engine.models import load_model
     from knormctl.engine.text import make_samples
     from knormctl.errors import UsageError
@@ -107,10 +107,9 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     else:
         prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
-    device = torch.device(lm.device.split("+")[0])  # a mapped model: its first device's kind
     rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
                           max_batch=max_batch, prefill_chunk=cfg.prefill_chunk, progress=log)
     return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,
             "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weight_bytes(lm.model),
-            "memory_kind": memory_kind(device), "prefill_chunk": cfg.prefill_chunk, "prompt": "random ids" if random_ids
+            "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk, "prompt": "random ids" if random_ids
             else cfg.pg19_source, "results": rows}
