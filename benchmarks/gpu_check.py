@@ -38,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import _common as c
+from gpu_targets import prefill_press
 
 
 def build_model(model_dir: Path, dtype: str, device: str):
@@ -103,12 +104,9 @@ def overhead(lm, ids, n, repeats, device):
 
 def pays(lm, ids, n, repeats):
     """(d): prefill-mode keep_ratio 0.5 against the full cache, every layer cut."""
-    from knormctl.config import PressConfig
     from knormctl.engine.loop import run_generation
 
-    cfgs = {"full": PressConfig().validate(),
-            "knorm 0.5": PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(),
-                                     mode="prefill").validate()}
+    cfgs = {"full": prefill_press(), "knorm 0.5": prefill_press("knorm", 0.5)}
     res = c.interleaved({k: (lambda cfg=cfg: run_generation(lm.model, ids, cfg, n)) for k, cfg in cfgs.items()},
                         repeats)
     tpot = {k: c.median([r.tpot_s for r in v]) for k, v in res.items()}
@@ -147,16 +145,12 @@ def build_8b(args):
 
 def peak_memory_8b(args, model, ids, n: int, repeats: int) -> list[list[str]]:
     """(e): max_memory_allocated per configuration (the worst of its rounds), full cache first."""
-    from knormctl.config import PressConfig
     from knormctl.engine.loop import run_generation
 
     prompt = ids.shape[1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfgs = {"full cache": PressConfig().validate(),
-            "knorm 0.5": PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(),
-                                     mode="prefill").validate(),
-            "streaming 0.5": PressConfig(press="streaming", keep_ratio=0.5, prune_after=0, skip_layers=(),
-                                         mode="prefill").validate()}
+    cfgs = {"full cache": prefill_press(), "knorm 0.5": prefill_press("knorm", 0.5),
+            "streaming 0.5": prefill_press("streaming", 0.5)}
     res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
                         repeats)
     peak = {k: max(r.memory.bytes or 0 for r in v) for k, v in res.items()}

@@ -59,7 +59,8 @@ def read_bytes_per_token(model) -> int:
     return total if emb.data_ptr() == out.data_ptr() else total - emb.numel() * emb.element_size()
 
 
-def _cfg(press: str = "none", keep: float = 1.0):
+def prefill_press(press: str = "none", keep: float = 1.0):
+    """The full cache, or ``press`` keeping ``keep`` of every layer once after the prefill."""
     from knormctl.config import PressConfig
 
     if press == "none":
@@ -72,7 +73,7 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
     configuration's rounds against each other. Returns summary rows."""
     from knormctl.engine.loop import run_generation
 
-    cfgs = {"full cache": _cfg(), "knorm 0.5": _cfg("knorm", 0.5)}
+    cfgs = {"full cache": prefill_press(), "knorm 0.5": prefill_press("knorm", 0.5)}
     res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
                         max(2, repeats))
     w = read_bytes_per_token(model)
@@ -112,9 +113,9 @@ def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     runs = {}
-    for name, cfg, size in [("full, one forward", _cfg(), 0), ("full, chunked", _cfg(), chunk),
-                            ("knorm 0.5, one forward", _cfg("knorm", 0.5), 0),
-                            ("knorm 0.5, chunked", _cfg("knorm", 0.5), chunk)]:
+    for name, cfg, size in [("full, one forward", prefill_press(), 0), ("full, chunked", prefill_press(), chunk),
+                            ("knorm 0.5, one forward", prefill_press("knorm", 0.5), 0),
+                            ("knorm 0.5, chunked", prefill_press("knorm", 0.5), chunk)]:
         c.log(f"(f4) {name}")
         runs[name] = run_generation(model, ids, cfg, n, prefill_chunk=size)
     full = runs["full, chunked"]
@@ -141,7 +142,7 @@ def capacity(model, ids, budget: int, chunk: int, max_batch: int) -> list[list[s
     press cuts after every chunk), and the decode tokens/s at that batch (knormctl capacity)."""
     from knormctl.engine.capacity import capacity_table
 
-    rows = capacity_table(model, ids[0].tolist(), [_cfg(), _cfg("knorm", 0.5)], new_tokens=8, budget=budget,
+    rows = capacity_table(model, ids[0].tolist(), [prefill_press(), prefill_press("knorm", 0.5)], new_tokens=8, budget=budget,
                           max_batch=max_batch, prefill_chunk=chunk, progress=c.log)
     size = f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB"
     c.table(f"(g) largest batch within {size} ({ids.shape[1]}-token prompt, --prefill-chunk "
