@@ -130,6 +130,7 @@ class RunConfig:
     keep_recent: int = 0
     n_sink: int = 4
     prefill_chunk: int = 0  # > 0: the prompt is prefilled this many tokens at a time, cut after each chunk
+    cuda_graph: bool = False  # decode steps recorded once as a CUDA graph and replayed (engine/graphstep.py)
     warmup: bool = True
     # stop each answer at its first EOS (question tasks; benchmarks/tasks.py): the score reads
     # the answer up to that token anyway, so only time changes -- and timings stop comparing
@@ -178,6 +179,9 @@ class RunConfig:
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.device_map is not None:
             check_device_map(self.device_map, self.device)
+        if self.cuda_graph and (self.device_map is not None or self.device in ("cpu", "mps")):
+            why = "--device-map spreads the model" if self.device_map is not None else f"--device is {self.device}"
+            raise ConfigError(f"--cuda-graph needs the model on one CUDA device ({why})")
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -36,7 +36,7 @@ fi
 # The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
 # KNORMCTL_EXPECT_TRANSFORMERS makes a test fail if the venv holds another version (so this
 # run cannot pass on the wrong stack), and checks which name each end reads the cache under.
-COMPAT_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_families.py tests/test_cli_run.py tests/test_presses.py
+COMPAT_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_graphstep.py tests/test_families.py tests/test_cli_run.py tests/test_presses.py
               tests/test_passkey.py tests/test_protocols.py tests/test_kvpress_parity.py tests/test_cuda.py
               tests/test_repeats.py tests/test_kvbuffer.py tests/test_prefill_chunk.py tests/test_device_map.py)
 if bash scripts/setup_compat.sh; then

@@ -160,3 +160,55 @@ def test_buffer_logits_equal_the_reference_path_within_bf16_tolerance(model):
                 steps.append(fwd(ids[:, k:k + 1], pos[:, k:k + 1]).logits.float())
         logits.append(torch.cat(steps, dim=1))
     torch.testing.assert_close(logits[0], logits[1], rtol=1.6e-2, atol=2e-2)
+
+
+def test_graph_replay_logits_equal_the_reference_path_within_bf16_tolerance(model):
+    """The decode step recorded as a CUDA graph (engine/graphstep.py) against transformers'
+    DynamicCache, through a prefill, a knorm cut and 8 replayed steps on the same tokens: the
+    logits agree within bf16's tolerance (the graph's attention reads the whole right-sized
+    buffer under a length mask, so SDPA may pick another kernel than for the valid prefix)."""
+    from knormctl.engine.graphstep import DecodeGraph
+    from knormctl.engine.loop import CachedForward
+
+    ids = _ids(520).cuda()
+    pos = torch.arange(520, device="cuda").view(1, -1)
+    logits = []
+    for graphed in (True, False):
+        cache = new_cache(model, capacity=520, buffered=graphed)
+        fwd = CachedForward(model, cache)
+        comp = Compressor(CONFIGS[0], 8, model=model)
+        graph = DecodeGraph(fwd, 1, torch.device("cuda"), capture=True) if graphed else None
+        steps = []
+        with torch.inference_mode():
+            steps.append(fwd(ids[:, :512], pos[:, :512]).logits.float())
+            assert comp.after_forward(cache, prefill=True)
+            fwd.cut_done()
+            for k in range(512, 520):
+                step = graph if graphed else (lambda t, p: fwd(t, p).logits)
+                steps.append(step(ids[:, k:k + 1], pos[:, k:k + 1]).float().clone())
+        logits.append(torch.cat(steps, dim=1))
+        if graphed:
+            assert (graph.steps, graph.captures) == (8, 1)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1.6e-2, atol=2e-2)
+
+
+DECODE_IN_PLACE = PressConfig(press="knorm", keep_ratio=0.9, prune_after=512, skip_layers=(), mode="decode")
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], DECODE_IN_PLACE, PressConfig()], ids=lambda c: c.key)
+def test_a_graphed_generation_replays_the_static_step(model, cfg):
+    """run_generation with decode_graph="cuda": the tokens of the same static step run eagerly,
+    every decode step after the cut replayed, a graph recorded once per buffer layout (a
+    prefill cut gathers into a new buffer once; a decode-mode cut compacts in place)."""
+    ids = _ids(1024)
+    eager = run_generation(model, ids, cfg, 32, decode_graph="eager")
+    graphed = run_generation(model, ids, cfg, 32, decode_graph="cuda")
+    assert graphed.token_ids == eager.token_ids
+    skipped = bool(cfg.skip_layers) and cfg.keep_ratio < 1.0  # a skipped layer is longer: no static step
+    assert graphed.graph_steps == (0 if skipped else 31)
+    if skipped:
+        assert graphed.graph_captures == 0
+    elif cfg.mode == "prefill" or cfg.is_baseline:
+        assert graphed.graph_captures == 1
+    else:  # decode mode: recorded again each time a cut gathered into a smaller buffer
+        assert 1 <= graphed.graph_captures < 31

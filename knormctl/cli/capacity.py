@@ -22,6 +22,7 @@ def capacity(
     compress_mode: Annotated[str, typer.Option("--compress-mode", metavar="MODE",
                                                help="prefill (default) or decode.")] = "prefill",
     prefill_chunk: o.PrefillChunkOpt = 0,
+    cuda_graph: o.CudaGraphOpt = False,
     prune_after: o.PruneAfterOpt = 0,
     skip_layers: o.SkipLayersOpt = "",
     max_batch: Annotated[int, typer.Option("--max-batch", metavar="B", help="Largest batch tried.")] = 256,
@@ -58,7 +59,7 @@ def capacity(
                         threads=threads, seed=seed,
                         trust_remote_code=trust_remote_code, presses=parse_press_list(presses),
                         keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"), compress_mode=compress_mode,
-                        prefill_chunk=prefill_chunk, prune_after=prune_after, max_new_tokens=max_new_tokens,
+                        prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, prune_after=prune_after, max_new_tokens=max_new_tokens,
                         skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True)).validate()
         configs = cfg.press_configs()
         check_batchable(configs)
@@ -99,6 +100,8 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         torch.set_num_threads(cfg.threads)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                     progress=log, device_map=cfg.device_map)
+    if cfg.cuda_graph and not lm.device.startswith("cuda"):
+        raise UsageError(f"--cuda-graph needs the model on one CUDA device (it is on {lm.device})")
     if lm.max_positions is not None and context + cfg.max_new_tokens > lm.max_positions:
         raise UsageError(f"--context {context} + --max-new-tokens {cfg.max_new_tokens} exceed the model's "
                          f"context ({lm.max_positions} tokens)")
@@ -108,8 +111,10 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     else:
         prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
     rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
-                          max_batch=max_batch, prefill_chunk=cfg.prefill_chunk, progress=log)
+                          max_batch=max_batch, prefill_chunk=cfg.prefill_chunk,
+                          decode_graph="cuda" if cfg.cuda_graph else "off", progress=log)
     return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,
             "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weight_bytes(lm.model),
-            "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk, "prompt": "random ids" if random_ids
+            "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk,
+            "cuda_graph": cfg.cuda_graph, "prompt": "random ids" if random_ids
             else cfg.pg19_source, "results": rows}

@@ -140,6 +140,11 @@ class Compressor:
         """False when this configuration can never cut (no press, or keep_ratio 1.0)."""
         return self.press is not None and self.cfg.keep_ratio < 1.0
 
+    @property
+    def observing(self) -> bool:
+        """Hooks still run Python in every forward (observers, the kvpress backend's hooks)."""
+        return bool(self._hooks)
+
     def close(self) -> None:
         """Remove the hooks (if any)."""
         for h in self._hooks + self._mask_hooks:

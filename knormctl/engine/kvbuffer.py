@@ -46,10 +46,18 @@ class BufferLayer(DynamicLayer):
         self._v: torch.Tensor | None = None
         self._n = 0  # valid entries at the front of the buffers
         self._fed = 0  # tokens fed in all (positions), to size the room still needed after a cut
+        # a device tensor (1,): set by graphstep.DecodeGraph around its static step -- update() then
+        # writes at that slot and returns the whole buffer (fixed shapes); the host count moves
+        # only with advance()
+        self.static_slot: torch.Tensor | None = None
 
     # --- what the model calls ------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static_slot is not None:
+            self._k.index_copy_(2, self.static_slot, key_states)
+            self._v.index_copy_(2, self.static_slot, value_states)
+            return self._k, self._v
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if not self._owns_views():
@@ -77,6 +85,30 @@ class BufferLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return 0 if self._k is None else int(self._k.shape[-2])
+
+    @property
+    def length(self) -> int:
+        """Valid entries at the front of the buffer."""
+        return self._n
+
+    def owns_buffer(self) -> bool:
+        """keys/values are this layer's views of its buffer (nothing assigned from outside)."""
+        return self._k is not None and self._owns_views()
+
+    def buffer_address(self) -> tuple[int, int]:
+        return self._k.data_ptr(), self._v.data_ptr()
+
+    def clear_tail(self) -> None:
+        """Zeros in the slots past the valid entries: the static step reads the whole buffer, and
+        a new buffer's unwritten memory may hold NaN (masked out of the scores, but 0 x NaN = NaN)."""
+        self._k[:, :, self._n:].zero_()
+        self._v[:, :, self._n:].zero_()
+
+    def advance(self, n_new: int) -> None:
+        """``n_new`` entries were written after the valid ones by a static step (graphstep.py)."""
+        self._n += n_new
+        self._fed += n_new
+        self._set_views()
 
     def held_bytes(self) -> int:
         """Bytes the buffers hold (capacity, not only the valid entries)."""

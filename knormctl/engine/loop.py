@@ -81,7 +81,7 @@ def cutter(comp: Compressor, fwd: CachedForward, prompt_len: int, prefill_chunk:
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int | list[int] = 0, tokenizer=None,
                    question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0,
-                   stop_ids=None) -> GenerationResult:
+                   stop_ids=None, decode_graph: str = "off") -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
 
@@ -122,6 +122,13 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     ``prefill_chunk`` (> 0): ``input_ids`` is prefilled ``prefill_chunk`` tokens at a time and
     the press cuts after every chunk once a layer holds more than its budget (see ``prefill``),
     so the cache never holds more than the budget plus one chunk. TTFT then includes those cuts.
+
+    ``decode_graph`` (engine/graphstep.py): "cuda" -- each decode step at a fixed cache size,
+    recorded once as a CUDA graph and replayed (recorded again after a cut moved the buffers; the
+    step that records also pays for it); "eager" -- the same static step run without recording
+    (the CPU tests' check that it generates what the reference does); "off". Steps the static
+    step cannot take (observing presses, layers of different lengths) run the ordinary way;
+    ``graph_steps``/``graph_captures`` in the result count what ran where.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
@@ -154,6 +161,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         comp.close()
         raise UsageError(f"--prefill-chunk: {why}")
     cut = cutter(comp, fwd, prompt_len, prefill_chunk)
+    graph = decode_graph_for(decode_graph, fwd, batch, devices, kv_buffer, comp)
     kv_entries_peak = kv_bytes_peak = held_peak = 0
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
@@ -188,8 +196,11 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
             account()
             cut(prefill=(step == 1 and q_ids is None))
             pos = start + step - 1
-            out = fwd(token, positions[:, pos:pos + 1])
-            token = pick(out.logits)
+            if graph is not None and not comp.observing and graph.why_not() is None:
+                logits = graph(token, positions[:, pos:pos + 1])
+            else:
+                logits = fwd(token, positions[:, pos:pos + 1]).logits
+            token = pick(logits)
             tokens.append(token)
             clock.mark()
         # No cut after the last forward: no token would ever read it, so it would only add
@@ -205,7 +216,32 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     res = _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
                   kv_entries_peak, kv_entries_final, comp)
     res.kv_bytes_held_peak = held_peak
+    if graph is not None:
+        res.graph_steps, res.graph_captures = graph.steps, graph.captures
     return res
+
+
+DECODE_GRAPH_MODES = ("off", "cuda", "eager")
+
+
+def decode_graph_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffer: bool, comp: Compressor):
+    """The static decode step ``mode`` asks for (None: "off"); a usage error where it cannot run."""
+    if mode not in DECODE_GRAPH_MODES:
+        raise UsageError(f"decode_graph must be one of {', '.join(DECODE_GRAPH_MODES)}, got {mode!r}")
+    if mode == "off":
+        return None
+    why = None
+    if not kv_buffer:
+        why = "the reference DynamicCache path has no fixed buffer to record on"
+    elif mode == "cuda" and (len(devices) != 1 or devices[0].type != "cuda"):
+        where = "+".join(str(d) for d in devices)
+        why = f"it needs the model on one CUDA device (it is on {where})"
+    if why is not None:
+        comp.close()
+        raise UsageError(f"--cuda-graph: {why}")
+    from knormctl.engine.graphstep import DecodeGraph
+
+    return DecodeGraph(fwd, batch, devices[0], capture=mode == "cuda")
 
 
 def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int) -> list[int | None] | None:

@@ -1,0 +1,257 @@
+"""The static decode step that a CUDA graph records (engine/graphstep.py, issue 16 item 1).
+
+On a CPU nothing can be recorded; what is checked here is everything the recording relies on:
+the static step (the whole buffer, a slot held in a device tensor, a length mask computed on
+the device) generates exactly what the reference path (transformers' DynamicCache) generates,
+it is taken where it can be and left where it cannot, and it traces as ONE graph -- no host
+sync, no branch on a tensor's value, which would make a CUDA graph capture fail or replay a
+stale step. The recording itself is checked on a GPU (tests/test_cuda.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from knormctl.cli import app
+from knormctl.config import PressConfig
+from knormctl.engine import graphstep, loop
+from knormctl.engine.kvbuffer import BufferLayer
+from knormctl.engine.loop import run_generation
+from knormctl.errors import UsageError
+from knormctl.press_spec import parse_press_spec
+from tiny_models import MODELS, VOCAB
+
+NEW = 16
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _ids(n=60, seed=1, rows=1):
+    return torch.randint(0, VOCAB, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def caches(monkeypatch):
+    """Every cache run_generation makes, to compare what each path holds at the end."""
+    made = []
+    real = loop.new_cache
+
+    def recording(model, **kw):
+        made.append(real(model, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "new_cache", recording)
+    return made
+
+
+def _cfg(spec, mode="prefill", kr=0.5, prune_after=0, skip=()):
+    name, params = parse_press_spec(spec)
+    return PressConfig(press=name, params=params, keep_ratio=kr, prune_after=prune_after, skip_layers=skip,
+                       mode=mode).validate()
+
+
+# (spec, mode, keep_ratio, prune_after, skip_layers, decode steps the static step takes)
+CASES = [
+    ("none", "prefill", 1.0, 0, (), NEW - 1),
+    ("knorm", "prefill", 0.5, 0, (), NEW - 1),  # the cut gathers into a right-sized buffer: a new address
+    ("knorm", "decode", 0.9, 16, (), NEW - 1),  # cuts every step, in place
+    ("streaming", "decode", 0.8, 20, (), NEW - 1),
+    ("snapkv(window_size=8)", "prefill", 0.5, 0, (), NEW - 1),  # observers go with the prefill cut
+    ("tova", "decode", 0.8, 20, (), 0),  # observes every step: its hooks must run
+    ("knorm", "decode", 0.9, 16, (0,), 0),  # a skipped layer is longer: one mask cannot serve both
+    ("adakv(base=knorm)", "prefill", 0.5, 0, (), 0),  # per-head masks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-skip{len(c[4])}")
+def test_static_step_generates_what_the_reference_does(model, caches, case):
+    spec, mode, kr, prune_after, skip, static_steps = case
+    cfg = _cfg(spec, mode, kr, prune_after, skip)
+    ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
+    assert got.token_ids == ref.token_ids
+    assert (got.kv_entries_final, got.kv_bytes_final, got.compress_events) == (
+        ref.kv_entries_final, ref.kv_bytes_final, ref.compress_events)
+    assert (got.graph_steps, got.graph_captures) == (static_steps, 0)  # eager: nothing recorded
+    assert ref.graph_steps == 0
+    ref_cache, got_cache = caches
+    for lr, lg in zip(ref_cache.layers, got_cache.layers):  # the entries the static steps wrote, in their slots
+        assert lg.keys.shape == lr.keys.shape
+        torch.testing.assert_close(lg.keys, lr.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lg.values, lr.values, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_gets_a_float_mask_and_the_same_tokens():
+    model = MODELS["llama"]()
+    model.set_attn_implementation("eager")
+    cfg = _cfg("knorm")
+    ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
+    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+
+
+def test_a_sampled_batch_draws_what_the_reference_draws(model):
+    cfg = _cfg("knorm", kr=0.6)
+    kw = dict(sampling=True, temperature=0.8, seed=[3, 4, 5])
+    ref = run_generation(model, _ids(rows=3), cfg, NEW, kv_buffer=False, **kw)
+    got = run_generation(model, _ids(rows=3), cfg, NEW, decode_graph="eager", **kw)
+    assert got.rows == ref.rows and len(set(map(tuple, got.rows))) > 1
+    assert got.graph_steps == NEW - 1
+
+
+def test_the_static_step_reads_the_whole_buffer_and_moves_the_count_only_when_told(model, caches):
+    """What makes it recordable: every shape is the buffer's capacity, the write lands at the slot."""
+    run_generation(model, _ids(), _cfg("knorm"), 2, decode_graph="eager")
+    layer = caches[0].layers[0]
+    n, cap = layer.length, layer.capacity
+    assert n < cap
+    k = torch.randn(1, layer.keys.shape[1], 1, layer.keys.shape[-1])
+    v = torch.randn_like(k)
+    layer.static_slot = torch.tensor([n])
+    with torch.inference_mode():  # the buffer was made in the generation's inference mode
+        keys, values = layer.update(k, v)
+    layer.static_slot = None
+    assert keys.shape[-2] == cap and layer.length == n  # the whole buffer; the host count unmoved
+    layer.advance(1)
+    assert layer.length == n + 1 and torch.equal(layer.keys[:, :, -1:], k) and torch.equal(layer.values[:, :, -1:], v)
+
+
+def _trace(model, monkeypatch):
+    """Run a generation whose static step is traced by dynamo with fullgraph=True: a host sync
+    or a Python branch on a tensor value inside the step raises instead of tracing."""
+    real = graphstep.DecodeGraph._forward
+    traced = {}
+
+    def forward(self):
+        if self not in traced:
+            traced[self] = torch.compile(lambda: real(self), backend="eager", fullgraph=True)
+        return traced[self]()
+
+    monkeypatch.setattr(graphstep.DecodeGraph, "_forward", forward)
+    torch._dynamo.reset()
+    try:
+        return run_generation(model, _ids(), _cfg("knorm"), 6, decode_graph="eager")
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_static_step_traces_as_one_graph(model, monkeypatch):
+    res = _trace(model, monkeypatch)
+    assert res.graph_steps == 5
+    assert res.token_ids == run_generation(model, _ids(), _cfg("knorm"), 6, kv_buffer=False).token_ids
+
+
+def test_a_host_sync_in_the_step_fails_the_trace(monkeypatch):
+    """The control: the same check catches a step that reads a value back to the host."""
+    model = MODELS["llama"]()
+    real = BufferLayer.update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.static_slot is not None and int(self.static_slot.item()) < 0:
+            raise AssertionError("unreachable")
+        return real(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(BufferLayer, "update", update)
+    with pytest.raises(Exception, match="(?i)graph break|item|unsupported"):
+        _trace(model, monkeypatch)
+
+
+def test_cuda_mode_needs_one_cuda_device(model):
+    with pytest.raises(UsageError, match="--cuda-graph: it needs the model on one CUDA device .it is on cpu"):
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="cuda")
+    with pytest.raises(UsageError, match="no fixed buffer"):
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="eager", kv_buffer=False)
+    with pytest.raises(UsageError, match="decode_graph must be one of off, cuda, eager"):
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="yes")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "--cuda-graph needs the model on one CUDA device (--device is cpu)"),
+    (["--device-map", "auto"], "--cuda-graph needs the model on one CUDA device (--device-map spreads the model)"),
+])
+def test_cuda_graph_where_it_cannot_run_is_one_line_exit_2(args, message, tmp_path):
+    for command in ("sweep", "baseline", "capacity"):
+        where = ["--db", str(tmp_path / "r.db")] if command != "capacity" else ["--memory-budget", "1GiB"]
+        res = CliRunner().invoke(app, [command, "--cuda-graph", *args, *where])
+        assert res.exit_code == 2, (command, res.output)
+        assert res.stderr.strip() == f"Error: {message}", (command, res.stderr)
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_cuda_graph_on_a_model_that_landed_on_the_cpu_writes_nothing(tiny_llama_dir, books_dir, tmp_path):
+    """--device auto finds no GPU: refused after the model loads, before the run is stored."""
+    db = tmp_path / "r.db"
+    res = CliRunner().invoke(app, ["sweep", "--cuda-graph", "--model", str(tiny_llama_dir),
+                                   "--wikitext-source", f"text:{books_dir}", "--num-wikitext-samples", "1",
+                                   "--num-pg19-samples", "0", "--wikitext-prompt-tokens", "48",
+                                   "--max-new-tokens", "4", "--db", str(db)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1] == "Error: --cuda-graph needs the model on one CUDA device (it is on cpu)"
+    if db.exists():
+        import sqlite3
+
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def test_a_new_buffers_unwritten_slots_never_reach_attention(model, monkeypatch):
+    """New buffers are uninitialised memory: made NaN here (what a reused GPU block may hold),
+    the static step still generates the reference's tokens -- the slots it masks hold zeros."""
+    from knormctl.engine import kvbuffer
+
+    def poisoned(fn):
+        def new_empty_nan(self, *size, **kw):
+            return torch.Tensor.new_full(self, size, float("nan"), **kw)
+        def wrapped(*a, **kw):
+            with monkeypatch.context() as m:
+                m.setattr(torch.Tensor, "new_empty", new_empty_nan)
+                return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(BufferLayer, "_grow", poisoned(BufferLayer._grow))
+    monkeypatch.setattr(kvbuffer, "_gather_into", poisoned(kvbuffer._gather_into))
+    cfg = _cfg("knorm")
+    ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
+    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+
+
+@pytest.mark.parametrize("mode, kr, prune_after, layouts", [
+    ("prefill", 0.5, 0, "one"),  # one cut, gathered into a right-sized buffer before the first step
+    ("decode", 0.3, 8, "several"),  # the cache shrinks: later cuts gather into smaller buffers
+])
+def test_recording_follows_the_buffers_and_replays_into_one_logits_tensor(model, monkeypatch, mode, kr,
+                                                                          prune_after, layouts):
+    """The record/replay bookkeeping without a GPU: a stand-in graph whose replay recomputes the
+    static step into the logits tensor of its recording (what a CUDA graph's replay does). The
+    loop must read each step's logits before the next replay overwrites them, and record again
+    exactly when a buffer moved."""
+    recorded = []
+
+    def record(self):
+        self.logits = self._forward()
+        recorded.append(tuple((layer.buffer_address(), layer.capacity) for layer in self.cache.layers))
+        owner = self
+
+        class Replay:
+            def replay(self):
+                owner.logits.copy_(owner._forward())
+
+        self.graph = Replay()
+        self.captures += 1
+
+    def recording(mode_, fwd, batch, devices, kv_buffer, comp):
+        return graphstep.DecodeGraph(fwd, batch, devices[0], capture=True)
+
+    monkeypatch.setattr(graphstep.DecodeGraph, "_record", record)
+    monkeypatch.setattr(loop, "decode_graph_for", recording)
+    cfg = _cfg("knorm", mode, kr, prune_after)
+    ref = run_generation(model, _ids(), cfg, 40, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, 40, decode_graph="eager")
+    assert got.token_ids == ref.token_ids and got.graph_steps == 39
+    assert got.graph_captures == len(recorded) and all(a != b for a, b in zip(recorded, recorded[1:]))
+    assert (len(recorded) == 1) if layouts == "one" else (1 < len(recorded) < 39)
