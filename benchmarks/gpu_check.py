@@ -14,10 +14,10 @@ Part (e), needing no files (~1-2 minutes on an H100): the Llama-3.1-8B shape (32
 prefill keep 0.5: max_memory_allocated of the full cache vs knorm vs streaming, target
 "compression never raises the peak" (issue 10).
 Part (f), on the same model (benchmarks/gpu_targets.py): issue 16's targets -- the decode
-step against the memory floor, the keep-0.5 step against the floor's ratio, the spread of
+step against the memory floor (kernels launched one by one, and replayed from a CUDA graph), the keep-0.5 step against the floor's ratio, the spread of
 one configuration's rounds, and the peak with --prefill-chunk 4096. Part (g): the largest
 batch within 70 GiB with and without compression, and its tokens/s (knormctl capacity).
-Estimated on an H100 (not yet run on one): (e)+(f) about 2 minutes, (g) about 5 (some
+Estimated on an H100 (not yet run on one): (e)+(f) about 3 minutes, (g) about 5 (some
 50 prefills of 32k tokens), so within one 10-minute call; split them if time is short.
 
     python benchmarks/gpu_check.py --parts efg                          # the 8B-shape checks, no files needed
@@ -188,7 +188,7 @@ def capacity_targets(args, model, ids) -> list[list[str]]:
     import gpu_targets as g
 
     budget = (40 << 20) if args.quick else (70 << 30)
-    return g.capacity(model, ids, budget, 128 if args.quick else 1024, 64 if args.quick else 256)
+    return g.capacity(model, ids, budget, 128 if args.quick else 1024, 64 if args.quick else 256, args.device)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 run as parts (f) and (g) of gpu_check.py on the model part (e) builds:
 
   (f1) full-cache decode step / memory floor                            target <= 1.5
+       (launched kernel by kernel, and replayed from a CUDA graph: --cuda-graph)
   (f2) knorm keep 0.5 (prefill) step / full step, vs the floor's ratio  target within 0.05
   (f3) the same configuration measured twice in one run                 target within 3 %
   (f4) peak with --prefill-chunk 4096 at keep 0.5                       target <= weights + 0.6 x full KV + activations
@@ -68,42 +69,80 @@ def prefill_press(press: str = "none", keep: float = 1.0):
     return PressConfig(press=press, keep_ratio=keep, prune_after=0, skip_layers=(), mode="prefill").validate()
 
 
-def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
-    """(f1)-(f3): the median decode step of the full cache and of knorm 0.5 against the floor; the same
-    configuration's rounds against each other. Returns summary rows."""
+def graph_mode(device: str) -> str:
+    """run_generation's ``decode_graph`` for the graphed rows: recorded on CUDA; elsewhere (a dry
+    run) the same static step run eagerly, so the path is exercised."""
+    return "cuda" if device == "cuda" else "eager"
+
+
+def try_graph(model, ids, device: str) -> str | None:
+    """One short graphed generation first: None when it works, else the error -- the launched rows
+    and every other part still run (the recording has not been run on a GPU before)."""
     from knormctl.engine.loop import run_generation
 
-    cfgs = {"full cache": prefill_press(), "knorm 0.5": prefill_press("knorm", 0.5)}
-    res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},
-                        max(2, repeats))
+    try:
+        res = run_generation(model, ids, prefill_press("knorm", 0.5), 4, decode_graph=graph_mode(device))
+    except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None if res.graph_steps == 3 else f"only {res.graph_steps} of 3 steps ran as the static step"
+
+
+def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
+    """(f1)-(f3): the median decode step of the full cache and of knorm 0.5 against the floor, each
+    with kernels launched one by one and replayed from a CUDA graph (--cuda-graph); the same
+    configuration's rounds against each other. Returns summary rows, per way of launching."""
+    from knormctl.engine.loop import run_generation
+
+    graph_error = try_graph(model, ids, device)
+    if graph_error:
+        c.log(f"(f) the graphed step failed, launched rows only: {graph_error}")
+    modes = {"launched": "off"} if graph_error else {"launched": "off", "graphed": graph_mode(device)}
+    cfgs = {(label, how): (cfg, mode) for how, mode in modes.items()
+            for label, cfg in (("full cache", prefill_press()), ("knorm 0.5", prefill_press("knorm", 0.5)))}
+    res = c.interleaved({f"{label}, {how}": (lambda cfg=cfg, mode=mode: run_generation(model, ids, cfg, n,
+                                                                                        decode_graph=mode))
+                         for (label, how), (cfg, mode) in cfgs.items()}, max(2, repeats))
     w = read_bytes_per_token(model)
     measured = copy_bandwidth(device)
     spec = spec_bandwidth(gpu_name) if device == "cuda" else None
     bw = spec or measured
-    rows, tpot, floor = [], {}, {}
-    for k, runs in res.items():
-        tpot[k] = c.median([r.itl_p50_s for r in runs])  # the median step: the first carries the prefill cut
+    rows, tpot, floor, spread = [], {}, {}, {}
+    for (label, how) in cfgs:
+        runs = res[f"{label}, {how}"]
+        key = (label, how)
+        tpot[key] = c.median([r.itl_p50_s for r in runs])  # the median step: the first carries the prefill cut
         kv = c.median([(r.kv_bytes_peak + r.kv_bytes_final) / 2 for r in runs])  # the cache over the decode
-        floor[k] = (w + kv) / bw
+        floor[key] = (w + kv) / bw
         rounds = [r.itl_p50_s for r in runs]
-        spread = (max(rounds) - min(rounds)) / min(rounds)
-        rows.append([k, c.ms(tpot[k], 2), c.ms(floor[k], 2), c.num(tpot[k] / floor[k], 2), c.mib(kv),
-                     " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread:.1f}%"])
+        spread[key] = (max(rounds) - min(rounds)) / min(rounds)
+        graphed = f"{runs[-1].graph_steps}/{n - 1}, {runs[-1].graph_captures}" if how == "graphed" else "-"
+        rows.append([f"{label}, {how}", c.ms(tpot[key], 2), c.ms(floor[key], 2), c.num(tpot[key] / floor[key], 2),
+                     c.mib(kv), " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread[key]:.1f}%", graphed])
     c.table(f"(f1-f3) decode step vs the memory floor ({ids.shape[1]}-token prompt, {n} new tokens)",
-            ["configuration", "step ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread"], rows,
+            ["configuration", "step ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread",
+             "static steps, graphs"], rows,
             notes=[f"bandwidth for the floor: {bw / 1e12:.2f} TB/s ({'datasheet' if spec else 'measured copy'}); "
                    f"measured copy {measured / 1e12:.2f} TB/s; weights read per token {c.mib(w)} MiB",
                    "step: median inter-token latency (the first step carries the prefill cut); CUDA events, no "
                    "host sync between steps (engine/timing.StepClock)" if device == "cuda" else
-                   "step: median inter-token latency; host clock (CPU)"])
-    r_full = tpot["full cache"] / floor["full cache"]
-    r_keep, r_floor = tpot["knorm 0.5"] / tpot["full cache"], floor["knorm 0.5"] / floor["full cache"]
-    spreads = {row[0]: float(row[6].rstrip("%")) / 100 for row in rows}
-    return [["bf16", "(f1) full-cache step / floor", c.num(r_full, 2), c.verdict(r_full, 1.5)],
-            ["bf16", f"(f2) keep 0.5 step / full (floor ratio {r_floor:.3f})", c.num(r_keep),
-             "meets: within 0.05" if abs(r_keep - r_floor) <= 0.05 else "MISSES: not within 0.05"]] + \
-           [["bf16", f"(f3) {k}: spread of {len(res[k])} rounds", f"{100 * s:.1f}%", c.verdict(s, 0.03)]
-            for k, s in spreads.items()]
+                   "step: median inter-token latency; host clock (CPU)",
+                   "graphed: --cuda-graph, each step replayed from a CUDA graph (engine/graphstep.py)"
+                   if device == "cuda" else "graphed: a dry run, the static step run eagerly (no CUDA here)"]
+                  + ([f"graphed step FAILED: {graph_error}"] if graph_error else []))
+    out = []
+    for how in modes:
+        full, keep = ("full cache", how), ("knorm 0.5", how)
+        r_full = tpot[full] / floor[full]
+        r_keep, r_floor = tpot[keep] / tpot[full], floor[keep] / floor[full]
+        out += [["bf16", f"(f1) {how}: full-cache step / floor", c.num(r_full, 2), c.verdict(r_full, 1.5)],
+                ["bf16", f"(f2) {how}: keep 0.5 step / full (floor ratio {r_floor:.3f})", c.num(r_keep),
+                 "meets: within 0.05" if abs(r_keep - r_floor) <= 0.05 else "MISSES: not within 0.05"]]
+        out += [["bf16", f"(f3) {label}, {how}: spread of {len(res[f'{label}, {how}'])} rounds",
+                 f"{100 * spread[(label, how)]:.1f}%", c.verdict(spread[(label, how)], 0.03)]
+                for label in ("full cache", "knorm 0.5")]
+    if graph_error:
+        out.append(["bf16", "(f) graphed step", "FAILED", graph_error[:60]])
+    return out
 
 
 def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
@@ -136,17 +175,22 @@ def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
              "meets" if ok else "MISSES"]]
 
 
-def capacity(model, ids, budget: int, chunk: int, max_batch: int) -> list[list[str]]:
+def capacity(model, ids, budget: int, chunk: int, max_batch: int, device: str) -> list[list[str]]:
     """(g): the largest batch within ``budget`` bytes, full cache against knorm 0.5, every
     configuration prefilled ``chunk`` tokens at a time (bounded activations for both; the
-    press cuts after every chunk), and the decode tokens/s at that batch (knormctl capacity)."""
+    press cuts after every chunk), and the decode tokens/s at that batch (knormctl capacity),
+    decode steps replayed from a CUDA graph where that works (launched otherwise)."""
     from knormctl.engine.capacity import capacity_table
 
-    rows = capacity_table(model, ids[0].tolist(), [prefill_press(), prefill_press("knorm", 0.5)], new_tokens=8, budget=budget,
-                          max_batch=max_batch, prefill_chunk=chunk, progress=c.log)
+    graph_error = try_graph(model, ids, device)
+    mode = "off" if graph_error else graph_mode(device)
+    rows = capacity_table(model, ids[0].tolist(), [prefill_press(), prefill_press("knorm", 0.5)], new_tokens=8,
+                          budget=budget, max_batch=max_batch, prefill_chunk=chunk, decode_graph=mode,
+                          progress=c.log)
     size = f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB"
+    how = {"off": "launched", "cuda": "--cuda-graph", "eager": "static step, eager"}[mode]
     c.table(f"(g) largest batch within {size} ({ids.shape[1]}-token prompt, --prefill-chunk "
-            f"{chunk}, 8 new tokens)",
+            f"{chunk}, 8 new tokens, {how})",
             ["configuration", "largest batch", "peak MiB", "step ms", "tokens/s", "x batch", "x tokens/s"],
             [[r["config"], f"{r['largest_batch']}{'+' if r['capped'] else ''}", c.mib(r["peak_bytes"]),
               c.ms(r["step_s"], 2), c.num(r["tokens_per_s"], 1), c.num(r["batch_vs_full"], 2),
