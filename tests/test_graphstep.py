@@ -63,7 +63,9 @@ CASES = [
     ("streaming", "decode", 0.8, 20, (), NEW - 1),
     ("snapkv(window_size=8)", "prefill", 0.5, 0, (), NEW - 1),  # observers go with the prefill cut
     ("tova", "decode", 0.8, 20, (), 0),  # observes every step: its hooks must run
-    ("knorm", "decode", 0.9, 16, (0,), 0),  # a skipped layer is longer: one mask cannot serve both
+    ("knorm", "decode", 0.9, 16, (0,), NEW - 1),  # a skipped layer is longer: its own mask
+    ("knorm", "prefill", 0.3, 0, (1,), NEW - 1),
+    ("pyramidkv(window_size=4)", "prefill", 0.4, 0, (), NEW - 1),  # per-layer budgets
     ("adakv(base=knorm)", "prefill", 0.5, 0, (), 0),  # per-head masks
 ]
 
@@ -121,29 +123,34 @@ def test_the_static_step_reads_the_whole_buffer_and_moves_the_count_only_when_to
     assert layer.length == n + 1 and torch.equal(layer.keys[:, :, -1:], k) and torch.equal(layer.values[:, :, -1:], v)
 
 
-def _trace(model, monkeypatch):
+def _trace(model, monkeypatch, cfg=None):
     """Run a generation whose static step is traced by dynamo with fullgraph=True: a host sync
     or a Python branch on a tensor value inside the step raises instead of tracing."""
-    real = graphstep.DecodeGraph._forward
+    real = graphstep.DecodeGraph._step
     traced = {}
 
-    def forward(self):
+    def step(self):
         if self not in traced:
             traced[self] = torch.compile(lambda: real(self), backend="eager", fullgraph=True)
         return traced[self]()
 
-    monkeypatch.setattr(graphstep.DecodeGraph, "_forward", forward)
+    monkeypatch.setattr(graphstep.DecodeGraph, "_step", step)
     torch._dynamo.reset()
     try:
-        return run_generation(model, _ids(), _cfg("knorm"), 6, decode_graph="eager")
+        return run_generation(model, _ids(), cfg or _cfg("knorm"), 6, decode_graph="eager")
     finally:
         torch._dynamo.reset()
 
 
-def test_the_static_step_traces_as_one_graph(model, monkeypatch):
-    res = _trace(model, monkeypatch)
+@pytest.mark.parametrize("spec, mode, kr, prune_after, skip", [
+    ("knorm", "prefill", 0.5, 0, ()),
+    ("knorm", "decode", 0.9, 16, (0,)),  # layers of different lengths: a mask per layer, from its slot
+])
+def test_the_static_step_traces_as_one_graph(model, monkeypatch, spec, mode, kr, prune_after, skip):
+    cfg = _cfg(spec, mode, kr, prune_after, skip)
+    res = _trace(model, monkeypatch, cfg)
     assert res.graph_steps == 5
-    assert res.token_ids == run_generation(model, _ids(), _cfg("knorm"), 6, kv_buffer=False).token_ids
+    assert res.token_ids == run_generation(model, _ids(), cfg, 6, kv_buffer=False).token_ids
 
 
 def test_a_host_sync_in_the_step_fails_the_trace(monkeypatch):

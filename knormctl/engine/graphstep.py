@@ -6,24 +6,26 @@ launches the whole step at once. A graph replays fixed kernels on fixed addresse
 step it records cannot read ``keys[:, :, :n]`` (a new shape every step). Instead:
 
 - every layer's ``BufferLayer`` hands attention its WHOLE buffer (a fixed address and size)
-  and writes the step's entry at a slot held in a device tensor (``index_copy_``, as
-  transformers' ``StaticLayer`` does), not at a Python offset;
-- attention gets a length mask, ``slot < n + 1``, computed on the device inside the step from
-  that same slot tensor: the slots past the valid entries are hidden, and nothing on the host
-  changes between steps but three small copies into the step's static inputs;
+  and writes the step's entry at its slot, held in a device tensor (``index_copy_``, as
+  transformers' ``StaticLayer`` does), not at a Python offset; the slots move on the device
+  (one ``add_`` after each step) and are written from the host only after a cut changed the
+  lengths;
+- each layer's attention gets a length mask, ``position < slot + 1``, computed on the device
+  inside the step from that layer's slot and handed to its attention module by a pre-hook
+  (layers may hold different counts: a skipped layer keeps everything);
 - the buffer is the compressed cache's: after a prefill cut ``BufferLayer.compact`` gathers
   the kept entries into a buffer of the kept count plus the tokens still to come, so the
   masked attention reads at most ``max_new_tokens`` hidden slots beyond the valid ones;
 - the slots past the valid entries hold zeros, never a new buffer's uninitialised memory: a
   masked slot weighs exactly 0 in attention, but 0 x NaN is NaN;
 - a graph is recorded again whenever a buffer moved or changed size (a cut that gathered into
-  a new buffer, a growth); an in-place compaction keeps the addresses, and the mask, computed
-  from the slot, follows the new length by itself.
+  a new buffer, a growth); an in-place compaction keeps the addresses, and the masks,
+  computed from the slots, follow the new lengths by themselves.
 
-Where the step cannot be static it is run the ordinary way (``DecodeGraph.why_not``): layers
-of different lengths (skipped layers, per-layer budgets) or with per-head masks, since one
-mask serves every layer; presses that still observe the attention (their hooks run Python on
-every step); caches with other layer kinds. ``steps``/``captures`` count what ran where.
+Where the step cannot be static it is run the ordinary way (``DecodeGraph.why_not``): per-head
+masks (AdaKV: they grow with every step), presses that still observe the attention (their
+hooks run Python on every step; checked by the loop), caches with other layer kinds.
+``steps``/``captures`` count what ran where.
 
 ``capture=False`` runs the same static step without recording it: the path the CPU tests
 compare with the reference (tokens identical), and the step a graph records.
@@ -42,15 +44,18 @@ class DecodeGraph:
 
     def __init__(self, fwd, batch: int, device: torch.device, capture: bool):
         self.fwd, self.model, self.cache, self.capture = fwd, fwd.model, fwd.cache, capture
+        n_layers = len(self.cache.layers)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the step writes: the valid count
+        self.slots = torch.zeros(n_layers, dtype=torch.long, device=device)  # each layer's write slot = its count
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.float_mask = impl != "sdpa"  # eager adds a float mask; SDPA takes a boolean one
         self.dtype = next(self.model.parameters()).dtype
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self._layout: tuple | None = None  # the buffers (addresses, capacity) the step last ran on
+        self._layout: tuple | None = None  # the buffers (addresses, capacities) the step last ran on
+        self._lengths: tuple | None = None  # the counts self.slots holds
+        self._masks: list[torch.Tensor] = []  # this step's per-layer masks (while it runs)
         self.steps = 0  # decode steps run through the static step
         self.captures = 0  # graphs recorded
 
@@ -60,22 +65,22 @@ class DecodeGraph:
         if not all(isinstance(layer, BufferLayer) for layer in layers):
             return "a cache layer is not a knormctl buffer"
         if any(getattr(layer, "live_mask", None) is not None for layer in layers):
-            return "per-head masks (one mask serves every layer)"
+            return "per-head masks (they grow with every step)"
         if not all(layer.owns_buffer() for layer in layers):
             return "a layer's entries were assigned from outside"
-        if len({layer.length for layer in layers}) != 1 or len({layer.capacity for layer in layers}) != 1:
-            return "layers of different lengths (one mask serves every layer)"
-        if layers[0].length >= layers[0].capacity:
-            return "the buffer is full"
+        if any(layer.length >= layer.capacity for layer in layers):
+            return "a buffer is full"
         return None
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The (B, 1, V) logits of feeding ``token`` at ``position``; the cache grows by one.
+        """The (B, 1, V) logits of feeding ``token`` at ``position``; every layer grows by one.
         Valid until the next call (a graph's output lives at a fixed address)."""
         layers = self.cache.layers
         self.token.copy_(token)
         self.position.copy_(position)
-        self.slot.fill_(layers[0].length)
+        lengths = tuple(layer.length for layer in layers)
+        if lengths != self._lengths:  # the first step, or a cut changed the counts
+            self.slots.copy_(torch.tensor(lengths, dtype=torch.long))
         layout = tuple((layer.buffer_address(), layer.capacity) for layer in layers)
         if layout != self._layout:  # new buffers: their unwritten slots get zeros, then a new graph
             for layer in layers:
@@ -88,36 +93,60 @@ class DecodeGraph:
             logits = self.logits
         else:
             logits = self._forward()
+        self.slots.add_(1)
         for layer in layers:
             layer.advance(1)
+        self._lengths = tuple(n + 1 for n in lengths)
         self.fwd.ledger.grew(1)
         self.steps += 1
         return logits
 
     def _forward(self) -> torch.Tensor:
-        """The static step: every shape fixed by the buffers' capacity, every offset a device tensor."""
-        cap = self.cache.layers[0].capacity
+        """The static step, with its per-layer masks handed to the attention modules (host-side
+        set-up: hooks and slot views, none of it recorded)."""
+        from knormctl.engine.observe import attention_modules
+
+        layers = self.cache.layers
+        hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: self._hand_mask(i, a, kw), with_kwargs=True)
+                 for i, m in enumerate(attention_modules(self.model))]
+        for i, layer in enumerate(layers):
+            layer.static_slot = self.slots[i:i + 1]
+        try:
+            return self._step()
+        finally:
+            for h in hooks:
+                h.remove()
+            for layer in layers:
+                layer.static_slot = None
+            self._masks = []
+
+    def _step(self) -> torch.Tensor:
+        """What the graph records: every shape fixed by the buffers' capacities, every offset a
+        device tensor (tests/test_graphstep.py traces it as one graph)."""
+        self._masks = [self._mask(i, layer.capacity) for i, layer in enumerate(self.cache.layers)]
+        out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=self._masks[0],
+                         **self.fwd.kwargs)  # a 4D mask: transformers builds none of its own
+        return out.logits
+
+    def _mask(self, i: int, cap: int) -> torch.Tensor:
+        """(B, 1, 1, cap): layer ``i``'s valid entries and this step's, from its slot on the device."""
         b = self.token.shape[0]
-        live = torch.arange(cap, device=self.slot.device) <= self.slot  # the valid entries and this step's
+        live = torch.arange(cap, device=self.slots.device) <= self.slots[i]
         mask = live.view(1, 1, 1, cap).expand(b, 1, 1, cap)
         if self.float_mask:
-            mask = torch.zeros(b, 1, 1, cap, dtype=self.dtype, device=self.slot.device).masked_fill(
+            mask = torch.zeros(b, 1, 1, cap, dtype=self.dtype, device=self.slots.device).masked_fill(
                 ~mask, torch.finfo(self.dtype).min)
-        for layer in self.cache.layers:
-            layer.static_slot = self.slot
-        try:
-            out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask,
-                             **self.fwd.kwargs)
-        finally:
-            for layer in self.cache.layers:
-                layer.static_slot = None
-        return out.logits
+        return mask
+
+    def _hand_mask(self, i: int, args, kwargs):
+        kwargs["attention_mask"] = self._masks[i]
+        return args, kwargs
 
     def _record(self) -> None:
         """Warm up on a side stream (lazy initialisations stay out of the graph), then record.
-        Both write this step's entry at the slot, the same values the replay writes."""
+        Both write this step's entries at the slots, the same values the replay writes."""
         self.graph = self.logits = None  # the old graph's memory pool goes before the new one is made
-        device = self.slot.device
+        device = self.slots.device
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
