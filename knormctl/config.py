@@ -227,7 +227,20 @@ class RunConfig:
         self.press_configs()  # validates prune_after, skip_layers, mode
         if self.prefill_chunk and self.command != "baseline":
             self._check_chunked_presses()
+        if self.cuda_graph and self.command != "baseline":
+            self._check_graphed_presses()
         return self
+
+    def _check_graphed_presses(self) -> None:
+        """Every configuration of a --cuda-graph run replays its decode steps: a press that could
+        not would be timed launched next to graphed ones, a comparison of two engines."""
+        from knormctl.engine.presses import make_press
+        from knormctl.engine.presses.base import cuda_graph_refusal
+
+        for spec in self.presses:
+            name, params = parse_press_spec(spec)
+            if (why := cuda_graph_refusal(make_press(name, params=dict(params)), self.compress_mode)) is not None:
+                raise ConfigError(f"--cuda-graph cannot be used with press {spec!r}: {why}")
 
     def _check_chunked_presses(self) -> None:
         from knormctl.engine.presses import make_press

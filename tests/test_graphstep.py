@@ -262,3 +262,32 @@ def test_recording_follows_the_buffers_and_replays_into_one_logits_tensor(model,
     assert got.token_ids == ref.token_ids and got.graph_steps == 39
     assert got.graph_captures == len(recorded) and all(a != b for a, b in zip(recorded, recorded[1:]))
     assert (len(recorded) == 1) if layouts == "one" else (1 < len(recorded) < 39)
+
+
+@pytest.mark.kvpress
+def test_kvpress_cut_entries_are_taken_into_the_buffer_for_the_first_static_step():
+    """kvpress's hook assigns the kept entries to the layers during the prefill; the static step
+    reads the buffers, so they are copied in before the first step, which is static too. (Llama:
+    kvpress cannot read GPT-NeoX's cache.)"""
+    model = MODELS["llama"]()
+    cfg = PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, prune_after=0, skip_layers=(),
+                      mode="prefill").validate()
+    ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
+    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+    assert got.kv_entries_final == ref.kv_entries_final and got.compress_events == ref.compress_events == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--presses", "tova", "--compress-mode", "decode"],
+     "--cuda-graph cannot be used with press 'tova': tova observes the attention at every decode step"),
+    (["--presses", "adakv(base=knorm)", "--compress-mode", "prefill"],
+     "--cuda-graph cannot be used with press 'adakv(base=knorm)': adakv sets per-head budgets"),
+])
+def test_presses_whose_steps_cannot_replay_are_refused_with_cuda_graph(args, message, tmp_path):
+    """Every configuration of a --cuda-graph run is graphed, or the run does not start: one press
+    timed launched next to graphed ones would compare two engines, not two presses."""
+    res = CliRunner().invoke(app, ["sweep", "--device", "cuda", "--cuda-graph", *args, "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "r.db").exists()

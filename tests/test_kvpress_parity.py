@@ -289,3 +289,24 @@ def test_difference_adakv_frees_memory_kvpress_masks_only(kvpress, model):
     ours = _ours(model, ids, "adakv", (("base", "snapkv(window_size=8)"),))
     held = sum(layer.keys.numel() * 4 * 2 + layer.live_mask.numel() for layer in ours.layers)
     assert kv_size(ours)[1] == held < full_bytes
+
+
+def test_kvpress_presses_on_an_attention_without_past_key_values_are_refused_with_one_line(tiny_neox_dir, tmp_path):
+    """kvpress reads the cache from the attention's `past_key_values`; GPT-NeoX's attention takes
+    `layer_past`. Refused before any row is written, not an AttributeError in the first prefill."""
+    from typer.testing import CliRunner
+
+    from knormctl.cli import app
+
+    db = tmp_path / "r.db"
+    res = CliRunner().invoke(app, ["sweep", "--model", str(tiny_neox_dir), "--presses", "kvpress:KnormPress",
+                                   "--keep-ratios", "0.5", "--compress-mode", "prefill", "--num-pg19-samples", "0",
+                                   "--num-wikitext-samples", "1", "--db", str(db)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1] == (
+        "Error: press 'kvpress:KnormPress' cannot run on GPTNeoXAttention: kvpress reads the KV cache from the "
+        "attention's `past_key_values` argument, which this attention does not take")
+    if db.exists():
+        import sqlite3
+
+        assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0

@@ -60,15 +60,16 @@ class DecodeGraph:
         self.captures = 0  # graphs recorded
 
     def why_not(self) -> str | None:
-        """Why the next step cannot be the static one (None: it can)."""
+        """Why the next step cannot be the static one (None: it can). First copies entries assigned
+        from outside (kvpress's hook assigns the cut ones) into the buffers the step reads."""
         layers = self.cache.layers
         if not all(isinstance(layer, BufferLayer) for layer in layers):
             return "a cache layer is not a knormctl buffer"
+        for layer in layers:
+            layer.take_assigned()
         if any(getattr(layer, "live_mask", None) is not None for layer in layers):
             return "per-head masks (they grow with every step)"
-        if not all(layer.owns_buffer() for layer in layers):
-            return "a layer's entries were assigned from outside"
-        if any(layer.length >= layer.capacity for layer in layers):
+        if any(layer.capacity == 0 or layer.length >= layer.capacity for layer in layers):
             return "a buffer is full"
         return None
 

@@ -91,9 +91,11 @@ class BufferLayer(DynamicLayer):
         """Valid entries at the front of the buffer."""
         return self._n
 
-    def owns_buffer(self) -> bool:
-        """keys/values are this layer's views of its buffer (nothing assigned from outside)."""
-        return self._k is not None and self._owns_views()
+    def take_assigned(self) -> None:
+        """Copy keys/values assigned from outside (kvpress's hook) into the buffer now, not at the
+        next update: the static step (graphstep.py) reads the buffer itself."""
+        if not self._owns_views():
+            self._adopt()
 
     def buffer_address(self) -> tuple[int, int]:
         return self._k.data_ptr(), self._v.data_ptr()

@@ -262,6 +262,17 @@ def check_model_support(model, configs) -> None:
         press = make_press(cfg.press, params=dict(cfg.params))
         if press.observes:
             check_queries_supported(attention_modules(model)[0], cfg.spec)
+        if press.cuts_in_forward:
+            check_kvpress_supported(attention_modules(model)[0], cfg.spec)
+
+
+def check_kvpress_supported(module, spec: str) -> None:
+    """kvpress's hook reads the cache from the attention module's ``past_key_values`` keyword
+    (kvpress 0.5.5, transformers < 5.3); modules that take it under another name (GPT-NeoX:
+    ``layer_past``) would fail inside the first prefill."""
+    if "past_key_values" not in inspect.signature(type(module).forward).parameters:
+        raise UsageError(f"press {spec!r} cannot run on {type(module).__name__}: kvpress reads the KV cache "
+                         "from the attention's `past_key_values` argument, which this attention does not take")
 
 
 def chunked_prefill_refusal(press) -> str | None:
@@ -278,4 +289,20 @@ def chunked_prefill_refusal(press) -> str | None:
         return "kvpress presses cut inside kvpress's own prefill hook, which knows no chunks"
     if type(press).head_keep is not BasePress.head_keep:
         return f"{press.name} sets per-head budgets, whose dead slots a later chunk's cut would score again"
+    return None
+
+
+def cuda_graph_refusal(press, mode: str) -> str | None:
+    """Why the decode steps of ``press`` in ``mode`` cannot be replayed from a CUDA graph
+    (engine/graphstep.py), in one clause; None when they can.
+
+    A press that observes the attention in decode mode runs Python hooks in every step, which a
+    replay would skip; a per-head press hides dead slots with masks that grow every step.
+    """
+    if press is None:
+        return None
+    if press.observes and mode == "decode" and not press.cuts_in_forward:
+        return f"{press.name} observes the attention at every decode step (Python hooks a replay would skip)"
+    if type(press).head_keep is not BasePress.head_keep:
+        return f"{press.name} sets per-head budgets, whose masks grow with every step"
     return None
