@@ -71,7 +71,6 @@ def test_json_medians_equal_medians_of_the_stored_samples(store, db):
         assert row["values"]["compress_events"] == statistics.median_low(s.compress_events for s in ok)
         assert row["values"]["token_match"] == pytest.approx(statistics.fmean(s.token_match for s in ok))
         assert row["values"]["accuracy"] is None  # an lm run has no task answers
-    ref = rows[REFERENCE_KEY]["values"]
     for key, row in rows.items():
         if key == REFERENCE_KEY:
             assert all(v is None for v in row["changes"].values())
@@ -374,3 +373,18 @@ def test_metric_names_are_stable():
     assert [m.name for m in METRICS] == [
         "ttft_s", "tpot_s", "itl_p90_s", "throughput_tps", "peak_mem_bytes", "kv_bytes_peak", "kv_bytes_final",
         "compress_events", "compress_time_s", "ppl_context", "ppl_compressed", "token_match", "accuracy"]
+
+
+def test_the_header_says_when_decode_steps_were_replayed_from_cuda_graphs(store, db):
+    """--cuda-graph changes what the timings measure: the header says so, in json and markdown,
+    and runs merged into one header that mix graphed and launched steps say that too."""
+    from knormctl.render.header import run_header
+
+    graphed = fill_run(store, settings={"cuda_graph": True})
+    launched = fill_run(store, seed=1)
+    assert report_json(db, "--run-id", str(graphed))["header"]["cuda_graph"] is True
+    assert report_json(db, "--run-id", str(launched))["header"]["cuda_graph"] is False
+    assert "decode steps replayed from CUDA graphs" in report(db, "--run-id", str(graphed), "--format",
+                                                              "markdown").stdout
+    assert "CUDA graphs" not in report(db, "--run-id", str(launched), "--format", "markdown").stdout
+    assert run_header([store.get_run(graphed), store.get_run(launched)]).cuda_graph is None

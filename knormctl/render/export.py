@@ -148,7 +148,9 @@ def header_lines(summary: Summary) -> list[str]:
     lines = [
         f"{h.title} ({h.command}, task {h.task}): {h.status}" + (f", group {h.group_name}" if h.group_name else "")
         + (f", shard {h.shard}" if h.shard else "")
-        + (f", batch {h.batch_size} (throughput per row; x{h.batch_size} per batch)" if h.batch_size > 1 else ""),
+        + (f", batch {h.batch_size} (throughput per row; x{h.batch_size} per batch)" if h.batch_size > 1 else "")
+        + {True: ", decode steps replayed from CUDA graphs", None: ", CUDA graphs in some runs only",
+           False: ""}[h.cuda_graph],
         f"model: {h.model}" + (f" ({h.model_resolved})" if h.model_resolved and h.model_resolved != h.model else ""),
     ]
     if len(h.machines) == 1:
