@@ -291,3 +291,40 @@ def test_presses_whose_steps_cannot_replay_are_refused_with_cuda_graph(args, mes
     assert res.exit_code == 2, res.output
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "r.db").exists()
+
+
+def test_static_attention_equals_sdpa_over_the_live_entries():
+    """Grouped query heads against a masked whole buffer: the attention SDPA gives over the live
+    entries alone (keys repeated per query head there), for each row its own length."""
+    torch.manual_seed(0)
+    b, kv, g, cap, d = 2, 2, 3, 11, 8
+    q = torch.randn(b, kv * g, 1, d)
+    k, v = torch.randn(b, kv, cap, d), torch.randn(b, kv, cap, d)
+    k[:, :, 9:] = v[:, :, 9:] = 0  # the zeroed tail
+    live = torch.zeros(b, 1, 1, cap, dtype=torch.bool)
+    live[..., :9] = True
+    out, weights = graphstep.static_attention(None, q, k, v, live, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :9].repeat_interleave(g, dim=1), v[:, :, :9].repeat_interleave(g, dim=1), scale=0.3)
+    assert weights is None and out.shape == (b, 1, kv * g, d)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_static_steps_do_not_go_through_sdpa(model, monkeypatch):
+    """transformers' SDPA path, given a mask on CUDA, repeats every key/value head per query head
+    (4 copies of the cache per step at the 8B shape): the static step uses its own attention."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    layers = model.config.num_hidden_layers
+    run_generation(model, _ids(), _cfg("knorm"), NEW)
+    assert len(calls) == layers * NEW  # the prefill and every launched step
+    calls.clear()
+    res = run_generation(model, _ids(), _cfg("knorm"), NEW, decode_graph="eager")
+    assert res.graph_steps == NEW - 1 and len(calls) == layers  # the prefill only
+    assert model.config._attn_implementation == "sdpa"  # switched back after every step

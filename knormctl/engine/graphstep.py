@@ -13,6 +13,12 @@ step it records cannot read ``keys[:, :, :n]`` (a new shape every step). Instead
 - each layer's attention gets a length mask, ``position < slot + 1``, computed on the device
   inside the step from that layer's slot and handed to its attention module by a pre-hook
   (layers may hold different counts: a skipped layer keeps everything);
+- attention is ``static_attention`` (registered with transformers' ``AttentionInterface`` and
+  switched on for the step only): two matmuls that read each key and value head ONCE for its
+  group of query heads. transformers' SDPA path, given a mask on CUDA, first repeats every key
+  and value head for each query head it serves (``repeat_kv``: at Llama-3.1-8B's 4 query heads
+  per key head, 4 copies of the cache written and read per step), which would put a masked
+  step far above the memory floor;
 - the buffer is the compressed cache's: after a prefill cut ``BufferLayer.compact`` gathers
   the kept entries into a buffer of the kept count plus the tokens still to come, so the
   masked attention reads at most ``max_new_tokens`` hidden slots beyond the valid ones;
@@ -37,6 +43,33 @@ import torch
 
 from knormctl.engine.kvbuffer import BufferLayer
 
+STATIC_ATTENTION = "knormctl_static"  # its name in transformers' AttentionInterface
+
+
+def static_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """One decode query per row against a whole buffer: ``query`` (B, H, 1, d), ``key``/``value``
+    (B, KV, cap, d), ``attention_mask`` (B, 1, 1, cap) boolean, True where an entry is live.
+    Query heads are grouped under their key head (H = KV x g), so each key and value is read
+    once per step, not once per query head; scores and softmax in float32. Returns the
+    (B, 1, H, d) output transformers' attention functions return, and no weights. Arguments in
+    transformers' order (kvpress's wrapper of every registered function passes ``dropout`` 6th)."""
+    if query.shape[2] != 1 or dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError("the static decode step handles one query per row, without dropout, softcap or sinks")
+    b, h, _, d = query.shape
+    kv, cap = key.shape[1], key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b, kv, h // kv, d)  # the query heads each key head serves
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, KV, g, cap)
+    scores = scores.masked_fill(~attention_mask.view(b, 1, 1, cap), float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)  # (B, KV, g, d)
+    return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STATIC_ATTENTION, static_attention)
+
 
 class DecodeGraph:
     """One-token decode steps through ``fwd`` (``loop.CachedForward``: its model, cache, keyword
@@ -48,9 +81,6 @@ class DecodeGraph:
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(n_layers, dtype=torch.long, device=device)  # each layer's write slot = its count
-        impl = getattr(self.model.config, "_attn_implementation", "sdpa")
-        self.float_mask = impl != "sdpa"  # eager adds a float mask; SDPA takes a boolean one
-        self.dtype = next(self.model.parameters()).dtype
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._layout: tuple | None = None  # the buffers (addresses, capacities) the step last ran on
@@ -103,18 +133,26 @@ class DecodeGraph:
         return logits
 
     def _forward(self) -> torch.Tensor:
-        """The static step, with its per-layer masks handed to the attention modules (host-side
-        set-up: hooks and slot views, none of it recorded)."""
+        """The static step, with ``static_attention`` switched on and each layer's mask handed to
+        its attention module (host-side set-up: none of it is recorded)."""
         from knormctl.engine.observe import attention_modules
 
+        _register()
         layers = self.cache.layers
+        mods = attention_modules(self.model)
+        configs = list({id(m.config): m.config for m in mods}.values())
+        before = [cfg._attn_implementation_internal for cfg in configs]
         hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: self._hand_mask(i, a, kw), with_kwargs=True)
-                 for i, m in enumerate(attention_modules(self.model))]
+                 for i, m in enumerate(mods)]
         for i, layer in enumerate(layers):
             layer.static_slot = self.slots[i:i + 1]
+        for cfg in configs:  # the attribute itself: the property's setter also rewrites sub-configs
+            cfg._attn_implementation_internal = STATIC_ATTENTION
         try:
             return self._step()
         finally:
+            for cfg, impl in zip(configs, before):
+                cfg._attn_implementation_internal = impl
             for h in hooks:
                 h.remove()
             for layer in layers:
@@ -131,13 +169,8 @@ class DecodeGraph:
 
     def _mask(self, i: int, cap: int) -> torch.Tensor:
         """(B, 1, 1, cap): layer ``i``'s valid entries and this step's, from its slot on the device."""
-        b = self.token.shape[0]
         live = torch.arange(cap, device=self.slots.device) <= self.slots[i]
-        mask = live.view(1, 1, 1, cap).expand(b, 1, 1, cap)
-        if self.float_mask:
-            mask = torch.zeros(b, 1, 1, cap, dtype=self.dtype, device=self.slots.device).masked_fill(
-                ~mask, torch.finfo(self.dtype).min)
-        return mask
+        return live.view(1, 1, 1, cap).expand(self.token.shape[0], 1, 1, cap)
 
     def _hand_mask(self, i: int, args, kwargs):
         kwargs["attention_mask"] = self._masks[i]
