@@ -8,8 +8,13 @@ Decode mode with prune_after 1024 (the budget bounds the cache):
     median ITL at a 4096-token prompt / a 1024-token prompt's full-cache median ITL
                                                target <= 1.10 (within 10%)
 
+With --with-reference, the full cache and prefill 0.5 also run on transformers'
+DynamicCache (the path before issue 16's in-place buffer, which copies the cache every
+step), interleaved with the rest: the ratio each path gives, and the buffer's own effect.
+
     python benchmarks/compression_pays.py
     python benchmarks/compression_pays.py --quick
+    python benchmarks/compression_pays.py --with-reference
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def main() -> None:
     p.add_argument("--decode-keep-ratio", type=float, default=0.9, help="decode mode: 1 - the eviction batch")
     p.add_argument("--skip-layers", default="", help="comma-separated; default none, so every layer is bounded "
                                                      "(with layer 0 skipped the KV ratio would be 0.517, not 0.50)")
+    p.add_argument("--with-reference", action="store_true",
+                   help="also run the full cache and prefill on DynamicCache (the pre-buffer path)")
     args = p.parse_args()
     if args.quick:
         args.long_tokens, args.short_tokens, args.new_tokens, args.repeats = 256, 64, 12, 1
@@ -52,14 +59,19 @@ def main() -> None:
     decode = PressConfig(press="knorm", keep_ratio=args.decode_keep_ratio, prune_after=args.short_tokens,
                          skip_layers=skip, mode="decode").validate()
 
-    def gen(ids, cfg):
-        return lambda: run_generation(lm.model, ids, cfg, n)
+    def gen(ids, cfg, kv_buffer=True):
+        return lambda: run_generation(lm.model, ids, cfg, n, kv_buffer=kv_buffer)
 
     L, S = args.long_tokens, args.short_tokens
     names = {"full": f"{L} full cache", "prefill": f"{L} knorm {args.prefill_keep_ratio:g} prefill",
              "decode": f"{L} knorm decode prune_after {S}", "short": f"{S} full cache"}
-    res = c.interleaved({names["full"]: gen(long_ids, full), names["prefill"]: gen(long_ids, prefill),
-                         names["decode"]: gen(long_ids, decode), names["short"]: gen(short_ids, full)}, args.repeats)
+    configs = {names["full"]: gen(long_ids, full), names["prefill"]: gen(long_ids, prefill),
+               names["decode"]: gen(long_ids, decode), names["short"]: gen(short_ids, full)}
+    if args.with_reference:
+        names["full_ref"], names["prefill_ref"] = names["full"] + " (DynamicCache)", names["prefill"] + " (DynamicCache)"
+        configs[names["full_ref"]] = gen(long_ids, full, kv_buffer=False)
+        configs[names["prefill_ref"]] = gen(long_ids, prefill, kv_buffer=False)
+    res = c.interleaved(configs, args.repeats)
 
     def med(name, field):
         return c.median([getattr(r, field) for r in res[name]])
@@ -100,6 +112,17 @@ def main() -> None:
          f"(info; identical prefix {k if prefix is None else prefix})"],
         [f"decode pa {S} @ {L} / full @ {S}: median ITL", c.num(itl_r), c.spread(ip), c.verdict(itl_r, 1.10)],
     ], notes=["+-1% read as 0.495..0.505; 'within 10%' read as at most 10% slower"])
+    if args.with_reference:
+        ref_r = c.ratio(med(names["prefill_ref"], "tpot_s"), med(names["full_ref"], "tpot_s"))
+        rp = c.paired_ratios([r.tpot_s for r in res[names["prefill_ref"]]], [r.tpot_s for r in res[names["full_ref"]]])
+        pairs = [("full", "full_ref"), ("prefill", "prefill_ref")]
+        c.table("the in-place buffer against DynamicCache (same run)", ["check", "value", "paired min-max"], [
+            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, buffer", c.num(tpot_r), c.spread(tp)],
+            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, DynamicCache", c.num(ref_r), c.spread(rp)],
+        ] + [[f"{names[a]}: TPOT buffer / DynamicCache", c.num(c.ratio(med(names[a], "tpot_s"), med(names[b], "tpot_s"))),
+              c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
+             for a, b in pairs],
+            notes=["a cheaper full-cache step can raise the compression ratio while lowering every TPOT"])
 
 
 if __name__ == "__main__":
