@@ -106,3 +106,19 @@ def store(db):
 
     with open_store(db) as s:
         yield s
+
+
+@pytest.fixture
+def caches(monkeypatch):
+    """Every cache ``run_generation`` makes, in order, to compare what each path held."""
+    from knormctl.engine import loop
+
+    made = []
+    real = loop.new_cache
+
+    def recording(model, **kw):
+        made.append(real(model, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "new_cache", recording)
+    return made

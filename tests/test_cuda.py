@@ -137,59 +137,41 @@ def test_steps_are_timed_by_cuda_events_within_the_host_wall_time(model):
     assert 0 < res.ttft_s < res.total_s <= wall
 
 
-def test_buffer_logits_equal_the_reference_path_within_bf16_tolerance(model):
-    """The in-place buffer (strided views of a preallocated cache) against transformers'
-    DynamicCache, through a prefill, a knorm cut and 8 decode steps on the same tokens: the
-    logits agree within bf16's tolerance (torch.testing's rtol for bf16, atol 2e-2), since
-    attention may pick another kernel for strided keys."""
-    from knormctl.engine.loop import CachedForward
-
-    ids = _ids(520).cuda()
-    pos = torch.arange(520, device="cuda").view(1, -1)
-    logits = []
-    for buffered in (True, False):
-        cache = new_cache(model, capacity=520, buffered=buffered)
-        fwd = CachedForward(model, cache)
-        comp = Compressor(CONFIGS[0], 8, model=model)
-        steps = []
-        with torch.inference_mode():
-            steps.append(fwd(ids[:, :512], pos[:, :512]).logits.float())
-            assert comp.after_forward(cache, prefill=True)
-            fwd.cut_done()
-            for k in range(512, 520):
-                steps.append(fwd(ids[:, k:k + 1], pos[:, k:k + 1]).logits.float())
-        logits.append(torch.cat(steps, dim=1))
-    torch.testing.assert_close(logits[0], logits[1], rtol=1.6e-2, atol=2e-2)
-
-
-def test_graph_replay_logits_equal_the_reference_path_within_bf16_tolerance(model):
-    """The decode step recorded as a CUDA graph (engine/graphstep.py) against transformers'
-    DynamicCache, through a prefill, a knorm cut and 8 replayed steps on the same tokens: the
-    logits agree within bf16's tolerance (the graph's attention reads the whole right-sized
-    buffer under a length mask, so SDPA may pick another kernel than for the valid prefix)."""
+def _prefill_cut_and_step(model, path: str) -> torch.Tensor:
+    """The logits of a 512-token prefill, a knorm cut and 8 decode steps on the same tokens, on
+    ``path``: "reference" (transformers' DynamicCache), "buffer" (the in-place buffer) or "graph"
+    (the buffer's static step recorded as a CUDA graph and replayed)."""
     from knormctl.engine.graphstep import DecodeGraph
     from knormctl.engine.loop import CachedForward
 
     ids = _ids(520).cuda()
     pos = torch.arange(520, device="cuda").view(1, -1)
-    logits = []
-    for graphed in (True, False):
-        cache = new_cache(model, capacity=520, buffered=graphed)
-        fwd = CachedForward(model, cache)
-        comp = Compressor(CONFIGS[0], 8, model=model)
-        graph = DecodeGraph(fwd, 1, torch.device("cuda"), capture=True) if graphed else None
-        steps = []
-        with torch.inference_mode():
-            steps.append(fwd(ids[:, :512], pos[:, :512]).logits.float())
-            assert comp.after_forward(cache, prefill=True)
-            fwd.cut_done()
-            for k in range(512, 520):
-                step = graph if graphed else (lambda t, p: fwd(t, p).logits)
-                steps.append(step(ids[:, k:k + 1], pos[:, k:k + 1]).float().clone())
-        logits.append(torch.cat(steps, dim=1))
-        if graphed:
-            assert (graph.steps, graph.captures) == (8, 1)
-    torch.testing.assert_close(logits[0], logits[1], rtol=1.6e-2, atol=2e-2)
+    cache = new_cache(model, capacity=520, buffered=path != "reference")
+    fwd = CachedForward(model, cache)
+    comp = Compressor(CONFIGS[0], 8, model=model)
+    graph = DecodeGraph(fwd, 1, torch.device("cuda"), capture=True) if path == "graph" else None
+    steps = []
+    with torch.inference_mode():
+        steps.append(fwd(ids[:, :512], pos[:, :512]).logits.float())
+        assert comp.after_forward(cache, prefill=True)
+        fwd.cut_done()
+        for k in range(512, 520):
+            step = graph if graph is not None else (lambda t, p: fwd(t, p).logits)
+            steps.append(step(ids[:, k:k + 1], pos[:, k:k + 1]).float().clone())
+    if graph is not None:
+        assert (graph.steps, graph.captures) == (8, 1)
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("path", ["buffer", "graph"])
+def test_logits_equal_the_reference_path_within_bf16_tolerance(model, path):
+    """The in-place buffer (strided views of a preallocated cache) and its static step replayed
+    from a CUDA graph (engine/graphstep.py: the whole right-sized buffer under a length mask,
+    knormctl's own attention) against transformers' DynamicCache, through a prefill, a knorm
+    cut and 8 decode steps: the logits agree within bf16's tolerance (torch.testing's rtol for
+    bf16, atol 2e-2), since the attention kernels differ."""
+    torch.testing.assert_close(_prefill_cut_and_step(model, path), _prefill_cut_and_step(model, "reference"),
+                               rtol=1.6e-2, atol=2e-2)
 
 
 DECODE_IN_PLACE = PressConfig(press="knorm", keep_ratio=0.9, prune_after=512, skip_layers=(), mode="decode")

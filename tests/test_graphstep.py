@@ -35,20 +35,6 @@ def _ids(n=60, seed=1, rows=1):
     return torch.randint(0, VOCAB, (rows, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def caches(monkeypatch):
-    """Every cache run_generation makes, to compare what each path holds at the end."""
-    made = []
-    real = loop.new_cache
-
-    def recording(model, **kw):
-        made.append(real(model, **kw))
-        return made[-1]
-
-    monkeypatch.setattr(loop, "new_cache", recording)
-    return made
-
-
 def _cfg(spec, mode="prefill", kr=0.5, prune_after=0, skip=()):
     name, params = parse_press_spec(spec)
     return PressConfig(press=name, params=params, keep_ratio=kr, prune_after=prune_after, skip_layers=skip,

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from knormctl.config import PressConfig
-from knormctl.engine import loop
 from knormctl.engine.kvbuffer import BufferLayer
 from knormctl.engine.kvcache import CacheLedger, cache_kwargs, new_cache
 from knormctl.engine.loop import run_generation
@@ -22,20 +21,6 @@ def model(request):
 
 def _ids(n=60, seed=1):
     return torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture
-def caches(monkeypatch):
-    """Every cache run_generation makes, to compare what each path kept."""
-    made = []
-    real = loop.new_cache
-
-    def recording(model, **kw):
-        made.append(real(model, **kw))
-        return made[-1]
-
-    monkeypatch.setattr(loop, "new_cache", recording)
-    return made
 
 
 # (spec, mode, keep_ratio, prune_after, skip_layers, keep_recent)
