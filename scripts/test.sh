@@ -3,7 +3,9 @@
 #  1. set up .venv (the newest tested transformers, 5.24.0) and start a throwaway PostgreSQL on loopback
 #     (the store tests run on SQLite and PostgreSQL), run the whole suite;
 #  2. set up .venv-compat (the lowest supported transformers, 5.2.0, with kvpress 0.5.5) and
-#     run the engine and CLI tests again there, plus the kvpress parity tests.
+#     run the engine and CLI tests again there, plus the kvpress parity tests;
+#  3. set up .venv-mid (transformers 5.17.0, what a typical CUDA image holds: where --cuda-graph
+#     first runs) and run the engine tests there.
 # Arguments go to the first pytest run only (e.g. -x, -k). Exit code: non-zero if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +38,11 @@ fi
 # The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
 # KNORMCTL_EXPECT_TRANSFORMERS makes a test fail if the venv holds another version (so this
 # run cannot pass on the wrong stack), and checks which name each end reads the cache under.
-COMPAT_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_graphstep.py tests/test_families.py tests/test_cli_run.py tests/test_presses.py
-              tests/test_passkey.py tests/test_protocols.py tests/test_kvpress_parity.py tests/test_cuda.py
-              tests/test_repeats.py tests/test_kvbuffer.py tests/test_prefill_chunk.py tests/test_device_map.py)
+ENGINE_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_graphstep.py tests/test_families.py
+              tests/test_presses.py tests/test_protocols.py tests/test_cuda.py tests/test_kvbuffer.py
+              tests/test_prefill_chunk.py tests/test_device_map.py tests/test_capacity.py)
+COMPAT_TESTS=("${ENGINE_TESTS[@]}" tests/test_cli_run.py tests/test_passkey.py tests/test_kvpress_parity.py
+              tests/test_repeats.py)
 if bash scripts/setup_compat.sh; then
   KNORMCTL_EXPECT_TRANSFORMERS=5.2.0 .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" \
     "${COMPAT_TESTS[@]}"
@@ -48,5 +52,18 @@ else
   echo "error: could not set up .venv-compat (transformers 5.2.0 + kvpress 0.5.5)" >&2
   crc=1
 fi
+
+# The CUDA image's stack (transformers 5.17.0): the engine tests, which hold the static decode
+# step that --cuda-graph records.
+if bash scripts/setup_stack.sh .venv-mid "transformers==5.17.0"; then
+  KNORMCTL_EXPECT_TRANSFORMERS=5.17.0 .venv-mid/bin/python -m pytest -q -m "not slow and not postgres and not kvpress" \
+    "${ENGINE_TESTS[@]}"
+  mrc=$?
+  [ "$mrc" -eq 5 ] && { echo "error: the transformers 5.17 run collected no tests" >&2; mrc=1; }
+else
+  echo "error: could not set up .venv-mid (transformers 5.17.0)" >&2
+  mrc=1
+fi
 [ "$rc" -ne 0 ] && exit "$rc"
-exit "$crc"
+[ "$crc" -ne 0 ] && exit "$crc"
+exit "$mrc"

@@ -443,10 +443,9 @@ def test_the_transformers_under_test_is_the_one_ci_asked_for(model):
     if expected is not None:  # the compat run pins its version
         assert transformers.__version__ == expected
     # The name by version (an oracle independent of the signature inspection cache_kwarg does):
-    # the lowest supported end reads past_key_values, the newest (>= 5.24) reads cache.
+    # transformers 5.24 renamed past_key_values to cache.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    assert (major, minor) == (5, 2) or (major, minor) >= (5, 24), transformers.__version__
-    assert cache_kwarg(model) == ("past_key_values" if (major, minor) == (5, 2) else "cache")
+    assert cache_kwarg(model) == ("cache" if (major, minor) >= (5, 24) else "past_key_values")
 
 
 def test_a_cache_the_model_ignores_is_a_clear_error(model, monkeypatch):

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from knormctl.engine.timing import model_device
 from knormctl.errors import KnormctlError, UsageError
 
-TESTED_TRANSFORMERS = "5.2.0 and 5.24.0"  # what CI runs (scripts/test.sh); pyproject allows >=5.2,<6
+TESTED_TRANSFORMERS = "5.2.0, 5.17.0 and 5.24.0"  # what CI runs (scripts/test.sh); pyproject allows >=5.2,<6
 
 
 class CacheMismatchError(KnormctlError):
