@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything a borrowed GPU machine should run for knormctl, in one call of under 10 minutes:
+# the CUDA tests (tests/test_cuda.py: graph replay vs DynamicCache logits, peak memory, CUDA
+# events, ...), then gpu_check.py's 8B-shape parts (e: compression never raises the peak;
+# f: the decode step vs the memory floor, launched and --cuda-graph; g: capacity at 70 GiB).
+# Output lands in $OUT (the device tool's folder) or ./gpu-out, one file per step.
+#
+#   bash benchmarks/gpu_session.sh            # parts efg
+#   bash benchmarks/gpu_session.sh ef         # skip the capacity search (about 5 minutes)
+#
+# The CUDA image holds torch, transformers, accelerate, typer, rich and matplotlib, which is
+# all these two steps import; knormctl runs from this checkout (PYTHONPATH), not installed.
+# Wheels in .whl/ (carried: see the device tool's README) are installed first if present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+  git log -1 --format='knormctl %h %s' 2>/dev/null; } > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "no CUDA GPU here: nothing to check (gpu_check.py would build the 8B shape on the CPU)" >&2; exit 1; }
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+timeout 400 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"
