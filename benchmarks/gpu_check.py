@@ -178,7 +178,9 @@ def issue16_targets(args, model, ids) -> list[list[str]]:
 
     env = c.environment(args.device)
     n = 8 if args.quick else 64
-    rows = g.decode_floor(model, ids, n, args.repeats, args.device, env.get("gpu_name"))
+    spec = g.spec_bandwidth(env.get("gpu_name")) if args.device == "cuda" else None
+    rows = g.attention_kernels(args.device, 512 if args.quick else 16384, n, spec)
+    rows += g.decode_floor(model, ids, n, args.repeats, args.device, env.get("gpu_name"))
     rows += g.chunked_peak(model, ids, 4 if args.quick else 8, 256 if args.quick else 4096)
     return rows
 

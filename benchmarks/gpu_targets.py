@@ -69,6 +69,59 @@ def prefill_press(press: str = "none", keep: float = 1.0):
     return PressConfig(press=press, keep_ratio=keep, prune_after=0, skip_layers=(), mode="prefill").validate()
 
 
+def attention_kernels(device: str, length: int, extra: int, spec_bw: float | None) -> list[list[str]]:
+    """(f0) One layer's decode attention at the 8B shape (8 key heads, 4 query heads each, head_dim
+    128, bf16) over ``length`` live entries, three ways: SDPA over the valid prefix (the launched
+    path: no mask, grouped heads read by SDPA itself); knormctl's ``static_attention`` over the
+    whole buffer (``length + extra`` slots) under a length mask (what --cuda-graph records);
+    SDPA with that mask after repeating every key/value head per query head (what transformers'
+    SDPA path does with a mask on CUDA). Each against reading the live keys and values once."""
+    import torch
+    import torch.nn.functional as F
+
+    from knormctl.engine.graphstep import static_attention
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kv, g, d, cap = 8, 4, 128, length + extra
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, kv * g, 1, d, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(1, kv, cap, d, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(1, kv, cap, d, device=device, dtype=dtype, generator=gen)
+    live = torch.zeros(1, 1, 1, cap, dtype=torch.bool, device=device)
+    live[..., :length] = True
+    scale = d ** -0.5
+    ways = {
+        "SDPA, valid prefix (launched)": lambda: F.scaled_dot_product_attention(
+            q, k[:, :, :length], v[:, :, :length], scale=scale, enable_gqa=True),
+        "static_attention, masked buffer": lambda: static_attention(None, q, k, v, live, scaling=scale),
+        "SDPA + repeat_kv + mask": lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=live, scale=scale),
+    }
+    sync = c.sync_for(device)
+    times = {}
+    with torch.inference_mode():
+        for name, fn in ways.items():
+            for _ in range(3):
+                fn()
+            runs = []
+            for _ in range(7):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                sync()
+                runs.append((time.perf_counter() - t0) / 20)
+            times[name] = c.median(runs)
+    bw = spec_bw or copy_bandwidth(device, 1 << 28)
+    floor = 2 * kv * length * d * k.element_size() / bw
+    rows = [[name, f"{t * 1e6:.1f}", f"{t / floor:.2f}"] for name, t in times.items()]
+    c.table(f"(f0) one layer's decode attention, {length} live entries + {extra} hidden slots "
+            f"(8 key heads x 4 query heads, head_dim 128)", ["way", "us", "x reading the live K/V once"], rows,
+            notes=[f"floor {floor * 1e6:.1f} us at {bw / 1e12:.2f} TB/s; median of 7 x 20 calls after 3 warm-ups"])
+    ratio = times["static_attention, masked buffer"] / times["SDPA, valid prefix (launched)"]
+    return [["bf16", f"(f0) static_attention / SDPA prefix at {length}", c.num(ratio, 2), "(info)"]]
+
+
 def graph_mode(device: str) -> str:
     """run_generation's ``decode_graph`` for the graphed rows: recorded on CUDA; elsewhere (a dry
     run) the same static step run eagerly, so the path is exercised."""

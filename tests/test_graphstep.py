@@ -92,21 +92,44 @@ def test_a_sampled_batch_draws_what_the_reference_draws(model):
     assert got.graph_steps == NEW - 1
 
 
-def test_the_static_step_reads_the_whole_buffer_and_moves_the_count_only_when_told(model, caches):
+def test_the_static_step_reads_the_whole_buffer_and_moves_the_count_only_when_told():
     """What makes it recordable: every shape is the buffer's capacity, the write lands at the slot."""
-    run_generation(model, _ids(), _cfg("knorm"), 2, decode_graph="eager")
-    layer = caches[0].layers[0]
-    n, cap = layer.length, layer.capacity
-    assert n < cap
-    k = torch.randn(1, layer.keys.shape[1], 1, layer.keys.shape[-1])
-    v = torch.randn_like(k)
-    layer.static_slot = torch.tensor([n])
-    with torch.inference_mode():  # the buffer was made in the generation's inference mode
+    layer = BufferLayer(capacity=12)
+    with torch.inference_mode():
+        layer.update(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
+        k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+        layer.static_slot = torch.tensor([10])
         keys, values = layer.update(k, v)
-    layer.static_slot = None
-    assert keys.shape[-2] == cap and layer.length == n  # the whole buffer; the host count unmoved
+        layer.static_slot = None
+    assert keys.shape[-2] == 12 and layer.length == 10  # the whole buffer; the host count unmoved
     layer.advance(1)
-    assert layer.length == n + 1 and torch.equal(layer.keys[:, :, -1:], k) and torch.equal(layer.values[:, :, -1:], v)
+    assert layer.length == 11 and torch.equal(layer.keys[:, :, -1:], k) and torch.equal(layer.values[:, :, -1:], v)
+
+
+def test_fit_right_sizes_a_buffer_an_in_place_cut_left_large():
+    """A cut to half compacts in place (the kept entries and the tokens to come fill more than
+    half the buffer); the static step reads the whole buffer, so fit() copies the live entries
+    into one of their size plus the tokens still to come -- and leaves a buffer within 1/8 alone."""
+    layer = BufferLayer(capacity=100)
+    with torch.inference_mode():
+        layer.update(torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8))
+        before = layer.keys.clone()
+        layer.compact(torch.arange(0, 60, 2).view(1, 1, 30).expand(1, 2, 30))  # keep 30, 40 still to come
+        assert layer.capacity == 100  # 30 + 40 > 100 / 2: in place
+        assert layer.fit() and layer.capacity == 70 and torch.equal(layer.keys, before[:, :, ::2])
+        assert not layer.fit()  # already right-sized
+        layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+        assert layer.capacity == 70 and layer.length == 31
+
+
+def test_a_compressed_static_step_reads_the_compressed_buffer(model, caches):
+    """Prefill keep 0.5: the static steps attend over about half the full cache's slots, not
+    over the prompt-sized buffer the in-place cut kept (which would cost what the full cache costs)."""
+    full = run_generation(model, _ids(), _cfg("none"), NEW, decode_graph="eager")
+    half = run_generation(model, _ids(), _cfg("knorm", kr=0.5), NEW, decode_graph="eager")
+    assert full.graph_steps == half.graph_steps == NEW - 1
+    cap_full, cap_half = caches[0].layers[0].capacity, caches[1].layers[0].capacity
+    assert cap_full == 60 + NEW - 1 and cap_half == 30 + NEW - 1
 
 
 def _trace(model, monkeypatch, cfg=None):

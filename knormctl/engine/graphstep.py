@@ -19,9 +19,10 @@ step it records cannot read ``keys[:, :, :n]`` (a new shape every step). Instead
   and value head for each query head it serves (``repeat_kv``: at Llama-3.1-8B's 4 query heads
   per key head, 4 copies of the cache written and read per step), which would put a masked
   step far above the memory floor;
-- the buffer is the compressed cache's: after a prefill cut ``BufferLayer.compact`` gathers
-  the kept entries into a buffer of the kept count plus the tokens still to come, so the
-  masked attention reads at most ``max_new_tokens`` hidden slots beyond the valid ones;
+- the buffer is the compressed cache's: before a step, a buffer holding more than 1/8 extra
+  slots beyond the valid entries and the tokens still to come is copied into a right-sized one
+  (``BufferLayer.fit``: a prefill cut to keep 0.5 compacts in place, in the prompt-sized
+  buffer), so the masked attention reads at most ``max_new_tokens`` (+1/8) hidden slots;
 - the slots past the valid entries hold zeros, never a new buffer's uninitialised memory: a
   masked slot weighs exactly 0 in attention, but 0 x NaN is NaN;
 - a graph is recorded again whenever a buffer moved or changed size (a cut that gathered into
@@ -109,6 +110,8 @@ class DecodeGraph:
         layers = self.cache.layers
         self.token.copy_(token)
         self.position.copy_(position)
+        for layer in layers:
+            layer.fit()  # a buffer kept at the prompt's size by an in-place cut: right-sized, as the step reads it all
         lengths = tuple(layer.length for layer in layers)
         if lengths != self._lengths:  # the first step, or a cut changed the counts
             self.slots.copy_(torch.tensor(lengths, dtype=torch.long))

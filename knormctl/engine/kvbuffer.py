@@ -100,6 +100,26 @@ class BufferLayer(DynamicLayer):
     def buffer_address(self) -> tuple[int, int]:
         return self._k.data_ptr(), self._v.data_ptr()
 
+    def fit(self, slack: float = 0.125) -> bool:
+        """Right-size the buffer to the valid entries plus the tokens still to come when it holds
+        more than ``slack`` of that in extra slots; True when it moved. For the static decode step
+        (graphstep.py), which reads the WHOLE buffer: an in-place compaction keeps the prompt-sized
+        buffer, and attention over it would cost what the full cache costs. The slack spares a
+        decode-mode cache, cut by a little at a time, a new buffer (and a new graph) per cut."""
+        if self._k is None:
+            return False
+        need = self._n + max(0, self.capacity_hint - self._fed)
+        if self.capacity - need <= slack * need:
+            return False
+        k, v = self._k, self._v
+        self._k = self._v = None
+        self._grow(k, v, need, exact=True)
+        self._k[:, :, :self._n].copy_(k[:, :, :self._n])
+        self._v[:, :, :self._n].copy_(v[:, :, :self._n])
+        del k, v
+        self._set_views()
+        return True
+
     def clear_tail(self) -> None:
         """Zeros in the slots past the valid entries: the static step reads the whole buffer, and
         a new buffer's unwritten memory may hold NaN (masked out of the scores, but 0 x NaN = NaN)."""
@@ -164,8 +184,13 @@ class BufferLayer(DynamicLayer):
         self._n = n
         self._set_views()
 
-    def _grow(self, like_k: torch.Tensor, like_v: torch.Tensor, need: int) -> None:
-        """A buffer holding at least ``need`` entries: the hint, else double the old one."""
+    def _grow(self, like_k: torch.Tensor, like_v: torch.Tensor, need: int, exact: bool = False) -> None:
+        """A buffer holding at least ``need`` entries: the hint, else double the old one
+        (``exact``: ``need`` entries, the old buffer's entries left to the caller)."""
+        if exact:
+            b, h, _, dk = like_k.shape
+            self._k, self._v = like_k.new_empty(b, h, need, dk), like_v.new_empty(b, h, need, like_v.shape[-1])
+            return
         if self._k is None and self.holds is not None:
             cap = max(need, min(self.holds, self.capacity_hint - self._fed + self._n))
         else:
