@@ -15,6 +15,10 @@ step), interleaved with the rest: the ratio each path gives, and the buffer's ow
     python benchmarks/compression_pays.py
     python benchmarks/compression_pays.py --quick
     python benchmarks/compression_pays.py --with-reference
+    python benchmarks/compression_pays.py --with-static --dtype bfloat16
+
+With --with-static, the full cache and prefill 0.5 also run with --decode-step static (a
+fixed-shape step over the right-sized buffer with knormctl's grouped attention), interleaved.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def main() -> None:
                                                      "(with layer 0 skipped the KV ratio would be 0.517, not 0.50)")
     p.add_argument("--with-reference", action="store_true",
                    help="also run the full cache and prefill on DynamicCache (the pre-buffer path)")
+    p.add_argument("--with-static", action="store_true",
+                   help="also run the full cache and prefill with --decode-step static")
     args = p.parse_args()
     if args.quick:
         args.long_tokens, args.short_tokens, args.new_tokens, args.repeats = 256, 64, 12, 1
@@ -59,8 +65,8 @@ def main() -> None:
     decode = PressConfig(press="knorm", keep_ratio=args.decode_keep_ratio, prune_after=args.short_tokens,
                          skip_layers=skip, mode="decode").validate()
 
-    def gen(ids, cfg, kv_buffer=True):
-        return lambda: run_generation(lm.model, ids, cfg, n, kv_buffer=kv_buffer)
+    def gen(ids, cfg, kv_buffer=True, decode_step="launched"):
+        return lambda: run_generation(lm.model, ids, cfg, n, kv_buffer=kv_buffer, decode_step=decode_step)
 
     L, S = args.long_tokens, args.short_tokens
     names = {"full": f"{L} full cache", "prefill": f"{L} knorm {args.prefill_keep_ratio:g} prefill",
@@ -71,6 +77,10 @@ def main() -> None:
         names["full_ref"], names["prefill_ref"] = names["full"] + " (DynamicCache)", names["prefill"] + " (DynamicCache)"
         configs[names["full_ref"]] = gen(long_ids, full, kv_buffer=False)
         configs[names["prefill_ref"]] = gen(long_ids, prefill, kv_buffer=False)
+    if args.with_static:
+        names["full_static"], names["prefill_static"] = names["full"] + " (static step)", names["prefill"] + " (static step)"
+        configs[names["full_static"]] = gen(long_ids, full, decode_step="static")
+        configs[names["prefill_static"]] = gen(long_ids, prefill, decode_step="static")
     res = c.interleaved(configs, args.repeats)
 
     def med(name, field):
@@ -123,6 +133,20 @@ def main() -> None:
               c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
              for a, b in pairs],
             notes=["a cheaper full-cache step can raise the compression ratio while lowering every TPOT"])
+    if args.with_static:
+        st_r = c.ratio(med(names["prefill_static"], "tpot_s"), med(names["full_static"], "tpot_s"))
+        sp = c.paired_ratios([r.tpot_s for r in res[names["prefill_static"]]],
+                             [r.tpot_s for r in res[names["full_static"]]])
+        pairs = [("full_static", "full"), ("prefill_static", "prefill")]
+        c.table("--decode-step static against launched (same run)", ["check", "value", "paired min-max"], [
+            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, launched", c.num(tpot_r), c.spread(tp)],
+            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, static", c.num(st_r), c.spread(sp)],
+        ] + [[f"{names[b]}: TPOT static / launched", c.num(c.ratio(med(names[a], "tpot_s"), med(names[b], "tpot_s"))),
+              c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
+             for a, b in pairs],
+            notes=["static: fixed shapes over the right-sized buffer, knormctl's grouped attention (engine/graphstep.py)",
+                   f"static steps in the last round: {res[names['full_static']][-1].static_steps}/{n - 1} (full), "
+                   f"{res[names['prefill_static']][-1].static_steps}/{n - 1} (prefill)"])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Everything a borrowed GPU machine should run for knormctl, in one call of under 10 minutes:
 # the CUDA tests (tests/test_cuda.py: graph replay vs DynamicCache logits, peak memory, CUDA
 # events, ...), then gpu_check.py's 8B-shape parts (e: compression never raises the peak;
-# f: the decode step vs the memory floor, launched and --cuda-graph; g: capacity at 70 GiB).
+# f: the decode step vs the memory floor, --decode-step launched/static/graph; g: capacity at 70 GiB).
 # Output lands in $OUT (the device tool's folder) or ./gpu-out, one file per step.
 #
 #   bash benchmarks/gpu_session.sh            # parts efg

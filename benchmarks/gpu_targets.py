@@ -2,7 +2,7 @@
 run as parts (f) and (g) of gpu_check.py on the model part (e) builds:
 
   (f1) full-cache decode step / memory floor                            target <= 1.5
-       (launched kernel by kernel, and replayed from a CUDA graph: --cuda-graph)
+       (--decode-step launched, static, and graph: replayed from a CUDA graph)
   (f2) knorm keep 0.5 (prefill) step / full step, vs the floor's ratio  target within 0.05
   (f3) the same configuration measured twice in one run                 target within 3 %
   (f4) peak with --prefill-chunk 4096 at keep 0.5                       target <= weights + 0.6 x full KV + activations
@@ -73,7 +73,7 @@ def attention_kernels(device: str, length: int, extra: int, spec_bw: float | Non
     """(f0) One layer's decode attention at the 8B shape (8 key heads, 4 query heads each, head_dim
     128, bf16) over ``length`` live entries, three ways: SDPA over the valid prefix (the launched
     path: no mask, grouped heads read by SDPA itself); knormctl's ``static_attention`` over the
-    whole buffer (``length + extra`` slots) under a length mask (what --cuda-graph records);
+    whole buffer (``length + extra`` slots) under a length mask (the static step, what a CUDA graph records);
     SDPA with that mask after repeating every key/value head per query head (what transformers'
     SDPA path does with a mask on CUDA). Each against reading the live keys and values once."""
     import torch
@@ -122,39 +122,37 @@ def attention_kernels(device: str, length: int, extra: int, spec_bw: float | Non
     return [["bf16", f"(f0) static_attention / SDPA prefix at {length}", c.num(ratio, 2), "(info)"]]
 
 
-def graph_mode(device: str) -> str:
-    """run_generation's ``decode_graph`` for the graphed rows: recorded on CUDA; elsewhere (a dry
-    run) the same static step run eagerly, so the path is exercised."""
-    return "cuda" if device == "cuda" else "eager"
-
-
-def try_graph(model, ids, device: str) -> str | None:
-    """One short graphed generation first: None when it works, else the error -- the launched rows
+def decode_steps(model, ids, device: str) -> tuple[list[str], str | None]:
+    """The ways to run a decode step here (``--decode-step``): launched and static everywhere, and
+    graph on CUDA after one short trial: where the recording fails, the error, and the other ways
     and every other part still run (the recording has not been run on a GPU before)."""
     from knormctl.engine.loop import run_generation
 
+    if device != "cuda":
+        return ["launched", "static"], None
     try:
-        res = run_generation(model, ids, prefill_press("knorm", 0.5), 4, decode_graph=graph_mode(device))
+        res = run_generation(model, ids, prefill_press("knorm", 0.5), 4, decode_step="graph")
     except Exception as exc:  # noqa: BLE001 -- reported in the table, not raised
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None if res.graph_steps == 3 else f"only {res.graph_steps} of 3 steps ran as the static step"
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    else:
+        error = None if res.static_steps == 3 else f"only {res.static_steps} of 3 steps ran as the static step"
+    if error:
+        c.log(f"(f) --decode-step graph failed, launched and static only: {error}")
+    return ["launched", "static"] + ([] if error else ["graph"]), error
 
 
 def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
     """(f1)-(f3): the median decode step of the full cache and of knorm 0.5 against the floor, each
-    with kernels launched one by one and replayed from a CUDA graph (--cuda-graph); the same
-    configuration's rounds against each other. Returns summary rows, per way of launching."""
+    way a decode step can run (--decode-step launched, static, graph); the same configuration's
+    rounds against each other. Returns summary rows, per way."""
     from knormctl.engine.loop import run_generation
 
-    graph_error = try_graph(model, ids, device)
-    if graph_error:
-        c.log(f"(f) the graphed step failed, launched rows only: {graph_error}")
-    modes = {"launched": "off"} if graph_error else {"launched": "off", "graphed": graph_mode(device)}
-    cfgs = {(label, how): (cfg, mode) for how, mode in modes.items()
+    modes, graph_error = decode_steps(model, ids, device)
+    cfgs = {(label, how): cfg for how in modes
             for label, cfg in (("full cache", prefill_press()), ("knorm 0.5", prefill_press("knorm", 0.5)))}
-    res = c.interleaved({f"{label}, {how}": (lambda cfg=cfg, mode=mode: run_generation(model, ids, cfg, n,
-                                                                                        decode_graph=mode))
-                         for (label, how), (cfg, mode) in cfgs.items()}, max(2, repeats))
+    res = c.interleaved({f"{label}, {how}": (lambda cfg=cfg, how=how: run_generation(model, ids, cfg, n,
+                                                                                      decode_step=how))
+                         for (label, how), cfg in cfgs.items()}, max(2, repeats))
     w = read_bytes_per_token(model)
     measured = copy_bandwidth(device)
     spec = spec_bandwidth(gpu_name) if device == "cuda" else None
@@ -168,9 +166,9 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
         floor[key] = (w + kv) / bw
         rounds = [r.itl_p50_s for r in runs]
         spread[key] = (max(rounds) - min(rounds)) / min(rounds)
-        graphed = f"{runs[-1].graph_steps}/{n - 1}, {runs[-1].graph_captures}" if how == "graphed" else "-"
+        static = f"{runs[-1].static_steps}/{n - 1}, {runs[-1].graph_captures}" if how != "launched" else "-"
         rows.append([f"{label}, {how}", c.ms(tpot[key], 2), c.ms(floor[key], 2), c.num(tpot[key] / floor[key], 2),
-                     c.mib(kv), " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread[key]:.1f}%", graphed])
+                     c.mib(kv), " ".join(c.ms(t, 2) for t in rounds), f"{100 * spread[key]:.1f}%", static])
     c.table(f"(f1-f3) decode step vs the memory floor ({ids.shape[1]}-token prompt, {n} new tokens)",
             ["configuration", "step ms", "floor ms", "x floor", "KV MiB", "rounds ms", "spread",
              "static steps, graphs"], rows,
@@ -179,9 +177,9 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
                    "step: median inter-token latency (the first step carries the prefill cut); CUDA events, no "
                    "host sync between steps (engine/timing.StepClock)" if device == "cuda" else
                    "step: median inter-token latency; host clock (CPU)",
-                   "graphed: --cuda-graph, each step replayed from a CUDA graph (engine/graphstep.py)"
-                   if device == "cuda" else "graphed: a dry run, the static step run eagerly (no CUDA here)"]
-                  + ([f"graphed step FAILED: {graph_error}"] if graph_error else []))
+                   "static: fixed shapes over the right-sized buffer, knormctl's grouped attention; graph: the "
+                   "same step replayed from a CUDA graph (engine/graphstep.py)"]
+                  + ([f"--decode-step graph FAILED: {graph_error}"] if graph_error else []))
     out = []
     for how in modes:
         full, keep = ("full cache", how), ("knorm 0.5", how)
@@ -194,7 +192,7 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
                  f"{100 * spread[(label, how)]:.1f}%", c.verdict(spread[(label, how)], 0.03)]
                 for label in ("full cache", "knorm 0.5")]
     if graph_error:
-        out.append(["bf16", "(f) graphed step", "FAILED", graph_error[:60]])
+        out.append(["bf16", "(f) --decode-step graph", "FAILED", graph_error[:60]])
     return out
 
 
@@ -232,16 +230,16 @@ def capacity(model, ids, budget: int, chunk: int, max_batch: int, device: str) -
     """(g): the largest batch within ``budget`` bytes, full cache against knorm 0.5, every
     configuration prefilled ``chunk`` tokens at a time (bounded activations for both; the
     press cuts after every chunk), and the decode tokens/s at that batch (knormctl capacity),
-    decode steps replayed from a CUDA graph where that works (launched otherwise)."""
+    decode steps replayed from a CUDA graph where that works (the static step otherwise)."""
     from knormctl.engine.capacity import capacity_table
 
-    graph_error = try_graph(model, ids, device)
-    mode = "off" if graph_error else graph_mode(device)
+    modes, _ = decode_steps(model, ids, device)
+    mode = modes[-1]  # graph where it works, else the static step a graph would record
     rows = capacity_table(model, ids[0].tolist(), [prefill_press(), prefill_press("knorm", 0.5)], new_tokens=8,
-                          budget=budget, max_batch=max_batch, prefill_chunk=chunk, decode_graph=mode,
+                          budget=budget, max_batch=max_batch, prefill_chunk=chunk, decode_step=mode,
                           progress=c.log)
     size = f"{budget / 2**30:.1f} GiB" if budget >= 2**30 else f"{budget / 2**20:.0f} MiB"
-    how = {"off": "launched", "cuda": "--cuda-graph", "eager": "static step, eager"}[mode]
+    how = f"--decode-step {mode}"
     c.table(f"(g) largest batch within {size} ({ids.shape[1]}-token prompt, --prefill-chunk "
             f"{chunk}, 8 new tokens, {how})",
             ["configuration", "largest batch", "peak MiB", "step ms", "tokens/s", "x batch", "x tokens/s"],

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 from knormctl.launch import resolve_shard
-from knormctl.options import check_device_map, keep_ratio_error, unknown_choice
+from knormctl.options import check_decode_step, check_device_map, keep_ratio_error, unknown_choice
 from knormctl.press_spec import format_press_spec, format_spec_value, parse_press_spec, resolve_press_list
 from knormctl.tasks import catalog as tasks
 
@@ -130,7 +130,7 @@ class RunConfig:
     keep_recent: int = 0
     n_sink: int = 4
     prefill_chunk: int = 0  # > 0: the prompt is prefilled this many tokens at a time, cut after each chunk
-    cuda_graph: bool = False  # decode steps recorded once as a CUDA graph and replayed (engine/graphstep.py)
+    decode_step: str = "launched"  # launched | static | graph (engine/graphstep.py)
     warmup: bool = True
     # stop each answer at its first EOS (question tasks; benchmarks/tasks.py): the score reads
     # the answer up to that token anyway, so only time changes -- and timings stop comparing
@@ -179,9 +179,7 @@ class RunConfig:
             raise unknown_choice("--device", "device", self.device, (*DEVICES, "cuda:N"))
         if self.device_map is not None:
             check_device_map(self.device_map, self.device)
-        if self.cuda_graph and (self.device_map is not None or self.device in ("cpu", "mps")):
-            why = "--device-map spreads the model" if self.device_map is not None else f"--device is {self.device}"
-            raise ConfigError(f"--cuda-graph needs the model on one CUDA device ({why})")
+        check_decode_step(self.decode_step, self.device, self.device_map)
         if self.repeats < 1:
             raise ConfigError(f"--repeats must be >= 1, got {self.repeats}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -227,20 +225,20 @@ class RunConfig:
         self.press_configs()  # validates prune_after, skip_layers, mode
         if self.prefill_chunk and self.command != "baseline":
             self._check_chunked_presses()
-        if self.cuda_graph and self.command != "baseline":
-            self._check_graphed_presses()
+        if self.decode_step != "launched" and self.command != "baseline":
+            self._check_static_presses()
         return self
 
-    def _check_graphed_presses(self) -> None:
-        """Every configuration of a --cuda-graph run replays its decode steps: a press that could
-        not would be timed launched next to graphed ones, a comparison of two engines."""
+    def _check_static_presses(self) -> None:
+        """Every configuration of a static/graph run takes the static decode step: a press that
+        could not would be timed launched next to static ones, a comparison of two engines."""
         from knormctl.engine.presses import make_press
-        from knormctl.engine.presses.base import cuda_graph_refusal
+        from knormctl.engine.presses.base import static_step_refusal
 
         for spec in self.presses:
             name, params = parse_press_spec(spec)
-            if (why := cuda_graph_refusal(make_press(name, params=dict(params)), self.compress_mode)) is not None:
-                raise ConfigError(f"--cuda-graph cannot be used with press {spec!r}: {why}")
+            if (why := static_step_refusal(make_press(name, params=dict(params)), self.compress_mode)) is not None:
+                raise ConfigError(f"--decode-step {self.decode_step} cannot be used with press {spec!r}: {why}")
 
     def _check_chunked_presses(self) -> None:
         from knormctl.engine.presses import make_press

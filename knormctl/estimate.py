@@ -21,8 +21,8 @@ from dataclasses import dataclass
 # The settings that decide how long one cell takes; a stored run is comparable when they match.
 PER_CELL_SETTINGS = ("task", "dtype", "device", "threads", "max_new_tokens", "eval_tokens", "ppl_method",
                      "wikitext_source", "pg19_source", "wikitext_prompt_tokens", "max_prompt_tokens",
-                     "passkey_lengths", "passkey_new_tokens", "compress_mode", "batch_size", "cuda_graph")
-DEFAULTS = {"batch_size": 1, "cuda_graph": False}  # what a run stored before the setting existed ran with
+                     "passkey_lengths", "passkey_new_tokens", "compress_mode", "batch_size", "decode_step")
+DEFAULTS = {"batch_size": 1, "decode_step": "launched"}  # what a run stored before the setting existed ran with
 FINISHED_CELLS = ("complete", "complete_with_errors", "interrupted")  # runs whose stored cells are whole
 RESUME_GAP = 5.0  # a gap between two stored cells this many times the median is a pause (resume), not work
 

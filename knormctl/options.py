@@ -22,6 +22,28 @@ def check_device_map(device_map: str, device: str) -> None:
                           f"leave out --device {device}")
 
 
+DECODE_STEPS = ("launched", "static", "graph")  # how a decode step runs (engine/graphstep.py)
+
+
+def check_decode_step(step: str, device: str, device_map: str | None) -> None:
+    """Refuse a decode step that cannot run where the model goes: the static step needs the model
+    on one device, its CUDA graph a CUDA device. (A model that lands on the CPU under --device
+    auto is refused after it loads, before anything is stored.)"""
+    if step not in DECODE_STEPS:
+        raise unknown_choice("--decode-step", "decode step", step, DECODE_STEPS)
+    if step != "launched" and device_map is not None:
+        raise ConfigError(f"--decode-step {step} needs the model on one device (--device-map spreads it)")
+    if step == "graph" and device in ("cpu", "mps"):
+        raise ConfigError(f"--decode-step graph records a CUDA graph: it needs a CUDA device (--device is {device})")
+
+
+def check_loaded_decode_step(step: str, device: str) -> None:
+    """After the model loaded (``device`` as load_model reports it): a CUDA graph needs it on CUDA."""
+    if step == "graph" and not device.startswith("cuda"):
+        raise ConfigError(f"--decode-step graph records a CUDA graph: it needs the model on a CUDA device "
+                          f"(it is on {device})")
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'knorm'?)' when ``word`` is close to one of ``choices``, else ''."""
     close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
+from knormctl.options import check_loaded_decode_step
 from knormctl.errors import UsageError
 from knormctl.plan import Cell, plan_batches, plan_cells, warm_up_plan
 from knormctl.sample_rows import load_samples, sample_fields
@@ -143,8 +144,7 @@ class Runner:
         if any(not pc.is_baseline and pc.keep_ratio < 1.0 for pc in self.configs):
             check_cut_supported(self.loaded.model)  # sliding-window / shared-KV families: one clear line
         probe_cache(self.loaded.model)  # a transformers version that ignores our cache fails here, not mid-run
-        if cfg.cuda_graph and not self.loaded.device.startswith("cuda"):
-            raise UsageError(f"--cuda-graph needs the model on one CUDA device (it is on {self.loaded.device})")
+        check_loaded_decode_step(cfg.decode_step, self.loaded.device)
         self.samples = load_samples(cfg, self.loaded, self.progress, records)
         cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
         if not cells:
@@ -206,13 +206,8 @@ class Runner:
         self.warm_rows = len(split)
         self.warm_prompt_tokens = len(split) * (len(split[0][0]) + len(split[0][1] or ()))
         return [run_generation(self.loaded.model, ids, pc, n, question_ids=question,
-                               prefill_chunk=self.cfg.prefill_chunk, decode_graph=self.decode_graph)
+                               prefill_chunk=self.cfg.prefill_chunk, decode_step=self.cfg.decode_step)
                 for pc, n in warm_up_plan(planned, self.new_tokens)]
-
-    @property
-    def decode_graph(self) -> str:
-        """run_generation's ``decode_graph`` for this run (``--cuda-graph``)."""
-        return "cuda" if self.cfg.cuda_graph else "off"
 
     def _shape(self, i: int) -> tuple:
         """What must be equal for samples to batch: prompt and question lengths, new tokens."""
@@ -325,7 +320,7 @@ class Runner:
                                  sampling=cfg.sampling, temperature=cfg.temperature,
                                  seed=seeds[0] if len(seeds) == 1 else seeds, tokenizer=lm.tokenizer,
                                  question_ids=question, prefill_chunk=cfg.prefill_chunk,
-                                 stop_ids=self.stop_ids if stop else None, decode_graph=self.decode_graph)
+                                 stop_ids=self.stop_ids if stop else None, decode_step=self.cfg.decode_step)
             results = res.split()
             for i, sample, one in zip(rows, samples, results):
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only

@@ -141,7 +141,7 @@ def _prefill_cut_and_step(model, path: str) -> torch.Tensor:
     """The logits of a 512-token prefill, a knorm cut and 8 decode steps on the same tokens, on
     ``path``: "reference" (transformers' DynamicCache), "buffer" (the in-place buffer) or "graph"
     (the buffer's static step recorded as a CUDA graph and replayed)."""
-    from knormctl.engine.graphstep import DecodeGraph
+    from knormctl.engine.graphstep import StaticStep
     from knormctl.engine.loop import CachedForward
 
     ids = _ids(520).cuda()
@@ -149,7 +149,7 @@ def _prefill_cut_and_step(model, path: str) -> torch.Tensor:
     cache = new_cache(model, capacity=520, buffered=path != "reference")
     fwd = CachedForward(model, cache)
     comp = Compressor(CONFIGS[0], 8, model=model)
-    graph = DecodeGraph(fwd, 1, torch.device("cuda"), capture=True) if path == "graph" else None
+    graph = StaticStep(fwd, 1, torch.device("cuda"), capture=True) if path == "graph" else None
     steps = []
     with torch.inference_mode():
         steps.append(fwd(ids[:, :512], pos[:, :512]).logits.float())
@@ -179,14 +179,14 @@ DECODE_IN_PLACE = PressConfig(press="knorm", keep_ratio=0.9, prune_after=512, sk
 
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3], DECODE_IN_PLACE, PressConfig()], ids=lambda c: c.key)
 def test_a_graphed_generation_replays_the_static_step(model, cfg):
-    """run_generation with decode_graph="cuda": the tokens of the same static step run eagerly,
+    """run_generation with decode_step="graph": the tokens of the same static step run eagerly,
     every decode step after the cut replayed, a graph recorded once per buffer layout (a
     prefill cut gathers into a new buffer once; a decode-mode cut compacts in place)."""
     ids = _ids(1024)
-    eager = run_generation(model, ids, cfg, 32, decode_graph="eager")
-    graphed = run_generation(model, ids, cfg, 32, decode_graph="cuda")
+    eager = run_generation(model, ids, cfg, 32, decode_step="static")
+    graphed = run_generation(model, ids, cfg, 32, decode_step="graph")
     assert graphed.token_ids == eager.token_ids
-    assert graphed.graph_steps == 31  # a skipped layer (CONFIGS[3]) gets its own mask
+    assert graphed.static_steps == 31  # a skipped layer (CONFIGS[3]) gets its own mask
     if cfg.mode == "prefill" or cfg.is_baseline:
         assert graphed.graph_captures == 1
     else:  # decode mode: recorded again each time a cut gathered into a smaller buffer

@@ -61,12 +61,12 @@ def test_static_step_generates_what_the_reference_does(model, caches, case):
     spec, mode, kr, prune_after, skip, static_steps = case
     cfg = _cfg(spec, mode, kr, prune_after, skip)
     ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
-    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
+    got = run_generation(model, _ids(), cfg, NEW, decode_step="static")
     assert got.token_ids == ref.token_ids
     assert (got.kv_entries_final, got.kv_bytes_final, got.compress_events) == (
         ref.kv_entries_final, ref.kv_bytes_final, ref.compress_events)
-    assert (got.graph_steps, got.graph_captures) == (static_steps, 0)  # eager: nothing recorded
-    assert ref.graph_steps == 0
+    assert (got.static_steps, got.graph_captures) == (static_steps, 0)  # eager: nothing recorded
+    assert ref.static_steps == 0
     ref_cache, got_cache = caches
     for lr, lg in zip(ref_cache.layers, got_cache.layers):  # the entries the static steps wrote, in their slots
         assert lg.keys.shape == lr.keys.shape
@@ -74,22 +74,22 @@ def test_static_step_generates_what_the_reference_does(model, caches, case):
         torch.testing.assert_close(lg.values, lr.values, rtol=1e-5, atol=1e-5)
 
 
-def test_eager_attention_gets_a_float_mask_and_the_same_tokens():
+def test_a_model_loaded_with_eager_attention_gets_the_same_tokens():
     model = MODELS["llama"]()
     model.set_attn_implementation("eager")
     cfg = _cfg("knorm")
     ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
-    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
-    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+    got = run_generation(model, _ids(), cfg, NEW, decode_step="static")
+    assert got.token_ids == ref.token_ids and got.static_steps == NEW - 1
 
 
 def test_a_sampled_batch_draws_what_the_reference_draws(model):
     cfg = _cfg("knorm", kr=0.6)
     kw = dict(sampling=True, temperature=0.8, seed=[3, 4, 5])
     ref = run_generation(model, _ids(rows=3), cfg, NEW, kv_buffer=False, **kw)
-    got = run_generation(model, _ids(rows=3), cfg, NEW, decode_graph="eager", **kw)
+    got = run_generation(model, _ids(rows=3), cfg, NEW, decode_step="static", **kw)
     assert got.rows == ref.rows and len(set(map(tuple, got.rows))) > 1
-    assert got.graph_steps == NEW - 1
+    assert got.static_steps == NEW - 1
 
 
 def test_the_static_step_reads_the_whole_buffer_and_moves_the_count_only_when_told():
@@ -125,9 +125,9 @@ def test_fit_right_sizes_a_buffer_an_in_place_cut_left_large():
 def test_a_compressed_static_step_reads_the_compressed_buffer(model, caches):
     """Prefill keep 0.5: the static steps attend over about half the full cache's slots, not
     over the prompt-sized buffer the in-place cut kept (which would cost what the full cache costs)."""
-    full = run_generation(model, _ids(), _cfg("none"), NEW, decode_graph="eager")
-    half = run_generation(model, _ids(), _cfg("knorm", kr=0.5), NEW, decode_graph="eager")
-    assert full.graph_steps == half.graph_steps == NEW - 1
+    full = run_generation(model, _ids(), _cfg("none"), NEW, decode_step="static")
+    half = run_generation(model, _ids(), _cfg("knorm", kr=0.5), NEW, decode_step="static")
+    assert full.static_steps == half.static_steps == NEW - 1
     cap_full, cap_half = caches[0].layers[0].capacity, caches[1].layers[0].capacity
     assert cap_full == 60 + NEW - 1 and cap_half == 30 + NEW - 1
 
@@ -135,7 +135,7 @@ def test_a_compressed_static_step_reads_the_compressed_buffer(model, caches):
 def _trace(model, monkeypatch, cfg=None):
     """Run a generation whose static step is traced by dynamo with fullgraph=True: a host sync
     or a Python branch on a tensor value inside the step raises instead of tracing."""
-    real = graphstep.DecodeGraph._step
+    real = graphstep.StaticStep._step
     traced = {}
 
     def step(self):
@@ -143,10 +143,10 @@ def _trace(model, monkeypatch, cfg=None):
             traced[self] = torch.compile(lambda: real(self), backend="eager", fullgraph=True)
         return traced[self]()
 
-    monkeypatch.setattr(graphstep.DecodeGraph, "_step", step)
+    monkeypatch.setattr(graphstep.StaticStep, "_step", step)
     torch._dynamo.reset()
     try:
-        return run_generation(model, _ids(), cfg or _cfg("knorm"), 6, decode_graph="eager")
+        return run_generation(model, _ids(), cfg or _cfg("knorm"), 6, decode_step="static")
     finally:
         torch._dynamo.reset()
 
@@ -158,7 +158,7 @@ def _trace(model, monkeypatch, cfg=None):
 def test_the_static_step_traces_as_one_graph(model, monkeypatch, spec, mode, kr, prune_after, skip):
     cfg = _cfg(spec, mode, kr, prune_after, skip)
     res = _trace(model, monkeypatch, cfg)
-    assert res.graph_steps == 5
+    assert res.static_steps == 5
     assert res.token_ids == run_generation(model, _ids(), cfg, 6, kv_buffer=False).token_ids
 
 
@@ -177,41 +177,79 @@ def test_a_host_sync_in_the_step_fails_the_trace(monkeypatch):
         _trace(model, monkeypatch)
 
 
-def test_cuda_mode_needs_one_cuda_device(model):
-    with pytest.raises(UsageError, match="--cuda-graph: it needs the model on one CUDA device .it is on cpu"):
-        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="cuda")
+def test_where_a_decode_step_cannot_run_it_is_refused(model):
+    with pytest.raises(UsageError, match=r"--decode-step graph: a CUDA graph needs the model on one CUDA device "
+                                         r"\(it is on cpu\)"):
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_step="graph")
     with pytest.raises(UsageError, match="no fixed buffer"):
-        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="eager", kv_buffer=False)
-    with pytest.raises(UsageError, match="decode_graph must be one of off, cuda, eager"):
-        run_generation(model, _ids(), _cfg("knorm"), 4, decode_graph="yes")
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_step="static", kv_buffer=False)
+    with pytest.raises(UsageError, match="decode_step must be one of launched, static, graph"):
+        run_generation(model, _ids(), _cfg("knorm"), 4, decode_step="yes")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "cpu"], "--cuda-graph needs the model on one CUDA device (--device is cpu)"),
-    (["--device-map", "auto"], "--cuda-graph needs the model on one CUDA device (--device-map spreads the model)"),
+    (["--decode-step", "graph", "--device", "cpu"],
+     "--decode-step graph records a CUDA graph: it needs a CUDA device (--device is cpu)"),
+    (["--decode-step", "graph", "--device-map", "auto"],
+     "--decode-step graph needs the model on one device (--device-map spreads it)"),
+    (["--decode-step", "static", "--device-map", "auto"],
+     "--decode-step static needs the model on one device (--device-map spreads it)"),
+    (["--decode-step", "statik"],
+     "--decode-step: unknown decode step 'statik' (did you mean 'static'?); choose from: launched, static, graph"),
 ])
-def test_cuda_graph_where_it_cannot_run_is_one_line_exit_2(args, message, tmp_path):
+def test_a_decode_step_that_cannot_run_is_one_line_exit_2(args, message, tmp_path):
     for command in ("sweep", "baseline", "capacity"):
         where = ["--db", str(tmp_path / "r.db")] if command != "capacity" else ["--memory-budget", "1GiB"]
-        res = CliRunner().invoke(app, [command, "--cuda-graph", *args, *where])
+        res = CliRunner().invoke(app, [command, *args, *where])
         assert res.exit_code == 2, (command, res.output)
         assert res.stderr.strip() == f"Error: {message}", (command, res.stderr)
     assert not (tmp_path / "r.db").exists()
 
 
-def test_cuda_graph_on_a_model_that_landed_on_the_cpu_writes_nothing(tiny_llama_dir, books_dir, tmp_path):
+def test_a_graph_on_a_model_that_landed_on_the_cpu_writes_nothing(tiny_llama_dir, books_dir, tmp_path):
     """--device auto finds no GPU: refused after the model loads, before the run is stored."""
     db = tmp_path / "r.db"
-    res = CliRunner().invoke(app, ["sweep", "--cuda-graph", "--model", str(tiny_llama_dir),
+    res = CliRunner().invoke(app, ["sweep", "--decode-step", "graph", "--model", str(tiny_llama_dir),
                                    "--wikitext-source", f"text:{books_dir}", "--num-wikitext-samples", "1",
                                    "--num-pg19-samples", "0", "--wikitext-prompt-tokens", "48",
                                    "--max-new-tokens", "4", "--db", str(db)])
     assert res.exit_code == 2, res.output
-    assert res.stderr.strip().splitlines()[-1] == "Error: --cuda-graph needs the model on one CUDA device (it is on cpu)"
+    assert res.stderr.strip().splitlines()[-1] == (
+        "Error: --decode-step graph records a CUDA graph: it needs the model on a CUDA device (it is on cpu)")
     if db.exists():
         import sqlite3
 
         assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def test_a_static_sweep_stores_the_same_tokens_and_says_so(tiny_llama_dir, books_dir, tmp_path):
+    """--decode-step static on the CPU: a whole sweep through the static step, the tokens of the
+    launched run, the setting stored with the run and named in the report's header."""
+    import json
+    import sqlite3
+
+    db = tmp_path / "r.db"
+    args = ["--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}", "--num-wikitext-samples", "2",
+            "--num-pg19-samples", "0", "--wikitext-prompt-tokens", "48", "--max-new-tokens", "6", "--eval-tokens", "0",
+            "--keep-ratios", "0.5", "--prune-after", "8", "--no-warmup", "--db", str(db), "--json"]
+    runs = {}
+    for step in ("launched", "static"):
+        res = CliRunner().invoke(app, ["sweep", "--decode-step", step, *args])
+        assert res.exit_code == 0, res.output
+        runs[step] = json.loads(res.stdout)["run_id"]
+    con = sqlite3.connect(db)
+
+    def tokens(run):
+        return dict(con.execute("SELECT sample_index || config_key, generated_ids_json FROM samples WHERE run_id=?",
+                                (run,)).fetchall())
+
+    assert tokens(runs["static"]) == tokens(runs["launched"]) and len(tokens(runs["static"])) == 4
+    cfg = json.loads(con.execute("SELECT config_json FROM runs WHERE id=?", (runs["static"],)).fetchone()[0])
+    assert cfg["decode_step"] == "static"
+    report = CliRunner().invoke(app, ["report", "--run-id", str(runs["static"]), "--db", str(db), "--format",
+                                      "markdown"])
+    assert "decode step static" in report.stdout, report.stdout
+
 
 
 def test_a_new_buffers_unwritten_slots_never_reach_attention(model, monkeypatch):
@@ -232,8 +270,8 @@ def test_a_new_buffers_unwritten_slots_never_reach_attention(model, monkeypatch)
     monkeypatch.setattr(kvbuffer, "_gather_into", poisoned(kvbuffer._gather_into))
     cfg = _cfg("knorm")
     ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
-    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
-    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+    got = run_generation(model, _ids(), cfg, NEW, decode_step="static")
+    assert got.token_ids == ref.token_ids and got.static_steps == NEW - 1
 
 
 @pytest.mark.parametrize("mode, kr, prune_after, layouts", [
@@ -260,15 +298,15 @@ def test_recording_follows_the_buffers_and_replays_into_one_logits_tensor(model,
         self.graph = Replay()
         self.captures += 1
 
-    def recording(mode_, fwd, batch, devices, kv_buffer, comp):
-        return graphstep.DecodeGraph(fwd, batch, devices[0], capture=True)
+    def recording(mode_, fwd, batch, devices, kv_buffer, comp):  # loop.static_step_for, recording on the CPU
+        return graphstep.StaticStep(fwd, batch, devices[0], capture=True)
 
-    monkeypatch.setattr(graphstep.DecodeGraph, "_record", record)
-    monkeypatch.setattr(loop, "decode_graph_for", recording)
+    monkeypatch.setattr(graphstep.StaticStep, "_record", record)
+    monkeypatch.setattr(loop, "static_step_for", recording)
     cfg = _cfg("knorm", mode, kr, prune_after)
     ref = run_generation(model, _ids(), cfg, 40, kv_buffer=False)
-    got = run_generation(model, _ids(), cfg, 40, decode_graph="eager")
-    assert got.token_ids == ref.token_ids and got.graph_steps == 39
+    got = run_generation(model, _ids(), cfg, 40, decode_step="static")
+    assert got.token_ids == ref.token_ids and got.static_steps == 39
     assert got.graph_captures == len(recorded) and all(a != b for a, b in zip(recorded, recorded[1:]))
     assert (len(recorded) == 1) if layouts == "one" else (1 < len(recorded) < 39)
 
@@ -282,23 +320,25 @@ def test_kvpress_cut_entries_are_taken_into_the_buffer_for_the_first_static_step
     cfg = PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, prune_after=0, skip_layers=(),
                       mode="prefill").validate()
     ref = run_generation(model, _ids(), cfg, NEW, kv_buffer=False)
-    got = run_generation(model, _ids(), cfg, NEW, decode_graph="eager")
-    assert got.token_ids == ref.token_ids and got.graph_steps == NEW - 1
+    got = run_generation(model, _ids(), cfg, NEW, decode_step="static")
+    assert got.token_ids == ref.token_ids and got.static_steps == NEW - 1
     assert got.kv_entries_final == ref.kv_entries_final and got.compress_events == ref.compress_events == 1
 
 
+@pytest.mark.parametrize("step", ["static", "graph"])
 @pytest.mark.parametrize("args, message", [
     (["--presses", "tova", "--compress-mode", "decode"],
-     "--cuda-graph cannot be used with press 'tova': tova observes the attention at every decode step"),
+     "cannot be used with press 'tova': tova observes the attention at every decode step"),
     (["--presses", "adakv(base=knorm)", "--compress-mode", "prefill"],
-     "--cuda-graph cannot be used with press 'adakv(base=knorm)': adakv sets per-head budgets"),
+     "cannot be used with press 'adakv(base=knorm)': adakv sets per-head budgets"),
 ])
-def test_presses_whose_steps_cannot_replay_are_refused_with_cuda_graph(args, message, tmp_path):
-    """Every configuration of a --cuda-graph run is graphed, or the run does not start: one press
-    timed launched next to graphed ones would compare two engines, not two presses."""
-    res = CliRunner().invoke(app, ["sweep", "--device", "cuda", "--cuda-graph", *args, "--db", str(tmp_path / "r.db")])
+def test_presses_whose_steps_cannot_be_static_are_refused(step, args, message, tmp_path):
+    """Every configuration of a static or graph run takes the static step, or the run does not
+    start: one press timed launched next to static ones would compare two engines, not two presses."""
+    res = CliRunner().invoke(app, ["sweep", "--device", "cuda", "--decode-step", step, *args,
+                                   "--db", str(tmp_path / "r.db")])
     assert res.exit_code == 2, res.output
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"--decode-step {step} {message}" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "r.db").exists()
 
 
@@ -334,6 +374,6 @@ def test_static_steps_do_not_go_through_sdpa(model, monkeypatch):
     run_generation(model, _ids(), _cfg("knorm"), NEW)
     assert len(calls) == layers * NEW  # the prefill and every launched step
     calls.clear()
-    res = run_generation(model, _ids(), _cfg("knorm"), NEW, decode_graph="eager")
-    assert res.graph_steps == NEW - 1 and len(calls) == layers  # the prefill only
+    res = run_generation(model, _ids(), _cfg("knorm"), NEW, decode_step="static")
+    assert res.static_steps == NEW - 1 and len(calls) == layers  # the prefill only
     assert model.config._attn_implementation == "sdpa"  # switched back after every step

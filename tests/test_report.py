@@ -375,16 +375,16 @@ def test_metric_names_are_stable():
         "compress_events", "compress_time_s", "ppl_context", "ppl_compressed", "token_match", "accuracy"]
 
 
-def test_the_header_says_when_decode_steps_were_replayed_from_cuda_graphs(store, db):
-    """--cuda-graph changes what the timings measure: the header says so, in json and markdown,
-    and runs merged into one header that mix graphed and launched steps say that too."""
+def test_the_header_says_how_decode_steps_ran(store, db):
+    """--decode-step changes what the timings measure: the header says so, in json and markdown,
+    and runs merged into one header that ran their steps differently say that too."""
     from knormctl.render.header import run_header
 
-    graphed = fill_run(store, settings={"cuda_graph": True})
+    graphed = fill_run(store, settings={"decode_step": "graph"})
     launched = fill_run(store, seed=1)
-    assert report_json(db, "--run-id", str(graphed))["header"]["cuda_graph"] is True
-    assert report_json(db, "--run-id", str(launched))["header"]["cuda_graph"] is False
+    assert report_json(db, "--run-id", str(graphed))["header"]["decode_step"] == "graph"
+    assert report_json(db, "--run-id", str(launched))["header"]["decode_step"] == "launched"
     assert "decode steps replayed from CUDA graphs" in report(db, "--run-id", str(graphed), "--format",
                                                               "markdown").stdout
-    assert "CUDA graphs" not in report(db, "--run-id", str(launched), "--format", "markdown").stdout
-    assert run_header([store.get_run(graphed), store.get_run(launched)]).cuda_graph is None
+    assert "decode step" not in report(db, "--run-id", str(launched), "--format", "markdown").stdout
+    assert run_header([store.get_run(graphed), store.get_run(launched)]).decode_step is None

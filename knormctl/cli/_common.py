@@ -114,9 +114,9 @@ TempOpt = Annotated[float, _opt("--temperature", panel=MEASURE, metavar="T",
                                 help="Sampling temperature (with --sample).")]
 NoWarmupOpt = Annotated[bool, _opt("--warmup/--no-warmup", panel=MEASURE, metavar=FLAG,
                                    help="Untimed generations before the timed ones.")]
-CudaGraphOpt = Annotated[bool, _opt("--cuda-graph", panel=MEASURE, metavar=FLAG,
-                                   help="Record each decode step once as a CUDA graph and replay it (one "
-                                        "CUDA device).")]
+DecodeStepOpt = Annotated[str, _opt("--decode-step", panel=MEASURE, metavar="HOW",
+                                    help="launched (the model's attention), static (fixed shapes, knormctl's "
+                                         "grouped attention) or graph (static, replayed from a CUDA graph).")]
 BatchSizeOpt = Annotated[int, _opt("--batch-size", panel=MEASURE, metavar="B",
                                    help="Generate B samples of equal prompt length together (one batch, one "
                                         "press); each is stored as its own row, with the batch's timing.")]

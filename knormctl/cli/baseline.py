@@ -7,7 +7,7 @@ from knormctl.cli import _common as o
 
 def baseline(
     prefill_chunk: o.PrefillChunkOpt = 0,
-    cuda_graph: o.CudaGraphOpt = False,
+    decode_step: o.DecodeStepOpt = "launched",
     max_new_tokens: o.MaxNewOpt = 100,
     eval_tokens: o.EvalTokOpt = 128,
     sample: o.SampleOpt = False,

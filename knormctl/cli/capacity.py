@@ -22,7 +22,7 @@ def capacity(
     compress_mode: Annotated[str, typer.Option("--compress-mode", metavar="MODE",
                                                help="prefill (default) or decode.")] = "prefill",
     prefill_chunk: o.PrefillChunkOpt = 0,
-    cuda_graph: o.CudaGraphOpt = False,
+    decode_step: o.DecodeStepOpt = "launched",
     prune_after: o.PruneAfterOpt = 0,
     skip_layers: o.SkipLayersOpt = "",
     max_batch: Annotated[int, typer.Option("--max-batch", metavar="B", help="Largest batch tried.")] = 256,
@@ -59,7 +59,7 @@ def capacity(
                         threads=threads, seed=seed,
                         trust_remote_code=trust_remote_code, presses=parse_press_list(presses),
                         keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"), compress_mode=compress_mode,
-                        prefill_chunk=prefill_chunk, cuda_graph=cuda_graph, prune_after=prune_after, max_new_tokens=max_new_tokens,
+                        prefill_chunk=prefill_chunk, decode_step=decode_step, prune_after=prune_after, max_new_tokens=max_new_tokens,
                         skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True)).validate()
         configs = cfg.press_configs()
         check_batchable(configs)
@@ -87,6 +87,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
 
     from knormctl.engine.capacity import capacity_table, weight_bytes
     from knormctl.engine.models import load_model
+    from knormctl.options import check_loaded_decode_step
     from knormctl.engine.text import make_samples
     from knormctl.errors import UsageError
 
@@ -100,8 +101,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         torch.set_num_threads(cfg.threads)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                     progress=log, device_map=cfg.device_map)
-    if cfg.cuda_graph and not lm.device.startswith("cuda"):
-        raise UsageError(f"--cuda-graph needs the model on one CUDA device (it is on {lm.device})")
+    check_loaded_decode_step(cfg.decode_step, lm.device)
     if lm.max_positions is not None and context + cfg.max_new_tokens > lm.max_positions:
         raise UsageError(f"--context {context} + --max-new-tokens {cfg.max_new_tokens} exceed the model's "
                          f"context ({lm.max_positions} tokens)")
@@ -112,9 +112,9 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
     rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
                           max_batch=max_batch, prefill_chunk=cfg.prefill_chunk,
-                          decode_graph="cuda" if cfg.cuda_graph else "off", progress=log)
+                          decode_step=cfg.decode_step, progress=log)
     return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,
             "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weight_bytes(lm.model),
             "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk,
-            "cuda_graph": cfg.cuda_graph, "prompt": "random ids" if random_ids
+            "decode_step": cfg.decode_step, "prompt": "random ids" if random_ids
             else cfg.pg19_source, "results": rows}

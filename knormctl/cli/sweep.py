@@ -18,7 +18,7 @@ def sweep(
     keep_recent: o.KeepRecentOpt = 0,
     n_sink: o.NSinkOpt = 4,
     prefill_chunk: o.PrefillChunkOpt = 0,
-    cuda_graph: o.CudaGraphOpt = False,
+    decode_step: o.DecodeStepOpt = "launched",
     task: t.TaskOpt = "lm",
     protocol: t.ProtocolOpt = "context",
     chat_template: t.ChatTemplateOpt = "auto",

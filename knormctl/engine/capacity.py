@@ -91,7 +91,7 @@ def memory_kind(device: torch.device) -> str:
 
 
 def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: int, budget: int, *,
-            prefill_chunk: int = 0, decode_graph: str = "off") -> Probe:
+            prefill_chunk: int = 0, decode_step: str = "launched") -> Probe:
     """One real generation of ``batch`` copies of ``prompt``: its peak memory and decode step."""
     from knormctl.engine.loop import run_generation
     from knormctl.engine.timing import model_device
@@ -99,7 +99,7 @@ def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: 
     device = model_device(model)
     try:
         res = run_generation(model, [prompt] * batch, cfg, new_tokens, prefill_chunk=prefill_chunk,
-                             decode_graph=decode_graph)
+                             decode_step=decode_step)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         return Probe(batch, False, None, error=f"out of memory: {str(exc).splitlines()[0]}")
@@ -111,7 +111,7 @@ def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: 
 
 
 def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new_tokens: int, budget: int,
-                  max_batch: int, prefill_chunk: int = 0, decode_graph: str = "off",
+                  max_batch: int, prefill_chunk: int = 0, decode_step: str = "launched",
                   progress: Callable[[str], None] = lambda s: None) -> Capacity:
     """The largest batch of ``prompt`` under ``cfg`` whose generation fits ``budget`` bytes."""
     from knormctl.engine.timing import model_device
@@ -126,7 +126,7 @@ def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new
                 raise RuntimeError(f"no answer after {MAX_PROBES} generations")  # cannot happen: bisection
             progress(f"{label}: batch {b}")
             probes[b] = measure(model, prompt, b, cfg, new_tokens, budget, prefill_chunk=prefill_chunk,
-                                decode_graph=decode_graph)
+                                decode_step=decode_step)
         return probes[b]
 
     lo, hi = 0, max_batch + 1  # lo fits (0: nothing known), hi does not (max_batch + 1: the cap)
@@ -184,17 +184,17 @@ def check_batchable(configs: list[PressConfig]) -> None:
 
 
 def capacity_table(model, prompt: list[int], configs: list[PressConfig], *, new_tokens: int, budget: int,
-                   max_batch: int, prefill_chunk: int = 0, decode_graph: str = "off",
+                   max_batch: int, prefill_chunk: int = 0, decode_step: str = "launched",
                    progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """``find_capacity`` for every configuration (the full cache first), each with its ratios to
     the full cache's largest batch and tokens/s (None where the full cache fits nothing)."""
     from knormctl.engine.loop import run_generation
 
-    run_generation(model, [prompt], configs[0], 2, decode_graph=decode_graph)  # untimed: the first generation pays for a cold start
+    run_generation(model, [prompt], configs[0], 2, decode_step=decode_step)  # untimed: the first generation pays for a cold start
     rows = []
     for pc in configs:  # prefilled alike: on CUDA a one-forward prefill's activations would count against one side
         rows.append(find_capacity(model, prompt, pc, config_label(pc), new_tokens=new_tokens, budget=budget,
-                                  max_batch=max_batch, prefill_chunk=prefill_chunk, decode_graph=decode_graph,
+                                  max_batch=max_batch, prefill_chunk=prefill_chunk, decode_step=decode_step,
                                   progress=progress).to_dict())
     full = rows[0]
     for r in rows:

@@ -29,7 +29,7 @@ step it records cannot read ``keys[:, :, :n]`` (a new shape every step). Instead
   a new buffer, a growth); an in-place compaction keeps the addresses, and the masks,
   computed from the slots, follow the new lengths by themselves.
 
-Where the step cannot be static it is run the ordinary way (``DecodeGraph.why_not``): per-head
+Where the step cannot be static it is run the ordinary way (``StaticStep.why_not``): per-head
 masks (AdaKV: they grow with every step), presses that still observe the attention (their
 hooks run Python on every step; checked by the loop), caches with other layer kinds.
 ``steps``/``captures`` count what ran where.
@@ -72,9 +72,9 @@ def _register() -> None:
     AttentionInterface.register(STATIC_ATTENTION, static_attention)
 
 
-class DecodeGraph:
+class StaticStep:
     """One-token decode steps through ``fwd`` (``loop.CachedForward``: its model, cache, keyword
-    arguments and ledger) for a batch of ``batch`` rows."""
+    arguments and ledger) for a batch of ``batch`` rows, recorded as a CUDA graph when ``capture``."""
 
     def __init__(self, fwd, batch: int, device: torch.device, capture: bool):
         self.fwd, self.model, self.cache, self.capture = fwd, fwd.model, fwd.cache, capture
@@ -87,7 +87,7 @@ class DecodeGraph:
         self._layout: tuple | None = None  # the buffers (addresses, capacities) the step last ran on
         self._lengths: tuple | None = None  # the counts self.slots holds
         self._masks: list[torch.Tensor] = []  # this step's per-layer masks (while it runs)
-        self.steps = 0  # decode steps run through the static step
+        self.steps = 0  # decode steps run as the static step, replayed or not
         self.captures = 0  # graphs recorded
 
     def why_not(self) -> str | None:

@@ -46,7 +46,7 @@ class BufferLayer(DynamicLayer):
         self._v: torch.Tensor | None = None
         self._n = 0  # valid entries at the front of the buffers
         self._fed = 0  # tokens fed in all (positions), to size the room still needed after a cut
-        # a device tensor (1,): set by graphstep.DecodeGraph around its static step -- update() then
+        # a device tensor (1,): set by graphstep.StaticStep around its static step -- update() then
         # writes at that slot and returns the whole buffer (fixed shapes); the host count moves
         # only with advance()
         self.static_slot: torch.Tensor | None = None

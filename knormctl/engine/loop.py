@@ -81,7 +81,7 @@ def cutter(comp: Compressor, fwd: CachedForward, prompt_len: int, prefill_chunk:
 def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, sampling: bool = False,
                    temperature: float = 1.0, seed: int | list[int] = 0, tokenizer=None,
                    question_ids=None, kv_buffer: bool = True, prefill_chunk: int = 0,
-                   stop_ids=None, decode_graph: str = "off") -> GenerationResult:
+                   stop_ids=None, decode_step: str = "launched") -> GenerationResult:
     """Generate ``max_new_tokens`` tokens (EOS does not stop: every configuration
     generates the same count, so timings compare) under the press ``cfg``.
 
@@ -123,12 +123,13 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     the press cuts after every chunk once a layer holds more than its budget (see ``prefill``),
     so the cache never holds more than the budget plus one chunk. TTFT then includes those cuts.
 
-    ``decode_graph`` (engine/graphstep.py): "cuda" -- each decode step at a fixed cache size,
-    recorded once as a CUDA graph and replayed (recorded again after a cut moved the buffers; the
-    step that records also pays for it); "eager" -- the same static step run without recording
-    (the CPU tests' check that it generates what the reference does); "off". Steps the static
-    step cannot take (observing presses, layers of different lengths) run the ordinary way;
-    ``graph_steps``/``graph_captures`` in the result count what ran where.
+    ``decode_step`` (engine/graphstep.py): "launched" -- each decode step a plain forward, the
+    model's own attention over the valid entries; "static" -- a fixed-shape step over the whole
+    (right-sized) buffer with knormctl's grouped attention under a length mask, any device;
+    "graph" -- that static step recorded once as a CUDA graph and replayed (recorded again
+    after a cut moved the buffers; the step that records also pays for it). Steps the static
+    step cannot take (observing presses, per-head masks) run launched; ``static_steps`` and
+    ``graph_captures`` in the result count what ran where.
     """
     if max_new_tokens < 1:
         raise UsageError("max_new_tokens must be >= 1")
@@ -161,7 +162,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         comp.close()
         raise UsageError(f"--prefill-chunk: {why}")
     cut = cutter(comp, fwd, prompt_len, prefill_chunk)
-    graph = decode_graph_for(decode_graph, fwd, batch, devices, kv_buffer, comp)
+    static = static_step_for(decode_step, fwd, batch, devices, kv_buffer, comp)
     kv_entries_peak = kv_bytes_peak = held_peak = 0
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
@@ -196,8 +197,8 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
             account()
             cut(prefill=(step == 1 and q_ids is None))
             pos = start + step - 1
-            if graph is not None and not comp.observing and graph.why_not() is None:
-                logits = graph(token, positions[:, pos:pos + 1])
+            if static is not None and not comp.observing and static.why_not() is None:
+                logits = static(token, positions[:, pos:pos + 1])
             else:
                 logits = fwd(token, positions[:, pos:pos + 1]).logits
             token = pick(logits)
@@ -216,32 +217,33 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     res = _result(tokens, tokenizer, prompt_len, ttft, steps, total, memory, kv_bytes_peak, kv_bytes_final,
                   kv_entries_peak, kv_entries_final, comp)
     res.kv_bytes_held_peak = held_peak
-    if graph is not None:
-        res.graph_steps, res.graph_captures = graph.steps, graph.captures
+    if static is not None:
+        res.static_steps, res.graph_captures = static.steps, static.captures
     return res
 
 
-DECODE_GRAPH_MODES = ("off", "cuda", "eager")
+def static_step_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffer: bool, comp: Compressor):
+    """The static decode step ``mode`` asks for (None: "launched"); a usage error where it cannot run."""
+    from knormctl.options import DECODE_STEPS
 
-
-def decode_graph_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffer: bool, comp: Compressor):
-    """The static decode step ``mode`` asks for (None: "off"); a usage error where it cannot run."""
-    if mode not in DECODE_GRAPH_MODES:
-        raise UsageError(f"decode_graph must be one of {', '.join(DECODE_GRAPH_MODES)}, got {mode!r}")
-    if mode == "off":
+    if mode not in DECODE_STEPS:
+        raise UsageError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {mode!r}")
+    if mode == "launched":
         return None
     why = None
+    where = "+".join(str(d) for d in devices)
     if not kv_buffer:
-        why = "the reference DynamicCache path has no fixed buffer to record on"
-    elif mode == "cuda" and (len(devices) != 1 or devices[0].type != "cuda"):
-        where = "+".join(str(d) for d in devices)
-        why = f"it needs the model on one CUDA device (it is on {where})"
+        why = "the reference DynamicCache path has no fixed buffer"
+    elif len(devices) != 1:
+        why = f"it needs the model on one device (it is on {where})"
+    elif mode == "graph" and devices[0].type != "cuda":
+        why = f"a CUDA graph needs the model on one CUDA device (it is on {where})"
     if why is not None:
         comp.close()
-        raise UsageError(f"--cuda-graph: {why}")
-    from knormctl.engine.graphstep import DecodeGraph
+        raise UsageError(f"--decode-step {mode}: {why}")
+    from knormctl.engine.graphstep import StaticStep
 
-    return DecodeGraph(fwd, batch, devices[0], capture=mode == "cuda")
+    return StaticStep(fwd, batch, devices[0], capture=mode == "graph")
 
 
 def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int) -> list[int | None] | None:

@@ -52,7 +52,7 @@ class GenerationResult:
     batch_size: int = 1
     rows: list[list[int]] = field(default_factory=list)  # every row's token ids (B = 1: [token_ids])
     row_texts: list[str] = field(default_factory=list)
-    graph_steps: int = 0  # decode steps run as the static step (engine/graphstep.py), replayed or not
+    static_steps: int = 0  # decode steps run as the static step (engine/graphstep.py), replayed or not
     graph_captures: int = 0  # CUDA graphs recorded
 
     def split(self) -> list[GenerationResult]:

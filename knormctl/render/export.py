@@ -140,6 +140,13 @@ def _machine_text(m: Machine) -> str:
             f"{m.transformers_version or '?'}, knormctl {m.knormctl_version or '?'}{commit}")
 
 
+DECODE_STEP_NOTE = {  # what the timings measure, when it is not the model's own attention launched step by step
+    "static": ", decode step static (knormctl's attention)",
+    "graph": ", decode steps replayed from CUDA graphs",
+    None: ", decode steps differ between runs",
+}
+
+
 def header_lines(summary: Summary) -> list[str]:
     """The run header as short 'name: value' lines (markdown, figure titles, rich panel)."""
     h = summary.header
@@ -149,8 +156,7 @@ def header_lines(summary: Summary) -> list[str]:
         f"{h.title} ({h.command}, task {h.task}): {h.status}" + (f", group {h.group_name}" if h.group_name else "")
         + (f", shard {h.shard}" if h.shard else "")
         + (f", batch {h.batch_size} (throughput per row; x{h.batch_size} per batch)" if h.batch_size > 1 else "")
-        + {True: ", decode steps replayed from CUDA graphs", None: ", CUDA graphs in some runs only",
-           False: ""}[h.cuda_graph],
+        + DECODE_STEP_NOTE.get(h.decode_step, ""),
         f"model: {h.model}" + (f" ({h.model_resolved})" if h.model_resolved and h.model_resolved != h.model else ""),
     ]
     if len(h.machines) == 1:

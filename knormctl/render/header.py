@@ -72,7 +72,7 @@ class RunHeader:
     machines: list[Machine]  # one per distinct environment, in run order
     differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
     batch_size: int = 1  # --batch-size of the run(s) (the largest when merged runs differ)
-    cuda_graph: bool | None = False  # --cuda-graph: in every run (True), none (False), some (None)
+    decode_step: str | None = "launched"  # --decode-step of the run(s); None when merged runs differ
 
     @property
     def title(self) -> str:
@@ -144,9 +144,10 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         command_line=first.command_line or "",
         machines=machines, differs=differs,
         batch_size=max(int((getattr(r, "config_json", None) or {}).get("batch_size") or 1) for r in runs),
-        cuda_graph=_all_or_none([bool((getattr(r, "config_json", None) or {}).get("cuda_graph")) for r in runs]),
+        decode_step=_shared([(getattr(r, "config_json", None) or {}).get("decode_step") or "launched" for r in runs]),
     )
 
 
-def _all_or_none(flags: list[bool]) -> bool | None:
-    return True if all(flags) else False if not any(flags) else None
+def _shared(values: list):
+    """The value every run has, or None when they differ."""
+    return values[0] if len(set(values)) == 1 else None

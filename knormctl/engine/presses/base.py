@@ -292,17 +292,18 @@ def chunked_prefill_refusal(press) -> str | None:
     return None
 
 
-def cuda_graph_refusal(press, mode: str) -> str | None:
-    """Why the decode steps of ``press`` in ``mode`` cannot be replayed from a CUDA graph
-    (engine/graphstep.py), in one clause; None when they can.
+def static_step_refusal(press, mode: str) -> str | None:
+    """Why the decode steps of ``press`` in ``mode`` cannot be the static step (engine/graphstep.py,
+    ``--decode-step static|graph``), in one clause; None when they can.
 
     A press that observes the attention in decode mode runs Python hooks in every step, which a
-    replay would skip; a per-head press hides dead slots with masks that grow every step.
+    graph's replay would skip and which read the model's own attention; a per-head press hides
+    dead slots with masks that grow every step.
     """
     if press is None:
         return None
     if press.observes and mode == "decode" and not press.cuts_in_forward:
-        return f"{press.name} observes the attention at every decode step (Python hooks a replay would skip)"
+        return f"{press.name} observes the attention at every decode step (Python hooks the static step would skip)"
     if type(press).head_keep is not BasePress.head_keep:
         return f"{press.name} sets per-head budgets, whose masks grow with every step"
     return None
