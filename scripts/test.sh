@@ -4,8 +4,8 @@
 #     (the store tests run on SQLite and PostgreSQL), run the whole suite;
 #  2. set up .venv-compat (the lowest supported transformers, 5.2.0, with kvpress 0.5.5) and
 #     run the engine and CLI tests again there, plus the kvpress parity tests;
-#  3. set up .venv-mid (transformers 5.17.0, what a typical CUDA image holds: where --cuda-graph
-#     first runs) and run the engine tests there.
+#  3. set up .venv-mid (transformers 5.17.0, what a typical CUDA image holds: where --decode-step
+#     graph first runs) and run the engine tests there.
 # Arguments go to the first pytest run only (e.g. -x, -k). Exit code: non-zero if either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +54,7 @@ else
 fi
 
 # The CUDA image's stack (transformers 5.17.0): the engine tests, which hold the static decode
-# step that --cuda-graph records.
+# step that --decode-step graph records.
 if bash scripts/setup_stack.sh .venv-mid "transformers==5.17.0"; then
   KNORMCTL_EXPECT_TRANSFORMERS=5.17.0 .venv-mid/bin/python -m pytest -q -m "not slow and not postgres and not kvpress" \
     "${ENGINE_TESTS[@]}"
