@@ -122,32 +122,28 @@ def main() -> None:
          f"(info; identical prefix {k if prefix is None else prefix})"],
         [f"decode pa {S} @ {L} / full @ {S}: median ITL", c.num(itl_r), c.spread(ip), c.verdict(itl_r, 1.10)],
     ], notes=["+-1% read as 0.495..0.505; 'within 10%' read as at most 10% slower"])
-    if args.with_reference:
-        ref_r = c.ratio(med(names["prefill_ref"], "tpot_s"), med(names["full_ref"], "tpot_s"))
-        rp = c.paired_ratios([r.tpot_s for r in res[names["prefill_ref"]]], [r.tpot_s for r in res[names["full_ref"]]])
-        pairs = [("full", "full_ref"), ("prefill", "prefill_ref")]
-        c.table("the in-place buffer against DynamicCache (same run)", ["check", "value", "paired min-max"], [
-            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, buffer", c.num(tpot_r), c.spread(tp)],
-            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, DynamicCache", c.num(ref_r), c.spread(rp)],
-        ] + [[f"{names[a]}: TPOT buffer / DynamicCache", c.num(c.ratio(med(names[a], "tpot_s"), med(names[b], "tpot_s"))),
-              c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
-             for a, b in pairs],
-            notes=["a cheaper full-cache step can raise the compression ratio while lowering every TPOT"])
-    if args.with_static:
-        st_r = c.ratio(med(names["prefill_static"], "tpot_s"), med(names["full_static"], "tpot_s"))
-        sp = c.paired_ratios([r.tpot_s for r in res[names["prefill_static"]]],
-                             [r.tpot_s for r in res[names["full_static"]]])
-        pairs = [("full_static", "full"), ("prefill_static", "prefill")]
-        c.table("--decode-step static against launched (same run)", ["check", "value", "paired min-max"], [
-            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, launched", c.num(tpot_r), c.spread(tp)],
-            [f"prefill {args.prefill_keep_ratio:g}: TPOT / full, static", c.num(st_r), c.spread(sp)],
-        ] + [[f"{names[b]}: TPOT static / launched", c.num(c.ratio(med(names[a], "tpot_s"), med(names[b], "tpot_s"))),
-              c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
-             for a, b in pairs],
-            notes=["static: fixed shapes over the right-sized buffer, knormctl's grouped attention (engine/graphstep.py)",
-                   f"static steps in the last round: {res[names['full_static']][-1].static_steps}/{n - 1} (full), "
-                   f"{res[names['prefill_static']][-1].static_steps}/{n - 1} (prefill)"])
+    def tpot_ratio(a: str, b: str) -> list[str]:  # configuration a's TPOT over b's: median, paired spread
+        return [c.num(c.ratio(med(names[a], "tpot_s"), med(names[b], "tpot_s"))),
+                c.spread(c.paired_ratios([r.tpot_s for r in res[names[a]]], [r.tpot_s for r in res[names[b]]]))]
 
+    def side_by_side(title: str, new: str, old: str, new_label: str, old_label: str, notes: list[str]) -> None:
+        """prefill / full on two paths (configuration-name suffixes ``new`` and ``old``), and each
+        configuration's TPOT on the new path over the old."""
+        rows = [[f"prefill {args.prefill_keep_ratio:g}: TPOT / full, {label}", *tpot_ratio("prefill" + sfx, "full" + sfx)]
+                for label, sfx in ((new_label, new), (old_label, old))]
+        rows += [[f"{names[cfg]}: TPOT {new_label} / {old_label}", *tpot_ratio(cfg + new, cfg + old)]
+                 for cfg in ("full", "prefill")]
+        c.table(title, ["check", "value", "paired min-max"], rows, notes=notes)
+
+    if args.with_reference:
+        side_by_side("the in-place buffer against DynamicCache (same run)", "", "_ref", "buffer", "DynamicCache",
+                     ["a cheaper full-cache step can raise the compression ratio while lowering every TPOT"])
+    if args.with_static:
+        side_by_side("--decode-step static against launched (same run)", "_static", "", "static", "launched",
+                     ["static: fixed shapes over the right-sized buffer, knormctl's grouped attention "
+                      "(engine/graphstep.py)",
+                      f"static steps in the last round: {res[names['full_static']][-1].static_steps}/{n - 1} (full), "
+                      f"{res[names['prefill_static']][-1].static_steps}/{n - 1} (prefill)"])
 
 if __name__ == "__main__":
     main()

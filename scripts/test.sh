@@ -35,35 +35,35 @@ if [ "$rc" -eq 5 ]; then
 fi
 [ "$rc" -eq 0 ] && rc=$pg_rc
 
-# The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
-# KNORMCTL_EXPECT_TRANSFORMERS makes a test fail if the venv holds another version (so this
-# run cannot pass on the wrong stack), and checks which name each end reads the cache under.
 ENGINE_TESTS=(tests/test_engine.py tests/test_batch.py tests/test_graphstep.py tests/test_families.py
               tests/test_presses.py tests/test_protocols.py tests/test_cuda.py tests/test_kvbuffer.py
               tests/test_prefill_chunk.py tests/test_device_map.py tests/test_capacity.py)
 COMPAT_TESTS=("${ENGINE_TESTS[@]}" tests/test_cli_run.py tests/test_passkey.py tests/test_kvpress_parity.py
               tests/test_repeats.py)
-if bash scripts/setup_compat.sh; then
-  KNORMCTL_EXPECT_TRANSFORMERS=5.2.0 .venv-compat/bin/python -m pytest -q -m "not slow and not postgres" \
-    "${COMPAT_TESTS[@]}"
-  crc=$?
-  [ "$crc" -eq 5 ] && { echo "error: the compat run collected no tests" >&2; crc=1; }
-else
-  echo "error: could not set up .venv-compat (transformers 5.2.0 + kvpress 0.5.5)" >&2
-  crc=1
-fi
+# stage NAME VERSION MARKERS TESTS...: set up .venv-NAME and run TESTS there, asserting VERSION.
+stage() {
+  local name=$1 version=$2 markers=$3; shift 3
+  local setup=(bash scripts/setup_stack.sh ".venv-$name" "transformers==$version")
+  [ "$name" = compat ] && setup=(bash scripts/setup_compat.sh)
+  if ! "${setup[@]}"; then
+    echo "error: could not set up .venv-$name (transformers $version)" >&2
+    return 1
+  fi
+  KNORMCTL_EXPECT_TRANSFORMERS=$version ".venv-$name/bin/python" -m pytest -q -m "$markers" "$@"
+  local src=$?
+  [ "$src" -eq 5 ] && { echo "error: the transformers $version run collected no tests" >&2; src=1; }
+  return "$src"
+}
+# The lowest supported stack: the same engine and CLI tests, and parity with kvpress.
+# KNORMCTL_EXPECT_TRANSFORMERS makes a test fail if the venv holds another version (so this
+# run cannot pass on the wrong stack), and checks which name each version reads the cache under.
+stage compat 5.2.0 "not slow and not postgres" "${COMPAT_TESTS[@]}"
+crc=$?
 
 # The CUDA image's stack (transformers 5.17.0): the engine tests, which hold the static decode
 # step that --decode-step graph records.
-if bash scripts/setup_stack.sh .venv-mid "transformers==5.17.0"; then
-  KNORMCTL_EXPECT_TRANSFORMERS=5.17.0 .venv-mid/bin/python -m pytest -q -m "not slow and not postgres and not kvpress" \
-    "${ENGINE_TESTS[@]}"
-  mrc=$?
-  [ "$mrc" -eq 5 ] && { echo "error: the transformers 5.17 run collected no tests" >&2; mrc=1; }
-else
-  echo "error: could not set up .venv-mid (transformers 5.17.0)" >&2
-  mrc=1
-fi
+stage mid 5.17.0 "not slow and not postgres and not kvpress" "${ENGINE_TESTS[@]}"
+mrc=$?
 [ "$rc" -ne 0 ] && exit "$rc"
 [ "$crc" -ne 0 ] && exit "$crc"
 exit "$mrc"
