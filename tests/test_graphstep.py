@@ -377,3 +377,18 @@ def test_static_steps_do_not_go_through_sdpa(model, monkeypatch):
     res = run_generation(model, _ids(), _cfg("knorm"), NEW, decode_step="static")
     assert res.static_steps == NEW - 1 and len(calls) == layers  # the prefill only
     assert model.config._attn_implementation == "sdpa"  # switched back after every step
+
+
+@pytest.mark.parametrize("spec", ["knorm", "snapkv(window_size=8)"])
+def test_a_question_after_the_cut_then_static_steps(model, spec):
+    """Question tasks: the question is fed through the compressed cache (launched), then the
+    answer's steps are static -- the reference's tokens, stopping at a stop id as it does."""
+    cfg = _cfg(spec)
+    q = _ids(7, seed=9)[0].tolist()
+    ref = run_generation(model, _ids(), cfg, NEW, question_ids=q, kv_buffer=False)
+    got = run_generation(model, _ids(), cfg, NEW, question_ids=q, decode_step="static")
+    assert got.token_ids == ref.token_ids and got.static_steps == NEW - 1
+    stop = [ref.token_ids[5]]
+    ref_s = run_generation(model, _ids(), cfg, NEW, question_ids=q, kv_buffer=False, stop_ids=stop)
+    got_s = run_generation(model, _ids(), cfg, NEW, question_ids=q, decode_step="static", stop_ids=stop)
+    assert got_s.token_ids == ref_s.token_ids and len(got_s.token_ids) < NEW
