@@ -69,9 +69,11 @@ def prefill_press(press: str = "none", keep: float = 1.0):
     return PressConfig(press=press, keep_ratio=keep, prune_after=0, skip_layers=(), mode="prefill").validate()
 
 
-def attention_kernels(device: str, length: int, extra: int, spec_bw: float | None) -> list[list[str]]:
-    """(f0) One layer's decode attention at the 8B shape (8 key heads, 4 query heads each, head_dim
-    128, bf16) over ``length`` live entries, three ways: SDPA over the valid prefix (the launched
+def attention_kernels(device: str, length: int, extra: int, spec_bw: float | None, *, kv: int = 8, g: int = 4,
+                      d: int = 128, dtype: str | None = None, label: str = "(f0)") -> list[list[str]]:
+    """(f0) One layer's decode attention at the 8B shape (``kv`` 8 key heads, ``g`` 4 query heads
+    each, head_dim ``d`` 128; bf16 on CUDA, else float32 unless ``dtype``) over ``length`` live
+    entries, three ways: SDPA over the valid prefix (the launched
     path: no mask, grouped heads read by SDPA itself); knormctl's ``static_attention`` over the
     whole buffer (``length + extra`` slots) under a length mask (the static step, what a CUDA graph records);
     SDPA with that mask after repeating every key/value head per query head (what transformers'
@@ -81,8 +83,8 @@ def attention_kernels(device: str, length: int, extra: int, spec_bw: float | Non
 
     from knormctl.engine.graphstep import static_attention
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    kv, g, d, cap = 8, 4, 128, length + extra
+    dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    cap = length + extra
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, kv * g, 1, d, device=device, dtype=dtype, generator=gen)
     k = torch.randn(1, kv, cap, d, device=device, dtype=dtype, generator=gen)
@@ -115,11 +117,13 @@ def attention_kernels(device: str, length: int, extra: int, spec_bw: float | Non
     bw = spec_bw or copy_bandwidth(device, 1 << 28)
     floor = 2 * kv * length * d * k.element_size() / bw
     rows = [[name, f"{t * 1e6:.1f}", f"{t / floor:.2f}"] for name, t in times.items()]
-    c.table(f"(f0) one layer's decode attention, {length} live entries + {extra} hidden slots "
-            f"(8 key heads x 4 query heads, head_dim 128)", ["way", "us", "x reading the live K/V once"], rows,
+    c.table(f"{label} one layer's decode attention, {length} live entries + {extra} hidden slots "
+            f"({kv} key heads x {g} query heads, head_dim {d}, {str(dtype).removeprefix('torch.')})",
+            ["way", "us", "x reading the live K/V once"], rows,
             notes=[f"floor {floor * 1e6:.1f} us at {bw / 1e12:.2f} TB/s; median of 7 x 20 calls after 3 warm-ups"])
     ratio = times["static_attention, masked buffer"] / times["SDPA, valid prefix (launched)"]
-    return [["bf16", f"(f0) static_attention / SDPA prefix at {length}", c.num(ratio, 2), "(info)"]]
+    return [[str(dtype).removeprefix("torch."), f"{label} static_attention / SDPA prefix at {length}",
+             c.num(ratio, 2), "(info)"]]
 
 
 def decode_steps(model, ids, device: str) -> tuple[list[str], str | None]:
