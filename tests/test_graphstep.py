@@ -392,3 +392,13 @@ def test_a_question_after_the_cut_then_static_steps(model, spec):
     ref_s = run_generation(model, _ids(), cfg, NEW, question_ids=q, kv_buffer=False, stop_ids=stop)
     got_s = run_generation(model, _ids(), cfg, NEW, question_ids=q, decode_step="static", stop_ids=stop)
     assert got_s.token_ids == ref_s.token_ids and len(got_s.token_ids) < NEW
+
+
+def test_the_python_api_takes_the_decode_step(model):
+    from knormctl.engine.api import generate_with_compression
+
+    kw = dict(max_new_tokens=NEW, keep_ratio=0.5, prune_after=0, skip_layers=(), compress_mode="prefill")
+    launched = generate_with_compression(model, None, _ids(), **kw)
+    static = generate_with_compression(model, None, _ids(), decode_step="static", **kw)
+    assert static.token_ids == launched.token_ids
+    assert (launched.static_steps, static.static_steps) == (0, NEW - 1)

@@ -19,17 +19,19 @@ from knormctl.stats import Latency
 def generate_with_compression(model, tokenizer, input_ids, max_new_tokens: int = 100, keep_ratio: float = 0.9,
                               prune_after: int = 512, skip_layers: Sequence[int] = (0,), *, press: str = "knorm",
                               compress_mode: str = "decode", keep_recent: int = 0, eval_ids=None,
-                              sampling: bool = False, temperature: float = 1.0, seed: int = 0) -> GenerationResult:
+                              sampling: bool = False, temperature: float = 1.0, seed: int = 0,
+                              decode_step: str = "launched") -> GenerationResult:
     """Generate under KnormPress (or another press) and measure it.
 
     >>> res = generate_with_compression(model, tok, ids, max_new_tokens=50, keep_ratio=0.8)
     >>> res.text, res.tpot_s, res.kv_bytes_final
     ``eval_ids`` (the tokens that follow the prompt in the source text) adds ``ppl_compressed``.
+    ``decode_step``: "launched", "static" or "graph" (``loop.run_generation``; engine/graphstep.py).
     """
     cfg = PressConfig(press=press, keep_ratio=keep_ratio, prune_after=prune_after, skip_layers=tuple(skip_layers),
                       mode=compress_mode, keep_recent=keep_recent, seed=seed).validate()
     res = run_generation(model, input_ids, cfg, max_new_tokens, sampling=sampling, temperature=temperature,
-                         seed=seed, tokenizer=tokenizer)
+                         seed=seed, tokenizer=tokenizer, decode_step=decode_step)
     if eval_ids is not None:
         res.ppl_compressed = compressed_perplexity(model, input_ids, eval_ids, cfg, seed=seed)
         res.eval_tokens = len(eval_ids)
