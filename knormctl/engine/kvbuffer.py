@@ -111,12 +111,7 @@ class BufferLayer(DynamicLayer):
         need = self._n + max(0, self.capacity_hint - self._fed)
         if self.capacity - need <= slack * need:
             return False
-        k, v = self._k, self._v
-        self._k = self._v = None
-        self._grow(k, v, need, exact=True)
-        self._k[:, :, :self._n].copy_(k[:, :, :self._n])
-        self._v[:, :, :self._n].copy_(v[:, :, :self._n])
-        del k, v
+        self._move(self._k, self._v, need)
         self._set_views()
         return True
 
@@ -184,17 +179,17 @@ class BufferLayer(DynamicLayer):
         self._n = n
         self._set_views()
 
-    def _grow(self, like_k: torch.Tensor, like_v: torch.Tensor, need: int, exact: bool = False) -> None:
-        """A buffer holding at least ``need`` entries: the hint, else double the old one
-        (``exact``: ``need`` entries, the old buffer's entries left to the caller)."""
-        if exact:
-            b, h, _, dk = like_k.shape
-            self._k, self._v = like_k.new_empty(b, h, need, dk), like_v.new_empty(b, h, need, like_v.shape[-1])
-            return
+    def _grow(self, like_k: torch.Tensor, like_v: torch.Tensor, need: int) -> None:
+        """A buffer holding at least ``need`` entries: the hint, else double the old one."""
         if self._k is None and self.holds is not None:
             cap = max(need, min(self.holds, self.capacity_hint - self._fed + self._n))
         else:
             cap = max(need, self.capacity_hint - self._fed + self._n, 2 * self.capacity)
+        self._move(like_k, like_v, cap)
+
+    def _move(self, like_k: torch.Tensor, like_v: torch.Tensor, cap: int) -> None:
+        """New buffers of ``cap`` entries (shaped and typed like ``like_k``/``like_v``), the valid
+        entries of the old ones (if any) copied to their front."""
         b, h, _, dk = like_k.shape
         k = like_k.new_empty(b, h, cap, dk)
         v = like_v.new_empty(b, h, cap, like_v.shape[-1])
