@@ -223,31 +223,27 @@ class RunConfig:
                 except ConfigError as exc:
                     raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
-        if self.prefill_chunk and self.command != "baseline":
-            self._check_chunked_presses()
-        if self.decode_step != "launched" and self.command != "baseline":
-            self._check_static_presses()
+        if self.command != "baseline":
+            from knormctl.engine.presses.base import chunked_prefill_refusal, static_step_refusal
+
+            if self.prefill_chunk:
+                self._refuse_presses("--prefill-chunk", chunked_prefill_refusal)
+            if self.decode_step != "launched":
+                # every configuration takes the static step: a press that could not would be
+                # timed launched next to static ones, a comparison of two engines
+                self._refuse_presses(f"--decode-step {self.decode_step}",
+                                     lambda press: static_step_refusal(press, self.compress_mode))
         return self
 
-    def _check_static_presses(self) -> None:
-        """Every configuration of a static/graph run takes the static decode step: a press that
-        could not would be timed launched next to static ones, a comparison of two engines."""
+    def _refuse_presses(self, flag: str, refusal) -> None:
+        """One line naming ``flag`` and the first press ``refusal`` (a built press -> why, or None)
+        says cannot run with it."""
         from knormctl.engine.presses import make_press
-        from knormctl.engine.presses.base import static_step_refusal
 
         for spec in self.presses:
             name, params = parse_press_spec(spec)
-            if (why := static_step_refusal(make_press(name, params=dict(params)), self.compress_mode)) is not None:
-                raise ConfigError(f"--decode-step {self.decode_step} cannot be used with press {spec!r}: {why}")
-
-    def _check_chunked_presses(self) -> None:
-        from knormctl.engine.presses import make_press
-        from knormctl.engine.presses.base import chunked_prefill_refusal
-
-        for spec in self.presses:
-            name, params = parse_press_spec(spec)
-            if (why := chunked_prefill_refusal(make_press(name, params=dict(params)))) is not None:
-                raise ConfigError(f"--prefill-chunk cannot be used with press {spec!r}: {why}")
+            if (why := refusal(make_press(name, params=dict(params)))) is not None:
+                raise ConfigError(f"{flag} cannot be used with press {spec!r}: {why}")
 
     @property
     def haystack_source(self) -> str:
