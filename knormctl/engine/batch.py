@@ -135,8 +135,7 @@ class RowHeadPress(RowPress):
 
 
 def row_press(presses: list[BasePress]) -> BasePress:
-    per_head = type(presses[0]).head_keep is not BasePress.head_keep
-    return (RowHeadPress if per_head else RowPress)(presses)
+    return (RowHeadPress if presses[0].per_head else RowPress)(presses)
 
 
 def batch_refusal(press) -> str | None:

@@ -90,7 +90,7 @@ class Compressor:
         self._hooks: list = []  # observers, or the kvpress backend's hooks: gone after a prefill cut
         self._mask_hooks: list = []  # per-head masks: as long as the generation
         # --- presses that need the model (issue 12): observers, per-head masks, kvpress's own hooks
-        self._per_head = self.press is not None and type(self.press).head_keep is not BasePress.head_keep
+        self._per_head = self.press is not None and self.press.per_head
         if self.press is not None and cfg.keep_ratio < 1.0:
             self._attach(model)
 

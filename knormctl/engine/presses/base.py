@@ -70,6 +70,11 @@ class BasePress:
         AVERAGE (b x h x n_keep in all), or None for exactly ``n_keep`` in every head."""
         return None
 
+    @property
+    def per_head(self) -> bool:
+        """The press sets per-head budgets (overrides ``head_keep``): engine/headmask.py."""
+        return type(self).head_keep is not BasePress.head_keep
+
     def reset(self) -> None:
         """Drop what observe() kept (after a prefill cut, or between generations)."""
 
@@ -287,7 +292,7 @@ def chunked_prefill_refusal(press) -> str | None:
         return None
     if press.cuts_in_forward:
         return "kvpress presses cut inside kvpress's own prefill hook, which knows no chunks"
-    if type(press).head_keep is not BasePress.head_keep:
+    if press.per_head:
         return f"{press.name} sets per-head budgets, whose dead slots a later chunk's cut would score again"
     return None
 
@@ -304,6 +309,6 @@ def static_step_refusal(press, mode: str) -> str | None:
         return None
     if press.observes and mode == "decode" and not press.cuts_in_forward:
         return f"{press.name} observes the attention at every decode step (Python hooks the static step would skip)"
-    if type(press).head_keep is not BasePress.head_keep:
+    if press.per_head:
         return f"{press.name} sets per-head budgets, whose masks grow with every step"
     return None
