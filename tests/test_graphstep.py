@@ -298,7 +298,7 @@ def test_recording_follows_the_buffers_and_replays_into_one_logits_tensor(model,
         self.graph = Replay()
         self.captures += 1
 
-    def recording(mode_, fwd, batch, devices, kv_buffer, comp):  # loop.static_step_for, recording on the CPU
+    def recording(mode_, fwd, batch, devices, kv_buffer):  # loop.static_step_for, recording on the CPU
         return graphstep.StaticStep(fwd, batch, devices[0], capture=True)
 
     monkeypatch.setattr(graphstep.StaticStep, "_record", record)

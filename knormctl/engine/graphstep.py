@@ -77,7 +77,12 @@ class StaticStep:
     arguments and ledger) for a batch of ``batch`` rows, recorded as a CUDA graph when ``capture``."""
 
     def __init__(self, fwd, batch: int, device: torch.device, capture: bool):
+        from knormctl.engine.observe import attention_modules
+
         self.fwd, self.model, self.cache, self.capture = fwd, fwd.model, fwd.cache, capture
+        _register()
+        self._mods = attention_modules(self.model)
+        self._configs = list({id(m.config): m.config for m in self._mods}.values())  # switched for the step
         n_layers = len(self.cache.layers)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -138,15 +143,10 @@ class StaticStep:
     def _forward(self) -> torch.Tensor:
         """The static step, with ``static_attention`` switched on and each layer's mask handed to
         its attention module (host-side set-up: none of it is recorded)."""
-        from knormctl.engine.observe import attention_modules
-
-        _register()
-        layers = self.cache.layers
-        mods = attention_modules(self.model)
-        configs = list({id(m.config): m.config for m in mods}.values())
+        layers, configs = self.cache.layers, self._configs
         before = [cfg._attn_implementation_internal for cfg in configs]
         hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: self._hand_mask(i, a, kw), with_kwargs=True)
-                 for i, m in enumerate(mods)]
+                 for i, m in enumerate(self._mods)]
         for i, layer in enumerate(layers):
             layer.static_slot = self.slots[i:i + 1]
         for cfg in configs:  # the attribute itself: the property's setter also rewrites sub-configs

@@ -151,6 +151,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     holds = chunk_holds(cfg, model, prompt_len, prefill_chunk, rest) if prefill_chunk else None
     cache = new_cache(model, capacity=prompt_len + rest, buffered=kv_buffer, holds=holds)
     fwd = CachedForward(model, cache)
+    static = static_step_for(decode_step, fwd, batch, devices, kv_buffer)
     probe = MemoryProbe(devices)
     clock = StepClock(devices)
     comp = Compressor(cfg, num_layers(model), sync=sync, model=model,  # last: it may hook the model
@@ -162,7 +163,6 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         comp.close()
         raise UsageError(f"--prefill-chunk: {why}")
     cut = cutter(comp, fwd, prompt_len, prefill_chunk)
-    static = static_step_for(decode_step, fwd, batch, devices, kv_buffer, comp)
     kv_entries_peak = kv_bytes_peak = held_peak = 0
 
     def account() -> None:  # the cache as it stands after a forward, before any cut: that is the peak
@@ -222,7 +222,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
     return res
 
 
-def static_step_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffer: bool, comp: Compressor):
+def static_step_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffer: bool):
     """The static decode step ``mode`` asks for (None: "launched"); a usage error where it cannot run."""
     from knormctl.options import DECODE_STEPS
 
@@ -239,7 +239,6 @@ def static_step_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffe
     elif mode == "graph" and devices[0].type != "cuda":
         why = f"a CUDA graph needs the model on one CUDA device (it is on {where})"
     if why is not None:
-        comp.close()
         raise UsageError(f"--decode-step {mode}: {why}")
     from knormctl.engine.graphstep import StaticStep
 
