@@ -59,7 +59,8 @@ def capacity(
                         threads=threads, seed=seed,
                         trust_remote_code=trust_remote_code, presses=parse_press_list(presses),
                         keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"), compress_mode=compress_mode,
-                        prefill_chunk=prefill_chunk, decode_step=decode_step, prune_after=prune_after, max_new_tokens=max_new_tokens,
+                        prefill_chunk=prefill_chunk, decode_step=decode_step, prune_after=prune_after,
+                        max_new_tokens=max_new_tokens,
                         skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True)).validate()
         configs = cfg.press_configs()
         check_batchable(configs)
@@ -87,9 +88,9 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
 
     from knormctl.engine.capacity import capacity_table, weight_bytes
     from knormctl.engine.models import load_model
-    from knormctl.options import check_loaded_decode_step
     from knormctl.engine.text import make_samples
     from knormctl.errors import UsageError
+    from knormctl.options import check_loaded_decode_step
 
     def log(line: str) -> None:
         print(line, file=sys.stderr)

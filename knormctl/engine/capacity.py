@@ -190,7 +190,8 @@ def capacity_table(model, prompt: list[int], configs: list[PressConfig], *, new_
     the full cache's largest batch and tokens/s (None where the full cache fits nothing)."""
     from knormctl.engine.loop import run_generation
 
-    run_generation(model, [prompt], configs[0], 2, decode_step=decode_step)  # untimed: the first generation pays for a cold start
+    # untimed: the first generation pays for a cold start
+    run_generation(model, [prompt], configs[0], 2, decode_step=decode_step)
     rows = []
     for pc in configs:  # prefilled alike: on CUDA a one-forward prefill's activations would count against one side
         rows.append(find_capacity(model, prompt, pc, config_label(pc), new_tokens=new_tokens, budget=budget,
