@@ -83,6 +83,7 @@ def header(title: str, args, extra: dict | None = None) -> dict:
         "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{env['cpu_model']} ({env['cpu_cores_logical']} logical cores)",
         "cpu flags": env["cpu_flags"] or "-",
+        "cpu kernels (torch)": env.get("cpu_capability") or torch.backends.cpu.get_cpu_capability(),
         "device": args.device + (f" ({env['gpu_name']})" if args.device == "cuda" else ""),
         "torch threads": f"{torch.get_num_threads()} (pinned with --threads {args.threads})",
         "dtype": args.dtype,

@@ -191,5 +191,15 @@ def test_environment_record():
         assert env[key] is not None, key
     assert env["cpu_cores_logical"] >= 1 and env["ram_bytes"] > 0
     assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["cpu_capability"].startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_environment_record_says_when_the_cpu_kernels_are_restricted(monkeypatch):
+    """A run under ATEN_CPU_CAPABILITY/DNNL_MAX_CPU_ISA measures another CPU kind's kernels:
+    the record must say so, not only the flags the CPU has."""
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    env = get_environment("cpu")
+    assert env["cpu_capability"].startswith(torch.backends.cpu.get_cpu_capability())
+    assert env["cpu_capability"].endswith("(DNNL_MAX_CPU_ISA=AVX2)")
     if not torch.cuda.is_available():
         assert env["gpu_name"] is None and env["gpu_memory_bytes"] is None

@@ -6,6 +6,7 @@ or None, so it goes into a JSON column as is.
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -63,6 +64,19 @@ def _git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
+# Variables that restrict the instruction set torch's CPU kernels use below what the CPU has
+# (ATen's own kernels, oneDNN, MKL): a run under them measures another CPU kind's kernels.
+CPU_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_capability() -> str:
+    """The instruction set ATen dispatches its CPU kernels for ("AVX512", "AVX2", ...), with
+    any variable that restricts the kernels: the CPU flags alone do not say what ran."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    limits = [f"{k}={os.environ[k]}" for k in CPU_ISA_VARIABLES if os.environ.get(k)]
+    return cap + (f" ({', '.join(limits)})" if limits else "")
+
+
 def get_environment(device: str | None = None) -> dict:
     """CPU, memory, GPU, OS and library versions, plus knormctl's version and git commit.
 
@@ -80,6 +94,7 @@ def get_environment(device: str | None = None) -> dict:
         "cpu_cores_logical": psutil.cpu_count(logical=True) or 1,
         "cpu_cores_physical": psutil.cpu_count(logical=False) or psutil.cpu_count(logical=True) or 1,
         "cpu_flags": " ".join(f for f in CPU_FLAGS_OF_INTEREST if f in flags),
+        "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "ram_bytes": psutil.virtual_memory().total,
         "gpu_name": None,
