@@ -320,21 +320,23 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
         if progress:
             progress(f"loading model {name} ({dtype}, {dev})")
 
+    trust = trust_remote_code
     if name == SMOLLM2_ALIAS:
-        model, tokenizer, resolved, model_hash = _load_folder(smollm2_folder(progress), torch_dtype, False, announce, **load)
+        loader, source, trust = _load_folder, smollm2_folder(progress), False
     else:
         path = Path(name).expanduser()
         if path.is_dir():
-            model, tokenizer, resolved, model_hash = _load_folder(path, torch_dtype, trust_remote_code, announce, **load)
+            loader, source = _load_folder, path
         elif path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise UsageError(f"model path {name} is a file but not a .gguf file "
                                  "(pass a model folder, a .gguf file, a Hub id or smollm2-135m)")
-            model, tokenizer, resolved, model_hash = _load_gguf(path, torch_dtype, trust_remote_code, announce, **load)
+            loader, source = _load_gguf, path
         elif looks_like_path(name):
             raise UsageError(f"model path does not exist: {name}")
         else:
-            model, tokenizer, resolved, model_hash = _load_hub(name, torch_dtype, trust_remote_code, announce, **load)
+            loader, source = _load_hub, name
+    model, tokenizer, resolved, model_hash = loader(source, torch_dtype, trust, announce, **load)
 
     model.eval()
     if device_map is None:
