@@ -320,7 +320,7 @@ class Runner:
                                  sampling=cfg.sampling, temperature=cfg.temperature,
                                  seed=seeds[0] if len(seeds) == 1 else seeds, tokenizer=lm.tokenizer,
                                  question_ids=question, prefill_chunk=cfg.prefill_chunk,
-                                 stop_ids=self.stop_ids if stop else None, decode_step=self.cfg.decode_step)
+                                 stop_ids=self.stop_ids if stop else None, decode_step=cfg.decode_step)
             results = res.split()
             for i, sample, one in zip(rows, samples, results):
                 if sample.eval_ids and r == 0:  # quality is deterministic: measured in the first round only

@@ -9,10 +9,10 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from knormctl.config import PressConfig
-from knormctl.engine.loop import as_input_ids, model_device, run_generation
+from knormctl.engine.loop import as_input_ids, run_generation
 from knormctl.engine.quality import compressed_perplexity
 from knormctl.engine.result import GenerationResult
-from knormctl.engine.timing import model_devices, synchronizer
+from knormctl.engine.timing import model_device, model_devices, synchronizer
 from knormctl.stats import Latency
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor
 from knormctl.engine.kvcache import check_cut_supported, new_cache, num_layers
-from knormctl.engine.loop import CachedForward, as_input_ids, cutter, model_device, prefill
+from knormctl.engine.loop import CachedForward, as_input_ids, cutter, prefill
+from knormctl.engine.timing import model_device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
