@@ -135,6 +135,7 @@ class MemoryProbe:
         devices = _devices(device)
         self.cuda = [d for d in devices if d.type == "cuda"]
         self.device = self.cuda[0] if self.cuda else devices[0]
+        self._sync = synchronizer(self.cuda)
         self._thread = None
         self._peak = 0
         self._stop = threading.Event()
@@ -142,8 +143,8 @@ class MemoryProbe:
 
     def start(self) -> None:
         if self.device.type == "cuda":
+            self._sync()
             for d in self.cuda:
-                torch.cuda.synchronize(d)
                 torch.cuda.reset_peak_memory_stats(d)
         elif self.device.type == "cpu":
             self._hwm_ok = reset_rss_peak() and read_rss_peak() is not None
@@ -159,8 +160,7 @@ class MemoryProbe:
 
     def stop(self) -> MemoryPeak:
         if self.device.type == "cuda":
-            for d in self.cuda:
-                torch.cuda.synchronize(d)
+            self._sync()
             peak = sum(torch.cuda.max_memory_allocated(d) for d in self.cuda)
             kind = "cuda_max_memory_allocated" if len(self.cuda) == 1 else \
                 f"cuda_max_memory_allocated_sum_{len(self.cuda)}_gpus"
