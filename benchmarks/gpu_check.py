@@ -133,22 +133,24 @@ def build_8b(args):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from knormctl.engine.capacity import weight_bytes
+
     shape, prompt, n = (TINY_SHAPE, 1024, 4) if args.quick else (LLAMA_8B_SHAPE, 32768, 8)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=torch.bfloat16).eval()
     ids = torch.randint(0, shape["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(args.seed))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    c.log(f"{shape['num_hidden_layers']} layers, {prompt}-token prompt, weights {weights / 2**30:.2f} GiB")
+    c.log(f"{shape['num_hidden_layers']} layers, {prompt}-token prompt, weights {weight_bytes(model) / 2**30:.2f} GiB")
     return model, ids, n
 
 
 def peak_memory_8b(args, model, ids, n: int, repeats: int) -> list[list[str]]:
     """(e): max_memory_allocated per configuration (the worst of its rounds), full cache first."""
+    from knormctl.engine.capacity import weight_bytes
     from knormctl.engine.loop import run_generation
 
     prompt = ids.shape[1]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     cfgs = {"full cache": prefill_press(), "knorm 0.5": prefill_press("knorm", 0.5),
             "streaming 0.5": prefill_press("streaming", 0.5)}
     res = c.interleaved({k: (lambda cfg=cfg: run_generation(model, ids, cfg, n)) for k, cfg in cfgs.items()},

@@ -203,9 +203,10 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
 def chunked_peak(model, ids, n: int, chunk: int) -> list[list[str]]:
     """(f4): the prompt prefilled ``chunk`` tokens at a time, with and without knorm 0.5. The
     activations are what the full cache's chunked run holds above its weights and KV."""
+    from knormctl.engine.capacity import weight_bytes
     from knormctl.engine.loop import run_generation
 
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     runs = {}
     for name, cfg, size in [("full, one forward", prefill_press(), 0), ("full, chunked", prefill_press(), chunk),
                             ("knorm 0.5, one forward", prefill_press("knorm", 0.5), 0),
