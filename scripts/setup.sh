@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 stamp=.venv/.knormctl-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setting up .venv: torch 2.13.0 (CPU) and knormctl's dependencies (first time: 1-3 minutes)" >&2
+  echo "setting up .venv: torch 2.13.0 (CPU) and knormctl's dependencies (1-3 minutes)" >&2
   python -m pip install -q --upgrade pip
   # torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
   python -m pip install -q "torch==2.13.0"
