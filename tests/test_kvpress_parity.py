@@ -217,6 +217,21 @@ def test_kvpress_backend_in_the_loop_counts_and_times_the_cut(kvpress, model):
     assert after == before, "hooks or attributes left behind"
 
 
+def test_kvpress_backend_scores_perplexity_like_its_knormctl_twin(kvpress, model):
+    """The teacher-forced perplexity (every lm sweep's --eval-tokens) runs kvpress's cut inside
+    the prefill forward too: it used to be refused there as a cache transformers had not used.
+    kvpress:KnormPress keeps what knorm keeps, so the two score the same continuation alike."""
+    from knormctl.engine.quality import compressed_perplexity
+
+    ids, eval_ids = _ids(), _ids(8, seed=2)[0].tolist()
+    kv = PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, prune_after=0, mode="prefill").validate()
+    ours = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, mode="prefill").validate()
+    full = compressed_perplexity(model, ids, eval_ids, PressConfig())
+    theirs = compressed_perplexity(model, ids, eval_ids, kv)
+    assert theirs == pytest.approx(compressed_perplexity(model, ids, eval_ids, ours), rel=1e-5)
+    assert theirs != pytest.approx(full, rel=1e-6), "the cut changed nothing: it did not run"
+
+
 # ----------------------------------------------------------------------------- intended differences
 
 def test_difference_kept_count_is_a_ceiling_kvpress_truncates(kvpress):

@@ -69,7 +69,7 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: in
         if prefill_chunk and s > prefill_chunk:
             out = prefill(fwd, ids, positions[:, :s], prefill_chunk, lambda: None, cut)
         else:
-            out = fwd(ids, positions[:, :s])
+            out = fwd(ids, positions[:, :s], may_shrink=comp.cuts_in_forward)  # kvpress cuts inside it
         total = _nll(out.logits[:, -1:], targets[:1])
         for j in range(len(eval_ids) - 1):
             cut(prefill=(j == 0))  # never after the last forward: nothing reads it
