@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from knormctl.errors import ModeError
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 from knormctl.launch import resolve_shard
 from knormctl.options import check_decode_step, check_device_map, keep_ratio_error, unknown_choice
@@ -220,8 +221,9 @@ class RunConfig:
             if self.ppl_method == "stream" and self.eval_tokens:  # stream ppl cuts as in decode mode
                 try:
                     resolve_press_list(self.presses, "decode")
-                except ConfigError as exc:
-                    raise ConfigError(f"--ppl-method stream cuts in decode mode: {exc}") from None
+                except ModeError as exc:
+                    raise ConfigError(f"--ppl-method stream cuts in decode mode, which press {exc.press!r} does not "
+                                      "support: use --ppl-method teacher-forced or --eval-tokens 0") from None
         self.press_configs()  # validates prune_after, skip_layers, mode
         if self.command != "baseline":
             from knormctl.engine.presses.base import chunked_prefill_refusal, static_step_refusal

@@ -23,3 +23,13 @@ class AssetError(KnormctlError):
     """A model or text source could not be fetched or loaded (network, disk, missing package)."""
 
     exit_code = 1
+
+
+class ModeError(UsageError):
+    """A press asked to cut in a mode it does not support. ``press``: its spec; ``modes``: the
+    modes it supports (the caller that chose the mode may say what else to do)."""
+
+    def __init__(self, press: str, modes, mode: str):
+        self.press, self.modes = press, tuple(modes)
+        super().__init__(f"press {press!r} supports {' and '.join(self.modes)} mode only, not {mode} "
+                         f"(use --compress-mode {self.modes[0]})")

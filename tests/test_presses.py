@@ -158,7 +158,7 @@ def test_run_config_expands_all_per_mode_and_stores_canonical_specs():
     assert cfgs[1].key == "snapkv|kr=0.5|pa=512|skip=0|prefill|window_size=8"
     with pytest.raises(UsageError, match="duplicate"):
         RunConfig(presses=["snapkv", "snapkv(window_size=64)"]).validate()
-    with pytest.raises(UsageError, match="stream cuts in decode mode.*prefill mode only"):
+    with pytest.raises(UsageError, match="stream cuts in decode mode, which press 'pyramidkv' does not support: use --ppl-method teacher-forced"):
         RunConfig(presses=["pyramidkv"], compress_mode="prefill", ppl_method="stream").validate()
 
 

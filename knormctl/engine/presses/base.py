@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from knormctl.errors import UsageError
+from knormctl.errors import ModeError, UsageError
 
 MODES = ("prefill", "decode")
 
@@ -183,8 +183,7 @@ def resolve_press(name: str, params=(), mode: str | None = None) -> tuple[tuple[
     resolved = tuple(out)
     press = make_press(name, params=dict(resolved))  # constructor checks (ranges) + the modes it supports
     if mode is not None and mode not in press.modes:
-        raise UsageError(f"press {format_spec(name, resolved)!r} supports {' and '.join(press.modes)} mode only, "
-                         f"not {mode} (use --compress-mode {press.modes[0]})")
+        raise ModeError(format_spec(name, resolved), press.modes, mode)
     return resolved
 
 

@@ -26,7 +26,7 @@ import time
 from importlib import metadata
 
 from knormctl.engine.presses.base import BasePress
-from knormctl.errors import UsageError
+from knormctl.errors import ModeError, UsageError
 
 PREFIX = "kvpress:"
 INSTALL_HINT = "pip install 'knormctl[kvpress]'"
@@ -110,7 +110,7 @@ def resolve_kvpress(name: str, params, mode: str | None) -> tuple:
     """Validate a ``kvpress:Name`` spec without a model; return its canonical parameters."""
     cls_name = name[len(PREFIX):]
     if mode is not None and mode != "prefill":
-        raise UsageError(f"press {name!r}: kvpress presses run in prefill mode only (use --compress-mode prefill)")
+        raise ModeError(name, ("prefill",), mode)  # kvpress's hooks cut in the prefill forward only
     kvpress = load_kvpress()
     canonical = _build(kvpress, cls_name, dict(params), resolve=True)
     press = _build(kvpress, cls_name, dict(params), resolve=False)
