@@ -41,6 +41,8 @@ def test_ruler_stores_task_subtask_length_answers_and_score(tiny_llama_dir, book
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["status"] == "complete" and out["done"] == 4 * 2 * 2  # subtasks x samples x (full, knorm 0.5)
+    # answers are scored, not teacher-forced tokens: the plan promises none (eval_tokens is 128 here)
+    assert any(line.endswith("6 new tokens per cell") for line in res.stderr.splitlines()), res.stderr
     rows = _rows(db, "SELECT * FROM samples ORDER BY sample_index, config_key")
     assert {r["subtask"] for r in rows} == {"niah_single_2", "vt", "cwe", "fwe"}
     for r in rows:

@@ -130,7 +130,7 @@ def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
     from knormctl import estimate
 
     log(estimate.plan_line(len(runner.cells), len(runner.samples), runner.configs, runner.new_tokens,
-                           0 if cfg.task == "passkey" else cfg.eval_tokens))
+                           cfg.eval_tokens if cfg.task == "lm" else 0))  # question tasks score answers
     stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
     if stored:
         log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")
