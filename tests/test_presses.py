@@ -488,10 +488,14 @@ def test_presses_command_lists_every_press_with_modes_and_parameters():
     assert set(rows) == set(PRESS_NAMES) - {"none"}
     assert rows["snapkv"]["params"] == {"window_size": 64, "kernel_size": 5}
     assert rows["pyramidkv"]["modes"] == ["prefill"] and rows["tova"]["modes"] == ["prefill", "decode"]
-    text = CliRunner().invoke(app, ["presses"])
+    text = CliRunner().invoke(app, ["presses"], env={"COLUMNS": "80"})
     assert text.exit_code == 0
     assert "snapkv(window_size=64, kernel_size=5)  [prefill, decode]" in text.stdout
     assert "kvpress:ClassName" in text.stdout
+    lines = text.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80]
+    # a long spec wraps between its parameters, never inside one
+    assert "expected-attention(n_future_positions=512, use_covariance=true, use_vnorm=true," in lines
 
 
 def _sweep_refuses(monkeypatch, args, message):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from typing import Annotated
 
 import typer
@@ -35,13 +37,19 @@ def presses(
     if json_out:
         print(json.dumps([{**r, "params": {k: _value(v) for k, v in r["params"].items()}} for r in rows], indent=2))
         return
+    width = min(shutil.get_terminal_size((80, 24)).columns, 100)  # 80 when not a terminal
+
+    def say(text: str, indent: str = "", hang: str = "        ") -> None:  # wrapped at spaces only
+        print(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang,
+                            break_long_words=False, break_on_hyphens=False))
+
     for r in rows:
         params = ", ".join(f"{k}={format_spec_value(v) if isinstance(v, (bool, int, float)) else v}"
                            for k, v in r["params"].items())
         head = f"{r['name']}({params})" if params else format_press_spec(r["name"])
-        print(f"{head}  [{', '.join(r['modes'])}]")
+        say(f"{head}  [{', '.join(r['modes'])}]")
         extra = f" (also uses {', '.join('--' + n.replace('_', '-') for n in r['run_wide'])})" if r["run_wide"] else ""
-        print(f"    {r['description']}{extra}")
+        say(f"{r['description']}{extra}", indent="    ", hang="    ")
     if not kvpress:
-        print("kvpress:ClassName(...) runs any press of NVIDIA's kvpress (prefill mode; pip install "
-              "'knormctl[kvpress]'); list them with --kvpress.")
+        say("kvpress:ClassName(...) runs any press of NVIDIA's kvpress (prefill mode; pip install "
+            "'knormctl[kvpress]'); list them with --kvpress.", hang="")
