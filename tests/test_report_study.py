@@ -44,6 +44,7 @@ def test_study_points_are_each_runs_own_paired_numbers(store, db):
     data = _json(db, "--group", "s1")
     assert data["study"] == "s1" and data["axes"] == ["prune_after"] and data["quality"] == "ppl ratio"
     assert data["models"] == ["smollm2-135m", "tiny-llama"]
+    assert data["scales"] == data["models"]  # prune_after leaves the full cache as it is: one scale per model
     assert len(data["points"]) == 4 * len(CONFIGS)
     for (model, pa), run_id in runs.items():
         own = {r["config_key"]: r for r in _json(db, "--run-id", str(run_id))["rows"]}
@@ -75,6 +76,42 @@ def test_frontier_and_best_per_budget_follow_the_points(store, db):
             assert b["best"]["quality"] == min(p["quality"] for p in fits)
     # 25 % budget: only random 0.25 (and nothing else) holds that little KV in this data
     assert all(b["best"]["label"] == "random 0.25" for b in data["best_at_budget"] if b["budget"] == 0.25)
+
+
+def test_a_setting_that_changes_the_full_cache_gets_its_own_frontier_and_budgets(store, db, tmp_path):
+    """dtype halves the full cache's bytes: a bfloat16 run's 100% is a float32 run's 50%, so one
+    frontier over both runs' ratios would compare percentages of different caches."""
+    for seed, dtype in enumerate(("float32", "bfloat16")):
+        for pa in (256, 1024):
+            fill_run(store, configs=CONFIGS, n_samples=4, seed=seed * 2 + pa, dtype=dtype, group="dt",
+                     settings={"prune_after": pa}, prompt_tokens=(2048,) * 4)
+    data = _json(db, "--group", "dt")
+    assert data["axes"] == ["dtype", "prune_after"] and data["models"] == ["smollm2-135m"]
+    assert data["scales"] == ["smollm2-135m (dtype=bfloat16)", "smollm2-135m (dtype=float32)"]
+    for scale in data["scales"]:
+        pts = [p for p in data["points"] if p["scale"] == scale]
+        assert len(pts) == 2 * len(CONFIGS) and len({p["settings"]["dtype"] for p in pts}) == 1
+        hand = frontier([Point(f'{p["run_id"]}|{p["config_key"]}', "", p["kv_held"], p["quality"]) for p in pts],
+                        higher_quality=False)
+        assert {f'{p["run_id"]}|{p["config_key"]}' for p in pts if p["on_frontier"]} == {q.key for q in hand}
+        lines = [b for b in data["best_at_budget"] if b["scale"] == scale]
+        assert len(lines) == 4 and all(b["best"] is None or b["best"]["scale"] == scale for b in lines)
+    out = runner.invoke(app, ["report", "--db", db, "--group", "dt"], env={"COLUMNS": "200"}).stdout
+    assert "smollm2-135m (dtype=bfloat16), KV held \u2264 50% of its full cache:" in out
+    assert "frontiers and budgets per model and dtype" in out
+    csv = runner.invoke(app, ["report", "--db", db, "--group", "dt", "--format", "csv"]).stdout
+    assert csv.splitlines()[0].startswith("model,dtype,prune_after,scale,run_id,")
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    with open_store(db, readonly=True) as store_ro:
+        view = study_view(store_ro, select_runs(store_ro, group="dt"), "dt")
+    fig = pareto(view)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert [t.split(":")[0] for t in titles[::2]] == data["scales"]  # a row of panels per scale
+    fronts = {line.get_gid() for ax in fig.axes for line in ax.lines if (line.get_gid() or "").endswith("|frontier")}
+    assert fronts == {f"pareto|{scale}|frontier" for scale in data["scales"]}
 
 
 def test_study_tables_leaderboard_and_sentences(store, db):

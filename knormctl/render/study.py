@@ -12,8 +12,13 @@ are its run's paired changes (``render.summary``), put on common scales:
 
 Each comes with its 95% interval. On top: one table per model (the settings that vary as
 columns), a leaderboard (for each press, the quality kept at each keep ratio, per model),
-the Pareto frontier per model (quality vs KV held) and, per model, the best configuration
-that fits each memory budget -- the sentence a deployer reads. Pure Python.
+the Pareto frontier (quality vs KV held) and the best configuration that fits each memory
+budget -- the sentence a deployer reads -- per SCALE: a model and the settings that change
+its full cache (dtype, context, task ...). Runs that differ in those have different full
+caches, so their ratios do not share a scale: a bfloat16 run's 100% is a float32 run's 50%,
+and a frontier across the two would compare percentages of different things. Settings that
+change only what the presses do (``PRESS_ONLY``) leave the full cache as it is, so their
+runs share one scale and one frontier. Pure Python.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from knormctl.render.summary import Summary, build_summary
 BUDGETS = (0.25, 0.5, 0.75, 1.0)  # fractions of the full cache's KV bytes
 # settings that identify a run but are not settings of the measurement
 NOT_SETTINGS = ("group", "shard", "threads", "study", "presses", "keep_ratios", "command")
+# settings the full cache ignores: runs that differ only in them share a scale (see above)
+PRESS_ONLY = ("prune_after", "skip_layers", "compress_mode", "keep_recent", "n_sink")
 
 Interval = tuple[float, float]
 
@@ -38,6 +45,7 @@ class StudyPoint:
     """One configuration of one run."""
 
     model: str
+    scale: str  # the model and the settings that change its full cache: "m (dtype=bfloat16)"
     run_id: int
     settings: dict[str, str]  # the run settings that vary across the study, as text
     order: tuple  # the same settings' raw values, for sorting (256 before 1024)
@@ -54,6 +62,7 @@ class StudyPoint:
     tpot_ratio: float | None
     tpot_interval: Interval | None
     on_frontier: bool = False
+    scale_axes: tuple[str, ...] = ()  # the settings its scale names
 
     @property
     def key(self) -> str:
@@ -65,10 +74,17 @@ class StudyPoint:
         extra = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         return f"{self.label} ({extra})" if extra else self.label
 
+    @property
+    def name_on_scale(self) -> str:
+        """The name without the settings its scale already says: 'streaming 0.5' on 'm (dtype=bfloat16)'."""
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k not in self.scale_axes)
+        return f"{self.label} ({extra})" if extra else self.label
+
 
 @dataclass
 class BudgetLine:
     model: str
+    scale: str
     budget: float
     best: StudyPoint | None
 
@@ -80,6 +96,7 @@ class StudyView:
     higher_quality: bool
     axes: list[str]  # run settings that vary
     models: list[str]
+    scales: list[str]  # one frontier and one set of budgets each (models when no axis changes the full cache)
     points: list[StudyPoint]
     best: list[BudgetLine]
     leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]  # press -> model -> keep ratio -> best point
@@ -88,15 +105,19 @@ class StudyView:
     def points_of(self, model: str) -> list[StudyPoint]:
         return [p for p in self.points if p.model == model]
 
+    def points_on(self, scale: str) -> list[StudyPoint]:
+        return [p for p in self.points if p.scale == scale]
+
     def to_dict(self) -> dict[str, Any]:
         def pt(p: StudyPoint | None):
             return None if p is None else {**{k: getattr(p, k) for k in p.__dataclass_fields__}, "name": p.name}
 
         return {
             "study": self.name, "quality": self.quality_kind, "quality_higher_is_better": self.higher_quality,
-            "axes": self.axes, "models": self.models, "budgets": list(BUDGETS),
+            "axes": self.axes, "models": self.models, "scales": self.scales, "budgets": list(BUDGETS),
             "points": [pt(p) for p in self.points],
-            "best_at_budget": [{"model": b.model, "budget": b.budget, "best": pt(b.best)} for b in self.best],
+            "best_at_budget": [{"model": b.model, "scale": b.scale, "budget": b.budget, "best": pt(b.best)}
+                               for b in self.best],
             "leaderboard": {press: {model: {str(kr): pt(p) for kr, p in by_kr.items()}
                                     for model, by_kr in by_model.items()}
                             for press, by_model in self.leaderboard.items()},
@@ -152,6 +173,7 @@ def _text(v: Any) -> str:
 def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], name: str) -> StudyView:
     """The study view of ``runs`` (each with its stored samples)."""
     axes = _axes(runs)
+    scale_axes = [k for k in axes if k not in PRESS_ONLY]
     question_task = any(r.task not in ("lm", None) for r in runs)
     points: list[StudyPoint] = []
     summaries = {}
@@ -161,6 +183,8 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         raw = run_settings(run)
         settings = {k: _text(raw.get(k)) for k in axes}
         order = tuple(repr(raw.get(k)) if not isinstance(raw.get(k), (int, float)) else raw.get(k) for k in axes)
+        own = ", ".join(f"{k}={settings[k]}" for k in scale_axes)
+        scale = f"{run.model_requested} ({own})" if own else run.model_requested
         for r in s.rows:
             if r.dataset is not None:
                 continue
@@ -174,23 +198,27 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                        _ratio(r.changes.get("kv_bytes_final"), r.change_intervals.get("kv_bytes_final")))
             tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
                        _ratio(r.changes.get("tpot_s"), r.change_intervals.get("tpot_s")))
-            points.append(StudyPoint(model=run.model_requested, run_id=run.id, settings=settings, order=order,
+            points.append(StudyPoint(model=run.model_requested, scale=scale, run_id=run.id, settings=settings,
+                                     order=order,
                                      config_key=r.config_key, label=r.label, press=r.press,
                                      keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=r.n_prompts,
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
-                                     tpot_ratio=tp, tpot_interval=tpi))
+                                     tpot_ratio=tp, tpot_interval=tpi, scale_axes=tuple(scale_axes)))
     higher = question_task
     models = sorted({p.model for p in points})
+    first = {}  # each scale in the order of its model, then of its settings
+    for p in sorted(points, key=lambda p: (p.model, p.order)):
+        first.setdefault(p.scale, p.model)
     best: list[BudgetLine] = []
-    for model in models:
-        mine = [p for p in points if p.model == model and p.quality is not None and p.kv_held is not None]
+    for scale, model in first.items():
+        mine = [p for p in points if p.scale == scale and p.quality is not None and p.kv_held is not None]
         pts = [Point(key=p.key, label=p.name, cost=p.kv_held, quality=p.quality, group=p.press, meta=p)
                for p in mine]
         on = {q.key for q in frontier(pts, higher_quality=higher)}
         for p in mine:
             p.on_frontier = p.key in on
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
-            best.append(BudgetLine(model, choice.budget, None if choice.best is None else choice.best.meta))
+            best.append(BudgetLine(model, scale, choice.budget, None if choice.best is None else choice.best.meta))
     board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(lambda: defaultdict(dict))
     for p in points:
         if p.quality is None:
@@ -201,7 +229,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
     leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
                    for press, bm in board.items()}
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
-                     axes=axes, models=models, points=points, best=best, leaderboard=leaderboard,
+                     axes=axes, models=models, scales=list(first), points=points, best=best, leaderboard=leaderboard,
                      summaries=summaries)
 
 
@@ -251,14 +279,16 @@ def study_flags(view: StudyView) -> list[str]:
 
 
 def budget_sentences(view: StudyView) -> list[str]:
-    """'smollm2-135m, KV <= 50%: streaming 0.5 (ppl x1.021 [1.01, 1.03], KV 51%)' per model and budget."""
+    """'smollm2-135m, KV held <= 50% of the full cache: streaming 0.5 (ppl ratio 1.021 [1.01,1.03], KV held
+    51%)' per scale and budget ('m (dtype=bfloat16), ... of its full cache' where settings make the scale)."""
     out = []
     for b in view.best:
-        lead = f"{b.model}, KV held \u2264 {b.budget * 100:.0f}% of the full cache: "
+        whose = "the" if b.scale == b.model else "its"
+        lead = f"{b.scale}, KV held \u2264 {b.budget * 100:.0f}% of {whose} full cache: "
         if b.best is None:
             out.append(lead + "no configuration fits")
             continue
         p = b.best
         q = fmt_quality(view, p.quality, p.quality_interval)
-        out.append(lead + f"{p.name} ({view.quality_kind} {q}, KV held {fmt_ratio(p.kv_held, p.kv_interval)})")
+        out.append(lead + f"{p.name_on_scale} ({view.quality_kind} {q}, KV held {fmt_ratio(p.kv_held, p.kv_interval)})")
     return out

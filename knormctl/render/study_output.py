@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_sentences, fmt_quality, fmt_ratio,
-                                   study_flags)
+from knormctl.render.study import (BUDGETS, PRESS_ONLY, StudyPoint, StudyView, budget_sentences, fmt_quality,
+                                   fmt_ratio, study_flags)
 
 LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV held and TPOT: ratio to the full "
           "cache; [95% intervals] (paired bootstrap over prompts, Wilson/bootstrap for accuracy); * on the "
@@ -17,7 +17,12 @@ LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV 
 
 
 def legend(view: StudyView) -> str:
-    return LEGEND.format(kind=view.quality_kind, better="higher" if view.higher_quality else "lower")
+    text = LEGEND.format(kind=view.quality_kind, better="higher" if view.higher_quality else "lower")
+    split = [a for a in view.axes if a not in PRESS_ONLY]
+    if split:  # the frontiers are per scale, not per model: say so where a table shows several
+        text += (f"; frontiers and budgets per model and {', '.join(split)} (runs that differ in "
+                 f"{'it' if len(split) == 1 else 'them'} have different full caches: their ratios do not compare)")
+    return text
 
 
 def model_columns(view: StudyView) -> list[str]:
@@ -99,13 +104,13 @@ def study_text(view: StudyView, fmt: str) -> str:
     if fmt == "json":
         return _json(view.to_dict())
     if fmt == "csv":
-        cols = ["model", *view.axes, "run_id", "config_key", "label", "press", "keep_ratio", "n_prompts",
+        cols = ["model", *view.axes, "scale", "run_id", "config_key", "label", "press", "keep_ratio", "n_prompts",
                 "quality", "quality_ci_lo", "quality_ci_hi", "kv_held", "kv_ci_lo", "kv_ci_hi", "tpot_ratio",
                 "tpot_ci_lo", "tpot_ci_hi", "on_frontier"]
         recs = []
         for p in view.points:
-            rec: dict[str, Any] = dict(model=p.model, run_id=p.run_id, config_key=p.config_key, label=p.label,
-                                       press=p.press, keep_ratio=p.keep_ratio, n_prompts=p.n_prompts,
+            rec: dict[str, Any] = dict(model=p.model, scale=p.scale, run_id=p.run_id, config_key=p.config_key,
+                                       label=p.label, press=p.press, keep_ratio=p.keep_ratio, n_prompts=p.n_prompts,
                                        quality=p.quality, kv_held=p.kv_held, tpot_ratio=p.tpot_ratio,
                                        on_frontier=p.on_frontier, **p.settings)
             for name, iv in (("quality", p.quality_interval), ("kv", p.kv_interval), ("tpot", p.tpot_interval)):

@@ -1,6 +1,7 @@
 """The figure to decide from: quality against KV memory held (and against decode TPOT), one
 point per press x setting, one colour per press, the Pareto frontier drawn, one row of
-panels per model. Reads ``render.study.StudyView`` (the same numbers as the report)."""
+panels per scale (a model and the settings that change its full cache: ``render.study``).
+Reads ``render.study.StudyView`` (the same numbers as the report)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ GID = "pareto"  # artists carry gids so tests can read the drawn data back
 
 
 def size(view: StudyView) -> tuple[float, float]:
-    return 14.0, 1.5 + 5.0 * max(1, len(view.models))
+    return 14.0, 1.5 + 5.0 * max(1, len(view.scales))
 
 
-def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: str, frontier_line: bool) -> None:
-    pts = [p for p in view.points_of(model) if p.quality is not None and getattr(p, x_attr) is not None]
+def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: str, frontier_line: bool) -> None:
+    pts = [p for p in view.points_on(scale) if p.quality is not None and getattr(p, x_attr) is not None]
     if not pts:
-        ax.text(0.5, 0.5, f"N/A: no {view.quality_kind} stored for {model}", ha="center", va="center",
+        ax.text(0.5, 0.5, f"N/A: no {view.quality_kind} stored for {scale}", ha="center", va="center",
                 transform=ax.transAxes, color="#666666")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -37,14 +38,14 @@ def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: s
         ax.scatter([x], [y], s=70 if p.on_frontier else 40, color="white" if p.is_reference else color,
                    edgecolors=color, linewidths=1.5, marker=press_marker(p.press), zorder=3,
                    label="full cache" if p.is_reference else p.press.split("(", 1)[0],
-                   gid=f"{GID}|{model}|{x_attr}|{p.key}")
+                   gid=f"{GID}|{scale}|{x_attr}|{p.key}")
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
         for i, p in enumerate(front):  # staggered: neighbours on the frontier sit close together
-            ax.annotate(p.name, (p.kv_held * 100.0, p.quality * k), textcoords="offset points",
+            ax.annotate(p.name_on_scale, (p.kv_held * 100.0, p.quality * k), textcoords="offset points",
                         xytext=(4, 8 + 12 * (i % 3)), fontsize=8, rotation=0)
         ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
-                linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{model}|frontier")
+                linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{scale}|frontier")
         for b in BUDGETS[:-1]:
             ax.axvline(b * 100.0, color="#bbbbbb", linewidth=0.8, linestyle=":", zorder=0)
     if not view.higher_quality:
@@ -60,16 +61,16 @@ def _panel(ax, view: StudyView, model: str, x_attr: str, xi_attr: str, xlabel: s
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
-    ax.set_title(f"{model}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
+    ax.set_title(f"{scale}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
     ax.grid(True, alpha=0.3)
 
 
 def pareto(view: StudyView) -> Figure:
     fig = figure(size(view))
-    axes = fig.subplots(max(1, len(view.models)), 2, squeeze=False)
-    for row, model in enumerate(view.models or ["(no model)"]):
-        _panel(axes[row][0], view, model, "kv_held", "kv_interval", "KV memory held (% of the full cache)", True)
-        _panel(axes[row][1], view, model, "tpot_ratio", "tpot_interval", "decode TPOT (% of the full cache)", False)
+    axes = fig.subplots(max(1, len(view.scales)), 2, squeeze=False)
+    for row, scale in enumerate(view.scales or ["(no model)"]):
+        _panel(axes[row][0], view, scale, "kv_held", "kv_interval", "KV memory held (% of the full cache)", True)
+        _panel(axes[row][1], view, scale, "tpot_ratio", "tpot_interval", "decode TPOT (% of the full cache)", False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:
