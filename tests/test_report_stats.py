@@ -116,6 +116,22 @@ def test_wilson_interval_matches_the_textbook_values():
     assert stats.wilson_interval(0, 0) is None
 
 
+def test_only_right_or_wrong_scores_get_a_wilson_interval():
+    """Accuracy scores of 0 or 1 are answers right or wrong: Wilson. Token match is a share of
+    tokens: prompts at exactly 100% (the full cache, by definition) are not 2 coin tosses, so it
+    gets the bootstrap ([1, 1] there) and, like every bootstrap, nothing from one prompt."""
+    from knormctl.render.metrics import METRIC
+    from knormctl.render.paired import value_stat
+
+    two = {("d", 0, "a"): 1.0, ("d", 1, "b"): 1.0}
+    assert value_stat(METRIC["token_match"], two, seed=0).interval == (1.0, 1.0)
+    assert value_stat(METRIC["token_match"], {("d", 0, "a"): 1.0}, seed=0).interval is None
+    mixed = {("d", 0, "a"): 0.0, ("d", 1, "b"): 1.0}
+    assert value_stat(METRIC["token_match"], mixed, seed=0).interval == (0.0, 1.0)  # the bootstrap of a mean
+    assert value_stat(METRIC["accuracy"], two, seed=0).interval == pytest.approx(stats.wilson_interval(2, 2))
+    assert value_stat(METRIC["accuracy"], {("d", 0, "a"): 0.5, ("d", 1, "b"): 1.0}, seed=0).interval == (0.5, 1.0)
+
+
 def test_samples_needed_gives_the_power_it_promises():
     """n_needed from a null run's interval: a run of that size with a true 5% change then
     detects it (interval excludes 0) about 80% of the time."""

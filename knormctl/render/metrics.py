@@ -26,6 +26,10 @@ class Metric:
     description: str  # one line for legends and --help-like text
     column: str = ""  # the Sample column it reads ("" = the same as name)
     timing: bool = False  # subject to the run's timing noise (the same-work noise estimate)
+    # a score that is right or wrong by nature where every value is 0 or 1 (exact-match answers):
+    # then a binomial (Wilson) interval. Token match is a share of tokens: 0% or 100% on every
+    # prompt is not a coin toss per prompt, and the full cache's 100% (by definition) is exact
+    pass_fail: bool = False
 
     @property
     def source(self) -> str:
@@ -72,7 +76,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("token_match", "token match", "fraction", HIGHER, "quality",
            "fraction of generated tokens equal to the full cache's"),
     Metric("accuracy", "accuracy", "fraction", HIGHER, "quality",
-           "mean task score (0..1) over the configuration's questions", column="score"),
+           "mean task score (0..1) over the configuration's questions", column="score", pass_fail=True),
 )
 METRIC = {m.name: m for m in METRICS}
 # What "can this run tell a change of this size?" asks about (samples_needed): 5% for

@@ -6,8 +6,8 @@ Prompts, not samples, are the unit: the repeats of one prompt (``samples.repeat`
 measurement rounds of the same cell) are first reduced to one value per prompt with the
 metric's own statistic (median; mean for fractions; lower median for counts), then:
 
-- value: that statistic over prompts; interval (fractions only): Wilson when every score is
-  0 or 1, else a seeded percentile bootstrap over prompts. Medians of timings, memory and
+- value: that statistic over prompts; interval (fractions only): Wilson when every score of a
+  right/wrong metric (accuracy) is 0 or 1, else a seeded percentile bootstrap over prompts. Medians of timings, memory and
   perplexity get none: over different prompts it would show the prompt mix, not the press;
 - change (relative metrics): each prompt's change against the full cache on the same
   prompt, in %, then the median over prompts; fractions: the mean of per-prompt
@@ -99,7 +99,7 @@ def value_stat(m: Metric, values: dict[PromptKey, float], seed: int) -> Stat:
         # A median over different prompts (1024 and 2048 tokens, different texts) spreads with
         # the prompt mix, not with the press: no interval; the paired change carries the uncertainty.
         interval = None
-    elif _is_binary(xs):
+    elif m.pass_fail and _is_binary(xs):
         interval = wilson_interval(sum(xs), len(xs))
     else:
         interval = bootstrap_interval(xs, m.aggregate, seed=seed)

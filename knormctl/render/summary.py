@@ -34,7 +34,8 @@ STATISTICS = {
     "change_interval": f"percentile bootstrap over prompts: medians of up to {EXACT_MEDIAN_MAX_N} prompts use the "
                        f"exact bootstrap distribution; means and larger medians {RESAMPLES} resamples, seeded from "
                        f"the configuration and metric names",
-    "value_interval": "fractions only: Wilson score interval when every score is 0 or 1, else the same bootstrap; "
+    "value_interval": "fractions only: Wilson score interval when every accuracy score is 0 or 1, else the same "
+                      "bootstrap (token match always: a share of tokens, not a right/wrong answer); "
                       "medians over different prompts get none (their spread is the prompt mix)",
     "repeats": "a prompt's repeated rounds are reduced to one value (the metric's own statistic) before pairing",
     "verdict": "noise (no detectable difference) when the change's interval contains 0, or for timings when "
