@@ -180,6 +180,20 @@ def test_failed_sample_is_flagged_with_its_error(store, db):
     assert "CUDA out of memory" in out
 
 
+def test_changes_from_one_prompt_say_why_they_have_no_interval(store, db):
+    run = fill_run(store, n_samples=1, prompt_tokens=(1024,))
+    data = report_json(db, "--run-id", str(run))
+    row = next(r for r in data["rows"] if r["config_key"] == KNORM_07)
+    assert row["changes"]["tpot_s"] is not None and row["change_intervals"]["tpot_s"] is None
+    assert row["verdicts"]["tpot_s"] is None
+    [flag] = [f for f in data["flags"] if f["kind"] == "one_prompt"]
+    assert flag["message"].startswith("knorm 1.0, knorm 0.9, knorm 0.7, random 0.7: paired with the full cache on "
+                                      "one prompt only")
+    assert "few_prompts" not in kinds(data)
+    assert "one prompt only" in report(db, "--run-id", str(run)).stdout
+    assert "one_prompt" not in kinds(report_json(db, "--run-id", str(fill_run(store, n_samples=2))))
+
+
 def test_interrupted_run_says_how_far_it_got(store, db):
     run = fill_run(store, status="interrupted", stop_after=7)
     data = report_json(db, "--run-id", str(run))

@@ -154,11 +154,19 @@ def power_flags(rows: Sequence[ConfigRow], tasks: Sequence[TaskRow]) -> list[Fla
 
 
 def few_prompts_flags(rows: Sequence[ConfigRow]) -> list[Flag]:
-    """few_prompts: intervals from fewer than MIN_PROMPTS prompts."""
+    """one_prompt: changes from a single prompt (no interval, no verdict: said, not left blank);
+    few_prompts: intervals from fewer than MIN_PROMPTS prompts."""
+    flags = []
+    single = list(dict.fromkeys(r.label + (f" on {r.dataset}" if r.dataset else "") for r in rows
+                                if not r.is_reference and _pairs(r) == 1))
+    if single:
+        flags.append(Flag("one_prompt", f"{', '.join(single)}: paired with the full cache on one prompt only, so "
+                                        f"each change is that prompt's own, with no 95% interval and no verdict "
+                                        f"(an interval over prompts needs at least 2)."))
     small = sorted({_pairs(r) for r in rows if not r.is_reference and 1 < _pairs(r) < MIN_PROMPTS})
     if not small:
-        return []
-    return [Flag("few_prompts", f"intervals here come from {', '.join(map(str, small))} prompts: with fewer than "
+        return flags
+    return flags + [Flag("few_prompts", f"intervals here come from {', '.join(map(str, small))} prompts: with fewer than "
                                 f"{MIN_PROMPTS} a 95% interval over prompts is optimistic (even the whole range of "
                                 f"{small[0]} prompts covers their median only {1 - 2 * 0.5 ** small[0]:.0%} of the "
                                 f"time). Treat better/worse there as a hint, not a finding.")]
