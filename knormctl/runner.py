@@ -238,10 +238,10 @@ class Runner:
                 self.progress("warm-up (untimed)")
                 self.on_warmed_up(self.warm_up())
             self._run_cells(out, done_before)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # why, not how far: the report counts the stored cells itself
             out.status = m.INTERRUPTED
-            self.store.finish_run(run_id, m.INTERRUPTED,
-                                  error=f"interrupted: {out.done + out.skipped_existing} of {out.planned} cells finished")
+            why = "stopped by SIGTERM" if isinstance(exc, Interrupted) else "stopped by Ctrl-C (SIGINT)"
+            self.store.finish_run(run_id, m.INTERRUPTED, error=why)
             raise
         except BaseException as exc:
             self.store.finish_run(run_id, m.FAILED, error=f"{type(exc).__name__}: {exc}")
