@@ -95,7 +95,7 @@ def test_export_import_round_trip_keeps_every_column(source_url, target_url, tmp
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["format"] == "knormctl-results" and lines[0]["version"] == 1
-    assert lines[0]["schema_revision"] == "0003" and lines[-1] == {"end": {"runs": 3, "samples": n_samples}}
+    assert lines[0]["schema_revision"] == "0004" and lines[-1] == {"end": {"runs": 3, "samples": n_samples}}
     # every column of the tables, read from the models: a new column would be exported as well
     assert set(lines[1]["run"]) == set(Run.__table__.c.keys())
     assert all(set(line["sample"]) == set(Sample.__table__.c.keys()) for line in lines if "sample" in line)
@@ -206,7 +206,7 @@ BAD = [
     ("not-json", "is not a knormctl export (line 1 is not its JSON header)"),
     ("csv", "is not a knormctl export (line 1 is not its JSON header)"),
     ("version", "is an export of format version 99; this knormctl reads version 1"),
-    ("schema", "was exported by a newer knormctl (schema 0099, this one knows up to 0003); upgrade knormctl"),
+    ("schema", "was exported by a newer knormctl (schema 0099, this one knows up to 0004); upgrade knormctl"),
     ("no-end", "is truncated (no end line); nothing was imported"),
     ("cut-mid-line", "is not a JSON object (the file is damaged)"),
     ("wrong-count", "is damaged: its end line counts"),

@@ -40,7 +40,7 @@ def sqlite_file(url: str) -> Path | None:
 def test_one_linear_history_ending_at_head():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003"]
+    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004"]
     # the no-Alembic fast path of open_store compares with this constant: it must follow the scripts
     from knormctl.store.migrate import SCHEMA_HEAD
 

@@ -172,18 +172,18 @@ def test_an_old_schema_is_refused_untouched_and_runs_upgrade_upgrades_it(tmp_pat
         res = runner.invoke(app, [*command, "--db", str(db)])
         assert res.exit_code == 2, res.output
         line = res.stderr.strip()
-        assert line.startswith(f"Error: {db} has schema 0001, older than this knormctl's 0003")
+        assert line.startswith(f"Error: {db} has schema 0001, older than this knormctl's 0004")
         assert f"knormctl runs upgrade --db {db}" in line and "\n" not in line
     assert digest(db) == before and listing(tmp_path) == files  # no backup, no -wal: nothing written
 
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(db)])
     assert res.exit_code == 0, res.output
-    assert "from 0001 to 0003" in res.stdout and ".bak-0001-" in res.stdout
+    assert "from 0001 to 0004" in res.stdout and ".bak-0001-" in res.stdout
     res = runner.invoke(app, ["report", "--list", "--format", "json", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)) == 2
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(db)])
-    assert res.exit_code == 0 and "already at schema 0003" in res.stdout
+    assert res.exit_code == 0 and "already at schema 0004" in res.stdout
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(tmp_path / "nope.db")])
     assert res.exit_code == 2 and "does not exist" in res.stderr and not (tmp_path / "nope.db").exists()
 
@@ -192,7 +192,7 @@ def test_a_read_only_store_refuses_every_write(db_url):
     with open_store(db_url) as store:
         run_id = fill_run(store)
     with open_store(db_url, readonly=True) as store:
-        assert store.readonly and store.get_run(run_id).id == run_id and store.schema_revision == "0003"
+        assert store.readonly and store.get_run(run_id).id == run_id and store.schema_revision == "0004"
         with pytest.raises(StoreError, match="opened read-only"):
             store.update_run(run_id, error="x")
         with pytest.raises(StoreError, match="opened read-only"):

@@ -199,6 +199,33 @@ def test_run_round_trip(db_url):
         assert store.get_run(424242) is None
 
 
+def test_a_resumed_run_counts_the_time_it_sat_stopped_apart(db_url):
+    """--resume hours later: 'took' is the time measuring, and the stop is said on its own."""
+    from knormctl.render.export import header_lines
+    from knormctl.render.header import run_header
+    from knormctl.render.summary import build_summary
+
+    with open_store(db_url) as store:
+        now = utcnow()
+        ctrl_c, killed = new_run(store), new_run(store)
+        # measured 1 h, stopped by Ctrl-C, resumed 2 h later
+        store.update_run(ctrl_c, started_utc=now - timedelta(hours=3), status=INTERRUPTED,
+                         ended_utc=now - timedelta(hours=2))
+        # killed (no end, its last beat 2 h ago), resumed now
+        store.update_run(killed, started_utc=now - timedelta(hours=3), heartbeat_utc=now - timedelta(hours=2))
+        for run_id in (ctrl_c, killed):
+            store.reopen_run(run_id)
+            assert store.get_run(run_id).stopped_s == pytest.approx(2 * 3600, abs=60)
+            store.finish_run(run_id, COMPLETE)
+        runs = [store.get_run(r) for r in (ctrl_c, killed)]
+    header = run_header(runs[:1])
+    assert header.duration_s == pytest.approx(3600, abs=60) and header.stopped_s == pytest.approx(7200, abs=60)
+    text = " ".join(header_lines(build_summary(runs[:1], [])))
+    assert "took 1h00m (and sat stopped 2h00m before a resume, not counted)" in text
+    merged = run_header(runs)  # shards may run side by side: one's stop is no gap in the group's span
+    assert merged.duration_s == pytest.approx(3 * 3600, abs=60) and merged.stopped_s == pytest.approx(4 * 3600, abs=120)
+
+
 def test_listing_runs(db_url):
     with open_store(db_url) as store:
         assert store.last_run() is None and store.list_runs() == []

@@ -169,10 +169,19 @@ def header_lines(summary: Summary) -> list[str]:
             lines.append(f"  runs {runs}: {m.hostname + ': ' if m.hostname else ''}{_machine_text(m)}")
     lines += [
         f"date: {(h.started_utc or '?').replace('T', ' ').rstrip('Z')} UTC"
-        + (f", took {fmt_duration(h.duration_s)}" if h.duration_s is not None else ", not finished") + f"; {cells}",
+        + (f", took {fmt_duration(h.duration_s)}" if h.duration_s is not None else ", not finished")
+        + _stopped_text(h) + f"; {cells}",
         f"timing noise: \u00b1{summary.noise_pct:.1f}% ({summary.noise_source})",
     ]
     return lines
+
+
+def _stopped_text(h) -> str:
+    if not h.stopped_s:
+        return ""
+    if len(h.run_ids) == 1:
+        return f" (and sat stopped {fmt_duration(h.stopped_s)} before a resume, not counted)"
+    return f" (first start to last end; runs sat stopped {fmt_duration(h.stopped_s)} before resumes)"
 
 
 LEGEND = (f"Each cell: the median over prompts (mean for fractions); {DELTA} paired = the median over prompts of "

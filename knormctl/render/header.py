@@ -64,7 +64,7 @@ class RunHeader:
     git_dirty: bool | None
     started_utc: str | None  # ISO 8601, UTC
     ended_utc: str | None
-    duration_s: float | None  # first start to last end
+    duration_s: float | None  # first start to last end, less the time one run sat stopped before a resume
     samples_done: int
     samples_failed: int
     samples_planned: int | None
@@ -73,6 +73,7 @@ class RunHeader:
     differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
     batch_size: int = 1  # --batch-size of the run(s) (the largest when merged runs differ)
     decode_step: str | None = "launched"  # --decode-step of the run(s); None when merged runs differ
+    stopped_s: float = 0.0  # the runs' time stopped between an interruption and a resume
 
     @property
     def title(self) -> str:
@@ -127,6 +128,10 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
     planned = [r.samples_planned for r in runs]
     started = min(r.started_utc for r in runs)
     ended = max(r.ended_utc for r in runs) if all(r.ended_utc for r in runs) else None
+    stopped = sum(getattr(r, "stopped_s", None) or 0.0 for r in runs)
+    # one run: its stops are gaps in its own span. Merged runs (shards) may have run side by
+    # side, so one run's stop is not a gap in the group's span: that span stays as it is.
+    duration = (ended - started).total_seconds() - (stopped if len(runs) == 1 else 0.0) if ended else None
     machines, differs = machines_of(runs)
     shared = {f.name: (None if f.name in differs else getattr(machines[0], f.name))
               for f in fields(Machine) if f.name in MACHINE_FIELDS and f.name != "hostname"}
@@ -137,7 +142,7 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         **shared,
         started_utc=_iso(started),
         ended_utc=_iso(ended) if ended else None,
-        duration_s=(ended - started).total_seconds() if ended else None,
+        duration_s=duration, stopped_s=stopped,
         samples_done=sum(r.samples_done or 0 for r in runs),
         samples_failed=sum(r.samples_failed or 0 for r in runs),
         samples_planned=sum(planned) if all(p is not None for p in planned) else None,

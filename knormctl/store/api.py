@@ -134,6 +134,9 @@ class Store:
                     host=socket.gethostname()) is None:
                 raise UsageError(f"run {run_id} is still running ({liveness.owner(run)}); "
                                  "resume it once that process has stopped")
+            last = run.ended_utc or run.heartbeat_utc  # a killed process never ended: its last beat
+            if last is not None:
+                run.stopped_s = (run.stopped_s or 0.0) + max(0.0, (utcnow() - last).total_seconds())
             run.status, run.ended_utc, run.error = RUNNING, None, None
             run.pid, run.hostname, run.heartbeat_utc = os.getpid(), socket.gethostname(), utcnow()
 

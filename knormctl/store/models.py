@@ -62,6 +62,9 @@ class Run(Base):
     resumed_from: Mapped[int | None] = mapped_column(Integer)
     started_utc: Mapped[datetime] = mapped_column(DateTime)
     ended_utc: Mapped[datetime | None] = mapped_column(DateTime)
+    # seconds spent stopped between an interruption and a resume (None: never resumed); "took"
+    # leaves them out
+    stopped_s: Mapped[float | None] = mapped_column(Float)
     heartbeat_utc: Mapped[datetime | None] = mapped_column(DateTime)
     hostname: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)
