@@ -120,6 +120,8 @@ def test_csv_and_markdown_parse_with_stable_columns(store, db):
     assert len(table) == 2 + 5
     assert len({ln.count("|") for ln in table}) == 1
     assert "knorm 0.9" in md and "run " + str(run) in md
+    col = table[0].split("|").index(" throughput ")  # every value says its unit, throughput too
+    assert all(ln.split("|")[col].split(" (")[0].strip().endswith(" tok/s") for ln in table[2:]), table
 
 
 def test_token_match_is_computed_from_generated_ids_when_not_stored(store):

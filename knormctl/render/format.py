@@ -29,8 +29,8 @@ def fmt_value(name: str, value: float | None) -> str:
         return f"{value * 1e3:.1f} ms" if abs(value) < 1 else f"{value:.2f} s"
     if unit == "B":
         return fmt_bytes(value)
-    if unit == "tok/s":
-        return f"{value:.1f}"
+    if unit == "tok/s":  # the unit in the value, as ms and MiB are: markdown, html and the image show it too
+        return f"{value:.1f} tok/s"
     if unit == "fraction":
         return f"{value * 100:.1f}%"
     if unit == "count":

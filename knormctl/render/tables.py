@@ -115,8 +115,7 @@ def _config_table(summary: Summary, what: str, names: Sequence[str], part: int, 
     table.add_column("configuration", no_wrap=True)
     for name in names:
         m = METRIC[name]
-        unit = f"\n({m.unit})" if m.unit == "tok/s" else ""  # on its own line: the header stays narrow
-        table.add_column(m.label + unit, justify="right", no_wrap=name != "peak_mem_bytes",
+        table.add_column(m.label, justify="right", no_wrap=name != "peak_mem_bytes",
                          max_width=30 if name == "peak_mem_bytes" else None)
     for r in summary.rows:
         lead = [r.dataset] if summary.by_dataset else []
