@@ -74,6 +74,7 @@ def test_repeats_store_one_row_per_round_and_resume_fills_missing_rounds(tiny_ll
     con.commit()
     res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["done"] == 2
+    out = json.loads(res.stdout)
+    assert (out["measured"], out["done"], out["planned"]) == (2, 8, 8)  # the two lost cells, of all 8
     again = con.execute("SELECT sample_index, config_key, repeat FROM samples WHERE run_id=?", (run_id,)).fetchall()
     assert len(again) == 8 and len(set(again)) == 8

@@ -257,6 +257,8 @@ def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_meas
         con.execute("UPDATE runs SET status = 'interrupted', samples_done = samples_done - 1")
     res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["done"] == 1  # only the reference was measured again
+    out = json.loads(res.stdout)
+    assert (out["measured"], out["kept"]) == (1, 5)  # only the reference was measured again
+    assert out["done"] == out["planned"] == 6 and out["status"] == "complete"  # 3 samples x 2 configurations
     after = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
     assert after == matches and None not in after.values()

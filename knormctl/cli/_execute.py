@@ -145,14 +145,17 @@ def _print_summary(store, outcome, json_out: bool) -> None:
     from knormctl.render.summary import build_summary
 
     summary = build_summary([store.get_run(outcome.run_id)], store.samples(outcome.run_id))
+    stored = outcome.done + outcome.skipped_existing  # a resumed run's kept cells are stored too
     if json_out:
-        data = {"run_id": outcome.run_id, "status": outcome.status, "done": outcome.done,
-                "failed": outcome.failed, "planned": outcome.planned, **json.loads(to_json(summary))}
+        data = {"run_id": outcome.run_id, "status": outcome.status, "done": stored, "measured": outcome.done,
+                "kept": outcome.skipped_existing, "failed": outcome.failed, "planned": outcome.planned,
+                **json.loads(to_json(summary))}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     from knormctl.render.tables import make_console, print_summary
 
     print_summary(summary, make_console())
-    print(f"run {outcome.run_id}: {outcome.status}, {outcome.done} cell(s) stored"
+    print(f"run {outcome.run_id}: {outcome.status}, {stored} cell(s) stored"
+          + (f" ({outcome.done} measured now, {outcome.skipped_existing} kept)" if outcome.skipped_existing else "")
           + (f", {outcome.failed} failed" if outcome.failed else "")
           + f". Details: knormctl report --run-id {outcome.run_id}")
