@@ -127,6 +127,10 @@ def test_an_unexpected_failure_is_one_line_exit_1_traceback_only_with_verbose(mo
     assert res.exit_code == 1
     last = res.stderr.strip().splitlines()[-1]
     assert "Traceback" in res.stderr and last.startswith("Error: unexpected RuntimeError")
+    # report has no --verbose: the hint names only what it takes
+    monkeypatch.setattr("knormctl.store.open_store", broken)  # report imports it when it runs
+    assert _one_line(["report"], code=1) == ("Error: unexpected RuntimeError: something nobody foresaw (run again "
+                                             "with KNORMCTL_DEBUG=1 for the traceback)")
 
 
 def test_report_and_plot_usage_errors_stay_one_line():

@@ -113,7 +113,8 @@ class OneLineErrors(TyperGroup):
             if "--verbose" in args or "-v" in args or os.environ.get("KNORMCTL_DEBUG"):
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"Error: unexpected {type(exc).__name__}: {first} (run again with --verbose or "
-                  "KNORMCTL_DEBUG=1 for the traceback)", file=sys.stderr)
+            how = "--verbose or KNORMCTL_DEBUG=1" if "--verbose" in known else "KNORMCTL_DEBUG=1"  # not every command has it
+            print(f"Error: unexpected {type(exc).__name__}: {first} (run again with {how} for the traceback)",
+                  file=sys.stderr)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
