@@ -115,6 +115,24 @@ def test_report_reads_a_database_in_a_read_only_folder_and_creates_nothing_there
     assert (tmp_path / "out.jsonl").stat().st_size > 0
 
 
+def test_an_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, read_only):
+    """plot into a read-only folder, report -o under a file: one line, exit 2, no partial file."""
+    db = tmp_path / "r.db"
+    closed_database(db)
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    read_only(figs)
+    (tmp_path / "afile").write_text("x")
+    for args, what in ((["plot", "--out", str(figs)], f"cannot write figure {figs}/"),
+                       (["report", "--format", "json", "-o", str(tmp_path / "afile" / "x.json")],
+                        f"cannot write --output {tmp_path / 'afile' / 'x.json'}: Not a directory")):
+        res = knormctl_as_user(*args, "--db", str(db), cwd=tmp_path)
+        assert res.returncode == 2, (args, res.stderr)
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith(f"Error: {what}") and "unexpected" not in line, line
+    assert listing(figs) == [] and (tmp_path / "afile").read_text() == "x"
+
+
 def test_a_read_only_folder_is_refused_for_writing(tmp_path, read_only):
     """A writer needs the folder for SQLite's -wal and -shm files: one line, nothing created."""
     folder = tmp_path / "ro"

@@ -14,14 +14,16 @@ error hints in ``cli/__init__.py`` rely on:
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
 
-from knormctl.errors import KnormctlError
+from knormctl.errors import KnormctlError, UsageError
 
 # Help panels: `sweep --help` has ~35 options; grouped by the question a user has in mind.
 COMPRESS = "What to compress"
@@ -70,6 +72,22 @@ def error_boundary() -> Iterator[None]:
         yield
     except KnormctlError as exc:
         raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code) from None
+
+
+@contextlib.contextmanager
+def written_whole(path: Path, what: str) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one
+    step, so a reader never sees half a file. Any OSError (a read-only folder, a file where a
+    folder should be) becomes one line naming ``what`` (``--output``), and nothing is left."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):  # where it could not be created, there is nothing to remove
+            tmp.unlink(missing_ok=True)
 
 
 # --- what to compress (sweep) ----------------------------------------------------------

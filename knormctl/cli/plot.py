@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary, written_whole
 
 
 class ImageFormat(str, Enum):
@@ -61,6 +61,7 @@ def plot(
             fig = draw()
             path = out / f"{filename}.{fmt.value}"
             # Fixed size: no bbox_inches="tight", so every PNG is exactly figsize x DPI pixels.
-            fig.savefig(path, dpi=figures.DPI, format=fmt.value)
+            with written_whole(path, "figure") as tmp:
+                fig.savefig(tmp, dpi=figures.DPI, format=fmt.value)
             fig.clear()
             print(path)

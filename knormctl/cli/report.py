@@ -118,19 +118,13 @@ def _writer(output: Path | None):
         return lambda text: print(text, end="")
 
     def write(text: str) -> None:
-        import os
-
+        from knormctl.cli._common import written_whole
         from knormctl.errors import UsageError
 
         if output.is_dir():
             raise UsageError(f"--output {output} is a folder")
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        try:
+        with written_whole(output, "--output") as tmp:
             tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, output)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot write --output {output}: {exc.strerror}") from None
         print(output, file=sys.stderr)
 
     return write
