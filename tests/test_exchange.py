@@ -197,6 +197,16 @@ def _edit(lines, what):
         run = json.loads(lines[1])
         run["run"]["started_utc"] = "yesterday"
         return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
+    if what == "config-not-a-mapping":
+        run = json.loads(lines[1])
+        run["run"]["config_json"] = "{not json"
+        return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
+    if what in ("text-for-a-number", "bool-for-a-number"):
+        sample = json.loads(lines[2])
+        assert "sample" in sample
+        sample["sample"]["ttft_s" if what == "text-for-a-number" else "keep_ratio"] = \
+            "abc" if what == "text-for-a-number" else True
+        return "".join(lines[:2]) + json.dumps(sample) + "\n" + "".join(lines[3:])
     if what == "empty":
         return ""
     raise AssertionError(what)
@@ -214,6 +224,10 @@ BAD = [
     ("unknown-column", "unknown runs column(s) colour"),
     ("bad-timestamp", "started_utc is not a timestamp ('yesterday')"),
     ("empty", "is empty (not a knormctl export)"),
+    # values that would import and then break every later read of the store
+    ("config-not-a-mapping", "line 2: runs.config_json should be dict, not str '{not json' (the file is damaged"),
+    ("text-for-a-number", "line 3: samples.ttft_s should be float or int, not str 'abc'"),
+    ("bool-for-a-number", "line 3: samples.keep_ratio should be float or int, not bool 'True'"),
 ]
 
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, Table, insert, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.orm import Mapped
 
 from knormctl import __version__
 from knormctl.errors import StoreError, UsageError
@@ -158,7 +160,23 @@ def _check_header(path: Path, header: dict) -> None:
                          f"{SCHEMA_HEAD}); upgrade knormctl")
 
 
+def _python_types(model) -> dict[str, tuple[type, ...]]:
+    """Each column's Python type(s), read from the model's ``Mapped[...]`` annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(model).items():
+        if typing.get_origin(hint) is Mapped:
+            (inner,) = typing.get_args(hint)
+            out[name] = tuple(t for t in (typing.get_args(inner) or (inner,)) if t is not type(None))
+    return out
+
+
+_TYPES = {RUNS.name: _python_types(Run), SAMPLES.name: _python_types(Sample)}
+
+
 def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
+    """A record's columns as the store takes them, each value checked against its column's type:
+    a damaged value (text where a number goes, a string where the config's mapping goes) would
+    import and then break every later read of the store."""
     unknown = sorted(set(data) - set(table.c.keys()))
     if unknown:
         raise UsageError(f"{path} line {number}: unknown {table.name} column(s) {', '.join(unknown)}")
@@ -169,6 +187,14 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
                 value = datetime.fromisoformat(value)
             except (TypeError, ValueError):
                 raise UsageError(f"{path} line {number}: {name} is not a timestamp ({value!r})") from None
+        wanted = _TYPES[table.name].get(name, ())
+        if float in wanted:
+            wanted += (int,)  # JSON writes 2.0 as 2
+        if value is not None and wanted and (not isinstance(value, wanted) or
+                                             (isinstance(value, bool) and bool not in wanted)):
+            kinds = " or ".join(t.__name__ for t in wanted)
+            raise UsageError(f"{path} line {number}: {table.name}.{name} should be {kinds}, not "
+                             f"{type(value).__name__} {str(value)[:40]!r} (the file is damaged; nothing was imported)")
         row[name] = value
     return row
 
@@ -242,6 +268,8 @@ def import_file(store: Store, path: Path) -> Imported:
                                  "nothing was imported")
     except DBAPIError as exc:
         raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
+    except StatementError as exc:  # a value the column's type could not take (checked above: a safety net)
+        raise UsageError(f"{path}: a value the store cannot take ({exc.orig or exc}); nothing was imported") from None
     return result
 
 
