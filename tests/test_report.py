@@ -313,6 +313,31 @@ def test_default_is_the_last_run_and_samples_view(store, db):
     assert len(list(csv.DictReader(io.StringIO(report(db, "--samples", "--format", "csv").stdout)))) == 15
 
 
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_samples_table_splits_on_a_narrow_terminal_and_cuts_no_number(store, db, width):
+    import re
+
+    from rich.console import Console
+
+    from knormctl.render.tables import print_samples
+
+    run = fill_run(store, fail=(0, KNORM_09))
+    samples = store.samples(run)
+    out = io.StringIO()
+    print_samples(samples, Console(file=out, width=width, force_terminal=True, color_system=None),
+                  {REFERENCE_KEY: "full cache"})
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\u2026" not in text and max(map(len, lines)) <= width
+    parts = [ln for ln in lines if re.match(r"samples( \(\d+/\d+\))?\s*$", ln)]
+    assert len(parts) > 1 if width == 80 else len(parts) >= 1
+    for head in ("TTFT ms", "TPOT ms", "tok/s", "ppl", "match", "error"):  # every value column, somewhere
+        assert head in text, head
+    # each part repeats which sample a line is: one line per sample in every part
+    assert text.count("full cache") == len(parts) * sum(s.config_key == REFERENCE_KEY for s in samples)
+    assert "CUDA out of" in text  # the error column folds its text (the one column that wraps)
+
+
 def test_compare_shows_ratios_b_over_a(store, db):
     a = fill_run(store, seed=1)
     b = fill_run(store, seed=2)

@@ -205,9 +205,14 @@ SAMPLE_COLUMNS = (("run_id", "run", None), ("sample_index", "sample", None), ("r
                   ("error", "error", None))
 
 
+KEY_COLUMNS = ("run_id", "sample_index", "repeat", "dataset", "config_key")  # which sample a line is
+
+
 def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, str] | None = None) -> None:
-    """One line per stored sample; columns that are empty for every sample are left out."""
-    table = Table(title="samples", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    """One line per stored sample; columns that are empty for every sample are left out. On a
+    terminal too narrow for every column, the values are split over several tables, each
+    repeating the columns that say which sample a line is (as the summary's tables are split):
+    a squeezed column would cut its numbers to an ellipsis."""
     recs = sample_rows(samples)
     labels = labels or {}
     single_run = len({rec["run_id"] for rec in recs}) <= 1
@@ -215,28 +220,39 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
             if (c[0] in ("sample_index", "dataset", "config_key")
                 or any(rec[c[0]] not in ((None, 0) if c[0] == "repeat" else (None,)) for rec in recs))
             and not (c[0] == "run_id" and single_run)]
-    for key, head, _ in cols:
-        # Only the error wraps: every other cell is short and must stay on one line.
-        table.add_column(head, justify="left" if key in ("dataset", "config_key", "error", "subtask") else "right",
-                         no_wrap=key != "error", overflow="fold" if key == "error" else "ellipsis",
-                         max_width=40 if key == "error" else None)
-    for rec in recs:
-        cells = []
-        for key, _, scale in cols:
-            v = rec[key]
-            if v is None:
-                cells.append("")
-            elif scale is not None:
-                x = v * scale
-                cells.append(f"{x:.2f}" if key in ("token_match", "score") else f"{x:.3f}" if key == "ppl_compressed" else f"{x:.1f}")
-            elif key == "config_key":
-                cells.append(labels.get(v, v))
-            elif key == "error":
-                cells.append(Text(first_line(v) or "", style="red"))
-            else:
-                cells.append(str(v))
-        table.add_row(*cells)
-    _print_unsquashed(console, table)
+    keys = [c for c in cols if c[0] in KEY_COLUMNS]
+    values = [c for c in cols if c[0] not in KEY_COLUMNS]
+
+    def build(chunk: Sequence[tuple], part: int, parts: int) -> Table:
+        table = Table(title=_title("samples", part, parts), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for key, head, _ in (*keys, *chunk):
+            # Only the error wraps: every other cell is short and must stay on one line.
+            table.add_column(head, justify="left" if key in ("dataset", "config_key", "error", "subtask") else "right",
+                             no_wrap=key != "error", overflow="fold" if key == "error" else "ellipsis",
+                             max_width=40 if key == "error" else None)
+        for rec in recs:
+            table.add_row(*(_sample_cell(rec, key, scale, labels) for key, _, scale in (*keys, *chunk)))
+        return table
+
+    if not console.is_terminal or not values:
+        _print_unsquashed(console, build(values, 0, 0))
+        return
+    for table in _split(console, values, build):
+        console.print(table)
+
+
+def _sample_cell(rec: dict, key: str, scale: float | None, labels: dict[str, str]) -> str | Text:
+    v = rec[key]
+    if v is None:
+        return ""
+    if scale is not None:
+        x = v * scale
+        return f"{x:.2f}" if key in ("token_match", "score") else f"{x:.3f}" if key == "ppl_compressed" else f"{x:.1f}"
+    if key == "config_key":
+        return labels.get(v, v)
+    if key == "error":
+        return Text(first_line(v) or "", style="red")
+    return str(v)
 
 
 def _print_unsquashed(console: Console, table: Table, limit: int = 240) -> None:
