@@ -137,3 +137,21 @@ def test_cli_json_and_table(tiny_llama_dir):
     assert "full cache" in table.stdout and "knorm 0.5 prefill" in table.stdout
     assert max(len(line) for line in table.stdout.splitlines()) <= 80
     assert "not counted" in table.stdout
+    assert "--max-batch reached" not in table.stdout  # no row is capped: the legend says nothing of it
+
+
+def test_a_budget_nothing_fits_in_says_why(tiny_llama_dir):
+    args = ["capacity", "--model", str(tiny_llama_dir), "--context", "128", "--max-new-tokens", "4",
+            "--threads", "1", "--random-ids"]
+    weights = json.loads(runner.invoke(app, [*args, "--memory-budget", "1GiB", "--max-batch", "1",
+                                             "--format", "json"]).stdout)["weight_bytes"]
+    res = runner.invoke(app, [*args, "--memory-budget", f"{weights - 1}B"])
+    assert res.exit_code == 2 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()  # the model's loading progress, then the one error line
+    assert [ln for ln in lines if "Error" in ln or "Traceback" in ln] == lines[-1:]
+    assert lines[-1].startswith("Error: --memory-budget ") and "below the model's weights alone" in lines[-1]
+    res = runner.invoke(app, [*args, "--memory-budget", f"{weights + 1}B"])  # the weights fit, a cache does not
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "full cache: not even batch 1 fits in" in res.stdout and "(it needed " in res.stdout
+    assert not any("--max-batch reached" in line for line in lines)

@@ -77,7 +77,15 @@ def capacity(
     title = (f"{result['model']} on {result['device']}, context {context} + {max_new_tokens} new tokens, "
              f"budget {fmt_bytes(budget)}")
     console.print(capacity_table(result["results"], title=title))
-    console.print(f"memory: {result['memory_kind']}; + after a batch: --max-batch reached, more may fit")
+    capped = any(r["capped"] for r in result["results"])
+    console.print(f"memory: {result['memory_kind']}"
+                  + ("; + after a batch: --max-batch reached, more may fit" if capped else ""))
+    for r in result["results"]:
+        if r["largest_batch"] == 0:  # say why, not just 0 and n/a
+            one = next((p for p in r["probes"] if p["batch"] == 1), None)
+            need = f" (it needed {fmt_bytes(one['peak_bytes'])})" if one and one["peak_bytes"] else ""
+            why = f": {one['error']}" if one and one.get("error") and not need else ""
+            console.print(f"{r['config']}: not even batch 1 fits in {fmt_bytes(budget)}{need}{why}")
     if not prefill_chunk and any(not c.is_baseline for c in configs):
         console.print("note: a press that cuts after a whole prefill cannot lower the peak (the prefill "
                       "holds the full cache); --prefill-chunk N bounds it")
@@ -103,6 +111,12 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                     progress=log, device_map=cfg.device_map)
     check_loaded_decode_step(cfg.decode_step, lm.device)
+    weights = weight_bytes(lm.model)
+    if weights >= budget:  # nothing can fit: say so before a single probe
+        from knormctl.render.format import fmt_bytes
+
+        raise UsageError(f"--memory-budget {fmt_bytes(budget)} is below the model's weights alone "
+                         f"({fmt_bytes(weights)} in {lm.dtype}): no batch can fit")
     if lm.max_positions is not None and context + cfg.max_new_tokens > lm.max_positions:
         raise UsageError(f"--context {context} + --max-new-tokens {cfg.max_new_tokens} exceed the model's "
                          f"context ({lm.max_positions} tokens)")
@@ -115,7 +129,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
                           max_batch=max_batch, prefill_chunk=cfg.prefill_chunk,
                           decode_step=cfg.decode_step, progress=log)
     return {"model": cfg.model, "device": lm.device, "dtype": lm.dtype, "context": context,
-            "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weight_bytes(lm.model),
+            "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weights,
             "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk,
             "decode_step": cfg.decode_step, "prompt": "random ids" if random_ids
             else cfg.pg19_source, "results": rows}
