@@ -235,7 +235,25 @@ class RunConfig:
                 # timed launched next to static ones, a comparison of two engines
                 self._refuse_presses(f"--decode-step {self.decode_step}",
                                      lambda press: static_step_refusal(press, self.compress_mode))
+        self.check_local_inputs()
         return self
+
+    def check_local_inputs(self) -> None:
+        """The model and text sources named by path or name, checked without loading anything:
+        an unknown source, a missing text:PATH, a model path that is not a model. Here, so that
+        ``sweep --dry-run`` and a study's plan find them before any run starts (a Hub id or
+        dataset is only known to exist once fetched, when the run loads it)."""
+        from knormctl.engine.models import model_source
+        from knormctl.engine.text import validate_source
+
+        if self.task == "lm":
+            if self.num_wikitext_samples:
+                validate_source(self.wikitext_source)
+            if self.num_pg19_samples:
+                validate_source(self.pg19_source)
+        if self.task in ("passkey", "ruler", "niah"):
+            validate_source(self.haystack_source)
+        model_source(self.model)
 
     def _refuse_presses(self, flag: str, refusal) -> None:
         """One line naming ``flag`` and the first press ``refusal`` (a built press -> why, or None)

@@ -108,18 +108,12 @@ class Runner:
         from knormctl.engine.kvcache import check_cut_supported, probe_cache
         from knormctl.engine.models import load_model
         from knormctl.engine.presses import check_model_support
-        from knormctl.engine.text import validate_source
 
         import transformers
 
         transformers.logging.disable_progress_bar()  # our own progress is on stderr; keep one bar
         cfg = self.cfg
-        if cfg.num_wikitext_samples and cfg.task == "lm":
-            validate_source(cfg.wikitext_source)
-        if cfg.num_pg19_samples and cfg.task == "lm":
-            validate_source(cfg.pg19_source)
-        if cfg.task in ("passkey", "ruler", "niah"):
-            validate_source(cfg.haystack_source)
+        cfg.check_local_inputs()  # (validate did too: a resumed run's files may have moved since)
         records = None
         if cfg.task in QUESTION_TASKS:
             from knormctl.tasks.build import fetch_records

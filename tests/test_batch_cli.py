@@ -94,7 +94,7 @@ def test_resume_reruns_a_batch_with_a_missing_row_and_stores_only_that_row(tiny_
     res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["done"] == 1 and out["status"] == "complete"
+    assert (out["measured"], out["done"], out["planned"], out["status"]) == (1, 8, 8, "complete")
     cells = con.execute("SELECT sample_index, config_key FROM samples WHERE run_id=?", (run_id,)).fetchall()
     assert len(cells) == len(set(cells)) == 8  # no row stored twice
     assert con.execute("SELECT id FROM samples WHERE run_id=? AND sample_index=0 AND config_key=?",

@@ -124,7 +124,8 @@ def test_a_bad_local_rank_is_one_line():
 
 def stored_run(db, **fields) -> int:
     """A run as a sweep stores it (config_json from a RunConfig), owned by this process unless changed."""
-    cfg = RunConfig(model="/no/such/model", num_wikitext_samples=1, num_pg19_samples=0).validate()
+    cfg = RunConfig(num_wikitext_samples=1, num_pg19_samples=0).validate()
+    cfg.model = "/no/such/model"  # stored by a sweep elsewhere (validate now checks paths: set it after)
     with open_store(db) as store:
         run_id = store.create_run(command="sweep", task="lm", model_requested=cfg.model, config=cfg.to_dict(),
                                   command_line="knormctl sweep")

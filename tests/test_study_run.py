@@ -109,13 +109,21 @@ def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_pa
 @pytest.mark.parametrize("text, message", [
     ('model = "x"\nkeep_ratio = [0.5]\n', "line 2: keep_ratio: unknown key (did you mean 'keep_ratios'?)"),
     ('prune_after = []\n', "line 1: prune_after: empty list"),
+    # a bad source or model path in the second run: found by the plan, not after run 1 was measured
+    ('[[rows]]\nwikitext_source = "wiki-lite"\n[[rows]]\nwikitext_source = "bogus"\n',
+     "unknown text source 'bogus' (choose wiki-lite, wiki-lite-long, wikitext, pg19 or text:PATH) "
+     "(run 2: wikitext_source=bogus)"),
+    ('pg19_source = ["wiki-lite-long", "text:/no/such/books"]\n',
+     "text source /no/such/books: no such file or folder (run 2: pg19_source=text:/no/such/books)"),
+    ('model = ["smollm2-135m", "/no/such/model"]\n', "model path does not exist: /no/such/model"),
 ])
-def test_bad_study_files_fail_before_anything_runs(tmp_path, text, message):
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_bad_study_files_fail_before_anything_runs(tmp_path, text, message, dry_run):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     db = tmp_path / "r.db"
-    res = runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)])
-    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db), *(["--dry-run"] * dry_run)])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not db.exists()
 
 

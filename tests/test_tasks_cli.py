@@ -150,8 +150,8 @@ def test_bad_task_input_is_one_line_and_exit_2(tiny_llama_dir, books_dir, tmp_pa
 def test_longbench_offline_fails_at_once_before_the_model_loads(tmp_path):
     env = {**_env(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     started = time.monotonic()
-    # the model path is bad too: the dataset must be the first thing that fails
-    res = subprocess.run([sys.executable, "-m", "knormctl", "sweep", "--task", "longbench", "--model", "/does/not/exist",
+    # the model is not on the Hub offline either: the dataset must be the first thing that fails
+    res = subprocess.run([sys.executable, "-m", "knormctl", "sweep", "--task", "longbench", "--model", "no-such/model",
                           "--db", str(tmp_path / "r.db")], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 1, res.stderr  # a runtime failure (no Hub), not bad input

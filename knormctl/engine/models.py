@@ -240,12 +240,39 @@ def _from_pretrained(source: str, torch_dtype: torch.dtype, trust_remote_code: b
     return model, tokenizer
 
 
-def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None, **load):
+def _check_folder(folder: Path) -> list[Path]:
+    """The weight files of a model folder; UsageError if it is not one."""
     if not (folder / "config.json").exists():
         raise UsageError(f"model folder {folder} has no config.json (not a transformers model folder)")
     files = weight_files(folder)
     if not files:
         raise UsageError(f"model folder {folder} has no weights (*.safetensors / *.bin)")
+    return files
+
+
+def model_source(name: str) -> tuple[str, str | Path]:
+    """What ``--model name`` names, checked without loading anything: ('alias', name), ('folder',
+    path), ('gguf', path) or ('hub', id). A path that does not exist, a file that is not .gguf
+    or a folder that is not a model folder is a UsageError: ``sweep --dry-run`` and a study's
+    plan find it before any run starts (a Hub id is only known to exist once fetched)."""
+    if name == SMOLLM2_ALIAS:
+        return "alias", name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_folder(path)
+        return "folder", path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(f"model path {name} is a file but not a .gguf file "
+                             "(pass a model folder, a .gguf file, a Hub id or smollm2-135m)")
+        return "gguf", path
+    if looks_like_path(name):
+        raise UsageError(f"model path does not exist: {name}")
+    return "hub", name
+
+
+def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None, **load):
+    files = _check_folder(folder)
     use_st = files[0].suffix == ".safetensors"
     announce()
     try:
@@ -321,21 +348,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
             progress(f"loading model {name} ({dtype}, {dev})")
 
     trust = trust_remote_code
-    if name == SMOLLM2_ALIAS:
-        loader, source, trust = _load_folder, smollm2_folder(progress), False
-    else:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            loader, source = _load_folder, path
-        elif path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise UsageError(f"model path {name} is a file but not a .gguf file "
-                                 "(pass a model folder, a .gguf file, a Hub id or smollm2-135m)")
-            loader, source = _load_gguf, path
-        elif looks_like_path(name):
-            raise UsageError(f"model path does not exist: {name}")
-        else:
-            loader, source = _load_hub, name
+    kind, source = model_source(name)
+    if kind == "alias":
+        source, trust = smollm2_folder(progress), False
+    loader = {"alias": _load_folder, "folder": _load_folder, "gguf": _load_gguf, "hub": _load_hub}[kind]
     model, tokenizer, resolved, model_hash = loader(source, torch_dtype, trust, announce, **load)
 
     model.eval()
