@@ -191,6 +191,7 @@ class RunConfig:
             raise unknown_choice("--task", "task", self.task, TASKS)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        self._refuse_what_does_not_apply()
         if not self.keep_ratios:
             raise ConfigError("--keep-ratios: empty list")
         if not self.presses:
@@ -268,6 +269,25 @@ class RunConfig:
     @property
     def haystack_source(self) -> str:
         return self.haystack or self.pg19_source
+
+    def _refuse_what_does_not_apply(self) -> None:
+        """An option this run would ignore is refused, not dropped: a user who asked for 8k-token
+        contexts on the lm task would read numbers measured at 1k as if they were 8k."""
+        instead = {("context_lengths", "lm"): " (its prompts: --wikitext-prompt-tokens, --max-prompt-tokens)",
+                   ("context_lengths", "passkey"): " (its lengths: --passkey-lengths)",
+                   ("subtasks", "niah"): " (its cells: --context-lengths x --needle-depths)"}
+        for name, flag, tasks_using in (("context_lengths", "--context-lengths", ("ruler", "niah", "longbench")),
+                                        ("subtasks", "--subtasks", ("ruler", "longbench"))):
+            if getattr(self, name) is not None and self.task not in tasks_using:
+                raise ConfigError(f"{flag} applies to --task {', '.join(tasks_using)}, not {self.task}"
+                                  + instead.get((name, self.task), ""))
+        if self.task == "lm" and self.protocol != "context":
+            raise ConfigError(f"--protocol {self.protocol} applies to the question tasks (passkey, ruler, niah, "
+                              "longbench), not --task lm")
+        if self.temperature != 1.0 and not self.sampling:
+            raise ConfigError(f"--temperature {self.temperature:g} applies with --sample (greedy decoding has none)")
+        if self.ppl_skip is not None and self.ppl_method != "stream":
+            raise ConfigError("--ppl-skip applies to --ppl-method stream (teacher-forced scores every --eval-tokens)")
 
     def _validate_question_task(self) -> None:
         """Protocol and task options; fills the task's defaults in (the stored config is resolved)."""

@@ -163,6 +163,12 @@ BAD_INPUT = [
     (["--device", "cdua"], "(did you mean 'cuda'?)"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--temperature", "nan"], "--temperature must be > 0"),
+    # options this run would ignore: refused, not dropped
+    (["--temperature", "0.5"], "--temperature 0.5 applies with --sample"),
+    (["--context-lengths", "8192"], "--context-lengths applies to --task ruler, niah, longbench, not lm"),
+    (["--subtasks", "vt"], "--subtasks applies to --task ruler, longbench, not lm"),
+    (["--protocol", "paper"], "--protocol paper applies to the question tasks"),
+    (["--ppl-skip", "4"], "--ppl-skip applies to --ppl-method stream"),
     (["--passkey-depths", "1.5"], "outside [0, 1]"),
     (["--ppl-method", "guess"], "--ppl-method: unknown method 'guess'"),
     (["--task", "qa"], "--task: unknown task 'qa'"),
