@@ -385,6 +385,15 @@ def test_unknown_run_id_is_one_line_and_exit_2(store, db):
     assert "no runs in group 'nope'" in one_error_line(report(db, "--group", "nope"))
     assert "choose one of" in one_error_line(report(db, "--list", "--run-id", "1"))
     assert "different things" in one_error_line(report(db, "--run-id", "1", "--group", "g"))
+    # an option the chosen view would ignore is refused, not dropped
+    assert one_error_line(report(db, "--limit", "5")) == "Error: --limit applies to --list"
+    assert "--tasks applies to --format csv" in one_error_line(report(db, "--tasks", "--format", "json"))
+    assert one_error_line(report(db, "--list", "--samples", "--by-dataset")) == \
+        "Error: --samples, --by-dataset cannot be used with --list"
+    assert one_error_line(report(db, "--compare", "1", "1", "--samples")) == \
+        "Error: --samples cannot be used with --compare"
+    assert report(db, "--compare", "1", "1", "--by-dataset").exit_code == 0  # compare reads datasets apart
+    assert report(db, "--list", "--limit", "1").exit_code == 0
 
 
 def test_empty_database_says_so(store, db):  # an existing database without runs (a missing one is an error)

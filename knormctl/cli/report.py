@@ -37,7 +37,7 @@ def report(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
     group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="How many runs --list shows.")] = 20,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="How many runs --list shows (20).")] = None,
     db: DbOpt = None,
 ) -> None:
     """Show a stored run or group: medians, paired changes with 95% intervals, accuracy, flags.
@@ -52,6 +52,15 @@ def report(
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
+        # an option the chosen view would ignore is refused, not dropped
+        if limit is not None and not list_runs:
+            raise UsageError("--limit applies to --list")
+        if tasks and fmt is not Format.csv:
+            raise UsageError("--tasks applies to --format csv (the other formats show the task rows with the rest)")
+        view_of = [("--samples", samples), ("--tasks", tasks)] + [("--by-dataset", by_dataset)] * list_runs
+        ignored = [flag for flag, on in view_of if on] if list_runs or compare is not None else []
+        if ignored:  # they read one run or group (--by-dataset: --compare too)
+            raise UsageError(f"{', '.join(ignored)} cannot be used with {'--list' if list_runs else '--compare'}")
         if output is not None and fmt is Format.table:
             raise UsageError("--output needs --format json, csv, markdown or html (tables go to the terminal)")
         if fmt is Format.html and (list_runs or compare is not None):
@@ -65,7 +74,7 @@ def report(
             console = tables.make_console()
 
         if list_runs:
-            runs = store.list_runs(limit=limit, group=group)
+            runs = store.list_runs(limit=limit or 20, group=group)
             if not runs:
                 print(f"no runs in {store.url}" + (f" for group {group!r}" if group else ""), file=sys.stderr)
             if fmt is not Format.table:
