@@ -49,6 +49,14 @@ def test_dry_run_plans_without_a_model_or_a_database(tiny_llama_dir, books_dir, 
     assert [r["cells"] for r in data["runs"]] == [6] and data["cells"] == 6  # the flag overrides the axis
 
 
+def test_a_plain_dry_run_fits_80_columns_and_speaks_of_its_one_run(tmp_path):
+    res = runner.invoke(app, ["sweep", "--dry-run", "--db", str(tmp_path / "r.db")], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, lines
+    assert "no estimate for it (no stored run of its model on this host)" in " ".join(ln.strip() for ln in lines)
+
+
 def test_study_runs_every_run_in_one_group_and_continues(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
     path = _study_file(tmp_path, tiny_llama_dir, books_dir)

@@ -74,6 +74,17 @@ def error_boundary() -> Iterator[None]:
         raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code) from None
 
 
+def wrapped(text: str, indent: str = "", hang: str = "    ") -> str:
+    """``text`` wrapped at spaces only (a spec's parameters, a path stay whole) to the terminal's
+    width: 80 when not a terminal, at most 100."""
+    import shutil
+    import textwrap
+
+    width = min(shutil.get_terminal_size((80, 24)).columns, 100)
+    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 @contextlib.contextmanager
 def written_whole(path: Path, what: str) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one

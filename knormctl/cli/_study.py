@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from knormctl.cli._common import wrapped
 from knormctl.errors import KnormctlError, UsageError
 
 # options that say where and how to print, not what to measure: never study overrides
@@ -91,16 +92,19 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
                 for r, cells, g in rows],
             "cells": total_cells, "estimate_s": None if unknown else total_s}, indent=2, default=str) + "\n")
         return
-    print(f"study {study.name}: {len(study.runs)} run(s)" + (f", varying {', '.join(study.axes)}" if study.axes else ""))
+    print(wrapped(f"study {study.name}: {len(study.runs)} run(s)"
+                  + (f", varying {', '.join(study.axes)}" if study.axes else "")))
     for run, cells, guess in rows:
         what = ", ".join(f"{k}={v}" for k, v in run.varying.items() if k != "model")
-        print(f"  {run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
-              + f": {cells if cells is not None else '?'} cells"
-              + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"))
+        print(wrapped(f"{run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
+                      + f": {cells if cells is not None else '?'} cells"
+                      + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"),
+                      indent="  ", hang="       "))
+    which = "some runs" if total_s else "it" if len(rows) == 1 else "any run"
     when = (f"~{estimate.format_duration(total_s)}" if not unknown else
             (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
-            + "no estimate for some runs (no stored run of that model on this host)")
-    print(f"total: {total_cells} cells, {when}. Nothing was run (--dry-run).")
+            + f"no estimate for {which} (no stored run of its model on this host)")
+    print(wrapped(f"total: {total_cells} cells, {when}. Nothing was run (--dry-run)."))
 
 
 def _stored_key(run) -> str | None:

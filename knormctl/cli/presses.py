@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import textwrap
 from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import error_boundary
+from knormctl.cli._common import error_boundary, wrapped
 
 
 def _value(v):
@@ -37,11 +35,8 @@ def presses(
     if json_out:
         print(json.dumps([{**r, "params": {k: _value(v) for k, v in r["params"].items()}} for r in rows], indent=2))
         return
-    width = min(shutil.get_terminal_size((80, 24)).columns, 100)  # 80 when not a terminal
-
-    def say(text: str, indent: str = "", hang: str = "        ") -> None:  # wrapped at spaces only
-        print(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang,
-                            break_long_words=False, break_on_hyphens=False))
+    def say(text: str, indent: str = "", hang: str = "        ") -> None:
+        print(wrapped(text, indent, hang))
 
     for r in rows:
         params = ", ".join(f"{k}={format_spec_value(v) if isinstance(v, (bool, int, float)) else v}"
