@@ -81,3 +81,19 @@ def test_top_level_help_lists_the_commands():
     assert res.exit_code == 0
     for command in ("baseline", "sweep", "report", "plot"):
         assert command in res.stdout
+
+
+@pytest.mark.parametrize("command", ["report", "plot", "export", "import", "presses", "capacity", "runs delete",
+                                     "runs upgrade", "sweep", "baseline"])
+def test_every_help_names_values_in_words_and_keeps_its_paragraphs_whole(command):
+    """No Python type in the options' column (<bool>, <int>, <list[int]>), no value name cut in
+    two ('markdown|h' / 'tml>'), no paragraph broken where its docstring's lines were."""
+    res = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert res.exit_code == 0, res.output
+    # (typer's Arguments panel keeps a type column of its own beside the argument's name)
+    options = "\n".join(re.findall(r"╭─ (?!Arguments)[^\n]*\n(?:│[^\n]*\n)*", res.stdout))
+    assert options and not re.search(r"<(bool|int|str|float|path|list\[int\]|int range)>", options), options
+    assert all(len(line) <= 80 for line in res.stdout.splitlines())
+    intro = [line.strip() for line in res.stdout[:res.stdout.index("╭")].splitlines()][3:]
+    for line, following in zip(intro, intro[1:]):  # a short line followed by more words: a kept newline
+        assert not (line and following and len(line) < 60 and not line.endswith((".", ":"))), (line, following)

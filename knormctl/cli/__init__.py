@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from knormctl.cli import baseline, capacity, export, importing, plot, presses, report, runs, sweep
-from knormctl.cli._common import PanelCommand
+from knormctl.cli._common import PanelCommand, PlainCommand
 from knormctl.cli._group import OneLineErrors
 
 app = typer.Typer(
@@ -23,13 +23,13 @@ app = typer.Typer(
 
 app.command("baseline", cls=PanelCommand)(baseline.baseline)
 app.command("sweep", cls=PanelCommand)(sweep.sweep)
-app.command("report")(report.report)
-app.command("plot")(plot.plot)
-app.command("export")(export.export)
-app.command("import")(importing.import_results)
+app.command("report", cls=PlainCommand)(report.report)
+app.command("plot", cls=PlainCommand)(plot.plot)
+app.command("export", cls=PlainCommand)(export.export)
+app.command("import", cls=PlainCommand)(importing.import_results)
 app.add_typer(runs.app, name="runs")
-app.command("presses")(presses.presses)
-app.command("capacity")(capacity.capacity)
+app.command("presses", cls=PlainCommand)(presses.presses)
+app.command("capacity", cls=PlainCommand)(capacity.capacity)
 
 
 def main() -> None:

@@ -36,14 +36,31 @@ LIST = "LIST"  # metavar of every comma-separated list option (see the module do
 FLAG = ""  # metavar of on/off flags: the type column would only say <bool>
 
 
-class PanelCommand(TyperCommand):
+class PlainCommand(TyperCommand):
+    """--help says nothing in the type column of an on/off flag (it would say <bool>), as sweep's
+    options do; the other options name what they take with ``metavar=`` where declared."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = FLAG
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG
+        return option
+
+
+class PanelCommand(PlainCommand):
     """A command whose options all sit in panels: --help joins the last one, so no box holding
     only --help heads the page."""
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)
         if option is not None:
-            option.rich_help_panel, option.metavar = OUTPUT, FLAG
+            option.rich_help_panel = OUTPUT
         return option
 
 

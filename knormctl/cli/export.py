@@ -11,15 +11,14 @@ from knormctl.cli._common import DbOpt, error_boundary
 
 
 def export(
-    out: Annotated[Path, typer.Option("-o", "--output", help="File to write (JSON Lines; a name ending in .gz is compressed).")],
-    run_id: Annotated[list[int] | None, typer.Option("--run-id", help="A run to export (repeat for several).")] = None,
-    group: Annotated[str | None, typer.Option("--group", help="Export every run tagged with this group.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="File to write (JSON Lines; a name ending in .gz is compressed).")],
+    run_id: Annotated[list[int] | None, typer.Option("--run-id", metavar="N", help="A run to export (repeat for several).")] = None,
+    group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Export every run tagged with this group.")] = None,
     db: DbOpt = None,
 ) -> None:
     """Write runs with every sample to one file that any store can import.
 
-    The file holds each run's config and environment and every sample with all its columns
-    (latencies, generated ids). The database is only read. Load it with `knormctl import FILE`.
+    The file holds each run's config and environment and every sample with all its columns (latencies, generated ids). The database is only read. Load it with `knormctl import FILE`.
     """
     with error_boundary():
         from knormctl.errors import UsageError

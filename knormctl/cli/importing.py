@@ -11,13 +11,12 @@ from knormctl.cli._common import DbOpt, error_boundary
 
 
 def import_results(
-    file: Annotated[Path, typer.Argument(help="A file written by `knormctl export`.", show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A file written by `knormctl export`.", show_default=False)],
     db: DbOpt = None,
 ) -> None:
     """Load a file written by `knormctl export` into the database, without duplicates.
 
-    Runs already there (same uuid) are skipped; new ones get new ids. All or nothing: a
-    damaged or truncated file imports nothing.
+    Runs already there (same uuid) are skipped; new ones get new ids. All or nothing: a damaged or truncated file imports nothing.
     """
     with error_boundary():
         from knormctl.store import open_store

@@ -18,12 +18,12 @@ class ImageFormat(str, Enum):
 
 
 def plot(
-    run_id: Annotated[int | None, typer.Option("--run-id", help="Plot this run.")] = None,
+    run_id: Annotated[int | None, typer.Option("--run-id", metavar="N", help="Plot this run.")] = None,
     last: Annotated[bool, typer.Option("--last", help="Plot the newest run (the default).")] = False,
-    group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
+    group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Merge the runs tagged with this group.")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
-    fmt: Annotated[ImageFormat, typer.Option("--format", help="png or svg.")] = ImageFormat.png,
+        "--out", "-o", metavar="FOLDER", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
+    fmt: Annotated[ImageFormat, typer.Option("--format", metavar="FMT", help="png or svg.")] = ImageFormat.png,
     db: DbOpt = None,
 ) -> None:
     """Draw the figures of a stored run and print the paths written, one per line."""

@@ -23,7 +23,7 @@ class Format(str, Enum):
 
 def report(
     last: Annotated[bool, typer.Option("--last", help="Report the newest run (the default).")] = False,
-    run_id: Annotated[int | None, typer.Option("--run-id", help="Report this run.")] = None,
+    run_id: Annotated[int | None, typer.Option("--run-id", metavar="N", help="Report this run.")] = None,
     list_runs: Annotated[bool, typer.Option("--list", help="List recent runs instead.")] = False,
     compare: Annotated[tuple[int, int] | None, typer.Option(
         "--compare", metavar="A B", help="The same configurations of runs A and B side by side, with B/A.")] = None,
@@ -32,12 +32,12 @@ def report(
         "--tasks", help="With --format csv: the question-task accuracy rows instead of the configurations.")] = False,
     by_dataset: Annotated[bool, typer.Option("--by-dataset", help="One table block per dataset.")] = False,
     fmt: Annotated[Format, typer.Option(
-        "--format", help="table (rich), or json / csv / markdown / html (one self-contained page with the "
+        "--format", metavar="FMT", help="table (rich), or json / csv / markdown / html (one self-contained page with the "
                          "figures) on stdout or into --output.")] = Format.table,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
-    group: Annotated[str | None, typer.Option("--group", help="Merge the runs tagged with this group.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="How many runs --list shows (20).")] = None,
+        "--output", "-o", metavar="FILE", help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
+    group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Merge the runs tagged with this group.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N", help="How many runs --list shows (20).")] = None,
     db: DbOpt = None,
 ) -> None:
     """Show a stored run or group: medians, paired changes with 95% intervals, accuracy, flags.

@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary, fail
+from knormctl.cli._common import DbOpt, PlainCommand, error_boundary, fail
 
 app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True)
 
 
-@app.command("delete")
+@app.command("delete", cls=PlainCommand)
 def delete(
-    run_ids: Annotated[list[int], typer.Argument(help="Ids of the runs to delete.", show_default=False)],
+    run_ids: Annotated[list[int], typer.Argument(metavar="RUN_ID...", help="Ids of the runs to delete.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     db: DbOpt = None,
 ) -> None:
@@ -45,7 +45,7 @@ def delete(
         print(f"deleted {n_runs} run(s) and {n_samples} sample(s) from {store.url}")
 
 
-@app.command("upgrade")
+@app.command("upgrade", cls=PlainCommand)
 def upgrade(db: DbOpt = None) -> None:
     """Bring an existing database to this knormctl's schema (SQLite: keeps a backup).
 
