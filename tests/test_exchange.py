@@ -268,12 +268,13 @@ def test_export_reads_only_and_refuses_what_it_cannot_export(tmp_path):
     out = tmp_path / "x.jsonl"
     for args, message in [
         ([], "give the runs to export: --run-id N (repeatable) or --group NAME"),
-        (["--run-id", "1", "--group", "g"], "give the runs to export"),
+        (["--run-id", "1", "--group", "g"], "choose one of --run-id, --group"),
         (["--run-id", "77"], f"no run 77 in {db}"),
         (["--group", "nope"], f"no runs in group 'nope' in {db}"),
         (["--run-id", str(live)], f"run {live} is still running (process"),
         (["--run-id", str(done), "-o", str(tmp_path / "no" / "x.jsonl")], f"folder {tmp_path / 'no'} does not exist"),
         (["--run-id", str(done), "-o", str(tmp_path)], "is a folder"),
+        (["--run-id", str(done), "-o", str(db / "x.jsonl")], f"{db} is a file, not a folder"),
     ]:
         if "-o" not in args:
             args = [*args, "-o", str(out)]

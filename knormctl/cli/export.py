@@ -26,7 +26,9 @@ def export(
         from knormctl.store.exchange import export_runs
         from knormctl.store.liveness import owner
 
-        if (not run_id) == (group is None):
+        if run_id and group is not None:
+            raise UsageError("choose one of --run-id, --group")
+        if not run_id and group is None:
             raise UsageError("give the runs to export: --run-id N (repeatable) or --group NAME")
         with open_store(db, readonly=True) as store:
             runs = store.runs_in_group(group) if group is not None else store.get_runs(run_id)

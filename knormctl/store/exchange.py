@@ -83,7 +83,8 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
     if path.is_dir():
         raise UsageError(f"-o {path} is a folder; give a file name")
     if not path.parent.is_dir():
-        raise UsageError(f"folder {path.parent} does not exist")
+        raise UsageError(f"{path.parent} is a file, not a folder" if path.parent.exists()
+                         else f"folder {path.parent} does not exist")
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     ids = sorted(set(run_ids))
     n_samples = 0
