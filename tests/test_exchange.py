@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,9 @@ def test_runs_delete_asks_first(tmp_path):
     assert res.exit_code == 0 and f"deleted 2 run(s) and {2 * n} sample(s)" in res.stdout
     assert count(f"sqlite:///{db}") == (1, n)
     assert [r["id"] for r in rows(f"sqlite:///{db}", Run.__table__)] == [ids[3]]
+    with open_store(db) as store:
+        live = fill_run(store, status="running", stop_after=2)  # owned by this live process
+    res = cli("runs", "delete", str(live), "--yes", "--db", str(db))
+    [line] = res.stderr.strip().splitlines()  # one line: nothing listed before the refusal
+    assert res.exit_code == 2 and line.startswith(f"Error: run {live} is still running (process {os.getpid()}")
+    assert line.endswith("nothing deleted") and count(f"sqlite:///{db}")[0] == 2

@@ -21,13 +21,17 @@ def delete(
     """Delete runs with all their samples (asks first; a run still running is refused)."""
     with error_boundary():
         from knormctl.errors import UsageError
-        from knormctl.store import open_store
+        from knormctl.store import RUNNING, open_store
+        from knormctl.store.liveness import owner
 
         with open_store(db) as store:
             runs = store.get_runs(run_ids)
             missing = sorted(set(run_ids) - {r.id for r in runs})
             if missing:
                 raise UsageError(f"no run {', '.join(map(str, missing))} in {store.url}; nothing deleted")
+            for r in runs:  # before the listing: a refusal stays one line (delete_runs checks again, atomically)
+                if r.status == RUNNING:  # get_runs shows a run whose owner is gone as interrupted
+                    raise UsageError(f"run {r.id} is still running ({owner(r)}); nothing deleted")
             for r in runs:
                 print(f"run {r.id}: {r.command} {r.model_requested}, {r.status}, "
                       f"{r.samples_done + r.samples_failed} sample(s), started {r.started_utc:%Y-%m-%d %H:%M} UTC"
