@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
-from knormctl.options import check_loaded_decode_step
 from knormctl.errors import UsageError
 from knormctl.plan import Cell, plan_batches, plan_cells, warm_up_plan
 from knormctl.sample_rows import load_samples, sample_fields
@@ -105,9 +104,8 @@ class Runner:
         import torch
 
         from knormctl.engine.compress import check_skip_layers
-        from knormctl.engine.kvcache import check_cut_supported, probe_cache
         from knormctl.engine.models import load_model
-        from knormctl.engine.presses import check_model_support
+        from knormctl.engine.support import check_model
 
         import transformers
 
@@ -134,11 +132,8 @@ class Runner:
                                      device_map=cfg.device_map)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
-        check_model_support(self.loaded.model, self.configs)
-        if any(not pc.is_baseline and pc.keep_ratio < 1.0 for pc in self.configs):
-            check_cut_supported(self.loaded.model)  # sliding-window / shared-KV families: one clear line
-        probe_cache(self.loaded.model)  # a transformers version that ignores our cache fails here, not mid-run
-        check_loaded_decode_step(cfg.decode_step, self.loaded.device)
+        check_model(self.loaded.model, self.configs, skip_layers=cfg.skip_layers, decode_step=cfg.decode_step,
+                    device=self.loaded.device)
         self.samples = load_samples(cfg, self.loaded, self.progress, records)
         cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
         if not cells:

@@ -213,3 +213,72 @@ def test_runs_record_the_attention_implementation(tiny_llama_dir, tiny_gemma2_di
         stored = sqlite3.connect(db).execute("SELECT attn_implementation FROM runs WHERE id=?", (run_id,)).fetchone()
         assert stored[0] == load_model(str(folder)).model.config._attn_implementation
         assert stored[0] in ("sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------- what is refused, and why
+
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**kw)).eval()
+
+
+def test_the_rebuilt_queries_are_the_models_own_or_the_press_is_refused(family):
+    """A query-aware press rebuilds the queries from the hidden states (kvpress's habit); the
+    check compares them with the model's own rotation before any run, on every supported family."""
+    from knormctl.engine.observe import check_model_queries
+
+    name, config_cls, model_cls, arch = family
+    check_model_queries(_build(config_cls, model_cls, **arch), "snapkv")  # passes: nothing raised
+
+
+@pytest.mark.parametrize("name, build, why", [
+    # Cohere rotates interleaved pairs, not halves: SnapKV kept 26 of the true top 32 there
+    ("cohere", lambda: _tiny(T.CohereConfig, T.CohereForCausalLM, vocab_size=VOCAB, hidden_size=32,
+                             intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, initializer_range=0.2),
+     "CohereAttention: its rotary embedding rotates the query dimensions another way"),
+    # OLMo-2 normalises the whole projection before the head split
+    ("olmo2", lambda: _tiny(T.Olmo2Config, T.Olmo2ForCausalLM, vocab_size=VOCAB, hidden_size=32,
+                            intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2),
+     "Olmo2Attention: its query projection or q-norm has a layout knormctl does not rebuild"),
+    ("gpt2", lambda: _tiny(T.GPT2Config, T.GPT2LMHeadModel, vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4),
+     "cannot find the decoder layers of GPT2LMHeadModel"),
+])
+def test_a_query_press_on_a_model_whose_queries_differ_is_refused_in_one_line(name, build, why):
+    from knormctl.engine.presses import check_model_support
+
+    model = build()
+    cfgs = [PressConfig(press="snapkv", keep_ratio=0.5).validate()]
+    with pytest.raises(UsageError, match=why) as err:
+        check_model_support(model, cfgs)
+    assert "\n" not in str(err.value)
+    check_model_support(model, [PressConfig(press="knorm", keep_ratio=0.5).validate()])  # knorm needs no queries
+
+
+def test_alibi_and_uneven_layers_are_refused_where_the_cut_would_break_them():
+    from knormctl.engine.kvcache import probe_uneven_layers
+
+    bloom = _tiny(T.BloomConfig, T.BloomForCausalLM, vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    assert "ALiBi position biases are built from the cache's length" in cut_refusal(bloom)
+    # Falcon (rotary) runs with every layer cut alike, not with layer 0 kept whole
+    falcon = _tiny(T.FalconConfig, T.FalconForCausalLM, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, alibi=False, new_decoder_architecture=False, multi_query=True)
+    assert cut_refusal(falcon) is None
+    probe_uneven_layers(falcon, ())  # nothing skipped: nothing to probe
+    with pytest.raises(UsageError, match=r"--skip-layers 0: falcon cannot attend over layers cut to different "
+                                         r"lengths .*; use --skip-layers none"):
+        probe_uneven_layers(falcon, (0,))
+    llama = _build(T.LlamaConfig, T.LlamaForCausalLM)
+    probe_uneven_layers(llama, (0,))  # Llama attends over uneven layers (the engine's default)
+
+
+def test_a_static_decode_step_on_a_model_without_findable_layers_is_refused():
+    from knormctl.engine.support import check_model
+
+    gpt2 = _tiny(T.GPT2Config, T.GPT2LMHeadModel, vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
+    cfgs = [PressConfig().validate(), PressConfig(press="knorm", keep_ratio=0.5).validate()]
+    check_model(gpt2, cfgs, skip_layers=(0,), decode_step="launched", device="cpu")  # knorm runs on GPT-2
+    with pytest.raises(UsageError, match=r"--decode-step static: cannot find the decoder layers of GPT2LMHeadModel "
+                                         r"\(use --decode-step launched\)"):
+        check_model(gpt2, cfgs, skip_layers=(0,), decode_step="static", device="cpu")

@@ -98,7 +98,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     from knormctl.engine.models import load_model
     from knormctl.engine.text import make_samples
     from knormctl.errors import UsageError
-    from knormctl.options import check_loaded_decode_step
+    from knormctl.engine.support import check_model
 
     def log(line: str) -> None:
         print(line, file=sys.stderr)
@@ -110,7 +110,7 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         torch.set_num_threads(cfg.threads)
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                     progress=log, device_map=cfg.device_map)
-    check_loaded_decode_step(cfg.decode_step, lm.device)
+    check_model(lm.model, configs, skip_layers=cfg.skip_layers, decode_step=cfg.decode_step, device=lm.device)
     weights = weight_bytes(lm.model)
     if weights >= budget:  # nothing can fit: say so before a single probe
         from knormctl.render.format import fmt_bytes

@@ -98,6 +98,10 @@ def cut_refusal(model) -> str | None:
     cfg = _text_config(model)
     family = str(getattr(model.config, "model_type", type(model).__name__))
     n_layers = num_layers(model)
+    alibi = getattr(cfg, "alibi", False) or family == "bloom" or (getattr(cfg, "attn_config", None) or {}).get("alibi")
+    if alibi:
+        return (f"{family}: ALiBi position biases are built from the cache's length, which a cut shortens, so "
+                "every later token would be placed at a wrong distance -- not supported")
     if getattr(model.config, "is_encoder_decoder", False):
         return f"{family}: encoder-decoder models are not supported (the cut handles decoder-only caches)"
     shared = getattr(cfg, "num_kv_shared_layers", 0) or 0
@@ -125,6 +129,33 @@ def check_cut_supported(model) -> None:
     why = cut_refusal(model)
     if why is not None:
         raise UsageError(f"cannot compress the KV cache of this model: {why}")
+
+
+def probe_uneven_layers(model, skip_layers) -> None:
+    """``--skip-layers`` leaves the skipped layers whole while a cut shortens the others; a model
+    that builds one mask from the first layer's length for all of them (Falcon) fails on every
+    step after the cut. One decode step over such a cache (8 tokens, the others cut to 4) finds
+    it before a run writes anything: one line, with the way out."""
+    if not skip_layers:
+        return
+    device = model_device(model)
+    cache = new_cache(model, buffered=False)
+    kw = cache_kwargs(model, cache)
+    ids = torch.zeros(1, 9, dtype=torch.long, device=device)
+    pos = torch.arange(9, device=device).unsqueeze(0)
+    with torch.inference_mode():
+        model(input_ids=ids[:, :8], position_ids=pos[:, :8], **kw)
+        for i, layer in enumerate(cache.layers):
+            if i not in skip_layers:
+                layer.keys, layer.values = layer.keys[..., 4:, :], layer.values[..., 4:, :]
+        try:
+            model(input_ids=ids[:, 8:], position_ids=pos[:, 8:], **kw)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            family = getattr(model.config, "model_type", type(model).__name__)
+            skipped = ",".join(map(str, sorted(skip_layers)))
+            raise UsageError(f"--skip-layers {skipped}: {family} cannot attend over layers cut to different "
+                             f"lengths (a decode step over such a cache raised {type(exc).__name__}); use "
+                             "--skip-layers none") from None
 
 
 def _ranges(ids: list[int]) -> str:

@@ -42,11 +42,75 @@ def head_dim(module) -> int:
     return getattr(module, "head_dim", None) or module.head_size  # GPT-NeoX calls it head_size
 
 
+SUPPORTED = "supported: Llama-like q_proj, GPT-NeoX, Phi-3"
+
+
 def check_queries_supported(module, press_name: str) -> None:
     """One clear line, before any forward, when the queries of ``module`` cannot be recomputed."""
     if not any(hasattr(module, a) for a in ("q_proj", "query_key_value", "qkv_proj")):
         raise UsageError(f"press {press_name!r} needs the layer's queries, which knormctl cannot recompute for "
-                         f"{type(module).__name__} (supported: Llama-like q_proj, GPT-NeoX, Phi-3)")
+                         f"{type(module).__name__} ({SUPPORTED})")
+
+
+def check_model_queries(model, press_name: str) -> None:
+    """``check_queries_supported`` on ``model``, then a check that the queries knormctl rebuilds
+    ARE the model's: one 4-token forward, and the rotation applied to the rebuilt queries compared
+    with the model's own ``apply_rotary_pos_emb`` (from its modeling module). A model that
+    rotates pairs another way (Cohere: interleaved), normalises the queries before the head split
+    (OLMo-2) or has no decoder layers where knormctl looks (GPT-2, OPT, Bloom, Falcon) is refused
+    in one line: a query-aware press would otherwise keep entries chosen by the wrong queries.
+    Once per model (remembered on it)."""
+    import sys
+
+    if getattr(model, "_knormctl_queries_checked", False):
+        return
+    try:
+        module = attention_modules(model)[0]
+    except ValueError as exc:
+        raise UsageError(f"press {press_name!r} needs the layers' queries: {exc} ({SUPPORTED})") from None
+    check_queries_supported(module, press_name)
+    seen = {}
+
+    def grab(_module, args, kwargs):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["pe"] = kwargs.get("position_embeddings")
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        ids = torch.arange(1, 5, device=device).unsqueeze(0)
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=torch.arange(4, device=device).unsqueeze(0), use_cache=False)
+    finally:
+        handle.remove()
+    with torch.inference_mode():  # the captured tensors are inference tensors
+        why = _queries_mismatch(module, seen.get("h"), seen.get("pe"), sys.modules.get(type(module).__module__))
+    if why is not None:
+        raise UsageError(f"press {press_name!r} needs the layer's queries, which knormctl cannot recompute for "
+                         f"{type(module).__name__}: {why} ({SUPPORTED})")
+    model._knormctl_queries_checked = True
+
+
+def _queries_mismatch(module, hidden, position_embeddings, modeling) -> str | None:
+    """Why the rebuilt queries differ from the model's (None: they agree, or there is no
+    ``apply_rotary_pos_emb`` to compare with)."""
+    if hidden is None or position_embeddings is None:
+        return "its attention gets no position_embeddings (no RoPE to apply)"
+    try:
+        q = prerope_queries(module, hidden).float()
+    except RuntimeError:  # e.g. a q-norm over the whole projection, not per head
+        return "its query projection or q-norm has a layout knormctl does not rebuild (e.g. a q-norm over all heads)"
+    reference = getattr(modeling, "apply_rotary_pos_emb", None)
+    if reference is None:
+        return None
+    cos, sin = (t.float() for t in position_embeddings)
+    r = cos.shape[-1]
+    mine = apply_rope(q, cos, sin)
+    theirs = torch.cat((reference(q[..., :r], q[..., :r], cos, sin)[0], q[..., r:]), dim=-1)
+    diff = float((mine - theirs).abs().max())
+    if diff > 1e-4 * max(1.0, float(theirs.abs().max())):
+        return f"its rotary embedding rotates the query dimensions another way (max difference {diff:.3g})"
+    return None
 
 
 def prerope_queries(module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -258,14 +258,14 @@ def catalog() -> list[dict]:
 def check_model_support(model, configs) -> None:
     """One clear line, before any run row exists, when a configuration's press cannot run on
     ``model`` (a query-aware press on attention whose queries knormctl cannot recompute)."""
-    from knormctl.engine.observe import attention_modules, check_queries_supported
+    from knormctl.engine.observe import attention_modules, check_model_queries
 
     for cfg in configs:
         if cfg.is_baseline:
             continue
         press = make_press(cfg.press, params=dict(cfg.params))
         if press.observes:
-            check_queries_supported(attention_modules(model)[0], cfg.spec)
+            check_model_queries(model, cfg.spec)
         if press.cuts_in_forward:
             check_kvpress_supported(attention_modules(model)[0], cfg.spec)
 
