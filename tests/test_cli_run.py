@@ -169,6 +169,8 @@ BAD_INPUT = [
     (["--subtasks", "vt"], "--subtasks applies to --task ruler, longbench, not lm"),
     (["--protocol", "paper"], "--protocol paper applies to the question tasks"),
     (["--ppl-skip", "4"], "--ppl-skip applies to --ppl-method stream"),
+    (["--keep-recent", "12", "--prune-after", "16"],
+     "--keep-recent 12 covers the whole budget of knorm keep 0.7 (12 of 17 entries kept per cut)"),
     (["--passkey-depths", "1.5"], "outside [0, 1]"),
     (["--ppl-method", "guess"], "--ppl-method: unknown method 'guess'"),
     (["--task", "qa"], "--task: unknown task 'qa'"),
@@ -185,7 +187,7 @@ BAD_INPUT = [
 
 # Mistakes that only the loaded model or the text itself can reveal: the progress lines of
 # that work come first (timestamped), the error is still one line, and the last.
-FOUND_LATE = {"--skip-layers 7", "--pg19-source text:{EMPTY_FILE}", "--pg19-source text:{BINARY_FILE}"}
+FOUND_LATE = {"--skip-layers 7", "--keep-recent 12 --prune-after 16", "--pg19-source text:{EMPTY_FILE}", "--pg19-source text:{BINARY_FILE}"}
 
 
 @pytest.mark.parametrize("extra,message", BAD_INPUT, ids=[" ".join(e) for e, _ in BAD_INPUT])
