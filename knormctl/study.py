@@ -168,6 +168,9 @@ def _error(path: str, lines: _Lines | None, key: str, message: str, row: int | N
 
 # ----------------------------------------------------------------------------- parsing
 
+EMPTY_ALLOWED = ("skip_layers",)  # [] (--skip-layers none): every layer is compressed
+
+
 def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, row: int | None) -> dict[str, list]:
     """Validate one table of settings; return key -> list of values (length 1 = fixed)."""
     types_ = _field_types()
@@ -181,16 +184,16 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
         tp = types_[key]
         if isinstance(value, dict):
             raise _error(path, lines, key, f"expected {_type_name(tp)}, got a table", row)
-        if isinstance(value, list) and not value:
+        if isinstance(value, list) and not value and key not in EMPTY_ALLOWED:
             raise _error(path, lines, key, "empty list", row)
         if _is_list_type(tp):
             # a list of lists is an axis; a flat list is the run's value
-            if isinstance(value, list) and all(isinstance(v, list) for v in value):
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
                 values = value
             else:
                 values = [value]
             for v in values:
-                if isinstance(v, list) and not v and key not in ("skip_layers",):
+                if isinstance(v, list) and not v and key not in EMPTY_ALLOWED:
                     raise _error(path, lines, key, "empty list", row)
                 if not _fits(v, tp):
                     raise _error(path, lines, key, f"expected {_type_name(tp)}, got {v!r}", row)

@@ -37,6 +37,17 @@ def test_lists_of_scalar_options_and_lists_of_lists_are_axes():
     assert len({r.key for r in study.runs}) == 4
 
 
+def test_an_empty_skip_layers_is_the_runs_value_not_an_axis_of_nothing():
+    """skip_layers = [] (sweep's --skip-layers none): every layer compressed, one run -- it used
+    to be refused as an empty list, or, as a flat list, to plan zero runs."""
+    study = parse_study('skip_layers = []\nnum_wikitext_samples = 1\n')
+    assert [r.config.skip_layers for r in study.runs] == [[]]
+    from knormctl.study import plan_study
+
+    overridden = plan_study({}, overrides={"skip_layers": []})
+    assert [r.config.skip_layers for r in overridden.runs] == [[]]
+
+
 def test_runs_of_one_model_are_planned_back_to_back():
     study = parse_study('model = ["b-model", "a-model"]\ndtype = ["float32", "bfloat16"]\n')
     assert [(r.config.model, r.config.dtype) for r in study.runs] == [
