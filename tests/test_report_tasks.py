@@ -112,6 +112,32 @@ def test_subtasks_where_the_full_cache_is_near_chance_are_flagged(store, db, rul
     assert "FULL CACHE NEAR CHANCE" in out and "ruler: mean of 3 subtasks" in out and "ruler: vt" in out
 
 
+def test_a_stored_chance_level_counts_cwe_scoring_below_its_copy_baseline(store, db, ruler):
+    """cwe/fwe store what copying the list would score (extra_json chance): a full cache at 90%
+    where copying scores 80% cannot do the task either. The report used chance 0 for every
+    subtask and missed it; benchmarks/tasks.py used another margin. One rule now (catalog)."""
+    import sqlite3
+
+    from knormctl.tasks.catalog import NEAR_CHANCE_MARGIN, chance_of, near_chance
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET extra_json = ? WHERE subtask = 'cwe'", (json.dumps({"chance": 0.8}),))
+    data = report_json(db, "--run-id", str(ruler))
+    near = {t["subtask"] for t in data["tasks"] if t["near_chance"] and t["subtask"]}
+    assert near == {"vt", "cwe"}
+    [flag] = [f for f in data["flags"] if f["kind"] == "near_chance" and "cwe" in f["message"]]
+    assert "accuracy 90% at 4096, 90% at 8192" in flag["message"]
+
+    class S:  # a stored sample's fields chance_of reads
+        def __init__(self, subtask, extra=None):
+            self.subtask, self.extra_json = subtask, extra
+
+    assert chance_of([S("cwe", {"chance": 0.5}), S("cwe", {"chance": 0.7})]) == pytest.approx(0.6)
+    assert chance_of([S("trec")]) == pytest.approx(1 / 50) and chance_of([S("qasper")]) == 0.0
+    assert near_chance(0.6 + NEAR_CHANCE_MARGIN, 0.6) and not near_chance(0.9, 0.6)
+    assert near_chance(0.9, 0.6, interval=(0.55, 0.98))  # the interval reaches down to chance
+
+
 def test_needle_cells_pool_every_subtask_with_a_depth(store, db):
     run = fill_run(store, task="niah", configs=CONFIGS, n_samples=24, subtasks=("niah_single_1", "niah_multikey_1"),
                    lengths=(2048, 4096), depths=(0.0, 0.5, 1.0), score=ruler_score)

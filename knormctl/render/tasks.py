@@ -22,15 +22,8 @@ from knormctl.render.metrics import DETECTABLE_EFFECT
 from knormctl.render.paired import Interval, ok, prompt_key, spans_zero
 from knormctl.render.rows import REFERENCE_KEY, sort_key
 from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, wilson_interval
+from knormctl.tasks.catalog import chance_of, near_chance
 
-# Chance level of a score, by score_metric: the accuracy a model gets without reading the
-# context. Open answers (passkey digits, needle values, word lists, F1/ROUGE against a
-# free-text answer) have chance ~0; a task with options would list 1/k here.
-CHANCE_LEVEL: dict[str, float] = {}
-# "Near chance": the full cache answers at most this much above chance (a quarter of the
-# questions beyond guessing), or its 95% interval reaches down to chance. Compression
-# results on such a subtask say nothing about the press.
-NEAR_CHANCE_MARGIN = 0.25
 
 
 @dataclass
@@ -94,13 +87,6 @@ def accuracy_interval(xs: Sequence[float], seed: int) -> tuple[Interval | None, 
     return bootstrap_interval(xs, "mean", seed=seed), "bootstrap"
 
 
-def near_chance(accuracy: float | None, interval: Interval | None, metric: str | None) -> bool:
-    if accuracy is None:
-        return False
-    chance = CHANCE_LEVEL.get(metric or "", 0.0)
-    return accuracy <= chance + NEAR_CHANCE_MARGIN or (interval is not None and interval[0] <= chance)
-
-
 def _diffs(mine: dict[tuple, float], ref: dict[tuple, float]) -> list[float]:
     return [(v - ref[k]) * 100.0 for k, v in mine.items() if k in ref]
 
@@ -149,7 +135,8 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
             score_metric=metric, n=len(xs), n_subtasks=1, correct=round(sum(xs)) if _binary(xs) else None,
             accuracy=acc, interval=interval, interval_method=method, reference_accuracy=ref_acc,
             change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
-            n_needed=n_needed, near_chance=near_chance(ref_acc, ref_interval, metric)))
+            n_needed=n_needed, near_chance=near_chance(
+                ref_acc, chance_of(groups.get((task, sub, length, REFERENCE_KEY), [])), ref_interval)))
     rows += _means(rows, scores)
     rows.sort(key=lambda r: (r.task, r.subtask is not None, r.subtask or "", r.context_length or 0,
                              sort_key(proto[r.config_key])))
