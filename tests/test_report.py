@@ -313,8 +313,9 @@ def test_default_is_the_last_run_and_samples_view(store, db):
     assert len(list(csv.DictReader(io.StringIO(report(db, "--samples", "--format", "csv").stdout)))) == 15
 
 
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
 @pytest.mark.parametrize("width", [80, 120])
-def test_the_samples_table_splits_on_a_narrow_terminal_and_cuts_no_number(store, db, width):
+def test_the_samples_table_splits_on_a_narrow_terminal_and_cuts_no_number(store, db, width, terminal):
     import re
 
     from rich.console import Console
@@ -324,7 +325,7 @@ def test_the_samples_table_splits_on_a_narrow_terminal_and_cuts_no_number(store,
     run = fill_run(store, fail=(0, KNORM_09))
     samples = store.samples(run)
     out = io.StringIO()
-    print_samples(samples, Console(file=out, width=width, force_terminal=True, color_system=None),
+    print_samples(samples, Console(file=out, width=width, force_terminal=terminal, color_system=None),
                   {REFERENCE_KEY: "full cache"})
     text = out.getvalue()
     lines = text.splitlines()

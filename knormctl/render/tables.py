@@ -209,10 +209,10 @@ KEY_COLUMNS = ("run_id", "sample_index", "repeat", "dataset", "config_key")  # w
 
 
 def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, str] | None = None) -> None:
-    """One line per stored sample; columns that are empty for every sample are left out. On a
-    terminal too narrow for every column, the values are split over several tables, each
-    repeating the columns that say which sample a line is (as the summary's tables are split):
-    a squeezed column would cut its numbers to an ellipsis."""
+    """One line per stored sample; columns that are empty for every sample are left out. Where the
+    width (the terminal's; $COLUMNS or 120 for a pipe or file) is too narrow for every column,
+    the values are split over several tables, each repeating the columns that say which sample
+    a line is (as the summary's tables are split): a squeezed column would cut its numbers."""
     recs = sample_rows(samples)
     labels = labels or {}
     single_run = len({rec["run_id"] for rec in recs}) <= 1
@@ -234,10 +234,7 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
             table.add_row(*(_sample_cell(rec, key, scale, labels) for key, _, scale in (*keys, *chunk)))
         return table
 
-    if not console.is_terminal or not values:
-        _print_unsquashed(console, build(values, 0, 0))
-        return
-    for table in _split(console, values, build):
+    for table in _split(console, values, build) if values else [build(values, 0, 0)]:
         console.print(table)
 
 
@@ -253,21 +250,6 @@ def _sample_cell(rec: dict, key: str, scale: float | None, labels: dict[str, str
     if key == "error":
         return Text(first_line(v) or "", style="red")
     return str(v)
-
-
-def _print_unsquashed(console: Console, table: Table, limit: int = 240) -> None:
-    """Print at the table's natural width (up to ``limit``) when the output is not a terminal:
-    a file or a pipe has no width to respect, and squeezed columns would cut numbers."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    need = _natural_width(console, table, limit)
-    width = console.width
-    console.width = max(width, min(need, limit))
-    try:
-        console.print(table)
-    finally:
-        console.width = width
 
 
 def print_runs(runs: Sequence[Any], console: Console) -> None:
