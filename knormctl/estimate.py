@@ -47,16 +47,18 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval_tokens: int) -> str:
+def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval_tokens: int,
+              repeats: int = 1) -> str:
     """'plan: 25 cells = 5 samples x 5 configurations (full cache; knorm keep 1, 0.9, ...); 100 new
-    tokens + 128 scored tokens per cell'."""
+    tokens + 128 scored tokens per cell' (n_samples: this shard's; 'x R repeats' when R > 1)."""
     presses: dict[str, list[str]] = {}
     for pc in configs:
         if not pc.is_baseline:
             presses.setdefault(pc.press, []).append(f"{pc.keep_ratio:g}")
     what = ["full cache"] + [f"{p} keep {', '.join(krs)}" for p, krs in presses.items()]
+    rounds = f" x {repeats} repeats" if repeats > 1 else ""
     line = (f"plan: {_count(n_cells, 'cell')} = {_count(n_samples, 'sample')} x "
-            f"{_count(len(configs), 'configuration')} ({'; '.join(what)}); {new_tokens} new tokens")
+            f"{_count(len(configs), 'configuration')}{rounds} ({'; '.join(what)}); {new_tokens} new tokens")
     return line + (f" + {eval_tokens} scored tokens" if eval_tokens else "") + " per cell"
 
 

@@ -95,6 +95,8 @@ def test_plan_line_names_cells_samples_and_configurations():
         "100 new tokens + 128 scored tokens per cell")
     assert plan_line(1, 1, configs[:1], 10, 0) == "plan: 1 cell = 1 sample x 1 configuration (full cache); 10 new " \
         "tokens per cell"
+    assert plan_line(16, 2, configs, 100, 0, repeats=2).startswith("plan: 16 cells = 2 samples x 4 configurations "
+                                                                   "x 2 repeats (")
 
 
 @dataclass

@@ -218,6 +218,7 @@ def test_shards_run_whole_samples_with_their_own_reference(tiny_llama_dir, books
     db = tmp_path / "r.db"
     res = runner.invoke(app, ["sweep", "--shard", "1/2", "--json", *_args(tiny_llama_dir, books_dir, db)])
     assert res.exit_code == 0, res.output
+    assert "plan: 4 cells = 2 samples x 2 configurations" in res.stderr  # this shard's 2 of the 3 samples
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # the second task of sbatch --array=0-1
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")

@@ -129,8 +129,10 @@ def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
     """The plan line, and the estimate from a stored run when there is one (returned)."""
     from knormctl import estimate
 
-    log(estimate.plan_line(len(runner.cells), len(runner.samples), runner.configs, runner.new_tokens,
-                           cfg.eval_tokens if cfg.task == "lm" else 0))  # question tasks score answers
+    mine = len({c.sample_index for c in runner.cells})  # this shard's samples (all, unsharded)
+    log(estimate.plan_line(len(runner.cells), mine, runner.configs, runner.new_tokens,
+                           cfg.eval_tokens if cfg.task == "lm" else 0,  # question tasks score answers
+                           repeats=cfg.repeats))
     stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
     if stored:
         log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")
