@@ -131,7 +131,7 @@ SkipLayersOpt = Annotated[str, _opt("--skip-layers", panel=COMPRESS, metavar=LIS
 CompressModeOpt = Annotated[str | None, _opt(
     "--compress-mode", panel=COMPRESS, metavar="MODE",
     help="decode: cut after every forward; prefill: once after the prefill. Default: decode (lm), "
-         "prefill (passkey).")]
+         "prefill (the question tasks).")]
 KeepRecentOpt = Annotated[int, _opt("--keep-recent", panel=COMPRESS, metavar="N",
                                     help="Newest entries never evicted (0: the paper's rule).")]
 NSinkOpt = Annotated[int, _opt("--n-sink", panel=COMPRESS, metavar="N",
