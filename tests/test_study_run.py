@@ -109,9 +109,10 @@ def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_pa
     path = _study_file(tmp_path, tiny_llama_dir, books_dir)
     assert runner.invoke(app, ["sweep", "--config", path, "--db", str(db)]).exit_code == 0
     other = _study_file(tmp_path, tiny_llama_dir, books_dir, seed=3)
-    res = runner.invoke(app, ["sweep", "--config", other, "--db", str(db)])
-    assert res.exit_code == 2
-    assert "already holds 2 run(s) that are not part of this study" in res.stderr
+    for dry in ([], ["--dry-run"]):  # the plan says what the run would meet
+        res = runner.invoke(app, ["sweep", "--config", other, "--db", str(db), *dry])
+        assert res.exit_code == 2, (dry, res.output)
+        assert "already holds 2 run(s) that are not part of this study" in res.stderr
 
 
 @pytest.mark.parametrize("text, message", [

@@ -55,6 +55,18 @@ def planned_cells(cfg) -> int | None:
     return n * len(cfg.press_configs()) * max(1, getattr(cfg, "repeats", 1) or 1)
 
 
+def _check_group_is_the_studys(store, study) -> list:
+    """The runs stored in the study's group; refused (one line) when some are not this study's."""
+    stored = store.runs_in_group(study.name)
+    planned = {r.key for r in study.runs}
+    foreign = [r for r in stored if _stored_key(r) not in planned]
+    if foreign:
+        raise UsageError(f"group {study.name!r} already holds {len(foreign)} run(s) that are not part of this study "
+                         f"(e.g. run {foreign[0].id}); give the study another name (name = ... or --group), or "
+                         f"delete them: knormctl runs delete {' '.join(str(r.id) for r in foreign[:5])}")
+    return stored
+
+
 def print_plan(study, db: str | None, json_out: bool) -> None:
     """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model."""
     from knormctl import estimate
@@ -67,6 +79,12 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
         store = open_store(url, readonly=True)
     except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
         store = None
+    if store is not None:
+        try:  # the real run would be refused: the plan says so too
+            _check_group_is_the_studys(store, study)
+        except UsageError:
+            store.close()
+            raise
     rows, total_cells, total_s, unknown = [], 0, 0.0, False
     for run in study.runs:
         cells = planned_cells(run.config)
@@ -123,13 +141,7 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: s
     store = open_store(db)
     if store.upgrade_note:
         log(store.upgrade_note)
-    stored = store.runs_in_group(study.name)
-    planned = {r.key for r in study.runs}
-    foreign = [r for r in stored if _stored_key(r) not in planned]
-    if foreign:
-        raise UsageError(f"group {study.name!r} already holds {len(foreign)} run(s) that are not part of this study "
-                         f"(e.g. run {foreign[0].id}); give the study another name (name = ... or --group), or "
-                         f"delete them: knormctl runs delete {' '.join(str(r.id) for r in foreign[:5])}")
+    stored = _check_group_is_the_studys(store, study)
     by_key = {}
     for r in stored:  # the newest run of each planned key
         by_key[_stored_key(r)] = r
