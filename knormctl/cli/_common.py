@@ -14,16 +14,14 @@ error hints in ``cli/__init__.py`` rely on:
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from typer.core import TyperCommand
 
-from knormctl.errors import KnormctlError, UsageError
+from knormctl.errors import KnormctlError
 
 # Help panels: `sweep --help` has ~35 options; grouped by the question a user has in mind.
 COMPRESS = "What to compress"
@@ -100,22 +98,6 @@ def wrapped(text: str, indent: str = "", hang: str = "    ") -> str:
     width = min(shutil.get_terminal_size((80, 24)).columns, 100)
     return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang,
                          break_long_words=False, break_on_hyphens=False)
-
-
-@contextlib.contextmanager
-def written_whole(path: Path, what: str) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one
-    step, so a reader never sees half a file. Any OSError (a read-only folder, a file where a
-    folder should be) becomes one line naming ``what`` (``--output``), and nothing is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):  # where it could not be created, there is nothing to remove
-            tmp.unlink(missing_ok=True)
 
 
 # --- what to compress (sweep) ----------------------------------------------------------

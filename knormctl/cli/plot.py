@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary, written_whole
+from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.files import written_whole
 
 
 class ImageFormat(str, Enum):

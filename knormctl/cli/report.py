@@ -127,8 +127,8 @@ def _writer(output: Path | None):
         return lambda text: print(text, end="")
 
     def write(text: str) -> None:
-        from knormctl.cli._common import written_whole
         from knormctl.errors import UsageError
+        from knormctl.files import written_whole
 
         if output.is_dir():
             raise UsageError(f"--output {output} is a folder")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from sqlalchemy.orm import Mapped
 
 from knormctl import __version__
 from knormctl.errors import StoreError, UsageError
+from knormctl.files import written_whole
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
 from knormctl.store.models import Run, Sample, utcnow
@@ -85,11 +85,11 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
     if not path.parent.is_dir():
         raise UsageError(f"{path.parent} is a file, not a folder" if path.parent.exists()
                          else f"folder {path.parent} does not exist")
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     ids = sorted(set(run_ids))
     n_samples = 0
     try:
-        with _writer(partial, path.name.endswith(".gz")) as out, store.engine.connect() as conn, conn.begin():
+        with written_whole(path) as partial, _writer(partial, path.name.endswith(".gz")) as out, \
+                store.engine.connect() as conn, conn.begin():
             def write(obj: dict) -> None:
                 out.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
 
@@ -103,13 +103,8 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
                     write({"sample": _encode(SAMPLES, row._mapping)})
                     n_samples += 1
             write({"end": {"runs": len(ids), "samples": n_samples}})
-        os.replace(partial, path)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except DBAPIError as exc:
+    except DBAPIError as exc:  # (written_whole has removed the partial file)
         raise StoreError(f"exporting from {store.url} failed: {reason(exc)}") from exc
-    finally:
-        partial.unlink(missing_ok=True)
     return len(ids), n_samples
 
 
