@@ -110,8 +110,7 @@ class Runner:
         import transformers
 
         transformers.logging.disable_progress_bar()  # our own progress is on stderr; keep one bar
-        cfg = self.cfg
-        cfg.check_local_inputs()  # (validate did too: a resumed run's files may have moved since)
+        cfg = self.cfg  # validated (run_config, resume_config, a study's plan): sources and model path checked
         records = None
         if cfg.task in QUESTION_TASKS:
             from knormctl.tasks.build import fetch_records
