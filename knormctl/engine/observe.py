@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from knormctl.engine.timing import model_device
 from knormctl.errors import UsageError
 
 
@@ -77,7 +78,7 @@ def check_model_queries(model, press_name: str) -> None:
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        device = next(model.parameters()).device
+        device = model_device(model)
         ids = torch.arange(1, 5, device=device).unsqueeze(0)
         with torch.inference_mode():
             model(input_ids=ids, position_ids=torch.arange(4, device=device).unsqueeze(0), use_cache=False)
