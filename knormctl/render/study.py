@@ -97,6 +97,7 @@ class StudyView:
     axes: list[str]  # run settings that vary
     models: list[str]
     scales: list[str]  # one frontier and one set of budgets each (models when no axis changes the full cache)
+    scale_axes: list[str]  # the axes that make a scale (those not in PRESS_ONLY)
     points: list[StudyPoint]
     best: list[BudgetLine]
     leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]  # press -> model -> keep ratio -> best point
@@ -229,7 +230,8 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
     leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
                    for press, bm in board.items()}
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
-                     axes=axes, models=models, scales=list(first), points=points, best=best, leaderboard=leaderboard,
+                     axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
+                     leaderboard=leaderboard,
                      summaries=summaries)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from knormctl.render.study import (BUDGETS, PRESS_ONLY, StudyPoint, StudyView, budget_sentences, fmt_quality,
-                                   fmt_ratio, study_flags)
+from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_sentences, fmt_quality, fmt_ratio,
+                                   study_flags)
 
 LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV held and TPOT: ratio to the full "
           "cache; [95% intervals] (paired bootstrap over prompts, Wilson/bootstrap for accuracy); * on the "
@@ -18,7 +18,7 @@ LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV 
 
 def legend(view: StudyView) -> str:
     text = LEGEND.format(kind=view.quality_kind, better="higher" if view.higher_quality else "lower")
-    split = [a for a in view.axes if a not in PRESS_ONLY]
+    split = view.scale_axes
     if split:  # the frontiers are per scale, not per model: say so where a table shows several
         text += (f"; frontiers and budgets per model and {', '.join(split)} (runs that differ in "
                  f"{'it' if len(split) == 1 else 'them'} have different full caches: their ratios do not compare)")
