@@ -113,7 +113,8 @@ class OneLineErrors(TyperGroup):
             if "--verbose" in args or "-v" in args or os.environ.get("KNORMCTL_DEBUG"):
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
-            how = "--verbose or KNORMCTL_DEBUG=1" if "--verbose" in known else "KNORMCTL_DEBUG=1"  # not every command has it
+            # not every command takes --verbose
+            how = "--verbose or KNORMCTL_DEBUG=1" if "--verbose" in known else "KNORMCTL_DEBUG=1"
             print(f"Error: unexpected {type(exc).__name__}: {first} (run again with {how} for the traceback)",
                   file=sys.stderr)
             sys.exit(1)

@@ -164,12 +164,13 @@ def few_prompts_flags(rows: Sequence[ConfigRow]) -> list[Flag]:
                                         f"each change is that prompt's own, with no 95% interval and no verdict "
                                         f"(an interval over prompts needs at least 2)."))
     small = sorted({_pairs(r) for r in rows if not r.is_reference and 1 < _pairs(r) < MIN_PROMPTS})
-    if not small:
-        return flags
-    return flags + [Flag("few_prompts", f"intervals here come from {', '.join(map(str, small))} prompts: with fewer than "
-                                f"{MIN_PROMPTS} a 95% interval over prompts is optimistic (even the whole range of "
-                                f"{small[0]} prompts covers their median only {1 - 2 * 0.5 ** small[0]:.0%} of the "
-                                f"time). Treat better/worse there as a hint, not a finding.")]
+    if small:
+        flags.append(Flag("few_prompts", f"intervals here come from {', '.join(map(str, small))} prompts: with fewer "
+                                         f"than {MIN_PROMPTS} a 95% interval over prompts is optimistic (even the whole "
+                                         f"range of {small[0]} prompts covers their median only "
+                                         f"{1 - 2 * 0.5 ** small[0]:.0%} of the time). Treat better/worse there as a "
+                                         f"hint, not a finding."))
+    return flags
 
 
 def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:

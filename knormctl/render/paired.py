@@ -7,8 +7,9 @@ measurement rounds of the same cell) are first reduced to one value per prompt w
 metric's own statistic (median; mean for fractions; lower median for counts), then:
 
 - value: that statistic over prompts; interval (fractions only): Wilson when every score of a
-  right/wrong metric (accuracy) is 0 or 1, else a seeded percentile bootstrap over prompts. Medians of timings, memory and
-  perplexity get none: over different prompts it would show the prompt mix, not the press;
+  right/wrong metric (accuracy) is 0 or 1, else a seeded percentile bootstrap over prompts.
+  Medians of timings, memory and perplexity get none: over different prompts it would show
+  the prompt mix, not the press;
 - change (relative metrics): each prompt's change against the full cache on the same
   prompt, in %, then the median over prompts; fractions: the mean of per-prompt
   differences, in percentage points. Interval: bootstrap over prompts of that statistic.

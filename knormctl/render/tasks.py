@@ -25,7 +25,6 @@ from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratif
 from knormctl.tasks.catalog import chance_of, near_chance
 
 
-
 @dataclass
 class TaskRow:
     """Accuracy of one configuration on one subtask (or the mean over subtasks) at one length."""
