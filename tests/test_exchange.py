@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from knormctl.cli import app
 from knormctl.store import Run, Sample, open_store
 from knormctl.store.connect import make_engine
+from knormctl.store.migrate import SCHEMA_HEAD
 
 runner = CliRunner()
 
@@ -96,7 +97,7 @@ def test_export_import_round_trip_keeps_every_column(source_url, target_url, tmp
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["format"] == "knormctl-results" and lines[0]["version"] == 1
-    assert lines[0]["schema_revision"] == "0004" and lines[-1] == {"end": {"runs": 3, "samples": n_samples}}
+    assert lines[0]["schema_revision"] == SCHEMA_HEAD and lines[-1] == {"end": {"runs": 3, "samples": n_samples}}
     # every column of the tables, read from the models: a new column would be exported as well
     assert set(lines[1]["run"]) == set(Run.__table__.c.keys())
     assert all(set(line["sample"]) == set(Sample.__table__.c.keys()) for line in lines if "sample" in line)
@@ -217,7 +218,7 @@ BAD = [
     ("not-json", "is not a knormctl export (line 1 is not its JSON header)"),
     ("csv", "is not a knormctl export (line 1 is not its JSON header)"),
     ("version", "is an export of format version 99; this knormctl reads version 1"),
-    ("schema", "was exported by a newer knormctl (schema 0099, this one knows up to 0004); upgrade knormctl"),
+    ("schema", f"was exported by a newer knormctl (schema 0099, this one knows up to {SCHEMA_HEAD}); upgrade knormctl"),
     ("no-end", "is truncated (no end line); nothing was imported"),
     ("cut-mid-line", "is not a JSON object (the file is damaged)"),
     ("wrong-count", "is damaged: its end line counts"),

@@ -40,7 +40,7 @@ def sqlite_file(url: str) -> Path | None:
 def test_one_linear_history_ending_at_head():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [HEAD]
-    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004"]
+    assert [r.revision for r in script.walk_revisions()][::-1] == ["0001", "0002", "0003", "0004", "0005"]
     # the no-Alembic fast path of open_store compares with this constant: it must follow the scripts
     from knormctl.store.migrate import SCHEMA_HEAD
 
@@ -131,6 +131,10 @@ def test_upgrade_from_0001_keeps_every_row(db_url):
         assert store.get_run(run_ids[-1]).status == INTERRUPTED
         assert len(store.samples(run_ids)) == 60
         assert store.done_cells(run_ids[0]) == {(i, "knorm|kr=0.5", 0) for i in range(20) if i != 3}  # repeat 0
+        # 0005: the rebuilt runs table keeps its high-water mark; the newest id is not handed out again
+        store.delete_runs([run_ids[-1]])
+        assert store.create_run(command="sweep", task="lm", model_requested="m", config={},
+                                command_line="x") > run_ids[-1]
 
     if path is not None:  # the backup is a valid SQLite database holding the old rows at 0001
         with closing(sqlite3.connect(store.backup_path)) as bak:

@@ -25,6 +25,7 @@ from unprivileged import unprivileged
 
 from knormctl.cli import app
 from knormctl.store import RUNNING, Run, StoreError, open_store, utcnow
+from knormctl.store.migrate import SCHEMA_HEAD
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -190,18 +191,18 @@ def test_an_old_schema_is_refused_untouched_and_runs_upgrade_upgrades_it(tmp_pat
         res = runner.invoke(app, [*command, "--db", str(db)])
         assert res.exit_code == 2, res.output
         line = res.stderr.strip()
-        assert line.startswith(f"Error: {db} has schema 0001, older than this knormctl's 0004")
+        assert line.startswith(f"Error: {db} has schema 0001, older than this knormctl's {SCHEMA_HEAD}")
         assert f"knormctl runs upgrade --db {db}" in line and "\n" not in line
     assert digest(db) == before and listing(tmp_path) == files  # no backup, no -wal: nothing written
 
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(db)])
     assert res.exit_code == 0, res.output
-    assert "from 0001 to 0004" in res.stdout and ".bak-0001-" in res.stdout
+    assert f"from 0001 to {SCHEMA_HEAD}" in res.stdout and ".bak-0001-" in res.stdout
     res = runner.invoke(app, ["report", "--list", "--format", "json", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.stdout)) == 2
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(db)])
-    assert res.exit_code == 0 and "already at schema 0004" in res.stdout
+    assert res.exit_code == 0 and f"already at schema {SCHEMA_HEAD}" in res.stdout
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(tmp_path / "nope.db")])
     assert res.exit_code == 2 and "does not exist" in res.stderr and not (tmp_path / "nope.db").exists()
 
@@ -210,7 +211,7 @@ def test_a_read_only_store_refuses_every_write(db_url):
     with open_store(db_url) as store:
         run_id = fill_run(store)
     with open_store(db_url, readonly=True) as store:
-        assert store.readonly and store.get_run(run_id).id == run_id and store.schema_revision == "0004"
+        assert store.readonly and store.get_run(run_id).id == run_id and store.schema_revision == SCHEMA_HEAD
         with pytest.raises(StoreError, match="opened read-only"):
             store.update_run(run_id, error="x")
         with pytest.raises(StoreError, match="opened read-only"):

@@ -300,6 +300,22 @@ def test_deleting_a_run_deletes_its_samples(db_url):
             assert conn.scalar(select(func.count()).select_from(Sample)) == 0
 
 
+def test_a_deleted_runs_id_is_never_given_to_a_new_run(db_url):
+    """Run ids are what users write down and share ("run 5"): deleting the newest run must not
+    hand its id to the next one (SQLite's plain rowid would reuse max(id) + 1)."""
+    with open_store(db_url) as store:
+        first, newest = new_run(store), new_run(store)
+        store.add_sample(newest, **cell(0))
+        store.finish_run(newest, COMPLETE)
+        assert store.delete_runs([newest]) == (1, 1)
+        again = new_run(store)
+        assert again > newest and again != first
+        store.finish_run(again, COMPLETE)
+    with open_store(db_url) as store:  # the high-water mark is kept in the file, not the process
+        store.delete_runs([again])
+        assert new_run(store) > again
+
+
 def dead_pid() -> int:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

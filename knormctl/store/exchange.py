@@ -2,7 +2,7 @@
 
 The file, one JSON object per line::
 
-    {"format": "knormctl-results", "version": 1, "schema_revision": "0004", ...}   header
+    {"format": "knormctl-results", "version": 1, "schema_revision": "0005", ...}   header
     {"run": {every column of runs}}                                            a run ...
     {"sample": {every column of samples}}                                      ... its samples
     ...

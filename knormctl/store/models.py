@@ -50,6 +50,9 @@ class Base(DeclarativeBase):
 
 class Run(Base):
     __tablename__ = "runs"
+    # Ids are what users share ("run 5"): SQLite must not give a deleted run's id to the next
+    # (migration 0005); PostgreSQL's sequence never does.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Identity that survives export/import between stores (ids are local to one database).
