@@ -133,9 +133,26 @@ def test_a_stored_chance_level_counts_cwe_scoring_below_its_copy_baseline(store,
             self.subtask, self.extra_json = subtask, extra
 
     assert chance_of([S("cwe", {"chance": 0.5}), S("cwe", {"chance": 0.7})]) == pytest.approx(0.6)
-    assert chance_of([S("trec")]) == pytest.approx(1 / 50) and chance_of([S("qasper")]) == 0.0
+    assert chance_of([S("trec")]) == pytest.approx(1 / 50) and chance_of([S("niah_single_1")]) == 0.0
+    assert chance_of([S("qasper")]) is None and chance_of([]) is None  # no chance level defined
+    assert not near_chance(0.0, None)
     assert near_chance(0.6 + NEAR_CHANCE_MARGIN, 0.6) and not near_chance(0.9, 0.6)
     assert near_chance(0.9, 0.6, interval=(0.55, 0.98))  # the interval reaches down to chance
+
+
+def test_no_near_chance_verdict_where_the_metric_has_no_chance_level(store, db):
+    """LongBench's F1 and ROUGE-L have no chance level: GPT-3.5 scores 23.6 F1 on NarrativeQA
+    and 23.4 ROUGE-L on QMSum (LongBench's README). With chance taken as 0, such a full cache
+    was flagged "cannot do this task". trec (chance 1/50) still gets the verdict."""
+    subs = ("narrativeqa", "qmsum", "trec")
+    run = fill_run(store, task="longbench", configs=CONFIGS, n_samples=30, subtasks=subs, lengths=(4096,),
+                   score=lambda i, pc, sub, depth, length: {"narrativeqa": 0.2, "qmsum": 0.23}.get(sub, 0.1)
+                   + 0.01 * (i % 4), score_metric="qa_f1", prompt_tokens=(4096,))
+    data = report_json(db, "--run-id", str(run))
+    near = {t["subtask"] for t in data["tasks"] if t["near_chance"] and t["subtask"]}
+    assert near == {"trec"}
+    flagged = " ".join(f["message"] for f in data["flags"] if f["kind"] == "near_chance")
+    assert "trec" in flagged and "narrativeqa" not in flagged and "qmsum" not in flagged
 
 
 def test_needle_cells_pool_every_subtask_with_a_depth(store, db):

@@ -69,7 +69,7 @@ LONGBENCH = tuple(_LONGBENCH)
 LONGBENCH_UNSUPPORTED = {"multifieldqa_zh": "jieba", "dureader": "jieba", "vcsum": "jieba",
                          "lsht": "kvpress's copy", "passage_retrieval_zh": "kvpress's copy"}
 # trec: 50 question types; passage_retrieval_en: 30 paragraphs. Other LongBench metrics have
-# no meaningful chance level.
+# no meaningful chance level (None: the report gives no near-chance verdict there).
 _LONGBENCH_CHANCE = {"trec": 1 / 50, "passage_retrieval_en": 1 / 30}
 
 SUBTASKS: dict[str, Subtask] = {
@@ -92,21 +92,27 @@ def subtask(name: str) -> Subtask:
     return SUBTASKS[name]
 
 
-def chance_of(samples) -> float:
+def chance_of(samples) -> float | None:
     """The chance level of a cell's questions: the mean of what each sample stored (cwe/fwe's
-    copy-the-list score in ``extra_json["chance"]``), else its subtask's, else 0 (an open answer:
-    digits, names, free text scored by F1/ROUGE)."""
+    copy-the-list score in ``extra_json["chance"]``), else its subtask's (0 for an open answer
+    a guess cannot hit: digits, uuids, names). None where a sample's metric has no chance level
+    (LongBench's F1, ROUGE-L, edit similarity, passage count: generic text already scores above
+    0 against a reference) or there are no samples: then there is no near-chance verdict."""
     levels = []
     for s in samples:
-        stored = (getattr(s, "extra_json", None) or {}).get("chance")
-        known = SUBTASKS.get(getattr(s, "subtask", None) or "")
-        levels.append(stored if stored is not None else (known.chance if known and known.chance is not None else 0.0))
-    return sum(levels) / len(levels) if levels else 0.0
+        level = (getattr(s, "extra_json", None) or {}).get("chance")
+        if level is None:
+            known = SUBTASKS.get(getattr(s, "subtask", None) or "")
+            level = known.chance if known else None
+        if level is None:
+            return None
+        levels.append(level)
+    return sum(levels) / len(levels) if levels else None
 
 
-def near_chance(score: float | None, chance: float, interval: tuple[float, float] | None = None) -> bool:
+def near_chance(score: float | None, chance: float | None, interval: tuple[float, float] | None = None) -> bool:
     """A full-cache accuracy within NEAR_CHANCE_MARGIN of ``chance``, or whose 95% interval
-    reaches down to it."""
-    if score is None:
+    reaches down to it. No verdict (False) without a score or a chance level."""
+    if score is None or chance is None:
         return False
     return score <= chance + NEAR_CHANCE_MARGIN or (interval is not None and interval[0] <= chance)
