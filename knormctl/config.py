@@ -316,8 +316,9 @@ class RunConfig:
             self.context_lengths = list(tasks.DEFAULT_CONTEXT_LENGTHS[self.task])
         if self.task == "niah":
             return
-        if self.subtasks is None:
-            self.subtasks = list(tasks.DEFAULT_SUBTASKS[self.task])
+        if self.subtasks is None:  # "all": from the Hub, RULER's qa_1/qa_2 too
+            self.subtasks = list(tasks.DEFAULT_SUBTASKS[self.task]) + (
+                list(tasks.RULER_QA) if self.task == "ruler" and self.ruler_source == "hub" else [])
         if self.task == "ruler":
             allowed = tasks.RULER_SYNTHETIC + (tasks.RULER_QA if self.ruler_source == "hub" else ())
             for s in self.subtasks:

@@ -118,6 +118,20 @@ def test_longbench_from_records_through_the_hub_loader(tiny_llama_dir, tmp_path,
         assert json.loads(r["extra_json"])["truncated"] > 0
 
 
+def test_ruler_from_the_hub_runs_every_subtask_by_default(tmp_path):
+    """--subtasks' default is "all": from the Hub that is RULER's 13 (the 11 generated ones and
+    qa_1/qa_2), the set RULER and kvpress average over; the generated set has no qa."""
+    from knormctl import config
+    from knormctl.tasks.catalog import RULER_QA, RULER_SYNTHETIC
+
+    hub = config.RunConfig(command="sweep", task="ruler", ruler_source="hub")
+    hub.check_local_inputs = lambda: None  # no model or Hub here: only the defaults are under test
+    assert hub.validate().subtasks == [*RULER_SYNTHETIC, *RULER_QA]
+    generated = config.RunConfig(command="sweep", task="ruler")
+    generated.check_local_inputs = lambda: None
+    assert generated.validate().subtasks == list(RULER_SYNTHETIC)
+
+
 BAD = [
     (["--task", "ruler", "--protocol", "sometimes"], "--protocol must be one of"),
     (["--task", "ruler", "--subtasks", "niah_single_9"], "unknown ruler subtask"),
