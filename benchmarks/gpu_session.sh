@@ -26,5 +26,5 @@ fi
 cat "$out/machine.txt"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "no CUDA GPU here: nothing to check (gpu_check.py would build the 8B shape on the CPU)" >&2; exit 1; }
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-timeout 400 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+timeout 430 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"

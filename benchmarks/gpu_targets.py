@@ -145,6 +145,16 @@ def decode_steps(model, ids, device: str) -> tuple[list[str], str | None]:
     return ["launched", "static"] + ([] if error else ["graph"]), error
 
 
+def decode_kv_bytes(r, layers: int) -> float:
+    """The KV bytes a decode step reads, averaged over the decode: the mean of the cache right
+    after the prefill (and its cut) and at the end, which is ``new_tokens - 1`` entries per layer
+    longer. Not ``kv_bytes_peak``: a prefill-mode press's peak is the whole prompt's cache before
+    the cut, which no decode step reads (it put knorm 0.5's floor ratio at 0.944, not 0.889)."""
+    per_position = r.kv_bytes_final / r.kv_entries_final  # entries: positions summed over layers, every row's
+    after_cut = r.kv_bytes_final - (r.new_tokens - 1) * layers * per_position
+    return (after_cut + r.kv_bytes_final) / 2
+
+
 def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | None) -> list[list[str]]:
     """(f1)-(f3): the median decode step of the full cache and of knorm 0.5 against the floor, each
     way a decode step can run (--decode-step launched, static, graph); the same configuration's
@@ -158,6 +168,7 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
                                                                                       decode_step=how))
                          for (label, how), cfg in cfgs.items()}, max(2, repeats))
     w = read_bytes_per_token(model)
+    layers = model.config.num_hidden_layers
     measured = copy_bandwidth(device)
     spec = spec_bandwidth(gpu_name) if device == "cuda" else None
     bw = spec or measured
@@ -166,7 +177,7 @@ def decode_floor(model, ids, n: int, repeats: int, device: str, gpu_name: str | 
         runs = res[f"{label}, {how}"]
         key = (label, how)
         tpot[key] = c.median([r.itl_p50_s for r in runs])  # the median step: the first carries the prefill cut
-        kv = c.median([(r.kv_bytes_peak + r.kv_bytes_final) / 2 for r in runs])  # the cache over the decode
+        kv = c.median([decode_kv_bytes(r, layers) for r in runs])
         floor[key] = (w + kv) / bw
         rounds = [r.itl_p50_s for r in runs]
         spread[key] = (max(rounds) - min(rounds)) / min(rounds)
