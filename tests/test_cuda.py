@@ -30,6 +30,8 @@ def _ids(n, seed=0):
     return torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+ALLOCATOR_SLACK = 2 << 20  # bytes: see benchmarks/gpu_check.py's (e)
+
 CONFIGS = [
     PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
     PressConfig(press="streaming", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill"),
@@ -43,11 +45,16 @@ def test_compression_never_raises_the_peak_above_the_full_cache(model, cfg):
     ids = _ids(4096)
     run_generation(model, ids, PressConfig(), 4)  # warm both paths (allocator, kernels)
     run_generation(model, ids, cfg, 4)
+    torch.cuda.empty_cache()  # both from the same allocator state: the same blocks for the same prefill
     full = run_generation(model, ids, PressConfig(), 16)
+    torch.cuda.empty_cache()
     cut = run_generation(model, ids, cfg, 16)
     assert cut.compress_events >= 1 and cut.kv_bytes_final < full.kv_bytes_final
     assert full.memory.kind == cut.memory.kind == "cuda_max_memory_allocated"
-    assert cut.memory.bytes <= full.memory.bytes, (cut.memory.bytes - full.memory.bytes) / 2**20
+    # ALLOCATOR_SLACK: an unsplit block is charged whole, up to 1 MiB past the request; a cut
+    # that copied the cache would be 16 MiB over here
+    over = cut.memory.bytes - full.memory.bytes
+    assert over <= ALLOCATOR_SLACK, over / 2**20
 
 
 def _prefilled(model, n=1024):
@@ -66,14 +73,16 @@ def _copy(model, cache, device):
 
 @torch.inference_mode()
 def test_the_gpu_budget_stacks_groups_and_keeps_what_the_layer_by_layer_cut_keeps(model):
+    # The budget is this sample's peak minus what is allocated: measured from this prefill alone
+    # (not an earlier test's peak), and read before the reference copy takes memory of its own.
+    torch.cuda.reset_peak_memory_stats()
     cache = _prefilled(model)
-    per_layer = _copy(model, cache, "cuda")
     cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(0,), mode="prefill")
-    auto = Compressor(cfg, 8)
-    room = auto.budget(torch.device("cuda"))
+    room = Compressor(cfg, 8).budget(torch.device("cuda"))
     layer_bytes = 2 * cache.layers[1].keys.numel() * cache.layers[1].keys.element_size()
     assert room // 2 >= 2 * layer_bytes, "after a 1024-token prefill the budget fits a stacked pair"
-    auto.after_forward(cache, prefill=True)
+    per_layer = _copy(model, cache, "cuda")
+    Compressor(cfg, 8, budget_bytes=room).after_forward(cache, prefill=True)
     Compressor(cfg, 8, budget_bytes=0).after_forward(per_layer, prefill=True)
     for a, b in zip(cache.layers, per_layer.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

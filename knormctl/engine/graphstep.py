@@ -40,6 +40,8 @@ compare with the reference (tokens identical), and the step a graph records.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from knormctl.engine.kvbuffer import BufferLayer
@@ -128,7 +130,9 @@ class StaticStep:
                 self._record()
             self._layout = layout
         if self.capture:
-            self.graph.replay()
+            on = self.slots.device  # replay on that device's stream (cuda:1 too); a test's stand-in: the CPU
+            with torch.cuda.device(on) if on.type == "cuda" else nullcontext():
+                self.graph.replay()
             logits = self.logits
         else:
             logits = self._forward()
@@ -190,7 +194,9 @@ class StaticStep:
             self._forward()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # on the model's device's side stream: torch.cuda.graph's default stream belongs to the
+        # current device, which for a model on cuda:1 would record nothing of its kernels
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
             self.logits = self._forward()
         self.graph = graph
         self.captures += 1

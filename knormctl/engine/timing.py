@@ -75,6 +75,7 @@ class StepClock:
     def __init__(self, devices):
         devices = _devices(devices)
         self.events = len(devices) == 1 and devices[0].type == "cuda"
+        self._device = devices[0]
         self.kind = "cuda_events" if self.events else "host_clock"
         self._sync = synchronizer(devices)
         self._marks: list = []
@@ -82,7 +83,7 @@ class StepClock:
     def _now(self):
         if self.events:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self._device))  # the model's device (cuda:1 too), not cuda:0
             return event
         self._sync()
         return time.perf_counter()
