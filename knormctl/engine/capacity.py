@@ -101,8 +101,12 @@ def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: 
         res = run_generation(model, [prompt] * batch, cfg, new_tokens, prefill_chunk=prefill_chunk,
                              decode_step=decode_step)
     except torch.cuda.OutOfMemoryError as exc:
+        oom = f"out of memory: {str(exc).splitlines()[0]}"
+    else:
+        oom = None
+    if oom is not None:  # outside the handler: its traceback no longer holds the failed probe's tensors
         torch.cuda.empty_cache()
-        return Probe(batch, False, None, error=f"out of memory: {str(exc).splitlines()[0]}")
+        return Probe(batch, False, None, error=oom)
     if device.type == "cuda":
         peak = res.memory.bytes
     else:
