@@ -374,8 +374,9 @@ def test_a_run_is_taken_over_only_when_its_owner_is_gone(db_url):
         store.update_run(alive_elsewhere, hostname="gpu-node-8", pid=1234, heartbeat_utc=utcnow())
         dead_here = new_run(store)
         store.update_run(dead_here, pid=dead_pid())
-        recycled = new_run(store)  # a live pid that started after the run: another program
-        store.update_run(recycled, pid=1, started_utc=utcnow() - timedelta(days=365 * 30))
+        recycled = new_run(store)  # a live pid born after the owner's last sign of life: another program
+        long_ago = utcnow() - timedelta(days=365 * 30)
+        store.update_run(recycled, pid=1, started_utc=long_ago, heartbeat_utc=long_ago)
         stale_elsewhere = new_run(store)
         store.update_run(stale_elsewhere, hostname="gpu-node-7", pid=99,
                          heartbeat_utc=utcnow() - timedelta(hours=1))
@@ -391,6 +392,23 @@ def test_a_run_is_taken_over_only_when_its_owner_is_gone(db_url):
         assert store.get_run(recycled).status == INTERRUPTED
         with pytest.raises(StoreError, match="run 424242 does not exist"):
             store.reopen_run(424242)
+
+
+def test_a_resumed_run_is_running_while_its_new_owner_lives(db_url):
+    """A resume keeps the run's first start and hands it to a process born later. That process
+    was read as a recycled pid (born after the start), so a live resume showed 'interrupted' and
+    could be deleted, resumed a second time or exported half-done under it."""
+    with open_store(db_url) as store:
+        run_id = new_run(store)
+        store.update_run(run_id, started_utc=utcnow() - timedelta(days=2), pid=dead_pid(),
+                         heartbeat_utc=utcnow() - timedelta(days=1))
+        store.reopen_run(run_id)  # this process, born long after the start, takes it over
+        assert store.get_run(run_id).status == RUNNING
+        assert store.mark_stale_runs() == []
+        with pytest.raises(UsageError, match=f"run {run_id} is still running"):
+            store.reopen_run(run_id)
+        with pytest.raises(UsageError, match=f"run {run_id} is still running"):
+            store.delete_runs([run_id])
 
 
 def test_deleting_runs(db_url):

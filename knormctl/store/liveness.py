@@ -20,8 +20,8 @@ from knormctl.store.models import INTERRUPTED, RUNNING, Run, utcnow
 STALE_AFTER_S = 600.0  # a heartbeat is sent every 60 s: ten missed beats is not a slow cell
 
 
-def pid_alive(pid: int, started: datetime | None) -> bool:
-    """Is process ``pid``, started no later than ``started`` (naive UTC), running on this host?"""
+def pid_alive(pid: int, seen: datetime | None) -> bool:
+    """Is process ``pid``, already running at ``seen`` (naive UTC), running on this host?"""
     try:
         import psutil
     except ImportError:  # psutil is a dependency; this is only a fallback
@@ -41,8 +41,8 @@ def pid_alive(pid: int, started: datetime | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
-    # A process born after the run started is another program that got the same pid.
-    if started is not None and created > started.replace(tzinfo=timezone.utc).timestamp() + 2:
+    # A process born after the owner's last sign of life is another program that got the same pid.
+    if seen is not None and created > seen.replace(tzinfo=timezone.utc).timestamp() + 2:
         return False
     return True
 
@@ -50,9 +50,11 @@ def pid_alive(pid: int, started: datetime | None) -> bool:
 def stale_reason(pid: int | None, hostname: str | None, heartbeat: datetime | None, started: datetime | None, *,
                  now: datetime, host: str, stale_after_s: float = STALE_AFTER_S) -> str | None:
     """Why a 'running' run's owner is gone, or None while it may be alive."""
+    # The owner was alive at its last heartbeat (create_run and a resume's take-over beat
+    # first): not the run's first start, which a resumed run keeps from an earlier process.
     last = heartbeat or started
     if pid and hostname == host:
-        if pid_alive(pid, started):
+        if pid_alive(pid, last):
             return None
         return f"process {pid} on {hostname} stopped without finishing (the process no longer exists)"
     if last is not None and now - last <= timedelta(seconds=stale_after_s):
