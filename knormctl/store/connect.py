@@ -71,12 +71,16 @@ def make_engine(url: str | URL, *, readonly: bool = False) -> Engine:
 def readonly_sqlite_uri(path: Path) -> str:
     """``mode=ro`` shares SQLite's locks with writers, so a report sees a consistent state even
     while a sweep writes; it needs the -shm file (SQLite creates it, empty of results, when the
-    folder allows). A read-only folder without one can hold no live writer: ``immutable=1``
-    then reads the file as it is, with no lock and no file beside it."""
+    folder allows). Where no live writer can exist, ``immutable=1`` reads the file as it is,
+    with no lock and no file beside it: a read-only folder without a -shm, or a file nobody may
+    write (chmod a-w; mode=ro would leave -wal/-shm as read-only as the file, and once it is
+    made writable again every write fails "attempt to write a readonly database")."""
     shm, wal = (path.with_name(path.name + suffix) for suffix in ("-shm", "-wal"))
-    if shm.exists() or os.access(path.parent, os.W_OK | os.X_OK):
+    pending = wal.exists() and wal.stat().st_size > 0  # commits not yet in the file: need the lock protocol
+    unwritable = not path.stat().st_mode & 0o222
+    if shm.exists() or (os.access(path.parent, os.W_OK | os.X_OK) and (pending or not unwritable)):
         return sqlite_uri(path, mode="ro")
-    if wal.exists() and wal.stat().st_size > 0:
+    if pending:
         raise StoreError(f"cannot read {path}: its write-ahead log {wal.name} holds changes that need the "
                          f"missing {shm.name} file, and folder {path.parent} is read-only "
                          "(copy the database with its -wal file to a writable folder)")
