@@ -30,7 +30,7 @@ def test_interrupted_sweep_keeps_finished_samples_and_resumes(tiny_llama_dir, bo
     proc = _start_and_wait(_cmd(tiny_llama_dir, books_dir, db), env, db, at_least=3)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err  # 128 + the signal, as a shell reports it
     assert "Traceback" not in err
     kept = _count(db)
     assert kept >= 3

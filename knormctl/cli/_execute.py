@@ -43,6 +43,14 @@ def _raise_interrupted(signum, frame):
     raise Interrupted()
 
 
+def _stop_code(exc: KeyboardInterrupt) -> int:
+    """The shell's code for the signal that stopped the run: 143 (128 + 15) for SIGTERM, what
+    schedulers and `timeout` expect; 130 for Ctrl-C."""
+    from knormctl.runner import Interrupted
+
+    return 128 + (signal.SIGTERM if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
 def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None,
                   verbose: bool = False) -> None:
     from knormctl.runner import resume_config
@@ -85,8 +93,8 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     runner = Runner(cfg, store, progress=log)
     try:
         runner.prepare(loaded)  # model, samples, checks: bad input fails here, before any row is written
-    except KeyboardInterrupt:
-        raise fail("interrupted before the run started; nothing was stored", 130) from None
+    except KeyboardInterrupt as exc:
+        raise fail("interrupted before the run started; nothing was stored", _stop_code(exc)) from None
     stored = _announce_plan(runner, cfg, store, resume, log)
     progress = cell_progress(log.console, log, len(runner.cells))
     if not cfg.warmup:
@@ -113,13 +121,14 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             progress.close()  # before any message: a live bar would draw over it
     except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
         raise fail(str(exc).splitlines()[0], 1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         run_id = getattr(runner, "run_id", None)
         if run_id is None:
-            raise fail("interrupted before the run started; nothing was stored", 130) from None
+            raise fail("interrupted before the run started; nothing was stored", _stop_code(exc)) from None
         run = store.get_run(run_id)
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
-                   f"finish it with: {interrupt_hint or f'knormctl sweep --resume {run_id}'}", 130) from None
+                   f"finish it with: {interrupt_hint or f'knormctl sweep --resume {run_id}'}",
+                   _stop_code(exc)) from None
     if summary:
         _print_summary(store, outcome, json_out)
     return outcome, runner.loaded
