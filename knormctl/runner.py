@@ -160,6 +160,7 @@ class Runner:
             self.prior_outputs = [s for s in self.store.samples(resume_run_id, with_blobs=True)
                                   if s.error is None and s.generated_ids_json is not None]
             self._check_resume_samples()
+            self._check_resume_set_up(get_environment(lm.device))
             # running again, owned by this process (pid, host, heartbeat); refused if another process took it
             self.store.reopen_run(resume_run_id)
             return resume_run_id
@@ -172,6 +173,26 @@ class Runner:
         self.store.update_run(self.run_id, model_resolved=lm.resolved, model_hash=lm.model_hash,
                               attn_implementation=lm.attn_implementation)
         return self.run_id
+
+    def _check_resume_set_up(self, env: dict) -> None:
+        """The cells still to measure pair with the finished ones prompt by prompt: they must run
+        in the run's set-up (the report header's machine fields; another host of the same
+        set-up may go on). A field the run did not record is not compared."""
+        import socket
+        from types import SimpleNamespace
+
+        from knormctl.render.header import DIFFER_LABELS, MACHINE_FIELDS, machine_of
+
+        stored = machine_of(self.store.get_run(self.run_id))
+        here = machine_of(SimpleNamespace(id=None, hostname=socket.gethostname(), device=self.loaded.device,
+                                          env_json=env, dtype=self.loaded.dtype, knormctl_version=__version__,
+                                          git_commit=env.get("git_commit")))
+        differs = [f"{DIFFER_LABELS[f]} {getattr(stored, f)} -> {getattr(here, f)}" for f in MACHINE_FIELDS
+                   if f != "hostname" and getattr(stored, f) is not None and getattr(stored, f) != getattr(here, f)]
+        if differs:
+            raise UsageError(f"cannot resume run {self.run_id} here: its set-up differs in {', '.join(differs)}; "
+                             "its finished cells and the rest would pool two set-ups (resume it where it ran, "
+                             "or start a new run)")
 
     def _check_resume_samples(self) -> None:
         stored = {s.sample_index: s.text_hash for s in self.store.samples(self.run_id)}

@@ -176,6 +176,37 @@ def test_resume_goes_on_when_the_owner_is_gone(tmp_path):
         assert con.execute("SELECT status, hostname FROM runs").fetchone() == (RUNNING, "gpu-node-7")
 
 
+def test_resume_refuses_another_set_up_naming_what_differs(tiny_llama_dir, books_dir, tmp_path):
+    """Finished cells and the rest of a run pair prompt by prompt: resumed with other threads (or
+    another torch, device, commit...) the run would pool two set-ups under one header, and a
+    configuration doing no work showed a 30% TTFT change. Refused in one line, nothing written;
+    another host with the same set-up may go on."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
+                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
+                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    with sqlite3.connect(db) as con:
+        env = json.loads(con.execute("SELECT env_json FROM runs").fetchone()[0])
+        assert env["torch_threads"] == 1
+        con.execute("UPDATE runs SET status = 'interrupted', env_json = ?, hostname = 'gpu-node-7'",
+                    (json.dumps(env | {"torch_threads": 2, "torch": "2.0.0"}),))
+        con.execute("DELETE FROM samples WHERE config_key != 'none'")
+        before = con.execute("SELECT * FROM runs").fetchall()
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--db", str(db)])
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip().splitlines()[-1]  # after the model's loading lines: the set-up is the loaded one
+    assert line.startswith("Error: cannot resume run 1 here: its set-up differs in threads 2 -> 1, "
+                           f"torch version 2.0.0 -> {env['torch']}") and "\n" not in line
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT * FROM runs").fetchall() == before
+        con.execute("UPDATE runs SET env_json = ?", (json.dumps(env),))  # the same set-up, another host
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--db", str(db), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == "complete"
+
+
 def test_two_processes_resuming_one_run_at_once_one_gets_it(db_url):
     """The take-over is one locked transaction: of two simultaneous resumers exactly one wins."""
     with open_store(db_url) as store:
