@@ -165,6 +165,46 @@ def test_importing_twice_adds_nothing_and_a_partly_known_file_adds_the_rest(tmp_
     assert resumed["resumed_from"] is None  # run b did not come along: no link to an unrelated run 2
 
 
+def test_a_later_export_of_a_known_run_replaces_its_earlier_copy(tmp_path):
+    """Export an interrupted run, import it, finish it at home, export and import again: the
+    second import said 'nothing imported ... already in' and the team's copy stayed interrupted
+    for good. The copy with more cells now replaces the stored one (same id here); an older
+    copy is not imported over a newer one, and says so."""
+    early_db, late_db, team = tmp_path / "early.db", tmp_path / "late.db", tmp_path / "team.db"
+    with open_store(str(early_db)) as store:
+        early = fill_run(store, status="interrupted", stop_after=4, seed=3)
+        uuid = store.get_run(early).uuid
+    with open_store(str(late_db)) as store:
+        fill_run(store, seed=9)  # another run first: the finished copy has another id there
+        late = fill_run(store, seed=3)
+    with make_engine(f"sqlite:///{late_db}").begin() as conn:  # the same run, resumed to the end
+        conn.execute(Run.__table__.update().where(Run.__table__.c.id == late).values(uuid=uuid))
+    files = {}
+    for name, db, run in (("early", early_db, early), ("late", late_db, late)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        assert cli("export", "--run-id", str(run), "-o", str(files[name]), "--db", str(db)).exit_code == 0
+    n_late = len(rows(f"sqlite:///{late_db}", Sample.__table__, run_id=late))
+    assert n_late > 4
+
+    assert cli("import", str(files["early"]), "--db", str(team)).exit_code == 0
+    res = cli("import", str(files["late"]), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == (f"updated 1 run(s) from {files['late']} in {team}: run 1 (interrupted, 4 cells) "
+                                  f"-> complete, {n_late} cells")
+    [stored] = rows(f"sqlite:///{team}", Run.__table__)
+    assert (stored["id"], stored["uuid"], stored["status"], stored["samples_done"]) == (1, uuid, "complete", n_late)
+    ours = sorted((r["sample_index"], r["config_key"], r["ttft_s"]) for r in rows(f"sqlite:///{team}", Sample.__table__))
+    theirs = sorted((r["sample_index"], r["config_key"], r["ttft_s"])
+                    for r in rows(f"sqlite:///{late_db}", Sample.__table__, run_id=late))
+    assert ours == theirs
+
+    res = cli("import", str(files["early"]), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == (f"nothing imported from {files['early']}: its 1 run(s) are already in {team} "
+                                  f"(run 1 holds more cells there than in the file: kept)")
+    assert len(rows(f"sqlite:///{team}", Sample.__table__)) == n_late
+
+
 def sample_file(tmp_path: Path) -> tuple[Path, list[str]]:
     src = tmp_path / "src.db"
     fill_source(str(src))

@@ -16,7 +16,7 @@ def import_results(
 ) -> None:
     """Load a file written by `knormctl export` into the database, without duplicates.
 
-    Runs already there (same uuid) are skipped; new ones get new ids. All or nothing: a damaged or truncated file imports nothing.
+    Runs already there (same uuid) are skipped, or replaced when the file's copy holds more cells (exported again after a resume); new ones get new ids. All or nothing: a damaged or truncated file imports nothing.
     """
     with error_boundary():
         from knormctl.store import open_store
@@ -28,11 +28,20 @@ def import_results(
             raise UsageError(f"{file} does not exist")
         with open_store(db) as store:
             done = import_file(store, file)
-        skipped = (f"; skipped {done.skipped_runs} run(s) already in the database "
-                   f"({done.skipped_samples} sample(s))" if done.skipped_runs else "")
+        said = []
         if done.run_ids:
             ids = ", ".join(map(str, done.run_ids))
-            print(f"imported {len(done.run_ids)} run(s) (now id {ids}) with {done.samples} sample(s) "
-                  f"from {file} into {store.url}{skipped}")
+            said.append(f"imported {len(done.run_ids)} run(s) (now id {ids}) with {done.samples} sample(s) "
+                        f"from {file} into {store.url}")
+        if done.updated:
+            said.append(f"updated {len(done.updated)} run(s) from {file} in {store.url}: " + "; ".join(
+                f"run {u.run_id} ({u.old_status}, {u.old_cells} cells) -> {u.status}, {u.cells} cells"
+                for u in done.updated))
+        kept = (f" (run {', '.join(map(str, done.kept_newer))} holds more cells there than in the file: kept)"
+                if done.kept_newer else "")
+        if said:
+            skipped = (f"; skipped {done.skipped_runs} run(s) already in the database "
+                       f"({done.skipped_samples} sample(s)){kept}" if done.skipped_runs else "")
+            print("; ".join(said) + skipped)
         else:
-            print(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in {store.url}")
+            print(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in {store.url}{kept}")

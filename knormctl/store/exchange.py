@@ -13,7 +13,9 @@ a future migration is exported without a change here. Timestamps are ISO 8601 (n
 UTC, as stored); JSON columns are nested JSON. A name ending in ``.gz`` is gzip-compressed.
 
 Import is idempotent: a run whose ``uuid`` is already in the store is skipped with its
-samples; new runs get new ids (ids are local to one database) and their samples follow.
+samples, unless the file's copy holds more cells (exported again after a resume): then it
+replaces the stored copy, whose id stays. New runs get new ids (ids are local to one
+database) and their samples follow.
 The whole file is imported in one transaction, or nothing is.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, Column, DateTime, MetaData, Table, insert, select
+from sqlalchemy import JSON, Column, DateTime, MetaData, Table, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Mapped
 
@@ -36,7 +38,7 @@ from knormctl.errors import StoreError, UsageError
 from knormctl.files import written_whole
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
-from knormctl.store.models import Run, Sample, utcnow
+from knormctl.store.models import RUNNING, Run, Sample, utcnow
 
 FORMAT = "knormctl-results"
 VERSION = 1  # of the file layout above; the columns follow the schema revision in the header
@@ -111,13 +113,26 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
 # ----------------------------------------------------------------------------- import
 
 @dataclass
+class Updated:
+    """A run already in the store whose copy in the file held more cells: replaced by it."""
+
+    run_id: int
+    old_status: str
+    old_cells: int
+    status: str
+    cells: int
+
+
+@dataclass
 class Imported:
     """What ``import_file`` did."""
 
     run_ids: list[int] = field(default_factory=list)  # the new ids, in file order
-    samples: int = 0
-    skipped_runs: int = 0  # already in the store (same uuid)
+    samples: int = 0  # of the new runs
+    skipped_runs: int = 0  # already in the store (same uuid), as far along there
     skipped_samples: int = 0
+    updated: list[Updated] = field(default_factory=list)
+    kept_newer: list[int] = field(default_factory=list)  # skipped: the store's copy holds more cells
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict]]:
@@ -195,9 +210,16 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
     return row
 
 
+def _cells(row) -> int:
+    """Finished cells of a run row (a dict or a row mapping)."""
+    return (row.get("samples_done") or 0) + (row.get("samples_failed") or 0)
+
+
 def import_file(store: Store, path: Path) -> Imported:
-    """Load an export into ``store``: new runs added with new ids, runs already there (same uuid)
-    skipped. One transaction: a damaged or truncated file imports nothing."""
+    """Load an export into ``store``: new runs added with new ids; a run already there (same
+    uuid) replaced by the file's copy when that holds more cells (the run was resumed after the
+    earlier export; its id here is kept), else skipped. One transaction: a damaged or truncated
+    file imports nothing."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -212,9 +234,11 @@ def import_file(store: Store, path: Path) -> Imported:
             if first is None:
                 raise UsageError(f"{path} is empty (not a knormctl export)")
             _check_header(path, first[1])
-            known = set(conn.execute(select(RUNS.c.uuid)).scalars())
+            known = {r.uuid: r for r in conn.execute(select(RUNS.c.uuid, RUNS.c.id, RUNS.c.status, RUNS.c.samples_done,
+                                                             RUNS.c.samples_failed, RUNS.c.resumed_from))}
+            in_file: set[str] = set()
             new_ids: dict[int, int] = {}  # id in the exporting store -> id here
-            current, keep, batch, seen = None, False, [], {"runs": 0, "samples": 0}
+            current, keep, counted, batch, seen = None, False, "new", [], {"runs": 0, "samples": 0}
             end = None
             for number, obj in lines:
                 if end is not None:
@@ -233,16 +257,30 @@ def import_file(store: Store, path: Path) -> Imported:
                     uuid = row.get("uuid")
                     if not uuid or not isinstance(uuid, str):
                         raise UsageError(f"{path} line {number}: a run without a uuid")
-                    keep = uuid not in known
-                    known.add(uuid)  # the same run twice in one file is imported once
+                    stored, once = known.get(uuid), uuid not in in_file
+                    in_file.add(uuid)  # the same run twice in one file is imported once
+                    # A run it was resumed from keeps the link only if it came along.
+                    link = new_ids.get(row.pop("resumed_from", None))
+                    if stored is None and once:
+                        new_ids[current] = conn.execute(insert(runs_t).values(**row, resumed_from=link)
+                                                        ).inserted_primary_key[0]
+                        result.run_ids.append(new_ids[current])
+                        keep, counted = True, "new"
+                        continue
+                    # the file's copy replaces the stored one when it is further along (not under a live owner)
+                    keep = once and stored.status != RUNNING and _cells(row) > _cells(stored._mapping)
                     if not keep:
                         result.skipped_runs += 1
+                        if once and _cells(row) < _cells(stored._mapping):
+                            result.kept_newer.append(stored.id)
                         continue
-                    # A run it was resumed from keeps the link only if it came along.
-                    row["resumed_from"] = new_ids.get(row.get("resumed_from"))
-                    new_id = conn.execute(insert(runs_t).values(**row)).inserted_primary_key[0]
-                    new_ids[current] = new_id
-                    result.run_ids.append(new_id)
+                    conn.execute(delete(SAMPLES).where(SAMPLES.c.run_id == stored.id))
+                    conn.execute(update(runs_t).where(runs_t.c.id == stored.id).values(
+                        **row, resumed_from=link if link is not None else stored.resumed_from))
+                    new_ids[current] = stored.id
+                    result.updated.append(Updated(stored.id, stored.status, _cells(stored._mapping), row["status"],
+                                                  _cells(row)))
+                    counted = "updated"
                     continue
                 if current is None or row.get("run_id") != current:
                     raise UsageError(f"{path} line {number}: a sample of run {row.get('run_id')!r} outside "
@@ -253,7 +291,7 @@ def import_file(store: Store, path: Path) -> Imported:
                 row.pop("id", None)
                 row["run_id"] = new_ids[current]
                 batch.append(row)
-                result.samples += 1
+                result.samples += counted == "new"
                 if len(batch) >= _BATCH:
                     _flush(conn, samples_t, batch)
             _flush(conn, samples_t, batch)
