@@ -354,3 +354,6 @@ def test_runs_delete_asks_first(tmp_path):
     [line] = res.stderr.strip().splitlines()  # one line: nothing listed before the refusal
     assert res.exit_code == 2 and line.startswith(f"Error: run {live} is still running (process {os.getpid()}")
     assert line.endswith("nothing deleted") and count(f"sqlite:///{db}")[0] == 2
+    res = cli("runs", "delete", "1", "--yes", "--db", str(tmp_path / "typo.db"))
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: {tmp_path / 'typo.db'} does not exist"
+    assert not (tmp_path / "typo.db").exists()  # a typo creates no empty database

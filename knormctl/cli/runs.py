@@ -24,7 +24,10 @@ def delete(
         from knormctl.store import RUNNING, open_store
         from knormctl.store.liveness import owner
 
+        _check_exists(db)  # deleting creates nothing
         with open_store(db) as store:
+            if store.upgrade_note:  # a writer brings an old schema to head (with a backup) first
+                print(store.upgrade_note, file=sys.stderr)
             runs = store.get_runs(run_ids)
             missing = sorted(set(run_ids) - {r.id for r in runs})
             if missing:
@@ -56,14 +59,21 @@ def upgrade(db: DbOpt = None) -> None:
     `report`, `plot` and `export` never change a database; `sweep` and `baseline` upgrade it too.
     """
     with error_boundary():
-        from sqlalchemy.engine import make_url
+        from knormctl.store import open_store
 
-        from knormctl.errors import UsageError
-        from knormctl.store import open_store, to_url
-        from knormctl.store.locations import sqlite_file
-
-        path = sqlite_file(make_url(to_url(db)))
-        if path is not None and not path.exists():  # upgrading creates nothing
-            raise UsageError(f"{path} does not exist")
+        _check_exists(db)  # upgrading creates nothing
         with open_store(db) as store:
             print(store.upgrade_note or f"{store.url} is already at schema {store.schema_revision}")
+
+
+def _check_exists(db: str | None) -> None:
+    """A SQLite file these commands change must exist: a typo must not create an empty database."""
+    from sqlalchemy.engine import make_url
+
+    from knormctl.errors import UsageError
+    from knormctl.store import to_url
+    from knormctl.store.locations import sqlite_file
+
+    path = sqlite_file(make_url(to_url(db)))
+    if path is not None and not path.exists():
+        raise UsageError(f"{path} does not exist")
