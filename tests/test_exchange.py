@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,10 @@ def _edit(lines, what):
         run = json.loads(lines[1])
         run["run"]["started_utc"] = "yesterday"
         return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
+    if what == "unknown-status":
+        run = json.loads(lines[1])
+        run["run"]["status"] = "bogus"
+        return "".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:])
     if what == "config-not-a-mapping":
         run = json.loads(lines[1])
         run["run"]["config_json"] = "{not json"
@@ -266,6 +271,8 @@ BAD = [
     ("unknown-column", "unknown runs column(s) colour"),
     ("bad-timestamp", "started_utc is not a timestamp ('yesterday')"),
     ("empty", "is empty (not a knormctl export)"),
+    ("unknown-status", "line 2: runs.status 'bogus' is not a run status (running, complete, complete_with_errors, "
+                       "interrupted, failed; the file is damaged"),
     # values that would import and then break every later read of the store
     ("config-not-a-mapping", "line 2: runs.config_json should be dict, not str '{not json' (the file is damaged"),
     ("text-for-a-number", "line 3: samples.ttft_s should be float or int, not str 'abc'"),
@@ -288,6 +295,19 @@ def test_a_bad_file_imports_nothing(tmp_path, what, message):
     assert line.startswith(f"Error: {bad}") and message in line and "\n" not in line
     assert count(f"sqlite:///{dst}") == before  # one transaction: the runs before the damage are gone too
     assert cli("import", str(good), "--db", str(dst)).exit_code == 0  # and the good file still imports
+
+
+def test_a_timestamp_with_an_offset_is_stored_in_utc(tmp_path):
+    """The store keeps naive UTC: '12:00+05:00' is 07:00 UTC, not 12:00."""
+    good, lines = sample_file(tmp_path)
+    run = json.loads(lines[1])
+    run["run"]["started_utc"] = "2026-01-02T12:00:00+05:00"
+    edited = tmp_path / "offset.jsonl"
+    edited.write_text("".join(lines[:1]) + json.dumps(run) + "\n" + "".join(lines[2:]))
+    db = tmp_path / "t.db"
+    assert cli("import", str(edited), "--db", str(db)).exit_code == 0
+    with open_store(db) as store:
+        assert store.get_run(1).started_utc == datetime(2026, 1, 2, 7, 0, 0)
 
 
 def test_import_refuses_a_missing_file_or_garbage_without_creating_a_database(tmp_path):

@@ -4,10 +4,11 @@ Loads without torch. The CLI, report and plot only use what is exported here.
 """
 
 from knormctl.errors import StoreError
-from knormctl.store.api import STATUSES, Store
+from knormctl.store.api import Store
 from knormctl.store.db import open_store
 from knormctl.store.locations import default_db_path, default_db_url, to_url
-from knormctl.store.models import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INTERRUPTED, RUNNING, Run, Sample, utcnow
+from knormctl.store.models import (COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INTERRUPTED, RUNNING, STATUSES, Run, Sample,
+                                   utcnow)
 
 __all__ = [
     "open_store", "Store", "StoreError", "default_db_path", "default_db_url", "to_url", "utcnow",

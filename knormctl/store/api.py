@@ -21,10 +21,8 @@ from sqlalchemy.orm import defer, sessionmaker
 from knormctl.errors import StoreError, UsageError
 from knormctl.store import liveness
 from knormctl.store.connect import WRITE, reason
-from knormctl.store.models import (COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INTERRUPTED, RUNNING, Run, Sample,
-                                   naive_utc, utcnow)
+from knormctl.store.models import INTERRUPTED, RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
 
-STATUSES = (RUNNING, COMPLETE, COMPLETE_WITH_ERRORS, INTERRUPTED, FAILED)
 BLOB_COLUMNS = (Sample.step_latencies_json, Sample.generated_ids_json, Sample.generated_text)
 
 

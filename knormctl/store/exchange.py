@@ -38,7 +38,7 @@ from knormctl.errors import StoreError, UsageError
 from knormctl.files import written_whole
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
-from knormctl.store.models import RUNNING, Run, Sample, utcnow
+from knormctl.store.models import RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
 
 FORMAT = "knormctl-results"
 VERSION = 1  # of the file layout above; the columns follow the schema revision in the header
@@ -195,9 +195,12 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
     for name, value in data.items():
         if value is not None and isinstance(table.c[name].type, DateTime):
             try:
-                value = datetime.fromisoformat(value)
+                value = naive_utc(datetime.fromisoformat(value))  # the store keeps naive UTC
             except (TypeError, ValueError):
                 raise UsageError(f"{path} line {number}: {name} is not a timestamp ({value!r})") from None
+        if table.name == RUNS.name and name == "status" and value not in STATUSES:
+            raise UsageError(f"{path} line {number}: runs.status {value!r} is not a run status "
+                             f"({', '.join(STATUSES)}; the file is damaged, nothing was imported)")
         wanted = _TYPES[table.name].get(name, ())
         if float in wanted:
             wanted += (int,)  # JSON writes 2.0 as 2

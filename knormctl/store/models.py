@@ -24,6 +24,7 @@ NAMING_CONVENTION = {
 # Run states. "complete_with_errors": finished, but some samples stored an error.
 RUNNING, COMPLETE, COMPLETE_WITH_ERRORS, INTERRUPTED, FAILED = (
     "running", "complete", "complete_with_errors", "interrupted", "failed")
+STATUSES = (RUNNING, COMPLETE, COMPLETE_WITH_ERRORS, INTERRUPTED, FAILED)
 
 
 def utcnow() -> datetime:
