@@ -244,8 +244,9 @@ def main() -> None:
         raise SystemExit(124)
 
 
-class Stopped(Exception):
-    """SIGTERM (the session's `timeout`) while a part ran."""
+class Stopped(BaseException):
+    """SIGTERM (the session's `timeout`) while a part ran. A BaseException: the parts' own
+    `except Exception` (a failed graph trial) must not swallow it."""
 
 
 def _stop(signum, frame):
