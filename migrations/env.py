@@ -63,9 +63,17 @@ def run_migrations_online() -> None:
     engine = make_engine(_dev_url())  # same pragmas as knormctl itself
     try:
         with engine.connect() as connection:
-            _configure(connection=connection, is_sqlite=connection.dialect.name == "sqlite")
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # As knormctl's own migrate(): a batch rebuild drops and recreates a table, and with
+                # foreign keys on, dropping `runs` cascade-deletes every sample. The pragma must be
+                # set outside a transaction, on the driver's connection.
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+            _configure(connection=connection, is_sqlite=sqlite)
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows that break a foreign key; nothing was changed")
     finally:
         engine.dispose()
 

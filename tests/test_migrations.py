@@ -147,6 +147,25 @@ def test_upgrade_from_0001_keeps_every_row(db_url):
         assert len(list(path.parent.glob(f"{path.name}.bak-*"))) == 1
 
 
+def test_the_developers_alembic_command_keeps_every_sample(tmp_path):
+    """`alembic upgrade head` (env.py's own engine, foreign keys on) rebuilt `runs` in batch mode
+    and the DROP cascaded to every sample; knormctl's migrate() switched the keys off, the
+    developer path did not."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "dev.db"
+    before = make_0001_database(f"sqlite:///{db}")
+    res = subprocess.run([sys.executable, "-m", "alembic", "-c", "alembic.ini", "-x", f"db={db}", "upgrade", "head"],
+                         cwd=Path(knormctl.__file__).resolve().parent.parent, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    with closing(sqlite3.connect(db)) as con:
+        assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (len(before["samples"]),)
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (len(before["runs"]),)
+
+
 def test_a_failed_upgrade_changes_nothing(db_url, monkeypatch):
     before = make_0001_database(db_url, n_runs=2, n_samples=5)
     real_upgrade = command.upgrade
