@@ -211,6 +211,21 @@ def test_an_old_schema_is_refused_untouched_and_runs_upgrade_upgrades_it(tmp_pat
     assert res.exit_code == 2 and "does not exist" in res.stderr and not (tmp_path / "nope.db").exists()
 
 
+def test_a_schema_read_the_same_way_is_read_as_it_is(tmp_path):
+    """0005 changed only how SQLite hands out new run ids: a 0004 database is read without an
+    upgrade (and untouched), not refused with 'runs upgrade' for a colleague who cannot write it."""
+    db = tmp_path / "r.db"
+    run_id = closed_database(db)
+    with closing(sqlite3.connect(db)) as con, con:
+        con.execute("UPDATE alembic_version SET version_num = '0004'")
+    before = digest(db)
+    res = runner.invoke(app, ["report", "--run-id", str(run_id), "--format", "json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["header"]["run_ids"] == [run_id]
+    assert digest(db) == before  # no upgrade, no backup (SQLite's own lock files may appear)
+    assert set(listing(tmp_path)) <= {"r.db", "r.db-wal", "r.db-shm"}
+
+
 def test_a_read_only_store_refuses_every_write(db_url):
     with open_store(db_url) as store:
         run_id = fill_run(store)

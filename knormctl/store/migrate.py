@@ -24,6 +24,9 @@ from knormctl.store.models import Run, Sample
 # one row and never imports Alembic (~230 ms: report and plot must start fast);
 # tests/test_migrations.py checks that it equals the scripts' head.
 SCHEMA_HEAD = "0005"
+# Revisions whose tables a reader reads exactly as head's, so report, plot and export take them
+# as they are (reading never upgrades): 0005 only changed how SQLite hands out new run ids.
+READ_AS_HEAD = frozenset({SCHEMA_HEAD, "0004"})
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32)))
 _PG_MIGRATION_LOCK = 7_391_004_217  # any constant: serialises concurrent first opens on PostgreSQL
 # Alembic keeps the running migration in module globals: one at a time per process
@@ -76,13 +79,14 @@ def _newer_message(shown: str, unknown: list[str], head: str) -> str:
 
 
 def check_readable(engine: Engine, shown: str) -> str:
-    """For a read-only opening: the database must be at this knormctl's schema. Returns the revision.
+    """For a read-only opening: the database must be at this knormctl's schema (or one it reads
+    the same way, ``READ_AS_HEAD``). Returns the revision.
 
     An older database is not upgraded here (reading never writes): the message names the
     command that upgrades it."""
     stamped = stamped_revisions(engine)
-    if stamped == [SCHEMA_HEAD]:
-        return SCHEMA_HEAD
+    if stamped and len(stamped) == 1 and stamped[0] in READ_AS_HEAD:
+        return stamped[0]
     if not stamped:
         with engine.connect() as conn:
             tables = inspect(conn).get_table_names()
