@@ -8,6 +8,9 @@ import gzip
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +42,12 @@ def target_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'target.db'}"
     else:
         yield from pg_database()
+
+
+def dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)  # exited and reaped
 
 
 def cli(*args: str, input: str | None = None):
@@ -204,6 +213,69 @@ def test_a_later_export_of_a_known_run_replaces_its_earlier_copy(tmp_path):
     assert res.stdout.strip() == (f"nothing imported from {files['early']}: its 1 run(s) are already in {team} "
                                   f"(run 1 holds more cells there than in the file: kept)")
     assert len(rows(f"sqlite:///{team}", Sample.__table__)) == n_late
+
+
+def _two_copies(tmp_path, early_fields: dict, late_fields: dict):
+    """One run exported twice (the same uuid), the copies' run rows edited; returns the files."""
+    db = tmp_path / "src.db"
+    with open_store(str(db)) as store:
+        run = fill_run(store, seed=4)
+    files = []
+    for name, fields in (("early", early_fields), ("late", late_fields)):
+        with make_engine(f"sqlite:///{db}").begin() as conn:
+            conn.execute(Run.__table__.update().where(Run.__table__.c.id == run).values(**fields))
+        files.append(tmp_path / f"{name}.jsonl")
+        assert cli("export", "--run-id", str(run), "-o", str(files[-1]), "--db", str(db)).exit_code == 0
+    return files
+
+
+def test_a_resume_that_measured_failed_cells_again_replaces_the_earlier_copy(tmp_path):
+    """A resume measures failed cells again: as many cells, more of them done. That copy was
+    skipped as 'already in'."""
+    early, late = _two_copies(tmp_path, dict(status="complete_with_errors", samples_done=13, samples_failed=2),
+                              dict(status="complete", samples_done=15, samples_failed=0))
+    team = tmp_path / "team.db"
+    assert cli("import", str(early), "--db", str(team)).exit_code == 0
+    res = cli("import", str(late), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    assert "run 1 (complete_with_errors, 15 cells) -> complete, 15 cells" in res.stdout
+    assert rows(f"sqlite:///{team}", Run.__table__)[0]["status"] == "complete"
+
+
+def test_a_stored_run_is_replaced_unless_a_live_process_measures_it(tmp_path):
+    """'running' in the store: replaced when its owner is gone (as readers show it), kept while a
+    live process measures it, and the line says why."""
+    import os
+
+    early, late = _two_copies(tmp_path, dict(status="interrupted", samples_done=5),
+                              dict(status="complete", samples_done=15))
+    for owner, replaced in ((os.getpid(), False), (dead_pid(), True)):
+        team = tmp_path / f"team-{replaced}.db"
+        assert cli("import", str(early), "--db", str(team)).exit_code == 0
+        with make_engine(f"sqlite:///{team}").begin() as conn:  # resumed here: running, owned by `owner`
+            conn.execute(Run.__table__.update().values(status="running", pid=owner, hostname=socket.gethostname(),
+                                                       heartbeat_utc=datetime.utcnow()))
+        res = cli("import", str(late), "--db", str(team))
+        assert res.exit_code == 0, res.output
+        [stored] = rows(f"sqlite:///{team}", Run.__table__)
+        if replaced:
+            assert stored["status"] == "complete" and "run 1 (running, 5 cells) -> complete, 15 cells" in res.stdout
+        else:
+            assert stored["status"] == "running" and "run 1 is being measured there now" in res.stdout
+
+
+def test_a_run_whose_owner_is_gone_is_exported_as_readers_show_it(tmp_path):
+    """Exported raw, a dead 'running' run arrived as 'running' elsewhere and blocked every later
+    replacement there."""
+    db = tmp_path / "src.db"
+    with open_store(str(db)) as store:
+        run = fill_run(store, status="running", stop_after=3)
+        store.update_run(run, pid=dead_pid())
+    out = tmp_path / "x.jsonl"
+    assert cli("export", "--run-id", str(run), "-o", str(out), "--db", str(db)).exit_code == 0
+    exported = json.loads(out.read_text().splitlines()[1])["run"]
+    assert exported["status"] == "interrupted" and "no longer exists" in exported["error"]
+    assert rows(f"sqlite:///{db}", Run.__table__)[0]["status"] == "running"  # the store itself unchanged
 
 
 def sample_file(tmp_path: Path) -> tuple[Path, list[str]]:

@@ -37,8 +37,11 @@ def import_results(
             said.append(f"updated {len(done.updated)} run(s) from {file} in {store.url}: " + "; ".join(
                 f"run {u.run_id} ({u.old_status}, {u.old_cells} cells) -> {u.status}, {u.cells} cells"
                 for u in done.updated))
-        kept = (f" (run {', '.join(map(str, done.kept_newer))} holds more cells there than in the file: kept)"
-                if done.kept_newer else "")
+        kept = "".join(
+            f" (run {', '.join(map(str, ids))} {why}: kept)" for ids, why in (
+                (done.kept_newer, "holds more cells there than in the file"),
+                (done.busy, "is being measured there now; import the file again once it has stopped"))
+            if ids)
         if said:
             skipped = (f"; skipped {done.skipped_runs} run(s) already in the database "
                        f"({done.skipped_samples} sample(s)){kept}" if done.skipped_runs else "")

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Mapped
 from knormctl import __version__
 from knormctl.errors import StoreError, UsageError
 from knormctl.files import written_whole
+from knormctl.store import liveness
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
 from knormctl.store.models import RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
@@ -98,7 +99,9 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
             write({"format": FORMAT, "version": VERSION, "schema_revision": store.schema_revision,
                    "knormctl_version": __version__, "exported_utc": utcnow().isoformat(), "runs": len(ids)})
             for run_id in ids:  # one read transaction: a consistent snapshot of every run
-                write({"run": _encode(RUNS, conn.execute(select(RUNS).where(RUNS.c.id == run_id)).one()._mapping)})
+                run = dict(conn.execute(select(RUNS).where(RUNS.c.id == run_id)).one()._mapping)
+                run |= liveness.shown_as(run) or {}  # a 'running' run whose owner is gone: as readers show it
+                write({"run": _encode(RUNS, run)})
                 rows = conn.execute(select(SAMPLES).where(SAMPLES.c.run_id == run_id).order_by(SAMPLES.c.id),
                                     execution_options={"yield_per": _BATCH})  # streamed: no run held in memory
                 for row in rows:
@@ -133,6 +136,7 @@ class Imported:
     skipped_samples: int = 0
     updated: list[Updated] = field(default_factory=list)
     kept_newer: list[int] = field(default_factory=list)  # skipped: the store's copy holds more cells
+    busy: list[int] = field(default_factory=list)  # skipped: a live process is measuring the store's copy
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict]]:
@@ -213,9 +217,20 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
     return row
 
 
+def _progress(row) -> tuple[int, int]:
+    """How far a run got (a dict or a row mapping): its finished cells, then those without an
+    error (a resume measures failed cells again: as many cells, more of them done)."""
+    done, failed = row.get("samples_done") or 0, row.get("samples_failed") or 0
+    return done + failed, done
+
+
 def _cells(row) -> int:
-    """Finished cells of a run row (a dict or a row mapping)."""
-    return (row.get("samples_done") or 0) + (row.get("samples_failed") or 0)
+    return _progress(row)[0]
+
+
+def _measured_here_now(row) -> bool:
+    """A stored run a live process owns (resuming it now): never replaced under it."""
+    return row["status"] == RUNNING and liveness.shown_as(row) is None
 
 
 def import_file(store: Store, path: Path) -> Imported:
@@ -237,8 +252,9 @@ def import_file(store: Store, path: Path) -> Imported:
             if first is None:
                 raise UsageError(f"{path} is empty (not a knormctl export)")
             _check_header(path, first[1])
-            known = {r.uuid: r for r in conn.execute(select(RUNS.c.uuid, RUNS.c.id, RUNS.c.status, RUNS.c.samples_done,
-                                                             RUNS.c.samples_failed, RUNS.c.resumed_from))}
+            stored_cols = [RUNS.c[name] for name in ("uuid", "id", "samples_done", "samples_failed", "resumed_from",
+                                                       *liveness.LIVENESS_FIELDS)]
+            known = {r.uuid: r._mapping for r in conn.execute(select(*stored_cols))}
             in_file: set[str] = set()
             new_ids: dict[int, int] = {}  # id in the exporting store -> id here
             current, keep, counted, batch, seen = None, False, "new", [], {"runs": 0, "samples": 0}
@@ -270,18 +286,27 @@ def import_file(store: Store, path: Path) -> Imported:
                         result.run_ids.append(new_ids[current])
                         keep, counted = True, "new"
                         continue
-                    # the file's copy replaces the stored one when it is further along (not under a live owner)
-                    keep = once and stored.status != RUNNING and _cells(row) > _cells(stored._mapping)
+                    # the file's copy replaces the stored one when it is further along, unless a live
+                    # process is measuring the stored one (read again, locked: PostgreSQL lets a resume
+                    # commit between the first read and here)
+                    further = once and _progress(row) > _progress(stored)
+                    if further:
+                        stored = conn.execute(select(*stored_cols).where(RUNS.c.id == stored["id"])
+                                              .with_for_update()).one()._mapping
+                        further = _progress(row) > _progress(stored)
+                    keep = further and not _measured_here_now(stored)
                     if not keep:
                         result.skipped_runs += 1
-                        if once and _cells(row) < _cells(stored._mapping):
-                            result.kept_newer.append(stored.id)
+                        if further:
+                            result.busy.append(stored["id"])
+                        elif once and _progress(row) < _progress(stored):
+                            result.kept_newer.append(stored["id"])
                         continue
-                    conn.execute(delete(SAMPLES).where(SAMPLES.c.run_id == stored.id))
-                    conn.execute(update(runs_t).where(runs_t.c.id == stored.id).values(
-                        **row, resumed_from=link if link is not None else stored.resumed_from))
-                    new_ids[current] = stored.id
-                    result.updated.append(Updated(stored.id, stored.status, _cells(stored._mapping), row["status"],
+                    conn.execute(delete(SAMPLES).where(SAMPLES.c.run_id == stored["id"]))
+                    conn.execute(update(runs_t).where(runs_t.c.id == stored["id"]).values(
+                        **row, resumed_from=link if link is not None else stored["resumed_from"]))
+                    new_ids[current] = stored["id"]
+                    result.updated.append(Updated(stored["id"], stored["status"], _cells(stored), row["status"],
                                                   _cells(row)))
                     counted = "updated"
                     continue

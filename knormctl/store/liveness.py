@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from knormctl.store.models import INTERRUPTED, RUNNING, Run, utcnow
@@ -63,20 +64,36 @@ def stale_reason(pid: int | None, hostname: str | None, heartbeat: datetime | No
     return f"process {pid} on {hostname} stopped without finishing (stale heartbeat, last {seen})"
 
 
+LIVENESS_FIELDS = ("status", "pid", "hostname", "heartbeat_utc", "started_utc")  # what shown_as reads
+
+
+def shown_as(run: Mapping, *, now: datetime | None = None, host: str | None = None,
+             stale_after_s: float = STALE_AFTER_S) -> dict | None:
+    """How a run (a mapping of LIVENESS_FIELDS: a table row or a Run's values) is shown when it
+    says 'running' but its owner is gone: the status, error and ended_utc of an interrupted run.
+    None while it runs, or for any other status."""
+    if run["status"] != RUNNING:
+        return None
+    now = now or utcnow()
+    why = stale_reason(run["pid"], run["hostname"], run["heartbeat_utc"], run["started_utc"], now=now,
+                       host=host or socket.gethostname(), stale_after_s=stale_after_s)
+    if why is None:
+        return None
+    return {"status": INTERRUPTED, "error": why, "ended_utc": run["heartbeat_utc"] or run["started_utc"] or now}
+
+
 def show_verdicts(runs: list[Run], stale_after_s: float = STALE_AFTER_S) -> list[Run]:
     """Show each 'running' run whose owner is gone as 'interrupted', in memory only: the rows are
     detached from any session, so nothing reaches the database. ``Run.stored_status`` keeps
     what the database says."""
     now, host = utcnow(), socket.gethostname()
     for run in runs:
-        if run is None or run.status != RUNNING:
-            continue
-        why = stale_reason(run.pid, run.hostname, run.heartbeat_utc, run.started_utc, now=now, host=host,
-                           stale_after_s=stale_after_s)
-        if why is not None:
+        shown = None if run is None else shown_as({f: getattr(run, f) for f in LIVENESS_FIELDS}, now=now, host=host,
+                                                  stale_after_s=stale_after_s)
+        if shown is not None:
             run.stored_status = run.status
-            run.status, run.error = INTERRUPTED, why
-            run.ended_utc = run.heartbeat_utc or run.started_utc or now
+            for name, value in shown.items():
+                setattr(run, name, value)
     return runs
 
 
