@@ -188,11 +188,18 @@ class Runner:
                                           env_json=env, dtype=self.loaded.dtype, knormctl_version=__version__,
                                           git_commit=env.get("git_commit")))
         differs = [f"{DIFFER_LABELS[f]} {getattr(stored, f)} -> {getattr(here, f)}" for f in MACHINE_FIELDS
-                   if f != "hostname" and getattr(stored, f) is not None and getattr(stored, f) != getattr(here, f)]
+                   if f not in self._resume_ignores(stored) and getattr(stored, f) is not None
+                   and _resume_value(f, getattr(stored, f)) != _resume_value(f, getattr(here, f))]
         if differs:
             raise UsageError(f"cannot resume run {self.run_id} here: its set-up differs in {', '.join(differs)}; "
                              "its finished cells and the rest would pool two set-ups (resume it where it ran, "
                              "or start a new run)")
+
+    @staticmethod
+    def _resume_ignores(stored) -> set[str]:
+        """Fields a resume may change: the host (same set-up elsewhere), and on a GPU the CPU
+        threads (torchrun sets OMP_NUM_THREADS=1 for its ranks; the GPU does the work)."""
+        return {"hostname"} | ({"threads"} if str(stored.device or "").startswith("cuda") else set())
 
     def _check_resume_samples(self) -> None:
         stored = {s.sample_index: s.text_hash for s in self.store.samples(self.run_id)}
@@ -391,3 +398,11 @@ class Runner:
             return
         keys = outs if new_key == "none" else [new_key]
         self.store.set_token_match(self.run_id, i, {k: token_match(outs[k], ref) for k in keys}, repeat=repeat)
+
+
+def _resume_value(field: str, value):
+    """What a resume compares: a CUDA device by its kind, not its index (a torchrun rank stored
+    cuda:1 resumes on cuda:0; the device model is compared on its own)."""
+    if field == "device" and isinstance(value, str) and value.startswith("cuda"):
+        return "cuda"
+    return value

@@ -207,6 +207,30 @@ def test_resume_refuses_another_set_up_naming_what_differs(tiny_llama_dir, books
     assert json.loads(res.stdout)["status"] == "complete"
 
 
+def test_a_torchrun_rank_resumes_on_another_index_and_thread_count_of_the_same_gpu_kind(tmp_path):
+    """A rank stored cuda:1 with torchrun's OMP_NUM_THREADS=1; resumed alone it runs on cuda:0 with
+    the default threads: the same set-up for a GPU run. Another GPU model is not."""
+    from types import SimpleNamespace
+
+    from knormctl import __version__
+    from knormctl.runner import Runner
+
+    env = {"device": "cuda:1", "gpu_name": "NVIDIA H100", "torch_threads": 1, "torch": "2.11", "transformers": "5.17",
+           "git_commit": "abc", "git_dirty": False}
+    with open_store(tmp_path / "r.db") as store:
+        run_id = store.create_run(command="sweep", task="lm", model_requested="m", config={}, command_line="x",
+                                  env=env, dtype="bfloat16", device="cuda:1", knormctl_version=__version__,
+                                  git_commit="abc")
+        me = SimpleNamespace(store=store, run_id=run_id, loaded=SimpleNamespace(device="cuda:0", dtype="bfloat16"),
+                             _resume_ignores=Runner._resume_ignores)
+        Runner._check_resume_set_up(me, env | {"device": "cuda:0", "torch_threads": 16})  # no error
+        with pytest.raises(UsageError, match="its set-up differs in device model NVIDIA H100 -> NVIDIA A100"):
+            Runner._check_resume_set_up(me, env | {"device": "cuda:0", "gpu_name": "NVIDIA A100"})
+        me.loaded.device = "cpu"
+        with pytest.raises(UsageError, match="device cuda:1 -> cpu"):
+            Runner._check_resume_set_up(me, env | {"device": "cpu"})
+
+
 def test_two_processes_resuming_one_run_at_once_one_gets_it(db_url):
     """The take-over is one locked transaction: of two simultaneous resumers exactly one wins."""
     with open_store(db_url) as store:

@@ -49,14 +49,16 @@ def _cpu_model(info: dict[str, str]) -> str:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the knormctl source tree when it is a git checkout, else (None, None)."""
+    """(commit, dirty) of the knormctl source tree when it is a git checkout, else (None, None).
+    Dirty: changes to tracked files (an export or a database written into the checkout is not
+    a change to the code that measured)."""
     root = Path(knormctl.__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=3)
         if head.returncode != 0:
             return None, None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=3)
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
         return head.stdout.strip(), dirty
