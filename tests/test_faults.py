@@ -56,6 +56,26 @@ def test_interrupted_sweep_keeps_finished_samples_and_resumes(tiny_llama_dir, bo
     assert con.execute("SELECT count(*) FROM samples WHERE token_match IS NULL").fetchone() == (0,)
 
 
+def test_sigterm_outside_a_cell_exits_143_too(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    """SIGTERM while the summary prints (or the plan, or between a study's runs) escaped to Typer,
+    which answers every interruption with 130; the code says which signal stopped it wherever
+    it lands, and a later Ctrl-C in the same process is 130 again."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from knormctl.cli import _execute, app
+
+    monkeypatch.setattr(_execute, "_print_summary", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    args = _cmd(tiny_llama_dir, books_dir, tmp_path / "r.db")[3:]  # after "python -m knormctl"
+    args[args.index("--num-wikitext-samples") + 1] = "1"
+    args[args.index("--max-new-tokens") + 1] = "4"
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 143, res.output
+    monkeypatch.setattr(_execute, "_print_summary", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert CliRunner().invoke(app, args).exit_code == 130
+
+
 def test_sigkill_leaves_a_consistent_db_and_the_run_shows_interrupted(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
     env = _env(tmp_path)

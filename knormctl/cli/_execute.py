@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.console import Console
 
 from knormctl.cli._common import fail
 from knormctl.cli._progress import cell_progress
+from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
 from knormctl.errors import StoreError
 
@@ -37,20 +37,6 @@ class Log:
         self.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
 
-def _raise_interrupted(signum, frame):
-    from knormctl.runner import Interrupted
-
-    raise Interrupted()
-
-
-def _stop_code(exc: KeyboardInterrupt) -> int:
-    """The shell's code for the signal that stopped the run: 143 (128 + 15) for SIGTERM, what
-    schedulers and `timeout` expect; 130 for Ctrl-C."""
-    from knormctl.runner import Interrupted
-
-    return 128 + (signal.SIGTERM if isinstance(exc, Interrupted) else signal.SIGINT)
-
-
 def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None,
                   verbose: bool = False) -> None:
     from knormctl.runner import resume_config
@@ -63,11 +49,8 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
     if resume is not None:
         cfg = resume_config(store, resume)  # refused while its owner is alive, or when complete
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGTERM takes the Ctrl-C path
-    try:
+    with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
         _run(cfg, store, json_out, resume, log, verbose)
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # in-process callers (tests, notebooks) get theirs back
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -93,8 +76,8 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     runner = Runner(cfg, store, progress=log)
     try:
         runner.prepare(loaded)  # model, samples, checks: bad input fails here, before any row is written
-    except KeyboardInterrupt as exc:
-        raise fail("interrupted before the run started; nothing was stored", _stop_code(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted before the run started; nothing was stored", 130) from None
     stored = _announce_plan(runner, cfg, store, resume, log)
     progress = cell_progress(log.console, log, len(runner.cells))
     if not cfg.warmup:
@@ -121,14 +104,14 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             progress.close()  # before any message: a live bar would draw over it
     except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
         raise fail(str(exc).splitlines()[0], 1) from None
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         run_id = getattr(runner, "run_id", None)
         if run_id is None:
-            raise fail("interrupted before the run started; nothing was stored", _stop_code(exc)) from None
+            raise fail("interrupted before the run started; nothing was stored", 130) from None
         run = store.get_run(run_id)
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
                    f"finish it with: {interrupt_hint or f'knormctl sweep --resume {run_id}'}",
-                   _stop_code(exc)) from None
+                   130) from None
     if summary:
         _print_summary(store, outcome, json_out)
     return outcome, runner.loaded

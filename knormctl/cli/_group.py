@@ -3,7 +3,7 @@ error as ONE line on stderr with the right exit code.
 
 Exit codes: 2 bad input (Typer's usage errors, knormctl's UsageError), 1 a runtime
 failure (including an unexpected exception: one line, the traceback only with --verbose
-or KNORMCTL_DEBUG=1), 130 interrupted.
+or KNORMCTL_DEBUG=1), 130 interrupted (143 by SIGTERM: cli/_signals).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
+from knormctl.cli import _signals
 from knormctl.cli._common import FLAG, LIST
 
 _EXTRA = re.compile(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)")
@@ -97,6 +98,7 @@ class OneLineErrors(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         args = list(sys.argv[1:] if args is None else args)
+        _signals.reset()
         known, list_options = self._options_of(args)
         args = dashed(args, known)
         try:
@@ -118,4 +120,4 @@ class OneLineErrors(TyperGroup):
             print(f"Error: unexpected {type(exc).__name__}: {first} (run again with {how} for the traceback)",
                   file=sys.stderr)
             sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(_signals.exit_code(code) if isinstance(code, int) else 0)

@@ -131,9 +131,8 @@ def _stored_key(run) -> str | None:
 
 def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: str) -> None:
     """Run (or continue) every planned run of ``study``, then print the study's report."""
-    import signal
-
-    from knormctl.cli._execute import Log, _raise_interrupted, _run
+    from knormctl.cli._execute import Log, _run
+    from knormctl.cli._signals import sigterm_interrupts
     from knormctl.runner import resume_config
     from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
 
@@ -147,8 +146,7 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: s
         by_key[_stored_key(r)] = r
     hint = f"knormctl sweep {source}"
     loaded = None
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
+    with sigterm_interrupts():
         for planned_run in study.runs:
             n = f"study {study.name}, run {planned_run.index + 1} of {len(study.runs)}"
             what = ", ".join(f"{k}={v}" for k, v in planned_run.varying.items())
@@ -162,8 +160,6 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: s
                 cfg = resume_config(store, existing.id)  # refused while its owner is alive
             _, loaded = _run(cfg, store, json_out, None if existing is None else existing.id, log, verbose,
                              loaded=loaded, summary=False, interrupt_hint=hint)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     _print_study(store, study.name, json_out)
 
 
