@@ -127,7 +127,7 @@ class RunConfig:
     keep_ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7])
     prune_after: int = 512
     skip_layers: list[int] = field(default_factory=lambda: [0])
-    compress_mode: str = "decode"
+    compress_mode: str | None = None  # None: decode for lm, prefill for question tasks (validate)
     keep_recent: int = 0
     n_sink: int = 4
     prefill_chunk: int = 0  # > 0: the prompt is prefilled this many tokens at a time, cut after each chunk
@@ -199,6 +199,14 @@ class RunConfig:
         for kr in self.keep_ratios:
             if (error := keep_ratio_error(kr)) is not None:
                 raise error
+        if self.compress_mode is None:  # the task's own default, wherever the config comes from
+            self.compress_mode = "decode" if self.task == "lm" else "prefill"
+        for name in ("keep_ratios", "presses", "skip_layers", "passkey_lengths", "passkey_depths",
+                     "context_lengths", "needle_depths", "subtasks"):
+            values = getattr(self, name) or []
+            dups = sorted({repr(v) for v in values if values.count(v) > 1})
+            if dups:  # each would be one cell measured twice: the run stops at the second
+                raise ConfigError(f"--{name.replace('_', '-')}: duplicate values {', '.join(dups)}")
         if self.compress_mode not in COMPRESS_MODES:
             raise unknown_choice("--compress-mode", "mode", self.compress_mode, COMPRESS_MODES)
         for name in ("prune_after", "keep_recent", "n_sink", "prefill_chunk"):

@@ -169,6 +169,9 @@ def _error(path: str, lines: _Lines | None, key: str, message: str, row: int | N
 # ----------------------------------------------------------------------------- parsing
 
 EMPTY_ALLOWED = ("skip_layers",)  # [] (--skip-layers none): every layer is compressed
+# What one run sweeps against its own full cache: never an axis of runs (the report would merge
+# the runs as one sweep's shards, each with a full cache of its own).
+SIDE_BY_SIDE = {"presses": "presses", "keep_ratios": "keep ratios"}
 
 
 def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, row: int | None) -> dict[str, list]:
@@ -189,6 +192,9 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
         if _is_list_type(tp):
             # a list of lists is an axis; a flat list is the run's value
             if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+                if key in SIDE_BY_SIDE:
+                    raise _error(path, lines, key, f"every run measures its {SIDE_BY_SIDE[key]} side by side "
+                                                   "against one full cache; list them once, flat", row)
                 values = value
             else:
                 values = [value]
@@ -278,6 +284,10 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
 
     axes = [k for k in dict.fromkeys(k for s in planned for k in s)
             if len({repr(s.get(k)) for s in planned}) > 1]
+    tasks = {s.get("task", RunConfig.task) for s in planned}
+    if "lm" in tasks and len(tasks) > 1:
+        raise _error(path, lines, "task", "lm (perplexity) and question tasks (accuracy) cannot share a study: "
+                                          "its frontier and budgets rank one quality measure; make two studies")
     runs, seen = [], {}
     for i, settings in enumerate(planned):
         try:

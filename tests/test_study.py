@@ -104,6 +104,14 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('dtype = "float64"\n', "dtype", 1, "dtype"),
     ('[sweep]\nmodel = "m"\n', "sweep", 1, "unknown key"),
     ('model = "m"\nshard = "1/2"\n', "shard", 2, "a study runs on one machine"),
+    # a run's own lists: a duplicate planned fine and failed the run halfway (UNIQUE constraint)
+    ('model = "m"\nkeep_ratios = [0.5, 0.5]\n', "keep_ratios", 2, "duplicate values"),
+    ('\nneedle_depths = [0.5, 0.5]\ntask = "niah"\n', "needle_depths", 2, "duplicate values"),
+    # what every run sweeps side by side cannot be split into runs (the report merged them)
+    ('presses = [["knorm"], ["streaming"]]\n', "presses", 1, "every run measures its presses side by side"),
+    ('keep_ratios = [[0.9], [0.5]]\n', "keep_ratios", 1, "every run measures its keep ratios side by side"),
+    # one quality measure per study: lm rows had no accuracy and dropped out of every view
+    ('model = "m"\ntask = ["lm", "passkey"]\n', "task", 2, "perplexity"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
@@ -121,6 +129,15 @@ def test_not_toml_and_missing_files_are_one_line(tmp_path):
         load_study(tmp_path / "nope.toml")
     with pytest.raises(UsageError, match="is a folder"):
         load_study(tmp_path)
+
+
+def test_question_tasks_default_to_prefill_mode_in_a_study_as_on_the_command_line():
+    """sweep --task passkey compresses the context once (prefill); the same task in a study file
+    ran in decode mode, another experiment, and refused prefill-only presses."""
+    study = parse_study('task = ["ruler", "passkey"]\npresses = ["pyramidkv"]\n')
+    assert {r.config.compress_mode for r in study.runs} == {"prefill"}
+    assert parse_study('num_wikitext_samples = 1\n').runs[0].config.compress_mode == "decode"
+    assert parse_study('task = "passkey"\ncompress_mode = "decode"\n').runs[0].config.compress_mode == "decode"
 
 
 def test_identical_runs_are_refused():

@@ -86,7 +86,7 @@ def sweep(
             "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
             presses=parse_press_list(presses),
-            compress_mode=compress_mode or ("decode" if task == "lm" else "prefill"),
+            compress_mode=compress_mode,  # None: the task's default (RunConfig.validate)
             passkey_lengths=parse_int_list(passkey_lengths, "--passkey-lengths"),
             passkey_depths=parse_float_list(passkey_depths, "--passkey-depths"),
             context_lengths=None if context_lengths is None else parse_int_list(context_lengths, "--context-lengths"),
