@@ -62,6 +62,17 @@ def test_study_points_are_each_runs_own_paired_numbers(store, db):
             assert p["tpot_ratio"] == 1 + r["changes"]["tpot_s"] / 100
 
 
+@pytest.mark.parametrize("flags", [["--samples"], ["--by-dataset"], ["--tasks", "--format", "csv"]])
+def test_options_the_study_view_has_no_room_for_are_refused(store, db, flags):
+    """report --group STUDY --samples printed the study view unchanged: the option was dropped."""
+    runs = _study(store)
+    res = runner.invoke(app, ["report", "--db", db, "--group", "s1", *flags])
+    assert res.exit_code == 2, res.output
+    ids = ", ".join(str(i) for i in sorted(runs.values()))
+    assert res.stderr.strip() == (f"Error: {flags[0]} cannot be used with study 's1': read one of its runs with "
+                                  f"--run-id (its runs: {ids})")
+
+
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
     _study(store)
     data = _json(db, "--group", "s1")

@@ -96,6 +96,11 @@ def report(
             runs = select_runs(store, run_id=run_id, group=group)
             view = study_view(store, runs, group) if group is not None else None
             if view is not None:  # runs that differ in model or settings: read run by run, side by side
+                ignored = [flag for flag, on in (("--samples", samples), ("--tasks", tasks),
+                                                 ("--by-dataset", by_dataset)) if on]
+                if ignored:  # the study view has none of them: refused, not dropped
+                    raise UsageError(f"{', '.join(ignored)} cannot be used with study {group!r}: read one of its "
+                                     f"runs with --run-id (its runs: {', '.join(str(r.id) for r in runs)})")
                 _print_study(view, fmt, emit, console if fmt is Format.table else None)
                 return
             rows = load_samples(store, runs, blobs=fmt is Format.html)  # html: the figures' per-step latencies
