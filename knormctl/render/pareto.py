@@ -39,15 +39,10 @@ def dominates(a: Point, b: Point, higher_quality: bool) -> bool:
 
 
 def frontier(points: Sequence[Point], *, higher_quality: bool) -> list[Point]:
-    """The non-dominated points, by increasing cost (ties in both keep the first given)."""
-    front: list[Point] = []
-    for i, p in enumerate(points):
-        if any(dominates(q, p, higher_quality) for q in points):
-            continue
-        # exact duplicates (same cost and quality): keep the first one only
-        if any(q.cost == p.cost and q.quality == p.quality for q in points[:i] if q in front):
-            continue
-        front.append(p)
+    """The non-dominated points, by increasing cost. Points tied on both axes are all on it
+    (neither dominates the other): settings that measure the same are equally worth deploying,
+    and marking only the first would say the others are worse."""
+    front = [p for p in points if not any(dominates(q, p, higher_quality) for q in points)]
     return sorted(front, key=lambda p: (p.cost, -p.quality if higher_quality else p.quality))
 
 
