@@ -73,6 +73,27 @@ def test_options_the_study_view_has_no_room_for_are_refused(store, db, flags):
                                   f"--run-id (its runs: {ids})")
 
 
+def test_a_study_without_perplexity_says_so_instead_of_no_configuration_fits(store, db):
+    """eval_tokens = 0: no ppl anywhere. Every budget line said 'no configuration fits', the
+    100% budget included, which the full cache always fits."""
+    for seed, pa in enumerate((256, 1024)):
+        run = fill_run(store, configs=CONFIGS, n_samples=4, seed=seed, group="noeval", settings={"prune_after": pa},
+                       prompt_tokens=(2048,) * 4)
+        with store.engine.begin() as conn:
+            from sqlalchemy import update
+
+            from knormctl.store import Run, Sample
+            conn.execute(update(Sample).where(Sample.run_id == run).values(ppl_compressed=None, ppl_context=None))
+            conn.execute(update(Run).where(Run.id == run).values(
+                config_json=store.get_run(run).config_json | {"eval_tokens": 0}))
+    data = _json(db, "--group", "noeval")
+    assert {b["na"] for b in data["best_at_budget"]} == {"N/A: no perplexity measured (eval_tokens = 0)"}
+    res = runner.invoke(app, ["report", "--db", db, "--group", "noeval"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "no configuration fits" not in res.stdout
+    assert res.stdout.count("smollm2-135m: N/A: no perplexity measured (eval_tokens = 0)") == 1
+
+
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
     _study(store)
     data = _json(db, "--group", "s1")

@@ -86,7 +86,8 @@ class BudgetLine:
     model: str
     scale: str
     budget: float
-    best: StudyPoint | None
+    best: StudyPoint | None  # None: nothing fits the budget, or (``na``) nothing has a quality
+    na: str | None = None  # why no configuration of the scale has a quality
 
 
 @dataclass
@@ -117,8 +118,8 @@ class StudyView:
             "study": self.name, "quality": self.quality_kind, "quality_higher_is_better": self.higher_quality,
             "axes": self.axes, "models": self.models, "scales": self.scales, "budgets": list(BUDGETS),
             "points": [pt(p) for p in self.points],
-            "best_at_budget": [{"model": b.model, "scale": b.scale, "budget": b.budget, "best": pt(b.best)}
-                               for b in self.best],
+            "best_at_budget": [{"model": b.model, "scale": b.scale, "budget": b.budget, "best": pt(b.best),
+                                "na": b.na} for b in self.best],
             "leaderboard": {press: {model: {str(kr): pt(p) for kr, p in by_kr.items()}
                                     for model, by_kr in by_model.items()}
                             for press, by_model in self.leaderboard.items()},
@@ -206,6 +207,11 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
                                      tpot_ratio=tp, tpot_interval=tpi, scale_axes=tuple(scale_axes)))
     higher = question_task
+    view_runs: dict[str, list] = defaultdict(list)  # scale -> its runs
+    for p in points:
+        run = next(r for r in runs if r.id == p.run_id)
+        if run not in view_runs[p.scale]:
+            view_runs[p.scale].append(run)
     models = sorted({p.model for p in points})
     first = {}  # each scale in the order of its model, then of its settings
     for p in sorted(points, key=lambda p: (p.model, p.order)):
@@ -218,6 +224,10 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         on = {q.key for q in frontier(pts, higher_quality=higher)}
         for p in mine:
             p.on_frontier = p.key in on
+        if not mine:  # no budget has a best: say why, not "no configuration fits"
+            why = _no_quality(view_runs.get(scale, []), question_task)
+            best.extend(BudgetLine(model, scale, budget, None, na=why) for budget in BUDGETS)
+            continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
             best.append(BudgetLine(model, scale, choice.budget, None if choice.best is None else choice.best.meta))
     board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(lambda: defaultdict(dict))
@@ -233,6 +243,15 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
                      leaderboard=leaderboard,
                      summaries=summaries)
+
+
+def _no_quality(runs: Sequence[Any], question_task: bool) -> str:
+    """Why a scale's configurations have no quality (budget lines say it instead of 'no fit')."""
+    if question_task:
+        return "N/A: no accuracy stored (every question failed or was not scored)"
+    if runs and all((r.config_json or {}).get("eval_tokens") == 0 for r in runs):
+        return "N/A: no perplexity measured (eval_tokens = 0)"
+    return "N/A: no perplexity stored (every evaluation failed)"
 
 
 def _same(interval: Interval | None, value: float, tol: float) -> bool:
@@ -287,6 +306,11 @@ def budget_sentences(view: StudyView) -> list[str]:
     for b in view.best:
         whose = "the" if b.scale == b.model else "its"
         lead = f"{b.scale}, KV held \u2264 {b.budget * 100:.0f}% of {whose} full cache: "
+        if b.na is not None:  # one line for the scale, not one per budget
+            line = f"{b.scale}: {b.na}"
+            if line not in out:
+                out.append(line)
+            continue
         if b.best is None:
             out.append(lead + "no configuration fits")
             continue

@@ -21,7 +21,8 @@ def size(view: StudyView) -> tuple[float, float]:
 def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: str, frontier_line: bool) -> None:
     pts = [p for p in view.points_on(scale) if p.quality is not None and getattr(p, x_attr) is not None]
     if not pts:
-        ax.text(0.5, 0.5, f"N/A: no {view.quality_kind} stored for {scale}", ha="center", va="center",
+        why = next((b.na for b in view.best if b.scale == scale and b.na), f"N/A: no {view.quality_kind} stored")
+        ax.text(0.5, 0.5, f"{scale}: {why}", ha="center", va="center",
                 transform=ax.transAxes, color="#666666")
         ax.set_xticks([])
         ax.set_yticks([])
