@@ -49,7 +49,7 @@ def test_study_points_are_each_runs_own_paired_numbers(store, db):
     for (model, pa), run_id in runs.items():
         own = {r["config_key"]: r for r in _json(db, "--run-id", str(run_id))["rows"]}
         mine = [p for p in data["points"] if p["run_id"] == run_id]
-        assert {p["model"] for p in mine} == {model} and {p["settings"]["prune_after"] for p in mine} == {str(pa)}
+        assert {p["model"] for p in mine} == {model} and {p["settings"]["prune_after"] for p in mine} == {pa}  # typed
         for p in mine:
             r = own[p["config_key"]]
             if p["is_reference"]:
@@ -162,7 +162,7 @@ def test_study_tables_leaderboard_and_sentences(store, db):
 @pytest.mark.parametrize("width", [80, 120])
 def test_the_frontier_mark_survives_a_narrow_terminal(store, db, width):
     _study(store)
-    on_front = {(p["settings"]["prune_after"], p["label"]) for p in _json(db, "--group", "s1")["points"]
+    on_front = {(str(p["settings"]["prune_after"]), p["label"]) for p in _json(db, "--group", "s1")["points"]
                 if p["on_frontier"] and p["model"] == "tiny-llama"}
     res = runner.invoke(app, ["report", "--db", db, "--group", "s1"], env={"COLUMNS": str(width)})
     assert res.exit_code == 0, res.output

@@ -63,6 +63,7 @@ class StudyPoint:
     tpot_interval: Interval | None
     on_frontier: bool = False
     scale_axes: tuple[str, ...] = ()  # the settings its scale names
+    values: dict[str, Any] = field(default_factory=dict)  # ``settings`` as stored (the JSON's typed values)
 
     @property
     def key(self) -> str:
@@ -112,7 +113,10 @@ class StudyView:
 
     def to_dict(self) -> dict[str, Any]:
         def pt(p: StudyPoint | None):
-            return None if p is None else {**{k: getattr(p, k) for k in p.__dataclass_fields__}, "name": p.name}
+            if p is None:
+                return None
+            out = {k: getattr(p, k) for k in p.__dataclass_fields__ if k not in ("order", "values")}
+            return {**out, "settings": p.values, "name": p.name}  # settings typed, as the dry run gives them
 
         return {
             "study": self.name, "quality": self.quality_kind, "quality_higher_is_better": self.higher_quality,
@@ -201,7 +205,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
                        _ratio(r.changes.get("tpot_s"), r.change_intervals.get("tpot_s")))
             points.append(StudyPoint(model=run.model_requested, scale=scale, run_id=run.id, settings=settings,
-                                     order=order,
+                                     order=order, values={k: raw.get(k) for k in axes},
                                      config_key=r.config_key, label=r.label, press=r.press,
                                      keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=r.n_prompts,
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
