@@ -94,6 +94,25 @@ def test_a_study_without_perplexity_says_so_instead_of_no_configuration_fits(sto
     assert res.stdout.count("smollm2-135m: N/A: no perplexity measured (eval_tokens = 0)") == 1
 
 
+def test_a_study_with_planned_runs_not_stored_says_which(store, db):
+    """An interrupted study's report covered the runs it had and did not say a planned run
+    never ran: the frontier and budgets looked final."""
+    from sqlalchemy import update
+
+    from knormctl.store import Run
+
+    runs = _study(store)
+    for index, run_id in enumerate(sorted(runs.values())):  # what a study file stores with each run
+        cfg = store.get_run(run_id).config_json | {"study": {"name": "s1", "runs": 6, "index": index + (index > 1)}}
+        with store.engine.begin() as conn:
+            conn.execute(update(Run).where(Run.id == run_id).values(config_json=cfg))
+    data = _json(db, "--group", "s1")
+    assert data["planned_runs"] == 6 and data["missing_runs"] == [3, 6]
+    res = runner.invoke(app, ["report", "--db", db, "--group", "s1"], env={"COLUMNS": "200"})
+    assert "study s1: 4 of 6 planned runs (run 3, 6 of the plan not stored yet: knormctl sweep --resume-group s1)" \
+        in res.stdout
+
+
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
     _study(store)
     data = _json(db, "--group", "s1")

@@ -104,6 +104,18 @@ class StudyView:
     best: list[BudgetLine]
     leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]  # press -> model -> keep ratio -> best point
     summaries: dict[int, Summary] = field(default_factory=dict)  # run id -> its own summary
+    planned_runs: int | None = None  # runs the study file planned (stored with each run); None: not a study file
+    missing_runs: list[int] = field(default_factory=list)  # plan positions (1-based) with no stored run
+
+    @property
+    def runs_line(self) -> str:
+        """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'."""
+        n = len(self.summaries)
+        if not self.missing_runs:
+            return f"{n} runs"
+        which = ", ".join(map(str, self.missing_runs))
+        return (f"{n} of {self.planned_runs} planned runs (run {which} of the plan not stored yet: "
+                f"knormctl sweep --resume-group {self.name})")
 
     def points_of(self, model: str) -> list[StudyPoint]:
         return [p for p in self.points if p.model == model]
@@ -121,6 +133,7 @@ class StudyView:
         return {
             "study": self.name, "quality": self.quality_kind, "quality_higher_is_better": self.higher_quality,
             "axes": self.axes, "models": self.models, "scales": self.scales, "budgets": list(BUDGETS),
+            "planned_runs": self.planned_runs, "missing_runs": self.missing_runs,
             "points": [pt(p) for p in self.points],
             "best_at_budget": [{"model": b.model, "scale": b.scale, "budget": b.budget, "best": pt(b.best),
                                 "na": b.na} for b in self.best],
@@ -243,10 +256,14 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             board[p.press][p.model][p.keep_ratio] = p
     leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
                    for press, bm in board.items()}
+    plans = [(r.config_json or {}).get("study") or {} for r in runs]
+    planned = max((p["runs"] for p in plans if isinstance(p.get("runs"), int)), default=None)
+    stored = {p["index"] for p in plans if isinstance(p.get("index"), int)}
+    missing = [i + 1 for i in range(planned) if i not in stored] if planned is not None else []
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
                      leaderboard=leaderboard,
-                     summaries=summaries)
+                     summaries=summaries, planned_runs=planned, missing_runs=missing)
 
 
 def _no_quality(runs: Sequence[Any], question_task: bool) -> str:

@@ -63,7 +63,7 @@ def print_study(view: StudyView, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console.print(Panel(f"study {view.name}: {len(view.summaries)} runs, models: {', '.join(view.models)}"
+    console.print(Panel(f"study {view.name}: {view.runs_line}, models: {', '.join(view.models)}"
                         + (f"\nvarying: {', '.join(view.axes)}" if view.axes else ""),
                         title="knormctl report --group", title_align="left"))
     for model in view.models:
@@ -117,7 +117,7 @@ def study_text(view: StudyView, fmt: str) -> str:
                 rec[f"{name}_ci_lo"], rec[f"{name}_ci_hi"] = iv if iv else (None, None)
             recs.append(rec)
         return csv_text(cols, recs)
-    out = [f"- study {view.name}: {len(view.summaries)} runs; models {', '.join(view.models)}"
+    out = [f"- study {view.name}: {view.runs_line}; models {', '.join(view.models)}"
            + (f"; varying {', '.join(view.axes)}" if view.axes else ""), ""]
     for model in view.models:
         out.append(f"**{model}**\n")
