@@ -172,6 +172,9 @@ EMPTY_ALLOWED = ("skip_layers",)  # [] (--skip-layers none): every layer is comp
 # What one run sweeps against its own full cache: never an axis of runs (the report would merge
 # the runs as one sweep's shards, each with a full cache of its own).
 SIDE_BY_SIDE = {"presses": "presses", "keep_ratios": "keep ratios"}
+# Settings a study's runs are not told apart by (study_run_key leaves them out).
+NOT_AN_AXIS = {"threads": "cannot vary between a study's runs: it is the machine's set-up, not a setting of "
+                          "the run (give one value; --threads on the command line sets it for every run)"}
 
 
 def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, row: int | None) -> dict[str, list]:
@@ -212,6 +215,8 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
                                  + f", got {v!r}", row)
         if len({repr(v) for v in values}) != len(values):
             raise _error(path, lines, key, f"duplicate values in {value!r}", row)
+        if key in NOT_AN_AXIS and len(values) > 1:
+            raise _error(path, lines, key, NOT_AN_AXIS[key], row)
         out[key] = [_coerce(v, tp) for v in values]
     return out
 

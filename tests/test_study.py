@@ -112,6 +112,8 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('keep_ratios = [[0.9], [0.5]]\n', "keep_ratios", 1, "every run measures its keep ratios side by side"),
     # one quality measure per study: lm rows had no accuracy and dropped out of every view
     ('model = "m"\ntask = ["lm", "passkey"]\n', "task", 2, "perplexity"),
+    # runs are not told apart by threads: it said "runs 1 and 2 are identical ... remove the duplicate row"
+    ('threads = [1, 2]\n', "threads", 1, "cannot vary between a study's runs"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
