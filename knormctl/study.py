@@ -299,7 +299,10 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
             cfg = RunConfig(command="sweep", group=study_name, **settings).validate()
         except UsageError as exc:
             msg = str(exc).replace("-", "_")
-            bad = next((k for k in settings if k in msg), None) or next(
+            # the option the message opens with ("--context-lengths: ..."), else the first one it names
+            named = re.match(r"__([a-z0-9_]+)", msg)
+            bad = (named.group(1) if named and named.group(1) in settings else None) or next(
+                (k for k in settings if k in msg), None) or next(
                 (k for k in settings if k.endswith("s") and k[:-1] in msg), None)
             where = f" (run {i + 1}: {_describe({k: settings[k] for k in axes if k in settings})})" if axes else ""
             if bad is not None:

@@ -114,6 +114,8 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('model = "m"\ntask = ["lm", "passkey"]\n', "task", 2, "perplexity"),
     # runs are not told apart by threads: it said "runs 1 and 2 are identical ... remove the duplicate row"
     ('threads = [1, 2]\n', "threads", 1, "cannot vary between a study's runs"),
+    # the key the message opens with, not the first setting it happens to name
+    ('wikitext_prompt_tokens = 256\ntask = "ruler"\ncontext_lengths = [32]\n', "context_lengths", 3, "too short"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
