@@ -115,7 +115,9 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     # runs are not told apart by threads: it said "runs 1 and 2 are identical ... remove the duplicate row"
     ('threads = [1, 2]\n', "threads", 1, "cannot vary between a study's runs"),
     # the key the message opens with, not the first setting it happens to name
-    ('wikitext_prompt_tokens = 256\ntask = "ruler"\ncontext_lengths = [32]\n', "context_lengths", 3, "too short"),
+    ('wikitext_prompt_tokens = 256\nmax_new_tokens = 8\ncontext_lengths = [4096]\n', "context_lengths", 3,
+     "--context-lengths applies to"),
+    ('task = "ruler"\nsubtasks = ["vt", "bogus"]\n', "subtasks", 2, "unknown ruler subtask"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
