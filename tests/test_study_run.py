@@ -98,6 +98,14 @@ def test_an_interrupted_study_resumes_the_interrupted_run_and_starts_the_missing
     assert f"finish it with: knormctl sweep --config {path}" in res.stderr
     assert [s for _, _, s, _ in _runs(db)] == ["complete", "interrupted"]
     monkeypatch.setattr(runner_mod.Runner, "_run_cells", real)
+    # the plan says what a resume keeps and what it measures (it listed every cell as still to run)
+    res = runner.invoke(app, ["sweep", "--resume-group", "tiny-study", "--db", str(db), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    first, second = plan["runs"]
+    assert first["stored"] == "kept: run 1, complete" and first["cells"] == 0
+    assert second["stored"].startswith("resumes run 2 (interrupted, ") and second["cells"] > 0
+    assert plan["cells"] == second["cells"]
     res = runner.invoke(app, ["sweep", "--resume-group", "tiny-study", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert "resuming run 2" in res.stderr

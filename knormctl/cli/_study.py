@@ -70,7 +70,7 @@ def _check_group_is_the_studys(store, study) -> list:
 def print_plan(study, db: str | None, json_out: bool) -> None:
     """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model."""
     from knormctl import estimate
-    from knormctl.store import open_store
+    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
     from knormctl.store.locations import to_url
 
     store = None
@@ -79,20 +79,30 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
         store = open_store(url, readonly=True)
     except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
         store = None
+    by_key = {}
     if store is not None:
         try:  # the real run would be refused: the plan says so too
-            _check_group_is_the_studys(store, study)
+            by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study)}
         except UsageError:
             store.close()
             raise
     rows, total_cells, total_s, unknown = [], 0, 0.0, False
     for run in study.runs:
         cells = planned_cells(run.config)
+        stored = by_key.get(run.key)
+        if stored is not None and stored.status in (COMPLETE, COMPLETE_WITH_ERRORS):
+            rows.append((run, 0, None, f"kept: run {stored.id}, {stored.status}"))
+            continue
+        if stored is not None:  # what a resume measures: the cells not stored, and failed ones again
+            cells = None if cells is None else max(0, cells - stored.samples_done)
+            state = f"resumes run {stored.id} ({stored.status}, {stored.samples_done} cells kept)"
+        else:
+            state = None
         guess = None
         if store is not None and cells:
             guess = estimate.from_stored_run(store, run.config, cells) or estimate.from_model_runs(
                 store, run.config, cells)
-        rows.append((run, cells, guess))
+        rows.append((run, cells, guess, state))
         total_cells += cells or 0
         if guess is None:
             unknown = True
@@ -106,18 +116,24 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
         sys.stdout.write(json.dumps({
             "study": study.name, "runs": [
                 {"index": r.index + 1, "model": r.config.model, "varying": r.varying, "cells": cells,
-                 "estimate_s": None if g is None else g.seconds, "estimate_basis": None if g is None else g.basis}
-                for r, cells, g in rows],
+                 "estimate_s": None if g is None else g.seconds, "estimate_basis": None if g is None else g.basis,
+                 "stored": state}
+                for r, cells, g, state in rows],
             "cells": total_cells, "estimate_s": None if unknown else total_s}, indent=2, default=str) + "\n")
         return
     print(wrapped(f"study {study.name}: {len(study.runs)} run(s)"
                   + (f", varying {', '.join(study.axes)}" if study.axes else "")))
-    for run, cells, guess in rows:
+    for run, cells, guess, state in rows:
         what = ", ".join(f"{k}={v}" for k, v in run.varying.items() if k != "model")
-        print(wrapped(f"{run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
-                      + f": {cells if cells is not None else '?'} cells"
+        head = f"{run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
+        if state is not None and state.startswith("kept"):
+            print(wrapped(f"{head}: {state}", indent="  ", hang="       "))
+            continue
+        print(wrapped(head + f": {cells if cells is not None else '?'} cells"
+                      + (f" to measure, {state}" if state else "")
                       + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"),
                       indent="  ", hang="       "))
+    unknown = unknown and any(cells for _, cells, _, _ in rows)  # nothing left to run needs no estimate
     which = "some runs" if total_s else "it" if len(rows) == 1 else "any run"
     when = (f"~{estimate.format_duration(total_s)}" if not unknown else
             (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
