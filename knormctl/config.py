@@ -201,12 +201,6 @@ class RunConfig:
                 raise error
         if self.compress_mode is None:  # the task's own default, wherever the config comes from
             self.compress_mode = "decode" if self.task == "lm" else "prefill"
-        for name in ("keep_ratios", "presses", "skip_layers", "passkey_lengths", "passkey_depths",
-                     "context_lengths", "needle_depths", "subtasks"):
-            values = getattr(self, name) or []
-            dups = sorted({repr(v) for v in values if values.count(v) > 1})
-            if dups:  # each would be one cell measured twice: the run stops at the second
-                raise ConfigError(f"--{name.replace('_', '-')}: duplicate values {', '.join(dups)}")
         if self.compress_mode not in COMPRESS_MODES:
             raise unknown_choice("--compress-mode", "mode", self.compress_mode, COMPRESS_MODES)
         for name in ("prune_after", "keep_recent", "n_sink", "prefill_chunk"):

@@ -19,6 +19,7 @@ Torch-free: planning a study (``--dry-run``) never loads a model.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import tomllib
@@ -61,6 +62,15 @@ class Study:
 
     def models(self) -> list[str]:
         return sorted({r.config.model for r in self.runs})
+
+
+# 2: a question task's default compress_mode is prefill (1, unmarked: decode for every task).
+PLAN_VERSION = 2
+
+
+def key_id(key: str) -> str:
+    """A short stand-in for a run's key (stored once per planned run with every run)."""
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def study_run_key(cfg: RunConfig) -> str:
@@ -206,6 +216,10 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
                     raise _error(path, lines, key, "empty list", row)
                 if not _fits(v, tp):
                     raise _error(path, lines, key, f"expected {_type_name(tp)}, got {v!r}", row)
+                if isinstance(v, list) and len({repr(x) for x in v}) != len(v):
+                    # as the command line refuses them: a repeated keep ratio or press is one cell
+                    # measured twice, and the run stopped at the second (UNIQUE constraint)
+                    raise _error(path, lines, key, f"duplicate values in {v!r}", row)
         else:
             values = value if isinstance(value, list) else [value]
             for v in values:
@@ -247,6 +261,9 @@ def study_from_stored(resolved: dict[str, Any]) -> Study:
             data[key] = resolved[key]
     if resolved.get("rows"):
         data[ROWS] = resolved["rows"]
+    given = [data, *(resolved.get("rows") or []), resolved.get("overrides") or {}]
+    if resolved.get("plan") is None and not any("compress_mode" in t for t in given):
+        data["compress_mode"] = "decode"  # planned when every task defaulted to decode: continue it as it ran
     return plan_study(data, path=resolved.get("source") or "stored study", overrides=resolved.get("overrides"))
 
 
@@ -289,6 +306,9 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
 
     axes = [k for k in dict.fromkeys(k for s in planned for k in s)
             if len({repr(s.get(k)) for s in planned}) > 1]
+    for key in [k for k in axes if k in SIDE_BY_SIDE or k in NOT_AN_AXIS]:  # [[rows]] that set them apart
+        raise _error(path, lines, key, NOT_AN_AXIS.get(key) or f"every run measures its {SIDE_BY_SIDE[key]} side "
+                                                              "by side against one full cache; give every row the same")
     tasks = {s.get("task", RunConfig.task) for s in planned}
     if "lm" in tasks and len(tasks) > 1:
         raise _error(path, lines, "task", "lm (perplexity) and question tasks (accuracy) cannot share a study: "
@@ -320,7 +340,8 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
     resolved = {
         "name": study_name, "description": description, "source": path,
         "settings": {k: v for k, v in data.items()}, "rows": rows or [], "overrides": overrides,
-        "axes": axes, "runs": len(runs),
+        "axes": axes, "runs": len(runs), "plan": PLAN_VERSION,
+        "key_ids": [key_id(r.key) for r in runs],  # which runs the plan holds: the report names those missing
     }
     for run in runs:  # stored with every run: the study can be continued from the database alone
         run.config.study = {**resolved, "index": run.index, "key": run.key}

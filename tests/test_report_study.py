@@ -113,6 +113,26 @@ def test_a_study_with_planned_runs_not_stored_says_which(store, db):
         in res.stdout
 
 
+def test_missing_runs_are_those_of_the_newest_plan(store, db):
+    """A study file extended under the same name: runs of the older plan that the newer one
+    keeps are not missing, whatever their place in the older plan."""
+    from sqlalchemy import update
+
+    from knormctl.store import Run
+    from knormctl.study import key_id
+
+    runs = sorted(_study(store).values())
+    old_plan = {"name": "s1", "runs": 2, "key_ids": ["k0", "k1"]}
+    new_plan = {"name": "s1", "runs": 5, "key_ids": [key_id(f"k{i}") for i in range(5)]}
+    for i, run_id in enumerate(runs):
+        plan = (old_plan if i < 2 else new_plan) | {"index": i, "key": f"k{i}"}
+        cfg = store.get_run(run_id).config_json | {"study": plan}
+        with store.engine.begin() as conn:
+            conn.execute(update(Run).where(Run.id == run_id).values(config_json=cfg))
+    data = _json(db, "--group", "s1")
+    assert data["planned_runs"] == 5 and data["missing_runs"] == [5]
+
+
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
     _study(store)
     data = _json(db, "--group", "s1")

@@ -114,6 +114,11 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('model = "m"\ntask = ["lm", "passkey"]\n', "task", 2, "perplexity"),
     # runs are not told apart by threads: it said "runs 1 and 2 are identical ... remove the duplicate row"
     ('threads = [1, 2]\n', "threads", 1, "cannot vary between a study's runs"),
+    # the same through [[rows]]: each row flat, the runs set apart all the same
+    ('model = "m"\n[[rows]]\npresses = ["knorm"]\n[[rows]]\npresses = ["streaming"]\n', "presses", None,
+     "every run measures its presses side by side"),
+    ('model = "m"\n[[rows]]\nthreads = 1\n[[rows]]\nthreads = 2\n', "threads", None,
+     "cannot vary between a study's runs"),
     # the key the message opens with, not the first setting it happens to name
     ('wikitext_prompt_tokens = 256\nmax_new_tokens = 8\ncontext_lengths = [4096]\n', "context_lengths", 3,
      "--context-lengths applies to"),
@@ -123,7 +128,7 @@ def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
         parse_study(text, path="s.toml")
     msg = str(err.value)
-    assert f"s.toml, line {line}: {key}:" in msg, msg
+    assert (f"s.toml, line {line}: {key}:" if line else f"s.toml: {key}:") in msg, msg
     assert fragment in msg, msg
     assert "\n" not in msg
 
@@ -144,6 +149,18 @@ def test_question_tasks_default_to_prefill_mode_in_a_study_as_on_the_command_lin
     assert {r.config.compress_mode for r in study.runs} == {"prefill"}
     assert parse_study('num_wikitext_samples = 1\n').runs[0].config.compress_mode == "decode"
     assert parse_study('task = "passkey"\ncompress_mode = "decode"\n').runs[0].config.compress_mode == "decode"
+
+
+def test_a_study_stored_before_prefill_became_the_question_tasks_default_continues_as_it_ran():
+    """Its stored runs' keys say decode: planned again under the new default they matched nothing,
+    and the group was refused as 'not part of this study'."""
+    from knormctl.study import study_from_stored
+
+    now = parse_study('task = "passkey"\nprune_after = [0, 64]\n')
+    old = {k: v for k, v in now.resolved.items() if k not in ("plan", "key_ids")}  # as stored before
+    again = study_from_stored(old)
+    assert {r.config.compress_mode for r in again.runs} == {"decode"}
+    assert {r.config.compress_mode for r in study_from_stored(now.resolved).runs} == {"prefill"}
 
 
 def test_identical_runs_are_refused():

@@ -112,6 +112,19 @@ def test_an_interrupted_study_resumes_the_interrupted_run_and_starts_the_missing
     assert [s for _, _, s, _ in _runs(db)] == ["complete", "complete"]
 
 
+def test_a_plan_whose_cells_are_unknown_gives_no_estimate_not_zero_seconds(tmp_path):
+    """LongBench counts its cells once its texts are cut: the dry run said 'total: 0 cells, ~0 s'."""
+    path = tmp_path / "lb.toml"
+    path.write_text('task = "longbench"\nmodel = "smollm2-135m"\nprune_after = [0, 64]\n')
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--dry-run", "--json", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert [r["cells"] for r in plan["runs"]] == [None, None] and plan["estimate_s"] is None
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--dry-run", "--db", str(tmp_path / "r.db")],
+                        env={"COLUMNS": "200"})
+    assert "no estimate for any run" in res.stdout and "~0 s" not in res.stdout
+
+
 def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
     path = _study_file(tmp_path, tiny_llama_dir, books_dir)

@@ -70,7 +70,8 @@ def _check_group_is_the_studys(store, study) -> list:
 def print_plan(study, db: str | None, json_out: bool) -> None:
     """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model."""
     from knormctl import estimate
-    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
+    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, RUNNING, open_store
+    from knormctl.store.liveness import owner
     from knormctl.store.locations import to_url
 
     store = None
@@ -93,11 +94,18 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
         if stored is not None and stored.status in (COMPLETE, COMPLETE_WITH_ERRORS):
             rows.append((run, 0, None, f"kept: run {stored.id}, {stored.status}"))
             continue
+        if stored is not None and stored.status == RUNNING:  # its owner lives: the real run stops there
+            rows.append((run, 0, None, f"running now (run {stored.id}, {owner(stored)}): the study would stop "
+                                       "here until it ends"))
+            continue
         if stored is not None:  # what a resume measures: the cells not stored, and failed ones again
             cells = None if cells is None else max(0, cells - stored.samples_done)
             state = f"resumes run {stored.id} ({stored.status}, {stored.samples_done} cells kept)"
         else:
             state = None
+        if cells == 0:  # nothing left to measure: nothing to estimate
+            rows.append((run, 0, None, state))
+            continue
         guess = None
         if store is not None and cells:
             guess = estimate.from_stored_run(store, run.config, cells) or estimate.from_model_runs(
@@ -126,14 +134,13 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
     for run, cells, guess, state in rows:
         what = ", ".join(f"{k}={v}" for k, v in run.varying.items() if k != "model")
         head = f"{run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
-        if state is not None and state.startswith("kept"):
+        if state is not None and cells == 0:  # kept, running now, or nothing left to resume
             print(wrapped(f"{head}: {state}", indent="  ", hang="       "))
             continue
         print(wrapped(head + f": {cells if cells is not None else '?'} cells"
                       + (f" to measure, {state}" if state else "")
                       + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"),
                       indent="  ", hang="       "))
-    unknown = unknown and any(cells for _, cells, _, _ in rows)  # nothing left to run needs no estimate
     which = "some runs" if total_s else "it" if len(rows) == 1 else "any run"
     when = (f"~{estimate.format_duration(total_s)}" if not unknown else
             (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
@@ -215,11 +222,12 @@ def stored_study(store, group: str):
     runs = store.runs_in_group(group)
     if not runs:
         raise UsageError(f"no runs in group {group!r} in {store.url}")
-    resolved = next(((r.config_json or {}).get("study") for r in runs if (r.config_json or {}).get("study")), None)
+    resolved = next(((r.config_json or {}).get("study") for r in reversed(runs)  # the newest plan
+                     if (r.config_json or {}).get("study")), None)
     if resolved is None:
         raise UsageError(f"group {group!r} is not a study (its runs were not planned from a study file); "
                          "resume its runs one by one with --resume N")
-    return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key")})
+    return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key", "key_ids")})
 
 
 def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: str | None, json_out: bool,

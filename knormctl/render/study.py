@@ -256,14 +256,31 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             board[p.press][p.model][p.keep_ratio] = p
     leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
                    for press, bm in board.items()}
-    plans = [(r.config_json or {}).get("study") or {} for r in runs]
-    planned = max((p["runs"] for p in plans if isinstance(p.get("runs"), int)), default=None)
-    stored = {p["index"] for p in plans if isinstance(p.get("index"), int)}
-    missing = [i + 1 for i in range(planned) if i not in stored] if planned is not None else []
+    planned, missing = _missing_runs(runs)
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
                      leaderboard=leaderboard,
                      summaries=summaries, planned_runs=planned, missing_runs=missing)
+
+
+def _missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
+    """(runs the newest stored plan holds, its positions with no stored run). (None, []) where
+    the runs were not planned from a study file, or by plans that cannot be told apart."""
+    from knormctl.study import key_id
+
+    plans = [(r.id, (r.config_json or {}).get("study") or {}) for r in runs]
+    plans = [(rid, p) for rid, p in plans if isinstance(p.get("runs"), int)]
+    if not plans:
+        return None, []
+    newest = max(plans)[1]
+    if newest.get("key_ids"):
+        stored = {key_id(p["key"]) for _, p in plans if p.get("key")}
+        return len(newest["key_ids"]), [i + 1 for i, k in enumerate(newest["key_ids"]) if k not in stored]
+    same = {k: v for k, v in newest.items() if k not in ("index", "key")}
+    if any({k: v for k, v in p.items() if k not in ("index", "key")} != same for _, p in plans):
+        return None, []  # runs of several plans, stored before plans named their runs: no claim
+    stored = {p["index"] for _, p in plans if isinstance(p.get("index"), int)}
+    return newest["runs"], [i + 1 for i in range(newest["runs"]) if i not in stored]
 
 
 def _no_quality(runs: Sequence[Any], question_task: bool) -> str:
