@@ -133,6 +133,26 @@ def test_missing_runs_are_those_of_the_newest_plan(store, db):
     assert data["planned_runs"] == 5 and data["missing_runs"] == [5]
 
 
+def test_a_study_with_one_run_stored_reads_as_that_run_and_names_the_missing_ones(store, db):
+    """One run stored, the next interrupted before it stored anything: the group reads as a
+    plain summary, which said nothing of the planned runs that never ran."""
+    from sqlalchemy import update
+
+    from knormctl.store import Run
+    from knormctl.study import key_id
+
+    run_id = fill_run(store, configs=CONFIGS, n_samples=4, group="s9")
+    cfg = store.get_run(run_id).config_json | {"study": {"name": "s9", "runs": 3, "index": 0, "key": "k0",
+                                                         "key_ids": [key_id(f"k{i}") for i in range(3)]}}
+    with store.engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id).values(config_json=cfg))
+    res = runner.invoke(app, ["report", "--db", db, "--group", "s9", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert "rows" in json.loads(res.stdout)  # stdout stays the run's summary, whole
+    assert res.stderr.strip() == ("study s9: 1 of 3 planned runs (run 2, 3 of the plan not stored yet: "
+                                  "knormctl sweep --resume-group s9)")
+
+
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
     _study(store)
     data = _json(db, "--group", "s1")

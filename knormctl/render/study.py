@@ -110,12 +110,7 @@ class StudyView:
     @property
     def runs_line(self) -> str:
         """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'."""
-        n = len(self.summaries)
-        if not self.missing_runs:
-            return f"{n} runs"
-        which = ", ".join(map(str, self.missing_runs))
-        return (f"{n} of {self.planned_runs} planned runs (run {which} of the plan not stored yet: "
-                f"knormctl sweep --resume-group {self.name})")
+        return runs_line(self.name, len(self.summaries), self.planned_runs, self.missing_runs)
 
     def points_of(self, model: str) -> list[StudyPoint]:
         return [p for p in self.points if p.model == model]
@@ -256,14 +251,22 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             board[p.press][p.model][p.keep_ratio] = p
     leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
                    for press, bm in board.items()}
-    planned, missing = _missing_runs(runs)
+    planned, missing = missing_runs(runs)
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
                      leaderboard=leaderboard,
                      summaries=summaries, planned_runs=planned, missing_runs=missing)
 
 
-def _missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
+def runs_line(name: str, n: int, planned: int | None, missing: Sequence[int]) -> str:
+    """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'."""
+    if not missing:
+        return f"{n} runs"
+    return (f"{n} of {planned} planned runs (run {', '.join(map(str, missing))} of the plan not stored yet: "
+            f"knormctl sweep --resume-group {name})")
+
+
+def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
     """(runs the newest stored plan holds, its positions with no stored run). (None, []) where
     the runs were not planned from a study file, or by plans that cannot be told apart."""
     from knormctl.study import key_id
