@@ -205,9 +205,6 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
         if _is_list_type(tp):
             # a list of lists is an axis; a flat list is the run's value
             if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-                if key in SIDE_BY_SIDE:
-                    raise _error(path, lines, key, f"every run measures its {SIDE_BY_SIDE[key]} side by side "
-                                                   "against one full cache; list them once, flat", row)
                 values = value
             else:
                 values = [value]
@@ -229,8 +226,6 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
                                  + f", got {v!r}", row)
         if len({repr(v) for v in values}) != len(values):
             raise _error(path, lines, key, f"duplicate values in {value!r}", row)
-        if key in NOT_AN_AXIS and len(values) > 1:
-            raise _error(path, lines, key, NOT_AN_AXIS[key], row)
         out[key] = [_coerce(v, tp) for v in values]
     return out
 
@@ -306,9 +301,10 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
 
     axes = [k for k in dict.fromkeys(k for s in planned for k in s)
             if len({repr(s.get(k)) for s in planned}) > 1]
-    for key in [k for k in axes if k in SIDE_BY_SIDE or k in NOT_AN_AXIS]:  # [[rows]] that set them apart
+    for key in [k for k in axes if k in SIDE_BY_SIDE or k in NOT_AN_AXIS]:  # a list of lists, or [[rows]] that differ
         raise _error(path, lines, key, NOT_AN_AXIS.get(key) or f"every run measures its {SIDE_BY_SIDE[key]} side "
-                                                              "by side against one full cache; give every row the same")
+                                                              "by side against one full cache; give every run one "
+                                                              "flat list, the same")
     tasks = {s.get("task", RunConfig.task) for s in planned}
     if "lm" in tasks and len(tasks) > 1:
         raise _error(path, lines, "task", "lm (perplexity) and question tasks (accuracy) cannot share a study: "
