@@ -219,11 +219,6 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
                                      tpot_ratio=tp, tpot_interval=tpi, scale_axes=tuple(scale_axes)))
     higher = question_task
-    view_runs: dict[str, list] = defaultdict(list)  # scale -> its runs
-    for p in points:
-        run = next(r for r in runs if r.id == p.run_id)
-        if run not in view_runs[p.scale]:
-            view_runs[p.scale].append(run)
     models = sorted({p.model for p in points})
     first = {}  # each scale in the order of its model, then of its settings
     for p in sorted(points, key=lambda p: (p.model, p.order)):
@@ -237,7 +232,8 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         for p in mine:
             p.on_frontier = p.key in on
         if not mine:  # no budget has a best: say why, not "no configuration fits"
-            why = _no_quality(view_runs.get(scale, []), question_task)
+            ids = {p.run_id for p in points if p.scale == scale}
+            why = _no_quality([r for r in runs if r.id in ids], question_task)
             best.extend(BudgetLine(model, scale, budget, None, na=why) for budget in BUDGETS)
             continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
