@@ -80,8 +80,7 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
                 "model": model, "dtype": dtype, **(settings or {})},
         command_line=f"knormctl sweep --model {model}", env=env or ENV, group_name=group, samples_planned=len(cells),
         dtype=dtype, device=(env or ENV)["device"], knormctl_version="0.1.0", git_commit="0123456789abcdef")
-    store.update_run(run_id, model_resolved=f"/models/{model}", model_hash=f"sha256:{model}",
-                     **({"hostname": hostname} if hostname else {}))
+    store.update_run(run_id, model_resolved=f"/models/{model}", model_hash=f"sha256:{model}")
     for n, (i, c, rep) in enumerate(cells):
         if stop_after is not None and n >= stop_after:
             break
@@ -132,4 +131,6 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
         store.add_sample(run_id, **fields)
     if status != "running":
         store.finish_run(run_id, status, error="interrupted by SIGINT" if status == "interrupted" else None)
+    if hostname:  # the machine that measured it: set last, as only the run's owner (this process) may store
+        store.update_run(run_id, hostname=hostname)
     return run_id

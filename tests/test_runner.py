@@ -207,6 +207,36 @@ def test_resume_refuses_another_set_up_naming_what_differs(tiny_llama_dir, books
     assert json.loads(res.stdout)["status"] == "complete"
 
 
+def test_a_process_whose_run_was_taken_over_stores_nothing_more(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    """A laptop asleep mid-sweep: another host resumes the run; when the laptop wakes it must
+    neither store cells beside the new owner's nor end the run under it. It stops, exit 1."""
+    from knormctl.store.api import Store
+
+    db, stored = tmp_path / "r.db", []
+    original = Store.add_sample
+
+    def add_sample(self, run_id, **fields):
+        if len(stored) == 1:  # the owner wakes up after a take-over by gpu-node-7
+            self.update_run(run_id, pid=4321, hostname="gpu-node-7", heartbeat_utc=utcnow())
+        stored.append(fields["config_key"])
+        return original(self, run_id, **fields)
+
+    monkeypatch.setattr(Store, "add_sample", add_sample)
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
+                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
+                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.strip().splitlines()[-1] == (
+        "Error: run 1 was taken over by process 4321 on gpu-node-7 (a --resume while this process was "
+        "paused or cut off); this process stores no more")
+    assert len(stored) == 2  # it tried the second cell, and stopped there
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT status, pid, hostname, samples_done, ended_utc FROM runs").fetchone() == (
+            RUNNING, 4321, "gpu-node-7", 1, None)  # still the new owner's, not ended under it
+        assert con.execute("SELECT count(*) FROM samples").fetchone() == (1,)
+
+
 def test_a_torchrun_rank_resumes_on_another_index_and_thread_count_of_the_same_gpu_kind(tmp_path):
     """A rank stored cuda:1 with torchrun's OMP_NUM_THREADS=1; resumed alone it runs on cuda:0 with
     the default threads: the same set-up for a GPU run. Another GPU model is not."""

@@ -199,6 +199,27 @@ def test_run_round_trip(db_url):
         assert store.get_run(424242) is None
 
 
+def test_only_the_runs_owner_writes_to_it(db_url):
+    """Once a --resume elsewhere took a run over, the old owner's samples, heartbeats, token
+    matches and end are refused: they would mix with the new owner's or end the run under it."""
+    with open_store(db_url) as store:
+        run_id = new_run(store)
+        store.add_sample(run_id, **cell(0, "none"))
+        taken = utcnow() - timedelta(seconds=5)
+        store.update_run(run_id, pid=4321, hostname="gpu-node-7", heartbeat_utc=taken)
+        why = f"run {run_id} was taken over by process 4321 on gpu-node-7"
+        for write in (lambda: store.add_sample(run_id, **cell(1, "none")), lambda: store.heartbeat(run_id),
+                      lambda: store.set_token_match(run_id, 0, {"none": 1.0}),
+                      lambda: store.finish_run(run_id, COMPLETE)):
+            with pytest.raises(StoreError, match=why):
+                write()
+        run = store.get_run(run_id)
+        assert (run.status, run.samples_done, run.heartbeat_utc, run.ended_utc) == (RUNNING, 1, taken, None)
+        assert [(s.sample_index, s.token_match) for s in store.samples(run_id)] == [(0, None)]
+        with pytest.raises(StoreError, match="run 999999 does not exist"):
+            store.add_sample(999999, **cell(0, "none"))
+
+
 def test_a_resumed_run_counts_the_time_it_sat_stopped_apart(db_url):
     """--resume hours later: 'took' is the time measuring, and the stop is said on its own."""
     from knormctl.render.export import header_lines
@@ -340,8 +361,8 @@ def test_reading_shows_stale_runs_as_interrupted_without_writing_and_writers_rec
         elsewhere_alive = new_run(store)
         store.update_run(elsewhere_alive, hostname="gpu-node-8", pid=1234, heartbeat_utc=utcnow())
         finished = new_run(store)
-        store.update_run(finished, pid=pid)
         store.finish_run(finished, COMPLETE)
+        store.update_run(finished, pid=pid)
         before = stored_statuses(store)
 
         run = store.get_run(crashed)  # reading shows the truth ...

@@ -138,16 +138,39 @@ class Store:
             run.status, run.ended_utc, run.error = RUNNING, None, None
             run.pid, run.hostname, run.heartbeat_utc = os.getpid(), socket.gethostname(), utcnow()
 
+    @staticmethod
+    def _owned(run_id: int) -> tuple:
+        """Where-clauses: the run, while this process owns it (a ``--resume`` elsewhere may have
+        taken it over from a process that was paused or cut off, e.g. a laptop asleep)."""
+        return Run.id == run_id, Run.pid == os.getpid(), Run.hostname == socket.gethostname()
+
+    @staticmethod
+    def _not_owned(session, run_id: int) -> StoreError:
+        run = session.get(Run, run_id)
+        if run is None:
+            return StoreError(f"run {run_id} does not exist")
+        return StoreError(f"run {run_id} was taken over by process {run.pid} on {run.hostname} "
+                          "(a --resume while this process was paused or cut off); this process stores no more")
+
+    def _owner_write(self, what: str, run_id: int, **values) -> None:
+        with self._tx(what) as session:
+            if session.execute(update(Run).where(*self._owned(run_id)).values(**values)).rowcount == 0:
+                raise self._not_owned(session, run_id)
+
     def heartbeat(self, run_id: int) -> None:
-        """Tell other processes this run is alive (``add_sample`` does it too)."""
-        self.update_run(run_id, heartbeat_utc=utcnow())
+        """Tell other processes this run is alive (``add_sample`` does it too). Only its owner may."""
+        self._owner_write(f"updating run {run_id}", run_id, heartbeat_utc=utcnow())
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
-        """End a run: its final status, an optional error line, ``ended_utc`` now."""
+        """End a run: its final status, an optional error line, ``ended_utc`` now. Only its
+        owner may (StoreError for a process whose run was taken over)."""
         if status == RUNNING:
             raise ValueError("finish_run needs a final status, not 'running'")
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r} (one of {', '.join(STATUSES)})")
         now = utcnow()
-        self.update_run(run_id, status=status, error=error, ended_utc=now, heartbeat_utc=now)
+        self._owner_write(f"ending run {run_id}", run_id, status=status, error=error, ended_utc=now,
+                          heartbeat_utc=now)
 
     def get_run(self, run_id: int) -> Run | None:
         """The run with this id, or None."""
@@ -235,14 +258,14 @@ class Store:
     def add_sample(self, run_id: int, **fields) -> int:
         """Store one finished (sample x configuration x repeat) cell. One transaction: the row, the
         run's ``samples_done`` (or ``samples_failed`` when ``error`` is set) and its heartbeat.
-        Returns the id."""
+        Returns the id. Only the run's owner may store (StoreError once it was taken over)."""
         values = _check_fields(Sample, fields, exclude={"id", "run_id", "created_utc"})
         now = utcnow()
         counter = Run.samples_failed if values.get("error") is not None else Run.samples_done
         with self._tx(f"storing a sample of run {run_id}") as session:
-            bump = update(Run).where(Run.id == run_id).values({counter: counter + 1, Run.heartbeat_utc: now})
+            bump = update(Run).where(*self._owned(run_id)).values({counter: counter + 1, Run.heartbeat_utc: now})
             if session.execute(bump).rowcount == 0:
-                raise StoreError(f"run {run_id} does not exist")
+                raise self._not_owned(session, run_id)
             sample = Sample(run_id=run_id, created_utc=now, **values)
             session.add(sample)
             session.flush()
@@ -253,6 +276,8 @@ class Store:
         """Record, per config key, the fraction of tokens equal to the full-cache output of that
         sample (in the same repeat)."""
         with self._tx(f"storing token matches of run {run_id}") as session:
+            if session.execute(select(Run.id).where(*self._owned(run_id))).first() is None:
+                raise self._not_owned(session, run_id)
             for config_key, fraction in matches.items():
                 session.execute(update(Sample)
                                 .where(Sample.run_id == run_id, Sample.sample_index == sample_index,
