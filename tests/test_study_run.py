@@ -177,3 +177,24 @@ def test_a_study_is_not_sharded(tiny_llama_dir, books_dir, tmp_path):
     res = runner.invoke(app, ["sweep", "--config", path, "--shard", "1/2", "--db", str(db)])
     assert res.exit_code == 2
     assert "--shard cannot be combined with --config" in res.output and not db.exists()
+
+
+def test_a_stored_study_that_newer_rules_refuse_says_why_it_cannot_be_continued(tmp_path):
+    """A study stored by an older knormctl (here: a duplicate keep ratio, refused since) cannot be
+    planned again: the refusal says it is the stored plan, and what still works."""
+    from knormctl.store import open_store
+
+    db = tmp_path / "r.db"
+    old = {"name": "old", "source": "old.toml", "settings": {"task": "passkey", "keep_ratios": [0.5, 0.5]},
+           "rows": [], "overrides": {}, "plan": 2}
+    with open_store(db) as store:
+        run_id = store.create_run(command="sweep", task="passkey", model_requested="m", config={"study": old},
+                                  command_line="knormctl sweep --config old.toml", group_name="old")
+        store.finish_run(run_id, "interrupted")
+    for extra in ([], ["--dry-run"]):
+        res = runner.invoke(app, ["sweep", "--resume-group", "old", "--db", str(db), *extra])
+        assert res.exit_code == 2, res.output
+        assert res.stderr.strip() == (
+            "Error: group 'old' was planned under rules this knormctl refuses (old.toml: keep_ratios: duplicate "
+            "values in [0.5, 0.5]), so it cannot be continued as a study; read it with `knormctl report --group "
+            "old`, or resume its runs one by one with --resume N")

@@ -227,7 +227,12 @@ def stored_study(store, group: str):
     if resolved is None:
         raise UsageError(f"group {group!r} is not a study (its runs were not planned from a study file); "
                          "resume its runs one by one with --resume N")
-    return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key", "key_ids")})
+    try:
+        return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key", "key_ids")})
+    except UsageError as exc:  # stored by an older knormctl whose planning allowed it
+        raise UsageError(f"group {group!r} was planned under rules this knormctl refuses ({exc}), so it cannot "
+                         f"be continued as a study; read it with `knormctl report --group {group}`, or "
+                         "resume its runs one by one with --resume N") from None
 
 
 def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: str | None, json_out: bool,
