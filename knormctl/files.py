@@ -3,25 +3,60 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from knormctl.errors import UsageError
+from knormctl.errors import KnormctlError, UsageError
+
+# The machine failed, not the path given: the disk or quota is full, the device failed.
+RUNTIME_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def write_error(path: Path, exc: OSError, what: str = "") -> KnormctlError:
+    """One line for an OSError writing ``path``: a usage error (exit 2) for a path that cannot
+    be written (read-only folder, a file where a folder should be), a runtime failure (exit 1)
+    for a full disk or a failing device."""
+    line = f"cannot write {what + ' ' if what else ''}{path}: {exc.strerror or exc}"
+    return KnormctlError(line) if exc.errno in RUNTIME_ERRNOS else UsageError(line)
 
 
 @contextlib.contextmanager
 def written_whole(path: Path, what: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one
-    step, so a reader never sees half a file. Any OSError (a read-only folder, a file where a
-    folder should be) becomes one line naming ``what`` (``--output``) and the path, and nothing
-    is left behind; other errors pass through, the temporary file removed all the same."""
+    step, so a reader never sees half a file. Any OSError becomes one line naming ``what``
+    (``--output``) and the path (``write_error``), and nothing is left behind; other errors
+    pass through, the temporary file removed all the same."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {exc.strerror or exc}") from None
+        raise write_error(path, exc, what) from None
     finally:
         with contextlib.suppress(OSError):  # where it could not be created, there is nothing to remove
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def written_together(paths: list[Path], what: str = "") -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths``; once every one is written they replace ``paths``, so a
+    failure halfway (a full disk, a folder in a file's place) leaves none of them new: no set
+    of figures mixes two runs. Errors as ``written_whole``."""
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    try:
+        yield tmps
+        for path in paths:  # checked before the first rename: a folder in a file's place
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except OSError as exc:
+        failed = Path(exc.filename) if exc.filename else paths[0]
+        failed = next((p for p, t in zip(paths, tmps) if failed in (p, t)), failed)
+        raise write_error(failed, exc, what) from None
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)

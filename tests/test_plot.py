@@ -141,6 +141,67 @@ def test_bad_input_is_one_line_and_exit_2(store, db, tmp_path):
     assert result.exit_code == 2 and "is not a folder" in result.stderr
 
 
+def test_a_failure_halfway_leaves_no_partial_set_and_a_full_disk_exits_1(store, db, tmp_path, monkeypatch):
+    """A folder in a later figure's place, or a disk filling up after the first figure, left
+    1-3 of 6 figures: beside an older run's figures, a mixed set. A full disk is a runtime
+    failure (exit 1), not bad input."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    run = fill_run(store)
+    out = tmp_path / "figs"
+    (out / "knormpress_table.png").mkdir(parents=True)  # in a later figure's place
+    result = runner.invoke(app, ["plot", "--db", db, "--run-id", str(run), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"Error: cannot write figure {out / 'knormpress_table.png'}: Is a directory"
+    assert sorted(p.name for p in out.iterdir()) == ["knormpress_table.png"]  # nothing new, no temporary file
+
+    real, written = Figure.savefig, []
+
+    def savefig(self, fname, *args, **kw):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fname))
+        written.append(fname)
+        return real(self, fname, *args, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    new = tmp_path / "new" / "figs"
+    result = runner.invoke(app, ["plot", "--db", db, "--run-id", str(run), "--out", str(new)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (f"Error: cannot write figure {new / 'knormpress_summary.png'}: "
+                                     "No space left on device")
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+
+
+def test_figures_of_an_unfinished_run_say_so_and_a_group_points_to_its_report(store, db):
+    """A shared PNG of an interrupted run read as a finished one; a group's table figure sent
+    readers to one shard's report (other numbers, other flags)."""
+    from knormctl.render import figures
+
+    cut = fill_run(store, status="interrupted", stop_after=7)
+    done = fill_run(store, seed=2)
+    for run, second in ((cut, "INTERRUPTED: 7 of 15 planned cells"), (done, None)):
+        summary = summary_of(store, [run])
+        for spec_ in figures.figures_for(summary):
+            fig = spec_.draw(summary)
+            lines = fig.get_suptitle().split("\n")
+            assert lines[0].endswith(f"run {run}, smollm2-135m"), lines
+            assert (second in lines) if second else not any("planned cells" in line for line in lines), lines
+    a = fill_run(store, group="shg", samples=[0, 1], tpot_factor={"knorm|kr=0.5": 1.5})
+    b = fill_run(store, group="shg", samples=[2], seed=3)
+    from knormctl.render.summary import build_summary
+
+    runs = [store.get_run(a), store.get_run(b)]
+    summary = build_summary(runs, load_samples(store, runs, blobs=True))
+    assert summary.flags
+    fig = spec("table").draw(summary)
+    from matplotlib.text import Text
+
+    text = " ".join(t.get_text() for t in fig.findobj(Text))
+    assert "run `knormctl report --group shg` to read them" in " ".join(text.split())
+
+
 def test_figure_functions_return_figures_without_saving(store):
     from matplotlib.figure import Figure
 

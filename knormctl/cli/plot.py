@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated
 import typer
 
 from knormctl.cli._common import DbOpt, error_boundary
-from knormctl.files import written_whole
+from knormctl.files import written_together
 
 
 class ImageFormat(str, Enum):
@@ -54,15 +55,25 @@ def plot(
             out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
+        created = [p for p in (out, *out.parents) if not p.exists()]  # what a failure removes again
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create --out folder {out}: {exc.strerror}") from None
-        for filename, draw in drawn:
-            fig = draw()
-            path = out / f"{filename}.{fmt.value}"
-            # Fixed size: no bbox_inches="tight", so every PNG is exactly figsize x DPI pixels.
-            with written_whole(path, "figure") as tmp:
-                fig.savefig(tmp, dpi=figures.DPI, format=fmt.value)
-            fig.clear()
+        paths = [out / f"{filename}.{fmt.value}" for filename, _ in drawn]
+        try:
+            # The set is written whole: a failure halfway leaves no figure of this run beside
+            # older ones in the folder.
+            with written_together(paths, "figure") as tmps:
+                for (_, draw), tmp in zip(drawn, tmps):
+                    fig = draw()
+                    # Fixed size: no bbox_inches="tight", so every PNG is exactly figsize x DPI pixels.
+                    fig.savefig(tmp, dpi=figures.DPI, format=fmt.value)
+                    fig.clear()
+        except BaseException:
+            for folder in created:  # leaf first; only the empty folders this call made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        for path in paths:
             print(path)

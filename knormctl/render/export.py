@@ -150,8 +150,7 @@ DECODE_STEP_NOTE = {  # what the timings measure, when it is not the model's own
 def header_lines(summary: Summary) -> list[str]:
     """The run header as short 'name: value' lines (markdown, figure titles, rich panel)."""
     h = summary.header
-    cells = (f"{h.samples_done} of {h.samples_planned} planned cells" if h.samples_planned is not None
-             else f"{h.samples_done} cells") + (f", {h.samples_failed} failed" if h.samples_failed else "")
+    cells = h.cells_text
     lines = [
         f"{h.title} ({h.command}, task {h.task}): {h.status}" + (f", group {h.group_name}" if h.group_name else "")
         + (f", shard {h.shard}" if h.shard else "")

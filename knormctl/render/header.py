@@ -80,6 +80,19 @@ class RunHeader:
         ids = ",".join(map(str, self.run_ids))
         return f"run {ids}" if len(self.run_ids) == 1 else f"runs {ids}"
 
+    @property
+    def cells_text(self) -> str:
+        """'8 of 10 planned cells, 1 failed'."""
+        return ((f"{self.samples_done} of {self.samples_planned} planned cells" if self.samples_planned is not None
+                 else f"{self.samples_done} cells") + (f", {self.samples_failed} failed" if self.samples_failed else ""))
+
+    @property
+    def report_command(self) -> str:
+        """The report that shows these numbers: the group's when runs were merged by --group."""
+        if len(self.run_ids) > 1 and self.group_name:
+            return f"knormctl report --group {self.group_name}"
+        return f"knormctl report --run-id {self.run_ids[0]}"
+
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat(timespec="seconds") + ("" if dt.tzinfo else "Z") if dt else None

@@ -43,7 +43,13 @@ def figure(size: tuple[float, float]) -> Figure:
 
 
 def title(summary: Summary, what: str) -> str:
-    return f"{what} \u2014 {summary.header.title}, {summary.header.model}"
+    """The figure's title; a second line for a run that is not complete (a shared PNG must not
+    pass for a finished run)."""
+    h = summary.header
+    text = f"{what} \u2014 {h.title}, {h.model}"
+    if h.status != "complete":
+        text += f"\n{h.status.replace('_', ' ').upper()}: {h.cells_text}"
+    return text
 
 
 CAPTION_CHARS_PER_INCH = 14  # 9 pt DejaVu Sans: about 0.07 inch per character

@@ -65,8 +65,8 @@ def table(summary: Summary) -> Figure:
             c.set_gid(f"{row.config_key}|{name}|cell")
     notes = [f"({i + 1}) peak memory N/A: {textwrap.shorten(why, 160)}" for i, why in enumerate(reasons)]
     if summary.flags:
-        notes.append(f"{len(summary.flags)} honesty flag(s) apply: run `knormctl report --run-id "
-                     f"{summary.header.run_ids[0]}` to read them before quoting these numbers.")
+        notes.append(f"{len(summary.flags)} honesty flag(s) apply: run `{summary.header.report_command}` "
+                     "to read them before quoting these numbers.")
     caption(fig, "\n".join([f"Cells: median over prompts (fractions: mean); {DELTA}: median of per-prompt changes vs "
                             f"the full cache (fractions: mean, in pp) with its {BOOT_TEXT}. Green better, red worse, "
                             f"white no detectable difference, yellow a TTFT timing artifact."] + notes))
