@@ -202,6 +202,36 @@ def test_figures_of_an_unfinished_run_say_so_and_a_group_points_to_its_report(st
     assert "run `knormctl report --group shg` to read them" in " ".join(text.split())
 
 
+def test_the_dashed_full_model_line_is_the_full_caches_number_and_a_failed_row_says_why(store, db):
+    """The dashed line was the lowest of every configuration's medians, not the full cache's
+    (they differ where configurations cover other prompts: an interrupted run). A configuration
+    whose every cell failed showed a bare 'N/A' on the axis border, and was flagged as covering
+    'the 0 prompts both have'."""
+    from matplotlib.text import Text
+
+    from knormctl.render.figures import speed
+
+    cut = fill_run(store, n_samples=4, stop_after=12, status="interrupted", seed=5)
+    data = report_json(db, "--run-id", str(cut))
+    full = next(r for r in data["rows"] if r["is_reference"])["values"]["ppl_context"]
+    others = [r["values"]["ppl_context"] for r in data["rows"] if not r["is_reference"]]
+    assert min(others) != pytest.approx(full)  # the case where the old line was wrong
+    line = drawn(speed.comprehensive(summary_of(store, [cut])))[f"{Cfg().pc.key}|ppl_context|value"]
+    assert line.get_ydata()[0] == pytest.approx(full)
+
+    dead = Cfg("random", 0.7).pc.key  # the last bar: its only cell failed
+    run = fill_run(store, n_samples=1, fail=(0, dead))
+    data = report_json(db, "--run-id", str(run))
+    assert not [f for f in data["flags"] if f["kind"] == "unpaired"], data["flags"]
+    summary = summary_of(store, [run])
+    for fig in (speed.comprehensive(summary), speed.summary_figure(summary)):
+        marks = [t for t in fig.findobj(Text) if t.get_gid() in (f"{dead}|na|text", f"{dead}|tpot_s|text")]
+        assert marks and all(t.get_text() == "N/A\n(1 failed)" for t in marks)
+        for t in marks:  # inside its panel
+            x0, x1 = sorted(t.axes.get_xlim())
+            assert x0 < t.get_position()[0] < x1
+
+
 def test_figure_functions_return_figures_without_saving(store):
     from matplotlib.figure import Figure
 

@@ -104,7 +104,7 @@ def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) ->
             flags.append(Flag("no_compression", f"{where}: no sample triggered a compression (prompt + new tokens "
                                                 f"never exceeded prune_after={r.prune_after}{longest}), so its "
                                                 f"numbers say nothing about compression.", r.config_key))
-        if r.paired is False and ref is not None:
+        if r.paired is False and ref is not None and r.n_prompts:  # none succeeded: failed_sample says why
             flags.append(Flag("unpaired", f"{where}: its successful prompts are not the full cache's "
                                           f"({r.n_prompts} vs {ref.n_prompts}); its changes use the {_pairs(r)} prompts both have, "
                                           f"but its medians cover different prompts.", r.config_key))

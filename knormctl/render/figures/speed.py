@@ -27,6 +27,13 @@ def _n_note(summary: Summary) -> str:
     return f"n = {ns[0]} prompts per configuration" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]} prompts per configuration"
 
 
+def _na_mark(ax, i: int, row) -> None:
+    """A configuration's missing bar: N/A, with why when every one of its cells failed."""
+    why = f"\n({row.n_failed} failed)" if row.n_prompts == 0 and row.n_failed else ""
+    ax.text(i, 0, "N/A" + why, ha="center", va="bottom", color="#666666", fontsize=9,
+            gid=f"{row.config_key}|na|text")
+
+
 def _bars(ax, summary: Summary, name: str, what: str) -> None:
     """One bar per configuration: the median over prompts. No error bar: prompts differ (in
     length, in text), so an interval of the median would show the prompt mix, not the press;
@@ -40,10 +47,11 @@ def _bars(ax, summary: Summary, name: str, what: str) -> None:
     for i, r in enumerate(rows):
         v = r.values[name]
         if v is None:
-            ax.text(i, 0, "N/A", ha="center", va="bottom", color="#666666")
+            _na_mark(ax, i, r)
             continue
         ax.bar(i, v * k, color="white" if r.is_reference else press_color(r), edgecolor=press_color(r),
                hatch="//" if r.is_reference else None, gid=f"{r.config_key}|{name}|value")
+    ax.set_xlim(-0.6, len(rows) - 0.4)  # an N/A mark in the last place stays inside
     ax.set_ylabel(f"{METRIC[name].label} ({unit})" if unit else METRIC[name].label)
     xticks(ax, [r.label for r in rows])
 
@@ -61,7 +69,7 @@ def _change_bars(ax, summary: Summary, name: str, what: str) -> None:
     for i, r in enumerate(rows):
         c = r.changes[name]
         if c is None:
-            ax.text(i, 0, "N/A", ha="center", va="bottom", color="#666666")
+            _na_mark(ax, i, r)
             continue
         verdict = r.verdicts[name]
         hatch = "//" if verdict == "artifact" else None  # compression cannot change the prefill
@@ -74,6 +82,7 @@ def _change_bars(ax, summary: Summary, name: str, what: str) -> None:
         ax.axhspan(*band, color=NOISE_BAND, zorder=0)
     ax.set_ylim(*fit(ends, include=(0.0, *band)))
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel(f"{DELTA} paired vs full cache ({m.change_unit})")
     xticks(ax, [r.label for r in rows])
 
@@ -89,11 +98,13 @@ def comprehensive(summary: Summary) -> Figure:
     _change_bars(axes[1, 1], summary, "tpot_s", "TPOT change (paired)")
     ax = axes[1, 2]
     _bars(ax, summary, "ppl_compressed", "perplexity under compression (median)")
-    ctx = [r.values["ppl_context"] for r in summary.rows if r.values["ppl_context"] is not None]
+    # the full cache's number, as the report gives it (configurations may cover other prompts)
+    ref = summary.reference
+    full = None if ref is None else ref.values["ppl_context"]
     note = ""
-    if ctx and any(r.values["ppl_compressed"] is not None for r in summary.rows):
-        ax.axhline(min(ctx), color="black", linestyle="--", linewidth=1)
-        note = "; dashed: perplexity of the prompt under the full model"
+    if full is not None and any(r.values["ppl_compressed"] is not None for r in summary.rows):
+        ax.axhline(full, color="black", linestyle="--", linewidth=1, gid=f"{ref.config_key}|ppl_context|value")
+        note = "; dashed: perplexity of the prompt under the full model (the full cache's median)"
     fig.suptitle(title(summary, "KnormPress benchmark"))
     caption(fig, f"Top row and perplexity: medians over prompts (hatched: the full cache; no error bars, since prompts "
                  f"differ in length and text: the changes carry the uncertainty). "
@@ -127,7 +138,8 @@ def summary_figure(data: Summary) -> Figure:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=VERDICT_FILLS.get(verdict, "white"),
                                    edgecolor="#cccccc", gid=f"{r.config_key}|{n}|cell"))
             change = r.changes[n]
-            text = "N/A" if change is None else f"{fmt_change(n, change)}\n{fmt_interval(r.change_intervals[n])}"
+            text = ("N/A" + (f"\n({r.n_failed} failed)" if r.n_prompts == 0 and r.n_failed else "")
+                    if change is None else f"{fmt_change(n, change)}\n{fmt_interval(r.change_intervals[n])}")
             ax.text(j, i, text, ha="center", va="center", fontsize=10, color="#222222", gid=f"{r.config_key}|{n}|text")
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
