@@ -256,3 +256,21 @@ def test_plot_group_draws_the_pareto_chart_with_the_reports_points(store, db, tm
     for p in data["points"]:
         x, y = drawn[f'{p["run_id"]}|{p["config_key"]}']
         assert abs(x - p["kv_held"] * 100) < 1e-9 and abs(y - p["quality"]) < 1e-9
+
+
+def test_a_flag_line_over_several_runs_says_whose_numbers_it_quotes(store, db):
+    """'runs 1, 2 (ttft artifact): knorm 0.5: TTFT 45.8% lower...' quoted run 1's configuration
+    and numbers as if both runs had them; run 2's own artifacts were not mentioned."""
+    knorm, streaming = Cfg("knorm", 0.5).pc.key, Cfg("streaming", 0.5).pc.key
+    a = fill_run(store, configs=CONFIGS, n_samples=4, group="fl", settings={"prune_after": 256},
+                 ttft_factor={knorm: 0.5})
+    fill_run(store, configs=CONFIGS, n_samples=4, seed=1, group="fl", settings={"prune_after": 1024},
+             ttft_factor={streaming: 0.5})
+    res = runner.invoke(app, ["report", "--db", db, "--group", "fl", "--format", "markdown"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stdout.splitlines() if "(ttft artifact)" in x)
+    assert line.startswith(f"- runs {a}, {a + 1} (ttft artifact): in run {a}, knorm 0.5: TTFT "), line
+    assert line.endswith("(1 more differ; each run's own: knormctl report --run-id N)"), line
+    own = _json(db, "--run-id", str(a))["flags"]
+    quoted = line.split(f"in run {a}, ", 1)[1].rsplit(" (1 more differ", 1)[0]
+    assert quoted in [f["message"] for f in own if f["kind"] == "ttft_artifact"]

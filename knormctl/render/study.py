@@ -317,7 +317,8 @@ def fmt_ratio(value: float | None, interval: Interval | None, sep: str = " ") ->
 
 def study_flags(view: StudyView) -> list[str]:
     """The runs' flags, one line per kind: identical messages list their runs once; differing ones
-    (numbers per run) keep the first and point to the run's own report."""
+    (numbers per run) give the first with the run it belongs to, count the others and point to
+    each run's own report."""
     by_kind: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for rid, summary in view.summaries.items():
         for f in summary.flags:
@@ -330,9 +331,11 @@ def study_flags(view: StudyView) -> list[str]:
         if len(messages) == 1:
             out.append(f"{label} {runs}: {messages[0]}")
         else:
-            first = messages[0].split(": ", 1)[-1] if kind in ("failed_sample",) else messages[0]
-            out.append(f"{label} {runs} ({kind.replace('_', ' ')}): {first} (each run's own numbers: "
-                       f"knormctl report --run-id N)")
+            first_run, first = items[0]
+            first = first.split(": ", 1)[-1] if kind in ("failed_sample",) else first
+            more = len(dict.fromkeys(items)) - 1
+            out.append(f"{label} {runs} ({kind.replace('_', ' ')}): in run {first_run}, {first} ({more} more "
+                       f"differ; each run's own: knormctl report --run-id N)")
     return out
 
 
