@@ -256,6 +256,56 @@ def test_a_query_press_on_a_model_whose_queries_differ_is_refused_in_one_line(na
     check_model_support(model, [PressConfig(press="knorm", keep_ratio=0.5).validate()])  # knorm needs no queries
 
 
+@pytest.mark.parametrize("name, build", [
+    # StableLM-2 and Phi with qk_layernorm: a LayerNorm per head before the rotation
+    ("stablelm", lambda: _build(T.StableLmConfig, T.StableLmForCausalLM, kv_heads=4, qk_layernorm=True)),
+    ("phi", lambda: _tiny(T.PhiConfig, T.PhiForCausalLM, vocab_size=VOCAB, hidden_size=32, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # OLMo-1 clamps the projection (0.05: the clamp acts on these random weights)
+    ("olmo", lambda: _build(T.OlmoConfig, T.OlmoForCausalLM, clip_qkv=0.05)),
+])
+def test_queries_normed_per_head_or_clamped_are_rebuilt_as_the_model_computes_them(name, build):
+    """The check passed these while the rebuilt queries missed the norm or clamp (tova kept other
+    entries: 2 of 12 tokens equal on StableLM); it now compares with the queries the model
+    hands its own rotation, and the rebuild applies both."""
+    from knormctl.engine.observe import attention_modules, check_model_queries, prerope_queries
+
+    model = build()
+    check_model_queries(model, "snapkv")  # nothing raised: the model's own queries
+    module = attention_modules(model)[0]
+    h = torch.randn(1, 5, model.config.hidden_size)
+    plain = module.q_proj(h).view(1, 5, model.config.num_attention_heads, -1).transpose(1, 2)
+    assert not torch.allclose(prerope_queries(module, h), plain)  # the norm or clamp does act here
+
+
+def test_the_query_check_compares_with_the_models_own_queries():
+    """A rebuild that is off (here by 10%) is refused, whatever its rotation: the check reads the
+    queries the model itself rotates."""
+    from knormctl.engine.observe import check_model_queries, prerope_queries
+
+    model = _build(T.LlamaConfig, T.LlamaForCausalLM)
+    with pytest.raises(UsageError, match="LlamaAttention: its queries before the rotation are not the projection "
+                                         "x rebuilds"):
+        check_model_queries(model, "snapkv", rebuild=lambda m, h: prerope_queries(m, h) * 1.1, who="x")
+    check_model_queries(model, "snapkv")
+
+
+def test_a_model_whose_query_check_cannot_run_is_refused_not_crashed():
+    """GPT-OSS rotates half-split heads with half-size cos/sin inside its own function: the old
+    probe crashed ('size of tensor a (4) must match ... (8)', exit 1) before any refusal."""
+    from knormctl.engine.observe import check_model_queries
+
+    if not hasattr(T, "GptOssConfig"):
+        pytest.fail("transformers without GPT-OSS: this test needs transformers >= 4.55")
+    model = _tiny(T.GptOssConfig, T.GptOssForCausalLM, vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  num_local_experts=2, num_experts_per_tok=1, sliding_window=16)
+    with pytest.raises(UsageError, match="GptOssAttention: its rotary embedding rotates the query dimensions "
+                                         "another way") as err:
+        check_model_queries(model, "tova")
+    assert "\n" not in str(err.value)
+
+
 def test_alibi_and_uneven_layers_are_refused_where_the_cut_would_break_them():
     from knormctl.engine.kvcache import probe_uneven_layers
 

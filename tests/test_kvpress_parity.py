@@ -18,6 +18,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Confi
 
 from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, kv_size, n_keep_for
+from knormctl.errors import UsageError
 
 pytestmark = pytest.mark.kvpress
 
@@ -325,3 +326,55 @@ def test_kvpress_presses_on_an_attention_without_past_key_values_are_refused_wit
         import sqlite3
 
         assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def _tiny(config_cls, model_cls, **kw):
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return model_cls(config_cls(**(base | kw))).eval()
+
+
+@pytest.mark.parametrize("name, build, why", [
+    # Cohere rotates interleaved pairs; kvpress rotates halves
+    ("cohere", lambda T: _tiny(T.CohereConfig, T.CohereForCausalLM, num_key_value_heads=2),
+     "kvpress cannot recompute for CohereAttention: its rotary embedding rotates the query dimensions another way"),
+    # OLMo-2 normalises the whole projection; kvpress knows the q-norms of Qwen3 and Gemma3 only
+    ("olmo2", lambda T: _tiny(T.Olmo2Config, T.Olmo2ForCausalLM, num_key_value_heads=2),
+     "kvpress cannot recompute for Olmo2Attention: its queries before the rotation are not the projection kvpress "
+     "rebuilds"),
+    # partial rotary: kvpress rotates whole heads (a RuntimeError in every cell before)
+    ("phi3-partial", lambda T: _tiny(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=2,
+                                     partial_rotary_factor=0.5),
+     "kvpress cannot recompute for Phi3Attention: its rotation covers 4 of the 8 query dimensions"),
+    ("olmo-clip", lambda T: _tiny(T.OlmoConfig, T.OlmoForCausalLM, num_key_value_heads=2, clip_qkv=8.0),
+     "kvpress cannot recompute for OlmoForCausalLM: the model clamps them \\(clip_qkv=8\\), kvpress does not"),
+])
+def test_kvpress_presses_that_rebuild_queries_are_refused_where_kvpress_rebuilds_them_wrong(kvpress, name, build, why):
+    """knormctl refused its own query-aware presses on these models, but ran kvpress's with the
+    wrong queries (relative error 0.57 on Cohere, 0.995 on OLMo-2) or failed every cell. A
+    kvpress press that reads no queries still runs there."""
+    import transformers as T
+
+    from knormctl.engine.presses import check_model_support
+
+    model = build(T)
+    for spec, params in (("kvpress:SnapKVPress", ()), ("kvpress:TOVAPress", ()),
+                         ("kvpress:ExpectedAttentionPress", ()), ("kvpress:AdaKVPress", (("press", "SnapKVPress"),))):
+        with pytest.raises(UsageError, match=why) as err:
+            check_model_support(model, [PressConfig(press=spec, keep_ratio=0.5, mode="prefill",
+                                                    params=params).validate()])
+        assert "\n" not in str(err.value)
+    check_model_support(model, [PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, mode="prefill").validate()])
+
+
+def test_kvpress_presses_where_knormctl_finds_no_decoder_layers_are_refused_in_one_line(kvpress):
+    """GPT-2: 'unexpected ValueError: cannot find the decoder layers' (exit 1) before."""
+    import transformers as T
+
+    from knormctl.engine.presses import check_model_support
+
+    model = _tiny(T.GPT2Config, T.GPT2LMHeadModel, n_embd=32, n_layer=2, n_head=4)
+    with pytest.raises(UsageError, match="press 'kvpress:KnormPress' cannot run on GPT2LMHeadModel: cannot find the "
+                                         "decoder layers of GPT2LMHeadModel"):
+        check_model_support(model, [PressConfig(press="kvpress:KnormPress", keep_ratio=0.5, mode="prefill").validate()])

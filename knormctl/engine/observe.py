@@ -53,70 +53,116 @@ def check_queries_supported(module, press_name: str) -> None:
                          f"{type(module).__name__} ({SUPPORTED})")
 
 
-def check_model_queries(model, press_name: str) -> None:
-    """``check_queries_supported`` on ``model``, then a check that the queries knormctl rebuilds
-    ARE the model's: one 4-token forward, and the rotation applied to the rebuilt queries compared
-    with the model's own ``apply_rotary_pos_emb`` (from its modeling module). A model that
-    rotates pairs another way (Cohere: interleaved), normalises the queries before the head split
-    (OLMo-2) or has no decoder layers where knormctl looks (GPT-2, OPT, Bloom, Falcon) is refused
-    in one line: a query-aware press would otherwise keep entries chosen by the wrong queries.
-    Once per model (remembered on it)."""
+def check_model_queries(model, press_name: str, *, rebuild=None, rotate=None, who: str = "knormctl") -> None:
+    """``check_queries_supported`` on ``model``, then a check that the queries ``who`` rebuilds
+    ARE the model's: one 4-token forward that records, in the first layer, what the model hands
+    its own ``apply_rotary_pos_emb`` (its queries before the rotation) and what it gets back.
+    The rebuilt queries (``rebuild(module, hidden)``, default ``prerope_queries``) must equal the
+    first, and their rotation (``rotate(q, cos, sin)``, default ``apply_rope``) the second.
+
+    A model that normalises its queries where the rebuild does not (OLMo-2: over the whole
+    projection), rotates pairs another way (Cohere: interleaved), applies its rotation
+    elsewhere, or has no decoder layers where knormctl looks (GPT-2, OPT, Bloom, Falcon) is
+    refused in one line: a query-aware press would otherwise keep entries chosen by the wrong
+    queries. Once per model and ``who`` (kvpress rebuilds its own way: ``kvpress_backend``)."""
     import sys
 
-    if getattr(model, "_knormctl_queries_checked", False):
+    checked = getattr(model, "_knormctl_queries_checked", set())
+    if who in checked:
         return
     try:
         module = attention_modules(model)[0]
     except ValueError as exc:
         raise UsageError(f"press {press_name!r} needs the layers' queries: {exc} ({SUPPORTED})") from None
+
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"press {press_name!r} needs the layer's queries, which {who} cannot recompute for "
+                          f"{type(module).__name__}: {why}" + (f" ({SUPPORTED})" if who == "knormctl" else ""))
+
     check_queries_supported(module, press_name)
+    modeling = sys.modules.get(type(module).__module__)
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise refuse("its modeling code has no apply_rotary_pos_emb to check the rebuilt queries against")
     seen = {}
 
     def grab(_module, args, kwargs):
-        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
-        seen["pe"] = kwargs.get("position_embeddings")
+        seen.setdefault("h", kwargs.get("hidden_states", args[0] if args else None))
+        seen.setdefault("pe", kwargs.get("position_embeddings"))
+
+    def spy(q, k, *args, **kwargs):
+        out = rope(q, k, *args, **kwargs)
+        seen.setdefault("q_in", q)
+        seen.setdefault("q_out", out[0])
+        return out
 
     handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    modeling.apply_rotary_pos_emb = spy  # looked up at call time by the model's attention
     try:
         device = model_device(model)
         ids = torch.arange(1, 5, device=device).unsqueeze(0)
         with torch.inference_mode():
             model(input_ids=ids, position_ids=torch.arange(4, device=device).unsqueeze(0), use_cache=False)
+    except Exception as exc:  # a forward the probe cannot run: refused, not a crash
+        raise refuse(f"a 4-token forward to check them failed ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     finally:
+        modeling.apply_rotary_pos_emb = rope
         handle.remove()
     with torch.inference_mode():  # the captured tensors are inference tensors
-        why = _queries_mismatch(module, seen.get("h"), seen.get("pe"), sys.modules.get(type(module).__module__))
+        why = _queries_mismatch(module, seen, rebuild or prerope_queries, rotate or apply_rope, who)
     if why is not None:
-        raise UsageError(f"press {press_name!r} needs the layer's queries, which knormctl cannot recompute for "
-                         f"{type(module).__name__}: {why} ({SUPPORTED})")
-    model._knormctl_queries_checked = True
+        raise refuse(why)
+    model._knormctl_queries_checked = checked | {who}
 
 
-def _queries_mismatch(module, hidden, position_embeddings, modeling) -> str | None:
-    """Why the rebuilt queries differ from the model's (None: they agree, or there is no
-    ``apply_rotary_pos_emb`` to compare with)."""
-    if hidden is None or position_embeddings is None:
-        return "its attention gets no position_embeddings (no RoPE to apply)"
-    try:
-        q = prerope_queries(module, hidden).float()
-    except RuntimeError:  # e.g. a q-norm over the whole projection, not per head
-        return "its query projection or q-norm has a layout knormctl does not rebuild (e.g. a q-norm over all heads)"
-    reference = getattr(modeling, "apply_rotary_pos_emb", None)
-    if reference is None:
-        return None
-    cos, sin = (t.float() for t in position_embeddings)
-    r = cos.shape[-1]
-    mine = apply_rope(q, cos, sin)
-    theirs = torch.cat((reference(q[..., :r], q[..., :r], cos, sin)[0], q[..., r:]), dim=-1)
+def _beyond_rounding(mine: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """The largest difference when it is beyond ``dtype``'s rounding, else None."""
     diff = float((mine - theirs).abs().max())
-    if diff > 1e-4 * max(1.0, float(theirs.abs().max())):
+    tol = max(1e-4, 8 * torch.finfo(dtype).eps) * max(1.0, float(theirs.abs().max()))
+    return diff if diff > tol else None
+
+
+def _queries_mismatch(module, seen: dict, rebuild, rotate, who: str) -> str | None:
+    """Why the rebuilt queries differ from the model's (None: they agree). ``seen``: the first
+    layer's input (``h``, ``pe``) and the queries the model rotated (``q_in``, ``q_out``; a
+    partial-rotary model may hand over only the rotated dims)."""
+    hidden, pe = seen.get("h"), seen.get("pe")
+    if hidden is None or pe is None:
+        return "its attention gets no position_embeddings (no RoPE to apply)"
+    if "q_in" not in seen:
+        return "its attention does not rotate its queries with apply_rotary_pos_emb"
+    try:
+        q = rebuild(module, hidden)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):  # e.g. a q-norm over all heads
+        return f"its query projection or q-norm has a layout {who} does not rebuild (e.g. a q-norm over all heads)"
+    dtype = seen["q_in"].dtype
+    q, q_in, q_out = q.float(), seen["q_in"].float(), seen["q_out"].float()
+    if q_in.ndim == 4 and q_in.shape[1] != q.shape[1] and q_in.shape[2] == q.shape[1]:
+        q_in, q_out = q_in.transpose(1, 2), q_out.transpose(1, 2)  # a (b, n, heads, d) layout
+    r_in, r_out = q_in.shape[-1], q_out.shape[-1]
+    if q_in.shape != q[..., :r_in].shape:
+        return f"its queries have another layout ({tuple(q_in.shape)}; {who} rebuilds {tuple(q.shape)})"
+    diff = _beyond_rounding(q[..., :r_in], q_in, dtype)
+    if diff is not None:
+        return (f"its queries before the rotation are not the projection {who} rebuilds (a norm or clip on "
+                f"them; max difference {diff:.3g})")
+    cos, sin = (t.float() for t in pe)
+    try:
+        mine = rotate(q, cos, sin)
+    except RuntimeError:
+        return (f"its rotation covers {cos.shape[-1]} of the {q.shape[-1]} query dimensions, which {who}'s "
+                "rotation does not fit")
+    diff = _beyond_rounding(mine[..., :r_out], q_out, dtype)
+    if diff is not None:
         return f"its rotary embedding rotates the query dimensions another way (max difference {diff:.3g})"
     return None
 
 
 def prerope_queries(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """(b, n, hidden) -> the layer's queries before RoPE, (b, heads, n, head_dim); q-norm applied
-    where the model has one (Qwen3), as in kvpress's ``get_prerope_query_states``."""
+    """(b, n, hidden) -> the layer's queries before RoPE, (b, heads, n, head_dim): the projection,
+    OLMo's clamp and a per-head q-norm where the model has them (kvpress's
+    ``get_prerope_query_states``, and what ``check_model_queries`` checks against the model)."""
     b, n, _ = hidden_states.shape
     d = head_dim(module)
     heads = module.config.num_attention_heads
@@ -128,8 +174,13 @@ def prerope_queries(module, hidden_states: torch.Tensor) -> torch.Tensor:
         q = module.qkv_proj(hidden_states)[..., : heads * d].view(b, n, heads, d)
     else:
         raise UsageError(f"cannot recompute the queries of {type(module).__name__}")
+    clip = getattr(module.config, "clip_qkv", None)  # OLMo: the projection clamped
+    if clip is not None:
+        q = q.clamp(min=-clip, max=clip)
     q = q.transpose(1, 2)
-    q_norm = getattr(module, "q_norm", None)
+    q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3: per head, before RoPE
+    if q_norm is None and getattr(module, "qk_layernorm", False):  # StableLM, Phi: the same, another name
+        q_norm = module.q_layernorm
     return q_norm(q) if q_norm is not None else q
 
 

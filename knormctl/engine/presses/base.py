@@ -267,7 +267,13 @@ def check_model_support(model, configs) -> None:
         if press.observes:
             check_model_queries(model, cfg.spec)
         if press.cuts_in_forward:
-            check_kvpress_supported(attention_modules(model)[0], cfg.spec)
+            try:
+                module = attention_modules(model)[0]
+            except ValueError as exc:
+                raise UsageError(f"press {cfg.spec!r} cannot run on {type(model).__name__}: {exc}") from None
+            check_kvpress_supported(module, cfg.spec)
+            if press.reads_queries:
+                press.check_queries(model)
 
 
 def check_kvpress_supported(module, spec: str) -> None:

@@ -20,6 +20,7 @@ Presses that replace kvpress's context manager (``__call__``: KVzip, DecodingPre
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import time
@@ -192,6 +193,56 @@ class KvpressPress(BasePress):
     def take_cut(self) -> bool:
         cut, self._cut = self._cut, False
         return cut
+
+    @property
+    def reads_queries(self) -> bool:
+        """Whether this press (or a press it wraps) rebuilds the layers' queries, kvpress's way."""
+        return _reads_queries(self.press)
+
+    def check_queries(self, model) -> None:
+        """One line, before any run, where kvpress's rebuilt queries are not the model's (kvpress
+        rotates whole heads and knows q-norms of Qwen3 and Gemma3 only): on Cohere, OLMo-2,
+        partial-rotary models (Phi-3 partial, StableLM, Phi-2) its presses would run with the
+        wrong queries, or fail in every cell."""
+        from knormctl.engine.observe import check_model_queries, rotate_half
+
+        clip = getattr(getattr(model, "config", None), "clip_qkv", None)
+        if clip is not None:  # the 4-token probe may not reach the clamp: said from the config
+            raise UsageError(f"press {self.spec!r} needs the layer's queries, which kvpress cannot recompute for "
+                             f"{type(model).__name__}: the model clamps them (clip_qkv={clip:g}), kvpress does not")
+        utils = importlib.import_module("kvpress.utils")
+
+        def rotate(q, cos, sin):  # snapkv_press.py's rotation, whole heads
+            return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+
+        check_model_queries(model, self.spec, rebuild=utils.get_prerope_query_states, rotate=rotate, who="kvpress")
+
+
+# kvpress's ways to the queries (kvpress 0.5.5): the rebuild, and SnapKV's window attention on it.
+_QUERY_MARKERS = ("get_prerope_query_states", "compute_window_attention")
+
+
+def _reads_queries(press, seen: set | None = None) -> bool:
+    """Whether ``press`` or a press it holds (AdaKVPress(press=...), ...) rebuilds queries; read
+    from the source of its kvpress classes. Unreadable source counts as reading them."""
+    kvpress = importlib.import_module("kvpress")
+    seen = set() if seen is None else seen
+    if id(press) in seen:
+        return False
+    seen.add(id(press))
+    if any(_class_reads_queries(cls) for cls in type(press).__mro__
+           if cls.__module__.startswith("kvpress.") and cls not in (kvpress.BasePress, kvpress.ScorerPress)):
+        return True
+    return any(_reads_queries(v, seen) for v in vars(press).values() if isinstance(v, kvpress.BasePress))
+
+
+@functools.cache
+def _class_reads_queries(cls) -> bool:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+    return any(marker in source for marker in _QUERY_MARKERS)
 
 
 def kvpress_catalog() -> list[dict]:
