@@ -120,3 +120,29 @@ def test_sweep_stores_the_option_and_bounds_the_peak(tiny_llama_dir, books_dir, 
     knorm = [k for k in rows if k.startswith("knorm|")]
     assert len(rows) == 2 and len(knorm) == 1, rows
     assert 0 < rows[knorm[0]] < rows["none"]
+
+
+def test_chunks_into_layers_of_different_lengths_go_as_chunks_with_a_mask_per_layer(model, monkeypatch):
+    """A skipped layer keeps everything after a cut, so the layers differ in length and one
+    mask fits none but one; the chunks went one token at a time (7-26x the TTFT of chunks with
+    the default --skip-layers 0). Each layer now gets its own causal mask: the same tokens and
+    kept counts as the token-by-token feed, in chunk-sized forwards."""
+    from knormctl.engine import uneven
+
+    assert model.config._attn_implementation == "sdpa"
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        cfg = _cfg("knorm", skip=(0,))
+        masked = run_generation(model, _ids(PROMPT), cfg, NEW, prefill_chunk=CHUNK)
+        chunked_forwards, forwards[:] = list(forwards), []
+        monkeypatch.setattr(uneven, "layer_mask_hooks", lambda *a, **k: None)  # the token-by-token feed
+        stepwise = run_generation(model, _ids(PROMPT), cfg, NEW, prefill_chunk=CHUNK)
+    finally:
+        handle.remove()
+    assert masked.token_ids == stepwise.token_ids
+    assert (masked.kv_entries_peak, masked.kv_entries_final) == (stepwise.kv_entries_peak, stepwise.kv_entries_final)
+    chunks = [min(CHUNK, PROMPT - s) for s in range(0, PROMPT, CHUNK)]
+    assert chunked_forwards == chunks + [1] * (NEW - 1)  # chunks, then the decode steps
+    assert sum(forwards) == sum(chunked_forwards) and forwards.count(1) > NEW - 1  # token by token once uneven

@@ -154,8 +154,8 @@ def test_the_three_protocols_see_the_same_tokens(sample):
 
 
 def test_stepwise_question_feed_equals_one_forward(lm, sample):
-    """With skipped layers the loop feeds the question one token at a time (a multi-token
-    forward's mask fits one cache length only); on equal lengths both give the same result."""
+    """Where a multi-token forward cannot be masked per layer the loop feeds one token at a time;
+    on equal lengths both give the same result."""
     from transformers import DynamicCache
 
     from knormctl.engine.kvcache import cache_kwargs
@@ -184,7 +184,7 @@ def test_context_protocol_with_a_skipped_layer(lm, sample, probe, capture):
     ids, question = split(sample, "context")
     pc = PressConfig(press="probe", keep_ratio=KEEP, prune_after=0, skip_layers=(0,), mode="prefill")
     run_generation(lm.model, ids, pc, NEW, question_ids=question)
-    assert forwards == [C] + [1] * (Q + S) + [1] * (NEW - 1)  # the question one token at a time
+    assert forwards == [C, Q + S] + [1] * (NEW - 1)  # the question in one forward, a mask per layer
     lengths = [layer.keys.shape[-2] for layer in caches[0].layers]
     assert lengths[0] == C + Q + S + NEW - 1  # layer 0 skipped: nothing evicted
     assert lengths[1:] == [math.ceil(KEEP * C) + Q + S + NEW - 1] * (lm.num_layers - 1)

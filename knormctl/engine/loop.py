@@ -181,7 +181,7 @@ def run_generation(model, input_ids, cfg: PressConfig, max_new_tokens: int, *, s
         if q_ids is not None:
             account()
             cut(prefill=True)  # the question is read through the compressed cache
-            out = feed(fwd, q_ids, positions[:, prompt_len:prompt_len + q_len], stepwise=not uniform_lengths(cache))
+            out = feed(fwd, q_ids, positions[:, prompt_len:prompt_len + q_len])
         token = pick(out.logits)
         clock.mark()  # the first token is known: TTFT
         tokens = [token]
@@ -283,7 +283,7 @@ def prefill(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, chun
     n = ids.shape[1]
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        out = feed(fwd, ids[:, start:end], positions[:, start:end], stepwise=not uniform_lengths(fwd.cache))
+        out = feed(fwd, ids[:, start:end], positions[:, start:end])
         if end < n:
             account()
             cut(prefill=True, last_chunk=False)
@@ -295,13 +295,23 @@ def uniform_lengths(cache) -> bool:
     return len({layer.keys.shape[-2] for layer in cache.layers if layer.keys is not None}) <= 1
 
 
-def feed(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, stepwise: bool):
-    """Feed ``ids`` into the cache: one forward, or one token at a time when ``stepwise``.
+def feed(fwd: CachedForward, ids: torch.Tensor, positions: torch.Tensor, stepwise: bool | None = None):
+    """Feed ``ids`` into the cache in one forward. Layers of different lengths (skip_layers after
+    a cut) get a causal mask each (``uneven.layer_mask_hooks``); where they cannot, or with
+    ``stepwise=True``, the tokens go one at a time, which needs no mask and gives the same
+    logits (tests/test_protocols.py)."""
+    if stepwise is None:
+        stepwise = not uniform_lengths(fwd.cache)
+        if stepwise and ids.shape[1] > 1:
+            from knormctl.engine.uneven import layer_mask_hooks
 
-    Layers of different lengths (skip_layers after a cut) break a multi-token forward: its
-    attention mask is built for one cache length. One token at a time needs no mask and
-    gives the same logits (tests/test_protocols.py).
-    """
+            hooks = layer_mask_hooks(fwd.model, fwd.cache, ids.shape[1])
+            if hooks is not None:
+                try:
+                    return fwd(ids, positions)
+                finally:
+                    for h in hooks:
+                        h.remove()
     if not stepwise:
         return fwd(ids, positions)
     for k in range(ids.shape[1]):
