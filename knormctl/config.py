@@ -232,6 +232,10 @@ class RunConfig:
             from knormctl.engine.presses.base import chunked_prefill_refusal, static_step_refusal
 
             if self.prefill_chunk:
+                if self.protocol == "paper":  # its first token is read from a prefill no cut has touched
+                    raise ConfigError("--prefill-chunk cannot be used with --protocol paper: that protocol takes "
+                                      "the first answer token from an uncompressed prefill, and a chunked prefill "
+                                      "cuts between its chunks")
                 self._refuse_presses("--prefill-chunk", chunked_prefill_refusal)
             if self.decode_step != "launched":
                 # every configuration takes the static step: a press that could not would be

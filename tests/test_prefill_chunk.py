@@ -97,6 +97,15 @@ def test_presses_that_cannot_cut_between_chunks_are_refused(spec):
         RunConfig(presses=[spec], keep_ratios=[0.5], compress_mode="prefill", prefill_chunk=16).validate()
 
 
+def test_the_paper_protocol_is_refused_with_chunks():
+    """Its first answer token comes from an uncut prefill; chunks are cut between them, so the
+    first token differed from the full cache's in 2 of 6 passkey samples, stored as 'paper'."""
+    with pytest.raises(UsageError, match="^--prefill-chunk cannot be used with --protocol paper: that protocol "
+                                         "takes the first answer token from an uncompressed prefill"):
+        RunConfig(task="passkey", protocol="paper", keep_ratios=[0.5], prefill_chunk=16).validate()
+    RunConfig(task="passkey", protocol="context", keep_ratios=[0.5], prefill_chunk=16).validate()
+
+
 def test_the_engine_refuses_them_too(model):
     with pytest.raises(UsageError, match="--prefill-chunk: adakv sets per-head budgets"):
         run_generation(model, _ids(PROMPT), _cfg("adakv(base=knorm)"), 2, prefill_chunk=CHUNK)
