@@ -97,7 +97,7 @@ def test_parse_memory(text, value):
     assert parse_memory(text) == value
 
 
-@pytest.mark.parametrize("bad", ["", "GiB", "70 parsecs", "-1GB", "0", "abc"])
+@pytest.mark.parametrize("bad", ["", "GiB", "70 parsecs", "-1GB", "0", "abc", "1e400"])  # 1e400: was an OverflowError
 def test_bad_budgets_are_refused(bad):
     with pytest.raises(UsageError, match="--memory-budget"):
         parse_memory(bad)
@@ -107,6 +107,8 @@ def test_bad_budgets_are_refused(bad):
                                   ["--memory-budget", "1GiB", "--max-batch", "0"],
                                   ["--memory-budget", "1GiB", "--context", "0"],
                                   ["--memory-budget", "1GiB", "--max-new-tokens", "1"],
+                                  ["--memory-budget", "1GiB", "--max-new-tokens", "2"],  # only the cut's step
+                                  ["--memory-budget", "1e400"],
                                   ["--memory-budget", "1GiB", "--keep-ratios", "50"],
                                   ["--memory-budget", "1GiB", "--format", "yaml"]])
 def test_bad_input_exits_2_with_one_line(args, tiny_llama_dir):
@@ -155,3 +157,32 @@ def test_a_budget_nothing_fits_in_says_why(tiny_llama_dir):
     lines = res.stdout.splitlines()
     assert "full cache: not even batch 1 fits in" in res.stdout and "(it needed " in res.stdout
     assert not any("--max-batch reached" in line for line in lines)
+
+
+def test_the_timed_step_leaves_out_the_first_which_carries_the_cut():
+    """With 2 new tokens the only step timed was the one carrying the prefill cut: compressed
+    tokens/s read about half of the 32-token figure."""
+    from knormctl.engine.capacity import decode_step_s
+
+    assert decode_step_s([0.9, 0.1]) == 0.1
+    assert decode_step_s([0.9, 0.1, 0.2, 0.3]) == 0.2
+    assert decode_step_s([0.9]) is None
+
+
+def test_a_context_longer_than_the_texts_names_capacitys_way_out(tiny_llama_dir, monkeypatch):
+    """The text source's own advice ('ask for fewer or shorter samples') named options capacity
+    does not have."""
+    from knormctl.engine import text
+
+    def short(source, n, *a, **k):
+        raise UsageError(f"text source {source!r} cannot fill the request: 1 samples of 900 tokens (900 prompt + 0 "
+                         "eval) were asked, only 0 could be made (0 of 103 documents are long enough); ask for fewer "
+                         "or shorter samples")
+
+    monkeypatch.setattr(text, "make_samples", short)
+    res = runner.invoke(app, ["capacity", "--model", str(tiny_llama_dir), "--context", "900", "--max-new-tokens", "4",
+                              "--memory-budget", "1GiB", "--threads", "1"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1] == (
+        "Error: --context 900: no document of 'wiki-lite-long' is that long; use --random-ids (memory and time do "
+        "not depend on the tokens) or a shorter --context")

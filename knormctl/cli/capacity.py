@@ -16,7 +16,7 @@ def capacity(
                                                help="Memory the generation may use, e.g. 70GiB, 80GB, 512MiB.")],
     context: Annotated[int, typer.Option("--context", metavar="N", help="Prompt tokens per sequence.")] = 2048,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", metavar="N",
-                                                help="Tokens generated per sequence (>= 2).")] = 32,
+                                                help="Tokens generated per sequence (>= 3).")] = 32,
     presses: o.PressesOpt = "knorm",
     keep_ratios: o.KeepRatiosOpt = "0.5",
     compress_mode: Annotated[str, typer.Option("--compress-mode", metavar="MODE",
@@ -39,10 +39,10 @@ def capacity(
 ) -> None:
     """Find the largest batch that fits a memory budget, with and without compression, and its tokens/s.
 
-    At --context prompt tokens, within --memory-budget; tokens/s = batch / the median decode step. Every probe is a real generation of that batch; every configuration is prefilled alike (--prefill-chunk N: N tokens at a time, the press cutting after each chunk; without it a press cannot lower the prefill's peak). Memory: on CUDA the peak allocated, an out-of-memory error meaning "does not fit"; on CPU the weights plus the KV cache held (activations not counted). Prints only: nothing is stored in the results database.
+    At --context prompt tokens, within --memory-budget; tokens/s = batch / the median decode step after the first (which carries the cut). Every probe is a real generation of that batch; every configuration is prefilled alike (--prefill-chunk N: N tokens at a time, the press cutting after each chunk; without it a press cannot lower the prefill's peak). Memory: on CUDA the peak allocated, an out-of-memory error meaning "does not fit"; on CPU the weights plus the KV cache held (activations not counted). Prints only: nothing is stored in the results database.
     """
     from knormctl.config import RunConfig
-    from knormctl.engine.capacity import check_batchable, parse_memory
+    from knormctl.engine.capacity import MIN_NEW_TOKENS, check_batchable, parse_memory
     from knormctl.errors import UsageError
     from knormctl.options import parse_float_list, parse_int_list
     from knormctl.press_spec import parse_press_list
@@ -51,7 +51,7 @@ def capacity(
         if fmt not in ("table", "json"):
             raise UsageError(f"--format must be table or json, got {fmt!r}")
         budget = parse_memory(memory_budget)
-        for flag, value, least in (("--context", context, 1), ("--max-new-tokens", max_new_tokens, 2),
+        for flag, value, least in (("--context", context, 1), ("--max-new-tokens", max_new_tokens, MIN_NEW_TOKENS),
                                    ("--max-batch", max_batch, 1)):
             if value < least:
                 raise UsageError(f"{flag} must be >= {least}, got {value}")
@@ -124,7 +124,14 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
         vocab = len(lm.tokenizer) if lm.tokenizer is not None else lm.model.config.vocab_size
         prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     else:
-        prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
+        try:
+            prompt = make_samples(cfg.pg19_source, 1, lm.tokenizer, context, 0, cfg.seed, progress=log)[0].prompt_ids
+        except UsageError as exc:  # its way out ("fewer or shorter samples") is not capacity's
+            if "cannot fill the request" not in str(exc):
+                raise
+            raise UsageError(f"--context {context}: no document of {cfg.pg19_source!r} is that long; use "
+                             "--random-ids (memory and time do not depend on the tokens) or a shorter "
+                             "--context") from None
     rows = capacity_table(lm.model, prompt, configs, new_tokens=cfg.max_new_tokens, budget=budget,
                           max_batch=max_batch, prefill_chunk=cfg.prefill_chunk,
                           decode_step=cfg.decode_step, progress=log)

@@ -2,8 +2,9 @@
 
 The number a deployer decides on: at a given context length, how many sequences decode
 together in the memory there is, with and without compression, and how many tokens per
-second that batch makes (B / the median decode step: every row gets one token per step; the
-median, because in prefill mode the first step after the prompt carries the cut).
+second that batch makes (B / the median decode step: every row gets one token per step). The
+first step after the prompt is left out: in prefill mode it carries the cut, and with few new
+tokens a median would still be that step.
 
 Memory of one generation of batch B (``measure``):
 - CUDA: ``torch.cuda.max_memory_allocated`` over the generation (the engine's MemoryProbe:
@@ -21,6 +22,7 @@ cap ``max_batch`` is reached). Every probe is a real generation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +33,7 @@ from knormctl.errors import UsageError
 
 CPU_KIND = "weights + KV cache held (activations not counted)"
 CUDA_KIND = "cuda max_memory_allocated"
+MIN_NEW_TOKENS = 3  # two decode steps: the first carries the cut, the second is timed
 MAX_PROBES = 40  # real generations per configuration, at most (a guard: bisection needs ~log2(max_batch))
 
 
@@ -41,7 +44,7 @@ class Probe:
     batch: int
     fits: bool
     peak_bytes: int | None  # None: out of memory before the end
-    step_s: float | None = None  # the median decode step (inter-token latency): the first step carries a prefill cut
+    step_s: float | None = None  # the median decode step after the first (which carries a prefill cut)
     error: str | None = None
 
     @property
@@ -77,6 +80,8 @@ def parse_memory(text: str) -> int:
     if m is None or unit not in units:
         raise UsageError(f"--memory-budget: cannot read {text!r} (e.g. 70GiB, 80GB, 512MiB or a number of bytes)")
     value = float(m.group(1)) * units[unit]
+    if not math.isfinite(value):
+        raise UsageError(f"--memory-budget: {text!r} is too large to be a number of bytes")
     if not value >= 1:
         raise UsageError(f"--memory-budget must be at least 1 byte, got {text!r}")
     return int(value)
@@ -111,7 +116,14 @@ def measure(model, prompt: list[int], batch: int, cfg: PressConfig, new_tokens: 
         peak = res.memory.bytes
     else:
         peak = weight_bytes(model) + res.kv_bytes_held_peak
-    return Probe(batch, peak is not None and peak <= budget, peak, res.itl_p50_s)
+    return Probe(batch, peak is not None and peak <= budget, peak, decode_step_s(res.step_latencies_s))
+
+
+def decode_step_s(steps: list[float]) -> float | None:
+    """The median decode step, the first left out (in prefill mode it carries the cut)."""
+    import statistics
+
+    return statistics.median(steps[1:]) if len(steps) > 1 else None
 
 
 def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new_tokens: int, budget: int,
@@ -120,8 +132,9 @@ def find_capacity(model, prompt: list[int], cfg: PressConfig, label: str, *, new
     """The largest batch of ``prompt`` under ``cfg`` whose generation fits ``budget`` bytes."""
     from knormctl.engine.timing import model_device
 
-    if new_tokens < 2:
-        raise UsageError("--max-new-tokens must be >= 2: the decode step is what is timed")
+    if new_tokens < MIN_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens must be >= {MIN_NEW_TOKENS}: the decode steps after the first "
+                         "(which carries the cut) are what is timed")
     probes: dict[int, Probe] = {}
 
     def run(b: int) -> Probe:
