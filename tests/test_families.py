@@ -332,3 +332,19 @@ def test_a_static_decode_step_on_a_model_without_findable_layers_is_refused():
     with pytest.raises(UsageError, match=r"--decode-step static: cannot find the decoder layers of GPT2LMHeadModel "
                                          r"\(use --decode-step launched\)"):
         check_model(gpt2, cfgs, skip_layers=(0,), decode_step="static", device="cpu")
+
+
+def test_a_static_decode_step_on_sliding_window_layers_is_refused_not_run_launched():
+    """Mistral with a window: its cache layers stay transformers' own, the static step can read
+    none of them, and every step ran launched in a run labelled 'static'."""
+    from knormctl.engine.support import check_model
+
+    mistral = _build(T.MistralConfig, T.MistralForCausalLM, sliding_window=16)
+    cfgs = [PressConfig().validate()]  # the full cache: it runs on such a model
+    check_model(mistral, cfgs, skip_layers=(0,), decode_step="launched", device="cpu")
+    with pytest.raises(UsageError, match=r"^--decode-step static: layers 0,1 of 2 keep transformers' own "
+                                         r"DynamicSlidingWindowLayer \(sliding-window attention\), which the static "
+                                         r"step cannot read; use --decode-step launched$"):
+        check_model(mistral, cfgs, skip_layers=(0,), decode_step="static", device="cpu")
+    llama = _build(T.LlamaConfig, T.LlamaForCausalLM)
+    check_model(llama, cfgs, skip_layers=(0,), decode_step="static", device="cpu")

@@ -27,3 +27,20 @@ def check_model(model, configs, *, skip_layers, decode_step: str, device: str) -
             attention_modules(model)
         except ValueError as exc:
             raise UsageError(f"--decode-step {decode_step}: {exc} (use --decode-step launched)") from None
+        check_static_layers(model, decode_step)
+
+
+def check_static_layers(model, decode_step: str) -> None:
+    """The static step reads knormctl's own buffers; transformers' other cache layers (sliding
+    windows) stay its own, and every step would quietly run launched under a 'static' label."""
+    from knormctl.engine.kvbuffer import BufferLayer
+    from knormctl.engine.kvcache import new_cache
+
+    layers = new_cache(model).layers
+    other = [i for i, layer in enumerate(layers) if not isinstance(layer, BufferLayer)]
+    if other:
+        kind = type(layers[other[0]]).__name__
+        shown = ",".join(map(str, other[:8])) + ("..." if len(other) > 8 else "")
+        raise UsageError(f"--decode-step {decode_step}: layers {shown} of {len(layers)} keep "
+                         f"transformers' own {kind} (sliding-window attention), which the static step cannot read; "
+                         "use --decode-step launched")
