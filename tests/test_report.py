@@ -439,3 +439,25 @@ def test_the_header_says_how_decode_steps_ran(store, db):
                                                               "markdown").stdout
     assert "decode step" not in report(db, "--run-id", str(launched), "--format", "markdown").stdout
     assert run_header([store.get_run(graphed), store.get_run(launched)]).decode_step is None
+
+
+def test_the_header_and_compare_say_how_each_run_was_deployed(store, db):
+    """A chunked prefill changes TTFT and the KV peak, a batch makes throughput per row: the single
+    run's header did not name the chunk, and `--compare` named none of batch, chunk, decode step."""
+    from knormctl.render.header import run_header
+
+    chunked = fill_run(store, settings={"prefill_chunk": 32})
+    plain = fill_run(store, seed=1)
+    batched = fill_run(store, seed=2, settings={"batch_size": 3, "decode_step": "static"})
+    assert report_json(db, "--run-id", str(chunked))["header"]["prefill_chunk"] == 32
+    assert report_json(db, "--run-id", str(plain))["header"]["prefill_chunk"] == 0
+    assert "prefill in chunks of 32 tokens (cut after each)" in report(db, "--run-id", str(chunked), "--format",
+                                                                       "markdown").stdout
+    assert "prefill in chunks" not in report(db, "--run-id", str(plain), "--format", "markdown").stdout
+    assert run_header([store.get_run(chunked), store.get_run(plain)]).prefill_chunk is None
+    res = runner.invoke(app, ["report", "--db", db, "--compare", str(chunked), str(batched)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    a_line = next(x for x in res.stdout.splitlines() if "A = run" in x)
+    b_line = next(x for x in res.stdout.splitlines() if "B = run" in x)
+    assert "; prefill in chunks of 32 tokens, cut after each, started" in a_line
+    assert "; batch 3 (throughput per row); decode step static, started" in b_line

@@ -155,6 +155,8 @@ def header_lines(summary: Summary) -> list[str]:
         f"{h.title} ({h.command}, task {h.task}): {h.status}" + (f", group {h.group_name}" if h.group_name else "")
         + (f", shard {h.shard}" if h.shard else "")
         + (f", batch {h.batch_size} (throughput per row; x{h.batch_size} per batch)" if h.batch_size > 1 else "")
+        + (f", prefill in chunks of {h.prefill_chunk} tokens (cut after each)" if h.prefill_chunk else "")
+        + (", prefill chunks differ between runs" if h.prefill_chunk is None else "")
         + DECODE_STEP_NOTE.get(h.decode_step, ""),
         f"model: {h.model}" + (f" ({h.model_resolved})" if h.model_resolved and h.model_resolved != h.model else ""),
     ]

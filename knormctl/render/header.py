@@ -73,6 +73,7 @@ class RunHeader:
     differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
     batch_size: int = 1  # --batch-size of the run(s) (the largest when merged runs differ)
     decode_step: str | None = "launched"  # --decode-step of the run(s); None when merged runs differ
+    prefill_chunk: int | None = 0  # --prefill-chunk of the run(s) (0: one forward); None when merged runs differ
     stopped_s: float = 0.0  # the runs' time stopped between an interruption and a resume
 
     @property
@@ -85,6 +86,21 @@ class RunHeader:
         """'8 of 10 planned cells, 1 failed'."""
         return ((f"{self.samples_done} of {self.samples_planned} planned cells" if self.samples_planned is not None
                  else f"{self.samples_done} cells") + (f", {self.samples_failed} failed" if self.samples_failed else ""))
+
+    @property
+    def deployment(self) -> list[str]:
+        """How the run(s) ran where it changes the timings or the memory: batch, chunked prefill,
+        decode step ([] for one row, one prefill forward, the model's own launched step)."""
+        out = [f"batch {self.batch_size} (throughput per row)"] if self.batch_size > 1 else []
+        if self.prefill_chunk is None:
+            out.append("prefill chunks differ between runs")
+        elif self.prefill_chunk:
+            out.append(f"prefill in chunks of {self.prefill_chunk} tokens, cut after each")
+        if self.decode_step is None:
+            out.append("decode steps differ between runs")
+        elif self.decode_step != "launched":
+            out.append(f"decode step {self.decode_step}")
+        return out
 
     @property
     def report_command(self) -> str:
@@ -163,6 +179,7 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         machines=machines, differs=differs,
         batch_size=max(int((getattr(r, "config_json", None) or {}).get("batch_size") or 1) for r in runs),
         decode_step=_shared([(getattr(r, "config_json", None) or {}).get("decode_step") or "launched" for r in runs]),
+        prefill_chunk=_shared([int((getattr(r, "config_json", None) or {}).get("prefill_chunk") or 0) for r in runs]),
     )
 
 

@@ -281,7 +281,8 @@ def print_runs(runs: Sequence[Any], console: Console) -> None:
 
 def print_comparison(cmp: Comparison, console: Console) -> None:
     def who(h: Any) -> str:
-        return f"{h.title} ({h.model}, {h.dtype or '?'} on {h.device or '?'}, started {h.started_utc or '?'})"
+        ran = "".join(f"; {d}" for d in h.deployment)  # batch, chunks, decode step: they change the numbers
+        return f"{h.title} ({h.model}, {h.dtype or '?'} on {h.device or '?'}{ran}, started {h.started_utc or '?'})"
 
     console.print(Panel(f"A = {who(cmp.a)}\nB = {who(cmp.b)}",
                         title="knormctl report --compare", title_align="left"))
