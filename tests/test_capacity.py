@@ -186,3 +186,19 @@ def test_a_context_longer_than_the_texts_names_capacitys_way_out(tiny_llama_dir,
     assert res.stderr.strip().splitlines()[-1] == (
         "Error: --context 900: no document of 'wiki-lite-long' is that long; use --random-ids (memory and time do "
         "not depend on the tokens) or a shorter --context")
+
+
+def test_decode_mode_says_why_it_cannot_raise_the_batch(tiny_llama_dir):
+    """Decode mode keeps a buffer of the full prompt's size: x1.00 read as 'decode-mode compression
+    gives no capacity', a property of the buffer, not the press. Said in the table and the json."""
+    args = ["capacity", "--model", str(tiny_llama_dir), "--context", "128", "--max-new-tokens", "4",
+            "--memory-budget", "1MiB", "--threads", "1", "--max-batch", "8", "--random-ids", "--prune-after", "32"]
+    prefill = json.loads(runner.invoke(app, [*args, "--prefill-chunk", "32", "--format", "json"]).stdout)
+    assert prefill["notes"] == []
+    res = runner.invoke(app, [*args, "--prefill-chunk", "32", "--compress-mode", "decode", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    notes = json.loads(res.stdout)["notes"]
+    assert notes == ["decode mode (knorm) keeps a cache buffer of the full prompt's size (only prefill mode sizes it "
+                     "to the budget and a chunk), so it cannot raise the batch here; --compress-mode prefill can"]
+    table = runner.invoke(app, [*args, "--prefill-chunk", "32", "--compress-mode", "decode"])
+    assert "note: decode mode (knorm) keeps a cache buffer" in " ".join(table.stdout.split())

@@ -86,9 +86,23 @@ def capacity(
             need = f" (it needed {fmt_bytes(one['peak_bytes'])})" if one and one["peak_bytes"] else ""
             why = f": {one['error']}" if one and one.get("error") and not need else ""
             console.print(f"{r['config']}: not even batch 1 fits in {fmt_bytes(budget)}{need}{why}")
-    if not prefill_chunk and any(not c.is_baseline for c in configs):
-        console.print("note: a press that cuts after a whole prefill cannot lower the peak (the prefill "
-                      "holds the full cache); --prefill-chunk N bounds it")
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+
+
+def capacity_notes(configs, prefill_chunk: int) -> list[str]:
+    """Why compression may not raise the batch here: said, so that x1.00 is not read as the press's."""
+    compressed = [c for c in configs if not c.is_baseline and c.keep_ratio < 1.0]
+    notes = []
+    if compressed and not prefill_chunk:
+        notes.append("a press that cuts after a whole prefill cannot lower the peak (the prefill holds the full "
+                     "cache); --prefill-chunk N bounds it")
+    decode = sorted({c.spec for c in compressed if c.mode == "decode"})
+    if decode:
+        notes.append(f"decode mode ({', '.join(decode)}) keeps a cache buffer of the full prompt's size (only "
+                     "prefill mode sizes it to the budget and a chunk), so it cannot raise the batch here; "
+                     "--compress-mode prefill can")
+    return notes
 
 
 def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bool) -> dict:
@@ -139,4 +153,4 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
             "max_new_tokens": cfg.max_new_tokens, "memory_budget_bytes": budget, "weight_bytes": weights,
             "memory_kind": rows[0]["memory_kind"], "prefill_chunk": cfg.prefill_chunk,
             "decode_step": cfg.decode_step, "prompt": "random ids" if random_ids
-            else cfg.pg19_source, "results": rows}
+            else cfg.pg19_source, "results": rows, "notes": capacity_notes(configs, cfg.prefill_chunk)}
