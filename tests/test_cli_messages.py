@@ -136,3 +136,25 @@ def test_an_unexpected_failure_is_one_line_exit_1_traceback_only_with_verbose(mo
 def test_report_and_plot_usage_errors_stay_one_line():
     assert _one_line(["report", "--format", "xml"]).startswith("Error: ")
     assert _one_line(["plot", "--run-id", "x"]).startswith("Error: ")
+
+
+def test_progress_lines_wrap_between_words_on_a_terminal_and_never_into_a_file():
+    """The plan line (~150 characters) was broken mid-word by an 80-column terminal; a log file
+    keeps each message on one line for grep."""
+    import io
+
+    from rich.console import Console
+
+    from knormctl.cli._execute import Log
+
+    message = ("plan: 25 cells = 5 samples x 5 configurations (full cache; knorm keep 1, 0.9, 0.7, 0.5); "
+               "32 new tokens + 64 scored tokens per cell")
+    tty = io.StringIO()
+    Log(console=Console(file=tty, force_terminal=True, width=80))(message)
+    lines = tty.getvalue().splitlines()
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert lines[0].startswith("[") and all(line.startswith(" " * 11) for line in lines[1:])
+    assert " ".join(" ".join(lines)[11:].split()) == message  # every word, none split
+    pipe = io.StringIO()
+    Log(console=Console(file=pipe, force_terminal=False, width=80))(message)
+    assert pipe.getvalue().count("\n") == 1 and message in pipe.getvalue()

@@ -20,19 +20,26 @@ LONG_RUN_S = 600  # an estimate longer than this gets a line on how to stop and 
 
 
 class Log:
-    """Timestamped lines on stderr (stdout stays parseable), never wrapped: a log file is
-    read with grep. The source location -- the engine or runner code that reported the
-    line -- only with --verbose."""
+    """Timestamped lines on stderr (stdout stays parseable). On a terminal they wrap at its width
+    between words, continued under the message (an 80-column terminal broke them mid-word);
+    into a file or pipe never: a log file is read with grep. The source location -- the engine
+    or runner code that reported the line -- only with --verbose."""
 
-    def __init__(self, verbose: bool = False):
-        self.console = Console(stderr=True)
+    def __init__(self, verbose: bool = False, console: Console | None = None):
+        self.console = console or Console(stderr=True)
         self.verbose = verbose
 
     def __call__(self, message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        stamp = f"[{time.strftime('%H:%M:%S')}] "
+        line = stamp + message
         if self.verbose:
             caller = sys._getframe(1)  # whoever reported it, not this file
             line += f"  ({Path(caller.f_code.co_filename).name}:{caller.f_lineno})"
+        if self.console.is_terminal:
+            import textwrap
+
+            line = textwrap.fill(line, width=self.console.width, subsequent_indent=" " * len(stamp),
+                                 break_long_words=False, break_on_hyphens=False)
         # markup/highlight off: messages hold paths and intervals like "(0, 1]"
         self.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
