@@ -222,7 +222,8 @@ def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: in
 
     Medians of up to EXACT_MEDIAN_MAX_N values use the exact bootstrap distribution (no
     resampling: the same values always give the same interval); means, and medians of more
-    values, draw ``resamples`` resamples from a generator seeded with ``seed`` (reproducible).
+    values, draw ``resamples`` resamples from a generator seeded with ``seed`` (reproducible, and
+    independent of the values' order: they are sorted first).
     None for fewer than two values (one prompt says nothing about the spread)."""
     if len(values) < 2:
         return None
@@ -235,7 +236,7 @@ def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: in
         return lo, hi
     import numpy as np
 
-    x = np.asarray(values, dtype=float)
+    x = np.sort(np.asarray(values, dtype=float))  # sorted: the same values in any order, the same interval
     return _percentile_interval(_statistic(_resampled(x, seed, resamples), how), confidence)
 
 
@@ -250,7 +251,7 @@ def stratified_mean_interval(groups: Sequence[Sequence[float]], *, seed: int, re
 
     total = np.zeros(resamples)
     for k, g in enumerate(groups):
-        total += _resampled(np.asarray(g, dtype=float), seed + k, resamples).mean(axis=1)
+        total += _resampled(np.sort(np.asarray(g, dtype=float)), seed + k, resamples).mean(axis=1)
     return _percentile_interval(total / len(groups), confidence)
 
 

@@ -301,3 +301,85 @@ def test_report_and_summary_fill_a_missing_token_match_the_same_way(store, db):
     assert rows_by_key(data)[REFERENCE_KEY]["values"]["token_match"] == 1.0
     direct = build_summary([store.get_run(a), store.get_run(b)], rows)
     assert next(r for r in direct.rows if r.config_key == KNORM_07).values["token_match"] == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ one definition, whatever the storage
+
+
+def _row(data, key):
+    return next(r for r in data["rows"] if r["config_key"] == key)
+
+
+def test_two_runs_of_a_group_measuring_the_same_prompts_count_as_two_rounds(store, db):
+    """A requeued shard, or the same sweep run twice under one group: the later run's cells
+    overwrote the earlier's (n=3, the change run 2's alone), with no word."""
+    knorm = Cfg("knorm", 0.7).pc.key
+    a = fill_run(store, group="twice", tpot_factor={knorm: 0.8})
+    b = fill_run(store, group="twice", seed=1)
+    alone = [_row(report_json(db, "--run-id", str(r)), knorm)["changes"]["tpot_s"] for r in (a, b)]
+    row = _row(report_json(db, "--group", "twice"), knorm)
+    assert (row["n_prompts"], row["n_repeats"]) == (3, 2)
+    assert min(alone) + 1 < row["changes"]["tpot_s"] < max(alone) - 1  # both runs in it, not the later alone
+
+
+def test_a_change_pairs_the_rounds_both_sides_measured(store, db):
+    """Round 2 was 30% slower for every configuration; knorm's round-2 cell failed on 5 of 6
+    prompts. Each lone slow round was set against the full cache's median of both: +13%, 'worse'."""
+    knorm = Cfg("knorm", 0.7).pc.key
+    run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.7)), n_samples=6, repeats=2, round_factor={0: 1.3},
+                   tpot_factor={knorm: 1 / (1 - 0.1 * 0.3)})  # knorm's TPOT = the full cache's, in each round
+    with store.engine.begin() as conn:
+        from sqlalchemy import text
+
+        conn.execute(text("UPDATE samples SET error = 'RuntimeError: x', tpot_s = NULL WHERE config_key = :k "
+                          "AND repeat = 1 AND sample_index < 5"), {"k": knorm})
+    row = _row(report_json(db, "--run-id", str(run)), knorm)
+    assert abs(row["changes"]["tpot_s"]) < 6 and row["verdicts"]["tpot_s"] != "worse", row["changes"]["tpot_s"]
+
+
+def test_a_metric_measured_on_one_prompt_is_flagged_even_when_others_have_more(store, db):
+    """Perplexity scored on one prompt (stream method, or its round failing) showed a change with
+    no interval and no verdict, and no one_prompt flag: the flag looked only at the best metric."""
+    knorm = Cfg("knorm", 0.7).pc.key
+    run = fill_run(store)
+    with store.engine.begin() as conn:
+        from sqlalchemy import text
+
+        conn.execute(text("UPDATE samples SET ppl_compressed = NULL WHERE config_key = :k AND sample_index > 0"),
+                     {"k": knorm})
+    data = report_json(db, "--run-id", str(run))
+    row = _row(data, knorm)
+    assert row["n_pairs"]["ppl_compressed"] == 1 and row["n_pairs"]["tpot_s"] == 3
+    one = [f["message"] for f in data["flags"] if f["kind"] == "one_prompt"]
+    assert one and one[0].startswith("knorm 0.7 (ppl compressed): paired with the full cache on one prompt only")
+    assert "same when every prompt's change is exactly 0" in data["statistics"]["verdict"]  # 'same' is defined
+
+
+def test_intervals_do_not_depend_on_row_order_or_on_by_dataset():
+    """Seeded resampling drew indices over the values in storage order: the same data stored in
+    another order (or shards created in another order) gave another interval, and a verdict
+    could flip; --by-dataset seeded with the dataset's name."""
+    from knormctl.render.paired import metric_seed
+
+    rng = random.Random(3)
+    xs = [rng.uniform(-60, 20) for _ in range(50)]  # > 40: resampled, not the exact distribution
+    for how in ("median", "mean"):
+        seed = metric_seed("knorm|kr=0.5", "token_match", "change")
+        assert stats.bootstrap_interval(xs, how, seed=seed) == stats.bootstrap_interval(xs[::-1], how, seed=seed)
+    groups = [xs[:20], xs[20:]]
+    assert stats.stratified_mean_interval(groups, seed=1) == stats.stratified_mean_interval(
+        [g[::-1] for g in groups], seed=1)
+
+
+def test_a_one_dataset_run_has_the_same_intervals_with_and_without_by_dataset(store, db):
+    from sqlalchemy import text
+
+    run = fill_run(store, n_samples=8)
+    with store.engine.begin() as conn:  # one dataset; token match (a mean: resampled, seeded) varying by prompt
+        conn.execute(text("UPDATE samples SET dataset = 'wiki-lite', "
+                          "token_match = CASE WHEN config_key = 'none' THEN 1.0 ELSE (sample_index * 0.37) % 1 END"))
+    plain = report_json(db, "--run-id", str(run))
+    split = report_json(db, "--run-id", str(run), "--by-dataset")
+    for row in plain["rows"]:
+        other = next(r for r in split["rows"] if r["config_key"] == row["config_key"])
+        assert other["change_intervals"] == row["change_intervals"] and other["intervals"] == row["intervals"]

@@ -157,8 +157,16 @@ def few_prompts_flags(rows: Sequence[ConfigRow]) -> list[Flag]:
     """one_prompt: changes from a single prompt (no interval, no verdict: said, not left blank);
     few_prompts: intervals from fewer than MIN_PROMPTS prompts."""
     flags = []
-    single = list(dict.fromkeys(r.label + (f" on {r.dataset}" if r.dataset else "") for r in rows
-                                if not r.is_reference and _pairs(r) == 1))
+    single = []
+    for r in rows:
+        if r.is_reference:
+            continue
+        where = r.label + (f" on {r.dataset}" if r.dataset else "")
+        if _pairs(r) == 1:
+            single.append(where)
+        elif one := [METRIC[n].label for n, k in r.n_pairs.items() if k == 1 and r.changes.get(n) is not None]:
+            single.append(f"{where} ({', '.join(one)})")  # e.g. perplexity scored on one prompt only
+    single = list(dict.fromkeys(single))
     if single:
         flags.append(Flag("one_prompt", f"{', '.join(single)}: paired with the full cache on one prompt only, so "
                                         f"each change is that prompt's own, with no 95% interval and no verdict "

@@ -13,9 +13,12 @@ metric's own statistic (median; mean for fractions; lower median for counts), th
 - change (relative metrics): each prompt's change against the full cache on the same
   prompt, in %, then the median over prompts; fractions: the mean of per-prompt
   differences, in percentage points. Interval: bootstrap over prompts of that statistic.
-- verdict: "no detectable difference" ("noise") when the change's interval contains 0,
+- verdict: "same" when every prompt's change is exactly 0 (keep ratio 1.0's token match and
+  perplexity); "no detectable difference" ("noise") when the change's interval contains 0,
   or, for timings, when the change is within the run's same-work noise; otherwise better
   or worse by the metric's direction (a TTFT change is an "artifact": see flags).
+- rounds: a change pairs each prompt's rounds (``--repeats``; two runs of a group that
+  measured the same prompt count as two rounds) that both sides measured.
 """
 
 from __future__ import annotations
@@ -42,35 +45,59 @@ def ok(samples: Iterable[Any]) -> list[Any]:
     return [s for s in samples if not s.error]
 
 
+RoundKey = tuple  # (run id, repeat): a measurement round; two runs of a group measuring one prompt are two rounds
+
+
 @dataclass
 class PerPrompt:
     """One configuration's successful samples reduced to one value per prompt and metric."""
 
-    values: dict[str, dict[PromptKey, float]]  # metric -> prompt -> value (repeats aggregated)
-    rounds: dict[str, dict[int, dict[PromptKey, float]]]  # metric -> repeat -> prompt -> value
+    values: dict[str, dict[PromptKey, float]]  # metric -> prompt -> value (rounds aggregated)
+    rounds: dict[str, dict[RoundKey, dict[PromptKey, float]]]  # metric -> round -> prompt -> value
     n_repeats: int  # the most rounds any prompt has
 
 
 def per_prompt(samples: Sequence[Any], metrics: Sequence[Metric] = METRICS) -> PerPrompt:
-    raw: dict[str, dict[PromptKey, dict[int, float]]] = {m.name: defaultdict(dict) for m in metrics}
+    """Rounds are (run, repeat): a prompt measured by two runs of a group (a requeued shard, the
+    same sweep run twice) counts both, as rounds, rather than the later one overwriting the other."""
+    raw: dict[str, dict[PromptKey, dict[RoundKey, float]]] = {m.name: defaultdict(dict) for m in metrics}
     for s in ok(samples):
-        key, rep = prompt_key(s), getattr(s, "repeat", 0) or 0
+        key, rnd = prompt_key(s), (getattr(s, "run_id", None) or 0, getattr(s, "repeat", 0) or 0)
         for m in metrics:
             v = getattr(s, m.source)
             if v is not None:
-                raw[m.name][key][rep] = float(v)
+                raw[m.name][key][rnd] = float(v)
     values = {m.name: {k: aggregate(list(reps.values()), m.aggregate) for k, reps in raw[m.name].items()}
               for m in metrics}
-    rounds: dict[str, dict[int, dict[PromptKey, float]]] = {}
+    rounds: dict[str, dict[RoundKey, dict[PromptKey, float]]] = {}
+    for m in metrics:
+        by_round: dict[RoundKey, dict[PromptKey, float]] = defaultdict(dict)
+        for k, reps in raw[m.name].items():
+            for rnd, v in reps.items():
+                by_round[rnd][k] = v
+        rounds[m.name] = dict(by_round)
     n_repeats = max((len(reps) for by in raw.values() for reps in by.values()), default=0)
-    if n_repeats > 1:
-        for m in metrics:
-            by_round: dict[int, dict[PromptKey, float]] = defaultdict(dict)
-            for k, reps in raw[m.name].items():
-                for rep, v in reps.items():
-                    by_round[rep][k] = v
-            rounds[m.name] = dict(by_round)
     return PerPrompt(values=values, rounds=rounds, n_repeats=n_repeats)
+
+
+def paired_values(m: Metric, mine: PerPrompt, ref: PerPrompt) -> tuple[dict[PromptKey, float],
+                                                                        dict[PromptKey, float]]:
+    """Each shared prompt's value on both sides over the rounds BOTH measured: a round one side
+    lacks (its cell failed) is left out of the other too, so a slow round is never set against
+    the other side's median of two (a false 'worse'). Where no round is shared (cells of one
+    prompt stored by different runs) each side's own value."""
+    a, b = mine.rounds.get(m.name, {}), ref.rounds.get(m.name, {})
+    mine_v, ref_v = {}, {}
+    for k, own in mine.values[m.name].items():
+        if k not in ref.values[m.name]:
+            continue
+        common = [r for r in a if k in a[r] and k in b.get(r, {})]
+        if common:
+            mine_v[k] = aggregate([a[r][k] for r in common], m.aggregate)
+            ref_v[k] = aggregate([b[r][k] for r in common], m.aggregate)
+        else:
+            mine_v[k], ref_v[k] = own, ref.values[m.name][k]
+    return mine_v, ref_v
 
 
 @dataclass
@@ -153,7 +180,7 @@ def verdict(m: Metric, stat: Stat, noise_pct: float) -> str | None:
     change, interval = stat.change, stat.change_interval
     if m.better is None or change is None or interval is None:
         return None
-    if change == 0.0 and interval == (0.0, 0.0):
+    if change == 0.0 and interval == (0.0, 0.0):  # every prompt unchanged (keep 1.0's token match)
         return "same"
     if spans_zero(interval) or (m.timing and abs(change) <= noise_pct):
         return "noise"
@@ -163,9 +190,11 @@ def verdict(m: Metric, stat: Stat, noise_pct: float) -> str | None:
     return "better" if (change < 0) == (m.better == LOWER) else "worse"
 
 
-def metric_seed(config_key: str, dataset: str | None, name: str, what: str) -> int:
-    """Each interval has its own seed, from names only: reproducible, and independent of row order."""
-    return seed_for(config_key, dataset or "", name, what)
+def metric_seed(config_key: str, name: str, what: str) -> int:
+    """Each interval has its own seed, from names only: reproducible. Not from the dataset: a
+    one-dataset run gives the same intervals with and without --by-dataset (bootstrap_interval
+    sorts its values, so neither row nor shard order matters either)."""
+    return seed_for(config_key, name, what)
 
 
 def repeat_spread(m: Metric, rounds: dict[int, dict[PromptKey, float]], seed: int) -> float | None:
@@ -176,8 +205,8 @@ def repeat_spread(m: Metric, rounds: dict[int, dict[PromptKey, float]], seed: in
         return None
     first, *later = sorted(rounds)
     spreads = []
-    for r in later:
+    for i, r in enumerate(later, start=1):
         changes = per_prompt_changes(m, rounds[r], rounds[first])
-        if changes and not spans_zero(bootstrap_interval(changes, "median", seed=seed + r) or (0.0, 0.0)):
+        if changes and not spans_zero(bootstrap_interval(changes, "median", seed=seed + i) or (0.0, 0.0)):
             spreads.append(abs(aggregate(changes, "median")))
     return max(spreads) if spreads else None

@@ -12,7 +12,8 @@ from typing import Any
 from knormctl.press_spec import PRESS_NAMES
 from knormctl.render.metrics import METRICS
 from knormctl.render.paired import (
-    Interval, PerPrompt, Stat, add_change, metric_seed, ok, per_prompt, prompt_key, repeat_spread, value_stat, verdict)
+    Interval, PerPrompt, Stat, add_change, metric_seed, ok, paired_values, per_prompt, prompt_key, repeat_spread,
+    value_stat, verdict)
 
 REFERENCE_KEY = "none"  # PressConfig.key of the full-cache reference
 # Without a configuration that does the full cache's work under another name (keep_ratio
@@ -114,9 +115,9 @@ def _stats(key: str, dataset: str | None, mine: PerPrompt, ref: PerPrompt | None
     """Every metric's value, interval, change and change interval (verdicts come later)."""
     out = {}
     for m in METRICS:
-        stat = value_stat(m, mine.values[m.name], metric_seed(key, dataset, m.name, "value"))
+        stat = value_stat(m, mine.values[m.name], metric_seed(key, m.name, "value"))
         if ref is not None and key != REFERENCE_KEY:
-            add_change(stat, m, mine.values[m.name], ref.values[m.name], metric_seed(key, dataset, m.name, "change"))
+            add_change(stat, m, *paired_values(m, mine, ref), metric_seed(key, m.name, "change"))
         out[m.name] = stat
     return out
 
@@ -179,8 +180,8 @@ def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], da
         verdicts={n: None for n in st}, n_pairs={n: s.n_pairs for n, s in st.items()},
         n_needed={n: s.n_needed for n, s in st.items()},
         stdev={m.name: _stdev(list(prompts.values[m.name].values())) for m in METRICS},
-        repeat_spread_pct={m.name: repeat_spread(m, prompts.rounds[m.name], metric_seed(key, dataset, m.name, "rounds"))
-                           if m.timing and prompts.rounds else None for m in METRICS},
+        repeat_spread_pct={m.name: repeat_spread(m, prompts.rounds[m.name], metric_seed(key, m.name, "rounds"))
+                           if m.timing and prompts.n_repeats > 1 else None for m in METRICS},
         peak_mem_kind=", ".join(sorted(mem_kinds)) or None,
         peak_mem_reason=("; ".join(sorted(reasons)) or "not measured") if st["peak_mem_bytes"].value is None else None,
         max_context_tokens=max(contexts) if contexts else None,
