@@ -17,6 +17,8 @@ from knormctl.options import check_decode_step, check_device_map, keep_ratio_err
 from knormctl.press_spec import format_press_spec, format_spec_value, parse_press_spec, resolve_press_list
 from knormctl.tasks import catalog as tasks
 
+INT64_MAX = 2**63 - 1  # the largest integer a results database stores
+
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -160,6 +162,7 @@ class RunConfig:
     study: dict | None = None  # the study (knormctl/study.py) this run belongs to, as resolved
 
     def validate(self) -> RunConfig:
+        self._refuse_unstorable_integers()
         for name in ("num_wikitext_samples", "num_pg19_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -261,6 +264,15 @@ class RunConfig:
         if self.task in ("passkey", "ruler", "niah"):
             validate_source(self.haystack_source)
         model_source(self.model)
+
+    def _refuse_unstorable_integers(self) -> None:
+        """An integer no database column holds (--prune-after 99999999999999999999) planned fine,
+        loaded the model and failed storing the first cell, leaving a failed run behind."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
+                    raise ConfigError(f"--{f.name.replace('_', '-')}: {v} is too large (at most {INT64_MAX})")
 
     def _refuse_presses(self, flag: str, refusal) -> None:
         """One line naming ``flag`` and the first press ``refusal`` (a built press -> why, or None)

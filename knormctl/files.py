@@ -22,13 +22,20 @@ def write_error(path: Path, exc: OSError, what: str = "") -> KnormctlError:
     return KnormctlError(line) if exc.errno in RUNTIME_ERRNOS else UsageError(line)
 
 
+def _temporary(path: Path) -> Path:
+    """'.NAME.PID.tmp' beside ``path``, NAME cut so the whole stays within a file system's 255
+    bytes (a valid 250-character output name was refused: 'File name too long')."""
+    name = path.name.encode()[:200].decode(errors="ignore")
+    return path.with_name(f".{name}.{os.getpid()}.tmp")
+
+
 @contextlib.contextmanager
 def written_whole(path: Path, what: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one
     step, so a reader never sees half a file. Any OSError becomes one line naming ``what``
     (``--output``) and the path (``write_error``), and nothing is left behind; other errors
     pass through, the temporary file removed all the same."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -44,7 +51,7 @@ def written_together(paths: list[Path], what: str = "") -> Iterator[list[Path]]:
     """Temporary paths beside ``paths``; once every one is written they replace ``paths``, so a
     failure halfway (a full disk, a folder in a file's place) leaves none of them new: no set
     of figures mixes two runs. Errors as ``written_whole``."""
-    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    tmps = [_temporary(p) for p in paths]
     try:
         yield tmps
         for path in paths:  # checked before the first rename: a folder in a file's place

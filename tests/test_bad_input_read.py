@@ -30,6 +30,15 @@ CASES = [
     (["plot", "--group", "nope"], "nope"),
     (["plot", "--db", "{NOT_DB}"], "not a SQLite database"),
     (["plot", "--out", "{NOT_DB}"], "is not a folder"),
+    # an audit of the CLI surface: each of these was 'unexpected ...Error' (exit 1) or exit 0
+    (["report", "--run-id", "99999999999999999999"], "run 99999999999999999999 does not exist"),
+    (["report", "--compare", "1", "99999999999999999999"], "99999999999999999999 does not exist"),
+    (["plot", "--run-id", "99999999999999999999"], "run 99999999999999999999 does not exist"),
+    (["export", "--run-id", "99999999999999999999", "-o", "{MISSING}.jsonl"], "no run 99999999999999999999"),
+    (["runs", "delete", "99999999999999999999"], "no run 99999999999999999999"),
+    (["report", "--db", "postgresql+psycopg://x:s3cret@127.0.0.1:notaport/db"], "invalid database URL"),
+    (["report", "--compare", "1", "1", "--group", "nope"], "--group cannot be used with --compare"),
+    (["report", "--db", ""], "Invalid value for '--db': empty"),
 ]
 
 
@@ -56,3 +65,44 @@ def test_bad_input_to_report_and_plot(tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert {p: _digest(p) for p in (db, not_db)} == before
+
+
+def test_report_list_takes_a_limit_larger_than_the_database_can_hold(tmp_path):
+    db = tmp_path / "r.db"
+    with open_store(str(db)) as store:
+        fill_run(store)
+    result = runner.invoke(app, ["report", "--list", "--limit", "99999999999999999999", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+
+
+def test_writers_refuse_what_would_lose_or_mislabel_the_results(tmp_path, monkeypatch):
+    """An in-memory URL kept nothing ('1 cell(s) stored'); --db '' (from an unset variable) wrote the
+    home folder's database; --group '' stored runs under an empty name; an integer no column
+    holds loaded the model and left a failed run."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KNORMCTL_DB", raising=False)
+    base = ["sweep", "--num-wikitext-samples", "1", "--num-pg19-samples", "0", "--keep-ratios", "1.0"]
+    for extra, message in (
+            (["--db", "sqlite://"], "Error: sqlite:// is an in-memory database: what a run stores there is gone when "
+                                    "it ends (give a file path)"),
+            (["--db", ""], "Error: Invalid value for '--db': empty (leave it out for $KNORMCTL_DB or the default "
+                           "database)"),
+            (["--group", "", "--db", str(tmp_path / "g.db")], "Error: Invalid value for '--group': empty (give a "
+                                                                "name, or leave it out)"),
+            (["--prune-after", "99999999999999999999", "--db", str(tmp_path / "p.db")],
+             "Error: --prune-after: 99999999999999999999 is too large (at most 9223372036854775807)")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines()[-1] == message
+    assert not any(tmp_path.rglob("*.db"))  # no database anywhere, the home folder's included
+
+
+def test_an_output_name_near_the_file_system_limit_is_written(tmp_path):
+    """The temporary '.NAME.PID.tmp' beside a valid 245-character name was too long to create."""
+    db = tmp_path / "r.db"
+    with open_store(str(db)) as store:
+        fill_run(store)
+    out = tmp_path / ("r" * 245 + ".json")
+    result = runner.invoke(app, ["report", "--db", str(db), "--format", "json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -232,6 +232,22 @@ def test_the_dashed_full_model_line_is_the_full_caches_number_and_a_failed_row_s
             assert x0 < t.get_position()[0] < x1
 
 
+def test_a_folder_holding_another_runs_figures_is_refused(store, db, tmp_path):
+    """A passkey run's accuracy and heatmap figures stayed beside an lm run's set plotted into the
+    same folder, read as one set. The same run again (or a run of the same figures) replaces them."""
+    lm = fill_run(store)
+    pk = fill_run(store, task="passkey", configs=TASK_CONFIGS, n_samples=6, prompt_tokens=(1024, 2048))
+    out = tmp_path / "figs"
+    plot(db, "--run-id", str(pk), "--out", str(out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = runner.invoke(app, ["plot", "--db", db, "--run-id", str(lm), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == (f"Error: --out {out} holds figures this plot does not draw (knormpress_accuracy.png, "
+                                  "knormpress_needle_heatmap.png): another run's; choose another folder or remove them")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
+    assert len(plot(db, "--run-id", str(pk), "--out", str(out))) == len(before)  # the same set: replaced
+
+
 def test_figure_functions_return_figures_without_saving(store):
     from matplotlib.figure import Figure
 

@@ -55,6 +55,13 @@ def plot(
             out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
+        ours = {f"{name}.{fmt.value}" for name in [spec.filename for spec in figures.FIGURES] + ["knormpress_pareto"]}
+        drawing = {f"{filename}.{fmt.value}" for filename, _ in drawn}
+        others = sorted(p.name for p in out.glob(f"knormpress_*.{fmt.value}") if p.name in ours - drawing) \
+            if out.is_dir() else []
+        if others:  # another run's figures would stay beside this set, read as one
+            raise UsageError(f"--out {out} holds figures this plot does not draw ({', '.join(others)}): another "
+                             "run's; choose another folder or remove them")
         created = [p for p in (out, *out.parents) if not p.exists()]  # what a failure removes again
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ def report(
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
+        if compare is not None and group is not None:
+            raise UsageError("--group cannot be used with --compare (it compares the two runs it names)")
         # an option the chosen view would ignore is refused, not dropped
         if limit is not None and not list_runs:
             raise UsageError("--limit applies to --list")

@@ -26,6 +26,14 @@ from knormctl.store.models import INTERRUPTED, RUNNING, STATUSES, Run, Sample, n
 BLOB_COLUMNS = (Sample.step_latencies_json, Sample.generated_ids_json, Sample.generated_text)
 
 
+INT64_MAX = 2**63 - 1  # SQLite's and PostgreSQL's largest integer
+
+
+def _storable(i: int) -> bool:
+    """An integer a database column can hold (a run id typed as 99999999999999999999 cannot)."""
+    return -INT64_MAX - 1 <= i <= INT64_MAX
+
+
 def _check_fields(model, fields: dict, exclude: set[str]) -> dict:
     columns = {c.key for c in model.__table__.columns} - exclude
     unknown = sorted(set(fields) - columns)
@@ -174,6 +182,8 @@ class Store:
 
     def get_run(self, run_id: int) -> Run | None:
         """The run with this id, or None."""
+        if not _storable(run_id):  # no row has it (and the driver could not even send it)
+            return None
         with self._tx(f"reading run {run_id}", write=False) as session:
             run = session.get(Run, run_id)
         return liveness.show_verdicts([run])[0]
@@ -181,7 +191,8 @@ class Store:
     def get_runs(self, run_ids: list[int]) -> list[Run]:
         """The runs with these ids that exist, oldest first."""
         with self._tx("reading runs", write=False) as session:
-            runs = list(session.scalars(select(Run).where(Run.id.in_(list(run_ids))).order_by(Run.id)))
+            runs = list(session.scalars(select(Run).where(Run.id.in_([i for i in run_ids if _storable(i)]))
+                                        .order_by(Run.id)))
         return liveness.show_verdicts(runs)
 
     def last_run(self, group: str | None = None) -> Run | None:
@@ -191,7 +202,7 @@ class Store:
 
     def list_runs(self, limit: int | None = 20, group: str | None = None) -> list[Run]:
         """Newest first, at most ``limit`` (None: all)."""
-        stmt = select(Run).order_by(Run.id.desc()).limit(limit)
+        stmt = select(Run).order_by(Run.id.desc()).limit(None if limit is None or not _storable(limit) else limit)
         if group is not None:
             stmt = stmt.where(Run.group_name == group)
         with self._tx("listing runs", write=False) as session:
@@ -238,7 +249,8 @@ class Store:
         ids = sorted(set(run_ids))
         now, host = utcnow(), socket.gethostname()
         with self._tx("deleting runs") as session:
-            runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(ids)).with_for_update())}
+            runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_([i for i in ids if _storable(i)]))
+                                                     .with_for_update())}
             missing = [i for i in ids if i not in runs]
             if missing:
                 raise UsageError(f"no run {', '.join(map(str, missing))} in {self.url}; nothing deleted")

@@ -57,11 +57,16 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
         default_db_path().parent.mkdir(parents=True, exist_ok=True)  # only the default folder is ours to create
     try:
         url = make_url(url_text)
-    except ArgumentError:
+        url.port  # noqa: B018 -- a port that is not a number fails here, not deep in the driver
+    except (ArgumentError, ValueError):
         raise StoreError("invalid database URL (expected a file path, sqlite:///PATH or "
                          "postgresql+psycopg://USER@HOST/DB)") from None
     shown = url.render_as_string(hide_password=True)
     path = sqlite_file(url)
+    if path is None and url.get_backend_name() == "sqlite" and not readonly and not (url.database or "").startswith(
+            "file:"):
+        raise StoreError(f"{shown} is an in-memory database: what a run stores there is gone when it ends "
+                         "(give a file path)")
     if path is not None:
         if readonly and default and not path.exists():
             raise StoreError(f"no results database at {path} yet (run `knormctl sweep` or `knormctl baseline` "
