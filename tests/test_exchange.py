@@ -449,3 +449,30 @@ def test_runs_delete_asks_first(tmp_path):
     res = cli("runs", "delete", "1", "--yes", "--db", str(tmp_path / "typo.db"))
     assert res.exit_code == 2 and res.stderr.strip() == f"Error: {tmp_path / 'typo.db'} does not exist"
     assert not (tmp_path / "typo.db").exists()  # a typo creates no empty database
+
+
+def test_a_refused_file_leaves_the_database_as_it_was(tmp_path):
+    """import opened (created, or upgraded with a backup) the database before reading the file:
+    a damaged file still left a new empty database, or an old one upgraded. The whole file is
+    read first now; a good file into an old database says that it upgraded it."""
+    from test_migrations import make_0001_database
+
+    src = tmp_path / "src.db"
+    with open_store(src) as store:
+        fill_run(store)
+    good = tmp_path / "good.jsonl"
+    assert cli("export", "--run-id", "1", "-o", str(good), "--db", str(src)).exit_code == 0
+    damaged = tmp_path / "damaged.jsonl"
+    lines = good.read_text().splitlines()
+    damaged.write_text("\n".join(lines[:-2] + ['{"sample": {"run_id": 1, "ttft_s": "fast"}}', lines[-1]]) + "\n")
+    old = tmp_path / "old.db"
+    make_0001_database(f"sqlite:///{old}")
+    before = hashlib.sha256(old.read_bytes()).hexdigest()
+    for db in (old, tmp_path / "new.db"):
+        res = cli("import", str(damaged), "--db", str(db))
+        assert res.exit_code == 2 and "damaged.jsonl line" in res.stderr, res.output
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "new.db").exists() and not list(tmp_path.glob("old.db.bak-*"))
+    res = cli("import", str(good), "--db", str(old))
+    assert res.exit_code == 0, res.output
+    assert "upgraded the database schema of" in res.stderr and list(tmp_path.glob("old.db.bak-*"))

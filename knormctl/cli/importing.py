@@ -19,14 +19,16 @@ def import_results(
     Runs already there (same uuid) are skipped, or replaced when the file's copy holds more cells (exported again after a resume); new ones get new ids. All or nothing: a damaged or truncated file imports nothing.
     """
     with error_boundary():
+        import sys
+
         from knormctl.store import open_store
-        from knormctl.store.exchange import import_file
+        from knormctl.store.exchange import check_file, import_file
 
-        if not file.exists():  # before open_store: a typo must not create an empty database either
-            from knormctl.errors import UsageError
-
-            raise UsageError(f"{file} does not exist")
+        # The whole file first: a refused one must not create, upgrade or touch a database.
+        check_file(file)
         with open_store(db) as store:
+            if store.upgrade_note:
+                print(store.upgrade_note, file=sys.stderr)
             done = import_file(store, file)
         said = []
         if done.run_ids:

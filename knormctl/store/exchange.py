@@ -233,6 +233,53 @@ def _measured_here_now(row) -> bool:
     return row["status"] == RUNNING and liveness.shown_as(row) is None
 
 
+def _records(path: Path, runs_t: Table, samples_t: Table) -> Iterator[tuple[str, dict, int]]:
+    """(kind, row, line number) of each run and sample record of an export, with every check
+    that needs no database: the header, each record's kind and column types, samples inside
+    their run's block, the end line and its counts (raised after the last record: an
+    importer's transaction then rolls back)."""
+    lines = _lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise UsageError(f"{path} is empty (not a knormctl export)")
+    _check_header(path, first[1])
+    end, seen, current = None, {"runs": 0, "samples": 0}, None
+    for number, obj in lines:
+        if end is not None:
+            raise UsageError(f"{path} line {number}: data after the end line (the file is damaged)")
+        kind = next(iter(obj))
+        if len(obj) != 1 or kind not in ("run", "sample", "end") or not isinstance(obj[kind], dict):
+            raise UsageError(f"{path} line {number} is not a run, sample or end record")
+        if kind == "end":
+            end = obj["end"]
+            continue
+        row = _decode(runs_t if kind == "run" else samples_t, obj[kind], path, number)
+        seen[kind + "s"] += 1
+        if kind == "run":
+            current = row.get("id")
+            if not row.get("uuid") or not isinstance(row.get("uuid"), str):
+                raise UsageError(f"{path} line {number}: a run without a uuid")
+        elif current is None or row.get("run_id") != current:
+            raise UsageError(f"{path} line {number}: a sample of run {row.get('run_id')!r} outside "
+                             "that run's block (the file is damaged)")
+        yield kind, row, number
+    if end is None:
+        raise UsageError(f"{path} is truncated (no end line); nothing was imported")
+    if end != seen:
+        raise UsageError(f"{path} is damaged: its end line counts {end}, the file holds {seen}; "
+                         "nothing was imported")
+
+
+def check_file(path: Path) -> None:
+    """Read a whole export without a database: one line (UsageError) for what ``import_file``
+    would refuse in the file itself, before a database is created or upgraded for it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    for _ in _records(path, _for_import(RUNS), _for_import(SAMPLES)):
+        pass
+
+
 def import_file(store: Store, path: Path) -> Imported:
     """Load an export into ``store``: new runs added with new ids; a run already there (same
     uuid) replaced by the file's copy when that holds more cells (the run was resumed after the
@@ -245,37 +292,19 @@ def import_file(store: Store, path: Path) -> Imported:
         raise StoreError(f"importing refused: {store.url} was opened read-only")
     runs_t, samples_t = _for_import(RUNS), _for_import(SAMPLES)
     result = Imported()
-    lines = _lines(path)
     try:
         with store.engine.execution_options(**{WRITE: True}).begin() as conn:
-            first = next(lines, None)
-            if first is None:
-                raise UsageError(f"{path} is empty (not a knormctl export)")
-            _check_header(path, first[1])
             stored_cols = [RUNS.c[name] for name in ("uuid", "id", "samples_done", "samples_failed", "resumed_from",
                                                        *liveness.LIVENESS_FIELDS)]
             known = {r.uuid: r._mapping for r in conn.execute(select(*stored_cols))}
             in_file: set[str] = set()
             new_ids: dict[int, int] = {}  # id in the exporting store -> id here
-            current, keep, counted, batch, seen = None, False, "new", [], {"runs": 0, "samples": 0}
-            end = None
-            for number, obj in lines:
-                if end is not None:
-                    raise UsageError(f"{path} line {number}: data after the end line (the file is damaged)")
-                kind = next(iter(obj))
-                if len(obj) != 1 or kind not in ("run", "sample", "end") or not isinstance(obj[kind], dict):
-                    raise UsageError(f"{path} line {number} is not a run, sample or end record")
-                if kind == "end":
-                    end = obj["end"]
-                    continue
-                row = _decode(runs_t if kind == "run" else samples_t, obj[kind], path, number)
-                seen[kind + "s"] += 1
+            current, keep, counted, batch = None, False, "new", []
+            for kind, row, _number in _records(path, runs_t, samples_t):
                 if kind == "run":
                     _flush(conn, samples_t, batch)
                     current = row.pop("id", None)
-                    uuid = row.get("uuid")
-                    if not uuid or not isinstance(uuid, str):
-                        raise UsageError(f"{path} line {number}: a run without a uuid")
+                    uuid = row["uuid"]
                     stored, once = known.get(uuid), uuid not in in_file
                     in_file.add(uuid)  # the same run twice in one file is imported once
                     # A run it was resumed from keeps the link only if it came along.
@@ -310,9 +339,6 @@ def import_file(store: Store, path: Path) -> Imported:
                                                   _cells(row)))
                     counted = "updated"
                     continue
-                if current is None or row.get("run_id") != current:
-                    raise UsageError(f"{path} line {number}: a sample of run {row.get('run_id')!r} outside "
-                                     "that run's block (the file is damaged)")
                 if not keep:
                     result.skipped_samples += 1
                     continue
@@ -323,11 +349,6 @@ def import_file(store: Store, path: Path) -> Imported:
                 if len(batch) >= _BATCH:
                     _flush(conn, samples_t, batch)
             _flush(conn, samples_t, batch)
-            if end is None:
-                raise UsageError(f"{path} is truncated (no end line); nothing was imported")
-            if end != seen:
-                raise UsageError(f"{path} is damaged: its end line counts {end}, the file holds {seen}; "
-                                 "nothing was imported")
     except DBAPIError as exc:
         raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
     except StatementError as exc:  # a value the column's type could not take (checked above: a safety net)
