@@ -19,6 +19,27 @@ from knormctl.tasks import catalog as tasks
 
 INT64_MAX = 2**63 - 1  # the largest integer a results database stores
 
+_QUESTION = ("passkey", "ruler", "niah", "longbench")
+# Options only some tasks read: given on the command line for another task they would be dropped
+# while the stored config records them (a passkey run said needle_depths [0.1]).
+TASK_OPTIONS = {
+    "needle_depths": ("niah",), "passkey_lengths": ("passkey",), "passkey_depths": ("passkey",),
+    "passkey_seeds": ("passkey",), "samples_per_task": ("ruler", "niah", "longbench"),
+    "answer_tokens": _QUESTION, "chat_template": _QUESTION, "haystack": ("passkey", "ruler", "niah"),
+    "ruler_source": ("ruler",), "hub_dataset": ("ruler", "longbench"),
+    "num_wikitext_samples": ("lm",), "num_pg19_samples": ("lm",), "wikitext_prompt_tokens": ("lm",),
+    "max_prompt_tokens": ("lm",), "wikitext_source": ("lm",), "eval_tokens": ("lm",), "ppl_method": ("lm",),
+    "ppl_skip": ("lm",),
+}
+
+
+def refuse_options_of_other_tasks(task: str, given: list[str]) -> None:
+    """One line for the first option given (field names) that ``task`` does not read."""
+    for name in given:
+        readers = TASK_OPTIONS.get(name)
+        if readers is not None and task not in readers:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --task {', '.join(readers)}, not {task}")
+
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -114,9 +114,13 @@ def test_baseline_runs_only_the_full_cache(tiny_llama_dir, books_dir, tmp_path):
 
 def test_passkey_task_stores_answers(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
-    res = runner.invoke(app, ["sweep", "--task", "passkey", "--keep-ratios", "0.5", "--prune-after", "0",
-                              "--passkey-lengths", "256", "--passkey-depths", "0.2,0.8", "--passkey-seeds", "1",
-                              *_args(tiny_llama_dir, books_dir, db)])
+    passkey = ["sweep", "--task", "passkey", "--keep-ratios", "0.5", "--prune-after", "0", "--passkey-lengths", "256",
+               "--passkey-depths", "0.2,0.8", "--passkey-seeds", "1", "--model", str(tiny_llama_dir),
+               "--pg19-source", f"text:{books_dir}", "--threads", "1", "--db", str(db)]
+    res = runner.invoke(app, [*passkey, "--eval-tokens", "8"])  # an lm option: it would be dropped, not used
+    assert res.exit_code == 2 and res.stderr.strip() == "Error: --eval-tokens applies to --task lm, not passkey"
+    assert not db.exists()
+    res = runner.invoke(app, passkey)
     assert res.exit_code == 0, res.output
     con = sqlite3.connect(db)
     rows = con.execute("SELECT task, answers_json, needle_depth, context_length, score, compress_mode, prompt_tokens "

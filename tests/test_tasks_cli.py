@@ -252,3 +252,17 @@ def test_stop_at_eos_ends_question_answers_at_a_stop_token(tiny_llama_dir, books
     assert out.status == "complete" and len(rows) == 2
     assert {s.new_tokens for s in rows} == ({1} if stop else {6})
     assert all(s.score is not None for s in rows)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--needle-depths", "0.5"], "Error: --needle-depths applies to --task niah, not lm"),
+    (["--task", "ruler", "--passkey-lengths", "8192"], "Error: --passkey-lengths applies to --task passkey, not ruler"),
+    (["--task", "niah", "--wikitext-prompt-tokens", "8192"],
+     "Error: --wikitext-prompt-tokens applies to --task lm, not niah"),
+    (["--task", "passkey", "--samples-per-task", "3"],
+     "Error: --samples-per-task applies to --task ruler, niah, longbench, not passkey"),
+])
+def test_an_option_another_task_reads_is_refused_not_dropped(args, line, tmp_path):
+    """They exited 0, were ignored, and the stored config recorded them as if used."""
+    res = CliRunner().invoke(app, ["sweep", *args, "--dry-run", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 2 and res.stderr.strip() == line, res.output

@@ -92,6 +92,11 @@ def sweep(
             context_lengths=None if context_lengths is None else parse_int_list(context_lengths, "--context-lengths"),
             needle_depths=parse_float_list(needle_depths, "--needle-depths"),
             subtasks=None if subtasks is None else parse_name_list(subtasks, "--subtasks", None))
+        if config is None:  # a study file's tasks may differ by run: its own rules apply there
+            from knormctl.cli._study import given_options
+            from knormctl.config import refuse_options_of_other_tasks
+
+            refuse_options_of_other_tasks(cfg.task, given_options(ctx))
         if config is not None or dry_run:
             from knormctl.cli._study import study_command
 
