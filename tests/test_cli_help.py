@@ -83,8 +83,8 @@ def test_top_level_help_lists_the_commands():
         assert command in res.stdout
 
 
-@pytest.mark.parametrize("command", ["report", "plot", "export", "import", "presses", "capacity", "runs delete",
-                                     "runs upgrade", "sweep", "baseline"])
+@pytest.mark.parametrize("command", ["report", "plot", "export", "import", "presses", "capacity", "runs",
+                                     "runs delete", "runs upgrade", "sweep", "baseline"])
 def test_every_help_names_values_in_words_and_keeps_its_paragraphs_whole(command):
     """No Python type in the options' column (<bool>, <int>, <list[int]>), no value name cut in
     two ('markdown|h' / 'tml>'), no paragraph broken where its docstring's lines were."""

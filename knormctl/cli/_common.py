@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from knormctl.errors import KnormctlError
 
@@ -43,6 +43,16 @@ class PlainCommand(TyperCommand):
         for param in self.params:
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = FLAG
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = FLAG
+        return option
+
+
+class PlainGroup(TyperGroup):
+    """A command group whose --help row says nothing in its type column (it said <bool>)."""
 
     def get_help_option(self, ctx):
         option = super().get_help_option(ctx)

@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, PlainCommand, error_boundary, fail
+from knormctl.cli._common import DbOpt, PlainCommand, PlainGroup, error_boundary, fail
 
-app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True)
+app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True,
+                  cls=PlainGroup)
 
 
 @app.command("delete", cls=PlainCommand)
 def delete(
-    run_ids: Annotated[list[int], typer.Argument(metavar="RUN_ID...", help="Ids of the runs to delete.", show_default=False)],
+    run_ids: Annotated[list[int], typer.Argument(metavar="RUN_ID", help="Ids of the runs to delete.", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     db: DbOpt = None,
 ) -> None:
