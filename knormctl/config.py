@@ -17,7 +17,9 @@ from knormctl.options import check_decode_step, check_device_map, keep_ratio_err
 from knormctl.press_spec import format_press_spec, format_spec_value, parse_press_spec, resolve_press_list
 from knormctl.tasks import catalog as tasks
 
-INT64_MAX = 2**63 - 1  # the largest integer a results database stores
+# The largest integer every results database column holds: PostgreSQL's INTEGER (SQLite's
+# are 64-bit). Settings above it (no model has such a context) and ids above it cannot be stored.
+MAX_STORED_INT = 2**31 - 1
 
 _QUESTION = ("passkey", "ruler", "niah", "longbench")
 # Options only some tasks read: given on the command line for another task they would be dropped
@@ -292,8 +294,8 @@ class RunConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             for v in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
-                    raise ConfigError(f"--{f.name.replace('_', '-')}: {v} is too large (at most {INT64_MAX})")
+                if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_STORED_INT:
+                    raise ConfigError(f"--{f.name.replace('_', '-')}: {v} is too large (at most {MAX_STORED_INT})")
 
     def _refuse_presses(self, flag: str, refusal) -> None:
         """One line naming ``flag`` and the first press ``refusal`` (a built press -> why, or None)

@@ -56,7 +56,11 @@ def resume_config(store, run_id: int) -> RunConfig:
         raise UsageError(f"run {run_id} is complete: nothing to resume")
     if run.status == m.RUNNING:
         raise UsageError(f"run {run_id} is still running ({owner(run)}); resume it once that process has stopped")
-    return RunConfig.from_dict(run.config_json).validate()
+    try:
+        return RunConfig.from_dict(run.config_json).validate()
+    except UsageError as exc:  # stored by an older knormctl whose checks allowed it
+        raise UsageError(f"run {run_id} was stored under rules this knormctl refuses ({exc}), so it cannot be "
+                         f"resumed; read it with `knormctl report --run-id {run_id}`") from None
 
 
 def _block(split: list[tuple[list[int], list[int] | None]]):

@@ -36,6 +36,7 @@ CASES = [
     (["plot", "--run-id", "99999999999999999999"], "run 99999999999999999999 does not exist"),
     (["export", "--run-id", "99999999999999999999", "-o", "{MISSING}.jsonl"], "no run 99999999999999999999"),
     (["runs", "delete", "99999999999999999999"], "no run 99999999999999999999"),
+    (["report", "--run-id", "2147483648"], "run 2147483648 does not exist"),  # above PostgreSQL's INTEGER
     (["report", "--db", "postgresql+psycopg://x:s3cret@127.0.0.1:notaport/db"], "invalid database URL"),
     (["report", "--compare", "1", "1", "--group", "nope"], "--group cannot be used with --compare"),
     (["report", "--db", ""], "Invalid value for '--db': empty"),
@@ -90,7 +91,10 @@ def test_writers_refuse_what_would_lose_or_mislabel_the_results(tmp_path, monkey
             (["--group", "", "--db", str(tmp_path / "g.db")], "Error: Invalid value for '--group': empty (give a "
                                                                 "name, or leave it out)"),
             (["--prune-after", "99999999999999999999", "--db", str(tmp_path / "p.db")],
-             "Error: --prune-after: 99999999999999999999 is too large (at most 9223372036854775807)")):
+             "Error: --prune-after: 99999999999999999999 is too large (at most 2147483647)"),
+            # PostgreSQL's INTEGER columns: 3e9 failed storing the first cell there (a failed run left)
+            (["--keep-recent", "3000000000", "--db", str(tmp_path / "k.db")],
+             "Error: --keep-recent: 3000000000 is too large (at most 2147483647)")):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 2, result.output
         assert result.stderr.strip().splitlines()[-1] == message

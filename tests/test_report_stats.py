@@ -383,3 +383,12 @@ def test_a_one_dataset_run_has_the_same_intervals_with_and_without_by_dataset(st
     for row in plain["rows"]:
         other = next(r for r in split["rows"] if r["config_key"] == row["config_key"])
         assert other["change_intervals"] == row["change_intervals"] and other["intervals"] == row["intervals"]
+
+
+def test_a_shards_rounds_are_compared_with_its_own_first_round(store, db):
+    """With rounds keyed by (run, repeat) every shard's rounds were compared with the first shard's
+    first round, which shares no prompt with them: a second shard's 60% slower round went unseen."""
+    fill_run(store, group="sh", n_samples=8, samples=[0, 1, 2, 3], repeats=2)
+    fill_run(store, group="sh", n_samples=8, samples=[4, 5, 6, 7], repeats=2, seed=1, round_factor={1: 1.6})
+    data = report_json(db, "--group", "sh")
+    assert [f for f in data["flags"] if f["kind"] == "repeats_disagree"], [f["kind"] for f in data["flags"]]

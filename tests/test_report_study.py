@@ -274,3 +274,14 @@ def test_a_flag_line_over_several_runs_says_whose_numbers_it_quotes(store, db):
     own = _json(db, "--run-id", str(a))["flags"]
     quoted = line.split(f"in run {a}, ", 1)[1].rsplit(" (1 more differ", 1)[0]
     assert quoted in [f["message"] for f in own if f["kind"] == "ttft_artifact"]
+
+
+def test_the_count_of_other_messages_counts_each_message_once(store, db):
+    """Two runs with the same two full-cache-path messages said '3 more differ': it counted (run,
+    message) pairs, not messages."""
+    configs = (Cfg(), Cfg("knorm", 1.0), Cfg("streaming", 1.0))
+    for i, pa in enumerate((256, 1024)):
+        fill_run(store, configs=configs, n_samples=4, seed=i, group="same", settings={"prune_after": pa})
+    res = runner.invoke(app, ["report", "--db", db, "--group", "same", "--format", "markdown"])
+    line = next(x for x in res.stdout.splitlines() if "(full cache path)" in x)
+    assert "(1 more differ;" in line, line

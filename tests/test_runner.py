@@ -19,7 +19,7 @@ from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device, resolve_shard
 from knormctl.errors import UsageError
 from knormctl.plan import plan_cells
-from knormctl.store import RUNNING, open_store, utcnow
+from knormctl.store import INTERRUPTED, RUNNING, open_store, utcnow
 
 runner = CliRunner()
 CONFIGS = [PressConfig()] + [PressConfig(press="knorm", keep_ratio=kr).validate() for kr in (0.9, 0.7, 0.5)]
@@ -164,6 +164,23 @@ def test_resume_refuses_a_run_whose_owner_is_alive(tmp_path):
         assert line.endswith("resume it once that process has stopped")
     with sqlite3.connect(db) as con:  # untouched: still theirs
         assert con.execute("SELECT pid, hostname FROM runs WHERE id=?", (elsewhere,)).fetchone() == (4321, "gpu-node-8")
+
+
+def test_resume_of_a_run_newer_rules_refuse_says_so(tmp_path):
+    """Stored before --protocol paper with --prefill-chunk was refused: the refusal named options
+    the user never typed (only --resume 1)."""
+    db = tmp_path / "r.db"
+    cfg = RunConfig(task="passkey", keep_ratios=[0.5], prefill_chunk=16).validate().to_dict() | {"protocol": "paper"}
+    with open_store(db) as store:
+        run_id = store.create_run(command="sweep", task="passkey", model_requested="m", config=cfg,
+                                  command_line="knormctl sweep")
+        store.finish_run(run_id, INTERRUPTED)
+    res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--db", str(db)])
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip()
+    assert line.startswith(f"Error: run {run_id} was stored under rules this knormctl refuses (--prefill-chunk "
+                           "cannot be used with --protocol paper") and "\n" not in line
+    assert line.endswith(f"so it cannot be resumed; read it with `knormctl report --run-id {run_id}`")
 
 
 def test_resume_goes_on_when_the_owner_is_gone(tmp_path):

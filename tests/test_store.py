@@ -220,6 +220,30 @@ def test_only_the_runs_owner_writes_to_it(db_url):
             store.add_sample(999999, **cell(0, "none"))
 
 
+def test_a_host_renamed_mid_run_is_still_its_owner(db_url, monkeypatch):
+    """A laptop waking on another network gets another hostname: the ownership check read the
+    current name and stopped the sweep, blaming a take-over by itself."""
+    with open_store(db_url) as store:
+        run_id = new_run(store)
+        monkeypatch.setattr(socket, "gethostname", lambda: "renamed-host")
+        store.add_sample(run_id, **cell(0, "none"))
+        store.heartbeat(run_id)
+        store.finish_run(run_id, COMPLETE)
+        assert store.get_run(run_id).status == COMPLETE
+
+
+def test_an_id_no_column_holds_is_no_run_on_every_backend(db_url):
+    """PostgreSQL's INTEGER ids: 'reading run 2147483648 failed: integer out of range' (SQLite:
+    'does not exist'); 99999999999999999999 was an OverflowError on both."""
+    with open_store(db_url) as store:
+        run_id = new_run(store)
+        for huge in (2**31, 10**20):
+            assert store.get_run(huge) is None and store.get_runs([run_id, huge])[0].id == run_id
+            with pytest.raises(UsageError, match=f"no run {huge} in"):
+                store.delete_runs([huge])
+        assert [r.id for r in store.list_runs(limit=10**20)] == [run_id]
+
+
 def test_a_resumed_run_counts_the_time_it_sat_stopped_apart(db_url):
     """--resume hours later: 'took' is the time measuring, and the stop is said on its own."""
     from knormctl.render.export import header_lines

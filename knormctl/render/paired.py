@@ -197,16 +197,23 @@ def metric_seed(config_key: str, name: str, what: str) -> int:
     return seed_for(config_key, name, what)
 
 
-def repeat_spread(m: Metric, rounds: dict[int, dict[PromptKey, float]], seed: int) -> float | None:
+def repeat_spread(m: Metric, rounds: dict[RoundKey, dict[PromptKey, float]], seed: int) -> float | None:
     """How far repeated rounds of the same configuration disagree beyond their scatter: for each
-    later round, the median over prompts of its change against the first round (%), kept only
-    when its 95% bootstrap interval excludes 0; the largest |change| kept (None: the rounds agree)."""
+    later round of a run, the median over prompts of its change against that run's first round
+    (%), and for each other run's first round the same against the first run's (where they share
+    prompts: a group's shards do not); kept only when its 95% bootstrap interval excludes 0; the
+    largest |change| kept (None: the rounds agree)."""
     if len(rounds) < 2:
         return None
-    first, *later = sorted(rounds)
+    by_run: dict[Any, list[RoundKey]] = defaultdict(list)
+    for rnd in sorted(rounds):
+        by_run[rnd[0]].append(rnd)
+    firsts = [run_rounds[0] for run_rounds in by_run.values()]
+    pairs = [(r, run_rounds[0]) for run_rounds in by_run.values() for r in run_rounds[1:]]
+    pairs += [(f, firsts[0]) for f in firsts[1:]]
     spreads = []
-    for i, r in enumerate(later, start=1):
-        changes = per_prompt_changes(m, rounds[r], rounds[first])
+    for i, (r, base) in enumerate(pairs, start=1):
+        changes = per_prompt_changes(m, rounds[r], rounds[base])
         if changes and not spans_zero(bootstrap_interval(changes, "median", seed=seed + i) or (0.0, 0.0)):
             spreads.append(abs(aggregate(changes, "median")))
     return max(spreads) if spreads else None

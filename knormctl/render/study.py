@@ -333,7 +333,7 @@ def study_flags(view: StudyView) -> list[str]:
         else:
             first_run, first = items[0]
             first = first.split(": ", 1)[-1] if kind in ("failed_sample",) else first
-            more = len(dict.fromkeys(items)) - 1
+            more = len(messages) - 1  # the other messages (one several runs share counts once)
             out.append(f"{label} {runs} ({kind.replace('_', ' ')}): in run {first_run}, {first} ({more} more "
                        f"differ; each run's own: knormctl report --run-id N)")
     return out

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import defer, sessionmaker
 
+from knormctl.config import MAX_STORED_INT
 from knormctl.errors import StoreError, UsageError
 from knormctl.store import liveness
 from knormctl.store.connect import WRITE, reason
@@ -26,12 +27,9 @@ from knormctl.store.models import INTERRUPTED, RUNNING, STATUSES, Run, Sample, n
 BLOB_COLUMNS = (Sample.step_latencies_json, Sample.generated_ids_json, Sample.generated_text)
 
 
-INT64_MAX = 2**63 - 1  # SQLite's and PostgreSQL's largest integer
-
-
 def _storable(i: int) -> bool:
-    """An integer a database column can hold (a run id typed as 99999999999999999999 cannot)."""
-    return -INT64_MAX - 1 <= i <= INT64_MAX
+    """An id every backend's column holds (a run id typed as 99999999999999999999 cannot be one)."""
+    return -MAX_STORED_INT - 1 <= i <= MAX_STORED_INT
 
 
 def _check_fields(model, fields: dict, exclude: set[str]) -> dict:
@@ -59,6 +57,7 @@ class Store:
         self.upgraded_from: str | None = None  # schema revision before open_store upgraded it
         self.schema_revision: str | None = None
         self.created = False  # open_store created the schema
+        self._owned_runs: dict[int, tuple[int, str]] = {}  # run -> (pid, host) this store wrote as its owner
         self._read = sessionmaker(engine, expire_on_commit=False)
         self._write = sessionmaker(engine.execution_options(**{WRITE: True}), expire_on_commit=False)
 
@@ -114,6 +113,7 @@ class Store:
         with self._tx("creating a run") as session:
             session.add(run)
             session.flush()
+            self._owned_runs[run.id] = (run.pid, run.hostname)
             return run.id
 
     def update_run(self, run_id: int, **fields) -> None:
@@ -145,12 +145,15 @@ class Store:
                 run.stopped_s = (run.stopped_s or 0.0) + max(0.0, (utcnow() - last).total_seconds())
             run.status, run.ended_utc, run.error = RUNNING, None, None
             run.pid, run.hostname, run.heartbeat_utc = os.getpid(), socket.gethostname(), utcnow()
+            self._owned_runs[run_id] = (run.pid, run.hostname)
 
-    @staticmethod
-    def _owned(run_id: int) -> tuple:
+    def _owned(self, run_id: int) -> tuple:
         """Where-clauses: the run, while this process owns it (a ``--resume`` elsewhere may have
-        taken it over from a process that was paused or cut off, e.g. a laptop asleep)."""
-        return Run.id == run_id, Run.pid == os.getpid(), Run.hostname == socket.gethostname()
+        taken it over from a process that was paused or cut off, e.g. a laptop asleep). The
+        owner is who this store wrote at create or take-over: a host renamed mid-run (a laptop
+        waking on another network) is still its owner."""
+        pid, host = self._owned_runs.get(run_id, (os.getpid(), socket.gethostname()))
+        return Run.id == run_id, Run.pid == pid, Run.hostname == host
 
     @staticmethod
     def _not_owned(session, run_id: int) -> StoreError:
