@@ -40,6 +40,7 @@ CASES = [
     (["report", "--db", "postgresql+psycopg://x:s3cret@127.0.0.1:notaport/db"], "invalid database URL"),
     (["report", "--compare", "1", "1", "--group", "nope"], "--group cannot be used with --compare"),
     (["report", "--db", ""], "Invalid value for '--db': empty"),
+    (["report", "--db", "sqlite:///{NOT_DB}?mode=rw"], "knormctl does not use SQLite URL arguments (mode)"),
 ]
 
 

@@ -63,6 +63,9 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
                          "postgresql+psycopg://USER@HOST/DB)") from None
     shown = url.render_as_string(hide_password=True)
     path = sqlite_file(url)
+    if path is not None and url.query:  # the driver would ignore them, with a two-line warning
+        raise StoreError(f"{shown}: knormctl does not use SQLite URL arguments ({', '.join(url.query)}); give "
+                         "the plain path or sqlite:///PATH")
     if path is None and url.get_backend_name() == "sqlite" and not readonly and not (url.database or "").startswith(
             "file:"):
         raise StoreError(f"{shown} is an in-memory database: what a run stores there is gone when it ends "
