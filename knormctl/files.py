@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,16 +30,36 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{name}.{os.getpid()}.tmp")
 
 
+def refuse_the_database(path: Path, database: Path | None, what: str) -> None:
+    """One line when ``path`` is the results database being read (``report -o`` replaced it)."""
+    if database is not None and path.exists() and database.exists() and os.path.samefile(path, database):
+        raise UsageError(f"{what} {path} is the results database being read; give another file")
+
+
 @contextlib.contextmanager
 def written_whole(path: Path, what: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; once written it replaces ``path`` in one
-    step, so a reader never sees half a file. Any OSError becomes one line naming ``what``
-    (``--output``) and the path (``write_error``), and nothing is left behind; other errors
-    pass through, the temporary file removed all the same."""
-    tmp = _temporary(path)
+    step, so a reader never sees half a file. A symlink is followed (the file it names is
+    replaced, not the link); a target that is not a regular file (/dev/null, /dev/stdout, a
+    FIFO, a shell's >(...)) is written into directly: replacing it would destroy the device
+    or the pipe. Any OSError becomes one line naming ``what`` (``--output``) and the path
+    (``write_error``), and nothing is left behind; other errors pass through, the temporary
+    file removed all the same."""
+    try:
+        special = os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        special = False
+    if special:
+        try:
+            yield path
+        except OSError as exc:
+            raise write_error(path, exc, what) from None
+        return
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    tmp = _temporary(target)
     try:
         yield tmp
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         raise write_error(path, exc, what) from None
     finally:

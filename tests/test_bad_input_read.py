@@ -111,3 +111,41 @@ def test_an_output_name_near_the_file_system_limit_is_written(tmp_path):
     result = runner.invoke(app, ["report", "--db", str(db), "--format", "json", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_output_onto_the_database_being_read_is_refused(tmp_path):
+    """`report --format json -o r.db` replaced the results database with the report: every result gone."""
+    db = tmp_path / "r.db"
+    with open_store(str(db)) as store:
+        fill_run(store)
+    before = _digest(db)
+    for args in (["report", "--format", "json", "-o", str(db)], ["export", "--run-id", "1", "-o", str(db)]):
+        result = runner.invoke(app, [*args, "--db", str(db)])
+        assert result.exit_code == 2, result.output
+        assert "is the results database being read; give another file" in result.stderr
+    assert _digest(db) == before
+
+
+def test_output_into_a_pipe_or_through_a_link_writes_into_it(tmp_path):
+    """-o onto a FIFO (or /dev/null, /dev/stdout) replaced it with a regular file, so a waiting
+    reader got nothing; a symlink was replaced by a file instead of the file it names."""
+    import os
+    import threading
+
+    db = tmp_path / "r.db"
+    with open_store(str(db)) as store:
+        fill_run(store)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    result = runner.invoke(app, ["report", "--format", "json", "-o", str(fifo), "--db", str(db)])
+    reader.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert got and got[0].startswith(b"{") and fifo.is_fifo()
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    link.symlink_to(real)
+    assert runner.invoke(app, ["report", "--format", "json", "-o", str(link), "--db", str(db)]).exit_code == 0
+    assert link.is_symlink() and real.read_text().startswith("{")

@@ -69,6 +69,10 @@ def report(
             raise UsageError("--format html shows one run or a group; use json/csv/markdown for --list and --compare")
         emit = _writer(output)
         store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
+        if output is not None:
+            from knormctl.files import refuse_the_database
+
+            refuse_the_database(output, store.path, "--output")
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)
         if fmt is Format.table:

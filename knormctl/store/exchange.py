@@ -35,7 +35,7 @@ from sqlalchemy.orm import Mapped
 
 from knormctl import __version__
 from knormctl.errors import StoreError, UsageError
-from knormctl.files import written_whole
+from knormctl.files import refuse_the_database, written_whole
 from knormctl.store import liveness
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
@@ -88,6 +88,7 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
     if not path.parent.is_dir():
         raise UsageError(f"{path.parent} is a file, not a folder" if path.parent.exists()
                          else f"folder {path.parent} does not exist")
+    refuse_the_database(path, store.path, "-o")
     ids = sorted(set(run_ids))
     n_samples = 0
     try:
