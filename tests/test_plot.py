@@ -449,3 +449,13 @@ def test_plot_imports_neither_torch_nor_the_engine(store, db, tmp_path):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_a_dollar_sign_in_a_name_is_drawn_as_it_is(store, db, tmp_path):
+    """A model saved as 'ckpt$v2_$' crashed plot and the html report ('unexpected ValueError: v2_'):
+    matplotlib read '$...$' in the title as math."""
+    run = fill_run(store, model="/models/ckpt$v2_$")
+    paths = plot(db, "--run-id", str(run), "--out", str(tmp_path / "figs"))
+    assert len(paths) == len(LM_FIGURES)
+    summary = summary_of(store, [run])
+    assert "ckpt$v2_$" in spec("summary").draw(summary).get_suptitle()

@@ -10,6 +10,9 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")  # headless: before any canvas is created
+# Names are drawn as they are: a model path or group with '$...$' in it was read as math
+# notation (a ValueError for `plot` and the html report). No figure uses math text.
+matplotlib.rcParams["text.parse_math"] = False
 
 from matplotlib.figure import Figure  # noqa: E402
 
