@@ -40,6 +40,8 @@ CASES = [
     (["report", "--db", "postgresql+psycopg://x:s3cret@127.0.0.1:notaport/db"], "invalid database URL"),
     (["report", "--compare", "1", "1", "--group", "nope"], "--group cannot be used with --compare"),
     (["report", "--db", ""], "Invalid value for '--db': empty"),
+    (["report", "--samples", "--tasks", "--format", "csv"], "--tasks cannot be used with --samples"),
+    (["report", "--samples", "--by-dataset"], "--by-dataset cannot be used with --samples"),
     (["report", "--db", "sqlite:///{NOT_DB}?mode=rw"], "knormctl does not use SQLite URL arguments (mode)"),
 ]
 

@@ -63,6 +63,9 @@ def report(
         ignored = [flag for flag, on in view_of if on] if list_runs or compare is not None else []
         if ignored:  # they read one run or group (--by-dataset: --compare too)
             raise UsageError(f"{', '.join(ignored)} cannot be used with {'--list' if list_runs else '--compare'}")
+        with_samples = [flag for flag, on in (("--tasks", tasks), ("--by-dataset", by_dataset)) if on]
+        if samples and with_samples:  # --samples lists every sample: there is nothing for them to change
+            raise UsageError(f"{', '.join(with_samples)} cannot be used with --samples (it lists every sample)")
         if output is not None and fmt is Format.table:
             raise UsageError("--output needs --format json, csv, markdown or html (tables go to the terminal)")
         if fmt is Format.html and (list_runs or compare is not None):
