@@ -285,3 +285,16 @@ def test_the_count_of_other_messages_counts_each_message_once(store, db):
     res = runner.invoke(app, ["report", "--db", db, "--group", "same", "--format", "markdown"])
     line = next(x for x in res.stdout.splitlines() if "(full cache path)" in x)
     assert "(1 more differ;" in line, line
+
+
+def test_a_printed_value_is_never_outside_its_printed_interval():
+    """'1.149 [1.15,1.16]': the value rounded to 3 decimals, its interval's ends to 2, both to nearest."""
+    from types import SimpleNamespace
+
+    from knormctl.render.study import fmt_quality
+
+    ppl, acc = SimpleNamespace(higher_quality=False), SimpleNamespace(higher_quality=True)
+    assert fmt_quality(ppl, 1.14856, (1.14744, 1.15916)) == "1.149 [1.14,1.16]"
+    assert fmt_quality(ppl, 1.006, (1.0051, 1.0089)) == "1.006 [1.00,1.01]"
+    assert fmt_quality(ppl, 1.5, (1.2, 1.7)) == "1.500 [1.20,1.70]"  # exact ends stay as they are
+    assert fmt_quality(acc, 0.62, (0.616, 0.702)) == "62% [61,71]"

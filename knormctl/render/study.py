@@ -23,6 +23,7 @@ runs share one scale and one frontier. Pure Python.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -300,11 +301,17 @@ def fmt_quality(view: StudyView, value: float | None, interval: Interval | None,
     ``sep``: between the value and its interval (a newline in narrow tables)."""
     if value is None:
         return "N/A"
+    # Interval ends are rounded outward, so the printed value is never outside its printed
+    # interval (1.149 [1.15,1.16] read as a value outside it; it is 1.14856 in [1.14744, 1.15916]).
     if view.higher_quality:
         text = f"{value * 100:.0f}%"
-        return text + ("" if _same(interval, value, 5e-3) else f"{sep}[{interval[0] * 100:.0f},{interval[1] * 100:.0f}]")
+        if _same(interval, value, 5e-3):
+            return text
+        return text + f"{sep}[{math.floor(interval[0] * 100 + 1e-9):.0f},{math.ceil(interval[1] * 100 - 1e-9):.0f}]"
     text = f"{value:.3f}"
-    return text + ("" if _same(interval, value, 5e-4) else f"{sep}[{interval[0]:.2f},{interval[1]:.2f}]")
+    if _same(interval, value, 5e-4):
+        return text
+    return text + f"{sep}[{math.floor(interval[0] * 100 + 1e-9) / 100:.2f},{math.ceil(interval[1] * 100 - 1e-9) / 100:.2f}]"
 
 
 def fmt_ratio(value: float | None, interval: Interval | None, sep: str = " ") -> str:
