@@ -461,3 +461,15 @@ def test_the_header_and_compare_say_how_each_run_was_deployed(store, db):
     b_line = next(x for x in res.stdout.splitlines() if "B = run" in x)
     assert "; prefill in chunks of 32 tokens, cut after each, started" in a_line
     assert "; batch 3 (throughput per row); decode step static, started" in b_line
+
+
+def test_every_csv_row_says_the_runs_status(store, db):
+    """An interrupted run's csv (5 of 9 cells) looked complete: every other view says it."""
+    cut = fill_run(store, status="interrupted", stop_after=7)
+    for extra in ([], ["--samples"]):
+        recs = list(csv.DictReader(io.StringIO(report(db, "--run-id", str(cut), "--format", "csv", *extra).stdout)))
+        assert recs and {r["run_status"] for r in recs} == {"interrupted"}
+    task = fill_run(store, task="passkey", configs=(Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")),
+                    n_samples=4, prompt_tokens=(1024,))
+    recs = list(csv.DictReader(io.StringIO(report(db, "--run-id", str(task), "--format", "csv", "--tasks").stdout)))
+    assert recs and {r["run_status"] for r in recs} == {"complete"}

@@ -243,11 +243,16 @@ def to_json(summary: Summary, samples: Sequence[Any] | None = None) -> str:
 
 
 def to_csv(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
+    """Every row starts with ``run_status``: a csv of an interrupted or still running run must not
+    read as a finished one (the other views say it in their header)."""
     if samples is not None:
-        return csv_text(SAMPLE_FIELDS, sample_rows(samples))
-    if tasks:
-        return csv_text(TASK_COLUMNS, task_records(summary))
-    return csv_text(CONFIG_COLUMNS, config_records(summary))
+        columns, records = SAMPLE_FIELDS, sample_rows(samples)
+    elif tasks:
+        columns, records = TASK_COLUMNS, task_records(summary)
+    else:
+        columns, records = CONFIG_COLUMNS, config_records(summary)
+    status = summary.header.status
+    return csv_text(("run_status", *columns), [{"run_status": status, **r} for r in records])
 
 
 def to_markdown(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
