@@ -473,3 +473,12 @@ def test_every_csv_row_says_the_runs_status(store, db):
                     n_samples=4, prompt_tokens=(1024,))
     recs = list(csv.DictReader(io.StringIO(report(db, "--run-id", str(task), "--format", "csv", "--tasks").stdout)))
     assert recs and {r["run_status"] for r in recs} == {"complete"}
+
+
+def test_markdown_escapes_names_that_look_like_markup(store, db):
+    """A group '<script>alert(1)</script>&"g' and a model dir 'm<b>&x' went into the markdown raw:
+    a CommonMark renderer passed the script through and made the rest of the page bold."""
+    run = fill_run(store, group="<script>alert(1)</script>&g", model="/models/m<b>&x")
+    text = report(db, "--run-id", str(run), "--format", "markdown").stdout
+    assert "<script>" not in text and "<b>" not in text
+    assert "&lt;script>alert(1)&lt;/script>&amp;g" in text and "m&lt;b>&amp;x" in text

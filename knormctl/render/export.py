@@ -105,10 +105,16 @@ def csv_text(columns: Sequence[str], records: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def md_escape(text: Any) -> str:
+    """Text for markdown, where a model path or group name is data, not markup: '&' and '<'
+    escaped (a group named '<script>...' passed through a CommonMark renderer as HTML)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;")
+
+
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
-        return ("" if v is None else str(v)).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        return md_escape("" if v is None else v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -258,7 +264,7 @@ def to_csv(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool =
 def to_markdown(summary: Summary, samples: Sequence[Any] | None = None, tasks: bool = False) -> str:
     names = shown_metrics(summary)
     lead = ["dataset"] if summary.by_dataset else []
-    out = ["\n".join(f"- {line}" for line in header_lines(summary)), ""]
+    out = ["\n".join(f"- {md_escape(line)}" for line in header_lines(summary)), ""]
     out.append(markdown_table(
         lead + ["configuration", "prompts", "failed"] + [METRIC[n].label for n in names],
         [([r.dataset] if summary.by_dataset else []) + [r.label, r.n_prompts, r.n_failed]
@@ -270,7 +276,8 @@ def to_markdown(summary: Summary, samples: Sequence[Any] | None = None, tasks: b
             [[task_label(t), t.context_length or "", t.label, accuracy_text(t), "yes" if t.near_chance else ""]
              for t in summary.tasks]))
     if summary.flags:
-        out.append("\n".join(f"- **{f.kind.replace('_', ' ')}**: {f.message}" for f in summary.flags) + "\n")
+        out.append("\n".join(f"- **{f.kind.replace('_', ' ')}**: {md_escape(f.message)}" for f in summary.flags)
+                   + "\n")
     if samples is not None:
         recs = sample_rows(samples)
         out.append(markdown_table(SAMPLE_FIELDS, [[rec[c] for c in SAMPLE_FIELDS] for rec in recs]))

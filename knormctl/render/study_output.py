@@ -99,7 +99,7 @@ def print_study(view: StudyView, console) -> None:
 
 
 def study_text(view: StudyView, fmt: str) -> str:
-    from knormctl.render.export import _json, csv_text, markdown_table
+    from knormctl.render.export import _json, csv_text, markdown_table, md_escape
 
     if fmt == "json":
         return _json(view.to_dict())
@@ -117,20 +117,21 @@ def study_text(view: StudyView, fmt: str) -> str:
                 rec[f"{name}_ci_lo"], rec[f"{name}_ci_hi"] = iv if iv else (None, None)
             recs.append(rec)
         return csv_text(cols, recs)
-    out = [f"- study {view.name}: {view.runs_line}; models {', '.join(view.models)}"
-           + (f"; varying {', '.join(view.axes)}" if view.axes else ""), ""]
+    out = [md_escape(f"- study {view.name}: {view.runs_line}; models {', '.join(view.models)}"
+                     + (f"; varying {', '.join(view.axes)}" if view.axes else "")), ""]
     for model in view.models:
-        out.append(f"**{model}**\n")
+        out.append(f"**{md_escape(model)}**\n")
         out.append(markdown_table(model_columns(view), model_rows(view, model)))
     for model in view.models:
         cols, _ = leaderboard_columns(view, model)
-        out.append(f"**leaderboard, {model}** ({view.quality_kind} at each keep ratio, each press's best setting)\n")
+        out.append(f"**leaderboard, {md_escape(model)}** ({view.quality_kind} at each keep ratio, each press's best "
+                   "setting)\n")
         out.append(markdown_table(cols, leaderboard_rows(view, model)))
-    out.append("\n".join(f"- {line}" for line in budget_sentences(view)) + "\n")
-    out.append(legend(view) + "\n")
+    out.append("\n".join(f"- {md_escape(line)}" for line in budget_sentences(view)) + "\n")
+    out.append(md_escape(legend(view)) + "\n")
     flags = study_flags(view)
     if flags:
-        out.append("\n".join(f"- {line}" for line in flags) + "\n")
+        out.append("\n".join(f"- {md_escape(line)}" for line in flags) + "\n")
     return "\n".join(out)
 
 
