@@ -57,10 +57,12 @@ def resume_config(store, run_id: int) -> RunConfig:
     if run.status == m.RUNNING:
         raise UsageError(f"run {run_id} is still running ({owner(run)}); resume it once that process has stopped")
     try:
-        return RunConfig.from_dict(run.config_json).validate()
+        cfg = RunConfig.from_dict(run.config_json).validate(local=False)
     except UsageError as exc:  # stored by an older knormctl whose checks allowed it
         raise UsageError(f"run {run_id} was stored under rules this knormctl refuses ({exc}), so it cannot be "
                          f"resumed; read it with `knormctl report --run-id {run_id}`") from None
+    cfg.check_local_inputs()  # this machine's model and texts: their own message
+    return cfg
 
 
 def _block(split: list[tuple[list[int], list[int] | None]]):

@@ -80,8 +80,9 @@ def test_verbose_logs_say_where_and_a_stored_run_gives_the_next_estimate(tiny_ll
     monkeypatch.setattr(_execute, "LONG_RUN_S", 0)  # every estimate is "long": say how to stop and resume
     first = runner.invoke(app, [*args, "--verbose"])
     assert first.exit_code == 0, first.output
-    assert "Ctrl-C stops it at any time: finished cells are kept, and `knormctl sweep --resume 1` measures the rest" \
-        in first.stderr
+    # the database named: without --db the command would resume run 1 of the default database
+    assert (f"Ctrl-C stops it at any time: finished cells are kept, and `knormctl sweep --resume 1 --db {db}` "
+            "measures the rest") in " ".join(first.stderr.split())
     assert re.search(r"\] loading model .*tiny-llama.* \(float32, cpu\)  \(models\.py:\d+\)", first.stderr)
     assert re.search(r"\] warm-up \(untimed\)  \(runner\.py:\d+\)", first.stderr)
     second = runner.invoke(app, [*args, "--num-wikitext-samples", "1"])  # fewer samples, same cells

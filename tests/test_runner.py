@@ -144,7 +144,8 @@ def test_resume_refuses_options_it_cannot_apply_naming_them(tmp_path):
                                   "(only --db, --json and --verbose may be given with --resume)")
     assert not db.exists()  # refused before the database is opened
     res = runner.invoke(app, ["sweep", "--resume", "1", "--json", "--db", str(db)])  # these two apply
-    assert res.exit_code == 2 and res.stderr.strip() == f"Error: run 1 does not exist in {db}"
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: {db} does not exist"  # and is not created
+    assert not db.exists()
     import typer
 
     resume = next(p for p in typer.main.get_command(app).commands["sweep"].params if p.name == "resume")
@@ -181,6 +182,36 @@ def test_resume_of_a_run_newer_rules_refuse_says_so(tmp_path):
     assert line.startswith(f"Error: run {run_id} was stored under rules this knormctl refuses (--prefill-chunk "
                            "cannot be used with --protocol paper") and "\n" not in line
     assert line.endswith(f"so it cannot be resumed; read it with `knormctl report --run-id {run_id}`")
+
+
+def test_resume_in_a_database_that_does_not_exist_creates_none(tmp_path):
+    missing = tmp_path / "missing.db"
+    res = runner.invoke(app, ["sweep", "--resume", "3", "--db", str(missing)])
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: {missing} does not exist"
+    assert not missing.exists()  # it was created, with the whole schema, then refused
+
+
+def test_an_interrupt_while_a_resume_prepares_says_what_the_run_keeps(tiny_llama_dir, tmp_path, monkeypatch):
+    """It said 'interrupted before the run started; nothing was stored' while run 1 kept its cells,
+    and the hints left out --db (the default database's run 1 would have been resumed)."""
+    from knormctl.runner import Runner
+
+    db = tmp_path / "r.db"
+    cfg = RunConfig(model=str(tiny_llama_dir), num_wikitext_samples=1, num_pg19_samples=0).validate()
+    with open_store(db) as store:
+        run_id = store.create_run(command="sweep", task="lm", model_requested=cfg.model, config=cfg.to_dict(),
+                                  command_line="knormctl sweep")
+        store.finish_run(run_id, INTERRUPTED)
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "prepare", interrupted)
+    res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--db", str(db)])
+    assert res.exit_code == 130
+    assert " ".join(res.stderr.split()) == (
+        f"Error: interrupted before the resumed run went on: run {run_id} keeps 0 finished sample(s); finish it "
+        f"with: knormctl sweep --resume {run_id} --db {db}")
 
 
 def test_resume_goes_on_when_the_owner_is_gone(tmp_path):

@@ -95,7 +95,9 @@ def test_an_interrupted_study_resumes_the_interrupted_run_and_starts_the_missing
     monkeypatch.setattr(runner_mod.Runner, "_run_cells", stop_in_second_run)
     res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
     assert res.exit_code == 130
-    assert f"finish it with: knormctl sweep --config {path}" in res.stderr
+    # the stored plan (the command line's overrides in it) in the database named: `--config FILE`
+    # alone dropped the overrides and was refused, suggesting to delete the finished run
+    assert f"finish it with: knormctl sweep --resume-group tiny-study --db {db}" in " ".join(res.stderr.split())
     assert [s for _, _, s, _ in _runs(db)] == ["complete", "interrupted"]
     monkeypatch.setattr(runner_mod.Runner, "_run_cells", real)
     # the plan says what a resume keeps and what it measures (it listed every cell as still to run)
@@ -198,3 +200,27 @@ def test_a_stored_study_that_newer_rules_refuse_says_why_it_cannot_be_continued(
             "Error: group 'old' was planned under rules this knormctl refuses (old.toml: keep_ratios: duplicate "
             "values in [0.5, 0.5]), so it cannot be continued as a study; read it with `knormctl report --group "
             "old`, or resume its runs one by one with --resume N")
+
+
+def test_an_interrupt_before_a_study_run_starts_says_what_is_kept(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    """Interrupted while its second run was being prepared, the study said 'nothing was stored'
+    with run 1 complete, and gave no way on."""
+    from knormctl import runner as runner_mod
+
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir)
+    real, calls = runner_mod.Runner.prepare, {"n": 0}
+
+    def stop_preparing_the_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(runner_mod.Runner, "prepare", stop_preparing_the_second)
+    res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
+    assert res.exit_code == 130
+    assert " ".join(res.stderr.split()).endswith(
+        "interrupted before this run of the study started (nothing of it was stored); finish the study with: "
+        f"knormctl sweep --resume-group tiny-study --db {db}")
+    assert [s for _, _, s, _ in _runs(db)] == ["complete"]

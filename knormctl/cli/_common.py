@@ -243,3 +243,25 @@ def run_config(command: str, options: dict, **parsed):
     values = {k: v for k, v in options.items() if k in names}
     values["sampling"] = options["sample"]  # --sample/--greedy
     return RunConfig(command=command, **{**values, **parsed}).validate()
+
+
+def db_arg(db: str | None) -> str:
+    """' --db PATH' for a command a message suggests, when the user named a database (without it
+    the suggestion would act on the default database, another one)."""
+    import shlex
+
+    return f" --db {shlex.quote(str(db))}" if db else ""
+
+
+def check_db_exists(db: str | None) -> None:
+    """A SQLite file a command continues or changes must exist: a typo must not create an empty
+    database."""
+    from sqlalchemy.engine import make_url
+
+    from knormctl.errors import UsageError
+    from knormctl.store import to_url
+    from knormctl.store.locations import sqlite_file
+
+    path = sqlite_file(make_url(to_url(db)))
+    if path is not None and not path.exists():
+        raise UsageError(f"{path} does not exist")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from knormctl.cli._common import fail
+from knormctl.cli._common import check_db_exists, db_arg, fail
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
@@ -50,6 +50,8 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
     from knormctl.store import open_store
 
     log = Log(verbose)
+    if resume is not None:
+        check_db_exists(db)  # a run is continued in a database that exists: a typo creates none
     store = open_store(db)
     if store.upgrade_note:
         log(store.upgrade_note)
@@ -57,7 +59,7 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
         cfg = resume_config(store, resume)  # refused while its owner is alive, or when complete
 
     with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
-        _run(cfg, store, json_out, resume, log, verbose)
+        _run(cfg, store, json_out, resume, log, verbose, db=db)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -73,17 +75,29 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, verbose: bool, *,
-         loaded=None, summary: bool = True, interrupt_hint: str | None = None):
+         loaded=None, summary: bool = True, interrupt_hint: str | None = None, db: str | None = None):
     """One run, with progress and estimates on stderr; its summary on stdout (``summary``).
-    ``loaded``: a model already in memory (studies). Returns (outcome, the loaded model)."""
+    ``loaded``: a model already in memory (studies); ``interrupt_hint``: the command that continues
+    it (a study's), else ``sweep --resume N`` with the ``db`` the user named. Returns (outcome, the
+    loaded model)."""
     from knormctl import estimate
     from knormctl.runner import Runner
 
     _quiet_libraries(verbose)
     runner = Runner(cfg, store, progress=log)
+    def resume_hint(run_id: int) -> str:
+        return interrupt_hint or f"knormctl sweep --resume {run_id}{db_arg(db)}"
+
     try:
         runner.prepare(loaded)  # model, samples, checks: bad input fails here, before any row is written
     except KeyboardInterrupt:
+        if resume is not None:  # the run being resumed keeps what it had
+            kept = store.get_run(resume).samples_done
+            raise fail(f"interrupted before the resumed run went on: run {resume} keeps {kept} finished sample(s); "
+                       f"finish it with: {resume_hint(resume)}", 130) from None
+        if interrupt_hint and cfg.group and store.runs_in_group(cfg.group):  # a study with runs stored
+            raise fail(f"interrupted before this run of the study started (nothing of it was stored); finish the "
+                       f"study with: {interrupt_hint}", 130) from None
         raise fail("interrupted before the run started; nothing was stored", 130) from None
     stored = _announce_plan(runner, cfg, store, resume, log)
     progress = cell_progress(log.console, log, len(runner.cells))
@@ -99,7 +113,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")
         if (guess or stored) and (guess or stored).seconds > LONG_RUN_S:
             log(f"Ctrl-C stops it at any time: finished cells are kept, and "
-                f"`knormctl sweep --resume {runner.run_id}` measures the rest")
+                f"`{resume_hint(runner.run_id)}` measures the rest")
         progress.measuring()
 
     runner.on_warmed_up = warmed_up
@@ -117,8 +131,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             raise fail("interrupted before the run started; nothing was stored", 130) from None
         run = store.get_run(run_id)
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
-                   f"finish it with: {interrupt_hint or f'knormctl sweep --resume {run_id}'}",
-                   130) from None
+                   f"finish it with: {resume_hint(run_id)}", 130) from None
     if summary:
         _print_summary(store, outcome, json_out)
     return outcome, runner.loaded

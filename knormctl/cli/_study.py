@@ -9,6 +9,7 @@ is stored with every run).
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Any
 
@@ -167,7 +168,11 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: s
     by_key = {}
     for r in stored:  # the newest run of each planned key
         by_key[_stored_key(r)] = r
-    hint = f"knormctl sweep {source}"
+    # Continuing the study: its stored plan (the command line's overrides included) and database
+    # (interrupted before any of its runs was stored, nothing is kept and _run says so).
+    from knormctl.cli._common import db_arg
+
+    hint = f"knormctl sweep --resume-group {shlex.quote(study.name)}{db_arg(db)}"
     loaded = None
     with sigterm_interrupts():
         for planned_run in study.runs:
@@ -182,7 +187,7 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: s
             if existing is not None:
                 cfg = resume_config(store, existing.id)  # refused while its owner is alive
             _, loaded = _run(cfg, store, json_out, None if existing is None else existing.id, log, verbose,
-                             loaded=loaded, summary=False, interrupt_hint=hint)
+                             loaded=loaded, summary=False, interrupt_hint=hint, db=db)
     _print_study(store, study.name, json_out)
 
 

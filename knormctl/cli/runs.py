@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, PlainCommand, PlainGroup, error_boundary, fail
+from knormctl.cli._common import DbOpt, PlainCommand, PlainGroup, check_db_exists, error_boundary, fail
 
 app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True,
                   cls=PlainGroup)
@@ -69,12 +69,4 @@ def upgrade(db: DbOpt = None) -> None:
 
 def _check_exists(db: str | None) -> None:
     """A SQLite file these commands change must exist: a typo must not create an empty database."""
-    from sqlalchemy.engine import make_url
-
-    from knormctl.errors import UsageError
-    from knormctl.store import to_url
-    from knormctl.store.locations import sqlite_file
-
-    path = sqlite_file(make_url(to_url(db)))
-    if path is not None and not path.exists():
-        raise UsageError(f"{path} does not exist")
+    check_db_exists(db)
