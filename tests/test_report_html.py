@@ -92,3 +92,18 @@ def test_html_needs_a_file_or_stdout_and_refuses_list(store, db, tmp_path):
     res = runner.invoke(app, ["report", "--db", db, "-o", str(tmp_path / "x.txt")])
     assert res.exit_code == 2 and "--output needs --format" in res.stderr
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_by_dataset_draws_only_the_figure_that_names_each_rows_dataset(store, db, tmp_path):
+    """The bar figures drew every dataset's rows unlabelled (full cache ... twice) and one dataset's
+    full-cache line: with --by-dataset only the table figure, which names the dataset, is drawn."""
+    run = fill_run(store, n_samples=4)  # two datasets (report_data: samples 0-1, 2-3)
+    pages = {}
+    for extra in ([], ["--by-dataset"]):
+        out = tmp_path / f"r{len(extra)}.html"
+        res = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "html", "-o", str(out),
+                                  *extra])
+        assert res.exit_code == 0, res.output
+        pages[bool(extra)] = out.read_text()
+    assert pages[False].count("data:image/png") > 1 and pages[True].count("data:image/png") == 1
+    assert f"`knormctl plot --run-id {run}` draws the others" in pages[True]

@@ -153,7 +153,12 @@ def summary_page(summary, *, figures: bool = True, samples=None) -> str:
     if figures:
         from knormctl.render.figures import DPI, figures_for
 
-        for spec in figures_for(summary):
+        specs = figures_for(summary)
+        if summary.by_dataset:  # the other figures draw one bar per row: each dataset's, unlabelled
+            specs = [spec for spec in specs if spec.name == "table"]
+            page.notes.append(f"--by-dataset: only the table figure is drawn (it names each row's dataset); "
+                              f"`{summary.header.report_command.replace('report', 'plot', 1)}` draws the others")
+        for spec in specs:
             fig = spec.draw(summary)
             page.figures.append(HtmlFigure(title=spec.name.replace("_", " "), png=figure_png(fig, DPI)))
             fig.clear()
