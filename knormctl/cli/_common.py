@@ -76,7 +76,7 @@ def _opt(*names: str, panel: str, help: str, metavar: str | None = None):  # noq
     return typer.Option(*names, help=help, rich_help_panel=panel, metavar=metavar)
 
 
-def _not_empty(flag: str, instead: str):
+def _not_empty(instead: str):
     """A callback refusing an empty value (what `--db "$UNSET"` passes): it would silently mean
     something else (the default database; a group named '')."""
     def check(value):
@@ -89,7 +89,7 @@ def _not_empty(flag: str, instead: str):
 DbOpt = Annotated[
     str | None,
     typer.Option("--db", metavar="PATH|URL", rich_help_panel=OUTPUT,
-                 callback=_not_empty("--db", "leave it out for $KNORMCTL_DB or the default database"),
+                 callback=_not_empty("leave it out for $KNORMCTL_DB or the default database"),
                  help="Results database: a path or SQLAlchemy URL (default: $KNORMCTL_DB, else a file in the "
                       "user data dir)."),
 ]
@@ -207,7 +207,7 @@ TrustOpt = Annotated[bool, _opt("--trust-remote-code", panel=MODEL, metavar=FLAG
 JsonOpt = Annotated[bool, _opt("--json", panel=OUTPUT, metavar=FLAG,
                                help="Print the run id and summary as JSON on stdout.")]
 GroupOpt = Annotated[str | None, typer.Option("--group", metavar="NAME", rich_help_panel=OUTPUT,
-                                              callback=_not_empty("--group", "give a name, or leave it out"),
+                                              callback=_not_empty("give a name, or leave it out"),
                                               help="Tag runs that belong together (e.g. the shards of one "
                                                    "sweep).")]
 ShardOpt = Annotated[str | None, _opt("--shard", panel=OUTPUT, metavar="I/N",

@@ -25,7 +25,7 @@ def delete(
         from knormctl.store import RUNNING, open_store
         from knormctl.store.liveness import owner
 
-        _check_exists(db)  # deleting creates nothing
+        check_db_exists(db)  # deleting creates nothing
         with open_store(db) as store:
             if store.upgrade_note:  # a writer brings an old schema to head (with a backup) first
                 print(store.upgrade_note, file=sys.stderr)
@@ -62,11 +62,7 @@ def upgrade(db: DbOpt = None) -> None:
     with error_boundary():
         from knormctl.store import open_store
 
-        _check_exists(db)  # upgrading creates nothing
+        check_db_exists(db)  # upgrading creates nothing
         with open_store(db) as store:
             print(store.upgrade_note or f"{store.url} is already at schema {store.schema_revision}")
 
-
-def _check_exists(db: str | None) -> None:
-    """A SQLite file these commands change must exist: a typo must not create an empty database."""
-    check_db_exists(db)

@@ -234,8 +234,8 @@ def _measured_here_now(row) -> bool:
     return row["status"] == RUNNING and liveness.shown_as(row) is None
 
 
-def _records(path: Path, runs_t: Table, samples_t: Table) -> Iterator[tuple[str, dict, int]]:
-    """(kind, row, line number) of each run and sample record of an export, with every check
+def _records(path: Path, runs_t: Table, samples_t: Table) -> Iterator[tuple[str, dict]]:
+    """(kind, row) of each run and sample record of an export, with every check
     that needs no database: the header, each record's kind and column types, samples inside
     their run's block, the end line and its counts (raised after the last record: an
     importer's transaction then rolls back)."""
@@ -263,7 +263,7 @@ def _records(path: Path, runs_t: Table, samples_t: Table) -> Iterator[tuple[str,
         elif current is None or row.get("run_id") != current:
             raise UsageError(f"{path} line {number}: a sample of run {row.get('run_id')!r} outside "
                              "that run's block (the file is damaged)")
-        yield kind, row, number
+        yield kind, row
     if end is None:
         raise UsageError(f"{path} is truncated (no end line); nothing was imported")
     if end != seen:
@@ -301,7 +301,7 @@ def import_file(store: Store, path: Path) -> Imported:
             in_file: set[str] = set()
             new_ids: dict[int, int] = {}  # id in the exporting store -> id here
             current, keep, counted, batch = None, False, "new", []
-            for kind, row, _number in _records(path, runs_t, samples_t):
+            for kind, row in _records(path, runs_t, samples_t):
                 if kind == "run":
                     _flush(conn, samples_t, batch)
                     current = row.pop("id", None)
