@@ -30,7 +30,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from knormctl.config import RunConfig
+from knormctl.config import TASK_OPTIONS, RunConfig
 from knormctl.errors import UsageError
 
 NOT_STUDY_KEYS = ("command", "group", "study")  # set by the study itself
@@ -230,6 +230,36 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
     return out
 
 
+def _reads(settings: dict[str, Any], key: str) -> bool:
+    """Whether the run of these settings reads option ``key`` (its task does)."""
+    readers = TASK_OPTIONS.get(key)
+    return readers is None or settings.get("task", RunConfig.task) in readers
+
+
+def _drop_options_of_other_tasks(planned: list[dict[str, Any]], path: str,
+                                 lines: _Lines | None) -> list[dict[str, Any]]:
+    """Options only some tasks read (``config.TASK_OPTIONS``), as sweep refuses them for another
+    task: one that no run's task reads is refused; a run whose task does not read it runs
+    without it (at its default, so its stored config does not claim a setting it ignored).
+    Runs that differed only in such an option become one."""
+    tasks = {s.get("task", RunConfig.task) for s in planned}
+    for key in dict.fromkeys(k for s in planned for k in s):
+        readers = TASK_OPTIONS.get(key)
+        if readers is not None and not tasks & set(readers):
+            raise _error(path, lines, key, f"applies to task {', '.join(readers)}, not "
+                                           f"{', '.join(sorted(tasks))}")
+    out, dropped = [], set()
+    for settings in planned:
+        kept = {k: v for k, v in settings.items() if _reads(settings, k)}
+        if kept != settings:
+            ident = repr(sorted(kept.items()))
+            if ident in dropped:
+                continue  # the same run as one already planned, once the ignored option is gone
+            dropped.add(ident)
+        out.append(kept)
+    return out
+
+
 def _combinations(table: dict[str, list]) -> list[dict[str, Any]]:
     keys = list(table)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(table[k] for k in keys))]
@@ -295,12 +325,13 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
     for table in row_tables:
         merged = {**base, **{k: v for k, v in table.items() if k not in overrides}}
         planned.extend(_combinations(merged))
+    planned = _drop_options_of_other_tasks(planned, path, lines)
     # One model loaded at a time: runs of the same model (and dtype, device) run back to back.
     planned.sort(key=lambda s: (s.get("model", RunConfig.model), s.get("dtype", RunConfig.dtype),
                                 s.get("device", RunConfig.device)))
 
     axes = [k for k in dict.fromkeys(k for s in planned for k in s)
-            if len({repr(s.get(k)) for s in planned}) > 1]
+            if len({repr(s.get(k)) for s in planned if _reads(s, k)}) > 1]
     for key in [k for k in axes if k in SIDE_BY_SIDE or k in NOT_AN_AXIS]:  # a list of lists, or [[rows]] that differ
         raise _error(path, lines, key, NOT_AN_AXIS.get(key) or f"every run measures its {SIDE_BY_SIDE[key]} side "
                                                               "by side against one full cache; give every run one "
@@ -325,7 +356,7 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
                 raise _error(path, lines, bad, f"{exc}{where}") from None
             raise UsageError(f"{path}: {exc}{where}") from None
         # a row that leaves an axis out runs it at the option's default: show that value, not None
-        varying = {k: settings[k] if k in settings else getattr(cfg, k, None) for k in axes}
+        varying = {k: settings[k] if k in settings else getattr(cfg, k, None) for k in axes if _reads(settings, k)}
         run = PlannedRun(index=len(runs), varying=varying, config=cfg)
         if run.key in seen:
             raise UsageError(f"{path}: runs {seen[run.key] + 1} and {i + 1} are identical "

@@ -123,6 +123,10 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('wikitext_prompt_tokens = 256\nmax_new_tokens = 8\ncontext_lengths = [4096]\n', "context_lengths", 3,
      "--context-lengths applies to"),
     ('task = "ruler"\nsubtasks = ["vt", "bogus"]\n', "subtasks", 2, "unknown ruler subtask"),
+    # as sweep refuses it: the passkey run's stored config said num_wikitext_samples 3, read by nobody
+    ('task = "passkey"\nnum_wikitext_samples = 3\n', "num_wikitext_samples", 2, "applies to task lm, not passkey"),
+    ('task = ["ruler", "passkey"]\n[[rows]]\nneedle_depths = [0.5]\n', "needle_depths", None,
+     "applies to task niah, not passkey, ruler"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
@@ -166,3 +170,20 @@ def test_a_study_stored_before_prefill_became_the_question_tasks_default_continu
 def test_identical_runs_are_refused():
     with pytest.raises(UsageError, match="identical"):
         parse_study('[[rows]]\nseed = 1\n\n[[rows]]\nseed = 1\n')
+
+
+def test_an_option_only_some_runs_tasks_read_is_left_out_of_the_others():
+    """task = ["passkey", "niah"] with two needle depth lists: the passkey runs stored a
+    needle_depths they never read (two identical passkey runs, told apart by it)."""
+    study = parse_study('task = ["passkey", "niah"]\nneedle_depths = [[0.1], [0.5]]\nsamples_per_task = 2\n')
+    passkey = [r for r in study.runs if r.config.task == "passkey"]
+    niah = [r for r in study.runs if r.config.task == "niah"]
+    assert len(passkey) == 1 and len(niah) == 2
+    from knormctl.config import RunConfig
+
+    assert passkey[0].config.needle_depths == RunConfig().needle_depths  # the default: not the file's
+    assert passkey[0].config.samples_per_task == RunConfig().samples_per_task
+    assert passkey[0].varying == {"task": "passkey"}
+    assert sorted(r.config.needle_depths for r in niah) == [[0.1], [0.5]]
+    assert {r.config.samples_per_task for r in niah} == {2}
+    assert study.axes == ["task", "needle_depths"]  # samples_per_task is the same for every run reading it
