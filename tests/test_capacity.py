@@ -4,6 +4,7 @@ is checked against real generations: the reported batch fits and one more does n
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,6 +141,9 @@ def test_cli_json_and_table(tiny_llama_dir):
     assert max(len(line) for line in table.stdout.splitlines()) <= 80
     assert "not counted" in table.stdout
     assert "--max-batch reached" not in table.stdout  # no row is capped: the legend says nothing of it
+    # progress on stderr as sweep's: every line stamped (capacity's were bare)
+    progress = [line for line in table.stderr.splitlines() if line.strip()]
+    assert progress and all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in progress), table.stderr
 
 
 def test_a_budget_nothing_fits_in_says_why(tiny_llama_dir):

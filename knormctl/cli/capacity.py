@@ -113,10 +113,9 @@ def _run(cfg, configs, context: int, budget: int, max_batch: int, random_ids: bo
     from knormctl.engine.text import make_samples
     from knormctl.errors import UsageError
     from knormctl.engine.support import check_model
+    from knormctl.cli._execute import Log
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
-
+    log = Log()  # stamped lines on stderr, as a sweep's
     import transformers
 
     transformers.logging.disable_progress_bar()  # progress lines go to stderr, one per step
