@@ -122,9 +122,27 @@ def test_a_plan_whose_cells_are_unknown_gives_no_estimate_not_zero_seconds(tmp_p
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
     assert [r["cells"] for r in plan["runs"]] == [None, None] and plan["estimate_s"] is None
+    assert plan["cells"] is None  # it said 0 next to runs of '?' cells
     res = runner.invoke(app, ["sweep", "--config", str(path), "--dry-run", "--db", str(tmp_path / "r.db")],
                         env={"COLUMNS": "200"})
     assert "no estimate for any run" in res.stdout and "~0 s" not in res.stdout
+    assert "total: ? cells" in res.stdout
+    # the reason is the dataset, not a missing stored run
+    assert "counted only once it is read" in res.stdout and "no stored run" not in res.stdout
+
+
+def test_a_plain_sweeps_dry_run_plans_its_shard(tmp_path):
+    """--shard 1/3 --dry-run was refused as if a study file had set shard; the plan is the
+    shard's cells (samples 1 and 4 of 4)."""
+    args = ["sweep", "--num-wikitext-samples", "4", "--num-pg19-samples", "0", "--keep-ratios", "1.0,0.5",
+            "--presses", "knorm", "--dry-run", "--json", "--db", str(tmp_path / "r.db")]
+    whole = runner.invoke(app, args)
+    assert whole.exit_code == 0, whole.output
+    res = runner.invoke(app, [*args, "--shard", "1/3"])
+    assert res.exit_code == 0, res.output
+    # 3 configurations: the full-cache reference, knorm 1.0 and knorm 0.5
+    assert json.loads(whole.stdout)["cells"] == 4 * 3 and json.loads(res.stdout)["cells"] == 2 * 3
+    assert json.loads(res.stdout)["runs"][0]["stored"] is None
 
 
 def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_path):

@@ -46,14 +46,16 @@ def overrides_from(ctx, cli_cfg) -> dict[str, Any]:
 
 
 def planned_cells(cfg) -> int | None:
-    """Cells a run of a study will measure (studies are never sharded), without loading the
-    model or cutting texts (None: not known before the texts are cut)."""
+    """Cells a run will measure (its shard's, for a plain sweep's --dry-run: studies are never
+    sharded), without loading the model or cutting texts (None: not known before the texts
+    are cut)."""
     from knormctl.config import planned_samples
+    from knormctl.plan import plan_cells
 
     n = planned_samples(cfg)
     if n is None:
         return None
-    return n * len(cfg.press_configs()) * max(1, getattr(cfg, "repeats", 1) or 1)
+    return len(plan_cells(n, cfg.press_configs(), cfg.shard, max(1, getattr(cfg, "repeats", 1) or 1)))
 
 
 def _check_group_is_the_studys(store, study) -> list:
@@ -88,7 +90,7 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
         except UsageError:
             store.close()
             raise
-    rows, total_cells, total_s, unknown = [], 0, 0.0, False
+    rows, total_cells, total_s, uncounted, no_history = [], 0, 0.0, False, False
     for run in study.runs:
         cells = planned_cells(run.config)
         stored = by_key.get(run.key)
@@ -113,8 +115,10 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
                 store, run.config, cells)
         rows.append((run, cells, guess, state))
         total_cells += cells or 0
-        if guess is None:
-            unknown = True
+        if cells is None:  # a Hub dataset: as many cells as it has records
+            uncounted = True
+        elif guess is None:
+            no_history = True
         else:
             total_s += guess.seconds
     if store is not None:
@@ -128,12 +132,14 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
                  "estimate_s": None if g is None else g.seconds, "estimate_basis": None if g is None else g.basis,
                  "stored": state}
                 for r, cells, g, state in rows],
-            "cells": total_cells, "estimate_s": None if unknown else total_s}, indent=2, default=str) + "\n")
+            "cells": None if uncounted else total_cells,
+            "estimate_s": None if uncounted or no_history else total_s}, indent=2, default=str) + "\n")
         return
     print(wrapped(f"study {study.name}: {len(study.runs)} run(s)"
                   + (f", varying {', '.join(study.axes)}" if study.axes else "")))
     for run, cells, guess, state in rows:
-        what = ", ".join(f"{k}={v}" for k, v in run.varying.items() if k != "model")
+        what = ", ".join(f"{k}={v}" for k, v in {**run.varying, "shard": run.config.shard}.items()
+                         if k != "model" and v is not None)
         head = f"{run.index + 1:>3}. {run.config.model}" + (f" ({what})" if what else "")
         if state is not None and cells == 0:  # kept, running now, or nothing left to resume
             print(wrapped(f"{head}: {state}", indent="  ", hang="       "))
@@ -143,10 +149,14 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
                       + (f", ~{estimate.format_duration(guess.seconds)} ({guess.basis})" if guess else ", no estimate"),
                       indent="  ", hang="       "))
     which = "some runs" if total_s else "it" if len(rows) == 1 else "any run"
-    when = (f"~{estimate.format_duration(total_s)}" if not unknown else
+    why = [reason for reason, holds in (
+        ("a Hub dataset's cells are counted only once it is read", uncounted),
+        ("no stored run of its model on this host", no_history)) if holds]
+    when = (f"~{estimate.format_duration(total_s)}" if not why else
             (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
-            + f"no estimate for {which} (no stored run of its model on this host)")
-    print(wrapped(f"total: {total_cells} cells, {when}. Nothing was run (--dry-run)."))
+            + f"no estimate for {which} ({'; '.join(why)})")
+    count = total_cells if not uncounted else f"at least {total_cells}" if total_cells else "?"
+    print(wrapped(f"total: {count} cells, {when}. Nothing was run (--dry-run)."))
 
 
 def _stored_key(run) -> str | None:
@@ -249,8 +259,10 @@ def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: st
         study = load_study(config, overrides=overrides_from(ctx, cli_cfg), name=group)
         source = f"--config {config}" + (f" --group {group}" if group else "")
     else:  # a plain sweep, planned as a study of one run
-        data = {k: v for k, v in overrides_from(ctx, cli_cfg).items()}
+        data = {k: v for k, v in overrides_from(ctx, cli_cfg).items() if k != "shard"}
         study = plan_study(data, path="the command line", name=group or cli_cfg.group or "sweep")
+        for run in study.runs:  # a plain sweep may be one shard of many: its plan is the shard's cells
+            run.config.shard = cli_cfg.shard
         source = "(the same options)"
     if dry_run:
         print_plan(study, db, json_out)
