@@ -339,3 +339,38 @@ def test_a_database_failure_mid_run_is_a_runtime_error_exit_1(tiny_llama_dir, bo
     assert res.stderr.strip().splitlines()[-1] == "Error: could not store a sample in r.db: database or disk is full"
     con = sqlite3.connect(tmp_path / "r.db")
     assert con.execute("SELECT status FROM runs").fetchone() == ("failed",)
+
+
+@pytest.mark.parametrize("extra, says", [
+    # one new token: the prompt's forward is the last, so generation never cuts -- the
+    # perplexity evaluation still does (the flag said its numbers "say nothing about
+    # compression", and that no prompt exceeded prune_after, with a 65-token one at 16)
+    (["--max-new-tokens", "1", "--prune-after", "16"], "its perplexity does reflect compression"),
+    # prefill mode cuts once, after the prompt: 64-token prompts under prune_after=70 are never
+    # cut, though prompt + new tokens (72) exceed it -- the flag said they never did
+    (["--max-new-tokens", "8", "--prune-after", "70"], "no prompt exceeded prune_after=70"),
+])
+def test_the_no_compression_flag_says_why_and_what_still_reflects_it(tiny_llama_dir, books_dir, tmp_path, extra,
+                                                                      says):
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0", "--wikitext-prompt-tokens",
+                              "64", "--eval-tokens", "8", "--threads", "1", "--no-warmup", "--keep-ratios", "0.5",
+                              "--presses", "knorm", "--compress-mode", "prefill", "--skip-layers", "none",
+                              "--db", str(db), "--json", *extra])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    (events, ppl, ref_ppl), = con.execute(
+        "SELECT s.compress_events, s.ppl_compressed, r.ppl_compressed FROM samples s JOIN samples r "
+        "ON r.sample_index = s.sample_index AND r.config_key = 'none' WHERE s.config_key != 'none'").fetchall()
+    con.close()
+    assert events == 0  # generation never cut
+    report = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])
+    assert report.exit_code == 0, report.output
+    [flag] = [f for f in json.loads(report.stdout)["flags"] if f["kind"] == "no_compression"]
+    assert says in flag["message"], flag["message"]
+    if "reflect" in says:
+        assert ppl != ref_ppl  # ...and it does: the evaluation was cut
+        assert "say nothing about compression" not in flag["message"]
+    else:
+        assert ppl == ref_ppl

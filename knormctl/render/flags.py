@@ -71,6 +71,26 @@ def machine_flags(header: RunHeader) -> list[Flag]:
                                    f"(see the header): {consequence}.")]
 
 
+def _no_compression(r: ConfigRow, where: str) -> str:
+    """Why a configuration's generations never cut the cache, and what of its numbers still
+    reflects compression."""
+    pa = r.prune_after
+    if r.compress_mode == "prefill" and r.max_prompt_tokens is not None and r.max_prompt_tokens <= pa:
+        why = (f"no prompt exceeded prune_after={pa}; prefill mode cuts once, after the prompt, and the "
+               f"longest prompt was {r.max_prompt_tokens} tokens")
+    elif r.max_context_tokens is None or r.max_context_tokens <= pa:
+        longest = f"; the longest was {r.max_context_tokens} tokens" if r.max_context_tokens else ""
+        why = f"prompt + new tokens never exceeded prune_after={pa}{longest}"
+    else:  # e.g. --max-new-tokens 1: the prompt's forward is the last, and no token reads a cut after it
+        why = (f"the cache exceeded prune_after={pa} only after each sample's last forward, and no token reads "
+               "a cut made there, so none is made")
+        if r.values.get("ppl_compressed") is not None:
+            return (f"{where}: generation never cut the cache ({why}), so its speed and KV numbers are the full "
+                    "cache's; its perplexity does reflect compression (the evaluation cuts the cache after the "
+                    "prompt, before the tokens it scores).")
+    return f"{where}: no sample triggered a compression ({why}), so its numbers say nothing about compression."
+
+
 def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) -> list[Flag]:
     """no_reference | full_cache_path | no_compression | unpaired | noisy_timing | ttft_artifact | repeats_disagree."""
     flags = []
@@ -100,10 +120,7 @@ def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) ->
                                                  f"press returns before any work), so any gap to the full cache is "
                                                  f"noise; it measures this run's noise, not the press.", r.config_key))
         elif r.compressed_samples == 0:
-            longest = f"; the longest was {r.max_context_tokens} tokens" if r.max_context_tokens else ""
-            flags.append(Flag("no_compression", f"{where}: no sample triggered a compression (prompt + new tokens "
-                                                f"never exceeded prune_after={r.prune_after}{longest}), so its "
-                                                f"numbers say nothing about compression.", r.config_key))
+            flags.append(Flag("no_compression", _no_compression(r, where), r.config_key))
         if r.paired is False and ref is not None and r.n_prompts:  # none succeeded: failed_sample says why
             flags.append(Flag("unpaired", f"{where}: its successful prompts are not the full cache's "
                                           f"({r.n_prompts} vs {ref.n_prompts}); its changes use the {_pairs(r)} prompts both have, "
