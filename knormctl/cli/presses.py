@@ -20,7 +20,7 @@ def presses(
 ) -> None:
     """List the presses: name, compression modes, parameters with their defaults, what each does.
 
-    Use them as --presses knorm,snapkv(window_size=32),adakv(base=tova); --presses all runs every press that supports the compression mode.
+    Use them as --presses knorm,snapkv(window_size=32),adakv(base=tova) --compress-mode prefill (adakv cuts once, after the prompt); --presses all runs every press that supports the compression mode.
     """
     from knormctl.press_spec import format_press_spec, format_spec_value
     from knormctl.engine.presses.base import catalog
