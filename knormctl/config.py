@@ -282,13 +282,19 @@ class RunConfig:
         from knormctl.engine.models import model_source
         from knormctl.engine.text import validate_source
 
+        def check(option: str, source: str) -> None:
+            try:
+                validate_source(source)
+            except ConfigError as exc:  # the option named: a study file's message points at its key
+                raise ConfigError(f"--{option}: {exc}") from None
+
         if self.task == "lm":
             if self.num_wikitext_samples:
-                validate_source(self.wikitext_source)
+                check("wikitext-source", self.wikitext_source)
             if self.num_pg19_samples:
-                validate_source(self.pg19_source)
+                check("pg19-source", self.pg19_source)
         if self.task in ("passkey", "ruler", "niah"):
-            validate_source(self.haystack_source)
+            check("haystack" if self.haystack else "pg19-source", self.haystack_source)
         model_source(self.model)
 
     def _refuse_unstorable_integers(self) -> None:

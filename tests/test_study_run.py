@@ -161,10 +161,13 @@ def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_pa
     ('prune_after = []\n', "line 1: prune_after: empty list"),
     # a bad source or model path in the second run: found by the plan, not after run 1 was measured
     ('[[rows]]\nwikitext_source = "wiki-lite"\n[[rows]]\nwikitext_source = "bogus"\n',
-     "unknown text source 'bogus' (choose wiki-lite, wiki-lite-long, wikitext, pg19 or text:PATH) "
-     "(run 2: wikitext_source=bogus)"),
+     "wikitext_source: --wikitext-source: unknown text source 'bogus' (choose wiki-lite, wiki-lite-long, "
+     "wikitext, pg19 or text:PATH) (run 2: wikitext_source=bogus)"),
+    # the key and its line, as for every other mistake (the message named neither)
     ('pg19_source = ["wiki-lite-long", "text:/no/such/books"]\n',
-     "text source /no/such/books: no such file or folder (run 2: pg19_source=text:/no/such/books)"),
+     "line 1: pg19_source: --pg19-source: text source /no/such/books: no such file or folder (run 2: "
+     "pg19_source=text:/no/such/books)"),
+    ('task = "passkey"\n\nhaystack = "text:/no/such/books"\n', "line 3: haystack: --haystack: text source"),
     ('model = ["smollm2-135m", "/no/such/model"]\n', "model path does not exist: /no/such/model"),
 ])
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
