@@ -191,6 +191,36 @@ def test_intervals_are_reproducible_and_paired_by_prompt(store, db):
     lo, hi = row["change_intervals"]["tpot_s"]
     assert min(changes) <= lo <= statistics.median(changes) <= hi <= max(changes)
     assert row["n_pairs"]["tpot_s"] == 8
+    # ...and it is the seeded bootstrap of those changes, not any range around the median
+    # (the min..max of the changes passed the lines above)
+    from knormctl.render.paired import metric_seed
+
+    assert (lo, hi) == pytest.approx(stats.bootstrap_interval(changes, "median",
+                                                              seed=metric_seed(KNORM_07, "tpot_s", "change")))
+    assert (lo, hi) != pytest.approx((min(changes), max(changes)))
+
+
+def test_a_timing_change_within_the_runs_noise_is_noise_even_when_its_interval_excludes_zero(store, db):
+    """The verdict rule for timings: beyond the interval AND beyond the run's measured noise
+    (keep 1.0 against the full cache). Nothing tested the second half: dropped, a steady 3%
+    inside a 6% noise band read as 'worse'."""
+    from knormctl.render.metrics import METRIC
+    from knormctl.render.paired import Stat, verdict
+
+    tpot = METRIC["tpot_s"]
+    steady = Stat(value=1.0, interval=None, change=3.0, change_interval=(2.5, 3.5), n_pairs=20, n_needed=None,
+                  verdict=None)
+    assert verdict(tpot, steady, noise_pct=6.0) == "noise"
+    assert verdict(tpot, steady, noise_pct=1.0) == "worse"
+    assert verdict(METRIC["kv_bytes_final"], steady, noise_pct=6.0) == "worse"  # not a timing: no noise band
+    # end to end: knorm 1.0 is 12% slower than the full cache (the run's noise), knorm 0.9 ~5% slower
+    run = fill_run(store, n_samples=40, tpot_factor={KNORM_1: 1.12, KNORM_09: 1.06})
+    data = report_json(db, "--run-id", str(run))
+    assert data["noise_pct"] > 5.0
+    row = rows_by_key(data)[KNORM_09]
+    lo, hi = row["change_intervals"]["tpot_s"]
+    assert lo > 0 and hi < data["noise_pct"], (lo, hi, data["noise_pct"])  # clear of zero, inside the noise
+    assert row["verdicts"]["tpot_s"] == "noise"
 
 
 def test_underpowered_changes_say_how_many_prompts_would_tell_5_percent(store, db):
