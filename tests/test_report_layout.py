@@ -29,6 +29,64 @@ def check_layout(out: str, width: int) -> None:
     assert "\u2026" not in out and "..." not in out  # nothing cut short
 
 
+def parse_tables(out: str) -> dict[tuple[str, str], list[str]]:
+    """The text tables read back: (configuration label, column header) -> the cell's lines
+    (value, "Δ change", interval). Headers and labels may wrap over several lines."""
+    cells: dict[tuple[str, str], list[str]] = {}
+    header: list[list[str]] = []
+    block: list[list[str]] = []
+    state = None
+
+    def flush():
+        if not block:
+            return
+        cols = list(zip(*block))
+        label_lines = [t for t in cols[0] if t]
+        label = " ".join(t for t in label_lines if not t.startswith(("n=", "1 failed")))
+        names = [" ".join(w for w in col if w) for col in zip(*header)]
+        for name, col in zip(names[1:], cols[1:]):
+            cells[(label, name)] = [t for t in col if t]
+        block.clear()
+
+    for line in out.splitlines():
+        if line.startswith("┏"):  # a table starts: its header follows
+            header, state = [], "header"
+        elif line.startswith("┡"):
+            state = "body"
+        elif line.startswith(("├", "└")):
+            flush()
+            if line.startswith("└"):
+                state = None
+        elif state == "header" and line.startswith("┃"):
+            header.append([c.strip() for c in line.strip("┃").split("┃")])
+        elif state == "body" and line.startswith("│"):
+            block.append([c.strip() for c in line.strip("│").split("│")])
+    return cells
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_each_cell_shows_its_own_rows_numbers(store, db, width):
+    """Every number of the json found somewhere in the output passed with a row's cells taken
+    from another row: read each cell back under its own label and column."""
+    from knormctl.render.metrics import METRIC
+
+    run = fill_run(store, configs=WIDE_LABELS, n_samples=5)
+    cells = parse_tables(table_at(db, width, "--run-id", str(run)))
+    data = json.loads(runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "json"]).stdout)
+    checked = 0
+    for row in data["rows"]:
+        for name, value in row["values"].items():
+            cell = cells.get((row["label"], METRIC[name].label))
+            if value is None or cell is None:
+                continue
+            assert cell[0] == fmt_value(name, value), (row["label"], name, cell)
+            if row["changes"][name] is not None:
+                assert cell[1:3] == [f"\u0394 {fmt_change(name, row['changes'][name])}",
+                                     fmt_interval(row["change_intervals"][name])], (row["label"], name, cell)
+            checked += 1
+    assert checked >= len(data["rows"]) * 8  # speed, memory and quality columns of every row
+
+
 @pytest.mark.parametrize("width", [80, 120])
 def test_every_number_fits_uncut(store, db, width):
     run = fill_run(store, configs=WIDE_LABELS, n_samples=5, fail=(1, Cfg("streaming", 0.25).pc.key))
