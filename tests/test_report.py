@@ -122,6 +122,28 @@ def test_csv_and_markdown_parse_with_stable_columns(store, db):
     assert "knorm 0.9" in md and "run " + str(run) in md
     col = table[0].split("|").index(" throughput ")  # every value says its unit, throughput too
     assert all(ln.split("|")[col].split(" (")[0].strip().endswith(" tok/s") for ln in table[2:]), table
+    # each markdown cell holds its own row's numbers, as the json gives them
+    from knormctl.render.format import fmt_change, fmt_interval, fmt_value
+    from knormctl.render.metrics import METRIC
+
+    by_label = {m.label: name for name, m in METRIC.items()}
+    heads = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {r["label"]: r for r in data["rows"]}
+    checked = 0
+    for line in table[2:]:
+        cells = dict(zip(heads, (c.strip() for c in line.strip("|").split("|"))))
+        row = rows[cells["configuration"]]
+        assert int(cells["prompts"]) == row["n_prompts"]
+        for head, text in cells.items():
+            name = by_label.get(head)
+            if name is None or row["values"][name] is None:
+                continue
+            value, change = fmt_value(name, row["values"][name]), row["changes"][name]
+            assert text == (value if change is None else
+                            f"{value} (\u0394 {fmt_change(name, change)} {fmt_interval(row['change_intervals'][name])})"), \
+                (row["label"], head, text)
+            checked += 1
+    assert checked >= 5 * 10
 
 
 def test_token_match_is_computed_from_generated_ids_when_not_stored(store):
