@@ -134,3 +134,38 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
     if hostname:  # the machine that measured it: set last, as only the run's owner (this process) may store
         store.update_run(run_id, hostname=hostname)
     return run_id
+
+
+def parse_tables(out: str) -> dict[tuple[str, str], list[str]]:
+    """The text tables read back: (configuration label, column header) -> the cell's lines
+    (value, "Δ change", interval). Headers and labels may wrap over several lines."""
+    cells: dict[tuple[str, str], list[str]] = {}
+    header: list[list[str]] = []
+    block: list[list[str]] = []
+    state = None
+
+    def flush():
+        if not block:
+            return
+        cols = list(zip(*block))
+        label_lines = [t for t in cols[0] if t]
+        label = " ".join(t for t in label_lines if not t.startswith(("n=", "1 failed")))
+        names = [" ".join(w for w in col if w) for col in zip(*header)]
+        for name, col in zip(names[1:], cols[1:]):
+            cells[(label, name)] = [t for t in col if t]
+        block.clear()
+
+    for line in out.splitlines():
+        if line.startswith("┏"):  # a table starts: its header follows
+            header, state = [], "header"
+        elif line.startswith("┡"):
+            state = "body"
+        elif line.startswith(("├", "└")):
+            flush()
+            if line.startswith("└"):
+                state = None
+        elif state == "header" and line.startswith("┃"):
+            header.append([c.strip() for c in line.strip("┃").split("┃")])
+        elif state == "body" and line.startswith("│"):
+            block.append([c.strip() for c in line.strip("│").split("│")])
+    return cells

@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 
 import pytest
-from report_data import NO_MEM, Cfg, fill_run
+from report_data import NO_MEM, Cfg, fill_run, parse_tables
 from typer.testing import CliRunner
 
 from knormctl.cli import app
@@ -376,6 +376,20 @@ def test_compare_shows_ratios_b_over_a(store, db):
         assert row["ratio"]["ppl_compressed"] == pytest.approx(vb[k]["ppl_compressed"] / va[k]["ppl_compressed"])
     out = report(db, "--compare", str(a), str(b))
     assert out.exit_code == 0 and "B/A" in out.stdout
+    # the table: each cell A, then B, then xB/A, under its own row and column
+    from knormctl.render.format import fmt_value
+    from knormctl.render.metrics import METRIC
+
+    wide = runner.invoke(app, ["report", "--db", db, "--compare", str(a), str(b)], env={"COLUMNS": "120"})
+    cells = parse_tables(wide.stdout)
+    checked = 0
+    for row in data["rows"]:
+        for name in ("ttft_s", "tpot_s", "kv_bytes_final", "ppl_compressed"):
+            cell = cells[(row["label"], METRIC[name].label)]
+            assert cell == [fmt_value(name, va[row["config_key"]][name]), fmt_value(name, vb[row["config_key"]][name]),
+                            f"x{row['ratio'][name]:.3f}"], (row["label"], name, cell)
+            checked += 1
+    assert checked == 5 * 4
     recs = list(csv.DictReader(io.StringIO(report(db, "--compare", str(a), str(b), "--format", "csv").stdout)))
     assert float(recs[0]["ttft_s_ratio"]) == pytest.approx(data["rows"][0]["ratio"]["ttft_s"])
 

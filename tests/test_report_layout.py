@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from report_data import Cfg, fill_run
+from report_data import Cfg, fill_run, parse_tables
 from typer.testing import CliRunner
 
 from knormctl.cli import app
@@ -27,41 +27,6 @@ def check_layout(out: str, width: int) -> None:
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= width, max(lines, key=len)
     assert "\u2026" not in out and "..." not in out  # nothing cut short
-
-
-def parse_tables(out: str) -> dict[tuple[str, str], list[str]]:
-    """The text tables read back: (configuration label, column header) -> the cell's lines
-    (value, "Δ change", interval). Headers and labels may wrap over several lines."""
-    cells: dict[tuple[str, str], list[str]] = {}
-    header: list[list[str]] = []
-    block: list[list[str]] = []
-    state = None
-
-    def flush():
-        if not block:
-            return
-        cols = list(zip(*block))
-        label_lines = [t for t in cols[0] if t]
-        label = " ".join(t for t in label_lines if not t.startswith(("n=", "1 failed")))
-        names = [" ".join(w for w in col if w) for col in zip(*header)]
-        for name, col in zip(names[1:], cols[1:]):
-            cells[(label, name)] = [t for t in col if t]
-        block.clear()
-
-    for line in out.splitlines():
-        if line.startswith("┏"):  # a table starts: its header follows
-            header, state = [], "header"
-        elif line.startswith("┡"):
-            state = "body"
-        elif line.startswith(("├", "└")):
-            flush()
-            if line.startswith("└"):
-                state = None
-        elif state == "header" and line.startswith("┃"):
-            header.append([c.strip() for c in line.strip("┃").split("┃")])
-        elif state == "body" and line.startswith("│"):
-            block.append([c.strip() for c in line.strip("│").split("│")])
-    return cells
 
 
 @pytest.mark.parametrize("width", [80, 120])
