@@ -266,6 +266,41 @@ def test_compression_changes_ppl_compressed_but_not_context(model):
     assert full == pytest.approx(math.exp(float(nll)), rel=1e-4)
 
 
+def test_context_perplexity_is_one_forward_over_the_prompt_in_any_chunking(model):
+    """ppl_context was only checked to be finite and > 1: a token dropped at each chunk's end
+    passed. It is the mean cross entropy of tokens 1..S-1 under one forward."""
+    ids = _prompt(60)
+    with torch.inference_mode():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:])
+    for chunk in (512, 16, 7):  # one chunk, and chunks that do not divide the 59 scored tokens
+        assert context_perplexity(model, ids, chunk=chunk) == pytest.approx(math.exp(float(nll)), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_ppl_compressed_scores_each_token_on_the_cache_generation_would_hold(model, mode, monkeypatch):
+    """The evaluation feeds its tokens as generation does, the press acting after every forward
+    (decode mode) or once after the prompt (prefill mode). Fed the tokens greedy generation
+    produced under the same press, each one is its step's argmax again. Cut once only, a
+    decode-mode evaluation passed every test."""
+    import knormctl.engine.quality as quality
+
+    ids = _prompt(40)
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=8, skip_layers=(), mode=mode)
+    res = run_generation(model, ids, cfg, 16)
+    assert res.compress_events > 1 if mode == "decode" else res.compress_events == 1  # a cut whenever over 8
+    seen = []
+    real = quality._nll
+
+    def spy(logits, targets):
+        seen.append((logits[0, -1].argmax().item(), targets.reshape(-1)[-1].item()))
+        return real(logits, targets)
+
+    monkeypatch.setattr(quality, "_nll", spy)
+    compressed_perplexity(model, ids, res.token_ids, cfg)
+    assert len(seen) == 16
+    assert [a for a, _ in seen] == [t for _, t in seen] == list(res.token_ids)
+
+
 def test_metrics_are_never_nan(model):
     for n_new in (1, 2, 9):
         res = run_generation(model, _prompt(20), PressConfig(press="knorm", keep_ratio=0.5, prune_after=4), n_new)
