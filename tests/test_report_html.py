@@ -74,13 +74,17 @@ def test_html_report_opens_in_a_browser_with_every_table_and_figure(store, db, t
     configs = tables[0]
     assert configs[0][:3] == ["configuration", "prompts", "failed"]
     assert [row[0] for row in configs[1:]] == [r["label"] for r in data["rows"]]
-    # the same numbers as the json: each row's prompt count, and the TPOT cell's change
+    # the same numbers as the json: each row's prompt count, and its TPOT cell's value and signed change
+    from knormctl.render.format import fmt_change, fmt_interval, fmt_value
+
     col = configs[0].index("TPOT")
     for row, rec in zip(configs[1:], data["rows"]):
         assert int(row[1]) == rec["n_prompts"]
+        assert row[col].startswith(fmt_value("tpot_s", rec["values"]["tpot_s"])), (row[col], rec["label"])
         change = rec["changes"]["tpot_s"]
         if change is not None:
-            assert f"{abs(change):.1f}%" in row[col], (row[col], change)
+            assert f"{fmt_change('tpot_s', change)} {fmt_interval(rec['change_intervals']['tpot_s'])}" in row[col], \
+                (row[col], change)
 
 
 def test_html_needs_a_file_or_stdout_and_refuses_list(store, db, tmp_path):
