@@ -65,15 +65,23 @@ class OriginalCompressor:
     all layers, a new cache object rebuilt from the tuples (every entry copied again).
     """
 
+    # what the engine's loop asks of a compressor besides after_forward: the original had no
+    # press that cuts inside the forward or observes attention
+    cuts_in_forward = observing = False
+
     def __init__(self, cfg, num_layers: int, sync=None):
+        self.cfg = cfg
         self.keep_ratio, self.skip = cfg.keep_ratio, list(cfg.skip_layers)
         # The original skipped layers with `size < prune_after`, i.e. it cut at size == prune_after;
         # the engine cuts above prune_after. prune_after + 1 gives both the very same rule.
         self.prune_after = cfg.prune_after + 1
-        self.active = cfg.press != "none" and cfg.keep_ratio < 1.0
+        self.active = self.evicts = cfg.press != "none" and cfg.keep_ratio < 1.0
         self.events, self.seconds = 0, 0.0
 
-    def after_forward(self, cache, prefill: bool) -> bool:
+    def close(self) -> None:
+        pass
+
+    def after_forward(self, cache, prefill: bool, **_) -> bool:
         if not self.active:
             return False
         t0 = time.perf_counter()
@@ -98,10 +106,13 @@ class TimedCompressor:
         self.total, self.calls, self.cache = 0.0, 0, None
         TimedCompressor.last = self
 
-    def after_forward(self, cache, prefill: bool) -> bool:
+    def __getattr__(self, name):  # cfg, evicts, cuts_in_forward, observing ...: the wrapped one's
+        return getattr(self.inner, name)
+
+    def after_forward(self, cache, prefill: bool, **kwargs) -> bool:
         self.sync()
         t0 = time.perf_counter()
-        out = self.inner.after_forward(cache, prefill)
+        out = self.inner.after_forward(cache, prefill, **kwargs)
         self.sync()
         self.total += time.perf_counter() - t0
         self.calls += 1
@@ -188,16 +199,26 @@ def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list
     from knormctl.config import PressConfig
     from knormctl.engine.compress import Compressor
 
+    from knormctl.engine.kvcache import new_cache
+
     skip = (0,)
     rows = []
     for n in sizes:
-        cache = make_cache(n)
-        saved = [(layer.keys, layer.values) for layer in cache.layers]
+        saved = [(layer.keys.clone(), layer.values.clone()) for layer in make_cache(n).layers]
         active = [i for i in range(lm.num_layers) if i not in skip]
+        caches = {}
 
-        def restore():  # untimed: put the full cache back (the cut replaced the tensors, never wrote them)
-            for layer, (k, v) in zip(cache.layers, saved):
-                layer.keys, layer.values = k, v
+        # untimed, before every event: each way gets the full cache back in its own kind of cache.
+        # knormctl's cut compacts the engine's buffer in place, so its cache is refilled from
+        # copies; the original replaces tensors, so a DynamicCache over the saved ones will do.
+        def engine_cache():
+            cache = new_cache(lm.model, capacity=n)  # BufferLayers, as run_generation builds it
+            for i, (k, v) in enumerate(saved):
+                cache.update(k, v, i)
+            caches["knormctl"] = cache
+
+        def original_cache():
+            caches["original"] = DynamicCache(saved)
 
         cfg = PressConfig(press="knorm", keep_ratio=keep_ratio, prune_after=0, skip_layers=skip).validate()
         comp, orig = Compressor(cfg, lm.num_layers), OriginalCompressor(cfg, lm.num_layers)
@@ -209,10 +230,13 @@ def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list
         with torch.inference_mode():
             times = c.interleaved({
                 "floor": c.timed(floor, sync),
-                "knormctl": c.timed(lambda: comp.after_forward(cache, prefill=True), sync, before=restore),
-                "original": c.timed(lambda: orig.after_forward(cache, prefill=True), sync, before=restore),
+                "knormctl": c.timed(lambda: comp.after_forward(caches["knormctl"], prefill=True), sync,
+                                    before=engine_cache),
+                "original": c.timed(lambda: orig.after_forward(caches["original"], prefill=True), sync,
+                                    before=original_cache),
             }, repeats, warmup=3)
-        restore()
+            kinds = {type(layer).__name__ for layer in caches["knormctl"].layers}
+            assert kinds == {"BufferLayer"}, kinds  # the engine's own cut was timed
         med = {k: c.median(v) for k, v in times.items()}
         r = c.ratio(med["knormctl"], med["floor"])
         target = 2.0 if n >= 4096 else 3.0
@@ -247,7 +271,8 @@ def part_b(args, lm):
     def gen(kind):
         def run():
             use_compressor(kind)
-            r = run_generation(lm.model, ids, cfg, args.new_tokens)
+            # each on its own cache: the engine's buffer, the original's DynamicCache (torch.cat)
+            r = run_generation(lm.model, ids, cfg, args.new_tokens, kv_buffer=kind is not OriginalCompressor)
             t = TimedCompressor.last
             return {"tpot": r.tpot_s, "p50": r.itl_p50_s, "comp": t.total, "events": t.events, "calls": t.calls,
                     "tokens": r.token_ids, "cache": t.cache, "peak": r.memory.bytes if args.device == "cuda" else None}
