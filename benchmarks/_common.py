@@ -89,7 +89,10 @@ def header(title: str, args, extra: dict | None = None) -> dict:
         "dtype": args.dtype,
         "torch / transformers": f"{env['torch']} / {env['transformers']}",
         "python": env["python"],
-        "knormctl commit": (env["git_commit"] or "?")[:10] + (" (dirty)" if env["git_dirty"] else ""),
+        # a copy without .git (a borrowed GPU machine's): the commit as the caller passed it
+        "knormctl commit": (env["git_commit"] or os.environ.get("KNORMCTL_COMMIT") or "?")[:10]
+        + (" (dirty)" if env["git_dirty"] else "" if env["git_commit"] else
+           " (from $KNORMCTL_COMMIT)" if os.environ.get("KNORMCTL_COMMIT") else ""),
         "load average (1 min) at start": f"{load1:.2f}" if load1 is not None else "n/a",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }

@@ -401,7 +401,7 @@ def main() -> None:
     total_k = ks["CacheLedger.grew"] + ks["kv_size (account)"] + ks[f"cut check (knorm {kr:g} prefill)"] \
         + ks["RowPicker (argmax)"] + ks["positions slice"]
     rows.append(["sum (prefill-mode step)", f"{total_k * 1e6:.1f}", f"{100 * total_k / step:.2f}%"])
-    rows.append(["cache append at 4096 (from 3.)", f"{mb[f'append {L}'] * 1e6:.1f}",
+    rows.append([f"cache append at {L} (from 3.)", f"{mb[f'append {L}'] * 1e6:.1f}",
                  f"{100 * mb[f'append {L}'] / step:.2f}%"])
     c.table("3b. knormctl's own per-step work, each part alone", ["part", "us per step", f"of the {L} full step"],
             rows)

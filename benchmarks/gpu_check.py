@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--parts", default=None, help="which parts: abcd, e, f, g (default: all with --model-dir, else efg)")
     args = p.parse_args()
     parts = args.parts or ("abcdefg" if args.model_dir else "efg")
+    if not parts or set(parts) - set("abcdefg"):  # a typo ran nothing and exited 0: a borrowed GPU's call wasted
+        p.error(f"--parts {parts!r}: give letters among abcdefg (e.g. efg)")
     if set(parts) & set("abcd") and args.model_dir is None:
         raise SystemExit("parts a-d need --model-dir (a folder with the model's config.json)")
     args.text = None if args.text == c.DEFAULT_TEXT else args.text.removeprefix("text:")  # a plain file here
@@ -260,6 +262,7 @@ def run_parts(args, parts, summary, short, long_, n, sizes, events) -> None:
     import compression_cost  # part (c) is compression_cost's part A, on random tensors
     if set(parts) & set("efg"):
         c.header("GPU check (e-g): the Llama-3.1-8B shape (random weights)", args, {
+            "dtype": "bfloat16 (the 8B shape is always built in bfloat16; --dtypes is for parts a-d)",
             "weights": "RANDOM (built from a LlamaConfig): timing and memory only, tokens mean nothing",
             "repeats": f"{args.repeats} interleaved rounds + 1 warm-up"})
         model, ids, n_e = build_8b(args)

@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # parts efg
 #   bash benchmarks/gpu_session.sh ef         # skip the capacity search (about 5 minutes)
+#   KNORMCTL_COMMIT=<hash> bash benchmarks/gpu_session.sh   # the device's copy has no .git: name the commit
 #
 # The CUDA image holds torch, transformers, accelerate, typer, rich and matplotlib, which is
 # all these two steps import; knormctl runs from this checkout (PYTHONPATH), not installed.
@@ -22,9 +23,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
-  git log -1 --format='knormctl %h %s' 2>/dev/null; } > "$out/machine.txt" 2>&1
+  git log -1 --format='knormctl %h %s' 2>/dev/null || echo "knormctl ${KNORMCTL_COMMIT:-? (no .git here)}"
+} > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "no CUDA GPU here: nothing to check (gpu_check.py would build the 8B shape on the CPU)" >&2; exit 1; }
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-timeout 430 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"
+# -k: a step still running 10 s after its TERM (a long CUDA call) is killed, so the next one starts
+timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+timeout -k 10 420 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"

@@ -13,7 +13,7 @@ from knormctl.launch import parse_shard
 # the run's whole token count -- the largest cache sizes the run will allocate, so the
 # device's memory pool holds them -- then every other planned configuration for
 # WARMUP_TOKENS tokens (its own kernels: the cut, its decode shapes). Measured in
-# docs/notes/engine.md.
+# docs/engine.md.
 WARMUP_TOKENS = 16
 
 

@@ -138,7 +138,7 @@ class PyramidKVPress(SnapKVPress):
             max_num = length - w
             min_num = (max_capacity - w) * 2 - max_num
         if not (length >= max_num >= min_num >= w):
-            return n_keep  # kvpress falls back to round(length * keep_ratio) here: see docs/notes/presses.md
+            return n_keep  # kvpress falls back to round(length * keep_ratio) here: see docs/presses.md
         steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else 0.0
         return round(max_num - layer_idx * steps)
 
