@@ -31,16 +31,28 @@ TASK_OPTIONS = {
     "ruler_source": ("ruler",), "hub_dataset": ("ruler", "longbench"),
     "num_wikitext_samples": ("lm",), "num_pg19_samples": ("lm",), "wikitext_prompt_tokens": ("lm",),
     "max_prompt_tokens": ("lm",), "wikitext_source": ("lm",), "eval_tokens": ("lm",), "ppl_method": ("lm",),
-    "ppl_skip": ("lm",),
+    "ppl_skip": ("lm",), "passkey_new_tokens": ("passkey",),
+    # refused by validate() with a hint of the task's own option; here for studies, whose runs differ in task
+    "context_lengths": ("ruler", "niah", "longbench"), "subtasks": ("ruler", "longbench"),
 }
+
+
+def task_reads(task: str | None, option: str) -> bool:
+    """Whether a run of ``task`` (None: lm) reads ``option`` (a RunConfig field name)."""
+    readers = TASK_OPTIONS.get(option)
+    return readers is None or (task or "lm") in readers
+
+
+def other_tasks_message(option: str, tasks: list[str]) -> str:
+    """'--needle-depths applies to --task niah, not passkey': ``option`` given for ``tasks``."""
+    return f"--{option.replace('_', '-')} applies to --task {', '.join(TASK_OPTIONS[option])}, not {', '.join(tasks)}"
 
 
 def refuse_options_of_other_tasks(task: str, given: list[str]) -> None:
     """One line for the first option given (field names) that ``task`` does not read."""
     for name in given:
-        readers = TASK_OPTIONS.get(name)
-        if readers is not None and task not in readers:
-            raise ConfigError(f"--{name.replace('_', '-')} applies to --task {', '.join(readers)}, not {task}")
+        if not task_reads(task, name):
+            raise ConfigError(other_tasks_message(name, [task]))
 
 COMPRESS_MODES = ("decode", "prefill")
 DTYPES = ("float32", "bfloat16", "float16")

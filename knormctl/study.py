@@ -30,7 +30,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from knormctl.config import TASK_OPTIONS, RunConfig
+from knormctl.config import TASK_OPTIONS, RunConfig, other_tasks_message, task_reads
 from knormctl.errors import UsageError
 
 NOT_STUDY_KEYS = ("command", "group", "study")  # set by the study itself
@@ -232,32 +232,44 @@ def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, r
 
 def _reads(settings: dict[str, Any], key: str) -> bool:
     """Whether the run of these settings reads option ``key`` (its task does)."""
-    readers = TASK_OPTIONS.get(key)
-    return readers is None or settings.get("task", RunConfig.task) in readers
+    return task_reads(settings.get("task", RunConfig.task), key)
 
 
-def _drop_options_of_other_tasks(planned: list[dict[str, Any]], path: str,
-                                 lines: _Lines | None) -> list[dict[str, Any]]:
+def _drop_options_of_other_tasks(planned: list[dict[str, Any]], origin: list[int], row_tables: list[dict],
+                                 overrides: dict[str, Any], path: str,
+                                 lines: _Lines | None) -> tuple[list[dict[str, Any]], list[int]]:
     """Options only some tasks read (``config.TASK_OPTIONS``), as sweep refuses them for another
-    task: one that no run's task reads is refused; a run whose task does not read it runs
-    without it (at its default, so its stored config does not claim a setting it ignored).
-    Runs that differed only in such an option become one."""
-    tasks = {s.get("task", RunConfig.task) for s in planned}
+    task. Refused where no run it applies to reads it: the command line's or the top level's
+    when no run of the study reads it, a ``[[rows]]`` table's when none of that row's runs
+    does. Otherwise a run whose task does not read it runs without it (at its default, so its
+    stored config claims no setting it ignored), and runs that then differ in nothing become
+    one. ``origin``: each planned run's row; returned filtered alike."""
+    def tasks_of(runs) -> list[str]:
+        return sorted({s.get("task", RunConfig.task) for s in runs})
+
     for key in dict.fromkeys(k for s in planned for k in s):
-        readers = TASK_OPTIONS.get(key)
-        if readers is not None and not tasks & set(readers):
-            raise _error(path, lines, key, f"applies to task {', '.join(readers)}, not "
-                                           f"{', '.join(sorted(tasks))}")
-    out, dropped = [], set()
-    for settings in planned:
+        if key not in TASK_OPTIONS:
+            continue
+        if key in overrides or not any(key in t for t in row_tables):  # set for every run
+            if not any(_reads(s, key) for s in planned):
+                msg = other_tasks_message(key, tasks_of(planned))
+                raise UsageError(msg) if key in overrides else _error(path, lines, key, msg)
+            continue
+        for i, table in enumerate(row_tables):
+            runs = [s for s, o in zip(planned, origin) if o == i]
+            if key in table and not any(_reads(s, key) for s in runs):
+                raise _error(path, lines, key, other_tasks_message(key, tasks_of(runs)), row=i)
+    out, rows_of, seen = [], [], set()
+    for settings, row in zip(planned, origin):
         kept = {k: v for k, v in settings.items() if _reads(settings, k)}
         if kept != settings:
             ident = repr(sorted(kept.items()))
-            if ident in dropped:
+            if ident in seen:
                 continue  # the same run as one already planned, once the ignored option is gone
-            dropped.add(ident)
+            seen.add(ident)
         out.append(kept)
-    return out
+        rows_of.append(row)
+    return out, rows_of
 
 
 def _combinations(table: dict[str, list]) -> list[dict[str, Any]]:
@@ -322,13 +334,19 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
     row_tables = [_check_settings(r, path, lines, i) for i, r in enumerate(rows or [{}])]
 
     planned: list[dict[str, Any]] = []
-    for table in row_tables:
+    origin: list[int] = []  # the [[rows]] table each planned run comes from
+    for i, table in enumerate(row_tables):
         merged = {**base, **{k: v for k, v in table.items() if k not in overrides}}
-        planned.extend(_combinations(merged))
-    planned = _drop_options_of_other_tasks(planned, path, lines)
+        combos = _combinations(merged)
+        planned.extend(combos)
+        origin.extend([i] * len(combos))
+    planned, origin = _drop_options_of_other_tasks(planned, origin, row_tables if rows else [], overrides, path,
+                                                   lines)
     # One model loaded at a time: runs of the same model (and dtype, device) run back to back.
-    planned.sort(key=lambda s: (s.get("model", RunConfig.model), s.get("dtype", RunConfig.dtype),
-                                s.get("device", RunConfig.device)))
+    order = sorted(range(len(planned)), key=lambda j: (planned[j].get("model", RunConfig.model),
+                                                       planned[j].get("dtype", RunConfig.dtype),
+                                                       planned[j].get("device", RunConfig.device)))
+    planned, origin = [planned[j] for j in order], [origin[j] for j in order]
 
     axes = [k for k in dict.fromkeys(k for s in planned for k in s)
             if len({repr(s.get(k)) for s in planned if _reads(s, k)}) > 1]
@@ -352,8 +370,11 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
                 (k for k in settings if k in msg), None) or next(
                 (k for k in settings if k.endswith("s") and k[:-1] in msg), None)
             where = f" (run {i + 1}: {_describe({k: settings[k] for k in axes if k in settings})})" if axes else ""
+            if bad is not None and bad in overrides:  # the command line's: the file holds no such key
+                raise UsageError(f"{exc}{where}") from None
             if bad is not None:
-                raise _error(path, lines, bad, f"{exc}{where}") from None
+                row = origin[i] if rows and bad in row_tables[origin[i]] else None
+                raise _error(path, lines, bad, f"{exc}{where}", row=row) from None
             raise UsageError(f"{path}: {exc}{where}") from None
         # a row that leaves an axis out runs it at the option's default: show that value, not None
         varying = {k: settings[k] if k in settings else getattr(cfg, k, None) for k in axes if _reads(settings, k)}

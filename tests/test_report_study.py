@@ -298,3 +298,22 @@ def test_a_printed_value_is_never_outside_its_printed_interval():
     assert fmt_quality(ppl, 1.006, (1.0051, 1.0089)) == "1.006 [1.00,1.01]"
     assert fmt_quality(ppl, 1.5, (1.2, 1.7)) == "1.500 [1.20,1.70]"  # exact ends stay as they are
     assert fmt_quality(acc, 0.62, (0.616, 0.702)) == "62% [61,71]"
+
+
+def test_a_study_of_two_tasks_varies_only_in_what_each_runs_task_reads(store, db):
+    """A passkey run stores needle_depths at its default and a niah run passkey_lengths at theirs
+    (options their tasks ignore): the report listed both as axes and labelled each run with
+    the other task's settings."""
+    fill_run(store, task="passkey", group="pk", configs=(Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")),
+             settings={"task": "passkey", "passkey_lengths": [256], "needle_depths": [0.0, 0.5, 1.0]})
+    for depths in ([0.1], [0.9]):
+        fill_run(store, task="niah", group="pk", configs=(Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")),
+                 settings={"task": "niah", "passkey_lengths": [1024, 2048], "needle_depths": depths})
+    data = _json(db, "--group", "pk")
+    assert data["axes"] == ["task", "needle_depths"]  # passkey_lengths differs only where no one reads it
+    # settings typed in json; None where the run's task does not read it
+    assert sorted(p["settings"]["needle_depths"] for p in data["points"] if p["settings"]["task"] == "niah") == [
+        [0.1], [0.1], [0.9], [0.9]]
+    assert {p["settings"]["needle_depths"] for p in data["points"] if p["settings"]["task"] == "passkey"} == {None}
+    text = runner.invoke(app, ["report", "--db", db, "--group", "pk"], env={"COLUMNS": "80"}).stdout
+    assert "passkey_lengths" not in text and "varying: task, needle_depths" in text

@@ -124,9 +124,13 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
      "--context-lengths applies to"),
     ('task = "ruler"\nsubtasks = ["vt", "bogus"]\n', "subtasks", 2, "unknown ruler subtask"),
     # as sweep refuses it: the passkey run's stored config said num_wikitext_samples 3, read by nobody
-    ('task = "passkey"\nnum_wikitext_samples = 3\n', "num_wikitext_samples", 2, "applies to task lm, not passkey"),
-    ('task = ["ruler", "passkey"]\n[[rows]]\nneedle_depths = [0.5]\n', "needle_depths", None,
-     "applies to task niah, not passkey, ruler"),
+    ('task = "passkey"\nnum_wikitext_samples = 3\n', "num_wikitext_samples", 2,
+     "--num-wikitext-samples applies to --task lm, not passkey"),
+    ('task = ["ruler", "passkey"]\n[[rows]]\nneedle_depths = [0.5]\n', "needle_depths", 3,
+     "--needle-depths applies to --task niah, not passkey, ruler"),
+    # a row that sets it for none of its runs, though another row's runs read it
+    ('model = "m"\n[[rows]]\ntask = "niah"\n[[rows]]\ntask = "passkey"\nneedle_depths = [0.5]\n', "needle_depths",
+     6, "--needle-depths applies to --task niah, not passkey"),
 ])
 def test_bad_files_fail_with_the_key_and_its_line(text, key, line, fragment):
     with pytest.raises(UsageError) as err:
@@ -187,3 +191,8 @@ def test_an_option_only_some_runs_tasks_read_is_left_out_of_the_others():
     assert sorted(r.config.needle_depths for r in niah) == [[0.1], [0.5]]
     assert {r.config.samples_per_task for r in niah} == {2}
     assert study.axes == ["task", "needle_depths"]  # samples_per_task is the same for every run reading it
+    # context lengths are ruler's and niah's, the passkey run's are its passkey_lengths: it was refused
+    mixed = parse_study('task = ["passkey", "ruler"]\ncontext_lengths = [4096]\npasskey_lengths = [512]\n')
+    assert {r.config.task: (r.config.context_lengths, r.config.passkey_lengths) for r in mixed.runs} == {
+        "passkey": (None, [512]), "ruler": ([4096], RunConfig().passkey_lengths)}
+    assert mixed.axes == ["task"]

@@ -168,6 +168,8 @@ def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_pa
      "line 1: pg19_source: --pg19-source: text source /no/such/books: no such file or folder (run 2: "
      "pg19_source=text:/no/such/books)"),
     ('task = "passkey"\n\nhaystack = "text:/no/such/books"\n', "line 3: haystack: --haystack: text source"),
+    # ...in a [[rows]] table too (its line was not found: the message named the file only)
+    ('task = "niah"\n[[rows]]\nhaystack = "bogus"\n', "line 3: haystack: --haystack: unknown text source"),
     ('model = ["smollm2-135m", "/no/such/model"]\n', "model path does not exist: /no/such/model"),
 ])
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
@@ -245,3 +247,16 @@ def test_an_interrupt_before_a_study_run_starts_says_what_is_kept(tiny_llama_dir
         "interrupted before this run of the study started (nothing of it was stored); finish the study with: "
         f"knormctl sweep --resume-group tiny-study --db {db}")
     assert [s for _, _, s, _ in _runs(db)] == ["complete"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--passkey-lengths", "256"], "--passkey-lengths applies to --task passkey, not niah"),
+    (["--haystack", "bogus"], "--haystack: unknown text source 'bogus'"),
+])
+def test_a_command_line_mistake_is_not_blamed_on_the_study_file(tmp_path, flags, message):
+    """Both were reported as '<file>: passkey_lengths: ...', a key the file does not hold."""
+    path = tmp_path / "niah.toml"
+    path.write_text('task = "niah"\ncontext_lengths = [512]\n')
+    res = runner.invoke(app, ["sweep", "--config", str(path), *flags, "--dry-run", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"Error: {message}") and "niah.toml" not in res.stderr, res.stderr

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from knormctl.config import task_reads
 from knormctl.render.pareto import Point, best_at_budgets, frontier
 from knormctl.render.summary import Summary, build_summary
 
@@ -154,9 +155,12 @@ def is_study(runs: Sequence[Any]) -> bool:
 
 
 def _axes(runs: Sequence[Any]) -> list[str]:
-    settings = [run_settings(r) for r in runs]
-    keys = dict.fromkeys(k for s in settings for k in s)
-    return [k for k in keys if k != "model" and len({repr(s.get(k)) for s in settings}) > 1]
+    """Settings that differ between the runs that read them (a passkey run's needle_depths is
+    its default, read by no one: runs of two tasks do not vary in it)."""
+    settings = [(r.task, run_settings(r)) for r in runs]
+    keys = dict.fromkeys(k for _, s in settings for k in s)
+    return [k for k in keys if k != "model"
+            and len({repr(s.get(k)) for task, s in settings if task_reads(task, k)}) > 1]
 
 
 def _ratio(change: float | None, interval: Interval | None) -> tuple[float | None, Interval | None]:
@@ -196,7 +200,8 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         s = build_summary([run], samples_by_run.get(run.id, []))
         summaries[run.id] = s
         raw = run_settings(run)
-        settings = {k: _text(raw.get(k)) for k in axes}
+        reads = {k: task_reads(run.task, k) for k in axes}  # "-": a setting this run's task does not read
+        settings = {k: _text(raw.get(k)) if reads[k] else "-" for k in axes}
         order = tuple(repr(raw.get(k)) if not isinstance(raw.get(k), (int, float)) else raw.get(k) for k in axes)
         own = ", ".join(f"{k}={settings[k]}" for k in scale_axes)
         scale = f"{run.model_requested} ({own})" if own else run.model_requested
@@ -214,7 +219,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
                        _ratio(r.changes.get("tpot_s"), r.change_intervals.get("tpot_s")))
             points.append(StudyPoint(model=run.model_requested, scale=scale, run_id=run.id, settings=settings,
-                                     order=order, values={k: raw.get(k) for k in axes},
+                                     order=order, values={k: raw.get(k) if reads[k] else None for k in axes},
                                      config_key=r.config_key, label=r.label, press=r.press,
                                      keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=r.n_prompts,
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
