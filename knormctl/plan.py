@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from knormctl.config import PressConfig
+from knormctl.errors import UsageError
 from knormctl.launch import parse_shard
 
 # Warm-up (untimed, before the first timed cell), on the longest prompt: the full cache for
@@ -47,6 +48,14 @@ def plan_cells(n_samples: int, configs: list[PressConfig], shard: str | None = N
         for i in range(k - 1, n_samples, total):
             cells.extend(Cell(i, configs[(i + r + j) % n], r) for j in range(n))
     return cells
+
+
+def check_shard_has_samples(n_samples: int, shard: str | None) -> None:
+    """A shard with no sample of its own is refused (one line) before it runs or is planned."""
+    k, total = parse_shard(shard) if shard else (1, 1)
+    if k > n_samples:
+        raise UsageError(f"--shard {shard} gets no samples: the run has {n_samples} sample(s), "
+                         f"so use at most {n_samples} shard(s)")
 
 
 def plan_batches(cells: list[Cell], batch_size: int, shape_of: Callable[[int], tuple]) -> list[list[Cell]]:

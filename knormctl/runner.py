@@ -22,7 +22,7 @@ from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
 from knormctl.errors import UsageError
-from knormctl.plan import Cell, plan_batches, plan_cells, warm_up_plan
+from knormctl.plan import Cell, check_shard_has_samples, plan_batches, plan_cells, warm_up_plan
 from knormctl.sample_rows import load_samples, sample_fields
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
@@ -140,10 +140,8 @@ class Runner:
         check_model(self.loaded.model, self.configs, skip_layers=cfg.skip_layers, decode_step=cfg.decode_step,
                     device=self.loaded.device)
         self.samples = load_samples(cfg, self.loaded, self.progress, records)
+        check_shard_has_samples(len(self.samples), cfg.shard)
         cells = plan_cells(len(self.samples), self.configs, cfg.shard, cfg.repeats)
-        if not cells:
-            raise UsageError(f"--shard {cfg.shard} gets no samples: the run has {len(self.samples)} sample(s), "
-                             f"so use at most {len(self.samples)} shard(s)")
         self.batches = plan_batches(cells, cfg.batch_size, self._shape)
         self.cells = [c for batch in self.batches for c in batch]  # one per stored row, in run order
         # the longest answer of the run (question tasks size answers per subtask)

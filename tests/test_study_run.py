@@ -143,6 +143,23 @@ def test_a_plain_sweeps_dry_run_plans_its_shard(tmp_path):
     # 3 configurations: the full-cache reference, knorm 1.0 and knorm 0.5
     assert json.loads(whole.stdout)["cells"] == 4 * 3 and json.loads(res.stdout)["cells"] == 2 * 3
     assert json.loads(res.stdout)["runs"][0]["stored"] is None
+    # a shard with no sample is refused as the run refuses it (the plan said "0 cells, ~0 s", exit 0)
+    empty = runner.invoke(app, [*args, "--shard", "5/5"])
+    assert empty.exit_code == 2 and "--shard 5/5 gets no samples: the run has 4 sample(s)" in empty.stderr
+
+
+def test_a_plain_sweeps_dry_run_is_not_refused_by_the_other_shards_of_its_group(tiny_llama_dir, books_dir, tmp_path):
+    """Shard 1 stored in group g: shard 2's --dry-run was refused ('not part of this study ...
+    delete them'), though the sweep itself runs."""
+    db = tmp_path / "r.db"
+    args = ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+            "--num-wikitext-samples", "2", "--num-pg19-samples", "0", "--wikitext-prompt-tokens", "48",
+            "--max-new-tokens", "2", "--eval-tokens", "2", "--threads", "1", "--keep-ratios", "0.5", "--no-warmup",
+            "--group", "g", "--db", str(db)]
+    assert runner.invoke(app, [*args, "--shard", "1/2"]).exit_code == 0
+    res = runner.invoke(app, [*args, "--shard", "2/2", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["cells"] == 1 * 2
 
 
 def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_path):

@@ -50,11 +50,12 @@ def planned_cells(cfg) -> int | None:
     sharded), without loading the model or cutting texts (None: not known before the texts
     are cut)."""
     from knormctl.config import planned_samples
-    from knormctl.plan import plan_cells
+    from knormctl.plan import check_shard_has_samples, plan_cells
 
     n = planned_samples(cfg)
     if n is None:
         return None
+    check_shard_has_samples(n, cfg.shard)  # as the run itself would refuse it, after loading the model
     return len(plan_cells(n, cfg.press_configs(), cfg.shard, max(1, getattr(cfg, "repeats", 1) or 1)))
 
 
@@ -70,8 +71,10 @@ def _check_group_is_the_studys(store, study) -> list:
     return stored
 
 
-def print_plan(study, db: str | None, json_out: bool) -> None:
-    """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model."""
+def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) -> None:
+    """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model.
+    ``plain``: a plain sweep's (not a study: its group may hold other sweeps or shards, and
+    nothing in it is kept or resumed by the study's rules)."""
     from knormctl import estimate
     from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, RUNNING, open_store
     from knormctl.store.liveness import owner
@@ -84,7 +87,7 @@ def print_plan(study, db: str | None, json_out: bool) -> None:
     except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
         store = None
     by_key = {}
-    if store is not None:
+    if store is not None and not plain:
         try:  # the real run would be refused: the plan says so too
             by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study)}
         except UsageError:
@@ -265,7 +268,7 @@ def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: st
             run.config.shard = cli_cfg.shard
         source = "(the same options)"
     if dry_run:
-        print_plan(study, db, json_out)
+        print_plan(study, db, json_out, plain=config is None)
         return
     run_study(study, db, json_out=json_out, verbose=verbose, source=source)
 
