@@ -341,17 +341,25 @@ def test_a_database_failure_mid_run_is_a_runtime_error_exit_1(tiny_llama_dir, bo
     assert con.execute("SELECT status FROM runs").fetchone() == ("failed",)
 
 
-@pytest.mark.parametrize("extra, says", [
+@pytest.mark.parametrize("extra, says, ppl_cut", [
     # one new token: the prompt's forward is the last, so generation never cuts -- the
     # perplexity evaluation still does (the flag said its numbers "say nothing about
     # compression", and that no prompt exceeded prune_after, with a 65-token one at 16)
-    (["--max-new-tokens", "1", "--prune-after", "16"], "its perplexity does reflect compression"),
+    (["--max-new-tokens", "1", "--prune-after", "16"], "only after each sample's last forward", True),
     # prefill mode cuts once, after the prompt: 64-token prompts under prune_after=70 are never
     # cut, though prompt + new tokens (72) exceed it -- the flag said they never did
-    (["--max-new-tokens", "8", "--prune-after", "70"], "no prompt exceeded prune_after=70"),
+    (["--max-new-tokens", "8", "--prune-after", "70"], "none exceeded prune_after=70: the longest was 64", False),
+    # decode mode: generation exceeds 70 only at its last forward, and so does the evaluation
+    # (64 + 8 eval tokens): nothing was cut -- the flag said the perplexity was
+    (["--max-new-tokens", "8", "--prune-after", "70", "--compress-mode", "decode"],
+     "only after each sample's last forward", False),
+    # the stream method scores the prompt's own chunk, cutting as it goes: generation never cut,
+    # the perplexity did -- the flag said its numbers reflected nothing
+    (["--max-new-tokens", "4", "--prune-after", "66", "--ppl-method", "stream"], "none exceeded prune_after=66",
+     True),
 ])
 def test_the_no_compression_flag_says_why_and_what_still_reflects_it(tiny_llama_dir, books_dir, tmp_path, extra,
-                                                                      says):
+                                                                      says, ppl_cut):
     db = tmp_path / "r.db"
     res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
                               "--num-wikitext-samples", "1", "--num-pg19-samples", "0", "--wikitext-prompt-tokens",
@@ -365,12 +373,32 @@ def test_the_no_compression_flag_says_why_and_what_still_reflects_it(tiny_llama_
         "ON r.sample_index = s.sample_index AND r.config_key = 'none' WHERE s.config_key != 'none'").fetchall()
     con.close()
     assert events == 0  # generation never cut
+    assert (ppl != ref_ppl) == ppl_cut  # the case is what it claims to be
     report = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])
     assert report.exit_code == 0, report.output
     [flag] = [f for f in json.loads(report.stdout)["flags"] if f["kind"] == "no_compression"]
     assert says in flag["message"], flag["message"]
-    if "reflect" in says:
-        assert ppl != ref_ppl  # ...and it does: the evaluation was cut
-        assert "say nothing about compression" not in flag["message"]
-    else:
-        assert ppl == ref_ppl
+    assert ("that pass did cut" in flag["message"]) == ppl_cut, flag["message"]
+    assert ("say nothing about compression" in flag["message"]) == (not ppl_cut), flag["message"]
+
+
+def test_the_no_compression_flag_reads_a_question_tasks_context_not_its_question(tiny_llama_dir, tmp_path):
+    """Prefill mode cuts the context, before the question: a context under prune_after with
+    context + question over it is never cut. The flag said it exceeded prune_after 'only after
+    the last forward'."""
+    db = tmp_path / "r.db"
+    args = ["sweep", "--task", "passkey", "--model", str(tiny_llama_dir), "--passkey-lengths", "256",
+            "--passkey-depths", "0.5", "--passkey-seeds", "1", "--presses", "knorm", "--keep-ratios", "0.5",
+            "--haystack", "wiki-lite-long", "--threads", "1", "--no-warmup", "--db", str(db)]
+    res = runner.invoke(app, [*args, "--prune-after", "10000"])  # learn the context's length
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    prompt, question = con.execute("SELECT prompt_tokens, question_tokens FROM samples LIMIT 1").fetchone()
+    con.close()
+    db.unlink()
+    context = prompt - question
+    res = runner.invoke(app, [*args, "--prune-after", str(context)])  # over with the question, not without
+    assert res.exit_code == 0, res.output
+    report = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])
+    [flag] = [f for f in json.loads(report.stdout)["flags"] if f["kind"] == "no_compression"]
+    assert f"none exceeded prune_after={context}: the longest was {context} tokens" in flag["message"], flag

@@ -72,22 +72,24 @@ def machine_flags(header: RunHeader) -> list[Flag]:
 
 
 def _no_compression(r: ConfigRow, where: str) -> str:
-    """Why a configuration's generations never cut the cache, and what of its numbers still
-    reflects compression."""
+    """Why a configuration's generations never cut the cache, and whether its perplexity, from an
+    evaluation pass of its own (another length, another method), was cut all the same: told
+    by the numbers, not assumed (an uncut pass gives the full cache's value on every prompt)."""
     pa = r.prune_after
     if r.compress_mode == "prefill" and r.max_prompt_tokens is not None and r.max_prompt_tokens <= pa:
-        why = (f"no prompt exceeded prune_after={pa}; prefill mode cuts once, after the prompt, and the "
-               f"longest prompt was {r.max_prompt_tokens} tokens")
+        why = (f"prefill mode cuts once, after the prompt (a question task's context), and none exceeded "
+               f"prune_after={pa}: the longest was {r.max_prompt_tokens} tokens")
     elif r.max_context_tokens is None or r.max_context_tokens <= pa:
         longest = f"; the longest was {r.max_context_tokens} tokens" if r.max_context_tokens else ""
         why = f"prompt + new tokens never exceeded prune_after={pa}{longest}"
     else:  # e.g. --max-new-tokens 1: the prompt's forward is the last, and no token reads a cut after it
         why = (f"the cache exceeded prune_after={pa} only after each sample's last forward, and no token reads "
                "a cut made there, so none is made")
-        if r.values.get("ppl_compressed") is not None:
-            return (f"{where}: generation never cut the cache ({why}), so its speed and KV numbers are the full "
-                    "cache's; its perplexity does reflect compression (the evaluation cuts the cache after the "
-                    "prompt, before the tokens it scores).")
+    change, interval = r.changes.get("ppl_compressed"), r.change_intervals.get("ppl_compressed")
+    if change is not None and (change != 0.0 or (interval is not None and interval != (0.0, 0.0))):
+        return (f"{where}: generation never cut the cache ({why}), so its speed and KV numbers are the full "
+                f"cache's; its perplexity, from an evaluation pass of its own, differs from the full cache's on "
+                f"the same prompts ({change:+.2f}%), so that pass did cut.")
     return f"{where}: no sample triggered a compression ({why}), so its numbers say nothing about compression."
 
 

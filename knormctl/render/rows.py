@@ -53,7 +53,7 @@ class ConfigRow:
     peak_mem_kind: str | None
     peak_mem_reason: str | None  # why peak memory is N/A (set only when it is)
     max_context_tokens: int | None  # largest prompt + new tokens over the samples
-    max_prompt_tokens: int | None  # largest prompt over the samples
+    max_prompt_tokens: int | None  # largest part a prefill-mode cut sees: the prompt (a question's context)
     compressed_samples: int | None  # successful samples with compress_events > 0 (None: not recorded)
     paired: bool | None  # same successful prompts as the reference (None: this is the reference / none exists)
 
@@ -161,6 +161,12 @@ def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool)
     return rows, noise_pct, noise_source, measured
 
 
+def _cut_part(s: Any) -> int:
+    """Tokens of a sample's prompt that a prefill-mode cut sees: all of them, but for the context
+    protocol only the context (the question is fed after the cut)."""
+    return s.prompt_tokens - ((s.question_tokens or 0) if getattr(s, "protocol", None) == "context" else 0)
+
+
 def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], dataset: str | None,
          labels: dict[str, str], ref_cells: set | None) -> ConfigRow:
     p = group[0]
@@ -186,7 +192,7 @@ def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], da
         peak_mem_kind=", ".join(sorted(mem_kinds)) or None,
         peak_mem_reason=("; ".join(sorted(reasons)) or "not measured") if st["peak_mem_bytes"].value is None else None,
         max_context_tokens=max(contexts) if contexts else None,
-        max_prompt_tokens=max((s.prompt_tokens for s in good if s.prompt_tokens is not None), default=None),
+        max_prompt_tokens=max((_cut_part(s) for s in good if s.prompt_tokens is not None), default=None),
         compressed_samples=sum(1 for e in events if e > 0) if events else None,
         paired=None if ref_cells is None or key == REFERENCE_KEY else cells == ref_cells,
     )
