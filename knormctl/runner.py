@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
-from knormctl.errors import UsageError
+from knormctl.errors import StoreError, UsageError
 from knormctl.plan import Cell, check_shard_has_samples, plan_batches, plan_cells, warm_up_plan
 from knormctl.sample_rows import load_samples, sample_fields
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
 from knormctl.store.liveness import owner
+from knormctl.store.locations import hide_password
 from knormctl.tasks.catalog import QUESTION_TASKS
 from knormctl.tasks.prompt import QuestionSample
 
@@ -171,7 +172,7 @@ class Runner:
         env = get_environment(lm.device)
         self.run_id = self.store.create_run(
             command=cfg.command, task=cfg.task, model_requested=cfg.model, config=cfg.to_dict(),
-            command_line=shlex.join(["knormctl", *sys.argv[1:]]), env=env, group_name=cfg.group,
+            command_line=shlex.join(["knormctl", *map(hide_password, sys.argv[1:])]), env=env, group_name=cfg.group,
             shard=cfg.shard, samples_planned=len(self.cells), dtype=lm.dtype, device=lm.device,
             knormctl_version=__version__, git_commit=env.get("git_commit"))
         self.store.update_run(self.run_id, model_resolved=lm.resolved, model_hash=lm.model_hash,
@@ -284,16 +285,25 @@ class Runner:
         except KeyboardInterrupt as exc:  # why, not how far: the report counts the stored cells itself
             out.status = m.INTERRUPTED
             why = "stopped by SIGTERM" if isinstance(exc, Interrupted) else "stopped by Ctrl-C (SIGINT)"
-            self.store.finish_run(run_id, m.INTERRUPTED, error=why)
+            self._end_after_failure(run_id, m.INTERRUPTED, why)
             raise
         except BaseException as exc:
-            self.store.finish_run(run_id, m.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self._end_after_failure(run_id, m.FAILED, f"{type(exc).__name__}: {exc}")
             raise
         finally:
             beat.stop()
         out.status = m.COMPLETE_WITH_ERRORS if out.failed else m.COMPLETE
         self.store.finish_run(run_id, out.status)
         return out
+
+    def _end_after_failure(self, run_id: int, status: str, why: str) -> None:
+        """Mark the run ended while an error (or an interrupt) propagates. When the database is
+        what failed (a lost server), this fails too: the first error is the one to report, and
+        the run, left 'running' with no live owner, reads as interrupted and resumes."""
+        try:
+            self.store.finish_run(run_id, status, error=why)
+        except StoreError as exc:
+            self.progress(f"could not mark run {run_id} {status} ({str(exc).splitlines()[0]})")
 
     def _run_cells(self, out: Outcome, done_before: set) -> None:
         """Every batch of cells (one cell each at --batch-size 1). A batch runs again when any

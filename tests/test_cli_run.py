@@ -324,21 +324,36 @@ def test_shards_cover_every_cell_once_and_report_merges_the_group(tiny_llama_dir
     assert sum(r["n_samples"] for r in data["rows"]) == 9
 
 
-def test_a_database_failure_mid_run_is_a_runtime_error_exit_1(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("server_lost", [False, True])
+def test_a_database_failure_mid_run_is_a_runtime_error_exit_1(tiny_llama_dir, books_dir, tmp_path, monkeypatch,
+                                                               server_lost):
+    """Disk full, or a lost server: one line naming what failed (storing a sample) and how to
+    finish the run. With the server gone, marking the run ended fails too -- that second error
+    replaced the first ('ending run 1 failed'), and no way on was given."""
     from knormctl.errors import StoreError
     from knormctl.store.db import Store
 
     def disk_full(self, run_id, **fields):
         raise StoreError("could not store a sample in r.db: database or disk is full")
 
+    real_finish = Store.finish_run
+
+    def finish(self, run_id, status, error=None):
+        if server_lost:
+            raise StoreError("ending run 1 failed: connection refused")
+        real_finish(self, run_id, status, error=error)
+
     monkeypatch.setattr(Store, "add_sample", disk_full)
-    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--no-warmup", *_args(tiny_llama_dir, books_dir,
-                                                                                      tmp_path / "r.db")])
+    monkeypatch.setattr(Store, "finish_run", finish)
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--no-warmup", *_args(tiny_llama_dir, books_dir, db)])
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
-    assert res.stderr.strip().splitlines()[-1] == "Error: could not store a sample in r.db: database or disk is full"
-    con = sqlite3.connect(tmp_path / "r.db")
-    assert con.execute("SELECT status FROM runs").fetchone() == ("failed",)
+    assert res.stderr.strip().splitlines()[-1] == (
+        "Error: could not store a sample in r.db: database or disk is full; run 1 keeps the cells stored before "
+        f"it: once the database is back, finish it with: knormctl sweep --resume 1 --db {db}")
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT status FROM runs").fetchone() == ("running" if server_lost else "failed",)
 
 
 @pytest.mark.parametrize("extra, says, ppl_cut", [

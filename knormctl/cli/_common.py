@@ -250,18 +250,27 @@ def db_arg(db: str | None) -> str:
     the suggestion would act on the default database, another one)."""
     import shlex
 
-    return f" --db {shlex.quote(str(db))}" if db else ""
+    from knormctl.store.locations import hide_password
+
+    return f" --db {shlex.quote(hide_password(str(db)))}" if db else ""
 
 
 def check_db_exists(db: str | None) -> None:
-    """A SQLite file a command continues or changes must exist: a typo must not create an empty
-    database."""
+    """The database a command continues or changes must hold knormctl's results: a typo must not
+    create an empty SQLite file, nor knormctl's tables in another PostgreSQL database."""
+    from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
 
     from knormctl.errors import UsageError
-    from knormctl.store import to_url
+    from knormctl.store import open_store, to_url
     from knormctl.store.locations import sqlite_file
 
     path = sqlite_file(make_url(to_url(db)))
-    if path is not None and not path.exists():
-        raise UsageError(f"{path} does not exist")
+    if path is not None:
+        if not path.exists():
+            raise UsageError(f"{path} does not exist")
+        return
+    with open_store(db, migrate=False) as store:  # a server: connecting creates nothing
+        with store.engine.connect() as conn:
+            if not inspect(conn).has_table("runs"):
+                raise UsageError(f"{store.url} holds no knormctl results (no runs table)")

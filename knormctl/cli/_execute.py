@@ -124,7 +124,10 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         finally:
             progress.close()  # before any message: a live bar would draw over it
     except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
-        raise fail(str(exc).splitlines()[0], 1) from None
+        run_id = getattr(runner, "run_id", None)
+        then = (f"; run {run_id} keeps the cells stored before it: once the database is back, finish it with: "
+                f"{resume_hint(run_id)}") if run_id is not None else ""
+        raise fail(str(exc).splitlines()[0] + then, 1) from None
     except KeyboardInterrupt:
         run_id = getattr(runner, "run_id", None)
         if run_id is None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+from knormctl.store.locations import hide_passwords_in_command
+
 STATUS_SEVERITY = ("complete", "complete_with_errors", "running", "interrupted", "failed")
 
 
@@ -175,7 +177,7 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         samples_done=sum(r.samples_done or 0 for r in runs),
         samples_failed=sum(r.samples_failed or 0 for r in runs),
         samples_planned=sum(planned) if all(p is not None for p in planned) else None,
-        command_line=first.command_line or "",
+        command_line=hide_passwords_in_command(first.command_line) or "",
         machines=machines, differs=differs,
         batch_size=max(int((getattr(r, "config_json", None) or {}).get("batch_size") or 1) for r in runs),
         decode_step=_shared([(getattr(r, "config_json", None) or {}).get("decode_step") or "launched" for r in runs]),

@@ -80,7 +80,7 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
         engine = make_engine(url, readonly=readonly)
     except (NoSuchModuleError, ImportError) as exc:
         hint = " (PostgreSQL: pip install 'knormctl[postgres]' and use postgresql+psycopg://)" \
-            if url.get_backend_name() == "postgresql" else ""
+            if url.get_backend_name() in ("postgresql", "postgres") else ""
         raise StoreError(f"cannot use {shown}: no driver for {url.drivername} ({exc}){hint}") from None
     try:
         before = head = backup = None

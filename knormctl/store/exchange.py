@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, Column, DateTime, MetaData, Table, delete, insert, select, update
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Mapped
 
 from knormctl import __version__
@@ -39,6 +39,7 @@ from knormctl.files import refuse_the_database, written_whole
 from knormctl.store import liveness
 from knormctl.store.api import Store
 from knormctl.store.connect import WRITE, reason
+from knormctl.store.locations import hide_passwords_in_command
 from knormctl.store.models import RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
 
 FORMAT = "knormctl-results"
@@ -102,6 +103,7 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
             for run_id in ids:  # one read transaction: a consistent snapshot of every run
                 run = dict(conn.execute(select(RUNS).where(RUNS.c.id == run_id)).one()._mapping)
                 run |= liveness.shown_as(run) or {}  # a 'running' run whose owner is gone: as readers show it
+                run["command_line"] = hide_passwords_in_command(run["command_line"])  # a file to share
                 write({"run": _encode(RUNS, run)})
                 rows = conn.execute(select(SAMPLES).where(SAMPLES.c.run_id == run_id).order_by(SAMPLES.c.id),
                                     execution_options={"yield_per": _BATCH})  # streamed: no run held in memory
@@ -281,7 +283,7 @@ def check_file(path: Path) -> None:
         pass
 
 
-def import_file(store: Store, path: Path) -> Imported:
+def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
     """Load an export into ``store``: new runs added with new ids; a run already there (same
     uuid) replaced by the file's copy when that holds more cells (the run was resumed after the
     earlier export; its id here is kept), else skipped. One transaction: a damaged or truncated
@@ -350,6 +352,12 @@ def import_file(store: Store, path: Path) -> Imported:
                 if len(batch) >= _BATCH:
                     _flush(conn, samples_t, batch)
             _flush(conn, samples_t, batch)
+    except IntegrityError as exc:
+        # Another import of the same runs committed first (PostgreSQL runs them side by side;
+        # SQLite one after the other): this one rolled back whole, and read again it finds them.
+        if any(name in str(exc.orig) for name in ("uq_runs_uuid", "runs.uuid")) and _attempt < 3:
+            return import_file(store, path, _attempt + 1)
+        raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
     except DBAPIError as exc:
         raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
     except StatementError as exc:  # a value the column's type could not take (checked above: a safety net)

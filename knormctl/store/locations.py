@@ -112,3 +112,32 @@ def check_sqlite_file_to_read(path: Path) -> None:
     if not os.access(path, os.R_OK):
         raise StoreError(f"{path} is not readable")
     _check_header(path)
+
+
+def hide_password(arg: str) -> str:
+    """``arg`` with the password of a database URL in it replaced by ``***`` (``--db=URL`` too);
+    anything else unchanged. For what is stored or printed: a command line, a hint."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    head, sep, url_text = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if "://" not in url_text:
+        return arg
+    try:
+        url = make_url(url_text)
+    except (ArgumentError, ValueError):
+        return arg
+    return arg if url.password is None else head + sep + url.render_as_string(hide_password=True)
+
+
+def hide_passwords_in_command(command_line: str | None) -> str | None:
+    """A stored command line (``shlex.join``) with every database URL's password hidden: runs
+    stored before knormctl hid it at the source are shown and exported without it too."""
+    import shlex
+
+    if not command_line or "://" not in command_line:
+        return command_line
+    try:
+        return shlex.join(hide_password(a) for a in shlex.split(command_line))
+    except ValueError:  # not shell syntax after all: keep it whole
+        return command_line

@@ -73,7 +73,12 @@ def known_revisions() -> tuple[str, set[str]]:
     return script.get_current_head(), {rev.revision for rev in script.walk_revisions()}
 
 
-def _newer_message(shown: str, unknown: list[str], head: str) -> str:
+def _newer_message(conn, shown: str, unknown: list[str], head: str) -> str:
+    """An Alembic stamp this knormctl does not know: a newer knormctl's, or -- without knormctl's
+    tables -- another application's (its database named by mistake)."""
+    if not inspect(conn).has_table("runs"):
+        return (f"{shown} is not a knormctl results database (its schema revision {', '.join(unknown)} is "
+                "another application's, and it has no runs table)")
     return (f"database {shown} has schema revision {', '.join(unknown)}, newer than this "
             f"knormctl (knows up to {head}); upgrade knormctl")
 
@@ -97,10 +102,13 @@ def check_readable(engine: Engine, shown: str) -> str:
     head, known = known_revisions()
     unknown = [rev for rev in stamped if rev not in known]
     if unknown:
-        raise StoreError(_newer_message(shown, unknown, head))
+        with engine.connect() as conn:
+            raise StoreError(_newer_message(conn, shown, unknown, head))
+    backup = ("it keeps a backup" if engine.dialect.name == "sqlite" else
+              "this backend gets no automatic backup: take one first, e.g. with pg_dump")
     raise StoreError(f"{shown} has schema {', '.join(stamped)}, older than this knormctl's {head}; reading "
                      f"never changes a database: upgrade it first with `knormctl runs upgrade --db {shown}` "
-                     "(it keeps a backup)")
+                     f"({backup})")
 
 
 def _current_heads(conn) -> tuple[str, ...]:
@@ -146,7 +154,7 @@ def migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None, 
                     return head, head, None
                 unknown = [rev for rev in current if rev not in known]
                 if unknown:
-                    raise StoreError(_newer_message(shown, unknown, head))
+                    raise StoreError(_newer_message(conn, shown, unknown, head))
                 if not current:
                     _refuse_foreign_tables(conn, shown, sqlite)
                 old = ", ".join(current) or None
