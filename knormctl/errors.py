@@ -19,6 +19,10 @@ class StoreError(KnormctlError):
     exit_code = 2
 
 
+class RunNotOwned(StoreError):
+    """This process may no longer store into its run: another took it over, or it was deleted."""
+
+
 class AssetError(KnormctlError):
     """A model or text source could not be fetched or loaded (network, disk, missing package)."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from knormctl import __version__
 from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
-from knormctl.errors import StoreError, UsageError
+from knormctl.errors import RunNotOwned, StoreError, UsageError
 from knormctl.plan import Cell, check_shard_has_samples, plan_batches, plan_cells, warm_up_plan
 from knormctl.sample_rows import load_samples, sample_fields
 from knormctl.stats import token_match  # the one definition, shared with the report
@@ -302,6 +302,8 @@ class Runner:
         the run, left 'running' with no live owner, reads as interrupted and resumes."""
         try:
             self.store.finish_run(run_id, status, error=why)
+        except RunNotOwned:  # another process owns it now: not this one's to end
+            pass
         except StoreError as exc:
             self.progress(f"could not mark run {run_id} {status} ({str(exc).splitlines()[0]})")
 

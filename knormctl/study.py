@@ -19,6 +19,7 @@ Torch-free: planning a study (``--dry-run``) never loads a model.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import itertools
 import re
@@ -74,11 +75,23 @@ def key_id(key: str) -> str:
 
 
 def study_run_key(cfg: RunConfig) -> str:
-    """The resolved settings that define a run (not where it is stored or how it is split)."""
+    """The resolved settings that define a run (not where it is stored or how it is split, nor
+    the options its task does not read)."""
     d = cfg.to_dict()
     for k in ("group", "shard", "threads", "study"):
         d.pop(k, None)
-    return repr(sorted(d.items()))
+    return repr(sorted((k, v) for k, v in d.items() if task_reads(d.get("task"), k)))
+
+
+def normalized_key(key: str) -> str:
+    """A stored run key as ``study_run_key`` makes it now: keys stored before the options a
+    run's task does not read were left out (a passkey run of a passkey+niah study kept the
+    file's needle_depths) match the same run planned again."""
+    try:
+        d = dict(ast.literal_eval(key))
+    except (ValueError, SyntaxError, TypeError):
+        return key
+    return repr(sorted((k, v) for k, v in d.items() if task_reads(d.get("task"), k)))
 
 
 # ----------------------------------------------------------------------------- types

@@ -28,6 +28,11 @@ def test_a_url_password_is_hidden_wherever_it_would_be_stored_or_printed(tmp_pat
     for plain in ("--db", "/tmp/r.db", "sqlite:////tmp/r.db", "knorm(window_size=3)", "text:/a=b",
                   "postgresql+psycopg://bob@host/kb"):
         assert hide_password(plain) == plain
+    # the driver also takes it as a query argument: it was stored and printed as given
+    assert hide_password(f"postgresql+psycopg://bob@h/kb?password={SECRET}&sslmode=require") == (
+        "postgresql+psycopg://bob@h/kb?password=***&sslmode=require")
+    res = runner.invoke(app, ["report", "--db", f"postgresql+psycopg://bob@127.0.0.1:1/kb?password={SECRET}"])
+    assert res.exit_code == 2 and SECRET not in res.stderr and "password=***" in res.stderr
     # a run stored with the password in its command line (before knormctl hid it at the source):
     # the report and the export show it hidden
     db = str(tmp_path / "r.db")
@@ -154,3 +159,14 @@ def test_a_postgres_scheme_without_a_driver_names_the_one_to_use():
     res = runner.invoke(app, ["report", "--list", "--db", f"postgres://bob:{SECRET}@127.0.0.1:1/kb"])
     assert res.exit_code == 2
     assert "use postgresql+psycopg://" in res.stderr and SECRET not in res.stderr
+
+
+@pytest.mark.parametrize("args", [["runs", "delete", "1", "--yes"], ["runs", "upgrade"], ["sweep", "--resume", "1"]])
+@pytest.mark.parametrize("url", ["foo bar://x", "postgresql+psycopg://u@h:5x/db"])
+def test_a_malformed_url_is_one_usage_line_in_the_commands_that_change_runs(args, url):
+    """They checked that the database exists before the URL was parsed: 'unexpected
+    ArgumentError' / 'unexpected ValueError', exit 1."""
+    res = runner.invoke(app, [*args, "--db", url])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == ("Error: invalid database URL (expected a file path, sqlite:///PATH or "
+                                  "postgresql+psycopg://USER@HOST/DB)")

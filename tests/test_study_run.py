@@ -277,3 +277,51 @@ def test_a_command_line_mistake_is_not_blamed_on_the_study_file(tmp_path, flags,
     res = runner.invoke(app, ["sweep", "--config", str(path), *flags, "--dry-run", "--db", str(tmp_path / "r.db")])
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith(f"Error: {message}") and "niah.toml" not in res.stderr, res.stderr
+
+
+def test_a_study_stored_before_ignored_options_were_left_out_is_kept_as_it_is(tmp_path):
+    """Its passkey run's stored key held the file's needle_depths (read by no passkey run); planned
+    again, the key left it out, and both the study file and --resume-group refused the group as
+    'not part of this study ... delete them: knormctl runs delete 1'."""
+    from report_data import Cfg, fill_run
+
+    from knormctl.store import open_store
+    from knormctl.study import parse_study
+
+    text = 'name = "old"\ntask = ["passkey", "niah"]\nneedle_depths = [0.3]\npasskey_lengths = [512]\n'
+    path = tmp_path / "old.toml"
+    path.write_text(text)
+    study = parse_study(text, path=str(path))
+    db = str(tmp_path / "r.db")
+    with open_store(db) as store:
+        for run in study.runs:
+            old = run.config.to_dict()
+            old["needle_depths"], old["passkey_lengths"] = [0.3], [512]  # as planned before: every run had both
+            for k in ("group", "shard", "threads", "study"):
+                old.pop(k)
+            plan = {**study.resolved, "index": run.index, "key": repr(sorted(old.items()))}
+            fill_run(store, task=run.config.task, group="old", configs=(Cfg(mode="prefill"),),
+                     settings={**run.config.to_dict(), "study": plan})
+    for args in (["--config", str(path)], ["--resume-group", "old"]):
+        res = runner.invoke(app, ["sweep", *args, "--dry-run", "--json", "--db", db])
+        assert res.exit_code == 0, (args, res.output)
+        assert [r["stored"] for r in json.loads(res.stdout)["runs"]] == ["kept: run 1, complete",
+                                                                           "kept: run 2, complete"], res.stdout
+    report = runner.invoke(app, ["report", "--group", "old", "--db", db, "--format", "json"])
+    assert report.exit_code == 0 and "not stored yet" not in report.stdout
+
+
+def test_command_line_options_of_a_question_task_study_apply_to_its_runs(tmp_path):
+    """--context-lengths on a niah study was checked against the default task (lm) and refused
+    before the study's runs saw it; so were --protocol and prefill-only presses."""
+    path = tmp_path / "n.toml"
+    path.write_text('[[rows]]\ntask = "niah"\ncontext_lengths = [512]\n[[rows]]\ntask = "passkey"\n')
+    base = ["sweep", "--config", str(path), "--dry-run", "--json", "--db", str(tmp_path / "r.db")]
+    res = runner.invoke(app, base)
+    assert res.exit_code == 0, res.output
+    before = {r["varying"]["task"]: r["cells"] for r in json.loads(res.stdout)["runs"]}
+    res = runner.invoke(app, [*base, "--context-lengths", "1024,2048", "--protocol", "query-aware",
+                              "--presses", "pyramidkv"])
+    assert res.exit_code == 0, res.output
+    after = {r["varying"]["task"]: r["cells"] for r in json.loads(res.stdout)["runs"]}
+    assert after["niah"] == 2 * before["niah"] and after["passkey"] == before["passkey"]

@@ -232,9 +232,11 @@ VerboseOpt = Annotated[bool, _opt("--verbose", "-v", panel=OUTPUT, metavar=FLAG,
                                        "errors.")]
 
 
-def run_config(command: str, options: dict, **parsed):
+def run_config(command: str, options: dict, *, validate: bool = True, **parsed):
     """The validated RunConfig of a `baseline`/`sweep` call: every option that names a
-    RunConfig field is taken as is; ``parsed`` holds the list options after parsing."""
+    RunConfig field is taken as is; ``parsed`` holds the list options after parsing.
+    ``validate=False``: the options override a study file's runs, each validated there with its
+    own task (checked here at the default task, niah's --context-lengths was refused)."""
     from dataclasses import fields
 
     from knormctl.config import RunConfig
@@ -242,7 +244,8 @@ def run_config(command: str, options: dict, **parsed):
     names = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in options.items() if k in names}
     values["sampling"] = options["sample"]  # --sample/--greedy
-    return RunConfig(command=command, **{**values, **parsed}).validate()
+    cfg = RunConfig(command=command, **{**values, **parsed})
+    return cfg.validate() if validate else cfg
 
 
 def db_arg(db: str | None) -> str:
@@ -259,13 +262,12 @@ def check_db_exists(db: str | None) -> None:
     """The database a command continues or changes must hold knormctl's results: a typo must not
     create an empty SQLite file, nor knormctl's tables in another PostgreSQL database."""
     from sqlalchemy import inspect
-    from sqlalchemy.engine import make_url
 
     from knormctl.errors import UsageError
     from knormctl.store import open_store, to_url
-    from knormctl.store.locations import sqlite_file
+    from knormctl.store.locations import parse_url, sqlite_file
 
-    path = sqlite_file(make_url(to_url(db)))
+    path = sqlite_file(parse_url(to_url(db)))
     if path is not None:
         if not path.exists():
             raise UsageError(f"{path} does not exist")

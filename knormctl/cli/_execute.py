@@ -13,7 +13,7 @@ from knormctl.cli._common import check_db_exists, db_arg, fail
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
-from knormctl.errors import StoreError
+from knormctl.errors import RunNotOwned, StoreError
 
 
 LONG_RUN_S = 600  # an estimate longer than this gets a line on how to stop and resume
@@ -126,7 +126,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     except StoreError as exc:  # the database failed mid-run (disk full, lost server): a runtime failure
         run_id = getattr(runner, "run_id", None)
         then = (f"; run {run_id} keeps the cells stored before it: once the database is back, finish it with: "
-                f"{resume_hint(run_id)}") if run_id is not None else ""
+                f"{resume_hint(run_id)}") if run_id is not None and not isinstance(exc, RunNotOwned) else ""
         raise fail(str(exc).splitlines()[0] + then, 1) from None
     except KeyboardInterrupt:
         run_id = getattr(runner, "run_id", None)

@@ -163,7 +163,10 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
 
 
 def _stored_key(run) -> str | None:
-    return ((run.config_json or {}).get("study") or {}).get("key")
+    from knormctl.study import normalized_key
+
+    key = ((run.config_json or {}).get("study") or {}).get("key")
+    return None if key is None else normalized_key(key)
 
 
 def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: str) -> None:

@@ -83,7 +83,7 @@ def sweep(
             run_benchmark(None, db, json_out=json_out, resume=resume, verbose=verbose)
             return
         cfg = o.run_config(
-            "sweep", locals(), keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
+            "sweep", locals(), validate=config is None, keep_ratios=parse_float_list(keep_ratios, "--keep-ratios"),
             skip_layers=parse_int_list(skip_layers, "--skip-layers", allow_empty=True),
             presses=parse_press_list(presses),
             compress_mode=compress_mode,  # None: the task's default (RunConfig.validate)

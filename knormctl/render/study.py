@@ -271,7 +271,7 @@ def runs_line(name: str, n: int, planned: int | None, missing: Sequence[int]) ->
 def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
     """(runs the newest stored plan holds, its positions with no stored run). (None, []) where
     the runs were not planned from a study file, or by plans that cannot be told apart."""
-    from knormctl.study import key_id
+    from knormctl.study import key_id, normalized_key
 
     plans = [(r.id, (r.config_json or {}).get("study") or {}) for r in runs]
     plans = [(rid, p) for rid, p in plans if isinstance(p.get("runs"), int)]
@@ -279,7 +279,8 @@ def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
         return None, []
     newest = max(plans)[1]
     if newest.get("key_ids"):
-        stored = {key_id(p["key"]) for _, p in plans if p.get("key")}
+        # a plan names its runs by their keys as planned then; stored runs match in either form
+        stored = {key_id(k) for _, p in plans if p.get("key") for k in (p["key"], normalized_key(p["key"]))}
         return len(newest["key_ids"]), [i + 1 for i, k in enumerate(newest["key_ids"]) if k not in stored]
     same = {k: v for k, v in newest.items() if k not in ("index", "key")}
     if any({k: v for k, v in p.items() if k not in ("index", "key")} != same for _, p in plans):

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import defer, sessionmaker
 
 from knormctl.config import MAX_STORED_INT
-from knormctl.errors import StoreError, UsageError
+from knormctl.errors import RunNotOwned, StoreError, UsageError
 from knormctl.store import liveness
 from knormctl.store.connect import WRITE, reason
 from knormctl.store.models import INTERRUPTED, RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
@@ -159,8 +159,8 @@ class Store:
     def _not_owned(session, run_id: int) -> StoreError:
         run = session.get(Run, run_id)
         if run is None:
-            return StoreError(f"run {run_id} does not exist")
-        return StoreError(f"run {run_id} was taken over by process {run.pid} on {run.hostname} "
+            return RunNotOwned(f"run {run_id} does not exist")
+        return RunNotOwned(f"run {run_id} was taken over by process {run.pid} on {run.hostname} "
                           "(a --resume while this process was paused or cut off); this process stores no more")
 
     def _owner_write(self, what: str, run_id: int, **values) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import os
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
 from knormctl.errors import StoreError
 from knormctl.store.api import STATUSES, Store  # noqa: F401  (re-exported: the historical home)
 from knormctl.store.connect import ensure_wal, make_engine, open_error, retry_busy
 from knormctl.store.locations import (check_sqlite_file, check_sqlite_file_to_read, default_db_path, default_db_url,
-                                      is_default, sqlite_file, to_url)
+                                      is_default, parse_url, shown_url, sqlite_file, to_url)
 from knormctl.store.migrate import SCHEMA_HEAD, alembic_config, check_readable, migrations_dir
 from knormctl.store.migrate import migrate as migrate_schema  # `migrate` is open_store's flag
 from knormctl.store.models import utcnow
@@ -55,13 +54,8 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
     url_text = to_url(url_or_path)
     if default and not readonly:
         default_db_path().parent.mkdir(parents=True, exist_ok=True)  # only the default folder is ours to create
-    try:
-        url = make_url(url_text)
-        url.port  # noqa: B018 -- a port that is not a number fails here, not deep in the driver
-    except (ArgumentError, ValueError):
-        raise StoreError("invalid database URL (expected a file path, sqlite:///PATH or "
-                         "postgresql+psycopg://USER@HOST/DB)") from None
-    shown = url.render_as_string(hide_password=True)
+    url = parse_url(url_text)
+    shown = shown_url(url)
     path = sqlite_file(url)
     if path is not None and url.query:  # the driver would ignore them, with a two-line warning
         raise StoreError(f"{shown}: knormctl does not use SQLite URL arguments ({', '.join(url.query)}); give "

@@ -127,7 +127,28 @@ def hide_password(arg: str) -> str:
         url = make_url(url_text)
     except (ArgumentError, ValueError):
         return arg
-    return arg if url.password is None else head + sep + url.render_as_string(hide_password=True)
+    return arg if url.password is None and "password" not in url.query else head + sep + shown_url(url)
+
+
+def shown_url(url: URL) -> str:
+    """The URL to print or store: its password (``user:PW@`` or ``?password=PW``) as ``***``."""
+    if "password" in url.query:
+        url = url.update_query_dict({"password": "***"})
+    return url.render_as_string(hide_password=True).replace("password=%2A%2A%2A", "password=***")
+
+
+def parse_url(url_text: str) -> URL:
+    """A SQLAlchemy URL, or one line (StoreError) for what is not one (a port not a number)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(url_text)
+        url.port  # noqa: B018 -- a port that is not a number fails here, not deep in the driver
+    except (ArgumentError, ValueError):
+        raise StoreError("invalid database URL (expected a file path, sqlite:///PATH or "
+                         "postgresql+psycopg://USER@HOST/DB)") from None
+    return url
 
 
 def hide_passwords_in_command(command_line: str | None) -> str | None:
