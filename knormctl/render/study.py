@@ -203,7 +203,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         reads = {k: task_reads(run.task, k) for k in axes}  # "-": a setting this run's task does not read
         settings = {k: _text(raw.get(k)) if reads[k] else "-" for k in axes}
         order = tuple(repr(raw.get(k)) if not isinstance(raw.get(k), (int, float)) else raw.get(k) for k in axes)
-        own = ", ".join(f"{k}={settings[k]}" for k in scale_axes)
+        own = ", ".join(f"{k}={settings[k]}" for k in scale_axes if reads[k])
         scale = f"{run.model_requested} ({own})" if own else run.model_requested
         for r in s.rows:
             if r.dataset is not None:
