@@ -77,7 +77,7 @@ def _no_compression(r: ConfigRow, where: str) -> str:
     by the numbers, not assumed (an uncut pass gives the full cache's value on every prompt)."""
     pa = r.prune_after
     if r.compress_mode == "prefill" and r.max_prompt_tokens is not None and r.max_prompt_tokens <= pa:
-        why = (f"prefill mode cuts once, after the prompt (a question task's context), and none exceeded "
+        why = (f"prefill mode cuts once, after the prompt or a question task's context, and none exceeded "
                f"prune_after={pa}: the longest was {r.max_prompt_tokens} tokens")
     elif r.max_context_tokens is None or r.max_context_tokens <= pa:
         longest = f"; the longest was {r.max_context_tokens} tokens" if r.max_context_tokens else ""
