@@ -258,6 +258,34 @@ def test_plot_group_draws_the_pareto_chart_with_the_reports_points(store, db, tm
         assert abs(x - p["kv_held"] * 100) < 1e-9 and abs(y - p["quality"]) < 1e-9
 
 
+def test_the_pareto_chart_keeps_titles_clear_of_the_legend_and_labels_inside_their_panels(store, db):
+    """A scale named by its settings ('smollm2-135m (task=niah, needle_depths=0.2)') made a
+    title that ran under the legend, and the full cache's label at 100% ran off the panel."""
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    for depths, lengths in (([0.1], [4096, 8192]), ([0.9], [16384, 32768])):
+        fill_run(store, task="niah", group="long", configs=(Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")),
+                 settings={"task": "niah", "needle_depths": depths, "context_lengths": lengths})
+    with open_store(db, readonly=True) as store_ro:
+        view = study_view(store_ro, select_runs(store_ro, group="long"), "long")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = pareto(view)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    [legend] = fig.legends
+    box = legend.get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not ax.title.get_window_extent(renderer).overlaps(box), ax.get_title()
+        panel = ax.get_window_extent(renderer)
+        for text in ax.texts:  # the frontier's labels
+            label = text.get_window_extent(renderer)
+            assert panel.x0 <= label.x0 and label.x1 <= panel.x1, text.get_text()
+
+
 def test_a_flag_line_over_several_runs_says_whose_numbers_it_quotes(store, db):
     """'runs 1, 2 (ttft artifact): knorm 0.5: TTFT 45.8% lower...' quoted run 1's configuration
     and numbers as if both runs had them; run 2's own artifacts were not mentioned."""

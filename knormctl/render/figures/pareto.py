@@ -43,8 +43,10 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
         for i, p in enumerate(front):  # staggered: neighbours on the frontier sit close together
+            left = p.kv_held > 0.85  # the full cache, at the right edge: its label to the left, inside
             ax.annotate(p.name_on_scale, (p.kv_held * 100.0, p.quality * k), textcoords="offset points",
-                        xytext=(4, 8 + 12 * (i % 3)), fontsize=8, rotation=0)
+                        xytext=(-4 if left else 4, 8 + 12 * (i % 3)), fontsize=8, rotation=0,
+                        ha="right" if left else "left")
         ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
                 linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{scale}|frontier")
         for b in BUDGETS[:-1]:
@@ -62,7 +64,10 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
-    ax.set_title(f"{scale}: {view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
+    # two lines: a scale named by its settings is long, and ran under the legend beside it
+    ax.set_title(f"{scale}:\n{view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
+    if view.higher_quality:
+        ax.margins(y=0.15)  # accuracy at 100% sits on the top edge: room for the frontier's labels
     ax.grid(True, alpha=0.3)
 
 
