@@ -459,3 +459,52 @@ def test_a_dollar_sign_in_a_name_is_drawn_as_it_is(store, db, tmp_path):
     assert len(paths) == len(LM_FIGURES)
     summary = summary_of(store, [run])
     assert "ckpt$v2_$" in spec("summary").draw(summary).get_suptitle()
+
+
+LONG_MODEL = "/very/long/path/to/checkpoints/Meta-Llama-3.1-8B-Instruct-finetuned-v2"
+
+
+@pytest.mark.parametrize("task", ["lm", "passkey"])
+def test_a_long_title_stays_inside_the_figure_and_clear_of_its_legend(store, task):
+    """A model path made titles run off both edges ('curacy vs keep ratio -- ...8B') and under
+    the legend at the top right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from knormctl.render import figures
+
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")) if task == "passkey" else \
+        (Cfg(), Cfg("knorm", 0.7), Cfg("streaming", 0.7))
+    summary = summary_of(store, [fill_run(store, task=task, model=LONG_MODEL, configs=configs, n_samples=6)])
+    for spec_ in figures.figures_for(summary):
+        fig = spec_.draw(summary)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        title = fig._suptitle.get_window_extent(renderer)
+        page = fig.bbox
+        assert page.x0 <= title.x0 and title.x1 <= page.x1, (spec_.name, fig.get_suptitle())
+        for legend in fig.legends:
+            assert not title.overlaps(legend.get_window_extent(renderer)), (spec_.name, fig.get_suptitle())
+
+
+def test_presses_are_dodged_around_their_keep_ratio_however_many_there_are():
+    """Each press was drawn k x 0.008 to the right: the tenth of ten at 0.322 for keep 0.25."""
+    from knormctl.render.figures._common import MAX_DODGE, dodge
+
+    for n in (1, 2, 5, 10, 30):
+        offsets = [dodge(k, n) for k in range(n)]
+        assert max(map(abs, offsets)) <= MAX_DODGE / 2 + 1e-12
+        assert abs(sum(offsets)) < 1e-9  # centred on the keep ratio
+        assert len(set(offsets)) == n  # still told apart
+
+
+def test_a_single_keep_ratio_gets_an_axis_wide_enough_for_its_error_bar(store):
+    """One keep ratio: the axis was 0.012 wide and the bar's caps spanned the whole panel."""
+    from knormctl.render.figures.tasks import accuracy
+
+    summary = summary_of(store, [fill_run(store, task="passkey", configs=(Cfg(mode="prefill"),
+                                                                         Cfg("knorm", 0.5, mode="prefill")))])
+    fig = accuracy(summary)
+    lo, hi = sorted(fig.axes[0].get_xlim())
+    assert hi - lo >= 0.19 and lo < 0.5 < hi
+    assert fig.axes[0].get_xlim()[0] > fig.axes[0].get_xlim()[1]  # left = no compression

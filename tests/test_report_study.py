@@ -347,3 +347,12 @@ def test_a_study_of_two_tasks_varies_only_in_what_each_runs_task_reads(store, db
     assert "passkey_lengths" not in text and "varying: task, needle_depths" in text
     # the passkey run's scale is named by what it varies in: no "needle_depths=-"
     assert "needle_depths=-" not in text and "(task=passkey)" in text, text
+
+
+def test_scales_of_list_settings_are_ordered_by_value_not_text(store, db):
+    """Context lengths [16384], [4096], [8192] were listed in that (text) order."""
+    for lengths in ([16384], [4096], [8192]):
+        fill_run(store, task="niah", group="ctx", configs=(Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill")),
+                 settings={"task": "niah", "context_lengths": lengths})
+    scales = _json(db, "--group", "ctx")["scales"]
+    assert [s.split("context_lengths=")[1].rstrip(")") for s in scales] == ["4096", "8192", "16384"], scales

@@ -183,6 +183,21 @@ def _accuracy(summary: Summary, config_key: str) -> tuple[float | None, Interval
     return acc, (sum(t.interval[0] for t in rows) / len(rows), sum(t.interval[1] for t in rows) / len(rows))
 
 
+def _order(v: Any) -> tuple:
+    """A setting's place among its values: numbers and lists of numbers by value (context
+    lengths [16384], [4096], [8192] were ordered as text), anything else by its text."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if v is None:
+        return (0,)
+    if number(v):
+        return (1, v)
+    if isinstance(v, (list, tuple)) and all(number(x) for x in v):
+        return (2, tuple(v))
+    return (3, repr(v))
+
+
 def _text(v: Any) -> str:
     if isinstance(v, list):
         return ",".join(map(str, v)) or "none"
@@ -202,7 +217,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         raw = run_settings(run)
         reads = {k: task_reads(run.task, k) for k in axes}  # "-": a setting this run's task does not read
         settings = {k: _text(raw.get(k)) if reads[k] else "-" for k in axes}
-        order = tuple(repr(raw.get(k)) if not isinstance(raw.get(k), (int, float)) else raw.get(k) for k in axes)
+        order = tuple(_order(raw.get(k)) for k in axes)
         own = ", ".join(f"{k}={settings[k]}" for k in scale_axes if reads[k])
         scale = f"{run.model_requested} ({own})" if own else run.model_requested
         for r in s.rows:

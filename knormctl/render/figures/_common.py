@@ -36,6 +36,23 @@ VERDICT_COLORS = {"better": "#2a9d4b", "worse": "#c0392b", "noise": "#b0b0b0", "
 VERDICT_FILLS = {"better": "#dff3e4", "worse": "#f8dddd", "artifact": "#fff3cd"}
 NOISE_BAND = "#e6e6e6"
 DODGE = 0.008  # keep_ratio offset between presses, so equal values stay visible
+MAX_DODGE = 0.03  # ...and at most this far apart in all, however many presses
+
+
+def keep_ratio_axis(ax, xs: list[float]) -> None:
+    """Keep ratios on x, left = no compression. One keep ratio alone got an axis 0.012 wide, on
+    which a point's error-bar caps (sized in keep-ratio units) spanned the whole panel."""
+    if xs and max(xs) - min(xs) < 0.05:
+        mid = (max(xs) + min(xs)) / 2
+        ax.set_xlim(mid - 0.1, mid + 0.1)
+    ax.invert_xaxis()
+
+
+def dodge(k: int, n: int) -> float:
+    """Press ``k`` of ``n``'s offset from its keep ratio: centred on it, and never further than
+    MAX_DODGE / 2 (with ten presses, k * DODGE drew the tenth at 0.322 for keep 0.25)."""
+    step = min(DODGE, MAX_DODGE / max(1, n - 1))
+    return (k - (n - 1) / 2) * step
 CI_TEXT = f"{CONFIDENCE:.0%} interval"
 BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts"
 
@@ -56,6 +73,18 @@ def title(summary: Summary, what: str) -> str:
 
 
 CAPTION_CHARS_PER_INCH = 14  # 9 pt DejaVu Sans: about 0.07 inch per character
+TITLE_CHARS_PER_INCH = 10  # 12 pt (rc figure.titlesize "large")
+
+
+def suptitle(fig: Figure, text: str, fontsize: float | None = None, room: float = 0.55) -> None:
+    """The figure's title, each line wrapped to ``room`` of the figure's width: centred, it then
+    stays clear of the legend outside the axes on the right, and of the figure's edges (a long
+    model path ran off both and under the legend)."""
+    import textwrap
+
+    per_inch = TITLE_CHARS_PER_INCH * 12 / (fontsize or 12)
+    width = max(24, int(fig.get_figwidth() * room * per_inch))
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=fontsize)
 
 
 def caption(fig: Figure, text: str) -> None:

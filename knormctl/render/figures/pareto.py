@@ -5,6 +5,8 @@ Reads ``render.study.StudyView`` (the same numbers as the report)."""
 
 from __future__ import annotations
 
+import textwrap
+
 from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
@@ -64,8 +66,11 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
-    # two lines: a scale named by its settings is long, and ran under the legend beside it
-    ax.set_title(f"{scale}:\n{view.quality_kind} vs {xlabel.split(' (')[0]}", fontsize=11)
+    # the scale on lines of its own, wrapped to the panel: a scale named by a model path and its
+    # settings ran past the figure's edges, over the next panel's title and under the legend
+    width = max(30, int(ax.figure.get_figwidth() * 0.38 * 11))  # 11 pt: ~11 characters per inch
+    ax.set_title(f"{textwrap.fill(scale + ':', width)}\n{view.quality_kind} vs {xlabel.split(' (')[0]}",
+                 fontsize=11)
     if view.higher_quality:
         ax.margins(y=0.15)  # accuracy at 100% sits on the top edge: room for the frontier's labels
     ax.grid(True, alpha=0.3)

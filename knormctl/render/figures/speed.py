@@ -9,8 +9,8 @@ from matplotlib.figure import Figure
 
 from knormctl.render.export import shown_metrics
 from knormctl.render.figures._common import (
-    BOOT_TEXT, DODGE, NOISE_BAND, VERDICT_COLORS, VERDICT_FILLS, caption, errbar, figure, fit,
-    legend_outside, na, press_color, press_marker, reason, scale, title, xticks)
+    BOOT_TEXT, NOISE_BAND, VERDICT_COLORS, VERDICT_FILLS, caption, dodge, errbar, figure, fit, keep_ratio_axis,
+    legend_outside, na, press_color, press_marker, reason, scale, suptitle, title, xticks)
 from knormctl.render.format import DELTA, fmt_change, fmt_interval
 from knormctl.render.metrics import METRIC
 from knormctl.render.summary import Summary
@@ -105,7 +105,7 @@ def comprehensive(summary: Summary) -> Figure:
     if full is not None and any(r.values["ppl_compressed"] is not None for r in summary.rows):
         ax.axhline(full, color="black", linestyle="--", linewidth=1, gid=f"{ref.config_key}|ppl_context|value")
         note = "; dashed: perplexity of the prompt under the full model (the full cache's median)"
-    fig.suptitle(title(summary, "KnormPress benchmark"))
+    suptitle(fig, title(summary, "KnormPress benchmark"))
     caption(fig, f"Top row and perplexity: medians over prompts (hatched: the full cache; no error bars, since prompts "
                  f"differ in length and text: the changes carry the uncertainty). "
                  f"Bottom: the median of per-prompt changes vs the full cache, error bars = {BOOT_TEXT}; green better, "
@@ -126,7 +126,7 @@ def summary_figure(data: Summary) -> Figure:
     ax = fig.subplots()
     names = [n for n in shown_metrics(data) if METRIC[n].better is not None]
     rows = [r for r in data.rows if not r.is_reference]
-    fig.suptitle(title(data, "every metric against the full cache (paired change)"))
+    suptitle(fig, title(data, "every metric against the full cache (paired change)"))
     if data.reference is None or not rows:
         na(ax, "no full-cache reference in this run" if data.reference is None else "only the full-cache reference was run")
         return fig
@@ -159,7 +159,7 @@ def tradeoff(summary: Summary) -> Figure:
     """End-to-end throughput change (x) vs perplexity change (y), both paired with intervals."""
     fig = figure((12, 8))
     ax = fig.subplots()
-    fig.suptitle(title(summary, "speed vs quality trade-off"))
+    suptitle(fig, title(summary, "speed vs quality trade-off"))
     xn, yn = "throughput_tps", "ppl_compressed"
     rows = [r for r in summary.rows if not r.is_reference and r.changes[xn] is not None and r.changes[yn] is not None]
     if not rows:
@@ -203,7 +203,7 @@ def quality(summary: Summary) -> Figure:
     """Perplexity under compression vs keep_ratio (left: median; right: paired change)."""
     fig = figure((14, 6.5))
     left, right = fig.subplots(1, 2)
-    fig.suptitle(title(summary, "perplexity under compression vs keep ratio"))
+    suptitle(fig, title(summary, "perplexity under compression vs keep ratio"))
     name = "ppl_compressed"
     by_press = defaultdict(list)
     for r in summary.rows:
@@ -216,7 +216,7 @@ def quality(summary: Summary) -> Figure:
     for k, (press, rows) in enumerate(by_press.items()):
         rows.sort(key=lambda r: r.keep_ratio)
         color = press_color(rows[0])
-        xs = [r.keep_ratio + k * DODGE for r in rows]
+        xs = [r.keep_ratio + dodge(k, len(by_press)) for r in rows]
         for ax, field, kind in ((left, "values", "value"), (right, "changes", "change")):
             pts = [(x, getattr(r, field)[name], r) for x, r in zip(xs, rows) if getattr(r, field)[name] is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=press_marker(press), color=color,
@@ -232,7 +232,7 @@ def quality(summary: Summary) -> Figure:
                      (right, "\u0394 perplexity vs full cache (%, paired)")):
         ax.set_xlabel("keep ratio (fraction of KV entries kept at each cut)")
         ax.set_ylabel(what)
-        ax.invert_xaxis()  # left = no compression, right = most compression
+        keep_ratio_axis(ax, [r.keep_ratio for rows in by_press.values() for r in rows])  # left = no compression
     legend_outside(fig, left)
     caption(fig, f"Left: median over prompts (dashed: the full cache's); no error bars, since prompts differ. Right: "
                  f"the median of per-prompt changes vs the full cache, error bars = {BOOT_TEXT}. {_n_note(summary)}.")
@@ -243,7 +243,7 @@ def latency(summary: Summary) -> Figure:
     """Per-step decode latency (inter-token latency) distribution per configuration."""
     fig = figure((14, 7))
     ax = fig.subplots()
-    fig.suptitle(title(summary, "inter-token latency per decode step"))
+    suptitle(fig, title(summary, "inter-token latency per decode step"))
     rows = [r for r in summary.rows if summary.step_latencies.get(r.config_key)]
     if not rows:
         na(ax, "no per-step latencies stored (or loaded) for this run")

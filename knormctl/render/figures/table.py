@@ -8,7 +8,7 @@ import textwrap
 from matplotlib.figure import Figure
 
 from knormctl.render.export import header_lines, shown_metrics
-from knormctl.render.figures._common import BOOT_TEXT, VERDICT_FILLS, caption, figure, na, title
+from knormctl.render.figures._common import BOOT_TEXT, VERDICT_FILLS, caption, figure, na, suptitle, title
 from knormctl.render.format import DELTA, fmt_change, fmt_interval, fmt_value
 from knormctl.render.metrics import METRIC
 from knormctl.render.rows import ConfigRow
@@ -33,7 +33,7 @@ def table(summary: Summary) -> Figure:
     fig = figure(size(summary))
     ax = fig.subplots()
     ax.axis("off")
-    fig.suptitle(title(summary, "report") + "\n" + "; ".join(header_lines(summary)[2:3]), fontsize=12)
+    suptitle(fig, title(summary, "report") + "\n" + "; ".join(header_lines(summary)[2:3]), fontsize=12)
     if not summary.rows:
         na(ax, "no samples stored")
         return fig

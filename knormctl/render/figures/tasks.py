@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from knormctl.render.export import task_label
 from knormctl.render.figures._common import (
-    CI_TEXT, DODGE, caption, errbar, figure, legend_outside, na, press_color, press_marker, title)
+    CI_TEXT, caption, dodge, errbar, figure, keep_ratio_axis, legend_outside, na, press_color, press_marker, suptitle, title)
 from knormctl.render.rows import REFERENCE_KEY
 from knormctl.render.summary import Summary
 from knormctl.render.tasks import TaskRow
@@ -43,7 +43,7 @@ def accuracy(summary: Summary) -> Figure:
     cols, rows = _grid(len(panels), 3)
     fig = figure(accuracy_size(summary))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.suptitle(title(summary, "task accuracy vs keep ratio"))
+    suptitle(fig, title(summary, "task accuracy vs keep ratio"))
     if not panels:
         na(axes[0], "no scored questions in this run")
         return fig
@@ -63,7 +63,7 @@ def accuracy(summary: Summary) -> Figure:
         for k, (press, prs) in enumerate(by_press.items()):
             prs.sort(key=lambda t: t.keep_ratio)
             color = press_color(press)
-            xs = [t.keep_ratio + k * DODGE for t in prs]
+            xs = [t.keep_ratio + dodge(k, len(by_press)) for t in prs]
             ax.plot(xs, [t.accuracy * 100 for t in prs], marker=press_marker(press), color=color,
                     label=press, gid=f"{press}|{task}|{length}|value")
             for x, t in zip(xs, prs):
@@ -71,14 +71,17 @@ def accuracy(summary: Summary) -> Figure:
         ax.set_ylim(-4, 104)
         ax.set_xlabel("keep ratio")
         ax.set_ylabel("accuracy (%)")
-        ax.invert_xaxis()
+        keep_ratio_axis(ax, [t.keep_ratio for prs in by_press.values() for t in prs])
     for ax in axes[len(panels):]:
         ax.axis("off")
     legend_outside(fig, axes[0])
     ns = sorted({t.n for trows in panels.values() for t in trows})
-    caption(fig, f"Accuracy = mean score over questions (a mean over subtasks weighs each subtask equally). Error "
-                 f"bars and the grey band (full cache): {CI_TEXT} ({', '.join(sorted(m for m in methods if m))}). "
-                 f"n = {ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "") + " questions per point.")
+    named = sorted(m for m in methods if m)
+    intervals = (f"Error bars and the grey band (full cache): {CI_TEXT} ({', '.join(named)}). " if named else
+                 "No error bars: no 95% interval could be computed for these points (the report's task table "
+                 "says N/A for them). ")
+    caption(fig, "Accuracy = mean score over questions (a mean over subtasks weighs each subtask equally). "
+                 + intervals + f"n = {ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "") + " questions per point.")
     return fig
 
 
@@ -99,7 +102,7 @@ def needle_heatmap(summary: Summary) -> Figure:
     cols, rows = _grid(len(keys), 4)
     fig = figure(needle_size(summary))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.suptitle(title(summary, "accuracy by needle depth and context length"))
+    suptitle(fig, title(summary, "accuracy by needle depth and context length"))
     if not keys:
         na(axes[0], "no questions with a needle depth in this run")
         return fig
