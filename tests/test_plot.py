@@ -508,3 +508,25 @@ def test_a_single_keep_ratio_gets_an_axis_wide_enough_for_its_error_bar(store):
     lo, hi = sorted(fig.axes[0].get_xlim())
     assert hi - lo >= 0.19 and lo < 0.5 < hi
     assert fig.axes[0].get_xlim()[0] > fig.axes[0].get_xlim()[1]  # left = no compression
+
+
+def test_the_table_figure_fits_every_configuration_label_in_its_cell(store):
+    """Equal column widths cut 'expected-attention 0.75' to 'xpected-attention 0.7', which then
+    read like its 0.25 row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.table import Table
+
+    configs = tuple(Cfg(p, kr) for p in ("expected-attention", "knorm-inverse", "streaming", "random", "knorm")
+                    for kr in (0.75, 0.25)) + (Cfg(),)
+    summary = summary_of(store, [fill_run(store, configs=configs, n_samples=3)])
+    fig = spec("table").draw(summary)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    [table] = fig.findobj(Table)
+    cells = table.get_celld()
+    labels = [cells[(i, 0)] for i in range(1, len(summary.rows) + 1)]
+    assert {c.get_text().get_text() for c in labels} >= {"expected-attention 0.75", "expected-attention 0.25"}
+    for c in labels:
+        text, box = c.get_text().get_window_extent(renderer), c.get_window_extent(renderer)
+        assert box.x0 <= text.x0 and text.x1 <= box.x1, c.get_text().get_text()

@@ -52,7 +52,13 @@ def table(summary: Summary) -> Figure:
     cells = [[r.label + (f"\n[{r.dataset}]" if r.dataset else ""), f"{r.n_prompts}" + (f" ({r.n_failed})" if r.n_failed else "")]
              + [cell(r, n) for n in names] for r in summary.rows]
     header = ["configuration", "prompts\n(failed)"] + [textwrap.fill(METRIC[n].label, 12) for n in names]
-    tbl = ax.table(cellText=cells, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1])
+    # columns as wide as what they hold (equal widths cut 'expected-attention 0.75' to 'xpected-attention 0.7',
+    # which then read like its 0.25 row); the table still fills the figure's width
+    chars = [max(len(line) for text in column for line in str(text).split("\n"))
+             for column in zip(header, *cells)]
+    widths = [c + 2 for c in chars]
+    tbl = ax.table(cellText=cells, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1],
+                   colWidths=[w / sum(widths) for w in widths])
     tbl.auto_set_font_size(False)
     tbl.set_fontsize(10 if len(names) <= 10 else 9)
     for (i, j), c in tbl.get_celld().items():
