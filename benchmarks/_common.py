@@ -89,10 +89,7 @@ def header(title: str, args, extra: dict | None = None) -> dict:
         "dtype": args.dtype,
         "torch / transformers": f"{env['torch']} / {env['transformers']}",
         "python": env["python"],
-        # a copy without .git (a borrowed GPU machine's): the commit as the caller passed it
-        "knormctl commit": (env["git_commit"] or os.environ.get("KNORMCTL_COMMIT") or "?")[:10]
-        + (" (dirty)" if env["git_dirty"] else "" if env["git_commit"] else
-           " (from $KNORMCTL_COMMIT)" if os.environ.get("KNORMCTL_COMMIT") else ""),
+        "knormctl commit": _commit_text(env),
         "load average (1 min) at start": f"{load1:.2f}" if load1 is not None else "n/a",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
@@ -103,6 +100,15 @@ def header(title: str, args, extra: dict | None = None) -> dict:
         print(f"  {k:<{width}}  {v}")
     print()
     return env
+
+
+def _commit_text(env: dict) -> str:
+    """The checkout's commit; in a copy without .git (a borrowed GPU machine's), the one the
+    caller passed in $KNORMCTL_COMMIT."""
+    if env["git_commit"]:
+        return env["git_commit"][:10] + (" (dirty)" if env["git_dirty"] else "")
+    passed = os.environ.get("KNORMCTL_COMMIT")
+    return f"{passed[:10]} (from $KNORMCTL_COMMIT)" if passed else "?"
 
 
 def environment(device: str) -> dict:

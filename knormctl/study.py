@@ -80,7 +80,7 @@ def study_run_key(cfg: RunConfig) -> str:
     d = cfg.to_dict()
     for k in ("group", "shard", "threads", "study"):
         d.pop(k, None)
-    return repr(sorted((k, v) for k, v in d.items() if task_reads(d.get("task"), k)))
+    return _key(d)
 
 
 def normalized_key(key: str) -> str:
@@ -88,10 +88,14 @@ def normalized_key(key: str) -> str:
     run's task does not read were left out (a passkey run of a passkey+niah study kept the
     file's needle_depths) match the same run planned again."""
     try:
-        d = dict(ast.literal_eval(key))
+        return _key(dict(ast.literal_eval(key)))
     except (ValueError, SyntaxError, TypeError):
         return key
-    return repr(sorted((k, v) for k, v in d.items() if task_reads(d.get("task"), k)))
+
+
+def _key(settings: dict[str, Any]) -> str:
+    """A run's key from its settings: those its task reads, sorted."""
+    return repr(sorted((k, v) for k, v in settings.items() if task_reads(settings.get("task"), k)))
 
 
 # ----------------------------------------------------------------------------- types

@@ -169,7 +169,7 @@ def _stored_key(run) -> str | None:
     return None if key is None else normalized_key(key)
 
 
-def run_study(study, db: str | None, *, json_out: bool, verbose: bool, source: str) -> None:
+def run_study(study, db: str | None, *, json_out: bool, verbose: bool) -> None:
     """Run (or continue) every planned run of ``study``, then print the study's report."""
     from knormctl.cli._execute import Log, _run
     from knormctl.cli._signals import sigterm_interrupts
@@ -263,17 +263,15 @@ def study_command(ctx, cli_cfg, config: str | None, db: str | None, *, group: st
 
     if config is not None:
         study = load_study(config, overrides=overrides_from(ctx, cli_cfg), name=group)
-        source = f"--config {config}" + (f" --group {group}" if group else "")
     else:  # a plain sweep, planned as a study of one run
         data = {k: v for k, v in overrides_from(ctx, cli_cfg).items() if k != "shard"}
         study = plan_study(data, path="the command line", name=group or cli_cfg.group or "sweep")
         for run in study.runs:  # a plain sweep may be one shard of many: its plan is the shard's cells
             run.config.shard = cli_cfg.shard
-        source = "(the same options)"
     if dry_run:
         print_plan(study, db, json_out, plain=config is None)
         return
-    run_study(study, db, json_out=json_out, verbose=verbose, source=source)
+    run_study(study, db, json_out=json_out, verbose=verbose)
 
 
 def resume_study(ctx, group: str, db: str | None, *, json_out: bool, verbose: bool, dry_run: bool) -> None:
@@ -290,4 +288,4 @@ def resume_study(ctx, group: str, db: str | None, *, json_out: bool, verbose: bo
     if dry_run:
         print_plan(study, db, json_out)
         return
-    run_study(study, db, json_out=json_out, verbose=verbose, source=f"--resume-group {group}")
+    run_study(study, db, json_out=json_out, verbose=verbose)

@@ -352,13 +352,12 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
                 if len(batch) >= _BATCH:
                     _flush(conn, samples_t, batch)
             _flush(conn, samples_t, batch)
-    except IntegrityError as exc:
+    except DBAPIError as exc:
         # Another import of the same runs committed first (PostgreSQL runs them side by side;
         # SQLite one after the other): this one rolled back whole, and read again it finds them.
-        if any(name in str(exc.orig) for name in ("uq_runs_uuid", "runs.uuid")) and _attempt < 3:
+        if isinstance(exc, IntegrityError) and _attempt < 3 and any(
+                name in str(exc.orig) for name in ("uq_runs_uuid", "runs.uuid")):
             return import_file(store, path, _attempt + 1)
-        raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
-    except DBAPIError as exc:
         raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
     except StatementError as exc:  # a value the column's type could not take (checked above: a safety net)
         raise UsageError(f"{path}: a value the store cannot take ({exc.orig or exc}); nothing was imported") from None

@@ -37,6 +37,8 @@ VERDICT_FILLS = {"better": "#dff3e4", "worse": "#f8dddd", "artifact": "#fff3cd"}
 NOISE_BAND = "#e6e6e6"
 DODGE = 0.008  # keep_ratio offset between presses, so equal values stay visible
 MAX_DODGE = 0.03  # ...and at most this far apart in all, however many presses
+CI_TEXT = f"{CONFIDENCE:.0%} interval"
+BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts"
 
 
 def keep_ratio_axis(ax, xs: list[float]) -> None:
@@ -53,8 +55,6 @@ def dodge(k: int, n: int) -> float:
     MAX_DODGE / 2 (with ten presses, k * DODGE drew the tenth at 0.322 for keep 0.25)."""
     step = min(DODGE, MAX_DODGE / max(1, n - 1))
     return (k - (n - 1) / 2) * step
-CI_TEXT = f"{CONFIDENCE:.0%} interval"
-BOOT_TEXT = f"{CONFIDENCE:.0%} bootstrap interval over prompts"
 
 
 def figure(size: tuple[float, float]) -> Figure:
