@@ -356,3 +356,25 @@ def test_scales_of_list_settings_are_ordered_by_value_not_text(store, db):
                  settings={"task": "niah", "context_lengths": lengths})
     scales = _json(db, "--group", "ctx")["scales"]
     assert [s.split("context_lengths=")[1].rstrip(")") for s in scales] == ["4096", "8192", "16384"], scales
+
+
+def test_a_pareto_panel_of_an_interrupted_run_says_so(store, db):
+    """An interrupted run that stored only its full-cache cells drew one unexplained point at
+    (100, 1) in its row of panels; the row now says which run stopped and how far it got."""
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    fill_run(store, configs=CONFIGS, n_samples=4, seed=1, model="smollm2-135m", group="pa",
+             settings={"prune_after": 0})
+    stopped = fill_run(store, configs=CONFIGS, n_samples=4, seed=2, model="tiny-llama", group="pa",
+                       settings={"prune_after": 0}, stop_after=1, status="interrupted")
+    with open_store(db, readonly=True) as store_ro:
+        view = study_view(store_ro, select_runs(store_ro, group="pa"), "pa")
+    notes = {}
+    for ax in pareto(view).axes:
+        for text in ax.texts:
+            if (text.get_gid() or "").endswith("|status"):
+                notes.setdefault(text.get_gid().split("|")[1], []).append(text.get_text())
+    assert set(notes) == {"tiny-llama"}  # the complete run's panels carry no note
+    assert notes["tiny-llama"] == [f"only the full cache stored\nrun {stopped} interrupted: 1 of 20 planned cells"] * 2

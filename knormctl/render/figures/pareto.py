@@ -42,6 +42,7 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
                    edgecolors=color, linewidths=1.5, marker=press_marker(p.press), zorder=3,
                    label="full cache" if p.is_reference else p.press.split("(", 1)[0],
                    gid=f"{GID}|{scale}|{x_attr}|{p.key}")
+    _not_complete(ax, view, scale, pts)
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
         for i, p in enumerate(front):  # staggered: neighbours on the frontier sit close together
@@ -74,6 +75,21 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     if view.higher_quality:
         ax.margins(y=0.15)  # accuracy at 100% sits on the top edge: room for the frontier's labels
     ax.grid(True, alpha=0.3)
+
+
+def _not_complete(ax, view: StudyView, scale: str, pts) -> None:
+    """A word in the panel when its runs are not complete (the report's flags say it too): an
+    interrupted run that stored only its full-cache cells otherwise draws one unexplained point."""
+    lines = []
+    if all(p.is_reference for p in pts):
+        lines.append("only the full cache stored")
+    for rid in sorted({p.run_id for p in view.points_on(scale)}):
+        h = view.summaries[rid].header
+        if h.status != "complete":
+            lines.append(f"run {rid} {h.status.replace('_', ' ')}: {h.cells_text}")
+    if lines:
+        ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, ha="left", va="bottom", fontsize=8,
+                color="#b00000", gid=f"{GID}|{scale}|status")
 
 
 def pareto(view: StudyView) -> Figure:
