@@ -434,6 +434,38 @@ def test_tradeoff_axes_fit_the_data_and_keep_the_noise_band(store):
     assert hi - lo <= 1.5 * span  # fitted, not +-100%
 
 
+PRESSES_AT_ONCE = ("knorm", "knorm-inverse", "random", "streaming", "snapkv", "tova", "keydiff",
+                   "expected-attention")
+
+
+def test_tradeoff_labels_name_each_point_without_running_over_each_other(store):
+    """Presses at one keep ratio land close together; a fixed (6, 6) offset printed their names
+    on top of each other, so only colour and marker were left to tell them apart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from knormctl.render.figures import speed
+
+    configs = (Cfg(), *(Cfg(p, kr) for p in PRESSES_AT_ONCE for kr in (0.75, 0.5)))
+    summary = summary_of(store, [fill_run(store, configs=configs, n_samples=4)])
+    fig = speed.tradeoff(summary)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    [ax] = fig.axes
+    labels = [t for t in ax.texts if t.get_gid() == "tradeoff|label"]
+    rows = {r.label: r for r in summary.rows if not r.is_reference}
+    assert sorted(t.get_text() for t in labels) == sorted(rows)  # every point named once
+    for t in labels:  # ...at its own point
+        r = rows[t.get_text()]
+        assert t.xy == pytest.approx((r.changes["throughput_tps"], r.changes["ppl_compressed"]))
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text's own box, not its leader line
+    panel = ax.get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1
+        for j in range(i + 1, len(boxes)):
+            assert not box.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+
+
 def test_plot_imports_neither_torch_nor_the_engine(store, db, tmp_path):
     import subprocess
     import sys

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: before any canvas is created
 matplotlib.rcParams["text.parse_math"] = False
 
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.textpath import TextPath  # noqa: E402
 
 from knormctl.render.metrics import METRIC  # noqa: E402
 from knormctl.render.rows import ConfigRow  # noqa: E402
@@ -179,3 +180,48 @@ def legend_outside(fig: Figure, ax, where: str = "outside right upper") -> None:
     unique = dict(zip(labels, handles))
     if unique:
         fig.legend(unique.values(), unique.keys(), loc=where)
+
+
+def label_points(ax, items: list[tuple[float, float, str]], fontsize: float = 9, gid: str | None = None) -> None:
+    """Name each point (x, y, text) next to it without running labels over each other or over
+    other points: presses at one keep ratio sit close together, and a fixed offset printed their
+    names on top of each other. Greedy, in the order given: the first spot around the point (right,
+    left, then further above and below, with a thin line to the point) whose box is clear of the labels placed so far, of every
+    point's marker and of the axes' edges; where none is clear, the least covered one. Needs the
+    axes' limits set; the figure's layout is settled first so that points convert to points."""
+    fig = ax.figure
+    fig.draw_without_rendering()
+    to_pt = 72.0 / fig.dpi
+    where = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y, _ in items]
+    frame = ax.get_window_extent()
+    x0, y0, x1, y1 = (v * to_pt for v in (frame.x0, frame.y0, frame.x1, frame.y1))
+    h = 1.3 * fontsize
+    r = 5.0  # half a marker
+    taken = [(px - r, py - r, px + r, py + r) for px, py in where]
+
+    def covered(box) -> float:
+        out = sum(max(0.0, min(box[2], b[2]) - max(box[0], b[0])) * max(0.0, min(box[3], b[3]) - max(box[1], b[1]))
+                  for b in taken)
+        inside = max(0.0, min(box[2], x1) - max(box[0], x0)) * max(0.0, min(box[3], y1) - max(box[1], y0))
+        return out + (box[2] - box[0]) * (box[3] - box[1]) - inside
+
+    for (x, y, text), (px, py) in zip(items, where):
+        w = TextPath((0, 0), text, size=fontsize).get_extents().width + 2  # in points, as drawn
+        spots = [(dx, dy) for tier in range(5) for dy in ((3 + tier * h, -3 - h - tier * h) if tier else (3, -3 - h))
+                 for dx in (6, -6 - w)]
+        best = None
+        for dx, dy in spots:
+            box = (px + dx, py + dy, px + dx + w, py + dy + h)
+            cost = covered(box)
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, box)
+            if cost == 0:
+                break
+        _, dx, dy, box = best
+        taken.append(box)
+        far = dy > 3 or dy < -3 - h  # moved off the point: a thin line tells whose name it is
+        ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                          ha="left", va="bottom", gid=gid,
+                          arrowprops=dict(arrowstyle="-", color="#777777", linewidth=0.8, shrinkA=0, shrinkB=4)
+                          if far else None)
+        ann.set_in_layout(False)

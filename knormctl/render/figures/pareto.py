@@ -10,7 +10,7 @@ import textwrap
 from matplotlib import ticker as mticker
 from matplotlib.figure import Figure
 
-from knormctl.render.figures._common import caption, figure, press_color, press_marker
+from knormctl.render.figures._common import caption, figure, label_points, press_color, press_marker
 from knormctl.render.study import BUDGETS, StudyView
 
 GID = "pareto"  # artists carry gids so tests can read the drawn data back
@@ -20,7 +20,11 @@ def size(view: StudyView) -> tuple[float, float]:
     return 14.0, 1.5 + 5.0 * max(1, len(view.scales))
 
 
-def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: str, frontier_line: bool) -> None:
+def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: str,
+           frontier_line: bool) -> list[tuple[float, float, str]]:
+    """Draw one panel; the frontier's labels (x, y, text) are returned, to be placed once the
+    figure's layout is final (legend and caption included)."""
+    labels: list[tuple[float, float, str]] = []
     pts = [p for p in view.points_on(scale) if p.quality is not None and getattr(p, x_attr) is not None]
     if not pts:
         why = next((b.na for b in view.best if b.scale == scale and b.na), f"N/A: no {view.quality_kind} stored")
@@ -28,7 +32,7 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
                 transform=ax.transAxes, color="#666666")
         ax.set_xticks([])
         ax.set_yticks([])
-        return
+        return labels
     k = 100.0 if view.higher_quality else 1.0
     for p in pts:
         x, y = getattr(p, x_attr) * 100.0, p.quality * k
@@ -45,11 +49,7 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     _not_complete(ax, view, scale, pts)
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
-        for i, p in enumerate(front):  # staggered: neighbours on the frontier sit close together
-            left = p.kv_held > 0.85  # the full cache, at the right edge: its label to the left, inside
-            ax.annotate(p.name_on_scale, (p.kv_held * 100.0, p.quality * k), textcoords="offset points",
-                        xytext=(-4 if left else 4, 8 + 12 * (i % 3)), fontsize=8, rotation=0,
-                        ha="right" if left else "left")
+        labels = [(p.kv_held * 100.0, p.quality * k, p.name_on_scale) for p in front]
         ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
                 linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{scale}|frontier")
         for b in BUDGETS[:-1]:
@@ -75,6 +75,7 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     if view.higher_quality:
         ax.margins(y=0.15)  # accuracy at 100% sits on the top edge: room for the frontier's labels
     ax.grid(True, alpha=0.3)
+    return labels
 
 
 def _not_complete(ax, view: StudyView, scale: str, pts) -> None:
@@ -95,8 +96,10 @@ def _not_complete(ax, view: StudyView, scale: str, pts) -> None:
 def pareto(view: StudyView) -> Figure:
     fig = figure(size(view))
     axes = fig.subplots(max(1, len(view.scales)), 2, squeeze=False)
+    names = {}
     for row, scale in enumerate(view.scales or ["(no model)"]):
-        _panel(axes[row][0], view, scale, "kv_held", "kv_interval", "KV memory held (% of the full cache)", True)
+        names[row] = _panel(axes[row][0], view, scale, "kv_held", "kv_interval",
+                             "KV memory held (% of the full cache)", True)
         _panel(axes[row][1], view, scale, "tpot_ratio", "tpot_interval", "decode TPOT (% of the full cache)", False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
@@ -109,4 +112,7 @@ def pareto(view: StudyView) -> Figure:
                  f"the points, so a wide interval may run off them). Larger points "
                  f"and the dashed line: the Pareto frontier (no other configuration holds less KV with better "
                  f"quality). Dotted lines: the 25/50/75% budgets named in the report.")
+    for row, items in names.items():
+        if items:
+            label_points(axes[row][0], items, fontsize=8, gid=f"{GID}|label")
     return fig

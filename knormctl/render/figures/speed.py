@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from knormctl.render.export import shown_metrics
 from knormctl.render.figures._common import (
     BOOT_TEXT, NOISE_BAND, VERDICT_COLORS, VERDICT_FILLS, caption, dodge, errbar, figure, fit, keep_ratio_axis,
-    legend_outside, na, press_color, press_marker, reason, scale, suptitle, title, xticks)
+    label_points, legend_outside, na, press_color, press_marker, reason, scale, suptitle, title, xticks)
 from knormctl.render.format import DELTA, fmt_change, fmt_interval
 from knormctl.render.metrics import METRIC
 from knormctl.render.summary import Summary
@@ -189,13 +189,13 @@ def tradeoff(summary: Summary) -> Figure:
         ax.scatter([x], [y], s=60, color=press_color(r), marker=press_marker(r.press),
                    label=None if r.press in seen else r.press, zorder=5, gid=f"{r.config_key}|{xn},{yn}|change")
         seen.add(r.press)
-        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     ax.scatter([0], [0], marker="*", s=160, color="black", label="full cache", zorder=5)
     ax.set_xlabel("end-to-end throughput change vs full cache (%, paired)  \u2192 faster")
     ax.set_ylabel("perplexity change vs full cache (%, paired)  \u2191 worse")
     legend_outside(fig, ax)
     caption(fig, f"Points: the median over prompts of each prompt's change; bars: {BOOT_TEXT}. {_n_note(summary)}. "
                  f"{_noise_note(summary)}.")
+    label_points(ax, [(x, y, r.label) for r, x, y in zip(rows, xs, ys)], gid="tradeoff|label")
     return fig
 
 
