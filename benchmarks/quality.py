@@ -107,9 +107,9 @@ def estimate(args, lm, sample, presses: list[str], krs: list[float], skip, n_sam
     ppl_s = n_samples * (evaluation(PressConfig().validate()) + len(krs) * sum(per_press.values())) if presses else 0.0
     pk_s = n_passkey * (prefill * args.passkey_length / len(sample.prompt_ids) + args.passkey_new_tokens * step)
     slowest = max(per_press, key=per_press.get, default=None)
-    most = f", slowest {slowest} ~{per_press[slowest]:.1f} s" if slowest else ""
-    return (f"~{(ppl_s + pk_s) / 60:.1f} min: perplexity ~{ppl_s / 60:.1f} min (an evaluation ~"
-            f"{min(per_press.values(), default=0):.1f} s{most}), passkey {n_passkey} x ~"
+    each = (f" (an evaluation {min(per_press.values()):.1f} to {per_press[slowest]:.1f} s, {slowest} the slowest)"
+            if slowest else "")
+    return (f"~{(ppl_s + pk_s) / 60:.1f} min: perplexity ~{ppl_s / 60:.1f} min{each}, passkey {n_passkey} x ~"
             f"{pk_s / max(n_passkey, 1):.1f} s (prefill {prefill:.2f} s, step {step * 1e3:.0f} ms; assumes a quiet "
             f"machine and prefill time linear in length)")
 
