@@ -197,8 +197,7 @@ def random_cache(lm, n: int) -> DynamicCache:
 def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list[list]:
     """One event per size, three ways, interleaved: the clone floor, knormctl, the original."""
     from knormctl.config import PressConfig
-    from knormctl.engine.compress import Compressor
-
+    from knormctl.engine.compress import Compressor, n_keep_for
     from knormctl.engine.kvcache import new_cache
 
     skip = (0,)
@@ -227,6 +226,19 @@ def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list
         def floor():
             keep[:] = [t.clone() for i in active for t in saved[i]]
 
+        # where the event's time goes: the cut's data movement alone (the same kept count, the
+        # same layers), in place as the engine does it, and as one gather into new buffers
+        n_keep = n_keep_for(n, keep_ratio)
+        b, h = saved[0][0].shape[:2]
+        idx = torch.sort(torch.rand(b, h, n).argsort(dim=-1)[..., :n_keep], dim=-1).values
+
+        def moves():
+            for i in active:
+                caches["knormctl"].layers[i].compact(idx)
+
+        def one_copy():
+            keep[:] = [gather_new(t, idx) for i in active for t in saved[i]]
+
         with torch.inference_mode():
             times = c.interleaved({
                 "floor": c.timed(floor, sync),
@@ -234,6 +246,8 @@ def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list
                                     before=engine_cache),
                 "original": c.timed(lambda: orig.after_forward(caches["original"], prefill=True), sync,
                                     before=original_cache),
+                "moves": c.timed(moves, sync, before=engine_cache),
+                "one_copy": c.timed(one_copy, sync),
             }, repeats, warmup=3)
             kinds = {type(layer).__name__ for layer in caches["knormctl"].layers}
             assert kinds == {"BufferLayer"}, kinds  # the engine's own cut was timed
@@ -243,16 +257,30 @@ def part_a(lm, sizes, make_cache, keep_ratio: float, repeats: int, sync) -> list
         nbytes = sum(t.numel() * t.element_size() for i in active for t in saved[i])
         rows.append([n, len(active), c.mib(nbytes), c.ms(med["floor"], 3), c.ms(med["knormctl"], 3),
                      c.ms(med["original"], 3), c.num(r, 2), c.num(c.ratio(med["original"], med["knormctl"]), 1),
-                     c.verdict(r, target)])
+                     c.verdict(r, target), c.num(c.ratio(med["moves"], med["floor"]), 2),
+                     c.num(c.ratio(med["one_copy"], med["floor"]), 2)])
     return rows
 
 
 def print_part_a(rows) -> None:
     c.table("A. one compression event, summed over the compressible layers (medians)",
             ["entries/layer", "layers", "K+V MiB", "floor ms", "knormctl ms", "original ms", "knormctl/floor",
-             "original/knormctl", "target"], rows,
+             "original/knormctl", "target", "moves/floor", "1-copy/floor"], rows,
             notes=["floor = clone() of the same layers' keys and values; target <= 2 at 4096 entries, <= 3 below",
-                   "original = legacy tuples + norms/argsort/gather of all layers (skipped too) + cache rebuilt"])
+                   "original = legacy tuples + norms/argsort/gather of all layers (skipped too) + cache rebuilt",
+                   "moves = the engine's in-place compaction alone (the cut's data movement, without scoring and "
+                   "selection); 1-copy = the same kept entries gathered once into new buffers of the same size "
+                   "(the alternative to moving them in place)"])
+
+
+def gather_new(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t``'s entries ``idx`` ((b, h, n_keep)) gathered once into the front of a new buffer of
+    ``t``'s size: one index_select per head, written straight into its slab."""
+    out = t.new_empty(t.shape)
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            torch.index_select(t[i, j], 0, idx[i, j], out=out[i, j, :idx.shape[-1]])
+    return out
 
 
 # ---------------------------------------------------------------------------------------
