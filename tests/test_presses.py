@@ -113,6 +113,20 @@ def test_press_spec_syntax_round_trips():
     assert parse_press_spec("kvpress:SnapKVPress(window_size=64)") == ("kvpress:SnapKVPress", (("window_size", 64),))
 
 
+def test_every_setting_that_changes_what_a_configuration_keeps_is_in_its_key():
+    """The key names a configuration in the store (resume and the report group by it): two that keep
+    different entries must not share one."""
+    from knormctl.config import PressConfig
+
+    def key(**kw):
+        return PressConfig(**{"press": "streaming", "keep_ratio": 0.5, "prune_after": 0, **kw}).validate().key
+
+    base = key()
+    changed = [key(keep_ratio=0.25), key(prune_after=64), key(skip_layers=()), key(mode="prefill"),
+               key(keep_recent=8), key(n_sink=8), key(press="knorm")]
+    assert len({base, *changed}) == 1 + len(changed)
+
+
 @pytest.mark.parametrize("text, message", [
     ("knorm(x", "unclosed"), ("knorm)", "unbalanced"), ("snapkv(window_size)", "key=value"),
     ("snapkv(window_size=1,window_size=2)", "given twice"), ("knorm,,tova", "empty item"),
@@ -392,10 +406,18 @@ def test_expected_attention_statistics_add_up_over_chunks_and_steps():
             _forward(m, ids[:, j:j + 1], cache, j)
         for h in hooks:
             h.remove()
-        return [press.score(layer.keys, layer.values, i) for i, layer in enumerate(cache.layers)]
+        return [press.score(layer.keys, layer.values, i) for i, layer in enumerate(cache.layers)], press._stats
 
-    for a, b in zip(scores(4096, 50), scores(7, 41)):
+    (whole, at_once), (split, stepwise) = scores(4096, 50), scores(7, 41)
+    for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the statistics themselves: on this tiny model the scores barely move with the covariance (an
+    # almost uniform softmax), so a merge that dropped the between-chunk term passed the check above
+    for layer, (n, mean, m2) in at_once.items():
+        n_s, mean_s, m2_s = stepwise[layer]
+        assert n == n_s == 50 - 4  # every query after the 4 sinks
+        torch.testing.assert_close(mean_s, mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m2_s, m2, atol=1e-4, rtol=1e-5)
 
 
 def test_per_head_budgets_hold_the_largest_count_and_mask_the_rest():
@@ -455,6 +477,20 @@ def test_per_head_cut_when_one_head_keeps_everything():
     assert live[0].sum(-1).tolist() == [8, 0]
     cut_per_head(cache.layers[0], scores, live)
     assert torch.equal(cache.layers[0].keys, keys) and torch.equal(cache.layers[0].live_mask, live)
+
+
+@pytest.mark.parametrize("alpha, floor", [(0.2, 1), (0.4, 2), (0.6, 3)])
+def test_adakv_safeguard_keeps_each_heads_floor_of_the_uniform_budget(alpha, floor):
+    """Each head keeps at least alpha_safeguard x the uniform budget, its own best entries: without
+    the floor a head whose scores are all weaker than another's would keep nothing."""
+    n, n_keep = 16, 5
+    strong = torch.arange(n, dtype=torch.float32) + 100.0  # every entry beats every weak one
+    weak = torch.arange(n, dtype=torch.float32).flip(0)  # its best: the first positions
+    scores = torch.stack([strong, weak]).unsqueeze(0)
+    live = make_press("adakv", params={"base": "knorm", "alpha_safeguard": alpha}).head_keep(scores, n_keep)
+    assert live[0].sum(-1).tolist() == [2 * n_keep - floor, floor]  # the layer's budget, the floor to the weak head
+    assert live[0, 1].nonzero().flatten().tolist() == list(range(floor))  # the weak head's own best
+    assert live[0, 0].nonzero().flatten().tolist() == list(range(n - (2 * n_keep - floor), n))
 
 
 def test_model_whose_queries_cannot_be_recomputed_is_refused_before_any_forward():

@@ -5,6 +5,7 @@ runs split the prompts between machines."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 from collections import defaultdict
@@ -237,6 +238,20 @@ def test_underpowered_changes_say_how_many_prompts_would_tell_5_percent(store, d
     assert "few_prompts" in [f["kind"] for f in data["flags"]]  # 4 prompts: intervals are optimistic
 
 
+def test_a_count_is_the_lower_middle_prompts_count(store, db):
+    """Counts (compressions) are reported as an observed prompt's count, with an even number of
+    prompts the lower middle one (the rule the docs give), not a half-count between two prompts."""
+    run = fill_run(store, n_samples=4)
+    data = report_json(db, "--run-id", str(run))
+    counts = defaultdict(list)
+    for s in store.samples(run):
+        counts[s.config_key].append(s.compress_events)
+    row = rows_by_key(data)[KNORM_07]
+    seen = sorted(counts[KNORM_07])
+    assert seen[1] != seen[2]  # the two middle prompts differ: the choice between them shows
+    assert row["values"]["compress_events"] == seen[1]
+
+
 # ------------------------------------------------------------------ repeats
 
 
@@ -399,6 +414,17 @@ def test_intervals_do_not_depend_on_row_order_or_on_by_dataset():
     groups = [xs[:20], xs[20:]]
     assert stats.stratified_mean_interval(groups, seed=1) == stats.stratified_mean_interval(
         [g[::-1] for g in groups], seed=1)
+
+
+def test_a_stratified_interval_resamples_each_group_on_its_own():
+    """Accuracy over RULER subtasks: groups of equal size drawn with the same indices move together,
+    and the interval came out about twice as wide as the data allow (and the samples-needed advice
+    with it). Width against the normal approximation of independent groups."""
+    groups = [[1.0] * 20 + [0.0] * 20 for _ in range(4)]  # 4 subtasks, 40 questions each, p = 0.5
+    lo, hi = stats.stratified_mean_interval(groups, seed=7)
+    se = math.sqrt(sum(0.25 / len(g) for g in groups)) / len(groups)  # independent groups
+    assert 0.85 < (hi - lo) / (2 * stats.Z * se) < 1.15
+    assert lo < 0.5 < hi
 
 
 def test_a_one_dataset_run_has_the_same_intervals_with_and_without_by_dataset(store, db):
