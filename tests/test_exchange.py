@@ -264,6 +264,65 @@ def test_a_stored_run_is_replaced_unless_a_live_process_measures_it(tmp_path):
             assert stored["status"] == "running" and "run 1 is being measured there now" in res.stdout
 
 
+def _set_run(db: Path, run_id: int, **fields) -> None:
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(Run.__table__.update().where(Run.__table__.c.id == run_id).values(**fields))
+    finally:
+        engine.dispose()
+
+
+def test_an_update_keeps_the_stored_resumed_from_link_when_the_file_lacks_that_run(tmp_path):
+    """If this fails, re-importing a later export of a resumed run, without the run it came from, erases its link."""
+    src, team = tmp_path / "src.db", tmp_path / "team.db"
+    with open_store(str(src)) as store:
+        origin = fill_run(store, seed=1, status="interrupted", stop_after=3)
+        resumed = fill_run(store, seed=4)
+        store.update_run(resumed, resumed_from=origin)
+        uuids = {run_id: store.get_run(run_id).uuid for run_id in (origin, resumed)}
+    early, late = tmp_path / "early.jsonl", tmp_path / "late.jsonl"
+    _set_run(src, resumed, status="interrupted", samples_done=5)
+    assert cli("export", "--run-id", str(origin), "--run-id", str(resumed), "-o", str(early), "--db", str(src)
+               ).exit_code == 0
+    _set_run(src, resumed, status="complete", samples_done=15)  # resumed further; exported alone
+    assert cli("export", "--run-id", str(resumed), "-o", str(late), "--db", str(src)).exit_code == 0
+
+    assert cli("import", str(early), "--db", str(team)).exit_code == 0
+    here = {r["uuid"]: r for r in rows(f"sqlite:///{team}", Run.__table__)}
+    origin_here = here[uuids[origin]]["id"]
+    assert here[uuids[resumed]]["resumed_from"] == origin_here  # both came along: linked here
+    res = cli("import", str(late), "--db", str(team))
+    assert res.exit_code == 0 and "updated 1 run(s)" in res.stdout, res.output
+    [updated] = rows(f"sqlite:///{team}", Run.__table__, uuid=uuids[resumed])
+    assert updated["status"] == "complete" and updated["resumed_from"] == origin_here
+
+
+def test_a_file_that_adds_and_updates_runs_counts_only_the_new_runs_samples(tmp_path):
+    """If this fails, 'imported N run(s) with M sample(s)' also counts the samples of the runs it updated."""
+    src, team = tmp_path / "src.db", tmp_path / "team.db"
+    with open_store(str(src)) as store:
+        known = fill_run(store, seed=4)
+        new = fill_run(store, seed=7, n_samples=2)
+    early, mixed = tmp_path / "early.jsonl", tmp_path / "mixed.jsonl"
+    _set_run(src, known, status="interrupted", samples_done=5)
+    assert cli("export", "--run-id", str(known), "-o", str(early), "--db", str(src)).exit_code == 0
+    _set_run(src, known, status="complete", samples_done=15)
+    assert cli("export", "--run-id", str(known), "--run-id", str(new), "-o", str(mixed), "--db", str(src)
+               ).exit_code == 0
+    new_samples = len(rows(f"sqlite:///{src}", Sample.__table__, run_id=new))
+    known_samples = len(rows(f"sqlite:///{src}", Sample.__table__, run_id=known))
+    assert new_samples > 0 and known_samples > 0  # the updated run brings samples too
+
+    assert cli("import", str(early), "--db", str(team)).exit_code == 0  # the known run is run 1 here
+    res = cli("import", str(mixed), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == (f"imported 1 run(s) (now id 2) with {new_samples} sample(s) from {mixed} into "
+                                  f"{team}; updated 1 run(s) from {mixed} in {team}: run 1 (interrupted, 5 cells) "
+                                  f"-> complete, 15 cells")
+    assert count(f"sqlite:///{team}") == (2, new_samples + known_samples)
+
+
 def test_a_run_whose_owner_is_gone_is_exported_as_readers_show_it(tmp_path):
     """Exported raw, a dead 'running' run arrived as 'running' elsewhere and blocked every later
     replacement there."""

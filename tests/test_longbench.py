@@ -60,6 +60,15 @@ def test_score_takes_the_best_reference_and_first_line_for_few_shot_sets():
     assert score("qa_f1", "\nLondon\nParis", ["Paris"], subtask="hotpotqa") == pytest.approx(2 / 3)
 
 
+def test_samsum_scores_only_the_first_line_of_the_summary():
+    """If this fails, samsum's ROUGE-L also counts the made-up next dialogue a model writes after its summary."""
+    generated = "\nAnna brings the cake\nDialogue:\nTom: what cake"
+    # the first line is the reference word for word: ROUGE-L 1
+    assert score("rouge_l", generated, ["Anna brings the cake"], subtask="samsum") == pytest.approx(1.0, abs=1e-7)
+    # a summary set without the rule (gov_report) scores the whole text: the extra words cost precision
+    assert score("rouge_l", generated, ["Anna brings the cake"], subtask="gov_report") < 0.9
+
+
 # --- prompts and the Hub path ---------------------------------------------------------------------
 
 THUDM_RECORD = {"input": "Which city is the capital?", "context": "Paris is the capital of France. " * 40,

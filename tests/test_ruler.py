@@ -76,6 +76,17 @@ def test_each_needle_answer_is_in_the_context_with_its_key(tiny_tokenizer, sampl
     assert ("are all the special magic" in question) == (spec.num_q * spec.num_v > 1)
 
 
+def test_multikey_answer_is_the_value_of_the_key_the_question_asks_about(tiny_tokenizer, fmt, hay):
+    """If this fails, niah_multikey_1 scores the value of an unasked key as the right answer."""
+    for index in range(6):  # the asked key is drawn per sample: several samples ask about different keys
+        s = ruler.make_sample("niah_multikey_1", fmt, hay, 512, index, seed=7)
+        key = re.search(r"special magic number for (\S+) mentioned", tiny_tokenizer.decode(s.question_ids)).group(1)
+        needles = dict(re.findall(r"One of the special magic numbers for (\S+) is: (\d+)\.",
+                                  tiny_tokenizer.decode(s.context_ids)))
+        assert len(needles) == 4 and key in needles  # four keys in the text, one of them asked
+        assert s.answers == [needles[key]], (index, key, s.answers, needles)
+
+
 def test_variable_tracking_chain_is_in_order_and_complete(tiny_tokenizer, samples):
     s = samples["vt"]
     context = _context(tiny_tokenizer, s)

@@ -271,6 +271,29 @@ def test_a_resumed_run_counts_the_time_it_sat_stopped_apart(db_url):
     assert merged.duration_s == pytest.approx(3 * 3600, abs=60) and merged.stopped_s == pytest.approx(4 * 3600, abs=120)
 
 
+def test_a_run_resumed_twice_counts_both_stops(db_url, monkeypatch):
+    """If this fails, a run interrupted and resumed twice counts its first stop as measuring time."""
+    from knormctl.render.header import run_header
+    from knormctl.store import api
+
+    t0 = utcnow() - timedelta(hours=10)
+    clock = [t0]
+    monkeypatch.setattr(api, "utcnow", lambda: clock[0])
+    with open_store(db_url) as store:
+        run_id = new_run(store)  # starts at t0
+        for ran, stopped in ((1, 2), (1, 3)):  # measure 1 h, Ctrl-C, resume 2 h later; again, 3 h later
+            clock[0] += timedelta(hours=ran)
+            store.finish_run(run_id, INTERRUPTED)
+            clock[0] += timedelta(hours=stopped)
+            store.reopen_run(run_id)
+        clock[0] += timedelta(hours=1)
+        store.finish_run(run_id, COMPLETE)  # t0 + 8 h: 3 h measuring, 2 h + 3 h stopped
+        run = store.get_run(run_id)
+    assert run.stopped_s == pytest.approx(5 * 3600, abs=1)
+    header = run_header([run])
+    assert header.duration_s == pytest.approx(3 * 3600, abs=1) and header.stopped_s == pytest.approx(5 * 3600, abs=1)
+
+
 def test_listing_runs(db_url):
     with open_store(db_url) as store:
         assert store.last_run() is None and store.list_runs() == []

@@ -212,6 +212,16 @@ def test_dry_run_counts_question_task_cells(tmp_path):
     assert json.loads(res.stdout)["cells"] == 1 * 3 * 1 * 3 * 2  # samples x (full + knorm x 2) x repeats
 
 
+def test_dry_run_counts_every_passkey_seed(tmp_path):
+    """If this fails, a passkey sweep's --dry-run shows too few cells (and too short a time) for --passkey-seeds > 1."""
+    res = runner.invoke(app, ["sweep", "--dry-run", "--json", "--db", str(tmp_path / "r.db"), "--task", "passkey",
+                              "--passkey-lengths", "256,512", "--passkey-depths", "0,0.5", "--passkey-seeds", "3",
+                              "--presses", "knorm", "--keep-ratios", "0.5"])
+    assert res.exit_code == 0, res.output
+    # 2 lengths x 2 depths x 3 seeds = 12 prompts, x (full cache + knorm at 0.5)
+    assert json.loads(res.stdout)["cells"] == 2 * 2 * 3 * 2
+
+
 def test_a_study_is_not_sharded(tiny_llama_dir, books_dir, tmp_path):
     # study resume matches runs by settings (shard excluded): shards on two machines would collide
     db = tmp_path / "r.db"
