@@ -228,6 +228,15 @@ def test_interrupted_run_says_how_far_it_got(store, db):
     assert "7 of 15 planned cells finished" in report(db, "--run-id", str(run)).stdout
 
 
+def test_a_failed_run_says_so_and_how_far_it_got(store, db):
+    """A run that ended on an error must not read as a finished one."""
+    run = fill_run(store, status="failed", stop_after=4)
+    data = report_json(db, "--run-id", str(run))
+    [flag] = [f for f in data["flags"] if f["kind"] == "run_failed"]
+    assert f"run {run} failed: 4 of 15 planned cells finished" in flag["message"]
+    assert "interrupted" not in kinds(data)
+
+
 def test_configuration_that_never_compressed_is_flagged(store, db):
     run = fill_run(store, prune_after=4096)  # prompts of 1024-2048 + 100 new tokens never reach it
     data = report_json(db, "--run-id", str(run))
@@ -252,6 +261,10 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     assert "only acts after the prefill" in flag["message"]
     row = next(r for r in data["rows"] if r["config_key"] == KNORM_09)
     assert row["verdicts"]["ttft_s"] == "artifact"
+    assert f"TTFT {abs(row['changes']['ttft_s']):.1f}% lower than the full cache" in flag["message"]
+    slower = report_json(db, "--run-id", str(fill_run(store, ttft_factor={KNORM_09: 1.4})))
+    [flag] = [f for f in slower["flags"] if f["kind"] == "ttft_artifact"]
+    assert "% higher than the full cache" in flag["message"] and "not a slower prefill" in flag["message"]
     assert all(r["verdicts"]["ttft_s"] in (None, "noise", "same") for r in data["rows"] if r["config_key"] != KNORM_09)
 
 

@@ -238,6 +238,13 @@ def test_underpowered_changes_say_how_many_prompts_would_tell_5_percent(store, d
     assert "few_prompts" in [f["kind"] for f in data["flags"]]  # 4 prompts: intervals are optimistic
 
 
+@pytest.mark.parametrize("n, flagged", [(2, True), (5, True), (6, False)])
+def test_intervals_from_fewer_than_six_prompts_are_called_optimistic(store, db, n, flagged):
+    """The few_prompts flag covers every count from 2 to 5 (the docs' threshold is 6), not just some."""
+    data = report_json(db, "--run-id", str(fill_run(store, n_samples=n)))
+    assert ("few_prompts" in [f["kind"] for f in data["flags"]]) == flagged
+
+
 def test_a_count_is_the_lower_middle_prompts_count(store, db):
     """Counts (compressions) are reported as an observed prompt's count, with an even number of
     prompts the lower middle one (the rule the docs give), not a half-count between two prompts."""
