@@ -169,6 +169,38 @@ def test_frontier_and_best_per_budget_follow_the_points(store, db):
     assert all(b["best"]["label"] == "random 0.25" for b in data["best_at_budget"] if b["budget"] == 0.25)
 
 
+def test_the_leaderboard_holds_each_press_and_keep_ratios_best_run(store, db):
+    """Per press, model and keep ratio the leaderboard names the study's best point (lowest
+    perplexity ratio) across the runs' settings, not its worst."""
+    _study(store)
+    data = _json(db, "--group", "s1")
+    for press, by_model in data["leaderboard"].items():
+        for model, by_kr in by_model.items():
+            for kr, best in by_kr.items():
+                rivals = [p["quality"] for p in data["points"] if p["press"] == press and p["model"] == model
+                          and p["keep_ratio"] == float(kr) and p["quality"] is not None]
+                assert len(rivals) == 2 and best["quality"] == min(rivals)  # one point per prune_after
+
+
+def test_an_accuracy_study_picks_the_higher_accuracy(store, db):
+    """Question tasks: the frontier and the best per budget take the HIGHER accuracy (with the
+    perplexity rule they would recommend the configuration that answers worst)."""
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"), Cfg("random", 0.5, mode="prefill"))
+    for run_seed, depths in enumerate(([0.9], [0.1])):
+        fill_run(store, task="passkey", group="acc", configs=configs, n_samples=6, seed=run_seed, depths=depths,
+                 settings={"task": "passkey", "passkey_depths": depths})
+    data = _json(db, "--group", "acc")
+    assert data["quality_higher_is_better"] is True
+    for scale in data["scales"]:
+        pts = [p for p in data["points"] if p["scale"] == scale]
+        half = [p for p in pts if p["kv_held"] <= 0.5]
+        [b] = [x for x in data["best_at_budget"] if x["scale"] == scale and x["budget"] == 0.5]
+        assert b["best"]["quality"] == max(p["quality"] for p in half)
+    # knorm answers at depth 0.9 (passkey_score), random never: the 0.9 run's best at half the KV is knorm
+    knorm_run = [b for b in data["best_at_budget"] if b["budget"] == 0.5 and "0.9" in b["scale"]]
+    assert [b["best"]["label"] for b in knorm_run] == ["knorm 0.5"]
+
+
 def test_a_setting_that_changes_the_full_cache_gets_its_own_frontier_and_budgets(store, db, tmp_path):
     """dtype halves the full cache's bytes: a bfloat16 run's 100% is a float32 run's 50%, so one
     frontier over both runs' ratios would compare percentages of different caches."""
