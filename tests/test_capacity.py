@@ -81,6 +81,25 @@ def test_cpu_memory_is_weights_plus_the_cache_held(model, prompt):
     assert p.peak_bytes == weights + kv
 
 
+@pytest.mark.parametrize("grows", ["linear", "curved"])
+def test_the_search_lands_on_the_largest_batch_whatever_it_is(model, monkeypatch, grows):
+    """Every answer from 1 to the cap, with memory growing linearly (the guess from two probes is
+    exact) or not (the search must bisect to the end): never one batch short of what fits."""
+    from knormctl.engine import capacity
+    from knormctl.engine.capacity import Probe
+
+    def peak(b):
+        return 1000 + 100 * b if grows == "linear" else 1000 + 7 * b * b
+
+    for largest in range(1, 41):
+        budget = peak(largest)  # the largest fits exactly; one more does not
+        monkeypatch.setattr(capacity, "measure", lambda model, prompt, b, cfg, new, budget, **kw:
+                            Probe(b, peak(b) <= budget, peak(b), 0.01))
+        cap = find_capacity(model, [1] * 4, FULL, "f", new_tokens=NEW, budget=budget, max_batch=40)
+        assert cap.largest_batch == largest and cap.capped == (largest == 40)
+        assert len(cap.probes) <= 2 + 3 + 6  # batches 1 and 2, three guided guesses, bisection of 40 sizes
+
+
 def test_nothing_fits_and_the_cap(model, prompt):
     tiny = find_capacity(model, prompt, FULL, "f", new_tokens=NEW, budget=1000, max_batch=10)
     assert tiny.largest_batch == 0 and tiny.peak_bytes is None and len(tiny.probes) == 1
