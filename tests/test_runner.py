@@ -255,6 +255,29 @@ def test_resume_refuses_another_set_up_naming_what_differs(tiny_llama_dir, books
     assert json.loads(res.stdout)["status"] == "complete"
 
 
+def test_resume_refuses_a_prompt_whose_text_changed(tiny_llama_dir, books_dir, tmp_path):
+    """A resume pairs the new cells with the stored ones prompt by prompt: if the text source (or
+    tokenizer) now gives other prompts, the pairs would compare different texts. Refused in one
+    line, nothing written."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
+                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
+                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE runs SET status = 'interrupted'")
+        con.execute("DELETE FROM samples WHERE config_key != 'none'")
+        con.execute("UPDATE samples SET text_hash = 'another text'")
+        before = con.execute("SELECT * FROM samples").fetchall()
+    res = runner.invoke(app, ["sweep", "--resume", "1", "--db", str(db)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1] == ("Error: cannot resume run 1: sample 0 no longer has the same text "
+                                                   "(the text source or tokenizer changed)")
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT * FROM samples").fetchall() == before
+
+
 def test_a_process_whose_run_was_taken_over_stores_nothing_more(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
     """A laptop asleep mid-sweep: another host resumes the run; when the laptop wakes it must
     neither store cells beside the new owner's nor end the run under it. It stops, exit 1."""
