@@ -278,6 +278,37 @@ def test_resume_refuses_a_prompt_whose_text_changed(tiny_llama_dir, books_dir, t
         assert con.execute("SELECT * FROM samples").fetchall() == before
 
 
+def test_each_prompt_draws_its_own_seed(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
+    """The random press (and sampling) seed each prompt with --seed + its index, in the generation
+    and in the perplexity pass alike: with one seed for all, prompts of one length would all drop
+    the same positions, and the control would look less random than it is."""
+    import knormctl.engine.loop as loop
+    import knormctl.engine.quality as quality
+
+    seen = {"generation": [], "perplexity": []}
+    real_gen, real_ppl = loop.run_generation, quality.compressed_perplexity
+
+    def gen(model, ids, pc, *a, seed=None, **kw):
+        if pc.press == "random":
+            seen["generation"].append(seed)
+        return real_gen(model, ids, pc, *a, seed=seed, **kw)
+
+    def ppl(model, prompt_ids, eval_ids, pc, seed=None, **kw):
+        if pc.press == "random":
+            seen["perplexity"].append(seed)
+        return real_ppl(model, prompt_ids, eval_ids, pc, seed=seed, **kw)
+
+    monkeypatch.setattr(loop, "run_generation", gen)
+    monkeypatch.setattr(quality, "compressed_perplexity", ppl)
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "3", "--num-pg19-samples", "0", "--seed", "40",
+                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
+                              "--presses", "random", "--keep-ratios", "0.5", "--threads", "1", "--no-warmup",
+                              "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 0, res.output
+    assert sorted(seen["generation"]) == sorted(seen["perplexity"]) == [40, 41, 42]
+
+
 def test_a_process_whose_run_was_taken_over_stores_nothing_more(tiny_llama_dir, books_dir, tmp_path, monkeypatch):
     """A laptop asleep mid-sweep: another host resumes the run; when the laptop wakes it must
     neither store cells beside the new owner's nor end the run under it. It stops, exit 1."""
