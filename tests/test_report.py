@@ -162,6 +162,24 @@ def test_token_match_is_computed_from_generated_ids_when_not_stored(store):
     assert next(r for r in lean.rows if r.config_key == KNORM_07).values["token_match"] is None
 
 
+def test_a_computed_token_match_compares_with_the_same_rounds_full_cache(store):
+    """With --repeats (and sampling, rounds differ), each round's output is compared with the full
+    cache's output of the same round, not always with the first round's."""
+    run = fill_run(store, token_match=False, repeats=2, n_samples=2)
+    rows = store.samples(run, with_blobs=True)
+    refs = {(s.sample_index, s.repeat): s.generated_ids_json for s in rows if s.config_key == REFERENCE_KEY}
+    assert refs[(0, 0)] != refs[(0, 1)]  # the rounds' outputs differ: the choice of reference shows
+    build_summary([store.get_run(run)], rows)  # fills the NULL token_match in place
+    checked = 0
+    for s in rows:
+        if s.config_key == KNORM_07:
+            ref = refs[(s.sample_index, s.repeat)]
+            mine = s.generated_ids_json
+            assert s.token_match == pytest.approx(sum(a == b for a, b in zip(mine, ref)) / max(len(mine), len(ref)))
+            checked += 1
+    assert checked == 4
+
+
 def test_by_dataset_splits_rows_with_a_reference_each(store, db):
     run = fill_run(store)
     data = report_json(db, "--run-id", str(run), "--by-dataset")
