@@ -188,6 +188,30 @@ def test_stored_estimate_only_from_a_comparable_run_on_this_host():
     assert from_stored_run(Store(), cfg, n_cells=10) is None
 
 
+def test_a_rough_estimate_scales_another_runs_time_by_tokens_per_cell():
+    """A run of the same model with other settings: its seconds per cell x the tokens a cell now
+    generates and scores over the tokens its cells did (twice the tokens, twice the time)."""
+    import socket
+    from types import SimpleNamespace as NS
+
+    from knormctl.config import RunConfig
+    from knormctl.estimate import from_model_runs
+
+    t0 = datetime(2026, 1, 1)
+    stored = {**RunConfig(model="m", max_new_tokens=50, eval_tokens=50).to_dict()}  # 100 tokens a cell
+
+    class Store:
+        def list_runs(self, limit):
+            return [NS(id=3, hostname=socket.gethostname(), model_requested="m", status="complete",
+                       config_json=stored)]
+
+        def samples(self, run_id):
+            return [NS(created_utc=t0 + timedelta(seconds=4 * i)) for i in range(5)]  # 4 s a cell
+
+    est = from_model_runs(Store(), RunConfig(model="m", max_new_tokens=150, eval_tokens=50), n_cells=10)
+    assert est.seconds == pytest.approx(10 * 4.0 * 200 / 100)
+
+
 def test_a_batched_run_estimates_its_cells_by_the_batches():
     """A batch stores its rows milliseconds apart: the time per cell comes from the gaps between
     batches over their rows, never from the gaps between rows of one batch."""
