@@ -79,6 +79,11 @@ def test_cpu_memory_is_weights_plus_the_cache_held(model, prompt):
     # parameters and buffers (the rotary tables), counted here rather than by the code under test
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     assert p.peak_bytes == weights + kv
+    # compressed, the buffers hold room beyond their valid entries: memory counts what is held
+    cut = measure(model, prompt, 2, KNORM, NEW, 1 << 62, prefill_chunk=CHUNK)
+    res = run_generation(model, [prompt] * 2, KNORM, NEW, prefill_chunk=CHUNK)
+    assert res.kv_bytes_held_peak > res.kv_bytes_peak
+    assert cut.peak_bytes == weights + res.kv_bytes_held_peak
 
 
 @pytest.mark.parametrize("grows", ["linear", "curved"])
