@@ -262,6 +262,9 @@ def test_configuration_that_never_compressed_is_flagged(store, db):
     assert flagged == {r["config_key"] for r in data["rows"] if not r["is_reference"]}
     msg = next(f["message"] for f in data["flags"] if f["kind"] == "no_compression" and f["config_key"] == Cfg("knorm", 0.9, 4096).pc.key)
     assert "prune_after=4096" in msg and "say nothing about compression" in msg
+    # a decode-mode run: the reason is prompt + new tokens, not the prefill cut's rule
+    assert "prompt + new tokens never exceeded prune_after=4096; the longest was 2148 tokens" in msg
+    assert "prefill mode" not in msg
     null = next(f for f in data["flags"] if f["config_key"] == Cfg("knorm", 1.0, 4096).pc.key)
     assert null["kind"] == "full_cache_path"
     assert "full cache's code path" in null["message"] and "noise" in null["message"]
