@@ -168,6 +168,29 @@ def test_every_generated_answer_scores_one_and_a_wrong_one_less(samples):
             assert score(s.metric, s.answers[0], s.answers) == pytest.approx(1 / len(s.answers))
 
 
+def test_a_stored_score_is_the_answers_not_the_text_past_its_end():
+    """Generation runs on past an EOS (every configuration generates the same count): the stored
+    score is the answer's, so a wrong answer followed by the right number after EOS scores 0."""
+    from types import SimpleNamespace
+
+    from knormctl.config import PressConfig
+    from knormctl.sample_rows import sample_fields
+    from knormctl.tasks.catalog import PASSKEY_DIGITS
+    from knormctl.tasks.prompt import QuestionSample
+
+    sample = QuestionSample(task="passkey", subtask="passkey", dataset="passkey:books", doc_id="d", doc_title=None,
+                            char_offset=0, context_ids=[1, 2], question_ids=[3], suffix_ids=[4], answers=["48213"],
+                            metric=PASSKEY_DIGITS, max_new_tokens=8)
+    res = SimpleNamespace(new_tokens=8, ttft_s=0.1, tpot_s=0.01, itl_p50_s=0.01, itl_p90_s=0.01, itl_p99_s=0.01,
+                          throughput_tps=100.0, total_s=0.2, memory=SimpleNamespace(bytes=1, kind="cpu", reason=None),
+                          kv_bytes_peak=1, kv_bytes_final=1, kv_entries_peak=1, kv_entries_final=1, compress_events=0,
+                          compress_time_s=0.0, ppl_compressed=None, eval_tokens=None, token_ids=[5] * 8,
+                          step_latencies_s=[0.01] * 7, text="11111. The pass key is 48213.")
+    row = sample_fields(sample, PressConfig().validate(), res, answer="11111.")
+    assert row["score"] == 0.0 and row["extra_json"]["answer"] == "11111."
+    assert sample_fields(sample, PressConfig().validate(), res, answer=None)["score"] == 1.0  # no EOS: all of it
+
+
 def test_the_answer_is_scored_up_to_the_first_end_of_sequence(tiny_tokenizer):
     from types import SimpleNamespace
 
