@@ -32,6 +32,12 @@ def process_env(tmp_path):
 
 
 def start_and_wait(cmd, env, db, at_least, timeout=120):
+    """Start ``python -m knormctl ...`` and return once it has stored ``at_least`` samples; the
+    process then holds there (tests/held_sweep.py) until the test signals or kills it, so a
+    loaded machine cannot let it finish first."""
+    if cmd[1:3] == ["-m", "knormctl"]:
+        cmd = [cmd[0], str(REPO / "tests" / "held_sweep.py"), *cmd[3:]]
+        env = dict(env, KNORMCTL_TEST_HOLD_AT=str(at_least))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while count(db) < at_least:
