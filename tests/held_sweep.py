@@ -28,7 +28,7 @@ def held_add_sample(self, *args, **kwargs):
 
 api.Store.add_sample = held_add_sample
 
-from knormctl.cli import main  # noqa: E402
+from knormctl.cli import main
 
 sys.argv[0] = "knormctl"
 main()
