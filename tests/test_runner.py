@@ -224,17 +224,22 @@ def test_resume_goes_on_when_the_owner_is_gone(tmp_path):
         assert con.execute("SELECT status, hostname FROM runs").fetchone() == (RUNNING, "gpu-node-7")
 
 
+def _one_prompt_sweep(tiny_llama_dir, books_dir, db) -> None:
+    """A finished one-prompt run (the full cache and knorm 0.5) to resume under changed conditions."""
+    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
+                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
+                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
+                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+
+
 def test_resume_refuses_another_set_up_naming_what_differs(tiny_llama_dir, books_dir, tmp_path):
     """Finished cells and the rest of a run pair prompt by prompt: resumed with other threads (or
     another torch, device, commit...) the run would pool two set-ups under one header, and a
     configuration doing no work showed a 30% TTFT change. Refused in one line, nothing written;
     another host with the same set-up may go on."""
     db = tmp_path / "r.db"
-    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
-                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
-                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
-                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
-    assert res.exit_code == 0, res.output
+    _one_prompt_sweep(tiny_llama_dir, books_dir, db)
     with sqlite3.connect(db) as con:
         env = json.loads(con.execute("SELECT env_json FROM runs").fetchone()[0])
         assert env["torch_threads"] == 1
@@ -260,11 +265,7 @@ def test_resume_refuses_a_prompt_whose_text_changed(tiny_llama_dir, books_dir, t
     tokenizer) now gives other prompts, the pairs would compare different texts. Refused in one
     line, nothing written."""
     db = tmp_path / "r.db"
-    res = runner.invoke(app, ["sweep", "--model", str(tiny_llama_dir), "--wikitext-source", f"text:{books_dir}",
-                              "--num-wikitext-samples", "1", "--num-pg19-samples", "0",
-                              "--wikitext-prompt-tokens", "48", "--max-new-tokens", "4", "--eval-tokens", "4",
-                              "--keep-ratios", "0.5", "--threads", "1", "--no-warmup", "--db", str(db)])
-    assert res.exit_code == 0, res.output
+    _one_prompt_sweep(tiny_llama_dir, books_dir, db)
     with sqlite3.connect(db) as con:
         con.execute("UPDATE runs SET status = 'interrupted'")
         con.execute("DELETE FROM samples WHERE config_key != 'none'")
