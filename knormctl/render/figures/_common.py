@@ -182,16 +182,23 @@ def legend_outside(fig: Figure, ax, where: str = "outside right upper") -> None:
         fig.legend(unique.values(), unique.keys(), loc=where)
 
 
-def label_points(ax, items: list[tuple[float, float, str]], fontsize: float = 9, gid: str | None = None) -> None:
-    """Name each point (x, y, text) next to it without running labels over each other or over
-    other points: presses at one keep ratio sit close together, and a fixed offset printed their
-    names on top of each other. Greedy, in the order given: the first spot around the point (right,
-    left, then further above and below, with a thin line to the point) whose box is clear of the labels placed so far, of every
-    point's marker and of the axes' edges; where none is clear, the least covered one. Needs the
-    axes' limits set; the figure's layout is settled first so that points convert to points."""
-    fig = ax.figure
+def label_points(fig: Figure, panels: list[tuple[object, list[tuple[float, float, str]]]], fontsize: float = 9,
+                 gid: str | None = None) -> None:
+    """Name each point (x, y, text) of each panel (ax, items) next to it without running labels
+    over each other or over other points: presses at one keep ratio sit close together, and a
+    fixed offset printed their names on top of each other. Greedy, in the order given: the first
+    spot around the point (right, left, then further above and below, with a thin line to the
+    point) whose box is clear of the labels placed so far, of every point's marker and of the
+    axes' edges; where none is clear, the least covered one. Needs the axes' limits set; the
+    figure's layout is settled once, first, so that points convert to points (the labels are
+    kept out of the layout, so it stays settled for every panel)."""
     fig.draw_without_rendering()
-    to_pt = 72.0 / fig.dpi
+    for ax, items in panels:
+        _label_panel(ax, items, fontsize, gid)
+
+
+def _label_panel(ax, items: list[tuple[float, float, str]], fontsize: float, gid: str | None) -> None:
+    to_pt = 72.0 / ax.figure.dpi
     where = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y, _ in items]
     frame = ax.get_window_extent()
     x0, y0, x1, y1 = (v * to_pt for v in (frame.x0, frame.y0, frame.x1, frame.y1))

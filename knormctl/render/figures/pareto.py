@@ -112,7 +112,5 @@ def pareto(view: StudyView) -> Figure:
                  f"the points, so a wide interval may run off them). Larger points "
                  f"and the dashed line: the Pareto frontier (no other configuration holds less KV with better "
                  f"quality). Dotted lines: the 25/50/75% budgets named in the report.")
-    for row, items in names.items():
-        if items:
-            label_points(axes[row][0], items, fontsize=8, gid=f"{GID}|label")
+    label_points(fig, [(axes[row][0], items) for row, items in names.items() if items], fontsize=8, gid=f"{GID}|label")
     return fig

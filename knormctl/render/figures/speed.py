@@ -195,7 +195,7 @@ def tradeoff(summary: Summary) -> Figure:
     legend_outside(fig, ax)
     caption(fig, f"Points: the median over prompts of each prompt's change; bars: {BOOT_TEXT}. {_n_note(summary)}. "
                  f"{_noise_note(summary)}.")
-    label_points(ax, [(x, y, r.label) for r, x, y in zip(rows, xs, ys)], gid="tradeoff|label")
+    label_points(fig, [(ax, [(x, y, r.label) for r, x, y in zip(rows, xs, ys)])], gid="tradeoff|label")
     return fig
 
 
