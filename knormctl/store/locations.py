@@ -117,15 +117,12 @@ def check_sqlite_file_to_read(path: Path) -> None:
 def hide_password(arg: str) -> str:
     """``arg`` with the password of a database URL in it replaced by ``***`` (``--db=URL`` too);
     anything else unchanged. For what is stored or printed: a command line, a hint."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     head, sep, url_text = arg.partition("=") if arg.startswith("--") else ("", "", arg)
     if "://" not in url_text:
         return arg
     try:
-        url = make_url(url_text)
-    except (ArgumentError, ValueError):
+        url = parse_url(url_text)
+    except StoreError:  # not a URL after all
         return arg
     return arg if url.password is None and "password" not in url.query else head + sep + shown_url(url)
 
