@@ -280,7 +280,7 @@ def _drop_options_of_other_tasks(planned: list[dict[str, Any]], origin: list[int
     for settings, row in zip(planned, origin):
         kept = {k: v for k, v in settings.items() if _reads(settings, k)}
         if kept != settings:
-            ident = repr(sorted(kept.items()))
+            ident = _key(kept)  # what makes it the same run as another
             if ident in seen:
                 continue  # the same run as one already planned, once the ignored option is gone
             seen.add(ident)
