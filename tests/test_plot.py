@@ -464,6 +464,27 @@ def test_tradeoff_labels_name_each_point_without_running_over_each_other(store):
         assert panel.x0 <= box.x0 and box.x1 <= panel.x1 and panel.y0 <= box.y0 and box.y1 <= panel.y1
         for j in range(i + 1, len(boxes)):
             assert not box.overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+        for line in interval_lines(ax):  # ...and off every interval line
+            assert not (box.x0 < line[2] and line[0] < box.x1 and box.y0 < line[3] and line[1] < box.y1), \
+                labels[i].get_text()
+
+
+def interval_lines(ax) -> list[tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1) in display pixels of each drawn interval line and cap, cut to the panel."""
+    from matplotlib.collections import LineCollection
+
+    panel = ax.get_window_extent()
+    out = []
+    for coll in ax.collections:
+        if isinstance(coll, LineCollection):
+            for seg in coll.get_segments():
+                pts = coll.get_transform().transform(seg)
+                box = (max(pts[:, 0].min(), panel.x0), max(pts[:, 1].min(), panel.y0),
+                       min(pts[:, 0].max(), panel.x1), min(pts[:, 1].max(), panel.y1))
+                if box[0] <= box[2] and box[1] <= box[3]:
+                    out.append(box)
+    assert out, "the figure draws no interval lines"
+    return out
 
 
 def test_plot_imports_neither_torch_nor_the_engine(store, db, tmp_path):

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # headless: before any canvas is created
 # notation (a ValueError for `plot` and the html report). No figure uses math text.
 matplotlib.rcParams["text.parse_math"] = False
 
+from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.textpath import TextPath  # noqa: E402
 
@@ -188,13 +189,35 @@ def label_points(fig: Figure, panels: list[tuple[object, list[tuple[float, float
     over each other or over other points: presses at one keep ratio sit close together, and a
     fixed offset printed their names on top of each other. Greedy, in the order given: the first
     spot around the point (right, left, then further above and below, with a thin line to the
-    point) whose box is clear of the labels placed so far, of every point's marker and of the
-    axes' edges; where none is clear, the least covered one. Needs the axes' limits set; the
+    point) whose box is clear of the labels placed so far, of every point's marker, of the
+    interval lines (the panel's ``hlines``/``vlines``) and of the axes' edges; where none is
+    clear, the least covered one. Needs the axes' limits set; the
     figure's layout is settled once, first, so that points convert to points (the labels are
     kept out of the layout, so it stays settled for every panel)."""
     fig.draw_without_rendering()
     for ax, items in panels:
         _label_panel(ax, items, fontsize, gid)
+
+
+def _line_boxes(ax, to_pt: float, frame: tuple[float, float, float, float]) -> list[tuple]:
+    """A thin box (in points) around each level or upright segment of the panel's line
+    collections -- the intervals and their caps, drawn with ``hlines``/``vlines`` -- cut to the
+    panel: a label over an interval hid both. (A slanted segment's box would cover a whole
+    region; no figure draws one this way.)"""
+    x0, y0, x1, y1 = frame
+    pad = 1.5  # half a line's width and a little air
+    boxes = []
+    for coll in ax.collections:
+        if not isinstance(coll, LineCollection):
+            continue
+        to_display = coll.get_transform()
+        for seg in coll.get_segments():
+            pts = to_display.transform(seg) * to_pt
+            lo_x, hi_x = max(pts[:, 0].min(), x0), min(pts[:, 0].max(), x1)
+            lo_y, hi_y = max(pts[:, 1].min(), y0), min(pts[:, 1].max(), y1)
+            if lo_x <= hi_x and lo_y <= hi_y and min(hi_x - lo_x, hi_y - lo_y) < 1.0:
+                boxes.append((lo_x - pad, lo_y - pad, hi_x + pad, hi_y + pad))
+    return boxes
 
 
 def _label_panel(ax, items: list[tuple[float, float, str]], fontsize: float, gid: str | None) -> None:
@@ -204,7 +227,7 @@ def _label_panel(ax, items: list[tuple[float, float, str]], fontsize: float, gid
     x0, y0, x1, y1 = (v * to_pt for v in (frame.x0, frame.y0, frame.x1, frame.y1))
     h = 1.3 * fontsize
     r = 5.0  # half a marker
-    taken = [(px - r, py - r, px + r, py + r) for px, py in where]
+    taken = [(px - r, py - r, px + r, py + r) for px, py in where] + _line_boxes(ax, to_pt, (x0, y0, x1, y1))
 
     def covered(box) -> float:
         out = sum(max(0.0, min(box[2], b[2]) - max(box[0], b[0])) * max(0.0, min(box[3], b[3]) - max(box[1], b[1]))
