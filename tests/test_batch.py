@@ -212,3 +212,48 @@ def test_the_kvpress_backend_is_refused_for_batches(llama32):
     with pytest.raises(UsageError, match="batch size 3: kvpress presses"):
         run_generation(llama32, _prompts(), cfg, 4)
     assert run_generation(llama32, _prompts()[:1], cfg, 4).batch_size == 1
+
+
+def _batch_result(**kw):
+    from knormctl.engine.result import MemoryPeak
+
+    base = dict(token_ids=[1, 2], text="", prompt_tokens=5, new_tokens=2, ttft_s=0.1, step_latencies_s=[0.05],
+                total_s=0.2, tpot_s=0.05, itl_p50_s=0.05, itl_p90_s=0.05, itl_p99_s=0.05, throughput_tps=30.0,
+                memory=MemoryPeak(1000, "x"), kv_bytes_peak=3000, kv_bytes_final=1500, kv_entries_peak=40,
+                kv_entries_final=20, compress_events=1, compress_time_s=0.01, kv_bytes_held_peak=6000,
+                batch_size=3, rows=[[1, 2], [3, 4], [5, 6]], row_texts=["a", "b", "c"])
+    base.update(kw)
+    from knormctl.engine.result import GenerationResult
+
+    return GenerationResult(**base)
+
+
+def test_split_gives_each_row_a_third_of_every_kv_byte_count():
+    rows = _batch_result().split()
+    assert len(rows) == 3
+    for r in rows:
+        assert (r.kv_bytes_peak, r.kv_bytes_final, r.kv_bytes_held_peak) == (1000, 500, 2000)
+        assert (r.kv_entries_peak, r.kv_entries_final) == (40, 20)  # entries are per row already
+        assert r.throughput_tps == pytest.approx(2 / 0.2)
+
+
+def test_sampling_temperature_sharpens_below_one_and_flattens_above():
+    from knormctl.engine.batch import RowPicker
+
+    logits = torch.zeros(1, 1, 50)
+    logits[0, 0, 7] = 3.0  # softmax at T=1: p(7) ~ 0.29
+    cold = RowPicker(True, 0.05, [0])  # T=0.05: p(7) ~ 1
+    assert all(cold(logits).item() == 7 for _ in range(100))
+    hot = RowPicker(True, 20.0, [0])  # T=20: nearly uniform over 50 ids
+    draws = [hot(logits).item() for _ in range(100)]
+    assert draws.count(7) < 20 and len(set(draws)) > 20
+
+
+def test_one_question_is_every_rows_question():
+    model = MODELS["llama"]()
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(5))
+    cfg = PressConfig(press="knorm", keep_ratio=0.5, prune_after=0, skip_layers=(), mode="prefill").validate()
+    shared = run_generation(model, ids, cfg, 4, question_ids=[7, 8, 9])
+    each = run_generation(model, ids, cfg, 4, question_ids=[[7, 8, 9]] * 3)
+    assert shared.batch_size == 3 and shared.rows == each.rows
+    assert shared.kv_entries_final == each.kv_entries_final

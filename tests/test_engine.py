@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -519,3 +520,37 @@ def test_ledger_follows_prefill_steps_and_cuts(model):
         model(input_ids=_prompt(1), position_ids=torch.tensor([[11]]), **kw)
         ledger.grew(1)
         assert ledger.held == [12] + [7] * (model.config.num_hidden_layers - 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_the_cpu_memory_peak_is_in_bytes():
+    import psutil
+
+    from knormctl.engine.timing import MemoryProbe, read_rss_peak
+
+    rss = psutil.Process().memory_info().rss  # bytes; the high-water mark is at least this
+    assert read_rss_peak() >= 0.9 * rss
+    probe = MemoryProbe("cpu")
+    probe.start()
+    block = torch.ones(32 * 1024 * 1024 // 4)  # 32 MiB touched
+    peak = probe.stop()
+    del block
+    assert peak.kind == "cpu_process_rss_peak" and peak.bytes >= 0.9 * rss
+
+
+def test_the_ledger_refuses_a_layer_a_cut_inside_the_forward_emptied():
+    from knormctl.engine.kvcache import CacheLedger, CacheMismatchError, new_cache
+
+    model = MODELS["llama"](layers=1)
+    cache = new_cache(model, buffered=False)
+    ledger = CacheLedger(model, cache)
+    k = torch.zeros(1, 2, 10, 8)
+    cache.layers[0].keys, cache.layers[0].values = k, k
+    ledger.grew(10, may_shrink=True)
+    assert ledger.held == [10]
+    cache.layers[0].keys = cache.layers[0].values = torch.zeros(1, 2, 6, 8)  # 5 new, cut to 6: fine
+    ledger.grew(5, may_shrink=True)
+    assert ledger.held == [6]
+    cache.layers[0].keys = cache.layers[0].values = torch.zeros(1, 2, 0, 8)  # "never none"
+    with pytest.raises(CacheMismatchError, match="holds 0 entries where 11 were expected"):
+        ledger.grew(5, may_shrink=True)

@@ -149,3 +149,20 @@ def test_offline_hub_fails_at_once_naming_the_offline_tasks(monkeypatch):
         hub.longbench_records(["qasper"])
     msg = str(e.value)
     assert "\n" not in msg and "--task ruler" in msg and "wiki-lite-long" in msg and "Xnhyacinth/LongBench" in msg
+
+
+def test_code_similarity_skips_leading_slash_slash_comment_lines():
+    # LongBench's code_sim_score: the first line without `, # or // is the answer line
+    assert longbench.edit_sim("// a comment\nx = 1", "x = 1") == 1.0
+
+
+def test_fuzz_ratio_rounds_to_the_nearest_percent_like_fuzzywuzzy():
+    # SequenceMatcher("abc", "abd").ratio() = 4/6 = 0.6667: fuzzywuzzy returns 67, not 66
+    assert longbench.fuzz_ratio("abc", "abd") == 67
+    assert longbench.edit_sim("abc", "abd") == pytest.approx(0.67)
+
+
+def test_qa_f1_drops_the_article_a_too():
+    # SQuAD normalisation removes a, an and the
+    assert longbench.qa_f1("a cat", "cat") == 1.0
+    assert longbench.qa_f1("A dog", "the dog") == 1.0

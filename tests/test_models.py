@@ -203,3 +203,30 @@ def test_environment_record_says_when_the_cpu_kernels_are_restricted(monkeypatch
     assert env["cpu_capability"].endswith("(DNNL_MAX_CPU_ISA=AVX2)")
     if not torch.cuda.is_available():
         assert env["gpu_name"] is None and env["gpu_memory_bytes"] is None
+
+
+def test_git_dirty_counts_changed_tracked_files_not_untracked_ones(tmp_path, monkeypatch):
+    import subprocess
+
+    import knormctl
+    from knormctl.engine import env
+
+    repo = tmp_path / "checkout"
+    pkg = repo / "knormctl"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=a", "-c", "user.email=a@b", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(knormctl, "__file__", str(pkg / "__init__.py"))
+    commit, dirty = env._git_state()
+    assert commit and len(commit) == 40 and dirty is False
+    (repo / "results.db").write_text("a database written into the checkout")
+    assert env._git_state() == (commit, False)  # untracked: not a change to the code that measured
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert env._git_state() == (commit, True)

@@ -3,10 +3,12 @@ same seed gives the same sample, and the scorer accepts exactly the needle's val
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from knormctl.tasks import niah
-from knormctl.tasks.haystack import load_haystack
+from knormctl.tasks.haystack import Haystack, is_sentence_start, load_haystack
 from knormctl.tasks.prompt import PromptFormat
 from knormctl.tasks.scoring import score
 
@@ -70,3 +72,28 @@ def test_scored_right_and_wrong(fmt, hay):
     assert score(s.metric, f" {value}.", s.answers) == 1.0
     assert score(s.metric, f" {value[:-1]}", s.answers) == 0.0
     assert score(s.metric, " 1234567", s.answers) == (1.0 if value == "1234567" else 0.0)
+
+
+def _words(n_sentences=60):
+    words = []
+    for i in range(n_sentences):
+        words += ["The", f"word{i}", "goes", "on", "and", "on", f"end{i}."]
+    return words
+
+
+def test_each_sample_starts_at_a_sentence_start():
+    hay = Haystack("test", _words(), ["pool"])
+    starts = set()
+    for seed in range(40):
+        i = hay.sentence_start(random.Random(seed))
+        assert is_sentence_start(hay.words, i), (seed, i, hay.words[i - 1:i + 1])
+        starts.add(i)
+    assert len(starts) > 5  # seeded: samples start at different sentences
+
+
+def test_take_wraps_around_at_the_end_of_the_haystack():
+    words = [f"w{i}" for i in range(10)]
+    hay = Haystack("test", words, [])
+    assert hay.take(8, 5) == ["w8", "w9", "w0", "w1", "w2"]
+    assert hay.take(2, 3) == ["w2", "w3", "w4"]
+    assert len(hay.take(9, 25)) == 25  # a context longer than the source repeats it

@@ -155,3 +155,38 @@ def test_chunks_into_layers_of_different_lengths_go_as_chunks_with_a_mask_per_la
     chunks = [min(CHUNK, PROMPT - s) for s in range(0, PROMPT, CHUNK)]
     assert chunked_forwards == chunks + [1] * (NEW - 1)  # chunks, then the decode steps
     assert sum(forwards) == sum(chunked_forwards) and forwards.count(1) > NEW - 1  # token by token once uneven
+
+
+def test_the_per_layer_masks_give_the_logits_of_token_by_token_feeding():
+    """Layers of different lengths (a skipped layer after a cut): one multi-token forward under the
+    per-layer causal masks gives, for EVERY new token, the logits of feeding them one at a time."""
+    from knormctl.engine.kvcache import cache_kwargs, new_cache
+    from knormctl.engine.uneven import layer_mask_hooks
+
+    model = MODELS["llama"]()
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    new = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
+
+    def cut_cache():
+        cache = new_cache(model, buffered=False)
+        with torch.inference_mode():
+            model(input_ids=ids, position_ids=torch.arange(40).unsqueeze(0), **cache_kwargs(model, cache))
+        for layer in cache.layers[1:]:  # layer 0 "skipped": keeps all 40, the others keep every other one
+            layer.keys, layer.values = layer.keys[..., ::2, :].clone(), layer.values[..., ::2, :].clone()
+        return cache
+
+    pos = torch.arange(40, 48).unsqueeze(0)
+    cache = cut_cache()
+    hooks = layer_mask_hooks(model, cache, 8)
+    assert hooks is not None
+    try:
+        with torch.inference_mode():
+            together = model(input_ids=new, position_ids=pos, **cache_kwargs(model, cache)).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    cache = cut_cache()
+    with torch.inference_mode():
+        steps = torch.cat([model(input_ids=new[:, j:j + 1], position_ids=pos[:, j:j + 1], cache=cache,
+                                 use_cache=True).logits[0] for j in range(8)])
+    torch.testing.assert_close(together, steps, atol=2e-6, rtol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -593,3 +594,60 @@ def test_config_and_cli_import_without_torch():
             "heavy = [m for m in ('torch', 'transformers', 'knormctl.engine') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_kvpress_backend_sets_compression_ratio_to_one_minus_keep_ratio():
+    from knormctl.engine.presses.kvpress_backend import KvpressPress
+
+    press = SimpleNamespace(compression_ratio=0.0)
+    KvpressPress("kvpress:X", press, 0.25)
+    assert press.compression_ratio == pytest.approx(0.75)
+    untouched = SimpleNamespace(compression_ratio=0.0)
+    KvpressPress("kvpress:X", untouched, 1.0)
+    assert untouched.compression_ratio == 0.0
+
+
+def test_the_kvpress_hook_cuts_only_layers_holding_more_than_prune_after():
+    from knormctl.engine.presses.kvpress_backend import KvpressPress
+
+    calls = []
+
+    def forward_hook(module, args, kwargs, output):
+        calls.append(module.layer_idx)
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        layer.keys = layer.keys[..., :2, :]
+        return output
+
+    kv = KvpressPress("kvpress:X", SimpleNamespace(forward_hook=forward_hook), 0.5)
+    comp = SimpleNamespace(cfg=SimpleNamespace(prune_after=8), _sync=lambda: None, seconds=0.0)
+    hook = kv._hook(comp)
+    module = SimpleNamespace(layer_idx=0)
+
+    def cache_of(n):
+        return SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(1, 1, n, 4))])
+
+    assert hook(module, (), {"past_key_values": cache_of(8)}, "out") == "out"
+    assert calls == [] and not kv.take_cut()  # 8 entries, prune_after 8: not above it
+    hook(module, (), {"past_key_values": cache_of(9)}, "out")
+    assert calls == [0] and kv.take_cut() and not kv.take_cut()
+
+
+def test_a_kvpress_requirement_for_another_platform_does_not_refuse_this_transformers(monkeypatch):
+    import importlib.util
+    from importlib import metadata
+
+    from knormctl.engine.presses import kvpress_backend
+    from knormctl.errors import UsageError
+
+    class FakeDist:
+        version = "0.5.5"
+        requires = ['transformers<5.3; python_version < "3.0"']  # a marker that does not apply here
+
+    real_dist = metadata.distribution
+    monkeypatch.setattr(metadata, "distribution", lambda n: FakeDist() if n == "kvpress" else real_dist(n))
+    if importlib.util.find_spec("kvpress") is None:  # the main venv: it gets as far as the import
+        with pytest.raises(UsageError, match="does not import") as exc:
+            kvpress_backend.load_kvpress()
+        assert "supports transformers" not in str(exc.value)
+    else:  # the compat venv: kvpress loads
+        kvpress_backend.load_kvpress()
