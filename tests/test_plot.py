@@ -607,3 +607,57 @@ def test_bar_labels_stay_apart_with_many_configurations(store):
             assert a.x1 <= b.x0 + 0.5, ax.get_title()
         checked += 1
     assert checked >= 4
+
+
+def test_table_image_numbers_its_memory_footnote_as_the_caption_does(store):
+    """(a bug: the cell's footnote number started at 0 while the caption's starts at 1): every
+    'N/A (k)' cell names a footnote the caption has."""
+    from matplotlib.text import Text
+
+    from knormctl.render.figures import table
+
+    run = fill_run(store, memory=False)
+    fig = table.table(summary_of(store, [run]))
+    cells = fig.axes[0].tables[0].get_celld()
+    marks = {c.get_text().get_text() for c in cells.values() if c.get_text().get_text().startswith("N/A (")}
+    assert marks == {"N/A (1)"}
+    caption = " ".join(t.get_text() for t in fig.findobj(Text))
+    assert "(1) peak memory N/A:" in caption
+
+
+def test_needle_heatmap_cells_say_questions_right_of_asked(store, db):
+    """(a bug: the cell text counted wrong answers): each binary cell reads correct/asked, as the
+    caption says, from the json's needle cells."""
+    from knormctl.render.figures import tasks
+
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"))
+    run = fill_run(store, task="passkey", configs=configs, n_samples=12, depths=(0.1, 0.9), prompt_tokens=(1024,))
+    data = report_json(db, "--run-id", str(run))
+    fig = tasks.needle_heatmap(summary_of(store, [run]))
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    checked = 0
+    for c in data["needle_cells"]:
+        ax = by_title[c["label"]]
+        expected = f"{round(c['accuracy'] * c['n'])}/{c['n']}"
+        texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in ax.texts}
+        depths = sorted({x["needle_depth"] for x in data["needle_cells"]})
+        assert texts[(0, depths.index(c["needle_depth"]))] == expected
+        checked += 1
+    assert checked == 4
+    # right and wrong counts differ somewhere (else counting the wrong answers would read the same)
+    assert any(2 * round(c["accuracy"] * c["n"]) != c["n"] for c in data["needle_cells"])
+
+
+def test_a_ttft_timing_artifact_bar_is_hatched(store):
+    """(a bug: the artifact's hatch dropped): the caption says 'hatched a TTFT timing artifact';
+    an artifact bar was filled like a finding, and only it is hatched."""
+    from knormctl.render.figures import speed
+
+    run = fill_run(store, ttft_factor={Cfg("knorm", 0.9).pc.key: 0.7})
+    summary = summary_of(store, [run])
+    fig = speed.comprehensive(summary)
+    art = {a.get_gid(): a for a in fig.findobj(lambda a: a.get_gid() is not None)}
+    verdicts = {r.config_key: r.verdicts["ttft_s"] for r in summary.rows if not r.is_reference}
+    assert verdicts[Cfg("knorm", 0.9).pc.key] == "artifact"
+    for key, v in verdicts.items():
+        assert bool(art[f"{key}|ttft_s|change"].get_hatch()) == (v == "artifact"), key

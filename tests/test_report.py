@@ -34,6 +34,10 @@ def report_json(db, *args):
     return json.loads(result.stdout)
 
 
+def rows_by_key(data):
+    return {r["config_key"]: r for r in data["rows"]}
+
+
 def kinds(data) -> list[str]:
     return [f["kind"] for f in data["flags"]]
 
@@ -552,3 +556,139 @@ def test_markdown_escapes_names_that_look_like_markup(store, db):
     text = report(db, "--run-id", str(run), "--format", "markdown").stdout
     assert "<script>" not in text and "<b>" not in text
     assert "&lt;script>alert(1)&lt;/script>&amp;g" in text and "m&lt;b>&amp;x" in text
+
+
+def test_values_are_formatted_in_the_units_the_docs_promise():
+    """(a bug: ms up to 10 s: '1500.0 ms'), (a bug: bytes in decimal thousands under a binary
+    unit), (a bug: a fraction interval's upper end left unscaled: '[44, 1]')."""
+    from knormctl.render.format import fmt_bytes, fmt_pct_interval, fmt_value
+
+    assert fmt_value("tpot_s", 0.0123) == "12.3 ms"
+    assert fmt_value("ttft_s", 1.5) == "1.50 s"
+    assert fmt_bytes(1536) == "1.5 KiB"
+    assert fmt_value("kv_bytes_final", 3 * 2**20) == "3.0 MiB"
+    assert fmt_value("peak_mem_bytes", 2**30) == "1.0 GiB"
+    assert fmt_pct_interval((0.44, 0.97)) == "[44, 97]"
+
+
+def test_json_writes_a_non_finite_value_as_null_instead_of_failing(store, db):
+    """(a bug: _finite passed NaN/inf through: json.dumps(allow_nan=False) raised, so one
+    overflowed perplexity crashed `report --format json`)."""
+    from sqlalchemy import text
+
+    run = fill_run(store, n_samples=3)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE samples SET ppl_compressed = 1e999 WHERE config_key = :k"), {"k": KNORM_07})
+    data = report_json(db, "--run-id", str(run))
+    assert rows_by_key(data)[KNORM_07]["values"]["ppl_compressed"] is None
+
+
+def test_the_header_names_a_batch_only_when_there_is_one(store, db):
+    """(a bug: the batch note on every run): 'batch 1 (throughput per row...)' in the header of
+    a run that ran one row at a time."""
+    plain = fill_run(store)
+    batched = fill_run(store, seed=1, settings={"batch_size": 3})
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(plain), "--format", "markdown"]).stdout
+    assert "batch" not in md.split("\n\n")[0]
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(batched), "--format", "markdown"]).stdout
+    assert "batch 3 (throughput per row; x3 per batch)" in md
+
+
+def test_markdown_samples_escape_the_pipes_of_configuration_keys(store, db):
+    """(a bug: no '|' escape in markdown cells): a configuration key ('knorm|kr=0.7|...') split
+    its cell into several columns of the --samples table."""
+    run = fill_run(store, n_samples=2)
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--samples", "--format", "markdown"]).stdout
+    table = [ln for ln in md.splitlines() if ln.startswith(("| run_id", "| " + str(run)))]
+    assert len(table) > 5
+    assert len({ln.replace("\\|", "").count("|") for ln in table}) == 1
+    assert any("\\|" in ln for ln in table)
+
+
+def test_compare_markdown_cells_are_a_then_b_and_only_in_lists_the_right_side(store, db):
+    """(a bug: markdown compare cells B / A under an 'A / B' title) and (a bug: only_in_a listing the
+    shared configurations instead of those A alone has)."""
+    from knormctl.render.format import fmt_value
+
+    a = fill_run(store, seed=1)
+    b = fill_run(store, seed=2, configs=(Cfg(), Cfg("knorm", 0.7), Cfg("streaming", 0.5)))
+    data = report_json(db, "--compare", str(a), str(b))
+    assert sorted(data["only_in_a"]) == sorted([Cfg("knorm", 1.0).pc.key, KNORM_09, Cfg("random", 0.7).pc.key])
+    assert data["only_in_b"] == [Cfg("streaming", 0.5).pc.key]
+    va = rows_by_key(report_json(db, "--run-id", str(a)))
+    vb = rows_by_key(report_json(db, "--run-id", str(b)))
+    md = runner.invoke(app, ["report", "--db", db, "--compare", str(a), str(b), "--format", "markdown"]).stdout
+    line = next(ln for ln in md.splitlines() if ln.startswith("| knorm 0.7 "))
+    ttft = f"{fmt_value('ttft_s', va[KNORM_07]['values']['ttft_s'])} / {fmt_value('ttft_s', vb[KNORM_07]['values']['ttft_s'])}"
+    assert ttft in line
+
+
+def test_a_group_with_an_interrupted_run_is_not_called_complete(store, db):
+    """(a bug: the group's status was its mildest run's): a group of a complete and an interrupted
+    run read 'complete' in its header and in every csv row's run_status."""
+    fill_run(store, group="g", stop_after=8, status="interrupted")
+    fill_run(store, group="g", seed=3)
+    assert report_json(db, "--group", "g")["header"]["status"] == "interrupted"
+    csv_text = runner.invoke(app, ["report", "--db", db, "--group", "g", "--format", "csv"]).stdout
+    assert {line.split(",")[0] for line in csv_text.splitlines()[1:]} == {"interrupted"}
+
+
+def test_a_shard_is_named_for_one_run_only(store, db):
+    """(a bug: a merged group's header named its first run's shard, as if the group were that shard)."""
+    a = fill_run(store, group="sh", samples=[0, 1])
+    b = fill_run(store, group="sh", samples=[2], seed=1)
+    store.update_run(a, shard="1/2")
+    store.update_run(b, shard="2/2")
+    assert report_json(db, "--run-id", str(a))["header"]["shard"] == "1/2"
+    assert report_json(db, "--group", "sh")["header"]["shard"] is None
+
+
+def test_one_run_of_a_group_points_to_its_own_report(store):
+    """(a bug: report_command named the group for a single run that has one): a figure of run 3
+    sent readers to `report --group`, whose merged numbers and flags are not that run's."""
+    from knormctl.render.header import run_header
+
+    a = fill_run(store, group="g2", samples=[0, 1])
+    b = fill_run(store, group="g2", samples=[2], seed=1)
+    assert run_header([store.get_run(a)]).report_command == f"knormctl report --run-id {a}"
+    assert run_header([store.get_run(a), store.get_run(b)]).report_command == "knormctl report --group g2"
+
+
+def test_the_table_says_how_many_cells_of_a_configuration_failed(store, db):
+    """(a bug: the configuration cell lost its 'N failed' line): the rich table showed a row
+    with one prompt fewer and no word why."""
+    run = fill_run(store, fail=(1, KNORM_07))
+    out = runner.invoke(app, ["report", "--db", db, "--run-id", str(run)], env={"COLUMNS": "200"}).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("│")]
+    assert sum("│ 1 failed" in ln for ln in lines) >= 1
+    assert not any("│ 2 failed" in ln for ln in lines)
+
+
+def test_compare_goes_by_the_model_hash_when_both_runs_have_one(store, db):
+    """(a bug: same_model ignored the hashes): two runs of 'smollm2-135m' whose weights differ
+    (another snapshot under the same name) were compared as one model."""
+    a = fill_run(store, seed=1)
+    b = fill_run(store, seed=2)
+    store.update_run(b, model_hash="sha256:another-snapshot")
+    res = runner.invoke(app, ["report", "--db", db, "--compare", str(a), str(b)])
+    assert res.exit_code == 2 and "used different models" in res.stderr, res.output
+
+
+def test_a_group_with_a_run_of_unknown_plan_has_no_planned_total(store, db):
+    """(a bug: an unknown plan counted as 0): '11 of 8 planned cells' for a group one of whose
+    runs stored no planned count."""
+    a = fill_run(store, group="pl", samples=[0, 1])
+    fill_run(store, group="pl", samples=[2], seed=1)
+    store.update_run(a, samples_planned=None)
+    h = report_json(db, "--group", "pl")["header"]
+    assert h["samples_planned"] is None
+    md = runner.invoke(app, ["report", "--db", db, "--group", "pl", "--format", "markdown"]).stdout
+    assert "planned cells" not in md and f"{h['samples_done']} cells" in md
+
+
+def test_the_run_list_shows_cells_done_of_planned(store, db):
+    """(a bug: the list's cells column 'planned/done'): an interrupted run of 7 of 15 cells read '15/7'."""
+    run = fill_run(store, status="interrupted", stop_after=7)
+    out = runner.invoke(app, ["report", "--db", db, "--list"], env={"COLUMNS": "160"}).stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith(str(run)))
+    assert "7/15" in line and "15/7" not in line, line

@@ -455,3 +455,59 @@ def test_a_shards_rounds_are_compared_with_its_own_first_round(store, db):
     fill_run(store, group="sh", n_samples=8, samples=[4, 5, 6, 7], repeats=2, seed=1, round_factor={1: 1.6})
     data = report_json(db, "--group", "sh")
     assert [f for f in data["flags"] if f["kind"] == "repeats_disagree"], [f["kind"] for f in data["flags"]]
+
+
+def test_two_runs_of_a_group_whose_speeds_differ_are_flagged(store, db):
+    """(a bug: repeat_spread dropped the comparison of each other run's first round with the first
+    run's): the same sweep run twice under one group, the second time 40% slower on every
+    prompt, pooled its timings with no repeats_disagree flag."""
+    fill_run(store, group="twice", n_samples=6)
+    fill_run(store, group="twice", n_samples=6, seed=1, round_factor={0: 1.4})
+    data = report_json(db, "--group", "twice")
+    flagged = {f["config_key"] for f in data["flags"] if f["kind"] == "repeats_disagree"}
+    assert REFERENCE_KEY in flagged and KNORM_07 in flagged, [f["kind"] for f in data["flags"]]
+    assert rows_by_key(data)[REFERENCE_KEY]["repeat_spread_pct"]["tpot_s"] == pytest.approx(40.0, abs=6)
+
+
+def test_medians_of_timings_memory_and_perplexity_carry_no_value_interval(store, db):
+    """(a bug: value_stat gave every metric a bootstrap interval of its value): the module's rule is
+    that medians over different prompts get none (the paired change carries the uncertainty);
+    fractions (token match) do get one."""
+    run = fill_run(store, n_samples=6, mem_jitter=0.03)
+    data = report_json(db, "--run-id", str(run))
+    for row in data["rows"]:
+        for name in ("ttft_s", "tpot_s", "throughput_tps", "peak_mem_bytes", "kv_bytes_final", "ppl_compressed",
+                     "compress_events"):
+            assert row["intervals"][name] is None, (row["label"], name)
+    knorm = rows_by_key(data)[KNORM_07]
+    assert knorm["intervals"]["token_match"] is not None  # a fraction: its value has an interval
+
+
+def test_n_repeats_is_the_most_rounds_any_prompt_has(store, db):
+    """(a bug: n_repeats = the fewest rounds): one prompt whose second round is missing made a
+    3-round run read as a 1-round one, and the rounds' disagreement went unchecked."""
+    from sqlalchemy import text
+
+    run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.7)), n_samples=6, repeats=3, round_factor={2: 1.3})
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM samples WHERE sample_index = 0 AND repeat > 0"))
+    data = report_json(db, "--run-id", str(run))
+    for row in data["rows"]:
+        assert row["n_repeats"] == 3, (row["label"], row["n_repeats"])
+    assert {f["config_key"] for f in data["flags"] if f["kind"] == "repeats_disagree"} == {REFERENCE_KEY, KNORM_07}
+
+
+def test_higher_throughput_is_better_and_a_slower_itl_beyond_the_interval_but_within_noise_is_noise(store, db):
+    """(a bug: throughput's direction flipped: a faster configuration read 'worse') and (a bug: ITL p90
+    lost timing=True: a change inside the run's timing noise read as a finding)."""
+    from knormctl.render.metrics import METRIC
+    from knormctl.render.paired import Stat, verdict
+
+    run = fill_run(store, n_samples=8, tpot_factor={KNORM_07: 0.5})
+    row = rows_by_key(report_json(db, "--run-id", str(run)))[KNORM_07]
+    assert row["changes"]["throughput_tps"] > 50
+    assert row["verdicts"]["throughput_tps"] == "better"
+    assert row["verdicts"]["tpot_s"] == "better"
+    steady = Stat(value=0.03, change=3.0, change_interval=(2.5, 3.5), n_pairs=20)
+    assert verdict(METRIC["itl_p90_s"], steady, noise_pct=6.0) == "noise"
+    assert verdict(METRIC["itl_p90_s"], steady, noise_pct=1.0) == "worse"

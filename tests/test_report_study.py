@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from knormctl.cli import app
 from knormctl.render.pareto import Point, frontier
+from knormctl.render.summary import REFERENCE_KEY
 
 runner = CliRunner()
 CONFIGS = (Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("streaming", 0.5), Cfg("random", 0.25))
@@ -410,3 +411,65 @@ def test_a_pareto_panel_of_an_interrupted_run_says_so(store, db):
                 notes.setdefault(text.get_gid().split("|")[1], []).append(text.get_text())
     assert set(notes) == {"tiny-llama"}  # the complete run's panels carry no note
     assert notes["tiny-llama"] == [f"only the full cache stored\nrun {stopped} interrupted: 1 of 20 planned cells"] * 2
+
+
+def test_study_tables_list_keep_ratios_from_the_largest_down(store, db):
+    """(a bug: leaderboard columns ascending), (a bug: full cache row sorted among the presses) and (a bug: a press's settings ascending in the per-model
+    table): both orders are the report's documented reading order, full cache first."""
+    configs = (Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("knorm", 0.25))
+    for seed, model in enumerate(("smollm2-135m", "tiny-llama")):
+        fill_run(store, configs=configs, n_samples=4, seed=seed, model=model, group="ord", prompt_tokens=(2048,) * 4)
+    md = runner.invoke(app, ["report", "--db", db, "--group", "ord", "--format", "markdown"]).stdout
+    board = next(ln for ln in md.splitlines() if ln.startswith("| press |"))
+    keeps = [float(c.strip().removeprefix("keep ")) for c in board.strip("|").split("|")[1:]]
+    assert keeps == sorted(keeps, reverse=True) and len(keeps) == 4
+    lines = md.splitlines()
+    first_row = lines[lines.index(board) + 2]
+    assert first_row.startswith("| full cache |"), first_row  # the full cache heads the leaderboard
+    labels = [ln.split("|")[1].strip() for ln in md.splitlines()
+              if ln.startswith(("| full cache", "| knorm"))]
+    first_table = labels[:4]
+    assert first_table == ["full cache", "knorm 0.9", "knorm 0.5", "knorm 0.25"], labels
+
+
+def test_study_csv_intervals_hold_their_values(store, db):
+    """(a bug: the csv's *_ci_lo and *_ci_hi swapped): each interval in the study csv is low, then high."""
+    import csv
+    import io
+
+    for seed, model in enumerate(("smollm2-135m", "tiny-llama")):
+        fill_run(store, configs=(Cfg(), Cfg("knorm", 0.5), Cfg("random", 0.5)), n_samples=6, seed=seed,
+                 model=model, group="civ", prompt_tokens=(2048,) * 6)
+    text = runner.invoke(app, ["report", "--db", db, "--group", "civ", "--format", "csv"]).stdout
+    recs = [r for r in csv.DictReader(io.StringIO(text)) if r["config_key"] != REFERENCE_KEY]
+    assert recs
+    for r in recs:
+        for value, lo, hi in (("quality", "quality_ci_lo", "quality_ci_hi"), ("kv_held", "kv_ci_lo", "kv_ci_hi"),
+                              ("tpot_ratio", "tpot_ci_lo", "tpot_ci_hi")):
+            if r[lo]:
+                assert float(r[lo]) <= float(r[value]) <= float(r[hi]), (r["label"], value, r[lo], r[hi])
+    assert any(r["quality_ci_lo"] and float(r["quality_ci_lo"]) < float(r["quality_ci_hi"]) for r in recs)
+
+
+def test_the_pareto_line_joins_only_the_frontier(store, db):
+    """(a bug: the dashed frontier joined every point): the line's vertices are the points the json
+    marks on_frontier, by KV held."""
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    configs = (Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("random", 0.5), Cfg("random", 0.25))
+    for seed, model in enumerate(("smollm2-135m", "tiny-llama")):
+        fill_run(store, configs=configs, n_samples=4, seed=seed, model=model, group="pf", prompt_tokens=(2048,) * 4)
+    data = _json(db, "--group", "pf")
+    with open_store(db, readonly=True) as ro:
+        view = study_view(ro, select_runs(ro, group="pf"), "pf")
+    fig = pareto(view)
+    lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.lines if (ln.get_gid() or "").endswith("|frontier")}
+    assert len(lines) == 2
+    for scale in data["scales"]:
+        front = sorted((p for p in data["points"] if p["scale"] == scale and p["on_frontier"]),
+                       key=lambda p: p["kv_held"])
+        assert len(front) < len([p for p in data["points"] if p["scale"] == scale])
+        line = lines[f"pareto|{scale}|frontier"]
+        assert list(line.get_xdata()) == pytest.approx([p["kv_held"] * 100 for p in front])

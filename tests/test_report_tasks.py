@@ -197,3 +197,73 @@ def test_an_lm_run_has_no_task_rows(store, db):
     data = report_json(db, "--run-id", str(fill_run(store)))
     assert data["tasks"] == [] and data["needle_cells"] == []
     assert all(r["values"]["accuracy"] is None for r in data["rows"])
+
+
+def test_the_mean_over_subtasks_is_near_chance_only_when_every_subtask_is(store, db):
+    """(a bug: any instead of all): one subtask the model cannot do (vt) marked the mean over all
+    three subtasks near chance, and its table 'FULL CACHE NEAR CHANCE: results mean nothing'."""
+    run = fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
+                   depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",
+                   prompt_tokens=(4096,))
+    data = report_json(db, "--run-id", str(run))
+    assert any(t["near_chance"] for t in data["tasks"] if t["subtask"] == "vt")
+    means = [t for t in data["tasks"] if t["subtask"] is None]
+    assert means and not any(t["near_chance"] for t in means)
+
+
+def test_samples_needed_of_a_mean_over_unequal_subtasks_counts_the_smallest(store, db):
+    """(a bug: max instead of min): the mean row's prompts-needed estimate took the largest
+    subtask's question count as if every subtask had as many."""
+    from sqlalchemy import text
+
+    from knormctl import stats
+    from knormctl.render.metrics import DETECTABLE_EFFECT
+
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"))
+    run = fill_run(store, task="ruler", configs=configs, n_samples=40, subtasks=("niah_single_1", "niah_single_2"),
+                   lengths=(4096,), depths=(0.5,), prompt_tokens=(4096,), score_metric="string_match_all",
+                   score=lambda i, pc, sub, d, n: float((i * (7 if pc.press == "knorm" else 3)) % 5 > 1))
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM samples WHERE subtask = 'niah_single_2' AND sample_index > 20"))
+    data = report_json(db, "--run-id", str(run))
+    subs = {t["subtask"]: t for t in data["tasks"] if t["config_key"] != REFERENCE_KEY and t["subtask"]}
+    assert subs["niah_single_1"]["n"] == 20 and subs["niah_single_2"]["n"] == 10
+    [mean] = [t for t in data["tasks"] if t["subtask"] is None and t["config_key"] != REFERENCE_KEY]
+    assert mean["n_needed"] is not None, mean
+    assert mean["n_needed"] == stats.samples_needed(10 * 2, tuple(mean["change_interval"]), DETECTABLE_EFFECT)
+
+
+def test_task_accuracy_averages_a_questions_repeats(store, db):
+    """(a bug: a question's repeats reduced by their best score): a question answered once in two
+    rounds counts 0.5, not 1."""
+    from sqlalchemy import text
+
+    configs = (Cfg(mode="prefill"), Cfg("knorm", 0.5, mode="prefill"))
+    run = fill_run(store, task="passkey", configs=configs, n_samples=6, repeats=2, prompt_tokens=(1024,),
+                   score=lambda i, pc, sub, d, n: 1.0)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE samples SET score = 0.0 WHERE repeat = 1 AND config_key != 'none'"))
+    data = report_json(db, "--run-id", str(run))
+    knorm = [t for t in data["tasks"] if t["config_key"] != REFERENCE_KEY]
+    assert knorm and all(t["accuracy"] == pytest.approx(0.5) for t in knorm)
+    assert all(t["change_pp"] == pytest.approx(-50.0) for t in knorm)
+
+
+def test_task_markdown_gives_correct_of_asked_and_marks_only_near_chance_rows(store, db):
+    """(a bug: the markdown accuracy text 'n/correct') and (a bug: the 'full cache near chance'
+    column marking every row but the near-chance ones)."""
+    run = fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
+                   depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",
+                   prompt_tokens=(4096,))
+    data = report_json(db, "--run-id", str(run))
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "markdown"]).stdout
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ruler")]
+    assert len(lines) == len(data["tasks"])
+    for t, ln in zip(data["tasks"], lines):
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert cells[2] == t["label"]
+        if t["correct"] is not None:
+            assert f"({t['correct']}/{t['n']})" in cells[3], (cells, t)
+        assert cells[4] == ("yes" if t["near_chance"] else ""), (cells, t["near_chance"])
+    assert any(t["correct"] not in (None, t["n"]) for t in data["tasks"])
+    assert any(t["near_chance"] for t in data["tasks"]) and not all(t["near_chance"] for t in data["tasks"])
