@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from knormctl.cli import app
 from knormctl.options import keep_ratio_error
+from knormctl.store import open_store
 
 runner = CliRunner()
 
@@ -158,3 +159,155 @@ def test_progress_lines_wrap_between_words_on_a_terminal_and_never_into_a_file()
     pipe = io.StringIO()
     Log(console=Console(file=pipe, force_terminal=False, width=80))(message)
     assert pipe.getvalue().count("\n") == 1 and message in pipe.getvalue()
+
+
+def _new_run(store) -> int:
+    return store.create_run(command="sweep", task="lm", model_requested="smollm2-135m",
+                            config={"keep_ratios": [1.0, 0.5]}, command_line="knormctl sweep")
+
+
+def test_resume_takes_verbose_beside_db_and_json(tmp_path):
+    """--verbose is one of the options --resume accepts (its help says so); it must reach
+    the next check (the database must exist), not be refused as a configuration change."""
+    db = tmp_path / "r.db"
+    for flag in ("--verbose", "-v"):
+        res = runner.invoke(app, ["sweep", "--resume", "1", flag, "--json", "--db", str(db)])
+        assert res.exit_code == 2 and res.stderr.strip() == f"Error: {db} does not exist", res.stderr
+
+
+def test_runs_delete_lists_a_runs_failed_samples_in_its_count(tmp_path):
+    """the listing before the deletion counts every stored row (done + failed), the rows
+    that will be deleted -- and the number the final line reports."""
+    from knormctl.store import COMPLETE_WITH_ERRORS
+
+    db = tmp_path / "r.db"
+    row = {"dataset": "wiki-lite", "prompt_tokens": 64, "press": "knorm", "keep_ratio": 0.5, "prune_after": 16,
+           "compress_mode": "decode", "new_tokens": 8}
+    with open_store(db) as store:
+        run_id = _new_run(store)
+        store.add_sample(run_id, sample_index=0, config_key="knorm|kr=0.5", ttft_s=0.01, **row)
+        store.add_sample(run_id, sample_index=1, config_key="knorm|kr=0.5", ttft_s=0.01, **row)
+        store.add_sample(run_id, sample_index=2, config_key="knorm|kr=0.5", error="boom", **row)
+        store.finish_run(run_id, COMPLETE_WITH_ERRORS)
+    res = runner.invoke(app, ["runs", "delete", str(run_id), "--yes", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert f"run {run_id}: sweep smollm2-135m, complete_with_errors, 3 sample(s)," in res.stderr
+    assert "deleted 1 run(s) and 3 sample(s)" in res.stdout
+
+
+def test_underscore_spellings_are_rewritten_only_before_a_double_dash():
+    """after ``--`` every word is positional (a file name), never an option to respell."""
+    from knormctl.cli._group import dashed
+
+    known = {"--keep-ratios", "--db"}
+    assert dashed(["sweep", "--keep_ratios=0.5", "--db", "x_y.db"], known) == ["sweep", "--keep-ratios=0.5", "--db",
+                                                                               "x_y.db"]
+    assert dashed(["import", "--", "--keep_ratios", "--db_x"], known) == ["import", "--", "--keep_ratios", "--db_x"]
+
+
+def test_report_list_shows_the_newest_20_runs_by_default(tmp_path):
+    """`report --list` without --limit shows 20 runs (its help says so), the newest."""
+    import json
+
+    from knormctl.store import COMPLETE
+
+    db = tmp_path / "r.db"
+    with open_store(db) as store:
+        ids = [_new_run(store) for _ in range(23)]
+        for run_id in ids:
+            store.finish_run(run_id, COMPLETE)
+    res = runner.invoke(app, ["report", "--list", "--format", "json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in json.loads(res.stdout)] == ids[::-1][:20]
+
+
+def test_report_output_with_the_table_format_is_refused_not_ignored(tmp_path):
+    """tables go to the terminal; `report -o FILE` without --format would write nothing
+    into FILE, silently -- it is refused (exit 2, one line) before any database is read."""
+    out = tmp_path / "r.txt"
+    for extra in ([], ["--format", "table"]):
+        res = runner.invoke(app, ["report", "-o", str(out), *extra, "--db", str(tmp_path / "none.db")])
+        assert res.exit_code == 2 and res.stderr.strip() == (
+            "Error: --output needs --format json, csv, markdown or html (tables go to the terminal)")
+    assert not out.exists() and not (tmp_path / "none.db").exists()
+
+
+def test_error_boundary_prints_one_line_with_the_errors_exit_code(capsys):
+    """a multi-line knormctl error is shown as its first line only (one line on stderr)."""
+    import pytest
+    import typer
+
+    from knormctl.cli._common import error_boundary
+    from knormctl.errors import KnormctlError, UsageError
+
+    for exc, code in ((UsageError("bad value\ndetails"), 2), (KnormctlError("it failed\n  hint"), 1)):
+        with pytest.raises(typer.Exit) as info, error_boundary():
+            raise exc
+        assert info.value.exit_code == code
+        assert capsys.readouterr().err == f"Error: {str(exc).splitlines()[0]}\n"
+
+
+def test_sample_flag_reaches_the_run_config():
+    """--sample (the option named 'sample') is RunConfig.sampling; dropped, a sampled sweep
+    is silently greedy."""
+    from knormctl.cli._common import run_config
+
+    assert run_config("sweep", {"sample": True, "temperature": 0.7}).sampling is True
+    assert run_config("sweep", {"sample": False}).sampling is False
+
+
+def test_a_resumed_runs_last_line_says_what_was_measured_now_and_what_was_kept(monkeypatch, capsys):
+    """the summary's last line counts every stored cell and, for a resumed run, splits
+    them into measured now and kept (the --json form has the same numbers as keys)."""
+    import json
+    from types import SimpleNamespace
+
+    from knormctl.cli._execute import _print_summary
+    from knormctl.render import export, summary, tables
+
+    monkeypatch.setattr(summary, "build_summary", lambda runs, rows: "S")
+    monkeypatch.setattr(tables, "print_summary", lambda s, console: None)
+    monkeypatch.setattr(export, "to_json", lambda s: "{}")
+    store = SimpleNamespace(get_run=lambda run_id: None, samples=lambda run_id: [])
+    outcome = SimpleNamespace(run_id=7, status="complete_with_errors", done=3, skipped_existing=5, failed=1, planned=9)
+    _print_summary(store, outcome, json_out=False)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "run 7: complete_with_errors, 8 cell(s) stored (3 measured now, 5 kept), 1 failed. "
+        "Details: knormctl report --run-id 7")
+    _print_summary(store, outcome, json_out=True)
+    data = json.loads(capsys.readouterr().out)
+    assert (data["done"], data["measured"], data["kept"], data["failed"], data["planned"]) == (8, 3, 5, 1, 9)
+
+
+def test_a_keep_ratio_of_100_gets_the_percentage_hint():
+    """100 (all of it, as a percentage) is the likeliest slip; the hint names 1."""
+    from knormctl.options import keep_ratio_error
+
+    assert str(keep_ratio_error(100)) == "--keep-ratios: 100 is outside (0, 1] (the fraction of the cache kept); " \
+                                         "use 1 for 100 %"
+    assert str(keep_ratio_error(2)).endswith("use 0.02 for 2 %")
+    assert "use" not in str(keep_ratio_error(101)) and "use" not in str(keep_ratio_error(1.5))
+
+
+def test_press_spec_booleans_are_case_insensitive():
+    """True/FALSE are booleans as true/false are, not a word (a nested press name)."""
+    from knormctl.press_spec import format_press_spec, parse_press_spec
+
+    assert parse_press_spec("snapkv(a=True,b=FALSE,c=true)") == ("snapkv", (("a", True), ("b", False), ("c", True)))
+    assert format_press_spec(*parse_press_spec("snapkv(a=True)")) == "snapkv(a=true)"
+
+
+def test_a_press_spec_exactly_as_long_as_the_store_column_is_accepted(monkeypatch):
+    """the store's press column holds PRESS_SPEC_MAX (64) characters, so a canonical spec
+    of exactly that length fits; only a longer one is refused."""
+    import pytest
+
+    import knormctl.press_spec as ps
+    from knormctl.errors import UsageError
+
+    spec = ps.resolve_press_list(["snapkv(window_size=8)"], "prefill")[0]
+    monkeypatch.setattr(ps, "PRESS_SPEC_MAX", len(spec))
+    assert ps.resolve_press_list(["snapkv(window_size=8)"], "prefill") == [spec]
+    monkeypatch.setattr(ps, "PRESS_SPEC_MAX", len(spec) - 1)
+    with pytest.raises(UsageError, match=f"is longer than {len(spec) - 1} characters"):
+        ps.resolve_press_list(["snapkv(window_size=8)"], "prefill")

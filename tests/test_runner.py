@@ -452,3 +452,19 @@ def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_meas
     assert out["done"] == out["planned"] == 6 and out["status"] == "complete"  # 3 samples x 2 configurations
     after = dict(((i, k), tm) for i, k, tm in con.execute("SELECT sample_index, config_key, token_match FROM samples"))
     assert after == matches and None not in after.values()
+
+
+def test_the_warm_up_runs_the_full_cache_first_whatever_the_cells_order():
+    """a shard's first cell is a compressed one (configurations rotate with the sample),
+    yet the warm-up starts with the full cache for every token: it sizes the memory pool and its
+    time is the run's first estimate."""
+    from knormctl.config import PressConfig
+    from knormctl.plan import WARMUP_TOKENS, plan_cells, warm_up_plan
+
+    base, a, b = PressConfig(), PressConfig(press="knorm", keep_ratio=0.5), PressConfig(press="knorm", keep_ratio=0.7)
+    cells = plan_cells(4, [base, a, b], "2/4")
+    planned = list({c.config.key: c.config for c in cells}.values())  # as Runner.warm_up collects them
+    assert planned[0] != base
+    plan = warm_up_plan(planned, 40)
+    assert plan[0] == (base, 40) and sorted(n for _, n in plan[1:]) == [WARMUP_TOKENS, WARMUP_TOKENS]
+    assert warm_up_plan([a, base], 8) == [(base, 8), (a, 8)]  # never more tokens than the run generates

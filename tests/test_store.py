@@ -701,3 +701,61 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path):
         run = store.get_run(run_id)
         assert run.status == INTERRUPTED and f"process {proc.pid}" in run.error
         assert run.samples_done >= 30 and len(store.samples(run_id)) == run.samples_done  # every counted row kept
+
+
+def test_a_stale_run_is_shown_ended_at_its_last_heartbeat_as_a_writer_records_it(tmp_path):
+    """a reader showing a stale run as interrupted must give it the end a writer stores
+    (its last heartbeat), not 'now': the report's duration would grow with every hour since the crash."""
+    with open_store(tmp_path / "r.db") as store:
+        run_id = new_run(store)
+        last = (utcnow() - timedelta(hours=2)).replace(microsecond=0)
+        store.update_run(run_id, hostname="gpu-node-7", pid=1234, started_utc=last - timedelta(hours=1),
+                         heartbeat_utc=last)
+        shown = store.get_run(run_id)
+        assert shown.status == INTERRUPTED and shown.ended_utc == last
+        assert store.mark_stale_runs() == [run_id]
+        assert store.get_run(run_id).ended_utc == last
+
+
+def test_a_run_elsewhere_is_alive_for_ten_minutes_after_its_last_heartbeat(tmp_path):
+    """a heartbeat comes every 60 s; a run on another host whose last one is 5 minutes old
+    (a slow cell) still runs -- it must not be shown interrupted, nor be taken over or deleted --
+    and is gone once ten beats are missed."""
+    import pytest
+
+    from knormctl.errors import UsageError
+    from knormctl.store import RUNNING
+
+    with open_store(tmp_path / "r.db") as store:
+        slow, gone = new_run(store), new_run(store)
+        store.update_run(slow, hostname="gpu-node-8", pid=4321, heartbeat_utc=utcnow() - timedelta(minutes=5))
+        store.update_run(gone, hostname="gpu-node-8", pid=4322, heartbeat_utc=utcnow() - timedelta(minutes=11))
+        assert [r.status for r in store.get_runs([slow, gone])] == [RUNNING, INTERRUPTED]
+        assert store.mark_stale_runs() == [gone]
+        with pytest.raises(UsageError, match=f"run {slow} is still running"):
+            store.reopen_run(slow)
+
+
+def test_extended_busy_codes_are_busy_and_retried():
+    """Python reports SQLite's *extended* code (SQLITE_BUSY_SNAPSHOT = 517, BUSY_RECOVERY =
+    261); they are SQLITE_BUSY and must be retried, not raised at once."""
+    import sqlite3
+
+    from knormctl.store.connect import is_busy, retry_busy
+
+    def busy(code: int) -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = code
+        return exc
+
+    assert is_busy(busy(sqlite3.SQLITE_BUSY)) and is_busy(busy(517)) and is_busy(busy(261))
+    assert not is_busy(busy(sqlite3.SQLITE_LOCKED))  # 6: another error, the message notwithstanding
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) < 3:
+            raise busy(517)
+        return "done"
+
+    assert retry_busy(step, sleep=lambda s: None) == "done" and len(calls) == 3
