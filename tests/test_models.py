@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import shutil
 import subprocess
 import time
+from types import SimpleNamespace as NS
 
 import pytest
 import torch
 import transformers
 
-from knormctl.engine import models as M
+from knormctl.engine import assets, models as M
 from knormctl.engine.env import get_environment
 from knormctl.engine.models import load_model
 from knormctl.errors import AssetError, UsageError
@@ -230,3 +233,125 @@ def test_git_dirty_counts_changed_tracked_files_not_untracked_ones(tmp_path, mon
     assert env._git_state() == (commit, False)  # untracked: not a change to the code that measured
     (pkg / "__init__.py").write_text("x = 2\n")
     assert env._git_state() == (commit, True)
+
+
+def test_sharded_weights_hash_covers_every_shard(tmp_path):
+    a, b = tmp_path / "model-00001.safetensors", tmp_path / "model-00002.safetensors"
+    a.write_bytes(b"shard one")
+    b.write_bytes(b"shard two")
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
+    want = hashlib.sha256("".join(f"{n} {sha[n]}\n" for n in (a.name, b.name)).encode()).hexdigest()
+    assert M.weights_hash([a, b]) == want
+    assert M.weights_hash([a]) == sha[a.name]
+
+
+def test_safetensors_are_preferred_over_bin_files(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"bin")
+    (tmp_path / "model.safetensors").write_bytes(b"st")
+    assert M.weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+
+
+def test_weight_hash_is_recomputed_when_a_file_is_rewritten_with_the_same_size(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"aaaa")
+    assert M.weights_hash([f]) == hashlib.sha256(b"aaaa").hexdigest()
+    st = f.stat()
+    f.write_bytes(b"bbbb")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert M.weights_hash([f]) == hashlib.sha256(b"bbbb").hexdigest()
+
+
+def test_mapped_devices_names_gpu_indices_in_layer_order():
+    model = NS(hf_device_map={"embed": 0, "layers.0": 0, "layers.1": 1, "lm_head": "cpu"})
+    assert M.mapped_devices(model) == "cuda:0+cuda:1+cpu"
+    many = NS(hf_device_map={f"layers.{i}": i for i in range(20)})
+    assert M.mapped_devices(many) == "cuda:0+19 more"
+
+
+def test_an_upper_case_gguf_suffix_is_a_gguf_file(tmp_path):
+    path = tmp_path / "Model.Q4.GGUF"
+    path.write_bytes(b"GGUF")
+    assert M.model_source(str(path)) == ("gguf", path)
+
+
+def test_the_loaded_model_is_moved_to_the_resolved_device(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(M, "resolve_device", lambda device: "meta")  # a device other than where it loads
+    lm = M.load_model(str(tiny_llama_dir), device="cpu")
+    assert lm.device == "meta"
+    assert {p.device.type for p in lm.model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("value", ["true", "YES", "on"])
+def test_hf_hub_offline_spellings_count_as_offline(monkeypatch, value):
+    import huggingface_hub.constants
+    import huggingface_hub.utils
+
+    def no_network():
+        raise AssertionError("the Hub was asked although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assets.hub_status.cache_clear()
+    try:
+        assert assets.hub_status() == (False, "HF_HUB_OFFLINE is set")
+    finally:
+        assets.hub_status.cache_clear()
+
+
+def test_short_reason_keeps_one_line_of_at_most_200_characters():
+    long = assets.short_reason(ValueError("x" * 300 + "\nsecond line"))
+    assert len(long) == 200 and long.endswith("...") and "second" not in long
+    assert assets.short_reason(OSError("  disk full \nmore")) == "disk full"
+    assert assets.short_reason(KeyError()) == "KeyError"
+
+
+def test_pip_download_reuses_a_wheel_already_downloaded(tmp_path, monkeypatch):
+    wheel = tmp_path / "gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"PK")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip ran although the wheel is there"))
+    assert assets.pip_download("gensim==4.4.0", tmp_path, "gensim-4.4.0-*.whl") == wheel
+
+
+def test_check_model_refuses_uneven_layers_where_the_family_cannot_attend_over_them():
+    import transformers as T
+
+    from knormctl.config import PressConfig
+    from knormctl.engine.support import check_model
+
+    torch.manual_seed(0)
+    falcon = T.FalconForCausalLM(T.FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, alibi=False,
+                                                new_decoder_architecture=False, multi_query=True)).eval()
+    cfgs = [PressConfig().validate(), PressConfig(press="knorm", keep_ratio=0.5).validate()]
+    check_model(falcon, cfgs, skip_layers=(), decode_step="launched", device="cpu")  # every layer cut alike
+    with pytest.raises(UsageError, match="cannot attend over layers cut to different lengths"):
+        check_model(falcon, cfgs, skip_layers=(0,), decode_step="launched", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def test_python_api_eval_ids_add_the_compressed_perplexity(tiny_llama):
+    from knormctl.engine.api import generate_with_compression
+
+    ids = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    eval_ids = torch.randint(0, 500, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    res = generate_with_compression(tiny_llama, None, ids, max_new_tokens=3, keep_ratio=0.5, prune_after=0,
+                                    skip_layers=(), compress_mode="prefill", eval_ids=eval_ids)
+    assert res.eval_tokens == 12
+    assert res.ppl_compressed is not None and math.isfinite(res.ppl_compressed) and res.ppl_compressed > 1
+
+
+def test_reference_generate_times_the_generated_tokens_not_the_prompt(tiny_llama):
+    from knormctl.engine.api import reference_generate
+
+    ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(3))
+    out = reference_generate(tiny_llama, ids, 5)
+    assert len(out["token_ids"]) == 5
+    assert len(out["step_latencies_s"]) == 4  # gaps between the 5 generated tokens
+    assert out["total_s"] >= out["ttft_s"] > 0

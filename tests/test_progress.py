@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace as NS
 
 import pytest
 
@@ -254,3 +255,51 @@ def test_stored_estimate_matches_the_batch_size():
     assert one.basis.startswith("run 2 ")  # batch 1 now: the batch-4 run is not comparable; the old one is
     four = from_stored_run(Store(), RunConfig(model="m", batch_size=4), n_cells=10)
     assert four.basis.startswith("run 3 ")
+
+
+def _store(runs, times):
+    class Store:
+        def list_runs(self, limit):
+            return runs[:limit]
+
+        def samples(self, run_id):
+            return [NS(created_utc=t) for t in times[run_id]]
+
+    return Store()
+
+
+def _batched_times(batches, rows, gap_s):
+    from datetime import datetime, timedelta
+
+    t0 = datetime(2026, 1, 1)
+    return [t0 + timedelta(seconds=gap_s * b, milliseconds=3 * r) for b in range(batches) for r in range(rows)]
+
+
+def test_a_stored_batched_run_estimates_by_its_batches():
+    import socket
+
+    from knormctl.config import RunConfig
+    from knormctl.estimate import from_model_runs, from_stored_run
+
+    cfg = RunConfig(model="m", batch_size=4)
+    run = NS(id=1, hostname=socket.gethostname(), model_requested="m", status="complete", config_json=cfg.to_dict())
+    store = _store([run], {1: _batched_times(5, 4, 20.0)})  # 4 rows every 20 s: 5 s a cell
+    assert from_stored_run(store, cfg, n_cells=10).seconds == pytest.approx(50.0, rel=1e-3)
+    assert from_model_runs(store, cfg, n_cells=10).seconds == pytest.approx(50.0, rel=1e-3)
+
+
+def test_a_rough_estimate_skips_failed_runs_and_other_hosts():
+    import socket
+
+    from knormctl.config import RunConfig
+    from knormctl.estimate import from_model_runs
+
+    stored = RunConfig(model="m", max_new_tokens=50).to_dict()
+    here = socket.gethostname()
+    runs = [NS(id=3, hostname=here, model_requested="m", status="failed", config_json=stored),
+            NS(id=2, hostname="elsewhere", model_requested="m", status="complete", config_json=stored),
+            NS(id=1, hostname=here, model_requested="m", status="complete", config_json=stored)]
+    store = _store(runs, {3: _batched_times(5, 1, 100.0), 2: _batched_times(5, 1, 50.0),
+                          1: _batched_times(5, 1, 4.0)})
+    est = from_model_runs(store, RunConfig(model="m", max_new_tokens=50), n_cells=10)
+    assert est.basis.startswith("rough: run 1 ") and est.seconds == pytest.approx(40.0)

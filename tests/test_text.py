@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
 import hashlib
+import pathlib
 import time
+import zipfile
 
 import pytest
 
-from knormctl.engine import text as T
+from knormctl.engine import assets, text as T
 from knormctl.engine.text import hub as _hub, wiki as _wiki  # noqa: F401  (T.hub, T.wiki)
 from knormctl.engine.text import load_documents, make_samples, validate_source
 from knormctl.errors import AssetError, UsageError
@@ -198,3 +201,130 @@ def test_wiki_lite_real_fetch(real_home, tiny_tokenizer):
     assert all(s.dataset == "wiki-lite-long" for s in samples)
     short = make_samples("wiki-lite", 3, tiny_tokenizer, 200, 20, seed=0)
     assert short == make_samples("wiki-lite", 3, tiny_tokenizer, 200, 20, seed=0)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import datasets
+
+    from knormctl.engine.text import hub
+
+    served = {}
+    monkeypatch.setattr(hub, "hub_status", lambda: (True, "reachable"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: served[name])
+    return served
+
+
+def test_wikitext_documents_split_at_top_level_titles_only(fake_hub):
+    from knormctl.engine.text import hub
+
+    fake_hub["wikitext"] = [{"text": t} for t in (
+        "", " = Alpha = \n", " Alpha text .\n", " = = History = = \n", " More alpha .\n",
+        " = Beta = \n", " Beta text .\n")]
+    docs = list(hub.wikitext_documents())
+    assert [(d.doc_id, d.title) for d in docs] == [("0", "Alpha"), ("1", "Beta")]
+    assert "History" in docs[0].text and "More alpha" in docs[0].text
+
+
+def test_pg19_documents_are_named_by_their_url(fake_hub):
+    from knormctl.engine.text import hub
+
+    fake_hub["deepmind/pg19"] = [{"url": "http://gutenberg/1", "short_book_title": "One", "text": "a"},
+                                 {"short_book_title": "Two", "text": "b"}]
+    assert [(d.doc_id, d.title) for d in hub.pg19_documents()] == [("http://gutenberg/1", "One"), ("1", "Two")]
+
+
+def test_an_offline_dataset_load_does_not_leave_datasets_offline(monkeypatch):
+    import datasets.config
+
+    from knormctl.engine.text import hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_status", lambda: (False, "test: unreachable"))
+    seen = []
+    assert list(hub.hub_iter("x", "hint", lambda: seen.append(datasets.config.HF_HUB_OFFLINE) or [])) == []
+    assert seen == [True]  # the load ran cache-only
+    assert datasets.config.HF_HUB_OFFLINE is False  # and the setting is back
+
+
+def test_a_folders_text_files_are_in_name_order_whatever_the_file_system_lists(tmp_path, monkeypatch):
+    from knormctl.engine.text.sources import text_files
+
+    for name in ("b.txt", "a.txt", "c.txt"):
+        (tmp_path / name).write_text("x")
+    original = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(sorted(original(self), reverse=True)))
+    assert [p.name for p in text_files(tmp_path)] == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_text_files_get_plain_newlines_and_lose_a_byte_order_mark(tmp_path):
+    from knormctl.engine.text import load_documents
+
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfFirst line\r\nsecond line\rthird line\n")
+    [doc] = load_documents(f"text:{tmp_path}")
+    assert doc.text == "First line\nsecond line\nthird line\n"
+
+
+def _page(pid, title, text, ns="0", redirect=False):
+    red = '<redirect title="X" />' if redirect else ""
+    return (f"<page><title>{title}</title><ns>{ns}</ns><id>{pid}</id>{red}"
+            f"<revision><id>9</id><text>{text}</text></revision></page>")
+
+
+@pytest.fixture
+def fake_gensim_wheel():
+    """A wheel in knormctl's downloads holding a tiny MediaWiki dump: no PyPI needed."""
+    from knormctl.engine.text import wiki
+
+    words = " ".join(f"word{i}" for i in range(250))
+    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+           + _page(1, "Long article", f"'''Long''' {words}.")
+           + _page(2, "Stub", "Only a few words here.")
+           + _page(3, "Talk:Long article", words, ns="1")
+           + _page(4, "Redirected", f"#REDIRECT [[Long article]] {words}")
+           + _page(5, "Flagged redirect", words, redirect=True)
+           + "</mediawiki>")
+    downloads = assets.knormctl_home() / "downloads"
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / "gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl", "w") as zf:
+        zf.writestr(wiki.WIKI_MEMBER, bz2.compress(xml.encode()))
+    return wiki
+
+
+def test_wiki_lite_keeps_long_articles_only(fake_gensim_wheel):
+    wiki = fake_gensim_wheel
+    docs = wiki.wiki_lite_documents()
+    assert [(d.doc_id, d.title) for d in docs] == [("1", "Long article")]
+    assert docs[0].text.startswith("Long word0") and docs[0].dataset == "wiki-lite"
+
+
+def test_an_unreadable_wiki_lite_cache_is_rebuilt(fake_gensim_wheel):
+    wiki = fake_gensim_wheel
+    cache = assets.knormctl_home() / "data" / wiki.WIKI_CACHE
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json\n")
+    assert [d.title for d in wiki.wiki_lite_documents()] == ["Long article"]
+
+
+def test_wiki_lite_documents_are_visited_in_a_seeded_order(monkeypatch, tiny_tokenizer, books_dir):
+    from knormctl.engine.text import make_samples, wiki
+    from knormctl.engine.text.sources import Document
+
+    emma = (books_dir / "emma.txt").read_text()
+    docs = [Document("wiki-lite", str(i), f"T{i}", emma[i * 5000:(i + 1) * 5000]) for i in range(10)]
+    monkeypatch.setattr(wiki, "wiki_lite_documents", lambda progress=None: list(docs))
+    firsts = [[s.doc_id for s in make_samples("wiki-lite", 3, tiny_tokenizer, 50, 0, seed=seed)]
+              for seed in range(4)]
+    assert firsts[0] == [s.doc_id for s in make_samples("wiki-lite", 3, tiny_tokenizer, 50, 0, seed=0)]
+    assert any(f != ["0", "1", "2"] for f in firsts)  # not simply the dump's first articles
+    assert len({tuple(f) for f in firsts}) > 1
+
+
+def test_a_document_just_long_enough_gives_its_one_window(tmp_path, tiny_tokenizer, books_dir):
+    from knormctl.engine.text import make_samples
+
+    text = (books_dir / "emma.txt").read_text()[2000:3500].strip() + "\n"
+    (tmp_path / "a.txt").write_text(text)
+    total = len(tiny_tokenizer(text, add_special_tokens=False).input_ids)
+    [s] = make_samples(f"text:{tmp_path}", 1, tiny_tokenizer, total - 12, 10, seed=0)  # 2 tokens to spare
+    assert (len(s.prompt_ids), len(s.eval_ids), s.char_offset) == (total - 12, 10, 0)
