@@ -233,3 +233,58 @@ def test_decode_mode_says_why_it_cannot_raise_the_batch(tiny_llama_dir):
                      "to the budget and a chunk), so it cannot raise the batch here; --compress-mode prefill can"]
     table = runner.invoke(app, [*args, "--prefill-chunk", "32", "--compress-mode", "decode"])
     assert "note: decode mode (knorm) keeps a cache buffer" in " ".join(table.stdout.split())
+
+
+def _cap_row(config, batch, *, capped=False, peak=2 * 2**20, step=0.0125, tps=80.0, bvf=None, tvf=None):
+    return {"config": config, "largest_batch": batch, "capped": capped, "peak_bytes": peak, "step_s": step,
+            "tokens_per_s": tps, "batch_vs_full": bvf, "tokens_per_s_vs_full": tvf, "memory_kind": "weights + KV",
+            "probes": [{"batch": 1, "fits": batch >= 1, "peak_bytes": peak, "error": None}]}
+
+
+def _fake_result(rows):
+    return {"model": "m", "device": "cpu", "dtype": "float32", "context": 128, "max_new_tokens": 4,
+            "memory_budget_bytes": 2**20, "weight_bytes": 1, "memory_kind": "weights + KV cache held",
+            "prefill_chunk": 32, "decode_step": "launched", "prompt": "random ids", "results": rows, "notes": []}
+
+
+def _capacity_table_text(rows) -> list[list[str]]:
+    from rich.console import Console
+
+    from knormctl.render.capacity import capacity_table
+
+    console = Console(width=200, record=True, color_system=None)
+    console.print(capacity_table(rows, title="t"))
+    lines = console.export_text().splitlines()
+    return [line.split() for line in lines if line.strip().startswith(("full", "knorm"))]
+
+
+def test_capacity_table_cells_are_the_rows_numbers():
+    """batch (+ when capped), step in ms, tokens/s, and the two ratios each in its own column."""
+    rows = [_cap_row("full", 4, step=0.0125, tps=320.0),
+            _cap_row("knorm", 10, capped=True, step=0.02, tps=500.0, bvf=2.5, tvf=1.5625)]
+    full, knorm = _capacity_table_text(rows)
+    assert full == ["full", "4", "2.0", "MiB", "12.5", "ms", "320.0", "n/a", "n/a"]
+    assert knorm == ["knorm", "10+", "2.0", "MiB", "20.0", "ms", "500.0", "2.50x", "1.56x"]
+
+
+def test_capacity_says_when_a_row_reached_max_batch(monkeypatch):
+    """The '+' legend line: printed once some row hit --max-batch."""
+    from knormctl.cli import capacity as cap_mod
+
+    rows = [_cap_row("full cache", 3), _cap_row("knorm 0.5 prefill", 8, capped=True, bvf=8 / 3, tvf=2.0)]
+    monkeypatch.setattr(cap_mod, "_run", lambda *a, **k: _fake_result(rows))
+    res = runner.invoke(app, ["capacity", "--memory-budget", "1MiB", "--max-batch", "8", "--prefill-chunk", "32"])
+    assert res.exit_code == 0, res.output
+    assert "--max-batch reached, more may fit" in " ".join(res.stdout.split())
+
+
+def test_capacity_notes_a_whole_prefill_cut_cannot_lower_the_peak():
+    from knormctl.cli.capacity import capacity_notes
+    from knormctl.config import PressConfig
+
+    full = PressConfig().validate()
+    knorm = PressConfig(press="knorm", keep_ratio=0.5, mode="prefill", prune_after=0, skip_layers=()).validate()
+    [note] = capacity_notes([full, knorm], prefill_chunk=0)
+    assert note.startswith("a press that cuts after a whole prefill cannot lower the peak")
+    assert capacity_notes([full, knorm], prefill_chunk=32) == []
+    assert capacity_notes([full], prefill_chunk=0) == []

@@ -6,7 +6,9 @@ model: every case must print exactly one line on stderr and exit 2; runtime fail
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -311,3 +313,208 @@ def test_a_press_spec_exactly_as_long_as_the_store_column_is_accepted(monkeypatc
     monkeypatch.setattr(ps, "PRESS_SPEC_MAX", len(spec) - 1)
     with pytest.raises(UsageError, match=f"is longer than {len(spec) - 1} characters"):
         ps.resolve_press_list(["snapkv(window_size=8)"], "prefill")
+
+
+def test_a_database_file_that_is_not_writable_is_refused_for_writing(tmp_path, monkeypatch):
+    """A writer refuses a read-only database file up front, in one line (the folder is writable)."""
+    import knormctl.store.locations as loc
+    from knormctl.errors import StoreError
+    from knormctl.store import open_store
+
+    path = tmp_path / "r.db"
+    open_store(path).close()
+    real = loc.os.access
+    monkeypatch.setattr(loc.os, "access", lambda p, mode: real(p, mode) and not (Path(p) == path and mode & loc.os.W_OK))
+    with pytest.raises(StoreError) as err:
+        open_store(path)
+    assert str(err.value) == f"{path} is not writable"
+    with open_store(path, readonly=True) as store:  # reading it is fine
+        assert store.list_runs() == []
+
+
+def test_sigterm_handler_is_given_back_after_the_block():
+    import signal
+
+    from knormctl.cli._signals import sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_no_still_working_line_once_every_cell_is_done():
+    import time
+
+    from knormctl.cli._progress import PlainProgress
+
+    class Clock:
+        t = 1000.0
+
+        def __call__(self):
+            return self.t
+
+    lines: list[str] = []
+    clock = Clock()
+    progress = PlainProgress(lines.append, 2, every_s=10, quiet_s=0.05, clock=clock)
+    try:
+        progress.measuring()
+        progress.update(1, 2, "a")
+        progress.update(2, 2, "b")
+        assert lines[-1].startswith("2/2 cells done in")
+        count = len(lines)
+        clock.t += 600  # the summary takes long to print: the run is not "still working"
+        time.sleep(0.4)  # the ticker wakes every 0.05 s
+        assert lines[count:] == []
+    finally:
+        progress.close()
+
+
+def test_presses_list_says_which_run_wide_options_a_press_reads():
+    from knormctl.engine.presses.base import catalog
+
+    rows = [r for r in catalog() if r["run_wide"]]
+    assert rows  # e.g. streaming reads --n-sink, random --seed
+    res = runner.invoke(app, ["presses"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())
+    for r in rows:
+        assert f"(also uses {', '.join('--' + n.replace('_', '-') for n in r['run_wide'])})" in text, r["name"]
+
+
+def test_a_plain_sweeps_default_plan_is_the_documented_25_cells(tmp_path, monkeypatch):
+    """README: 5 samples x 5 configurations (the full cache; knorm keeping 1.0, 0.9, 0.8, 0.7) = 25 cells,
+    in the dry run and in what the real run is given (the command's own defaults)."""
+    from knormctl.cli import _execute
+    from knormctl.cli._study import planned_cells
+
+    res = runner.invoke(app, ["sweep", "--dry-run", "--json", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["cells"] == 25
+    seen = {}
+    monkeypatch.setattr(_execute, "run_benchmark", lambda cfg, db, **kw: seen.setdefault("cfg", cfg))
+    res = runner.invoke(app, ["sweep", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 0, res.output
+    assert list(seen["cfg"].keep_ratios) == [1.0, 0.9, 0.8, 0.7] and planned_cells(seen["cfg"]) == 25
+
+
+def test_only_an_interrupted_commands_code_becomes_143_after_sigterm():
+    from knormctl.cli import _signals
+    from knormctl.runner import Interrupted
+
+    _signals.reset()
+    try:
+        assert _signals.exit_code(130) == 130
+        with pytest.raises(Interrupted):
+            _signals._raise_interrupted(15, None)
+        assert _signals.exit_code(130) == 143
+        assert [_signals.exit_code(c) for c in (0, 1, 2)] == [0, 1, 2]  # an error keeps its own code
+    finally:
+        _signals.reset()
+    assert _signals.exit_code(130) == 130
+
+
+def test_a_database_named_by_the_environment_is_not_the_default_one(tmp_path, monkeypatch):
+    """$KNORMCTL_DB names the database: a missing one 'does not exist' (not 'no results database yet'),
+    and opening it for writing creates nothing in the default data folder."""
+    import knormctl.store.db as dbmod
+    from knormctl.store import open_store
+
+    default = tmp_path / "data" / "knormctl" / "knormctl.db"
+    monkeypatch.setattr(dbmod, "default_db_path", lambda: default)
+    missing = tmp_path / "env.db"
+    res = runner.invoke(app, ["report"], env={"KNORMCTL_DB": str(missing)})
+    assert res.exit_code == 2 and res.stderr.strip() == f"Error: {missing} does not exist", res.stderr
+    monkeypatch.setenv("KNORMCTL_DB", str(tmp_path / "w.db"))
+    open_store(None).close()
+    assert (tmp_path / "w.db").exists() and not default.parent.exists()
+
+
+def test_a_study_run_complete_with_errors_is_kept(tiny_llama_dir, books_dir, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "r.db"
+    path = tmp_path / "st.toml"
+    path.write_text(f'name = "st"\nmodel = "{tiny_llama_dir}"\nwikitext_source = "text:{books_dir}"\n'
+                    'num_wikitext_samples = 1\nnum_pg19_samples = 0\nwikitext_prompt_tokens = 48\n'
+                    'max_new_tokens = 4\neval_tokens = 4\nthreads = 1\npresses = ["knorm"]\nkeep_ratios = [0.5]\n'
+                    'compress_mode = "prefill"\nprune_after = 0\n')
+    assert runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)]).exit_code == 0
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE runs SET status = 'complete_with_errors'")
+    con.close()
+    res = runner.invoke(app, ["sweep", "--resume-group", "st", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "kept (run 1, complete_with_errors)" in res.stderr
+
+
+def test_a_file_that_adds_a_run_says_which_known_run_was_kept(tmp_path):
+    """New runs imported and a known run whose stored copy is newer: the line names the kept run too."""
+    from report_data import fill_run
+    from test_exchange import _set_run, cli
+
+    from knormctl.store import open_store
+
+    src, team = tmp_path / "src.db", tmp_path / "team.db"
+    with open_store(str(src)) as store:
+        known = fill_run(store, seed=4)
+        new = fill_run(store, seed=7, n_samples=2)
+    late, mixed = tmp_path / "late.jsonl", tmp_path / "mixed.jsonl"
+    assert cli("export", "--run-id", str(known), "-o", str(late), "--db", str(src)).exit_code == 0
+    _set_run(src, known, status="interrupted", samples_done=5)
+    assert cli("export", "--run-id", str(known), "--run-id", str(new), "-o", str(mixed), "--db", str(src)
+               ).exit_code == 0
+    assert cli("import", str(late), "--db", str(team)).exit_code == 0  # the known run, finished: run 1 here
+    res = cli("import", str(mixed), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    out = res.stdout.strip()
+    assert out.startswith("imported 1 run(s) (now id 2) with ") and "skipped 1 run(s) already in the database" in out
+    assert out.endswith("(run 1 holds more cells there than in the file: kept)"), out
+
+
+def test_a_database_in_a_folder_with_uri_characters_is_read(tmp_path):
+    """Reading opens SQLite by a file: URI; '#' and '%' in the folder name must not be read as URI syntax."""
+    from report_data import fill_run
+
+    from knormctl.store import open_store
+
+    folder = tmp_path / "a#b%c"
+    folder.mkdir()
+    path = folder / "r.db"
+    with open_store(path) as store:
+        run = fill_run(store)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = runner.invoke(app, ["report", "--db", str(path), "--run-id", str(run), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["header"]["run_ids"] == [run]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created beside it
+
+
+@pytest.mark.parametrize("name", ["a?b", "a%25b", "a#b"])
+def test_a_database_path_with_url_characters_opens_that_file(tmp_path, name):
+    """A path was pasted into the URL unescaped: '?' cut it (/x/a?b/r.db opened /x/a) and '%25' was
+    decoded, so another database file was opened or created."""
+    from knormctl.store import open_store
+
+    folder = tmp_path / name
+    folder.mkdir()
+    with open_store(folder / "r.db") as store:
+        assert store.url == str(folder / "r.db")
+    assert (folder / "r.db").exists()
+
+
+def test_a_terminal_gets_the_live_bar_and_a_log_plain_lines(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from knormctl.cli._progress import BarProgress, PlainProgress, cell_progress
+
+    bar = cell_progress(Console(file=io.StringIO(), force_terminal=True), lambda s: None, 3)
+    plain = cell_progress(Console(file=io.StringIO(), force_terminal=False), lambda s: None, 3)
+    try:
+        assert isinstance(bar, BarProgress) and isinstance(plain, PlainProgress)
+    finally:
+        bar.close()
+        plain.close()

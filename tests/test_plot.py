@@ -661,3 +661,27 @@ def test_a_ttft_timing_artifact_bar_is_hatched(store):
     assert verdicts[Cfg("knorm", 0.9).pc.key] == "artifact"
     for key, v in verdicts.items():
         assert bool(art[f"{key}|ttft_s|change"].get_hatch()) == (v == "artifact"), key
+
+
+def _na_texts(store, run) -> dict[str, list[str]]:
+    """Each figure's "N/A: ..." panel texts."""
+    from matplotlib.text import Text
+
+    from knormctl.render.figures import figures_for
+    from knormctl.render.summary import build_summary
+
+    summary = build_summary([store.get_run(run)], store.samples(run, with_blobs=True))
+    out = {}
+    for spec in figures_for(summary):
+        fig = spec.draw(summary)
+        out[spec.name] = [t.get_text() for t in fig.findobj(Text) if t.get_text().startswith("N/A: ")]
+    return out
+
+
+def test_an_empty_panel_of_a_run_without_the_full_cache_says_so(store):
+    """The trade-off needs paired changes: without a full-cache reference it must say that, not
+    that no perplexity was stored (the run has perplexities)."""
+    from report_data import Cfg, fill_run
+
+    texts = _na_texts(store, fill_run(store, configs=(Cfg("knorm", 0.5), Cfg("streaming", 0.5))))
+    assert texts["tradeoff"] == ["N/A: no full-cache reference in this run"], texts

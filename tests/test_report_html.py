@@ -111,3 +111,74 @@ def test_by_dataset_draws_only_the_figure_that_names_each_rows_dataset(store, db
         pages[bool(extra)] = out.read_text()
     assert pages[False].count("data:image/png") > 1 and pages[True].count("data:image/png") == 1
     assert f"`knormctl plot --run-id {run}` draws the others" in pages[True]
+
+
+def _page(store, run) -> str:
+    from knormctl.render.html import summary_page
+    from knormctl.render.summary import build_summary
+
+    return summary_page(build_summary([store.get_run(run)], store.samples(run, with_blobs=True)), figures=False)
+
+
+def _html_rows(page: str, title: str) -> list[list[tuple[str | None, str]]]:
+    """(class, text) of each body cell of the table headed ``title``."""
+    import re
+    from html import unescape
+
+    section = page.split(f"<h2>{title}</h2>", 1)[1].split("</table>", 1)[0]
+    body = section.split("<tbody>", 1)[1]
+    return [[(cls or None, unescape(txt)) for cls, txt in re.findall(r'<td(?: class="([^"]*)")?>(.*?)</td>', tr)]
+            for tr in re.findall(r"<tr>(.*?)</tr>", body)]
+
+
+def test_html_escapes_names_that_look_like_markup(store):
+    """A model path, and a document title in the samples table (a text file's name), with markup in them."""
+    from knormctl.render.html import summary_page
+    from knormctl.render.summary import build_summary
+    from report_data import fill_run
+
+    run = fill_run(store, group="<script>alert(1)</script>&g", model="/models/m<b>&x")
+    page = _page(store, run)
+    assert "<script>" not in page and "<b>" not in page
+    assert "m&lt;b&gt;&amp;x" in page
+    samples = store.samples(run, with_blobs=True)
+    samples[0].doc_title = "<img src=x onerror=alert(1)> & co"
+    page = summary_page(build_summary([store.get_run(run)], samples), figures=False, samples=samples)
+    assert "<img" not in page
+    assert any(text == "<img src=x onerror=alert(1)> & co" for row in _html_rows(page, "samples") for _, text in row)
+
+
+def test_html_cells_carry_the_reports_verdict_colours(store, db):
+    from report_data import Cfg, fill_run
+
+    run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.5)), n_samples=8, tpot_factor={Cfg("knorm", 0.5).pc.key: 3.0})
+    data = json.loads(runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "json"]).stdout)
+    page = _page(store, run)
+    rows = _html_rows(page, "configurations")
+    header = page.split("<h2>configurations</h2>", 1)[1].split("</thead>", 1)[0]
+    import re
+    cols = re.findall(r"<th>(.*?)</th>", header)
+    col = cols.index("TPOT")
+    knorm = [r for r, rec in zip(rows, data["rows"]) if not rec["is_reference"]][0]
+    rec = [rec for rec in data["rows"] if not rec["is_reference"]][0]
+    assert rec["verdicts"]["tpot_s"] == "worse"
+    assert knorm[col][0] == "worse"
+
+
+def test_html_marks_only_the_near_chance_task_rows_and_lists_the_flags(store, db):
+    from report_data import fill_run
+    from test_report_tasks import CONFIGS, LENGTHS, SUBTASKS, ruler_score
+
+    run = fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
+                   depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",
+                   prompt_tokens=(4096,))
+    data = json.loads(runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "json"]).stdout)
+    page = _page(store, run)
+    rows = _html_rows(page, "question tasks")
+    assert len(rows) == len(data["tasks"])
+    assert [r[4][1] for r in rows] == ["yes" if t["near_chance"] else "" for t in data["tasks"]]
+    assert "yes" in [r[4][1] for r in rows]
+    # the flags are listed under their heading, each message once
+    from html import escape
+    assert "<h2>Read before quoting these numbers</h2>" in page
+    assert data["flags"] and all(f"<li>{escape(f['message'])}</li>" in page for f in data["flags"])

@@ -335,3 +335,69 @@ def test_command_line_options_of_a_question_task_study_apply_to_its_runs(tmp_pat
     assert res.exit_code == 0, res.output
     after = {r["varying"]["task"]: r["cells"] for r in json.loads(res.stdout)["runs"]}
     assert after["niah"] == 2 * before["niah"] and after["passkey"] == before["passkey"]
+
+
+def _study_toml(tmp_path, body: str) -> str:
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\nmodel = "smollm2-135m"\nnum_wikitext_samples = 2\nnum_pg19_samples = 0\n'
+                    'presses = ["knorm"]\nkeep_ratios = [0.5]\n' + body)
+    return str(path)
+
+
+def test_dry_run_total_estimate_is_the_sum_of_the_runs(tmp_path, monkeypatch):
+    from knormctl import estimate
+    from knormctl.store import open_store
+
+    db = tmp_path / "r.db"
+    open_store(db).close()  # a database to estimate from (the estimate itself is stubbed)
+    monkeypatch.setattr(estimate, "from_stored_run", lambda store, cfg, cells: estimate.Estimate(10.0 * cells, "x"))
+    path = _study_toml(tmp_path, "prune_after = [0, 16, 32]\n")
+    res = runner.invoke(app, ["sweep", "--config", path, "--dry-run", "--json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert [r["estimate_s"] for r in plan["runs"]] == [40.0, 40.0, 40.0]  # 2 samples x 2 configurations
+    assert plan["estimate_s"] == pytest.approx(120.0) and plan["cells"] == 12
+
+
+def test_sample_on_the_command_line_overrides_a_studys_sampling(tmp_path, monkeypatch):
+    """--sample is RunConfig.sampling: a study run with --sample must sample."""
+    from knormctl.cli import _study
+
+    seen = {}
+    monkeypatch.setattr(_study, "run_study", lambda study, db, **kw: seen.setdefault("study", study))
+    path = _study_toml(tmp_path, "prune_after = [0, 16]\n")
+    res = runner.invoke(app, ["sweep", "--config", path, "--sample", "--temperature", "0.7",
+                              "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 0, res.output
+    runs = seen["study"].runs
+    assert len(runs) == 2 and all(r.config.sampling is True and r.config.temperature == 0.7 for r in runs)
+
+
+def test_resume_group_refuses_options_that_would_change_the_study(tmp_path):
+    res = runner.invoke(app, ["sweep", "--resume-group", "g", "--keep-ratios", "0.3", "--db", str(tmp_path / "r.db")])
+    assert res.exit_code == 2
+    assert "--keep-ratios cannot change it" in " ".join(res.stderr.split())
+
+
+def test_a_resume_plan_counts_only_the_cells_left(tiny_llama_dir, books_dir, tmp_path):
+    """A run interrupted after some cells: the dry run's cells (and the total) are those still to measure."""
+    import sqlite3
+
+    db = tmp_path / "r.db"
+    path = tmp_path / "st.toml"
+    path.write_text(f'name = "st"\nmodel = "{tiny_llama_dir}"\nwikitext_source = "text:{books_dir}"\n'
+                    'num_wikitext_samples = 2\nnum_pg19_samples = 0\nwikitext_prompt_tokens = 48\n'
+                    'max_new_tokens = 4\neval_tokens = 4\nthreads = 1\npresses = ["knorm"]\nkeep_ratios = [0.5]\n'
+                    'compress_mode = "prefill"\nprune_after = 0\n')
+    res = runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE runs SET status = 'interrupted', samples_done = 3")
+    con.close()
+    res = runner.invoke(app, ["sweep", "--resume-group", "st", "--db", str(db), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    [run] = plan["runs"]
+    assert run["stored"].startswith("resumes run 1 (interrupted, 3 cells kept)")
+    assert run["cells"] == 1 and plan["cells"] == 1  # 2 samples x 2 configurations, 3 kept
