@@ -187,6 +187,6 @@ def test_the_per_layer_masks_give_the_logits_of_token_by_token_feeding():
             h.remove()
     cache = cut_cache()
     with torch.inference_mode():
-        steps = torch.cat([model(input_ids=new[:, j:j + 1], position_ids=pos[:, j:j + 1], cache=cache,
-                                 use_cache=True).logits[0] for j in range(8)])
+        steps = torch.cat([model(input_ids=new[:, j:j + 1], position_ids=pos[:, j:j + 1],
+                                 **cache_kwargs(model, cache)).logits[0] for j in range(8)])
     torch.testing.assert_close(together, steps, atol=2e-6, rtol=1e-5)
