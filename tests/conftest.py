@@ -61,6 +61,22 @@ def tiny_tokenizer():
                                    pad_token="<|endoftext|>", model_max_length=4096)
 
 
+@pytest.fixture(scope="session")
+def hay(books_dir):
+    """The novels as a task haystack (RULER, needle grids, passkey)."""
+    from knormctl.tasks.haystack import load_haystack
+
+    return load_haystack(f"text:{books_dir}")
+
+
+@pytest.fixture(scope="session")
+def fmt(tiny_tokenizer):
+    """Prompts built with the tiny tokenizer, no chat template."""
+    from knormctl.tasks.prompt import PromptFormat
+
+    return PromptFormat(tiny_tokenizer, "off")
+
+
 def _tiny_model_dir(folder: Path, config_cls, model_cls, tokenizer, **arch) -> Path:
     """A 2-layer, 32-wide random model of ``config_cls`` sharing the tokenizer's vocabulary and
     special tokens, saved (safetensors) with the tokenizer as a model folder."""

@@ -430,49 +430,6 @@ def test_a_database_named_by_the_environment_is_not_the_default_one(tmp_path, mo
     assert (tmp_path / "w.db").exists() and not default.parent.exists()
 
 
-def test_a_study_run_complete_with_errors_is_kept(tiny_llama_dir, books_dir, tmp_path):
-    import sqlite3
-
-    db = tmp_path / "r.db"
-    path = tmp_path / "st.toml"
-    path.write_text(f'name = "st"\nmodel = "{tiny_llama_dir}"\nwikitext_source = "text:{books_dir}"\n'
-                    'num_wikitext_samples = 1\nnum_pg19_samples = 0\nwikitext_prompt_tokens = 48\n'
-                    'max_new_tokens = 4\neval_tokens = 4\nthreads = 1\npresses = ["knorm"]\nkeep_ratios = [0.5]\n'
-                    'compress_mode = "prefill"\nprune_after = 0\n')
-    assert runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)]).exit_code == 0
-    con = sqlite3.connect(db)
-    with con:
-        con.execute("UPDATE runs SET status = 'complete_with_errors'")
-    con.close()
-    res = runner.invoke(app, ["sweep", "--resume-group", "st", "--db", str(db)])
-    assert res.exit_code == 0, res.output
-    assert "kept (run 1, complete_with_errors)" in res.stderr
-
-
-def test_a_file_that_adds_a_run_says_which_known_run_was_kept(tmp_path):
-    """New runs imported and a known run whose stored copy is newer: the line names the kept run too."""
-    from report_data import fill_run
-    from test_exchange import _set_run, cli
-
-    from knormctl.store import open_store
-
-    src, team = tmp_path / "src.db", tmp_path / "team.db"
-    with open_store(str(src)) as store:
-        known = fill_run(store, seed=4)
-        new = fill_run(store, seed=7, n_samples=2)
-    late, mixed = tmp_path / "late.jsonl", tmp_path / "mixed.jsonl"
-    assert cli("export", "--run-id", str(known), "-o", str(late), "--db", str(src)).exit_code == 0
-    _set_run(src, known, status="interrupted", samples_done=5)
-    assert cli("export", "--run-id", str(known), "--run-id", str(new), "-o", str(mixed), "--db", str(src)
-               ).exit_code == 0
-    assert cli("import", str(late), "--db", str(team)).exit_code == 0  # the known run, finished: run 1 here
-    res = cli("import", str(mixed), "--db", str(team))
-    assert res.exit_code == 0, res.output
-    out = res.stdout.strip()
-    assert out.startswith("imported 1 run(s) (now id 2) with ") and "skipped 1 run(s) already in the database" in out
-    assert out.endswith("(run 1 holds more cells there than in the file: kept)"), out
-
-
 def test_a_database_in_a_folder_with_uri_characters_is_read(tmp_path):
     """Reading opens SQLite by a file: URI; '#' and '%' in the folder name must not be read as URI syntax."""
     from report_data import fill_run

@@ -298,12 +298,19 @@ def test_an_update_keeps_the_stored_resumed_from_link_when_the_file_lacks_that_r
     assert updated["status"] == "complete" and updated["resumed_from"] == origin_here
 
 
-def test_a_file_that_adds_and_updates_runs_counts_only_the_new_runs_samples(tmp_path):
-    """If this fails, 'imported N run(s) with M sample(s)' also counts the samples of the runs it updated."""
+def _known_and_new(tmp_path):
+    """A source store with two runs -- one the team store will know already, one new -- and the
+    team store's path."""
     src, team = tmp_path / "src.db", tmp_path / "team.db"
     with open_store(str(src)) as store:
         known = fill_run(store, seed=4)
         new = fill_run(store, seed=7, n_samples=2)
+    return src, team, known, new
+
+
+def test_a_file_that_adds_and_updates_runs_counts_only_the_new_runs_samples(tmp_path):
+    """If this fails, 'imported N run(s) with M sample(s)' also counts the samples of the runs it updated."""
+    src, team, known, new = _known_and_new(tmp_path)
     early, mixed = tmp_path / "early.jsonl", tmp_path / "mixed.jsonl"
     _set_run(src, known, status="interrupted", samples_done=5)
     assert cli("export", "--run-id", str(known), "-o", str(early), "--db", str(src)).exit_code == 0
@@ -535,3 +542,19 @@ def test_a_refused_file_leaves_the_database_as_it_was(tmp_path):
     res = cli("import", str(good), "--db", str(old))
     assert res.exit_code == 0, res.output
     assert "upgraded the database schema of" in res.stderr and list(tmp_path.glob("old.db.bak-*"))
+
+
+def test_a_file_that_adds_a_run_says_which_known_run_was_kept(tmp_path):
+    """New runs imported and a known run whose stored copy is newer: the line names the kept run too."""
+    src, team, known, new = _known_and_new(tmp_path)
+    late, mixed = tmp_path / "late.jsonl", tmp_path / "mixed.jsonl"
+    assert cli("export", "--run-id", str(known), "-o", str(late), "--db", str(src)).exit_code == 0
+    _set_run(src, known, status="interrupted", samples_done=5)
+    assert cli("export", "--run-id", str(known), "--run-id", str(new), "-o", str(mixed), "--db", str(src)
+               ).exit_code == 0
+    assert cli("import", str(late), "--db", str(team)).exit_code == 0  # the known run, finished: run 1 here
+    res = cli("import", str(mixed), "--db", str(team))
+    assert res.exit_code == 0, res.output
+    out = res.stdout.strip()
+    assert out.startswith("imported 1 run(s) (now id 2) with ") and "skipped 1 run(s) already in the database" in out
+    assert out.endswith("(run 1 holds more cells there than in the file: kept)"), out

@@ -8,19 +8,8 @@ import random
 import pytest
 
 from knormctl.tasks import niah
-from knormctl.tasks.haystack import Haystack, is_sentence_start, load_haystack
-from knormctl.tasks.prompt import PromptFormat
+from knormctl.tasks.haystack import Haystack, is_sentence_start
 from knormctl.tasks.scoring import score
-
-
-@pytest.fixture(scope="module")
-def hay(books_dir):
-    return load_haystack(f"text:{books_dir}")
-
-
-@pytest.fixture(scope="module")
-def fmt(tiny_tokenizer):
-    return PromptFormat(tiny_tokenizer, "off")
 
 
 def _needle_position(tok, s) -> tuple[int, int, int]:

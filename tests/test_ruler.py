@@ -12,21 +12,10 @@ import pytest
 from knormctl.errors import UsageError
 from knormctl.tasks import ruler
 from knormctl.tasks.catalog import RULER_SYNTHETIC, subtask
-from knormctl.tasks.haystack import Haystack, load_haystack
-from knormctl.tasks.prompt import PromptFormat
+from knormctl.tasks.haystack import Haystack
 from knormctl.tasks.scoring import ruler_clean, score, string_match_all, string_match_part
 
 LENGTH = 1536  # vt alone brings a ~500-token solved example
-
-
-@pytest.fixture(scope="module")
-def hay(books_dir):
-    return load_haystack(f"text:{books_dir}")
-
-
-@pytest.fixture(scope="module")
-def fmt(tiny_tokenizer):
-    return PromptFormat(tiny_tokenizer, "off")
 
 
 @pytest.fixture(scope="module")

@@ -379,16 +379,22 @@ def test_resume_group_refuses_options_that_would_change_the_study(tmp_path):
     assert "--keep-ratios cannot change it" in " ".join(res.stderr.split())
 
 
+def _tiny_study(tmp_path, model_dir, books_dir, samples: int):
+    """A one-run study of the tiny model: knorm 0.5 in prefill mode, ``samples`` prompts."""
+    path = tmp_path / "st.toml"
+    path.write_text(f'name = "st"\nmodel = "{model_dir}"\nwikitext_source = "text:{books_dir}"\n'
+                    f'num_wikitext_samples = {samples}\nnum_pg19_samples = 0\nwikitext_prompt_tokens = 48\n'
+                    'max_new_tokens = 4\neval_tokens = 4\nthreads = 1\npresses = ["knorm"]\nkeep_ratios = [0.5]\n'
+                    'compress_mode = "prefill"\nprune_after = 0\n')
+    return path
+
+
 def test_a_resume_plan_counts_only_the_cells_left(tiny_llama_dir, books_dir, tmp_path):
     """A run interrupted after some cells: the dry run's cells (and the total) are those still to measure."""
     import sqlite3
 
     db = tmp_path / "r.db"
-    path = tmp_path / "st.toml"
-    path.write_text(f'name = "st"\nmodel = "{tiny_llama_dir}"\nwikitext_source = "text:{books_dir}"\n'
-                    'num_wikitext_samples = 2\nnum_pg19_samples = 0\nwikitext_prompt_tokens = 48\n'
-                    'max_new_tokens = 4\neval_tokens = 4\nthreads = 1\npresses = ["knorm"]\nkeep_ratios = [0.5]\n'
-                    'compress_mode = "prefill"\nprune_after = 0\n')
+    path = _tiny_study(tmp_path, tiny_llama_dir, books_dir, samples=2)
     res = runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)])
     assert res.exit_code == 0, res.output
     con = sqlite3.connect(db)
@@ -401,3 +407,18 @@ def test_a_resume_plan_counts_only_the_cells_left(tiny_llama_dir, books_dir, tmp
     [run] = plan["runs"]
     assert run["stored"].startswith("resumes run 1 (interrupted, 3 cells kept)")
     assert run["cells"] == 1 and plan["cells"] == 1  # 2 samples x 2 configurations, 3 kept
+
+
+def test_a_study_run_complete_with_errors_is_kept(tiny_llama_dir, books_dir, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "r.db"
+    path = _tiny_study(tmp_path, tiny_llama_dir, books_dir, samples=1)
+    assert runner.invoke(app, ["sweep", "--config", str(path), "--db", str(db)]).exit_code == 0
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE runs SET status = 'complete_with_errors'")
+    con.close()
+    res = runner.invoke(app, ["sweep", "--resume-group", "st", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "kept (run 1, complete_with_errors)" in res.stderr

@@ -11,19 +11,8 @@ from collections import Counter
 import pytest
 
 from knormctl.tasks import ruler
-from knormctl.tasks.haystack import load_haystack
 from knormctl.tasks.prompt import PromptFormat
 from knormctl.tasks.scoring import string_match_all
-
-
-@pytest.fixture(scope="module")
-def hay(books_dir):
-    return load_haystack(f"text:{books_dir}")
-
-
-@pytest.fixture(scope="module")
-def fmt(tiny_tokenizer):
-    return PromptFormat(tiny_tokenizer, "off")
 
 
 # --- ruler: where the needles go ------------------------------------------------------------------
