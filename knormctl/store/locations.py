@@ -47,8 +47,6 @@ def to_url(url_or_path: str | os.PathLike | None) -> str:
 def _path_url(path: Path) -> str:
     """``sqlite:///<absolute path>``, escaped by SQLAlchemy: pasted in as text, a '?' in a folder
     name started the URL's query (``/x/a?b/r.db`` opened ``/x/a``) and '%25' was read as '%'."""
-    from sqlalchemy.engine import URL
-
     return URL.create("sqlite", database=str(path.expanduser().absolute())).render_as_string(hide_password=False)
 
 

@@ -191,9 +191,9 @@ def label_points(fig: Figure, panels: list[tuple[object, list[tuple[float, float
     spot around the point (right, left, then further above and below, with a thin line to the
     point) whose box is clear of the labels placed so far, of every point's marker, of the
     interval lines (the panel's ``hlines``/``vlines``) and of the axes' edges; where none is
-    clear, the least covered one. Needs the axes' limits set; the
-    figure's layout is settled once, first, so that points convert to points (the labels are
-    kept out of the layout, so it stays settled for every panel)."""
+    clear, the least covered one. Needs the axes' limits set; the figure's layout is settled
+    once, first, so that points convert to points (the labels are kept out of the layout, so it
+    stays settled for every panel)."""
     fig.draw_without_rendering()
     for ax, items in panels:
         _label_panel(ax, items, fontsize, gid)
