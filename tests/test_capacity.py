@@ -259,7 +259,7 @@ def _capacity_table_text(rows) -> list[list[str]]:
 
 
 def test_capacity_table_cells_are_the_rows_numbers():
-    """batch (+ when capped), step in ms, tokens/s, and the two ratios each in its own column."""
+    """Batch (+ when capped), step in ms, tokens/s, and the two ratios each in its own column."""
     rows = [_cap_row("full", 4, step=0.0125, tps=320.0),
             _cap_row("knorm", 10, capped=True, step=0.02, tps=500.0, bvf=2.5, tvf=1.5625)]
     full, knorm = _capacity_table_text(rows)

@@ -163,11 +163,6 @@ def test_progress_lines_wrap_between_words_on_a_terminal_and_never_into_a_file()
     assert pipe.getvalue().count("\n") == 1 and message in pipe.getvalue()
 
 
-def _new_run(store) -> int:
-    return store.create_run(command="sweep", task="lm", model_requested="smollm2-135m",
-                            config={"keep_ratios": [1.0, 0.5]}, command_line="knormctl sweep")
-
-
 def test_resume_takes_verbose_beside_db_and_json(tmp_path):
     """--verbose is one of the options --resume accepts (its help says so); it must reach
     the next check (the database must exist), not be refused as a configuration change."""
@@ -178,15 +173,17 @@ def test_resume_takes_verbose_beside_db_and_json(tmp_path):
 
 
 def test_runs_delete_lists_a_runs_failed_samples_in_its_count(tmp_path):
-    """the listing before the deletion counts every stored row (done + failed), the rows
+    """The listing before the deletion counts every stored row (done + failed), the rows
     that will be deleted -- and the number the final line reports."""
+    from test_store import new_run
+
     from knormctl.store import COMPLETE_WITH_ERRORS
 
     db = tmp_path / "r.db"
     row = {"dataset": "wiki-lite", "prompt_tokens": 64, "press": "knorm", "keep_ratio": 0.5, "prune_after": 16,
            "compress_mode": "decode", "new_tokens": 8}
     with open_store(db) as store:
-        run_id = _new_run(store)
+        run_id = new_run(store)
         store.add_sample(run_id, sample_index=0, config_key="knorm|kr=0.5", ttft_s=0.01, **row)
         store.add_sample(run_id, sample_index=1, config_key="knorm|kr=0.5", ttft_s=0.01, **row)
         store.add_sample(run_id, sample_index=2, config_key="knorm|kr=0.5", error="boom", **row)
@@ -198,7 +195,7 @@ def test_runs_delete_lists_a_runs_failed_samples_in_its_count(tmp_path):
 
 
 def test_underscore_spellings_are_rewritten_only_before_a_double_dash():
-    """after ``--`` every word is positional (a file name), never an option to respell."""
+    """After ``--`` every word is positional (a file name), never an option to respell."""
     from knormctl.cli._group import dashed
 
     known = {"--keep-ratios", "--db"}
@@ -209,13 +206,13 @@ def test_underscore_spellings_are_rewritten_only_before_a_double_dash():
 
 def test_report_list_shows_the_newest_20_runs_by_default(tmp_path):
     """`report --list` without --limit shows 20 runs (its help says so), the newest."""
-    import json
+    from test_store import new_run
 
     from knormctl.store import COMPLETE
 
     db = tmp_path / "r.db"
     with open_store(db) as store:
-        ids = [_new_run(store) for _ in range(23)]
+        ids = [new_run(store) for _ in range(23)]
         for run_id in ids:
             store.finish_run(run_id, COMPLETE)
     res = runner.invoke(app, ["report", "--list", "--format", "json", "--db", str(db)])
@@ -224,7 +221,7 @@ def test_report_list_shows_the_newest_20_runs_by_default(tmp_path):
 
 
 def test_report_output_with_the_table_format_is_refused_not_ignored(tmp_path):
-    """tables go to the terminal; `report -o FILE` without --format would write nothing
+    """Tables go to the terminal; `report -o FILE` without --format would write nothing
     into FILE, silently -- it is refused (exit 2, one line) before any database is read."""
     out = tmp_path / "r.txt"
     for extra in ([], ["--format", "table"]):
@@ -235,8 +232,7 @@ def test_report_output_with_the_table_format_is_refused_not_ignored(tmp_path):
 
 
 def test_error_boundary_prints_one_line_with_the_errors_exit_code(capsys):
-    """a multi-line knormctl error is shown as its first line only (one line on stderr)."""
-    import pytest
+    """A multi-line knormctl error is shown as its first line only (one line on stderr)."""
     import typer
 
     from knormctl.cli._common import error_boundary
@@ -259,9 +255,8 @@ def test_sample_flag_reaches_the_run_config():
 
 
 def test_a_resumed_runs_last_line_says_what_was_measured_now_and_what_was_kept(monkeypatch, capsys):
-    """the summary's last line counts every stored cell and, for a resumed run, splits
+    """The summary's last line counts every stored cell and, for a resumed run, splits
     them into measured now and kept (the --json form has the same numbers as keys)."""
-    import json
     from types import SimpleNamespace
 
     from knormctl.cli._execute import _print_summary
@@ -300,10 +295,8 @@ def test_press_spec_booleans_are_case_insensitive():
 
 
 def test_a_press_spec_exactly_as_long_as_the_store_column_is_accepted(monkeypatch):
-    """the store's press column holds PRESS_SPEC_MAX (64) characters, so a canonical spec
+    """The store's press column holds PRESS_SPEC_MAX (64) characters, so a canonical spec
     of exactly that length fits; only a longer one is refused."""
-    import pytest
-
     import knormctl.press_spec as ps
     from knormctl.errors import UsageError
 

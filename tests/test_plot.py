@@ -610,7 +610,7 @@ def test_bar_labels_stay_apart_with_many_configurations(store):
 
 
 def test_table_image_numbers_its_memory_footnote_as_the_caption_does(store):
-    """(a bug: the cell's footnote number started at 0 while the caption's starts at 1): every
+    """Guards against (the cell's footnote number started at 0 while the caption's starts at 1): every
     'N/A (k)' cell names a footnote the caption has."""
     from matplotlib.text import Text
 
@@ -626,7 +626,7 @@ def test_table_image_numbers_its_memory_footnote_as_the_caption_does(store):
 
 
 def test_needle_heatmap_cells_say_questions_right_of_asked(store, db):
-    """(a bug: the cell text counted wrong answers): each binary cell reads correct/asked, as the
+    """Guards against (the cell text counted wrong answers): each binary cell reads correct/asked, as the
     caption says, from the json's needle cells."""
     from knormctl.render.figures import tasks
 
@@ -649,7 +649,7 @@ def test_needle_heatmap_cells_say_questions_right_of_asked(store, db):
 
 
 def test_a_ttft_timing_artifact_bar_is_hatched(store):
-    """(a bug: the artifact's hatch dropped): the caption says 'hatched a TTFT timing artifact';
+    """Guards against (the artifact's hatch dropped): the caption says 'hatched a TTFT timing artifact';
     an artifact bar was filled like a finding, and only it is hatched."""
     from knormctl.render.figures import speed
 

@@ -260,20 +260,15 @@ def test_an_empty_or_foreign_file_is_refused_for_reading(tmp_path):
     assert empty.stat().st_size == 0
 
 
-def _new_run(store) -> int:
-    return store.create_run(command="sweep", task="lm", model_requested="smollm2-135m",
-                            config={"keep_ratios": [1.0, 0.5]}, command_line="knormctl sweep")
-
-
 def test_a_read_only_store_refuses_writes_even_over_a_users_sqlite_uri(tmp_path):
-    """a `file:` URI (sqlite:///file:PATH?uri=true) is opened by SQLite as given, without
+    """A `file:` URI (sqlite:///file:PATH?uri=true) is opened by SQLite as given, without
     mode=ro: the read-only connection's query_only pragma is then the one guard against a write."""
-    import pytest
     from sqlalchemy.exc import OperationalError
+    from test_store import new_run
 
     db = tmp_path / "r.db"
     with open_store(db) as store:
-        _new_run(store)
+        new_run(store)
     reader = open_store(f"sqlite:///file:{db}?uri=true", readonly=True)
     try:
         with pytest.raises(OperationalError, match="readonly database"), reader.engine.begin() as conn:

@@ -559,8 +559,8 @@ def test_markdown_escapes_names_that_look_like_markup(store, db):
 
 
 def test_values_are_formatted_in_the_units_the_docs_promise():
-    """(a bug: ms up to 10 s: '1500.0 ms'), (a bug: bytes in decimal thousands under a binary
-    unit), (a bug: a fraction interval's upper end left unscaled: '[44, 1]')."""
+    """Guards against (ms up to 10 s: '1500.0 ms'), (bytes in decimal thousands under a binary
+    unit), (a fraction interval's upper end left unscaled: '[44, 1]')."""
     from knormctl.render.format import fmt_bytes, fmt_pct_interval, fmt_value
 
     assert fmt_value("tpot_s", 0.0123) == "12.3 ms"
@@ -572,7 +572,7 @@ def test_values_are_formatted_in_the_units_the_docs_promise():
 
 
 def test_json_writes_a_non_finite_value_as_null_instead_of_failing(store, db):
-    """(a bug: _finite passed NaN/inf through: json.dumps(allow_nan=False) raised, so one
+    """Guards against (_finite passed NaN/inf through: json.dumps(allow_nan=False) raised, so one
     overflowed perplexity crashed `report --format json`)."""
     from sqlalchemy import text
 
@@ -584,7 +584,7 @@ def test_json_writes_a_non_finite_value_as_null_instead_of_failing(store, db):
 
 
 def test_the_header_names_a_batch_only_when_there_is_one(store, db):
-    """(a bug: the batch note on every run): 'batch 1 (throughput per row...)' in the header of
+    """Guards against (the batch note on every run): 'batch 1 (throughput per row...)' in the header of
     a run that ran one row at a time."""
     plain = fill_run(store)
     batched = fill_run(store, seed=1, settings={"batch_size": 3})
@@ -595,7 +595,7 @@ def test_the_header_names_a_batch_only_when_there_is_one(store, db):
 
 
 def test_markdown_samples_escape_the_pipes_of_configuration_keys(store, db):
-    """(a bug: no '|' escape in markdown cells): a configuration key ('knorm|kr=0.7|...') split
+    """Guards against (no '|' escape in markdown cells): a configuration key ('knorm|kr=0.7|...') split
     its cell into several columns of the --samples table."""
     run = fill_run(store, n_samples=2)
     md = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--samples", "--format", "markdown"]).stdout
@@ -606,7 +606,7 @@ def test_markdown_samples_escape_the_pipes_of_configuration_keys(store, db):
 
 
 def test_compare_markdown_cells_are_a_then_b_and_only_in_lists_the_right_side(store, db):
-    """(a bug: markdown compare cells B / A under an 'A / B' title) and (a bug: only_in_a listing the
+    """Guards against (markdown compare cells B / A under an 'A / B' title) and (only_in_a listing the
     shared configurations instead of those A alone has)."""
     from knormctl.render.format import fmt_value
 
@@ -624,7 +624,7 @@ def test_compare_markdown_cells_are_a_then_b_and_only_in_lists_the_right_side(st
 
 
 def test_a_group_with_an_interrupted_run_is_not_called_complete(store, db):
-    """(a bug: the group's status was its mildest run's): a group of a complete and an interrupted
+    """Guards against (the group's status was its mildest run's): a group of a complete and an interrupted
     run read 'complete' in its header and in every csv row's run_status."""
     fill_run(store, group="g", stop_after=8, status="interrupted")
     fill_run(store, group="g", seed=3)
@@ -634,7 +634,7 @@ def test_a_group_with_an_interrupted_run_is_not_called_complete(store, db):
 
 
 def test_a_shard_is_named_for_one_run_only(store, db):
-    """(a bug: a merged group's header named its first run's shard, as if the group were that shard)."""
+    """Guards against (a merged group's header named its first run's shard, as if the group were that shard)."""
     a = fill_run(store, group="sh", samples=[0, 1])
     b = fill_run(store, group="sh", samples=[2], seed=1)
     store.update_run(a, shard="1/2")
@@ -644,7 +644,7 @@ def test_a_shard_is_named_for_one_run_only(store, db):
 
 
 def test_one_run_of_a_group_points_to_its_own_report(store):
-    """(a bug: report_command named the group for a single run that has one): a figure of run 3
+    """Guards against (report_command named the group for a single run that has one): a figure of run 3
     sent readers to `report --group`, whose merged numbers and flags are not that run's."""
     from knormctl.render.header import run_header
 
@@ -655,7 +655,7 @@ def test_one_run_of_a_group_points_to_its_own_report(store):
 
 
 def test_the_table_says_how_many_cells_of_a_configuration_failed(store, db):
-    """(a bug: the configuration cell lost its 'N failed' line): the rich table showed a row
+    """Guards against (the configuration cell lost its 'N failed' line): the rich table showed a row
     with one prompt fewer and no word why."""
     run = fill_run(store, fail=(1, KNORM_07))
     out = runner.invoke(app, ["report", "--db", db, "--run-id", str(run)], env={"COLUMNS": "200"}).stdout
@@ -665,7 +665,7 @@ def test_the_table_says_how_many_cells_of_a_configuration_failed(store, db):
 
 
 def test_compare_goes_by_the_model_hash_when_both_runs_have_one(store, db):
-    """(a bug: same_model ignored the hashes): two runs of 'smollm2-135m' whose weights differ
+    """Guards against (same_model ignored the hashes): two runs of 'smollm2-135m' whose weights differ
     (another snapshot under the same name) were compared as one model."""
     a = fill_run(store, seed=1)
     b = fill_run(store, seed=2)
@@ -675,7 +675,7 @@ def test_compare_goes_by_the_model_hash_when_both_runs_have_one(store, db):
 
 
 def test_a_group_with_a_run_of_unknown_plan_has_no_planned_total(store, db):
-    """(a bug: an unknown plan counted as 0): '11 of 8 planned cells' for a group one of whose
+    """Guards against (an unknown plan counted as 0): '11 of 8 planned cells' for a group one of whose
     runs stored no planned count."""
     a = fill_run(store, group="pl", samples=[0, 1])
     fill_run(store, group="pl", samples=[2], seed=1)
@@ -687,7 +687,7 @@ def test_a_group_with_a_run_of_unknown_plan_has_no_planned_total(store, db):
 
 
 def test_the_run_list_shows_cells_done_of_planned(store, db):
-    """(a bug: the list's cells column 'planned/done'): an interrupted run of 7 of 15 cells read '15/7'."""
+    """Guards against (the list's cells column 'planned/done'): an interrupted run of 7 of 15 cells read '15/7'."""
     run = fill_run(store, status="interrupted", stop_after=7)
     out = runner.invoke(app, ["report", "--db", db, "--list"], env={"COLUMNS": "160"}).stdout
     line = next(ln for ln in out.splitlines() if ln.strip().startswith(str(run)))

@@ -458,7 +458,7 @@ def test_a_shards_rounds_are_compared_with_its_own_first_round(store, db):
 
 
 def test_two_runs_of_a_group_whose_speeds_differ_are_flagged(store, db):
-    """(a bug: repeat_spread dropped the comparison of each other run's first round with the first
+    """Guards against (repeat_spread dropped the comparison of each other run's first round with the first
     run's): the same sweep run twice under one group, the second time 40% slower on every
     prompt, pooled its timings with no repeats_disagree flag."""
     fill_run(store, group="twice", n_samples=6)
@@ -470,7 +470,7 @@ def test_two_runs_of_a_group_whose_speeds_differ_are_flagged(store, db):
 
 
 def test_medians_of_timings_memory_and_perplexity_carry_no_value_interval(store, db):
-    """(a bug: value_stat gave every metric a bootstrap interval of its value): the module's rule is
+    """Guards against (value_stat gave every metric a bootstrap interval of its value): the module's rule is
     that medians over different prompts get none (the paired change carries the uncertainty);
     fractions (token match) do get one."""
     run = fill_run(store, n_samples=6, mem_jitter=0.03)
@@ -484,7 +484,7 @@ def test_medians_of_timings_memory_and_perplexity_carry_no_value_interval(store,
 
 
 def test_n_repeats_is_the_most_rounds_any_prompt_has(store, db):
-    """(a bug: n_repeats = the fewest rounds): one prompt whose second round is missing made a
+    """Guards against (n_repeats = the fewest rounds): one prompt whose second round is missing made a
     3-round run read as a 1-round one, and the rounds' disagreement went unchecked."""
     from sqlalchemy import text
 
@@ -498,7 +498,7 @@ def test_n_repeats_is_the_most_rounds_any_prompt_has(store, db):
 
 
 def test_higher_throughput_is_better_and_a_slower_itl_beyond_the_interval_but_within_noise_is_noise(store, db):
-    """(a bug: throughput's direction flipped: a faster configuration read 'worse') and (a bug: ITL p90
+    """Guards against (throughput's direction flipped: a faster configuration read 'worse') and (ITL p90
     lost timing=True: a change inside the run's timing noise read as a finding)."""
     from knormctl.render.metrics import METRIC
     from knormctl.render.paired import Stat, verdict

@@ -414,8 +414,8 @@ def test_a_pareto_panel_of_an_interrupted_run_says_so(store, db):
 
 
 def test_study_tables_list_keep_ratios_from_the_largest_down(store, db):
-    """(a bug: leaderboard columns ascending), (a bug: full cache row sorted among the presses) and (a bug: a press's settings ascending in the per-model
-    table): both orders are the report's documented reading order, full cache first."""
+    """Guards against (leaderboard columns ascending), (full cache row sorted among the presses) and
+    (a press's settings ascending in the per-model table): both orders are the report's documented reading order, full cache first."""
     configs = (Cfg(), Cfg("knorm", 0.9), Cfg("knorm", 0.5), Cfg("knorm", 0.25))
     for seed, model in enumerate(("smollm2-135m", "tiny-llama")):
         fill_run(store, configs=configs, n_samples=4, seed=seed, model=model, group="ord", prompt_tokens=(2048,) * 4)
@@ -433,7 +433,7 @@ def test_study_tables_list_keep_ratios_from_the_largest_down(store, db):
 
 
 def test_study_csv_intervals_hold_their_values(store, db):
-    """(a bug: the csv's *_ci_lo and *_ci_hi swapped): each interval in the study csv is low, then high."""
+    """Guards against (the csv's *_ci_lo and *_ci_hi swapped): each interval in the study csv is low, then high."""
     import csv
     import io
 
@@ -452,7 +452,7 @@ def test_study_csv_intervals_hold_their_values(store, db):
 
 
 def test_the_pareto_line_joins_only_the_frontier(store, db):
-    """(a bug: the dashed frontier joined every point): the line's vertices are the points the json
+    """Guards against (the dashed frontier joined every point): the line's vertices are the points the json
     marks on_frontier, by KV held."""
     from knormctl.cli._select import select_runs, study_view
     from knormctl.render.figures.pareto import pareto

@@ -200,7 +200,7 @@ def test_an_lm_run_has_no_task_rows(store, db):
 
 
 def test_the_mean_over_subtasks_is_near_chance_only_when_every_subtask_is(store, db):
-    """(a bug: any instead of all): one subtask the model cannot do (vt) marked the mean over all
+    """Guards against (any instead of all): one subtask the model cannot do (vt) marked the mean over all
     three subtasks near chance, and its table 'FULL CACHE NEAR CHANCE: results mean nothing'."""
     run = fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
                    depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",
@@ -212,7 +212,7 @@ def test_the_mean_over_subtasks_is_near_chance_only_when_every_subtask_is(store,
 
 
 def test_samples_needed_of_a_mean_over_unequal_subtasks_counts_the_smallest(store, db):
-    """(a bug: max instead of min): the mean row's prompts-needed estimate took the largest
+    """Guards against (max instead of min): the mean row's prompts-needed estimate took the largest
     subtask's question count as if every subtask had as many."""
     from sqlalchemy import text
 
@@ -234,7 +234,7 @@ def test_samples_needed_of_a_mean_over_unequal_subtasks_counts_the_smallest(stor
 
 
 def test_task_accuracy_averages_a_questions_repeats(store, db):
-    """(a bug: a question's repeats reduced by their best score): a question answered once in two
+    """Guards against (a question's repeats reduced by their best score): a question answered once in two
     rounds counts 0.5, not 1."""
     from sqlalchemy import text
 
@@ -250,7 +250,7 @@ def test_task_accuracy_averages_a_questions_repeats(store, db):
 
 
 def test_task_markdown_gives_correct_of_asked_and_marks_only_near_chance_rows(store, db):
-    """(a bug: the markdown accuracy text 'n/correct') and (a bug: the 'full cache near chance'
+    """Guards against (the markdown accuracy text 'n/correct') and (the 'full cache near chance'
     column marking every row but the near-chance ones)."""
     run = fill_run(store, task="ruler", configs=CONFIGS, n_samples=48, subtasks=SUBTASKS, lengths=LENGTHS,
                    depths=(0.1, 0.5, 0.9, 0.25), score=ruler_score, score_metric="string_match_all",

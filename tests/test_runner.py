@@ -455,7 +455,7 @@ def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_meas
 
 
 def test_the_warm_up_runs_the_full_cache_first_whatever_the_cells_order():
-    """a shard's first cell is a compressed one (configurations rotate with the sample),
+    """A shard's first cell is a compressed one (configurations rotate with the sample),
     yet the warm-up starts with the full cache for every token: it sizes the memory pool and its
     time is the run's first estimate."""
     from knormctl.config import PressConfig

@@ -704,7 +704,7 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path):
 
 
 def test_a_stale_run_is_shown_ended_at_its_last_heartbeat_as_a_writer_records_it(tmp_path):
-    """a reader showing a stale run as interrupted must give it the end a writer stores
+    """A reader showing a stale run as interrupted must give it the end a writer stores
     (its last heartbeat), not 'now': the report's duration would grow with every hour since the crash."""
     with open_store(tmp_path / "r.db") as store:
         run_id = new_run(store)
@@ -718,11 +718,9 @@ def test_a_stale_run_is_shown_ended_at_its_last_heartbeat_as_a_writer_records_it
 
 
 def test_a_run_elsewhere_is_alive_for_ten_minutes_after_its_last_heartbeat(tmp_path):
-    """a heartbeat comes every 60 s; a run on another host whose last one is 5 minutes old
+    """A heartbeat comes every 60 s; a run on another host whose last one is 5 minutes old
     (a slow cell) still runs -- it must not be shown interrupted, nor be taken over or deleted --
     and is gone once ten beats are missed."""
-    import pytest
-
     from knormctl.errors import UsageError
     from knormctl.store import RUNNING
 
