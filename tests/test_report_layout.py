@@ -78,6 +78,29 @@ def test_every_number_fits_uncut(store, db, width):
         assert "speed (1/2)" not in out  # four speed columns fit in 120
 
 
+def test_flags_wrap_under_their_text(store, db):
+    """Each flag is one item: wrapped at 80 columns, its continuation lines stand under its
+    text (two blanks), never flush left where they read as a new item, and end without blanks."""
+    run = fill_run(store, configs=WIDE_LABELS, n_samples=5)
+    out = table_at(db, 80, "--run-id", str(run))
+    data = json.loads(runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "json"]).stdout)
+    lines = out.splitlines()
+    start = lines.index("Read before quoting these numbers:") + 1
+    items, current = [], None
+    for line in lines[start:]:
+        assert line == line.rstrip(), repr(line)
+        if line.startswith("- "):
+            current = [line[2:]]
+            items.append(current)
+        elif line.startswith("  ") and current is not None:
+            current.append(line[2:])
+        else:
+            break
+    messages = [" ".join(" ".join(item).split()) for item in items]
+    assert messages == [" ".join(f["message"].split()) for f in data["flags"]]
+    assert any(len(item) > 1 for item in items)  # the check saw wrapped flags
+
+
 def test_counts_print_as_counts(store, db):
     # compress_events alternate 100, 99 over prompts: a median would say 99.5
     run = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.7)), n_samples=4)

@@ -63,6 +63,8 @@ def print_study(view: StudyView, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from knormctl.render.tables import print_bullet
+
     console.print(Panel(f"study {view.name}: {view.runs_line}, models: {', '.join(view.models)}"
                         + (f"\nvarying: {', '.join(view.axes)}" if view.axes else ""),
                         title="knormctl report --group", title_align="left"))
@@ -89,13 +91,13 @@ def print_study(view: StudyView, console) -> None:
         console.print(board)
     console.print(Text("best configuration per memory budget:", style="bold"))
     for line in budget_sentences(view):
-        console.print(Text(f"- {line}"))
+        print_bullet(console, line)
     console.print(Text(legend(view), style="dim"))
     flags = study_flags(view)
     if flags:
         console.print(Text("Read before quoting these numbers:", style="bold yellow"))
         for line in flags:
-            console.print(Text(f"- {line}"))
+            print_bullet(console, line)
 
 
 def study_text(view: StudyView, fmt: str) -> str:

@@ -50,6 +50,15 @@ def make_console() -> Console:
     return Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False)
 
 
+def print_bullet(console: Console, text: str) -> None:
+    """``- text``, wrapped at the console's width with its continuation lines under the text
+    (a flush-left continuation reads as a new item), and no trailing blanks."""
+    lines = Text(text).wrap(console, max(console.width - 2, 20))
+    for i, line in enumerate(lines):
+        line.rstrip()
+        console.print(Text("- " if i == 0 else "  ") + line, soft_wrap=True)
+
+
 def _natural_width(console: Console, table: Table, limit: int = 10_000) -> int:
     """The width a table needs to show every cell unsqueezed (Measurement.get clamps to the
     options' width, so measure against a very wide page)."""
@@ -188,7 +197,7 @@ def print_summary(summary: Summary, console: Console, samples: Sequence[Any] | N
     if summary.flags:
         console.print(Text("Read before quoting these numbers:", style="bold yellow"))
         for f in summary.flags:
-            console.print(Text(f"- {f.message}"))
+            print_bullet(console, f.message)
     if samples is not None:
         print_samples(samples, console, {r.config_key: r.label for r in summary.rows})
 
