@@ -14,9 +14,20 @@ if [ "$#" -eq 0 ]; then
     0.8, 0.7 of the cache) = 25 cells of 100 generated + 128 scored tokens
     each: about 5 minutes on a quiet 2-core CPU"
 else
-  what="knormctl sweep $*"
+  # the user's command, quoted as the shell needs it and continued with " \" within 80
+  # columns, so it still copies and pastes as one command
+  what="knormctl sweep" line="    run knormctl sweep"
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then word=$arg; else word=$(printf '%q' "$arg"); fi
+    if [ $(( ${#line} + 1 + ${#word} )) -gt 77 ]; then
+      what="$what \\
+        $word" line="        $word"
+    else
+      what="$what $word" line="$line $word"
+    fi
+  done
 fi
-# every line of ours within 80 columns (the arguments echoed in step 2 are the user's)
+# every line within 80 columns
 say "knormctl quickstart will:
  1. set up .venv (the first time: torch and the dependencies, 1-3 minutes;
     later: nothing)
