@@ -175,6 +175,31 @@ def test_importing_twice_adds_nothing_and_a_partly_known_file_adds_the_rest(tmp_
     assert resumed["resumed_from"] is None  # run b did not come along: no link to an unrelated run 2
 
 
+def test_a_run_repeated_in_one_file_is_read_once_and_said_so(tmp_path):
+    """A hand-made file holding one run's block twice (end counts fixed to match): the first
+    copy is imported, the second neither imported nor counted as 'already in the database'."""
+    src, dst, path = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "twice.jsonl"
+    ids = fill_source(str(src))
+    assert cli("export", "--run-id", str(ids[0]), "-o", str(path), "--db", str(src)).exit_code == 0
+    lines = path.read_text().splitlines()
+    header, block, end = lines[0], lines[1:-1], json.loads(lines[-1])
+    end["end"] = {kind: 2 * n for kind, n in end["end"].items()}
+    path.write_text("\n".join([header, *block, *block, json.dumps(end)]) + "\n")
+    n = len(rows(f"sqlite:///{src}", Sample.__table__, run_id=ids[0]))
+
+    res = cli("import", str(path), "--db", str(dst))
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == (f"imported 1 run(s) (now id 1) with {n} sample(s) from {path} into {dst}; "
+                                  "1 run record(s) repeat a run that came earlier in the file (the same uuid): "
+                                  "the first copy was read")
+    assert count(f"sqlite:///{dst}") == (1, n)
+    res = cli("import", str(path), "--db", str(dst))  # again: both copies are known now
+    assert res.stdout.strip() == (f"nothing imported from {path}: its 1 run(s) are already in {dst}; 1 run "
+                                  "record(s) repeat a run that came earlier in the file (the same uuid): the "
+                                  "first copy was read"), res.output
+    assert count(f"sqlite:///{dst}") == (1, n)
+
+
 def test_a_later_export_of_a_known_run_replaces_its_earlier_copy(tmp_path):
     """Export an interrupted run, import it, finish it at home, export and import again: the
     second import said 'nothing imported ... already in' and the team's copy stayed interrupted

@@ -44,9 +44,12 @@ def import_results(
                 (done.kept_newer, "holds more cells there than in the file"),
                 (done.busy, "is being measured there now; import the file again once it has stopped"))
             if ids)
+        repeated = (f"; {done.repeated} run record(s) repeat a run that came earlier in the file "
+                    f"(the same uuid): the first copy was read" if done.repeated else "")
         if said:
             skipped = (f"; skipped {done.skipped_runs} run(s) already in the database "
                        f"({done.skipped_samples} sample(s)){kept}" if done.skipped_runs else "")
-            print("; ".join(said) + skipped)
+            print("; ".join(said) + skipped + repeated)
         else:
-            print(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in {store.url}{kept}")
+            print(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in {store.url}{kept}"
+                  + repeated)

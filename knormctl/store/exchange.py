@@ -140,6 +140,7 @@ class Imported:
     updated: list[Updated] = field(default_factory=list)
     kept_newer: list[int] = field(default_factory=list)  # skipped: the store's copy holds more cells
     busy: list[int] = field(default_factory=list)  # skipped: a live process is measuring the store's copy
+    repeated: int = 0  # run records whose uuid came earlier in the same file: read once, these skipped
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict]]:
@@ -308,11 +309,15 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
                     _flush(conn, samples_t, batch)
                     current = row.pop("id", None)
                     uuid = row["uuid"]
-                    stored, once = known.get(uuid), uuid not in in_file
-                    in_file.add(uuid)  # the same run twice in one file is imported once
+                    if uuid in in_file:  # the same run twice in one file (files joined by hand): read once
+                        result.repeated += 1
+                        keep, counted = False, "repeat"
+                        continue
+                    in_file.add(uuid)
+                    stored = known.get(uuid)
                     # A run it was resumed from keeps the link only if it came along.
                     link = new_ids.get(row.pop("resumed_from", None))
-                    if stored is None and once:
+                    if stored is None:
                         new_ids[current] = conn.execute(insert(runs_t).values(**row, resumed_from=link)
                                                         ).inserted_primary_key[0]
                         result.run_ids.append(new_ids[current])
@@ -321,7 +326,7 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
                     # the file's copy replaces the stored one when it is further along, unless a live
                     # process is measuring the stored one (read again, locked: PostgreSQL lets a resume
                     # commit between the first read and here)
-                    further = once and _progress(row) > _progress(stored)
+                    further = _progress(row) > _progress(stored)
                     if further:
                         stored = conn.execute(select(*stored_cols).where(RUNS.c.id == stored["id"])
                                               .with_for_update()).one()._mapping
@@ -331,7 +336,7 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
                         result.skipped_runs += 1
                         if further:
                             result.busy.append(stored["id"])
-                        elif once and _progress(row) < _progress(stored):
+                        elif _progress(row) < _progress(stored):
                             result.kept_newer.append(stored["id"])
                         continue
                     conn.execute(delete(SAMPLES).where(SAMPLES.c.run_id == stored["id"]))
@@ -343,7 +348,7 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
                     counted = "updated"
                     continue
                 if not keep:
-                    result.skipped_samples += 1
+                    result.skipped_samples += counted != "repeat"
                     continue
                 row.pop("id", None)
                 row["run_id"] = new_ids[current]
