@@ -46,10 +46,11 @@ class Outcome:
     skipped_existing: int = 0
 
 
-def resume_config(store, run_id: int) -> RunConfig:
+def resume_config(store, run_id: int, db_arg: str = "") -> RunConfig:
     """The stored configuration of a run that ``--resume`` may continue. Refused with one line when
     the run does not exist, is complete, or its owner is still alive (same host: its pid and start
-    time; another host: a fresh heartbeat). ``Store.reopen_run`` checks again, atomically."""
+    time; another host: a fresh heartbeat). ``Store.reopen_run`` checks again, atomically.
+    ``db_arg`` (' --db PATH') names the database in the command a refusal suggests."""
     run = store.get_run(run_id)  # a 'running' run whose owner is gone reads as interrupted
     if run is None:
         raise UsageError(f"run {run_id} does not exist in {store.url}")
@@ -61,7 +62,7 @@ def resume_config(store, run_id: int) -> RunConfig:
         cfg = RunConfig.from_dict(run.config_json).validate(local=False)
     except UsageError as exc:  # stored by an older knormctl whose checks allowed it
         raise UsageError(f"run {run_id} was stored under rules this knormctl refuses ({exc}), so it cannot be "
-                         f"resumed; read it with `knormctl report --run-id {run_id}`") from None
+                         f"resumed; read it with `knormctl report --run-id {run_id}{db_arg}`") from None
     cfg.check_local_inputs()  # this machine's model and texts: their own message
     return cfg
 

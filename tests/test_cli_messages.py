@@ -267,11 +267,13 @@ def test_a_resumed_runs_last_line_says_what_was_measured_now_and_what_was_kept(m
     monkeypatch.setattr(export, "to_json", lambda s: "{}")
     store = SimpleNamespace(get_run=lambda run_id: None, samples=lambda run_id: [])
     outcome = SimpleNamespace(run_id=7, status="complete_with_errors", done=3, skipped_existing=5, failed=1, planned=9)
-    _print_summary(store, outcome, json_out=False)
+    _print_summary(store, outcome, json_out=False, db=None)
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "run 7: complete_with_errors, 8 cell(s) stored (3 measured now, 5 kept), 1 failed. "
         "Details: knormctl report --run-id 7")
-    _print_summary(store, outcome, json_out=True)
+    _print_summary(store, outcome, json_out=False, db="/tmp/my runs/r.db")  # the database the user named
+    assert capsys.readouterr().out.strip().endswith("Details: knormctl report --run-id 7 --db '/tmp/my runs/r.db'")
+    _print_summary(store, outcome, json_out=True, db=None)
     data = json.loads(capsys.readouterr().out)
     assert (data["done"], data["measured"], data["kept"], data["failed"], data["planned"]) == (8, 3, 5, 1, 9)
 

@@ -110,8 +110,11 @@ def test_a_study_with_planned_runs_not_stored_says_which(store, db):
     data = _json(db, "--group", "s1")
     assert data["planned_runs"] == 6 and data["missing_runs"] == [3, 6]
     res = runner.invoke(app, ["report", "--db", db, "--group", "s1"], env={"COLUMNS": "200"})
-    assert "study s1: 4 of 6 planned runs (run 3, 6 of the plan not stored yet: knormctl sweep --resume-group s1)" \
-        in res.stdout
+    # the command names the database the report read: copied as printed it continues this study
+    assert ("study s1: 4 of 6 planned runs (run 3, 6 of the plan not stored yet: knormctl sweep --resume-group s1 "
+            f"--db {db})") in res.stdout
+    shared = runner.invoke(app, ["report", "--db", db, "--group", "s1", "--format", "markdown"]).stdout
+    assert "--resume-group s1)" in shared and db not in shared  # a file to share holds no local path
 
 
 def test_missing_runs_are_those_of_the_newest_plan(store, db):
@@ -151,7 +154,7 @@ def test_a_study_with_one_run_stored_reads_as_that_run_and_names_the_missing_one
     assert res.exit_code == 0, res.output
     assert "rows" in json.loads(res.stdout)  # stdout stays the run's summary, whole
     assert res.stderr.strip() == ("study s9: 1 of 3 planned runs (run 2, 3 of the plan not stored yet: "
-                                  "knormctl sweep --resume-group s9)")
+                                  f"knormctl sweep --resume-group s9 --db {db})")
 
 
 def test_frontier_and_best_per_budget_follow_the_points(store, db):
@@ -331,7 +334,9 @@ def test_a_flag_line_over_several_runs_says_whose_numbers_it_quotes(store, db):
     assert res.exit_code == 0, res.output
     line = next(x for x in res.stdout.splitlines() if "(ttft artifact)" in x)
     assert line.startswith(f"- runs {a}, {a + 1} (ttft artifact): in run {a}, knorm 0.5: TTFT "), line
-    assert line.endswith("(1 more differ; each run's own: knormctl report --run-id N)"), line
+    assert line.endswith("(1 more differ; each run's own: knormctl report --run-id N)"), line  # no local path
+    table = " ".join(runner.invoke(app, ["report", "--db", db, "--group", "fl"], env={"COLUMNS": "200"}).stdout.split())
+    assert f"(1 more differ; each run's own: knormctl report --run-id N --db {db})" in table
     own = _json(db, "--run-id", str(a))["flags"]
     quoted = line.split(f"in run {a}, ", 1)[1].rsplit(" (1 more differ", 1)[0]
     assert quoted in [f["message"] for f in own if f["kind"] == "ttft_artifact"]

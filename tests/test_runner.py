@@ -181,7 +181,7 @@ def test_resume_of_a_run_newer_rules_refuse_says_so(tmp_path):
     line = res.stderr.strip()
     assert line.startswith(f"Error: run {run_id} was stored under rules this knormctl refuses (--prefill-chunk "
                            "cannot be used with --protocol paper") and "\n" not in line
-    assert line.endswith(f"so it cannot be resumed; read it with `knormctl report --run-id {run_id}`")
+    assert line.endswith(f"so it cannot be resumed; read it with `knormctl report --run-id {run_id} --db {db}`")
 
 
 def test_resume_in_a_database_that_does_not_exist_creates_none(tmp_path):

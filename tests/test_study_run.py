@@ -68,6 +68,7 @@ def test_study_runs_every_run_in_one_group_and_continues(tiny_llama_dir, books_d
     assert sorted(c["prune_after"] for c in configs) == [0, 16]
     assert all(c["study"]["name"] == "tiny-study" and c["study"]["axes"] == ["prune_after"] for c in configs)
     assert "prune_after" in res.stdout and "best configuration per memory budget" in res.stdout
+    assert res.stderr.strip().endswith(f"Details: knormctl report --group tiny-study --db {db}")
     # a second invocation keeps both runs; --resume-group as well
     res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db)])
     assert res.exit_code == 0, res.output
@@ -171,6 +172,7 @@ def test_a_group_holding_other_runs_is_refused(tiny_llama_dir, books_dir, tmp_pa
         res = runner.invoke(app, ["sweep", "--config", other, "--db", str(db), *dry])
         assert res.exit_code == 2, (dry, res.output)
         assert "already holds 2 run(s) that are not part of this study" in res.stderr
+        assert res.stderr.strip().endswith(f"knormctl runs delete 1 2 --db {db}")  # the database it refused
 
 
 @pytest.mark.parametrize("text, message", [
@@ -249,7 +251,7 @@ def test_a_stored_study_that_newer_rules_refuse_says_why_it_cannot_be_continued(
         assert res.stderr.strip() == (
             "Error: group 'old' was planned under rules this knormctl refuses (old.toml: keep_ratios: duplicate "
             "values in [0.5, 0.5]), so it cannot be continued as a study; read it with `knormctl report --group "
-            "old`, or resume its runs one by one with --resume N")
+            f"old --db {db}`, or resume its runs one by one with --resume N")
 
 
 def test_an_interrupt_before_a_study_run_starts_says_what_is_kept(tiny_llama_dir, books_dir, tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
     if store.upgrade_note:
         log(store.upgrade_note)
     if resume is not None:
-        cfg = resume_config(store, resume)  # refused while its owner is alive, or when complete
+        cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
 
     with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
         _run(cfg, store, json_out, resume, log, verbose, db=db)
@@ -136,7 +136,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
                    f"finish it with: {resume_hint(run_id)}", 130) from None
     if summary:
-        _print_summary(store, outcome, json_out)
+        _print_summary(store, outcome, json_out, db)
     return outcome, runner.loaded
 
 
@@ -156,7 +156,7 @@ def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
     return stored
 
 
-def _print_summary(store, outcome, json_out: bool) -> None:
+def _print_summary(store, outcome, json_out: bool, db: str | None) -> None:
     """The same summary as `knormctl report`, built from the stored rows."""
     from knormctl.render.export import to_json
     from knormctl.render.summary import build_summary
@@ -175,4 +175,4 @@ def _print_summary(store, outcome, json_out: bool) -> None:
     print(f"run {outcome.run_id}: {outcome.status}, {stored} cell(s) stored"
           + (f" ({outcome.done} measured now, {outcome.skipped_existing} kept)" if outcome.skipped_existing else "")
           + (f", {outcome.failed} failed" if outcome.failed else "")
-          + f". Details: knormctl report --run-id {outcome.run_id}")
+          + f". Details: knormctl report --run-id {outcome.run_id}{db_arg(db)}")

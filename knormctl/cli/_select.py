@@ -39,11 +39,15 @@ def load_samples(store, runs: list, *, blobs: bool = False) -> list:
     return rows
 
 
-def study_view(store, runs: list, group: str):
+def study_view(store, runs: list, group: str, db: str | None = None):
     """The group as a study (runs that differ in model or settings), or None when its runs are
-    the shards of one sweep (merged into one summary instead)."""
+    the shards of one sweep (merged into one summary instead). ``db``: the database the user
+    named, for the commands the view's lines suggest (left out of files others read)."""
+    from knormctl.cli._common import db_arg
     from knormctl.render.study import build_study, is_study
 
     if not is_study(runs):
         return None
-    return build_study(runs, {r.id: load_samples(store, [r]) for r in runs}, group)
+    view = build_study(runs, {r.id: load_samples(store, [r]) for r in runs}, group)
+    view.db_arg = db_arg(db)
+    return view

@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import Any
 
-from knormctl.cli._common import wrapped
+from knormctl.cli._common import db_arg, wrapped
 from knormctl.errors import KnormctlError, UsageError
 
 # options that say where and how to print, not what to measure: never study overrides
@@ -59,7 +59,7 @@ def planned_cells(cfg) -> int | None:
     return len(plan_cells(n, cfg.press_configs(), cfg.shard, max(1, getattr(cfg, "repeats", 1) or 1)))
 
 
-def _check_group_is_the_studys(store, study) -> list:
+def _check_group_is_the_studys(store, study, db: str | None) -> list:
     """The runs stored in the study's group; refused (one line) when some are not this study's."""
     stored = store.runs_in_group(study.name)
     planned = {r.key for r in study.runs}
@@ -67,7 +67,7 @@ def _check_group_is_the_studys(store, study) -> list:
     if foreign:
         raise UsageError(f"group {study.name!r} already holds {len(foreign)} run(s) that are not part of this study "
                          f"(e.g. run {foreign[0].id}); give the study another name (name = ... or --group), or "
-                         f"delete them: knormctl runs delete {' '.join(str(r.id) for r in foreign[:5])}")
+                         f"delete them: knormctl runs delete {' '.join(str(r.id) for r in foreign[:5])}{db_arg(db)}")
     return stored
 
 
@@ -89,7 +89,7 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
     by_key = {}
     if store is not None and not plain:
         try:  # the real run would be refused: the plan says so too
-            by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study)}
+            by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study, db)}
         except UsageError:
             store.close()
             raise
@@ -180,13 +180,12 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool) -> None:
     store = open_store(db)
     if store.upgrade_note:
         log(store.upgrade_note)
-    stored = _check_group_is_the_studys(store, study)
+    stored = _check_group_is_the_studys(store, study, db)
     by_key = {}
     for r in stored:  # the newest run of each planned key
         by_key[_stored_key(r)] = r
     # Continuing the study: its stored plan (the command line's overrides included) and database
     # (interrupted before any of its runs was stored, nothing is kept and _run says so).
-    from knormctl.cli._common import db_arg
 
     hint = f"knormctl sweep --resume-group {shlex.quote(study.name)}{db_arg(db)}"
     loaded = None
@@ -201,18 +200,18 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool) -> None:
             log(f"{n}" + (f" [{what}]" if what else "") + (f": resuming run {existing.id}" if existing else ""))
             cfg = planned_run.config
             if existing is not None:
-                cfg = resume_config(store, existing.id)  # refused while its owner is alive
+                cfg = resume_config(store, existing.id, db_arg(db))  # refused while its owner is alive
             _, loaded = _run(cfg, store, json_out, None if existing is None else existing.id, log, verbose,
                              loaded=loaded, summary=False, interrupt_hint=hint, db=db)
-    _print_study(store, study.name, json_out)
+    _print_study(store, study.name, json_out, db)
 
 
-def _print_study(store, group: str, json_out: bool) -> None:
+def _print_study(store, group: str, json_out: bool, db: str | None) -> None:
     from knormctl.cli._select import select_runs, study_view
     from knormctl.render import study_output
 
     runs = select_runs(store, group=group)
-    view = study_view(store, runs, group)
+    view = study_view(store, runs, group, db)
     if view is None:  # one run (or its shards): the usual summary
         from knormctl.render.summary import build_summary
         from knormctl.render.tables import make_console, print_summary
@@ -233,10 +232,11 @@ def _print_study(store, group: str, json_out: bool) -> None:
         from knormctl.render.tables import make_console
 
         study_output.print_study(view, make_console())
-    print(f"study {group}: {len(runs)} run(s). Details: knormctl report --group {group}", file=sys.stderr)
+    print(f"study {group}: {len(runs)} run(s). Details: knormctl report --group {shlex.quote(group)}{db_arg(db)}",
+          file=sys.stderr)
 
 
-def stored_study(store, group: str):
+def stored_study(store, group: str, db: str | None = None):
     """The study stored with the runs of ``group`` (for --resume-group)."""
     from knormctl.study import study_from_stored
 
@@ -252,7 +252,7 @@ def stored_study(store, group: str):
         return study_from_stored({k: v for k, v in resolved.items() if k not in ("index", "key", "key_ids")})
     except UsageError as exc:  # stored by an older knormctl whose planning allowed it
         raise UsageError(f"group {group!r} was planned under rules this knormctl refuses ({exc}), so it cannot "
-                         f"be continued as a study; read it with `knormctl report --group {group}`, or "
+                         f"be continued as a study; read it with `knormctl report --group {shlex.quote(group)}{db_arg(db)}`, or "
                          "resume its runs one by one with --resume N") from None
 
 
@@ -284,7 +284,7 @@ def resume_study(ctx, group: str, db: str | None, *, json_out: bool, verbose: bo
                          f"{', '.join('--' + n.replace('_', '-') for n in given)} cannot change it "
                          "(only --db, --json, --verbose and --dry-run may be given with --resume-group)")
     with open_store(db, readonly=True) as store:
-        study = stored_study(store, group)
+        study = stored_study(store, group, db)
     if dry_run:
         print_plan(study, db, json_out)
         return

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, db_arg, error_boundary
 from knormctl.cli._select import load_samples, select_runs, study_view  # noqa: F401  (plot, tests use them)
 
 
@@ -103,7 +103,8 @@ def report(
                 emit(export.comparison_text(cmp, fmt.value))
         else:
             runs = select_runs(store, run_id=run_id, group=group)
-            view = study_view(store, runs, group) if group is not None else None
+            # the terminal's lines name --db in the commands they suggest; a file to share does not
+            view = study_view(store, runs, group, db if fmt is Format.table else None) if group is not None else None
             if view is not None:  # runs that differ in model or settings: read run by run, side by side
                 ignored = [flag for flag, on in (("--samples", samples), ("--tasks", tasks),
                                                  ("--by-dataset", by_dataset)) if on]
@@ -117,7 +118,8 @@ def report(
 
                 planned, missing = missing_runs(runs)
                 if missing:
-                    print(f"study {group}: {runs_line(group, len(runs), planned, missing)}", file=sys.stderr)
+                    print(f"study {group}: {runs_line(group, len(runs), planned, missing, db_arg(db))}",
+                          file=sys.stderr)
             rows = load_samples(store, runs, blobs=fmt is Format.html)  # html: the figures' per-step latencies
             summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
             if fmt is Format.table:

@@ -24,6 +24,7 @@ runs share one scale and one frontier. Pure Python.
 from __future__ import annotations
 
 import math
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,11 +109,12 @@ class StudyView:
     summaries: dict[int, Summary] = field(default_factory=dict)  # run id -> its own summary
     planned_runs: int | None = None  # runs the study file planned (stored with each run); None: not a study file
     missing_runs: list[int] = field(default_factory=list)  # plan positions (1-based) with no stored run
+    db_arg: str = ""  # ' --db PATH' for the commands its lines suggest, when the user named a database
 
     @property
     def runs_line(self) -> str:
         """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'."""
-        return runs_line(self.name, len(self.summaries), self.planned_runs, self.missing_runs)
+        return runs_line(self.name, len(self.summaries), self.planned_runs, self.missing_runs, self.db_arg)
 
     def points_of(self, model: str) -> list[StudyPoint]:
         return [p for p in self.points if p.model == model]
@@ -275,12 +277,13 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                      summaries=summaries, planned_runs=planned, missing_runs=missing)
 
 
-def runs_line(name: str, n: int, planned: int | None, missing: Sequence[int]) -> str:
-    """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'."""
+def runs_line(name: str, n: int, planned: int | None, missing: Sequence[int], db_arg: str = "") -> str:
+    """'2 runs', or '2 of 3 planned runs (run 3 of the plan not stored yet: ...)'; ``db_arg``
+    names the database in the command it suggests."""
     if not missing:
         return f"{n} runs"
     return (f"{n} of {planned} planned runs (run {', '.join(map(str, missing))} of the plan not stored yet: "
-            f"knormctl sweep --resume-group {name})")
+            f"knormctl sweep --resume-group {shlex.quote(name)}{db_arg})")
 
 
 def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
@@ -363,7 +366,7 @@ def study_flags(view: StudyView) -> list[str]:
             first = first.split(": ", 1)[-1] if kind in ("failed_sample",) else first
             more = len(messages) - 1  # the other messages (one several runs share counts once)
             out.append(f"{label} {runs} ({kind.replace('_', ' ')}): in run {first_run}, {first} ({more} more "
-                       f"differ; each run's own: knormctl report --run-id N)")
+                       f"differ; each run's own: knormctl report --run-id N{view.db_arg})")
     return out
 
 
