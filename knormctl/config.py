@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from knormctl.errors import ModeError
 from knormctl.errors import UsageError as ConfigError  # bad input: one line on stderr, exit 2
 from knormctl.launch import resolve_shard
-from knormctl.options import check_decode_step, check_device_map, keep_ratio_error, unknown_choice
+from knormctl.options import check_decode_step, check_device_map, check_skip_layers, keep_ratio_error, unknown_choice
 from knormctl.press_spec import format_press_spec, format_spec_value, parse_press_spec, resolve_press_list
 from knormctl.tasks import catalog as tasks
 
@@ -267,7 +267,12 @@ class RunConfig:
                 except ModeError as exc:
                     raise ConfigError(f"--ppl-method stream cuts in decode mode, which press {exc.press!r} does not "
                                       "support: use --ppl-method teacher-forced or --eval-tokens 0") from None
-        self.press_configs()  # validates prune_after, skip_layers, mode
+        configs = self.press_configs()  # validates prune_after, skip_layers, mode
+        if self.keep_recent:  # refused here, before a study's first run, not when its second one starts
+            from knormctl.plan import planned_lengths, refuse_keep_recent_over_budget
+
+            if lengths := planned_lengths(self):
+                refuse_keep_recent_over_budget(self.keep_recent, configs, *lengths)
         if self.command != "baseline":
             from knormctl.engine.presses.base import chunked_prefill_refusal, static_step_refusal
 
@@ -291,7 +296,7 @@ class RunConfig:
         an unknown source, a missing text:PATH, a model path that is not a model. Here, so that
         ``sweep --dry-run`` and a study's plan find them before any run starts (a Hub id or
         dataset is only known to exist once fetched, when the run loads it)."""
-        from knormctl.engine.models import model_source
+        from knormctl.engine.models import model_source, planned_num_layers
         from knormctl.engine.text import validate_source
 
         def check(option: str, source: str) -> None:
@@ -308,6 +313,12 @@ class RunConfig:
         if self.task in ("passkey", "ruler", "niah"):
             check("haystack" if self.haystack else "pg19-source", self.haystack_source)
         model_source(self.model)
+        layers = planned_num_layers(self.model)
+        if layers is not None:
+            try:
+                check_skip_layers(self.skip_layers, layers)
+            except ConfigError as exc:  # the option named: a study file's message points at its key
+                raise ConfigError(f"--skip-layers: {exc}") from None
 
     def _refuse_unstorable_integers(self) -> None:
         """An integer no database column holds (--prune-after 99999999999999999999) planned fine,

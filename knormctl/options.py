@@ -44,6 +44,12 @@ def check_loaded_decode_step(step: str, device: str) -> None:
                           f"(it is on {device})")
 
 
+def check_skip_layers(skip_layers, num_layers: int) -> None:
+    bad = [i for i in skip_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"skip layer(s) {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'knorm'?)' when ``word`` is close to one of ``choices``, else ''."""
     close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -81,3 +81,49 @@ def plan_batches(cells: list[Cell], batch_size: int, shape_of: Callable[[int], t
     n = len(configs)
     return [[Cell(i, by_key[configs[(k + r + j) % n]], r) for i in rows]
             for r in repeats for k, rows in enumerate(runs) for j in range(n)]
+
+
+def refuse_keep_recent_over_budget(recent: int, configs: list[PressConfig], shortest: int, longest: int,
+                                   exact: bool = True) -> None:
+    """--keep-recent N marks the newest N entries as kept; where N reaches a cut's whole budget
+    every press keeps the same newest entries, and a table of 'different' presses would compare
+    one recency window with itself. Refused with the budget it would need to stay under.
+    ``shortest``: the shortest prompt a prefill cut compresses; ``longest``: the longest prompt
+    with its new tokens. ``exact``: False when ``shortest`` is only an upper bound (planned
+    lengths of a question task): the budget then is at most the one named."""
+    if not recent:
+        return
+    from knormctl.engine.compress import n_keep_for
+
+    for pc in configs:
+        if pc.is_baseline or pc.keep_ratio >= 1.0 or longest <= pc.prune_after:  # (never cut: flagged apart)
+            continue
+        # prefill: one cut of the prompt; decode: every cut once the cache passes prune_after
+        at = shortest if pc.mode == "prefill" else max(pc.prune_after + 1, 2)
+        budget = n_keep_for(at, pc.keep_ratio)
+        if recent >= budget:
+            most = "" if exact or pc.mode != "prefill" else "at most "
+            raise UsageError(f"--keep-recent {recent} covers the whole budget of {pc.spec} keep {pc.keep_ratio:g} "
+                             f"({most}{budget} of {at} entries kept per cut): every press would keep the same "
+                             f"newest entries; use --keep-recent below {budget} (or the streaming press)")
+
+
+def planned_lengths(cfg) -> tuple[int, int, bool] | None:
+    """(shortest prompt, longest prompt + new tokens, exact) as planned, before any text is
+    read, for ``refuse_keep_recent_over_budget``: exact for the lm task (its windows hold
+    exactly the tokens asked for); for generated question tasks the lengths asked for, which
+    bound the prompt from above. None where the data sets the lengths (Hub records, LongBench)."""
+    if cfg.task == "lm":
+        lengths = ([cfg.wikitext_prompt_tokens] if cfg.num_wikitext_samples else []) + (
+            [cfg.max_prompt_tokens] if cfg.num_pg19_samples else [])
+        return (min(lengths), max(lengths) + cfg.max_new_tokens, True) if lengths else None
+    if cfg.task == "passkey":
+        lengths = cfg.passkey_lengths
+    elif cfg.task in ("niah", "ruler") and not (cfg.task == "ruler" and cfg.ruler_source == "hub"):
+        lengths = cfg.context_lengths
+    else:
+        return None
+    # the prompt (and its question) fit in each length: a lower guess of the longest, so a
+    # run whose shortest cut is uncertain is refused only where every prompt is cut
+    return (min(lengths), max(lengths), False) if lengths else None
+

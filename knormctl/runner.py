@@ -111,7 +111,7 @@ class Runner:
         already in memory (a study's previous run of the same model, dtype and device)."""
         import torch
 
-        from knormctl.engine.compress import check_skip_layers
+        from knormctl.options import check_skip_layers
         from knormctl.engine.models import load_model
         from knormctl.engine.support import check_model
 
@@ -241,26 +241,12 @@ class Runner:
         return sample.max_new_tokens if isinstance(sample, QuestionSample) else self.cfg.max_new_tokens
 
     def _check_keep_recent(self) -> None:
-        """--keep-recent N marks the newest N entries as kept; where N reaches a cut's whole budget
-        every press keeps the same newest entries, and a table of 'different' presses would
-        compare one recency window with itself. Refused with the budget it would need to stay under."""
-        recent = self.cfg.keep_recent
-        if not recent:
-            return
-        from knormctl.engine.compress import n_keep_for
+        """The planned check (``RunConfig.validate``) again on the samples' real lengths."""
+        from knormctl.plan import refuse_keep_recent_over_budget
 
         shortest = min(len(self._split(s)[0]) for s in self.samples)
         longest = max(len(s.prompt_ids) for s in self.samples) + self.new_tokens
-        for pc in self.configs:
-            if pc.is_baseline or pc.keep_ratio >= 1.0 or longest <= pc.prune_after:  # (never cut: flagged apart)
-                continue
-            # prefill: one cut of the prompt; decode: every cut once the cache passes prune_after
-            at = shortest if pc.mode == "prefill" else max(pc.prune_after + 1, 2)
-            budget = n_keep_for(at, pc.keep_ratio)
-            if recent >= budget:
-                raise UsageError(f"--keep-recent {recent} covers the whole budget of {pc.spec} keep {pc.keep_ratio:g} "
-                                 f"({budget} of {at} entries kept per cut): every press would keep the same newest "
-                                 f"entries; use --keep-recent below {budget} (or the streaming press)")
+        refuse_keep_recent_over_budget(self.cfg.keep_recent, self.configs, shortest, longest)
 
     def _split(self, sample) -> tuple[list[int], list[int] | None]:
         """(ids prefilled and compressed, ids fed after the cut) under the run's protocol."""

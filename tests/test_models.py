@@ -355,3 +355,28 @@ def test_reference_generate_times_the_generated_tokens_not_the_prompt(tiny_llama
     assert len(out["token_ids"]) == 5
     assert len(out["step_latencies_s"]) == 4  # gaps between the 5 generated tokens
     assert out["total_s"] >= out["ttft_s"] > 0
+
+
+def test_planned_num_layers_reads_a_local_config_without_loading_it(tmp_path, monkeypatch):
+    """--skip-layers is checked at plan time against the layers config.json states: the
+    language part of a composite model, GPT-2's n_layer; None where only loading tells."""
+    import json
+
+    from knormctl.engine.models import planned_num_layers
+
+    def folder(name: str, config) -> str:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config))
+        (path / "model.safetensors").write_bytes(b"")
+        return str(path)
+
+    assert planned_num_layers(folder("llama", {"num_hidden_layers": 12})) == 12
+    assert planned_num_layers(folder("gpt2", {"n_layer": 6})) == 6
+    assert planned_num_layers(folder("vlm", {"num_hidden_layers": 40, "text_config": {"num_hidden_layers": 26}})) == 26
+    assert planned_num_layers(folder("none", {"hidden_size": 8})) is None
+    assert planned_num_layers(folder("flag", {"num_hidden_layers": True})) is None
+    assert planned_num_layers(folder("list", [1, 2])) is None
+    assert planned_num_layers("some-org/some-model") is None  # a Hub id: known once fetched
+    monkeypatch.setenv("KNORMCTL_HOME", str(tmp_path / "empty-home"))
+    assert planned_num_layers("smollm2-135m") is None  # not converted yet

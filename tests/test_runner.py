@@ -468,3 +468,57 @@ def test_the_warm_up_runs_the_full_cache_first_whatever_the_cells_order():
     plan = warm_up_plan(planned, 40)
     assert plan[0] == (base, 40) and sorted(n for _, n in plan[1:]) == [WARMUP_TOKENS, WARMUP_TOKENS]
     assert warm_up_plan([a, base], 8) == [(base, 8), (a, 8)]  # never more tokens than the run generates
+
+
+def test_planned_lengths_are_exact_for_lm_and_bounds_for_generated_question_tasks():
+    from knormctl.plan import planned_lengths
+
+    lm = RunConfig(wikitext_prompt_tokens=256, max_prompt_tokens=1024, max_new_tokens=8)
+    assert planned_lengths(lm) == (256, 1032, True)
+    assert planned_lengths(RunConfig(num_wikitext_samples=0, num_pg19_samples=1, max_prompt_tokens=1024,
+                                     max_new_tokens=8)) == (1024, 1032, True)
+    assert planned_lengths(RunConfig(num_pg19_samples=0, wikitext_prompt_tokens=256, max_new_tokens=8)) == (
+        256, 264, True)
+    assert planned_lengths(RunConfig(task="passkey", passkey_lengths=[1024, 512])) == (512, 1024, False)
+    assert planned_lengths(RunConfig(task="niah", context_lengths=[4096, 2048])) == (2048, 4096, False)
+    assert planned_lengths(RunConfig(task="ruler", ruler_source="hub", context_lengths=[4096])) is None
+    assert planned_lengths(RunConfig(task="longbench", context_lengths=[4096])) is None
+
+
+def test_keep_recent_is_refused_where_it_covers_a_cuts_budget():
+    """Decode mode cuts at prune_after + 1 entries, prefill mode the shortest prompt; a run that
+    never cuts is not refused (it is flagged apart)."""
+    from knormctl.plan import refuse_keep_recent_over_budget
+
+    decode = [PressConfig(press="none", prune_after=16), PressConfig(press="knorm", keep_ratio=0.5, prune_after=16)]
+    refuse_keep_recent_over_budget(8, decode, 100, 200)  # 8 < ceil(0.5 x 17) = 9
+    with pytest.raises(UsageError, match=r"--keep-recent 9 covers the whole budget of knorm keep 0\.5 \(9 of 17 "
+                                         r"entries kept per cut\).*below 9"):
+        refuse_keep_recent_over_budget(9, decode, 100, 200)
+    refuse_keep_recent_over_budget(9, decode, 100, 16)  # never passes prune_after: never cut
+    refuse_keep_recent_over_budget(0, decode, 100, 200)
+    prefill = [PressConfig(press="knorm", keep_ratio=0.25, prune_after=0, mode="prefill")]
+    refuse_keep_recent_over_budget(24, prefill, 100, 200)  # 24 < 25 of the shortest prompt, 100
+    with pytest.raises(UsageError, match=r"\(at most 25 of 100 entries"):  # a planned length: an upper bound
+        refuse_keep_recent_over_budget(25, prefill, 100, 200, exact=False)
+    full = [PressConfig(press="knorm", keep_ratio=1.0, prune_after=0, mode="prefill")]
+    refuse_keep_recent_over_budget(500, full, 100, 200)  # keep 1 never cuts anything
+
+
+def test_keep_recent_is_checked_again_on_the_prompts_real_lengths(tiny_llama_dir, tmp_path):
+    """A passkey prompt's question is not compressed, so its cut holds fewer entries than the
+    planned 256: the plan lets --keep-recent 127 pass (under 128 of 256), the run refuses it on the
+    real context before it stores anything."""
+    db = tmp_path / "r.db"
+    args = ["sweep", "--task", "passkey", "--model", str(tiny_llama_dir), "--passkey-lengths", "256",
+            "--passkey-depths", "0.5", "--passkey-seeds", "1", "--presses", "knorm", "--keep-ratios", "0.5",
+            "--prune-after", "0", "--keep-recent", "127", "--haystack", "wiki-lite-long", "--threads", "1",
+            "--no-warmup", "--db", str(db)]
+    assert runner.invoke(app, [*args, "--dry-run"]).exit_code == 0
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: --keep-recent 127 covers the whole budget of knorm keep 0.5 (") and \
+        "of 256 entries" not in line, line
+    with open_store(db) as store:
+        assert store.list_runs() == []

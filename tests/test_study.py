@@ -123,6 +123,10 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('wikitext_prompt_tokens = 256\nmax_new_tokens = 8\ncontext_lengths = [4096]\n', "context_lengths", 3,
      "--context-lengths applies to"),
     ('task = "ruler"\nsubtasks = ["vt", "bogus"]\n', "subtasks", 2, "unknown ruler subtask"),
+    # refused when its run started, after the study's first run was measured and stored
+    ('keep_recent = [0, 200]\ncompress_mode = "prefill"\nprune_after = 0\nkeep_ratios = [0.5]\n'
+     'wikitext_prompt_tokens = 256\nnum_pg19_samples = 0\n', "keep_recent", 1,
+     "--keep-recent 200 covers the whole budget of knorm keep 0.5 (128 of 256 entries kept per cut)"),
     # as sweep refuses it: the passkey run's stored config said num_wikitext_samples 3, read by nobody
     ('task = "passkey"\nnum_wikitext_samples = 3\n', "num_wikitext_samples", 2,
      "--num-wikitext-samples applies to --task lm, not passkey"),

@@ -424,3 +424,21 @@ def test_a_study_run_complete_with_errors_is_kept(tiny_llama_dir, books_dir, tmp
     res = runner.invoke(app, ["sweep", "--resume-group", "st", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert "kept (run 1, complete_with_errors)" in res.stderr
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"skip_layers": [[0], [5]]}, "line 14: skip_layers: --skip-layers: skip layer(s) [5] do not exist: the model "
+                                  "has 2 layers (0..1)"),
+    ({"keep_recent": [0, 24]}, "line 14: keep_recent: --keep-recent 24 covers the whole budget of knorm keep 0.5 "
+                               "(24 of 48 entries kept per cut)"),
+])
+def test_a_runs_mistake_is_found_before_the_studys_first_run(tiny_llama_dir, books_dir, tmp_path, extra, fragment):
+    """The study's second run was refused when it started, after its first run had been
+    measured and stored (a dry run had planned it fine)."""
+    db = tmp_path / "r.db"
+    path = _study_file(tmp_path, tiny_llama_dir, books_dir, **extra)
+    for dry in (["--dry-run"], []):
+        res = runner.invoke(app, ["sweep", "--config", path, "--db", str(db), *dry])
+        assert res.exit_code == 2, (dry, res.output)
+        assert fragment in res.stderr, res.stderr
+        assert not db.exists() or _runs(db) == []

@@ -25,6 +25,7 @@ from knormctl.config import PressConfig
 from knormctl.engine.kvbuffer import keep_entries
 from knormctl.engine.presses import BasePress, make_press
 from knormctl.errors import UsageError
+from knormctl.options import check_skip_layers
 
 # Stacked scoring copies the keys and values of a group of layers. It pays where layers are
 # small (launch-bound: ~2 launches per layer saved, each ~5-10 us on a GPU) and costs where
@@ -46,12 +47,6 @@ def layer_budget(press: BasePress, layer: int, length: int, num_layers: int, kee
     or the press's own per-layer budget (PyramidKV). The cut and the chunked-prefill buffer
     sizing (``loop.chunk_holds``) both read it here."""
     return max(1, press.layer_keep(n_keep_for(length, keep_ratio), length, layer, num_layers, keep_ratio))
-
-
-def check_skip_layers(skip_layers, num_layers: int) -> None:
-    bad = [i for i in skip_layers if not 0 <= i < num_layers]
-    if bad:
-        raise UsageError(f"skip layer(s) {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
 
 
 def press_seed(cfg: PressConfig, sample_seed: int | None) -> int:

@@ -271,6 +271,27 @@ def model_source(name: str) -> tuple[str, str | Path]:
     return "hub", name
 
 
+def planned_num_layers(name: str) -> int | None:
+    """The layers a local model's config.json states (a model folder, or the offline alias once
+    converted), read without loading it: the plan's check of --skip-layers. None where only
+    loading tells (a Hub id, a .gguf file, a config without the count); the loaded model's
+    own count is checked again when its run starts."""
+    kind, source = model_source(name)
+    folder = {"folder": source, "alias": knormctl_home() / "models" / SMOLLM2_ALIAS}.get(kind)
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")  # a composite model's language part (what the engine cuts)
+    for part in ((text,) if isinstance(text, dict) else ()) + (config,):
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(part.get(key), int) and not isinstance(part.get(key), bool):
+                return part[key]
+    return None
+
+
 def _load_folder(folder: Path, torch_dtype, trust_remote_code, announce=lambda: None, **load):
     files = _check_folder(folder)
     use_st = files[0].suffix == ".safetensors"
