@@ -43,6 +43,11 @@ CASES = [
     (["report", "--samples", "--tasks", "--format", "csv"], "--tasks cannot be used with --samples"),
     (["report", "--samples", "--by-dataset"], "--by-dataset cannot be used with --samples"),
     (["report", "--db", "sqlite:///{NOT_DB}?mode=rw"], "knormctl does not use SQLite URL arguments (mode)"),
+    # values Typer cannot convert, without pydantic's "Value error, " / "Input should be a valid integer"
+    (["report", "--format", "foo"], "Error: Invalid value for '--format': 'foo' is not one of 'table', 'json',"),
+    (["report", "--run-id", "x"], "Error: Invalid value for '--run-id': 'x' is not an integer"),
+    (["report", "--list", "--limit=1.5"], "Error: Invalid value for '--limit': '1.5' is not an integer"),
+    (["runs", "delete", "x"], "Error: Invalid value for 'RUN_ID': not an integer"),
 ]
 
 

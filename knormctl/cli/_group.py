@@ -22,6 +22,9 @@ from knormctl.cli import _signals
 from knormctl.cli._common import FLAG, LIST
 
 _EXTRA = re.compile(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)")
+# Typer converts values with pydantic, whose wording reads like a Python error
+_PYDANTIC = re.compile(r"Input should be a valid (integer|number|boolean)(?:, [^.]*)?\.?")
+_KIND = {"integer": "an integer", "number": "a number", "boolean": "true or false"}
 
 
 def dashed(args: list[str], known: set[str]) -> list[str]:
@@ -62,6 +65,30 @@ def extra_args_hint(extras: list[str], args: list[str], list_options: set[str]) 
     return f"unexpected extra argument(s) {shown} (each option takes one value; quote values with spaces)"
 
 
+def _given(opts: list[str], args: list[str]) -> str | None:
+    """The value given for an option (``--seed x`` or ``--seed=x``; the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, rest = arg.partition("=")
+        if name in opts:
+            value = rest if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def _plain(message: str, exc: ClickException, args: list[str]) -> str:
+    """A value Typer could not convert, said without pydantic's wording: "--seed: 'x' is not
+    an integer" rather than "Input should be a valid integer, unable to parse string as an
+    integer", and "Value error, " dropped from a choice's refusal."""
+    message = message.replace("Value error, ", "")
+    match = _PYDANTIC.search(message)
+    if match is None:
+        return message
+    param = getattr(exc, "param", None)
+    value = _given(list(getattr(param, "opts", ())), args) if getattr(param, "param_type_name", "") == "option" else None
+    said = f"{value!r} is not {_KIND[match.group(1)]}" if value is not None else f"not {_KIND[match.group(1)]}"
+    return message[:match.start()] + said + message[match.end():]
+
+
 def _message(exc: ClickException, args: list[str], list_options: set[str]) -> str:
     if isinstance(exc, NoSuchOption):
         close = sorted(exc.possibilities or ())
@@ -69,7 +96,7 @@ def _message(exc: ClickException, args: list[str], list_options: set[str]) -> st
     match = _EXTRA.fullmatch(exc.format_message()) if isinstance(exc, ClickUsageError) else None
     if match:
         return extra_args_hint(match.group(1).split(), args, list_options)
-    return exc.format_message()
+    return _plain(exc.format_message(), exc, args)
 
 
 class OneLineErrors(TyperGroup):
