@@ -518,6 +518,10 @@ def test_runs_delete_asks_first(tmp_path):
     n = len(rows(f"sqlite:///{db}", Sample.__table__, run_id=ids[0]))
     res = cli("runs", "delete", str(ids[0]), "--db", str(db), input="n\n")
     assert res.exit_code == 1 and "nothing deleted" in res.stderr
+    # the piped answer ends the question's line (it ran on into 'Error: ...'), and stdout stays empty
+    assert res.stderr.splitlines()[-2:] == [f"Delete 1 run(s) and their samples from {db}? [y/N]: n",
+                                            "Error: nothing deleted"], res.stderr
+    assert res.stdout == ""
     assert "run 1: sweep smollm2-135m, complete" in res.stderr and "Delete 1 run(s)" in res.stderr
     res = cli("runs", "delete", str(ids[0]), "--db", str(db))  # no answer at all (a script)
     assert res.exit_code == 2 and "add --yes" in res.stderr
@@ -526,7 +530,7 @@ def test_runs_delete_asks_first(tmp_path):
     assert res.exit_code == 2 and "no run 99" in res.stderr and count(f"sqlite:///{db}") == (4, 4 * n)
 
     res = cli("runs", "delete", str(ids[0]), "--db", str(db), input="y\n")
-    assert res.exit_code == 0 and f"deleted 1 run(s) and {n} sample(s)" in res.stdout
+    assert res.exit_code == 0 and res.stdout == f"deleted 1 run(s) and {n} sample(s) from {db}\n"  # no stray blank
     res = cli("runs", "delete", str(ids[1]), str(ids[2]), "--yes", "--db", str(db))
     assert res.exit_code == 0 and f"deleted 2 run(s) and {2 * n} sample(s)" in res.stdout
     assert count(f"sqlite:///{db}") == (1, n)

@@ -41,10 +41,8 @@ def delete(
                       f"{r.samples_done + r.samples_failed} sample(s), started {r.started_utc:%Y-%m-%d %H:%M} UTC"
                       + (f", group {r.group_name}" if r.group_name else ""), file=sys.stderr)
             if not yes:
-                try:
-                    sure = typer.confirm(f"Delete {len(runs)} run(s) and their samples from {store.url}?",
-                                         default=False, err=True)
-                except typer.Abort:  # no answer: stdin closed (a script): never delete by default
+                sure = _confirm(f"Delete {len(runs)} run(s) and their samples from {store.url}? [y/N]: ")
+                if sure is None:  # no answer: stdin closed (a script): never delete by default
                     raise fail("no confirmation (stdin closed): nothing deleted; add --yes to delete "
                                "without asking", 2) from None
                 if not sure:
@@ -66,3 +64,17 @@ def upgrade(db: DbOpt = None) -> None:
         with open_store(db) as store:
             print(store.upgrade_note or f"{store.url} is already at schema {store.schema_revision}")
 
+
+
+def _confirm(question: str) -> bool | None:
+    """Ask on stderr, read one line: True for y/yes, False for anything else (the default is
+    no), None when stdin is closed. Not typer.confirm: it wrote a blank to stdout, and with
+    the answer piped in (no echo) the next message ran on after the question."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not sys.stdin.isatty():
+        sys.stderr.write(answer.rstrip("\n") + "\n")  # what a terminal would have echoed
+    if not answer:
+        return None
+    return answer.strip().lower() in ("y", "yes")
