@@ -203,12 +203,19 @@ SIDE_BY_SIDE = {"presses": "presses", "keep_ratios": "keep ratios"}
 NOT_AN_AXIS = {"threads": "cannot vary between a study's runs: it is the machine's set-up, not a setting of "
                           "the run (give one value; --threads on the command line sets it for every run)"}
 
+# sweep's options that say how to run, not what: the command line's only
+COMMAND_LINE_ONLY = {"db": "--db", "config": "--config", "dry_run": "--dry-run", "resume": "--resume",
+                     "resume_group": "--resume-group", "json": "--json", "json_out": "--json", "verbose": "--verbose"}
+
 
 def _check_settings(settings: dict[str, Any], path: str, lines: _Lines | None, row: int | None) -> dict[str, list]:
     """Validate one table of settings; return key -> list of values (length 1 = fixed)."""
     types_ = _field_types()
     out: dict[str, list] = {}
     for key, value in settings.items():
+        if key in COMMAND_LINE_ONLY:
+            raise _error(path, lines, key, f"{COMMAND_LINE_ONLY[key]} is given on the command line, not in a study "
+                                           "file (the file holds the runs' settings)", row)
         if key not in types_:
             close = get_close_matches(key, list(types_) + list(STUDY_META_KEYS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -103,6 +103,9 @@ def test_the_file_name_is_the_default_study_name(tmp_path):
     ('keep_ratios = [2.0]\n', "keep_ratios", 1, "is outside (0, 1]"),
     ('dtype = "float64"\n', "dtype", 1, "dtype"),
     ('[sweep]\nmodel = "m"\n', "sweep", 1, "unknown key"),
+    # how to run, not what: it suggested 'presses' for resume
+    ('model = "m"\nresume = 3\n', "resume", 2, "--resume is given on the command line, not in a study file"),
+    ('dry_run = true\n', "dry_run", 1, "--dry-run is given on the command line"),
     ('model = "m"\nshard = "1/2"\n', "shard", 2, "a study runs on one machine"),
     # a run's own lists: a duplicate planned fine and failed the run halfway (UNIQUE constraint)
     ('model = "m"\nkeep_ratios = [0.5, 0.5]\n', "keep_ratios", 2, "duplicate values"),
