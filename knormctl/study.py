@@ -203,6 +203,16 @@ SIDE_BY_SIDE = {"presses": "presses", "keep_ratios": "keep ratios"}
 NOT_AN_AXIS = {"threads": "cannot vary between a study's runs: it is the machine's set-up, not a setting of "
                           "the run (give one value; --threads on the command line sets it for every run)"}
 
+def _wrong_alone(key: str, value: Any, exc: UsageError) -> bool:
+    """Whether an option given on the command line is refused for itself (``--keep-ratios 90``),
+    not for what one run of the study combines it with: then no run is named."""
+    try:
+        RunConfig(command="sweep", **{key: value}).validate(local=False)
+    except UsageError as alone:
+        return str(alone) == str(exc)
+    return False
+
+
 # sweep's options that say how to run, not what: the command line's only
 COMMAND_LINE_ONLY = {"db": "--db", "config": "--config", "dry_run": "--dry-run", "resume": "--resume",
                      "resume_group": "--resume-group", "json": "--json", "json_out": "--json", "verbose": "--verbose"}
@@ -395,7 +405,7 @@ def plan_study(data: dict[str, Any], *, path: str = "study.toml", overrides: dic
                 (k for k in settings if k.endswith("s") and k[:-1] in msg), None)
             where = f" (run {i + 1}: {_describe({k: settings[k] for k in axes if k in settings})})" if axes else ""
             if bad is not None and bad in overrides:  # the command line's: the file holds no such key
-                raise UsageError(f"{exc}{where}") from None
+                raise UsageError(f"{exc}{'' if _wrong_alone(bad, overrides[bad], exc) else where}") from None
             if bad is not None:
                 row = origin[i] if rows and bad in row_tables[origin[i]] else None
                 raise _error(path, lines, bad, f"{exc}{where}", row=row) from None

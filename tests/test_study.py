@@ -203,3 +203,15 @@ def test_an_option_only_some_runs_tasks_read_is_left_out_of_the_others():
     assert {r.config.task: (r.config.context_lengths, r.config.passkey_lengths) for r in mixed.runs} == {
         "passkey": (None, [512]), "ruler": ([4096], RunConfig().passkey_lengths)}
     assert mixed.axes == ["task"]
+
+
+def test_a_command_line_option_wrong_for_itself_names_no_run_but_one_wrong_for_a_run_does():
+    """--keep-ratios 90 ended '(run 1: dtype=bfloat16)' though it is wrong for every run; a
+    refusal that comes from a run's own settings still names the run."""
+    with pytest.raises(UsageError) as err:
+        parse_study('dtype = ["float32", "bfloat16"]\n', path="s.toml", overrides={"keep_ratios": [90.0]})
+    assert str(err.value) == ("--keep-ratios: 90 is outside (0, 1] (the fraction of the cache kept); use 0.9 "
+                              "for 90 %")
+    with pytest.raises(UsageError) as err:
+        parse_study('compress_mode = ["prefill", "decode"]\n', path="s.toml", overrides={"presses": ["pyramidkv"]})
+    assert str(err.value).endswith("(run 2: compress_mode=decode)"), str(err.value)
