@@ -134,7 +134,8 @@ def noise_estimate(rows: Sequence[ConfigRow]) -> tuple[float, str, bool]:
             if m.timing and r.evicts_nothing and c is not None:
                 estimates.append((abs(c), f"{r.label} vs the full cache, {m.label}: the same code path"))
     if not estimates:
-        return ASSUMED_NOISE_PCT, "assumed: no keep_ratio 1.0 configuration to measure it", False
+        # none in the run, or none measured yet on a prompt the full cache has measured too
+        return ASSUMED_NOISE_PCT, "assumed: no keep_ratio 1.0 cells measured", False
     pct, source = max(estimates, key=lambda e: e[0])
     return pct, source, True
 
