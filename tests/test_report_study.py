@@ -383,6 +383,8 @@ def test_a_study_of_two_tasks_varies_only_in_what_each_runs_task_reads(store, db
     assert {p["settings"]["needle_depths"] for p in data["points"] if p["settings"]["task"] == "passkey"} == {None}
     text = runner.invoke(app, ["report", "--db", db, "--group", "pk"], env={"COLUMNS": "80"}).stdout
     assert "passkey_lengths" not in text and "varying: task, needle_depths" in text
+    # the leaderboard's title wraps at the terminal's width, not at its narrow table's
+    assert "leaderboard, smollm2-135m: accuracy at each keep ratio (each press's best" in text, text
     # the passkey run's scale is named by what it varies in: no "needle_depths=-"
     assert "needle_depths=-" not in text and "(task=passkey)" in text, text
 

@@ -82,8 +82,11 @@ def print_study(view: StudyView, console) -> None:
         console.print(table)
     for model in view.models:
         cols, _ = leaderboard_columns(view, model)
-        board = Table(title=f"leaderboard, {model}: {view.quality_kind} at each keep ratio (each press's best "
-                            f"setting)", title_justify="left", box=box.SIMPLE_HEAD)
+        # the title on a line of its own: as the table's title it wrapped at the table's width,
+        # a narrow column of words when the study has one or two keep ratios
+        console.print(Text(f"leaderboard, {model}: {view.quality_kind} at each keep ratio (each press's best "
+                           f"setting)", style="italic"))
+        board = Table(box=box.SIMPLE_HEAD)
         for i, col in enumerate(cols):
             board.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
         for row in leaderboard_rows(view, model, sep="\n"):
