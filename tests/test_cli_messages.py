@@ -163,6 +163,31 @@ def test_progress_lines_wrap_between_words_on_a_terminal_and_never_into_a_file()
     assert pipe.getvalue().count("\n") == 1 and message in pipe.getvalue()
 
 
+def test_an_error_wraps_at_a_terminals_width_and_stays_one_line_in_a_pipe(monkeypatch):
+    """`--presses knrom` gave a 220-character error that an 80-column terminal broke mid-word."""
+    import io
+
+    from knormctl.cli._common import say_error
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    message = ("--presses: unknown press 'knrom' (did you mean 'knorm'?); choose from: none, knorm, knorm-inverse, "
+               "random, streaming, keydiff, snapkv, tova, pyramidkv, expected-attention, adakv, criticalkv, all")
+    monkeypatch.setenv("COLUMNS", "80")
+    for stream, tty in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        say_error(message)
+        lines = stream.getvalue().splitlines()
+        assert " ".join(" ".join(lines).split()) == f"Error: {message}"  # every word, none split
+        if tty:
+            assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+            assert all(line.startswith(" " * 7) and line[7] != " " for line in lines[1:])
+        else:
+            assert len(lines) == 1
+
+
 def test_resume_takes_verbose_beside_db_and_json(tmp_path):
     """--verbose is one of the options --resume accepts (its help says so); it must reach
     the next check (the database must exist), not be refused as a configuration change."""

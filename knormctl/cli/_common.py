@@ -95,9 +95,21 @@ DbOpt = Annotated[
 ]
 
 
+def say_error(message: str) -> None:
+    """``Error: message`` on stderr: one line into a file or pipe (a log is read with grep); on a
+    terminal wrapped at its width between words, continued under the message (the terminal
+    itself broke a long one mid-word)."""
+    import shutil
+
+    text = f"Error: {message}"
+    if sys.stderr.isatty():
+        text = fill(text, shutil.get_terminal_size((80, 24)).columns, hang=" " * 7)
+    print(text, file=sys.stderr)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one clear line on stderr; return the Exit to raise."""
-    print(f"Error: {message}", file=sys.stderr)
+    say_error(message)
     return typer.Exit(code)
 
 
@@ -110,15 +122,19 @@ def error_boundary() -> Iterator[None]:
         raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code) from None
 
 
-def wrapped(text: str, indent: str = "", hang: str = "    ") -> str:
-    """``text`` wrapped at spaces only (a spec's parameters, a path stay whole) to the terminal's
-    width: 80 when not a terminal, at most 100."""
-    import shutil
+def fill(text: str, width: int, indent: str = "", hang: str = "") -> str:
+    """``text`` wrapped at ``width`` between words only (a spec's parameters, a path stay whole)."""
     import textwrap
 
-    width = min(shutil.get_terminal_size((80, 24)).columns, 100)
-    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang,
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=hang, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def wrapped(text: str, indent: str = "", hang: str = "    ") -> str:
+    """``text`` wrapped to the terminal's width: 80 when not a terminal, at most 100."""
+    import shutil
+
+    return fill(text, min(shutil.get_terminal_size((80, 24)).columns, 100), indent, hang)
 
 
 # --- what to compress (sweep) ----------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from knormctl.cli._common import check_db_exists, db_arg, fail
+from knormctl.cli._common import check_db_exists, db_arg, fail, fill
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
@@ -36,10 +36,7 @@ class Log:
             caller = sys._getframe(1)  # whoever reported it, not this file
             line += f"  ({Path(caller.f_code.co_filename).name}:{caller.f_lineno})"
         if self.console.is_terminal:
-            import textwrap
-
-            line = textwrap.fill(line, width=self.console.width, subsequent_indent=" " * len(stamp),
-                                 break_long_words=False, break_on_hyphens=False)
+            line = fill(line, self.console.width, hang=" " * len(stamp))
         # markup/highlight off: messages hold paths and intervals like "(0, 1]"
         self.console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 

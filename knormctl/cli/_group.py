@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort
 
 from knormctl.cli import _signals
-from knormctl.cli._common import FLAG, LIST
+from knormctl.cli._common import FLAG, LIST, say_error
 
 _EXTRA = re.compile(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)")
 # Typer converts values with pydantic, whose wording reads like a Python error
@@ -133,10 +133,10 @@ class OneLineErrors(TyperGroup):
         except NoArgsIsHelpError:  # bare `knormctl`: show the help as usual
             return super().main(args, prog_name, complete_var, True, **extra)
         except ClickException as exc:
-            print(f"Error: {_message(exc, args, list_options)}", file=sys.stderr)
+            say_error(_message(exc, args, list_options))
             sys.exit(exc.exit_code)
         except Abort:  # end of input at a prompt
-            print("Error: aborted", file=sys.stderr)
+            say_error("aborted")
             sys.exit(1)
         except Exception as exc:  # a bug or an unforeseen failure: one line, the traceback on request
             if "--verbose" in args or "-v" in args or os.environ.get("KNORMCTL_DEBUG"):
@@ -144,7 +144,6 @@ class OneLineErrors(TyperGroup):
             first = (str(exc).strip().splitlines() or [""])[0]
             # not every command takes --verbose
             how = "--verbose or KNORMCTL_DEBUG=1" if "--verbose" in known else "KNORMCTL_DEBUG=1"
-            print(f"Error: unexpected {type(exc).__name__}: {first} (run again with {how} for the traceback)",
-                  file=sys.stderr)
+            say_error(f"unexpected {type(exc).__name__}: {first} (run again with {how} for the traceback)")
             sys.exit(1)
         sys.exit(_signals.exit_code(code) if isinstance(code, int) else 0)
