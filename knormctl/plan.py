@@ -110,9 +110,12 @@ def refuse_keep_recent_over_budget(recent: int, configs: list[PressConfig], shor
 
 def planned_lengths(cfg) -> tuple[int, int, bool] | None:
     """(shortest prompt, longest prompt + new tokens, exact) as planned, before any text is
-    read, for ``refuse_keep_recent_over_budget``: exact for the lm task (its windows hold
-    exactly the tokens asked for); for generated question tasks the lengths asked for, which
-    bound the prompt from above. None where the data sets the lengths (Hub records, LongBench)."""
+    read, for ``refuse_keep_recent_over_budget``, which must refuse only what the run would:
+    exact for the lm task (its windows hold exactly the tokens asked for). A generated question
+    task's prompt fits in each length asked for, which bounds the shortest from above; how
+    long the longest is nobody knows before it is built, so it is taken as 1 (a run there is
+    refused only where it cuts whatever the length: prune_after 0). None where the data sets
+    the lengths (Hub records, LongBench)."""
     if cfg.task == "lm":
         lengths = ([cfg.wikitext_prompt_tokens] if cfg.num_wikitext_samples else []) + (
             [cfg.max_prompt_tokens] if cfg.num_pg19_samples else [])
@@ -123,7 +126,5 @@ def planned_lengths(cfg) -> tuple[int, int, bool] | None:
         lengths = cfg.context_lengths
     else:
         return None
-    # the prompt (and its question) fit in each length: a lower guess of the longest, so a
-    # run whose shortest cut is uncertain is refused only where every prompt is cut
-    return (min(lengths), max(lengths), False) if lengths else None
+    return (min(lengths), 1, False) if lengths else None
 

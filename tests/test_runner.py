@@ -479,8 +479,10 @@ def test_planned_lengths_are_exact_for_lm_and_bounds_for_generated_question_task
                                      max_new_tokens=8)) == (1024, 1032, True)
     assert planned_lengths(RunConfig(num_pg19_samples=0, wikitext_prompt_tokens=256, max_new_tokens=8)) == (
         256, 264, True)
-    assert planned_lengths(RunConfig(task="passkey", passkey_lengths=[1024, 512])) == (512, 1024, False)
-    assert planned_lengths(RunConfig(task="niah", context_lengths=[4096, 2048])) == (2048, 4096, False)
+    # the longest is not known before the prompts are built: 1, so only a run that cuts anyway
+    # (prune_after 0) is refused at plan time
+    assert planned_lengths(RunConfig(task="passkey", passkey_lengths=[1024, 512])) == (512, 1, False)
+    assert planned_lengths(RunConfig(task="niah", context_lengths=[4096, 2048])) == (2048, 1, False)
     assert planned_lengths(RunConfig(task="ruler", ruler_source="hub", context_lengths=[4096])) is None
     assert planned_lengths(RunConfig(task="longbench", context_lengths=[4096])) is None
 
@@ -515,6 +517,9 @@ def test_keep_recent_is_checked_again_on_the_prompts_real_lengths(tiny_llama_dir
             "--prune-after", "0", "--keep-recent", "127", "--haystack", "wiki-lite-long", "--threads", "1",
             "--no-warmup", "--db", str(db)]
     assert runner.invoke(app, [*args, "--dry-run"]).exit_code == 0
+    # at 128 the plan knows: every prompt is cut (prune_after 0) and holds at most 256 entries
+    res = runner.invoke(app, [("128" if a == "127" else a) for a in args] + ["--dry-run"])
+    assert res.exit_code == 2 and "(at most 128 of 256 entries kept per cut)" in res.stderr, res.output
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     line = res.stderr.strip().splitlines()[-1]
