@@ -37,7 +37,7 @@ def test_interrupted_sweep_keeps_finished_samples_and_resumes(tiny_llama_dir, bo
     status, done, error = sqlite3.connect(db).execute("SELECT status, samples_done, error FROM runs").fetchone()
     assert status == "interrupted" and done == kept
     assert error == ("stopped by Ctrl-C (SIGINT)" if sig == signal.SIGINT else "stopped by SIGTERM")
-    assert f"keeps {kept} finished sample" in err and "--resume 1" in err
+    assert f"keeps {kept} finished cell" in err and "--resume 1" in err
     before = sqlite3.connect(db).execute("SELECT id, config_key, sample_index, ttft_s FROM samples").fetchall()
 
     res = subprocess.run([sys.executable, "-m", "knormctl", "sweep", "--resume", "1", "--db", str(db), "--json"],

@@ -210,7 +210,7 @@ def test_an_interrupt_while_a_resume_prepares_says_what_the_run_keeps(tiny_llama
     res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--db", str(db)])
     assert res.exit_code == 130
     assert " ".join(res.stderr.split()) == (
-        f"Error: interrupted before the resumed run went on: run {run_id} keeps 0 finished sample(s); finish it "
+        f"Error: interrupted before the resumed run went on: run {run_id} keeps 0 finished cell(s); finish it "
         f"with: knormctl sweep --resume {run_id} --db {db}")
 
 

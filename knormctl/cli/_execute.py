@@ -90,7 +90,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
     except KeyboardInterrupt:
         if resume is not None:  # the run being resumed keeps what it had
             kept = store.get_run(resume).samples_done
-            raise fail(f"interrupted before the resumed run went on: run {resume} keeps {kept} finished sample(s); "
+            raise fail(f"interrupted before the resumed run went on: run {resume} keeps {kept} finished cell(s); "
                        f"finish it with: {resume_hint(resume)}", 130) from None
         if interrupt_hint and cfg.group and store.runs_in_group(cfg.group):  # a study with runs stored
             raise fail(f"interrupted before this run of the study started (nothing of it was stored); finish the "
@@ -130,7 +130,7 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
         if run_id is None:
             raise fail("interrupted before the run started; nothing was stored", 130) from None
         run = store.get_run(run_id)
-        raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished sample(s); "
+        raise fail(f"interrupted: run {run_id} keeps {run.samples_done} finished cell(s); "
                    f"finish it with: {resume_hint(run_id)}", 130) from None
     if summary:
         _print_summary(store, outcome, json_out, db)
