@@ -43,7 +43,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def _count(n: int, noun: str) -> str:
+def count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
@@ -57,8 +57,8 @@ def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval
             presses.setdefault(pc.press, []).append(f"{pc.keep_ratio:g}")
     what = ["full cache"] + [f"{p} keep {', '.join(krs)}" for p, krs in presses.items()]
     rounds = f" x {repeats} repeats" if repeats > 1 else ""
-    line = (f"plan: {_count(n_cells, 'cell')} = {_count(n_samples, 'sample')} x "
-            f"{_count(len(configs), 'configuration')}{rounds} ({'; '.join(what)}); {new_tokens} new tokens")
+    line = (f"plan: {count(n_cells, 'cell')} = {count(n_samples, 'sample')} x "
+            f"{count(len(configs), 'configuration')}{rounds} ({'; '.join(what)}); {new_tokens} new tokens")
     return line + (f" + {eval_tokens} scored tokens" if eval_tokens else "") + " per cell"
 
 

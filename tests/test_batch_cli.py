@@ -65,6 +65,30 @@ def test_baseline_takes_batch_size(tiny_llama_dir, books_dir, tmp_path):
     assert sorted(b for (b,) in con.execute("SELECT batch_size FROM samples")) == [1, 3, 3, 3]
 
 
+def test_batches_smaller_than_asked_are_said_and_the_report_shows_those_that_ran(tiny_llama_dir, books_dir,
+                                                                                tmp_path):
+    """A shard whose prompts cannot batch (here one 40-token and one 72-token prompt) ran
+    batches of 1, and its report's header said 'batch 2 (throughput per row; x2 per batch)'."""
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--prune-after", "8", "--json", "--shard", "2/2",
+                              "--batch-size", "2", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    assert ("--batch-size 2: batches of at most 1 row(s) here (only prompts of equal length batch together; "
+            "2 samples in this run)") in " ".join(res.stderr.split())
+    run = json.loads(res.stdout)["run_id"]
+    header = json.loads(runner.invoke(app, ["report", "--run-id", str(run), "--db", str(db), "--format",
+                                            "json"]).stdout)["header"]
+    assert header["batch_size"] == 1
+    assert "batch" not in runner.invoke(app, ["report", "--run-id", str(run), "--db", str(db)]).stdout.split(
+        "Each cell")[0]
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--prune-after", "8", "--json", "--batch-size", "4",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0 and "batches of at most 3 row(s) here" in " ".join(res.stderr.split()), res.output
+    header = json.loads(runner.invoke(app, ["report", "--run-id", str(json.loads(res.stdout)["run_id"]), "--db",
+                                            str(db), "--format", "json"]).stdout)["header"]
+    assert header["batch_size"] == 3
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_bad_batch_sizes_exit_2_with_one_line(tiny_llama_dir, books_dir, tmp_path, value):
     res = runner.invoke(app, ["sweep", "--batch-size", value, *_args(tiny_llama_dir, books_dir, tmp_path / "r.db")])

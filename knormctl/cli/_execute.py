@@ -145,6 +145,10 @@ def _announce_plan(runner, cfg: RunConfig, store, resume: int | None, log: Log):
     log(estimate.plan_line(len(runner.cells), mine, runner.configs, runner.new_tokens,
                            cfg.eval_tokens if cfg.task == "lm" else 0,  # question tasks score answers
                            repeats=cfg.repeats))
+    largest = max(len(batch) for batch in runner.batches)
+    if largest < cfg.batch_size:  # said now: the report's throughput is per row of the batches that ran
+        log(f"--batch-size {cfg.batch_size}: batches of at most {largest} row(s) here (only prompts of equal "
+            f"length batch together; {estimate.count(mine, 'sample')} in this run)")
     stored = None if resume is not None else estimate.from_stored_run(store, cfg, len(runner.cells))
     if stored:
         log(f"estimate: ~{estimate.format_duration(stored.seconds)} ({stored.basis})")

@@ -73,7 +73,7 @@ class RunHeader:
     command_line: str
     machines: list[Machine]  # one per distinct environment, in run order
     differs: list[str]  # what the machines disagree on (MACHINE_FIELDS names); [] for one machine
-    batch_size: int = 1  # --batch-size of the run(s) (the largest when merged runs differ)
+    batch_size: int = 1  # the largest batch its stored cells ran in (before any: --batch-size)
     decode_step: str | None = "launched"  # --decode-step of the run(s); None when merged runs differ
     prefill_chunk: int | None = 0  # --prefill-chunk of the run(s) (0: one forward); None when merged runs differ
     stopped_s: float = 0.0  # the runs' time stopped between an interruption and a resume
