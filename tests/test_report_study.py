@@ -137,9 +137,10 @@ def test_missing_runs_are_those_of_the_newest_plan(store, db):
     assert data["planned_runs"] == 5 and data["missing_runs"] == [5]
 
 
-def test_a_study_with_one_run_stored_reads_as_that_run_and_names_the_missing_ones(store, db):
-    """One run stored, the next interrupted before it stored anything: the group reads as a
-    plain summary, which said nothing of the planned runs that never ran."""
+def test_a_study_with_one_run_stored_reads_as_the_study_and_names_the_missing_ones(store, db):
+    """One run stored, the next interrupted before it stored anything: the group read as a
+    plain summary (another json form than the study's, another figure), and said nothing of
+    the planned runs that never ran."""
     from sqlalchemy import update
 
     from knormctl.store import Run
@@ -152,9 +153,12 @@ def test_a_study_with_one_run_stored_reads_as_that_run_and_names_the_missing_one
         conn.execute(update(Run).where(Run.id == run_id).values(config_json=cfg))
     res = runner.invoke(app, ["report", "--db", db, "--group", "s9", "--format", "json"])
     assert res.exit_code == 0, res.output
-    assert "rows" in json.loads(res.stdout)  # stdout stays the run's summary, whole
-    assert res.stderr.strip() == ("study s9: 1 of 3 planned runs (run 2, 3 of the plan not stored yet: "
-                                  f"knormctl sweep --resume-group s9 --db {db})")
+    data = json.loads(res.stdout)  # the study's form, as it will be once more runs are stored
+    assert data["study"] == "s9" and data["planned_runs"] == 3 and data["missing_runs"] == [2, 3]
+    assert {p["run_id"] for p in data["points"]} == {run_id}
+    text = runner.invoke(app, ["report", "--db", db, "--group", "s9"], env={"COLUMNS": "200"}).stdout
+    assert ("study s9: 1 of 3 planned runs (run 2, 3 of the plan not stored yet: knormctl sweep --resume-group s9 "
+            f"--db {db})") in text
 
 
 def test_frontier_and_best_per_budget_follow_the_points(store, db):

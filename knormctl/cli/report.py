@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, db_arg, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary
 from knormctl.cli._select import load_samples, select_runs, study_view  # noqa: F401  (plot, tests use them)
 
 
@@ -113,13 +113,6 @@ def report(
                                      f"runs with --run-id (its runs: {', '.join(str(r.id) for r in runs)})")
                 _print_study(view, fmt, emit, console if fmt is Format.table else None)
                 return
-            if group is not None:  # a study with one run stored so far reads as that run: say what is missing
-                from knormctl.render.study import missing_runs, runs_line
-
-                planned, missing = missing_runs(runs)
-                if missing:
-                    print(f"study {group}: {runs_line(group, len(runs), planned, missing, db_arg(db))}",
-                          file=sys.stderr)
             rows = load_samples(store, runs, blobs=fmt is Format.html)  # html: the figures' per-step latencies
             summary = sm.build_summary(runs, rows, by_dataset=by_dataset)
             if fmt is Format.table:

@@ -150,10 +150,13 @@ def run_settings(run: Any) -> dict[str, Any]:
 
 
 def is_study(runs: Sequence[Any]) -> bool:
-    """A group is a study (read run by run) when its runs differ in model or settings; runs of
-    one sweep split into shards share them and are merged instead."""
+    """A group is a study (read run by run) when its runs differ in model or settings, or were
+    planned from a study file of several runs (one of them stored so far reads as the study it
+    is part of: the json keeps the study's form, the plan names the runs still missing); runs
+    of one sweep split into shards share them and are merged instead."""
     keys = {(r.model_requested, repr(sorted(run_settings(r).items()))) for r in runs}
-    return len(keys) > 1
+    planned = (((getattr(r, "config_json", None) or {}).get("study") or {}).get("runs") for r in runs)
+    return len(keys) > 1 or any(isinstance(n, int) and n > 1 for n in planned)
 
 
 def _axes(runs: Sequence[Any]) -> list[str]:
