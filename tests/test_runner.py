@@ -422,12 +422,22 @@ def test_shards_run_whole_samples_with_their_own_reference(tiny_llama_dir, books
     assert all(tm is not None for *_, tm in rows)  # every compressed cell paired with its own reference
     res = runner.invoke(app, ["sweep", "--shard", "4/4", *_args(tiny_llama_dir, books_dir, db)])
     assert res.exit_code == 2 and "--shard 4/4 gets no samples: the run has 3 sample(s)" in res.stderr
+    # shard 1/2 again: its cells read as repeats of the first copy's (n=2 x2); refused before a model loads
+    res = runner.invoke(app, ["sweep", "--shard", "1/2", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"Error: group 'g' already holds shard 1/2 of this sweep (run 1, complete); finish it with `knormctl sweep "
+        f"--resume 1 --db {db}`, or delete it first (knormctl runs delete 1 --db {db})"), res.stderr
+    dry = runner.invoke(app, ["sweep", "--shard", "1/2", "--dry-run", *_args(tiny_llama_dir, books_dir, db)])
+    assert dry.exit_code == 2 and dry.stderr == res.stderr  # the plan says what the run would meet
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     res = runner.invoke(app, ["sweep", "--shard", "auto", *_args(tiny_llama_dir, books_dir, db)])
     assert res.exit_code == 2 and "--shard auto: found neither" in res.stderr
     assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)  # the refused ones stored nothing
     assert json.loads(runner.invoke(app, ["report", "--group", "g", "--format", "json", "--db", str(db)])
                       .stdout)["header"]["run_ids"] == [1, 2]
+    other = runner.invoke(app, ["sweep", "--shard", "1/2", *_args(tiny_llama_dir, books_dir, db, "--prune-after",
+                                                                  "8")])
+    assert other.exit_code == 0, other.output  # another sweep's shard 1/2 (the group a study of two) is not
 
 
 def test_resume_pairs_cells_stored_before_the_interruption_with_a_reference_measured_after(

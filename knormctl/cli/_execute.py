@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -13,7 +14,7 @@ from knormctl.cli._common import check_db_exists, db_arg, fail, fill
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
-from knormctl.errors import RunNotOwned, StoreError
+from knormctl.errors import RunNotOwned, StoreError, UsageError
 
 
 LONG_RUN_S = 600  # an estimate longer than this gets a line on how to stop and resume
@@ -54,9 +55,24 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
         log(store.upgrade_note)
     if resume is not None:
         cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
+    elif cfg.shard and cfg.group:
+        refuse_a_shard_stored_twice(store, cfg, db)
 
     with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
         _run(cfg, store, json_out, resume, log, verbose, db=db)
+
+
+def refuse_a_shard_stored_twice(store, cfg: RunConfig, db: str | None) -> None:
+    """A shard the group already holds for the same sweep is refused: its cells would be read
+    as repeats of the first copy's (n=2 x2 where one round was measured)."""
+    from knormctl.render.study import run_settings
+
+    mine = run_settings(SimpleNamespace(config_json=cfg.to_dict()))
+    for run in store.runs_in_group(cfg.group):
+        if run.shard == cfg.shard and run.model_requested == cfg.model and run_settings(run) == mine:
+            raise UsageError(f"group {cfg.group!r} already holds shard {cfg.shard} of this sweep (run {run.id}, "
+                             f"{run.status}); finish it with `knormctl sweep --resume {run.id}{db_arg(db)}`, or "
+                             f"delete it first (knormctl runs delete {run.id}{db_arg(db)})")
 
 
 def _quiet_libraries(verbose: bool) -> None:

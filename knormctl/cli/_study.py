@@ -87,9 +87,14 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
     except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
         store = None
     by_key = {}
-    if store is not None and not plain:
+    if store is not None:
         try:  # the real run would be refused: the plan says so too
-            by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study, db)}
+            if not plain:
+                by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study, db)}
+            elif study.runs[0].config.shard and study.runs[0].config.group:
+                from knormctl.cli._execute import refuse_a_shard_stored_twice
+
+                refuse_a_shard_stored_twice(store, study.runs[0].config, db)
         except UsageError:
             store.close()
             raise
