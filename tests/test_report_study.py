@@ -484,3 +484,18 @@ def test_the_pareto_line_joins_only_the_frontier(store, db):
         assert len(front) < len([p for p in data["points"] if p["scale"] == scale])
         line = lines[f"pareto|{scale}|frontier"]
         assert list(line.get_xdata()) == pytest.approx([p["kv_held"] * 100 for p in front])
+
+
+def test_a_points_n_counts_the_prompts_its_ratio_rests_on(store, db):
+    """An interrupted run's configuration measured on prompts its full cache had not reached:
+    the study table said n=2 for a ratio over the 1 prompt both have."""
+    configs = (Cfg("knorm", 0.5), Cfg())  # stopped after 3 cells: knorm on 2 prompts, the full cache on 1
+    fill_run(store, configs=configs, group="st", settings={"prune_after": 256})
+    cut = fill_run(store, configs=configs, group="st", seed=1, settings={"prune_after": 512}, status="interrupted",
+                   stop_after=3)
+    points = {(p["run_id"], p["label"]): p for p in _json(db, "--group", "st")["points"]}
+    own = _json(db, "--run-id", str(cut))["rows"]
+    knorm = next(r for r in own if r["label"] == "knorm 0.5")
+    assert knorm["n_pairs"]["ppl_compressed"] < knorm["n_prompts"]  # the case: fewer pairs than prompts
+    assert points[(cut, "knorm 0.5")]["n_prompts"] == knorm["n_pairs"]["ppl_compressed"]
+    assert points[(cut, "full cache")]["n_prompts"] == next(r for r in own if r["is_reference"])["n_prompts"]

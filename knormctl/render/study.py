@@ -234,6 +234,9 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                 quality, qi = (1.0, (1.0, 1.0)) if r.values.get("ppl_compressed") is not None else (None, None)
             else:
                 quality, qi = _ratio(r.changes.get("ppl_compressed"), r.change_intervals.get("ppl_compressed"))
+            # the prompts the point's quality rests on: a ratio, the prompts paired with the full cache
+            # (an interrupted run's configuration may hold prompts its full cache has not measured)
+            n = r.n_prompts if question_task or r.is_reference else r.n_pairs.get("ppl_compressed", 0)
             kv, kvi = ((1.0, (1.0, 1.0)) if r.is_reference else
                        _ratio(r.changes.get("kv_bytes_final"), r.change_intervals.get("kv_bytes_final")))
             tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
@@ -241,7 +244,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             points.append(StudyPoint(model=run.model_requested, scale=scale, run_id=run.id, settings=settings,
                                      order=order, values={k: raw.get(k) if reads[k] else None for k in axes},
                                      config_key=r.config_key, label=r.label, press=r.press,
-                                     keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=r.n_prompts,
+                                     keep_ratio=r.keep_ratio, is_reference=r.is_reference, n_prompts=n,
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
                                      tpot_ratio=tp, tpot_interval=tpi, scale_axes=tuple(scale_axes)))
     higher = question_task
