@@ -129,9 +129,9 @@ def build_summary(runs: Sequence[Any], samples: Sequence[Any], *, by_dataset: bo
         if lat:
             steps.setdefault(s.config_key, []).extend(float(x) for x in lat)
     header = run_header(runs)
-    ran = [int(getattr(s, "batch_size", None) or 1) for s in samples]
+    ran = [int(s.batch_size) for s in samples if getattr(s, "batch_size", None) is not None]
     if ran:  # the batches the stored cells ran in: a shard of one prompt asked for 2 runs batches of 1
-        header.batch_size = max(ran)
+        header.batch_size = max(ran)  # (cells stored before samples.batch_size existed: the option's)
     flags = (run_flags(runs, samples) + machine_flags(header) + row_flags(rows, noise_pct, noise_source)
              + task_flags(tasks) + few_prompts_flags(rows) + power_flags(rows, tasks) + failed_flags(samples, labels))
     return Summary(header=header, rows=rows, tasks=tasks, needle_cells=needles, flags=flags, noise_pct=noise_pct,
