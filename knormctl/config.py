@@ -312,8 +312,7 @@ class RunConfig:
                 check("pg19-source", self.pg19_source)
         if self.task in ("passkey", "ruler", "niah"):
             check("haystack" if self.haystack else "pg19-source", self.haystack_source)
-        model_source(self.model)
-        layers = planned_num_layers(self.model)
+        layers = planned_num_layers(*model_source(self.model))
         if layers is not None:
             try:
                 check_skip_layers(self.skip_layers, layers)

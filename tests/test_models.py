@@ -362,7 +362,11 @@ def test_planned_num_layers_reads_a_local_config_without_loading_it(tmp_path, mo
     language part of a composite model, GPT-2's n_layer; None where only loading tells."""
     import json
 
-    from knormctl.engine.models import planned_num_layers
+    from knormctl.engine.models import model_source
+    from knormctl.engine.models import planned_num_layers as read
+
+    def planned_num_layers(name: str):
+        return read(*model_source(name))
 
     def folder(name: str, config) -> str:
         path = tmp_path / name

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -55,7 +54,7 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
         log(store.upgrade_note)
     if resume is not None:
         cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
-    elif cfg.shard and cfg.group:
+    else:
         refuse_a_shard_stored_twice(store, cfg, db)
 
     with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
@@ -65,9 +64,11 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
 def refuse_a_shard_stored_twice(store, cfg: RunConfig, db: str | None) -> None:
     """A shard the group already holds for the same sweep is refused: its cells would be read
     as repeats of the first copy's (n=2 x2 where one round was measured)."""
-    from knormctl.render.study import run_settings
+    if not (cfg.shard and cfg.group):
+        return
+    from knormctl.render.study import config_settings, run_settings
 
-    mine = run_settings(SimpleNamespace(config_json=cfg.to_dict()))
+    mine = config_settings(cfg.to_dict())
     for run in store.runs_in_group(cfg.group):
         if run.shard == cfg.shard and run.model_requested == cfg.model and run_settings(run) == mine:
             raise UsageError(f"group {cfg.group!r} already holds shard {cfg.shard} of this sweep (run {run.id}, "

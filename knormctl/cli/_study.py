@@ -91,7 +91,7 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
         try:  # the real run would be refused: the plan says so too
             if not plain:
                 by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study, db)}
-            elif study.runs[0].config.shard and study.runs[0].config.group:
+            else:
                 from knormctl.cli._execute import refuse_a_shard_stored_twice
 
                 refuse_a_shard_stored_twice(store, study.runs[0].config, db)

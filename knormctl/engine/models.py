@@ -271,12 +271,11 @@ def model_source(name: str) -> tuple[str, str | Path]:
     return "hub", name
 
 
-def planned_num_layers(name: str) -> int | None:
+def planned_num_layers(kind: str, source: str | Path) -> int | None:
     """The layers a local model's config.json states (a model folder, or the offline alias once
     converted), read without loading it: the plan's check of --skip-layers. None where only
     loading tells (a Hub id, a .gguf file, a config without the count); the loaded model's
-    own count is checked again when its run starts."""
-    kind, source = model_source(name)
+    own count is checked again when its run starts. ``kind, source``: ``model_source``'s answer."""
     folder = {"folder": source, "alias": knormctl_home() / "models" / SMOLLM2_ALIAS}.get(kind)
     try:
         config = json.loads((folder / "config.json").read_text()) if folder is not None else None

@@ -145,8 +145,13 @@ class StudyView:
 
 
 def run_settings(run: Any) -> dict[str, Any]:
-    cfg = dict(run.config_json or {})
-    return {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+    return config_settings(run.config_json or {})
+
+
+def config_settings(config: dict) -> dict[str, Any]:
+    """A run configuration's settings: what tells a study's runs apart (not its group, shard,
+    threads, presses or keep ratios: every shard of one sweep shares them)."""
+    return {k: v for k, v in config.items() if k not in NOT_SETTINGS}
 
 
 def is_study(runs: Sequence[Any]) -> bool:
