@@ -190,6 +190,45 @@ def test_the_leaderboard_holds_each_press_and_keep_ratios_best_run(store, db):
                 assert len(rivals) == 2 and best["quality"] == min(rivals)  # one point per prune_after
 
 
+def test_the_leaderboard_is_per_scale_as_the_frontier(store, db):
+    """A float32 run's ratios are to a float32 full cache: the leaderboard took each press's best
+    over both dtypes into one row, under the model's name, without saying which dtype won."""
+    for seed, dtype in enumerate(("float32", "bfloat16")):
+        fill_run(store, configs=CONFIGS, n_samples=4, seed=seed, dtype=dtype, group="dt",
+                 prompt_tokens=(2048,) * 4)
+    data = _json(db, "--group", "dt")
+    assert set(data["leaderboard"]["knorm"]) == set(data["scales"]) and len(data["scales"]) == 2
+    for press, by_scale in data["leaderboard"].items():
+        for scale, by_kr in by_scale.items():
+            for kr, best in by_kr.items():
+                own = [p for p in data["points"] if p["scale"] == scale and p["press"] == press
+                       and p["keep_ratio"] == float(kr)]
+                assert len(own) == 1 and best["run_id"] == own[0]["run_id"] and best["scale"] == scale
+    out = runner.invoke(app, ["report", "--db", db, "--group", "dt"], env={"COLUMNS": "120"}).stdout
+    for scale in data["scales"]:
+        assert f"leaderboard, {scale}: ppl ratio at each keep ratio" in out, out
+
+
+def test_the_leaderboard_names_the_setting_that_won_and_not_a_lucky_prompt(store, db):
+    """Runs differing in prune_after (one scale): the board names the winning prune_after, and
+    a setting an interrupted run measured on fewer prompts does not win on them."""
+    configs = (Cfg(), Cfg("knorm", 0.5))
+    full = fill_run(store, configs=configs, n_samples=4, group="lb", settings={"prune_after": 256},
+                    prompt_tokens=(2048,) * 4)
+    cut = fill_run(store, configs=configs, n_samples=4, seed=1, group="lb", settings={"prune_after": 512},
+                   prompt_tokens=(2048,) * 4, status="interrupted", stop_after=4)
+    data = _json(db, "--group", "lb")
+    knorm = {p["run_id"]: p for p in data["points"] if p["label"] == "knorm 0.5"}
+    # the case: the interrupted run's setting looks better, on fewer prompts
+    assert knorm[cut]["n_prompts"] < knorm[full]["n_prompts"] and knorm[cut]["quality"] < knorm[full]["quality"]
+    assert data["leaderboard"]["knorm"]["smollm2-135m"]["0.5"]["run_id"] == full
+    out = runner.invoke(app, ["report", "--db", db, "--group", "lb"], env={"COLUMNS": "120"}).stdout
+    assert "prune_after=256" in out.split("leaderboard")[1], out
+    md = runner.invoke(app, ["report", "--db", db, "--group", "lb", "--format", "markdown"]).stdout
+    row = next(line for line in md.split("**leaderboard")[1].splitlines() if line.startswith("| knorm |"))
+    assert "prune_after=256" in row, row
+
+
 def test_an_accuracy_study_picks_the_higher_accuracy(store, db):
     """Question tasks: the frontier and the best per budget take the HIGHER accuracy (with the
     perplexity rule they would recommend the configuration that answers worst)."""
@@ -388,7 +427,8 @@ def test_a_study_of_two_tasks_varies_only_in_what_each_runs_task_reads(store, db
     text = runner.invoke(app, ["report", "--db", db, "--group", "pk"], env={"COLUMNS": "80"}).stdout
     assert "passkey_lengths" not in text and "varying: task, needle_depths" in text
     # the leaderboard's title wraps at the terminal's width, not at its narrow table's
-    assert "leaderboard, smollm2-135m: accuracy at each keep ratio (each press's best" in text, text
+    title = next(line for line in text.splitlines() if line.startswith("leaderboard, smollm2-135m (task=passkey)"))
+    assert len(title.rstrip()) > 70, text
     # the passkey run's scale is named by what it varies in: no "needle_depths=-"
     assert "needle_depths=-" not in text and "(task=passkey)" in text, text
 

@@ -105,7 +105,9 @@ class StudyView:
     scale_axes: list[str]  # the axes that make a scale (those not in PRESS_ONLY)
     points: list[StudyPoint]
     best: list[BudgetLine]
-    leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]  # press -> model -> keep ratio -> best point
+    # press -> scale -> keep ratio -> best point; per scale, as the frontier: a ratio to a float32 full
+    # cache and one to a bfloat16 full cache do not compare
+    leaderboard: dict[str, dict[str, dict[float, StudyPoint]]]
     summaries: dict[int, Summary] = field(default_factory=dict)  # run id -> its own summary
     planned_runs: int | None = None  # runs the study file planned (stored with each run); None: not a study file
     missing_runs: list[int] = field(default_factory=list)  # plan positions (1-based) with no stored run
@@ -272,20 +274,39 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
             best.append(BudgetLine(model, scale, choice.budget, None if choice.best is None else choice.best.meta))
-    board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(lambda: defaultdict(dict))
-    for p in points:
-        if p.quality is None:
-            continue
-        cur = board[p.press][p.model].get(p.keep_ratio)
-        if cur is None or (p.quality > cur.quality if higher else p.quality < cur.quality):
-            board[p.press][p.model][p.keep_ratio] = p
-    leaderboard = {press: {m: dict(sorted(by.items(), reverse=True)) for m, by in bm.items()}
-                   for press, bm in board.items()}
+    leaderboard = _leaderboard(points, higher)
     planned, missing = missing_runs(runs)
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
                      leaderboard=leaderboard,
                      summaries=summaries, planned_runs=planned, missing_runs=missing)
+
+
+def _leaderboard(points: Sequence[StudyPoint], higher: bool) -> dict[str, dict[str, dict[float, StudyPoint]]]:
+    """Per press, scale and keep ratio the best point over the settings that change only the
+    press (``PRESS_ONLY``), among those measured on the most prompts: a setting an interrupted
+    run measured on one prompt does not win on its luck."""
+    rivals: dict[tuple[str, str, float], list[StudyPoint]] = defaultdict(list)
+    for p in points:
+        if p.quality is not None:
+            rivals[(p.press, p.scale, p.keep_ratio)].append(p)
+    board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(dict)
+    for (press, scale, kr), ps in rivals.items():
+        most = max(p.n_prompts for p in ps)
+        board[press].setdefault(scale, {})[kr] = sorted(
+            (p for p in ps if p.n_prompts == most), key=lambda p: -p.quality if higher else p.quality)[0]
+    return {press: {scale: dict(sorted(by.items(), reverse=True)) for scale, by in bs.items()}
+            for press, bs in board.items()}
+
+
+def leaderboard_setting(view: StudyView, best: StudyPoint) -> str:
+    """The press-only settings that made ``best`` the leaderboard's point ('prune_after=512'),
+    where the study measured its press and keep ratio under more than one; '' otherwise."""
+    rivals = [p for p in view.points_on(best.scale) if p.press == best.press and p.keep_ratio == best.keep_ratio
+              and p.quality is not None]
+    differ = [k for k in best.settings if k not in best.scale_axes
+              and len({p.settings.get(k) for p in rivals}) > 1]
+    return ", ".join(f"{k}={best.settings[k]}" for k in differ)
 
 
 def runs_line(name: str, n: int, planned: int | None, missing: Sequence[int], db_arg: str = "") -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_sentences, fmt_quality, fmt_ratio,
-                                   study_flags)
+                                   leaderboard_setting, study_flags)
 
 LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV held and TPOT: ratio to the full "
           "cache; [95% intervals] (paired bootstrap over prompts, Wilson/bootstrap for accuracy); * on the "
@@ -38,21 +38,30 @@ def model_rows(view: StudyView, model: str, sep: str = " ") -> list[list[str]]:
              "*" if p.on_frontier else ""] for p in sorted(view.points_of(model), key=order)]
 
 
-def leaderboard_columns(view: StudyView, model: str) -> tuple[list[str], list[float]]:
-    ratios = sorted({kr for by_model in view.leaderboard.values() for kr in by_model.get(model, {})}, reverse=True)
+LEADERBOARD = "{kind} at each keep ratio (each press's best setting on the most prompts)"
+
+
+def leaderboard_columns(view: StudyView, scale: str) -> tuple[list[str], list[float]]:
+    ratios = sorted({kr for by_scale in view.leaderboard.values() for kr in by_scale.get(scale, {})}, reverse=True)
     return ["press"] + [f"keep {kr:g}" for kr in ratios], ratios
 
 
-def leaderboard_rows(view: StudyView, model: str, sep: str = " ") -> list[list[str]]:
-    _, ratios = leaderboard_columns(view, model)
+def leaderboard_rows(view: StudyView, scale: str, sep: str = " ") -> list[list[str]]:
+    """One row per press; a cell is its best point's quality, and the setting that won where
+    the study measured several ('prune_after=512')."""
+    _, ratios = leaderboard_columns(view, scale)
     rows = []
-    for press, by_model in sorted(view.leaderboard.items(), key=lambda kv: (kv[0] != "none", kv[0])):
-        if model not in by_model:
+    for press, by_scale in sorted(view.leaderboard.items(), key=lambda kv: (kv[0] != "none", kv[0])):
+        if scale not in by_scale:
             continue
         row = ["full cache" if press == "none" else press]
         for kr in ratios:
-            p = by_model[model].get(kr)
-            row.append("" if p is None else fmt_quality(view, p.quality, p.quality_interval, sep))
+            p = by_scale[scale].get(kr)
+            if p is None:
+                row.append("")
+                continue
+            setting = leaderboard_setting(view, p)
+            row.append(fmt_quality(view, p.quality, p.quality_interval, sep) + (f"{sep}{setting}" if setting else ""))
         rows.append(row)
     return rows
 
@@ -80,16 +89,15 @@ def print_study(view: StudyView, console) -> None:
             cells[label] = f"{cells[label]} {star}" if star else cells[label]
             table.add_row(*cells)
         console.print(table)
-    for model in view.models:
-        cols, _ = leaderboard_columns(view, model)
+    for scale in view.scales:
+        cols, _ = leaderboard_columns(view, scale)
         # the title on a line of its own: as the table's title it wrapped at the table's width,
         # a narrow column of words when the study has one or two keep ratios
-        console.print(Text(f"leaderboard, {model}: {view.quality_kind} at each keep ratio (each press's best "
-                           f"setting)", style="italic"))
+        console.print(Text(f"leaderboard, {scale}: " + LEADERBOARD.format(kind=view.quality_kind), style="italic"))
         board = Table(box=box.SIMPLE_HEAD)
         for i, col in enumerate(cols):
             board.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
-        for row in leaderboard_rows(view, model, sep="\n"):
+        for row in leaderboard_rows(view, scale, sep="\n"):
             board.add_row(*row)
         console.print(board)
     console.print(Text("best configuration per memory budget:", style="bold"))
@@ -127,11 +135,10 @@ def study_text(view: StudyView, fmt: str) -> str:
     for model in view.models:
         out.append(f"**{md_escape(model)}**\n")
         out.append(markdown_table(model_columns(view), model_rows(view, model)))
-    for model in view.models:
-        cols, _ = leaderboard_columns(view, model)
-        out.append(f"**leaderboard, {md_escape(model)}** ({view.quality_kind} at each keep ratio, each press's best "
-                   "setting)\n")
-        out.append(markdown_table(cols, leaderboard_rows(view, model)))
+    for scale in view.scales:
+        cols, _ = leaderboard_columns(view, scale)
+        out.append(f"**leaderboard, {md_escape(scale)}** ({md_escape(LEADERBOARD.format(kind=view.quality_kind))})\n")
+        out.append(markdown_table(cols, leaderboard_rows(view, scale)))
     out.append("\n".join(f"- {md_escape(line)}" for line in budget_sentences(view)) + "\n")
     out.append(md_escape(legend(view)) + "\n")
     flags = study_flags(view)
@@ -147,10 +154,10 @@ def study_page(view: StudyView) -> str:
 
     tables = [HtmlTable(title=model, columns=model_columns(view), rows=model_rows(view, model),
                         caption=legend(view)) for model in view.models]
-    for model in view.models:
-        cols, _ = leaderboard_columns(view, model)
-        tables.append(HtmlTable(title=f"leaderboard, {model}: {view.quality_kind} at each keep ratio", columns=cols,
-                                rows=leaderboard_rows(view, model)))
+    for scale in view.scales:
+        cols, _ = leaderboard_columns(view, scale)
+        tables.append(HtmlTable(title=f"leaderboard, {scale}: " + LEADERBOARD.format(kind=view.quality_kind),
+                                columns=cols, rows=leaderboard_rows(view, scale)))
     tables.append(HtmlTable(title="best configuration per memory budget", columns=["model and budget"],
                             rows=[[line] for line in budget_sentences(view)]))
     fig = pareto(view)
