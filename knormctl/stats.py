@@ -215,8 +215,19 @@ def _quantiles(distribution: list[tuple[float, float]], probs: Sequence[float]) 
     return out
 
 
+def constant_interval(value: float, n: int, bounds: Interval, confidence: float = CONFIDENCE) -> Interval:
+    """The interval of a mean when all ``n`` values observed were ``value``, for values known to
+    lie within ``bounds`` (scores in [0, 1], their differences in [-100, 100] pp). A bootstrap
+    returns the point itself, [+0, +0] from 3 prompts, read as certainty. Here: at most a share h
+    of the population differs from ``value`` (h = 1 - (tail)^(1/n), the Clopper-Pearson bound
+    for 0 of n, 71% at 3 prompts, 3.6% at 100), and what differs lies anywhere within bounds."""
+    h = 1.0 - ((1.0 - confidence) / 2.0) ** (1.0 / n)
+    return value - h * (value - bounds[0]), value + h * (bounds[1] - value)
+
+
 def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: int,
-                       resamples: int = RESAMPLES, confidence: float = CONFIDENCE) -> Interval | None:
+                       resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+                       bounds: Interval | None = None) -> Interval | None:
     """Percentile bootstrap interval of ``aggregate(values, how)`` over the values (one per
     prompt): the (2.5%, 97.5%) points of the statistic over resamples drawn with replacement.
 
@@ -224,12 +235,13 @@ def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: in
     resampling: the same values always give the same interval); means, and medians of more
     values, draw ``resamples`` resamples from a generator seeded with ``seed`` (reproducible, and
     independent of the values' order: they are sorted first).
-    None for fewer than two values (one prompt says nothing about the spread)."""
+    None for fewer than two values (one prompt says nothing about the spread). Values all alike:
+    the point itself, or given the values' ``bounds`` their ``constant_interval``."""
     if len(values) < 2:
         return None
     lo_v, hi_v = min(values), max(values)
-    if lo_v == hi_v:
-        return float(lo_v), float(lo_v)  # every resample is the same: no need to draw
+    if lo_v == hi_v:  # every resample is the same: no need to draw
+        return constant_interval(float(lo_v), len(values), bounds, confidence) if bounds else (float(lo_v),) * 2
     tail = (1 - confidence) / 2
     if how != "mean" and len(values) <= EXACT_MEDIAN_MAX_N:
         lo, hi = _quantiles(median_bootstrap_distribution(values, how), (tail, 1 - tail))
@@ -241,12 +253,16 @@ def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: in
 
 
 def stratified_mean_interval(groups: Sequence[Sequence[float]], *, seed: int, resamples: int = RESAMPLES,
-                             confidence: float = CONFIDENCE) -> Interval | None:
+                             confidence: float = CONFIDENCE, bounds: Interval | None = None) -> Interval | None:
     """Bootstrap interval of the mean of group means (e.g. accuracy averaged over RULER
     subtasks): each group is resampled within itself, so every resample keeps the groups'
-    sizes and weights. None when any group has fewer than two values."""
+    sizes and weights. None when any group has fewer than two values. Every group's values
+    all alike, given ``bounds``: the mean of the groups' ``constant_interval``."""
     if not groups or any(len(g) < 2 for g in groups):
         return None
+    if bounds and all(min(g) == max(g) for g in groups):
+        each = [constant_interval(float(g[0]), len(g), bounds, confidence) for g in groups]
+        return math.fsum(lo for lo, _ in each) / len(each), math.fsum(hi for _, hi in each) / len(each)
     import numpy as np
 
     total = np.zeros(resamples)

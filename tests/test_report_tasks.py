@@ -98,6 +98,57 @@ def test_mean_over_subtasks_weighs_each_subtask_equally(store, db, ruler):
     assert data["tasks"][0]["subtask"] is None
 
 
+def test_a_mean_over_subtasks_averages_only_those_every_configuration_measured(store, db, ruler):
+    """knorm lost its cwe cells at 4096 (failed, or the run stopped first): its mean over 2
+    subtasks sat beside the full cache's over 3, under the title 'mean of 3 subtasks', and its
+    change was against a full-cache mean the table never showed."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM samples WHERE run_id = ? AND config_key = ? AND subtask = ? AND context_length = ?",
+                    (ruler, KNORM, "cwe", 4096))
+    data = report_json(db, "--run-id", str(ruler))
+    subs = {(t["subtask"], t["context_length"], t["config_key"]): t for t in data["tasks"] if t["subtask"]}
+    at = {(t["context_length"], t["config_key"]): t for t in data["tasks"] if t["subtask"] is None}
+    for key in (c.pc.key for c in CONFIGS):
+        m = at[(4096, key)]
+        assert m["n_subtasks"] == 2 and m["left_out"] == ["cwe"]
+        assert m["accuracy"] == pytest.approx(statistics.fmean(subs[(s, 4096, key)]["accuracy"]
+                                                               for s in ("niah_single_1", "vt")))
+        assert at[(8192, key)]["n_subtasks"] == 3 and at[(8192, key)]["left_out"] == []
+    ref, knorm = at[(4096, REFERENCE_KEY)], at[(4096, KNORM)]
+    assert knorm["reference_accuracy"] == pytest.approx(ref["accuracy"])  # the change is against the row shown
+    [flag] = [f for f in data["flags"] if f["kind"] == "mean_left_out"]
+    assert flag["message"].startswith("ruler at 4096 tokens: the mean over subtasks leaves out cwe"), flag
+    text = runner.invoke(app, ["report", "--db", db, "--run-id", str(ruler)], env={"COLUMNS": "200"}).stdout
+    assert "ruler: mean of 2-3 subtasks" in text, text
+
+
+def test_questions_that_all_agree_are_not_read_as_certainty(store, db):
+    """Three passkey questions, every one right with and without compression: the bootstrap's
+    change interval was [+0, +0], read 'same', and the power flag stayed silent. Right/wrong
+    scores get the exact binomial bound on the share of questions the caches could answer
+    differently; the mean over subtasks the mean of its subtasks' bounds."""
+    run = fill_run(store, task="ruler", configs=CONFIGS[:2], n_samples=6, subtasks=("niah_single_1", "vt"),
+                   lengths=(4096,), score=lambda *a: 1.0, score_metric="string_match_all", prompt_tokens=(4096,))
+    data = report_json(db, "--run-id", str(run))
+    h = 100 * (1 - 0.025 ** (1 / 3))  # 71 pp at 3 questions
+    for t in data["tasks"]:
+        if t["config_key"] == KNORM:
+            assert t["change_pp"] == 0 and t["change_interval"] == pytest.approx([-h, h]), t
+            assert t["verdict"] == "noise" and t["n_needed"] > 3
+        if t["subtask"] is None:
+            assert t["interval"] == pytest.approx([1 - h / 100, 1.0]), t  # no longer [100, 100]
+    assert any(f["kind"] == "underpowered" and "ruler accuracy" in f["message"] for f in data["flags"])
+    # partial scores keep the bootstrap's interval: 8 questions all 20 pp worse are a finding
+    rows = {(t["subtask"], t["config_key"]): t for t in report_json(db, "--run-id", str(fill_run(
+        store, task="ruler", configs=CONFIGS[:2], n_samples=4, subtasks=("cwe",), lengths=(4096,),
+        score=lambda i, pc, *a: 0.9 if pc.press == "none" else 0.7, score_metric="string_match_part",
+        prompt_tokens=(4096,))))["tasks"]}
+    assert rows[("cwe", KNORM)]["change_interval"] == pytest.approx([-20, -20])
+    assert rows[("cwe", KNORM)]["verdict"] == "worse"
+
+
 def test_subtasks_where_the_full_cache_is_near_chance_are_flagged(store, db, ruler):
     data = report_json(db, "--run-id", str(ruler))
     near = {(t["subtask"], t["config_key"]) for t in data["tasks"] if t["near_chance"] and t["subtask"]}

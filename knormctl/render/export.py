@@ -223,9 +223,13 @@ def shown_metrics(summary: Summary) -> list[str]:
             or (m.name == "peak_mem_bytes" and any(r.peak_mem_reason for r in summary.rows))]
 
 
-def task_label(t: TaskRow) -> str:
+def task_label(t: TaskRow, rows: Sequence[TaskRow] = ()) -> str:
+    """'ruler: niah_single_1', or for a mean row 'ruler: mean of 4 subtasks'; given all ``rows``
+    of a table over lengths whose means average different numbers of subtasks, the range."""
     if t.subtask is None:
-        return f"{t.task}: mean of {t.n_subtasks} subtasks"
+        counts = sorted({r.n_subtasks for r in rows if r.subtask is None} | {t.n_subtasks})
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return f"{t.task}: mean of {n} subtasks"
     return t.task if t.subtask == t.task else f"{t.task}: {t.subtask}"
 
 

@@ -201,7 +201,8 @@ def few_prompts_flags(rows: Sequence[ConfigRow]) -> list[Flag]:
 
 
 def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
-    """near_chance: subtasks the model cannot do even with the full cache (tasks.near_chance)."""
+    """near_chance: subtasks the model cannot do even with the full cache (tasks.near_chance).
+    mean_left_out: a mean over subtasks that leaves out some not every configuration measured."""
     by_subtask: dict[tuple, list[TaskRow]] = defaultdict(list)
     for t in tasks:
         if t.is_reference and t.near_chance and t.subtask is not None:
@@ -215,6 +216,16 @@ def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
         flags.append(Flag("near_chance", f"{task} {sub}{where}: the full cache itself is near chance (accuracy {at}), "
                                          f"so the model cannot do this task and compression results there mean "
                                          f"nothing.", refs[0].config_key))
+    left: dict[tuple, list[int | None]] = defaultdict(list)
+    for t in tasks:
+        if t.subtask is None and t.left_out and t.context_length not in left[(t.task, tuple(t.left_out))]:
+            left[(t.task, tuple(t.left_out))].append(t.context_length)
+    for (task, subs), lengths in left.items():
+        at = [str(n) for n in sorted(n for n in lengths if n is not None)]
+        where = f" at {', '.join(at)} tokens" if at else ""
+        flags.append(Flag("mean_left_out", f"{task}{where}: the mean over subtasks leaves out {', '.join(subs)}, "
+                                           f"which not every configuration measured (an interrupted run or failed "
+                                           f"cells); read {'it' if len(subs) == 1 else 'them'} per subtask."))
     return flags
 
 

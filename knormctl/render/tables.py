@@ -158,7 +158,7 @@ def _task_tables(console: Console, summary: Summary) -> None:
         cell = {(t.config_key, t.context_length): t for t in rows}
         label = {t.config_key: t.label for t in rows}
         near = any(t.near_chance and t.is_reference for t in rows)
-        what = f"{task_label(rows[0])} \u2014 accuracy"
+        what = f"{task_label(rows[0], rows)} \u2014 accuracy"
         if near:
             what += " \u2014 FULL CACHE NEAR CHANCE: compression results here mean nothing"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from knormctl.render.metrics import DETECTABLE_EFFECT
@@ -23,6 +23,14 @@ from knormctl.render.paired import Interval, ok, prompt_key, spans_zero
 from knormctl.render.rows import REFERENCE_KEY, sort_key
 from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, wilson_interval
 from knormctl.tasks.catalog import chance_of, near_chance
+
+
+# What a right/wrong score and a paired change of two can be: where every question scored
+# alike the bootstrap returns the point itself ([+0, +0] from 3 questions, read as certainty);
+# these give it the exact binomial bound instead (stats.constant_interval). Partial scores keep
+# the bootstrap's: 8 questions all 20 pp worse are as sure as 8 that are 19 to 21 pp worse.
+SCORE_BOUNDS = (0.0, 1.0)
+CHANGE_BOUNDS = (-100.0, 100.0)  # percentage points
 
 
 @dataclass
@@ -50,6 +58,7 @@ class TaskRow:
     verdict: str | None  # better | worse | noise | same | None
     n_needed: int | None  # questions that would tell a 5 pp change (only where this run cannot)
     near_chance: bool  # the full cache itself is near chance here: compression results mean nothing
+    left_out: list[str] = field(default_factory=list)  # a mean row: subtasks not every configuration measured
 
 
 @dataclass
@@ -124,7 +133,8 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
             d = _diffs(mine, ref)
             if d:
                 change = statistics.fmean(d)
-                change_interval = bootstrap_interval(d, "mean", seed=seed_for(key, task, sub, length, "change"))
+                change_interval = bootstrap_interval(d, "mean", seed=seed_for(key, task, sub, length, "change"),
+                                                     bounds=CHANGE_BOUNDS if _binary([*xs, *ref.values()]) else None)
                 if spans_zero(change_interval):
                     n_needed = samples_needed(len(d), change_interval, DETECTABLE_EFFECT)
         metric = group[0].score_metric
@@ -143,18 +153,28 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
 
 
 def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list[TaskRow]:
-    """The mean over subtasks, per task x length x configuration (only where a task has several)."""
+    """The mean over subtasks, per task x length x configuration (only where a task has several),
+    over the subtasks every configuration measured at that length: an interrupted or failed run's
+    configuration may lack one, and a mean over other subtasks than the full cache's is not its
+    rival (the subtasks left out are named in ``left_out``)."""
     by: dict[tuple, list[TaskRow]] = defaultdict(list)
     for r in rows:
         by[(r.task, r.context_length, r.config_key)].append(r)
+    have: dict[tuple, list[set[str]]] = defaultdict(list)
+    for (task, length, _), subs in by.items():
+        have[(task, length)].append({r.subtask for r in subs})
     out = []
     for (task, length, key), subs in by.items():
+        common = set.intersection(*have[(task, length)])
+        left_out = sorted(set.union(*have[(task, length)]) - common)
+        subs = sorted((r for r in subs if r.subtask in common), key=lambda r: r.subtask)
         if len(subs) < 2:
             continue
-        subs.sort(key=lambda r: r.subtask)
         per_sub = [list(scores[(task, r.subtask, length, key)].values()) for r in subs]
         acc = statistics.fmean(r.accuracy for r in subs)
-        interval = stratified_mean_interval(per_sub, seed=seed_for(key, task, "mean", length, "accuracy"))
+        binary = _binary(x for xs in per_sub for x in xs)
+        interval = stratified_mean_interval(per_sub, seed=seed_for(key, task, "mean", length, "accuracy"),
+                                            bounds=SCORE_BOUNDS if binary else None)
         refs = [scores.get((task, r.subtask, length, REFERENCE_KEY)) for r in subs]
         change = change_interval = n_needed = ref_acc = None
         if all(refs):
@@ -163,7 +183,10 @@ def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list
                 diffs = [_diffs(scores[(task, r.subtask, length, key)], ref) for r, ref in zip(subs, refs)]
                 if all(diffs):
                     change = statistics.fmean(statistics.fmean(d) for d in diffs)
-                    change_interval = stratified_mean_interval(diffs, seed=seed_for(key, task, "mean", length, "change"))
+                    binary = binary and _binary(x for ref in refs for x in ref.values())
+                    change_interval = stratified_mean_interval(
+                        diffs, seed=seed_for(key, task, "mean", length, "change"),
+                        bounds=CHANGE_BOUNDS if binary else None)
                     if spans_zero(change_interval):
                         n_needed = samples_needed(min(len(d) for d in diffs) * len(diffs), change_interval,
                                                   DETECTABLE_EFFECT)
@@ -175,7 +198,7 @@ def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list
             n_subtasks=len(subs), correct=None, accuracy=acc, interval=interval,
             interval_method="stratified bootstrap" if interval else None, reference_accuracy=ref_acc,
             change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
-            n_needed=n_needed, near_chance=all(r.near_chance for r in subs)))
+            n_needed=n_needed, near_chance=all(r.near_chance for r in subs), left_out=left_out))
     return out
 
 
