@@ -348,3 +348,97 @@ def test_a_static_decode_step_on_sliding_window_layers_is_refused_not_run_launch
         check_model(mistral, cfgs, skip_layers=(0,), decode_step="static", device="cpu")
     llama = _build(T.LlamaConfig, T.LlamaForCausalLM)
     check_model(llama, cfgs, skip_layers=(0,), decode_step="static", device="cpu")
+
+
+@pytest.mark.parametrize("name, config_cls, model_cls, arch", [
+    ("llama", T.LlamaConfig, T.LlamaForCausalLM, {}),
+    # RoPE left out of every 4th layer ("NoPE"): layer 3's queries were rotated all the same
+    ("smollm3", T.SmolLM3Config, T.SmolLM3ForCausalLM, {"no_rope_layer_interval": 4}),
+    # softmax scale attention_multiplier, not 1/sqrt(head_dim): kvpress's 1/sqrt(d) is another attention
+    ("granite", T.GraniteConfig, T.GraniteForCausalLM, {"attention_multiplier": 0.9}),
+])
+def test_a_window_press_scores_with_the_attention_the_model_computes_in_every_layer(name, config_cls, model_cls,
+                                                                                     arch):
+    """SnapKV's window attention, rebuilt from the hidden states and the cached keys, equals the
+    model's own eager attention weights in every layer, NoPE layers and own scales included."""
+    from knormctl.engine.observe import install_observers
+    from knormctl.engine.presses.attention import SnapKVPress
+
+    torch.manual_seed(0)
+    cfg = config_cls(**COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, **arch)
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
+    if name == "smollm3":
+        assert [m.self_attn.use_rope for m in model.model.layers] == [1, 1, 1, 0]
+    press = SnapKVPress(window_size=4)
+    handles = install_observers(model, press, list(range(4)))
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=_prompt(12), use_cache=True, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, attn in enumerate(out.attentions):
+        keys = out.past_key_values.layers[i].keys
+        mine, w = press._window(keys, i)  # (b, kv, g, w, s - w)
+        theirs = attn.view(1, 2, 2, 12, 12)[..., -w:, : 12 - w]
+        torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=1e-4, msg=f"{name} layer {i}")
+
+
+def test_expected_attention_leaves_a_dynamic_rope_as_it_found_it():
+    """Expected Attention rotates by the RoPE of 512 positions the model never saw; a
+    dynamic-NTK embedding grew its frequencies in place for them, so every later run in the
+    process (the full cache's included) generated with another RoPE than a fresh model's."""
+    from knormctl.engine.observe import decoder_base, install_observers
+    from knormctl.engine.presses.attention import ExpectedAttentionPress
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{**COMMON, "max_position_embeddings": 128}, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 10000.0})
+    model = T.LlamaForCausalLM(cfg).eval()
+    rotary = decoder_base(model).rotary_emb
+    ids = _prompt(200)  # beyond the 128 positions it was trained for: the frequencies scale
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    state = (rotary.inv_freq.clone(), rotary.max_seq_len_cached)
+    press = ExpectedAttentionPress()
+    handles = install_observers(model, press, [0, 1])
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True)
+            scores = press.score(out.past_key_values.layers[1].keys, out.past_key_values.layers[1].values, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert scores.shape[-1] == 200 and press._rope[0] == 200  # it did rotate to positions 200..711
+    assert rotary.max_seq_len_cached == state[1] and torch.equal(rotary.inv_freq, state[0])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_expected_attention_does_not_rotate_the_queries_of_a_layer_without_rope():
+    """SmolLM3's layer 3 has no RoPE: its future queries are its past ones, so its scores do
+    not depend on where the future positions lie; a rotating layer's do."""
+    from knormctl.engine.observe import install_observers
+    from knormctl.engine.presses.attention import ExpectedAttentionPress
+
+    torch.manual_seed(0)
+    cfg = T.SmolLM3Config(**COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          no_rope_layer_interval=4)
+    model = T.SmolLM3ForCausalLM(cfg).eval()
+    press = ExpectedAttentionPress(n_future_positions=8)
+    handles = install_observers(model, press, list(range(4)))
+    try:
+        with torch.inference_mode():
+            cache = model(input_ids=_prompt(40), use_cache=True).past_key_values
+    finally:
+        for h in handles:
+            h.remove()
+    moved = {}
+    for shift in (0, 1000):
+        for i in (2, 3):
+            press._next[i], press._rope = 40 + shift, None
+            moved.setdefault(i, []).append(press.score(cache.layers[i].keys, cache.layers[i].values, i))
+    assert not torch.allclose(*moved[2])  # RoPE: where the future lies changes the scores
+    torch.testing.assert_close(*moved[3])  # NoPE: it does not

@@ -221,12 +221,25 @@ class LayerInput:
     def head_dim(self) -> int:
         return head_dim(self.module)
 
+    @property
+    def scaling(self) -> float:
+        """The softmax scale of this layer's attention: the module's own where it has one
+        (Granite's attention_multiplier, Gemma's query_pre_attn_scalar), else 1/sqrt(head_dim)."""
+        return float(getattr(self.module, "scaling", None) or self.head_dim ** -0.5)
+
+    @property
+    def rotates(self) -> bool:
+        """Whether this layer rotates its queries and keys: SmolLM3 and Llama 4 leave RoPE out
+        of some layers ("NoPE", ``use_rope`` False), whose queries must not be rotated."""
+        return bool(getattr(self.module, "use_rope", True))
+
     def queries(self, last: int | None = None, rope: bool = True) -> torch.Tensor:
         """The queries of the last ``last`` tokens of this forward (all when None), (b, heads, n, d),
-        recomputed from the hidden states; with ``rope`` rotated as the attention rotates them."""
+        recomputed from the hidden states; with ``rope`` rotated as the attention rotates them
+        (not at all in a layer without RoPE)."""
         h = self.hidden_states if last is None else self.hidden_states[:, -last:]
         q = prerope_queries(self.module, h)
-        if not rope:
+        if not rope or not self.rotates:
             return q
         if self.position_embeddings is None:
             raise UsageError(f"{type(self.module).__name__} gets no position_embeddings: cannot apply RoPE")

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from knormctl.engine.presses.base import BasePress, register
 
 
-def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
     """Softmax attention of the window's queries over every cached key.
 
-    queries (b, H, w, d), post-RoPE, the queries of the last w cache entries; keys (b, kv, s, d).
+    queries (b, H, w, d), post-RoPE, the queries of the last w cache entries; keys (b, kv, s, d);
+    ``scaling`` the layer's softmax scale (default 1/sqrt(d), kvpress's always).
     Returns float32 weights (b, kv, H // kv, w, s): query heads grouped by the key head they
     read (GQA) rather than keys repeated per query head -- the same numbers, no copy.
     """
@@ -28,10 +29,37 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     kv, s = keys.shape[1], keys.shape[2]
     g = heads // kv
     q = queries.reshape(b, kv, g * w, d)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).view(b, kv, g, w, s) / math.sqrt(d)
+    logits = _scaled(torch.matmul(q, keys.transpose(-1, -2)).view(b, kv, g, w, s), d, scaling)
     # window query i sits at cache index s - w + i: it attends to keys up to there (causal)
     future = torch.ones(w, s, dtype=torch.bool, device=keys.device).triu(diagonal=s - w + 1)
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+
+
+def rope_at(rotary, like: torch.Tensor, position_ids: torch.Tensor):
+    """(cos, sin) of the model's rotary embedding at ``position_ids``, leaving the module as it
+    was: dynamic-NTK and LongRoPE embeddings grow their frequencies in place when asked for a
+    position beyond those seen (``dynamic_rope_update``), and positions a press only imagines
+    would change the model's own RoPE for every later generation in the process (kvpress does)."""
+    if not isinstance(rotary, torch.nn.Module):  # a plain function of positions holds no state
+        return rotary(like, position_ids)
+    buffers = dict(rotary._buffers)
+    attrs = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+    try:
+        return rotary(like, position_ids)
+    finally:
+        rotary._buffers.update(buffers)
+        for k in [k for k in vars(rotary) if not k.startswith("_") and k not in attrs]:
+            delattr(rotary, k)
+        for k, v in attrs.items():
+            setattr(rotary, k, v)
+
+
+def _scaled(logits: torch.Tensor, d: int, scaling: float | None, power: int = 1) -> torch.Tensor:
+    """``logits`` times the softmax scale (to ``power``): divided by sqrt(d) as kvpress does where
+    the layer's scale is 1/sqrt(d) (the same kept sets to the last bit), else times its own."""
+    if scaling is None or math.isclose(scaling, d ** -0.5, rel_tol=1e-9):
+        return logits / math.sqrt(d) if power == 1 else logits / d
+    return logits * scaling ** power
 
 
 def protect(scores: torch.Tensor, n: int, front: bool = False) -> torch.Tensor:
@@ -50,8 +78,10 @@ class _WindowPress(BasePress):
 
     def __init__(self):
         self._queries: dict[int, torch.Tensor] = {}
+        self._scaling: dict[int, float] = {}  # each layer's softmax scale
 
     def observe(self, layer) -> None:
+        self._scaling[layer.layer_idx] = layer.scaling
         q = layer.queries(last=self.window)
         prev = self._queries.get(layer.layer_idx)
         if prev is not None and q.shape[-2] < self.window:  # decode: slide the window
@@ -67,7 +97,7 @@ class _WindowPress(BasePress):
         q = self._queries[layer_idx]
         s = keys.shape[-2]
         w = max(1, min(q.shape[-2], s - 1))
-        return window_attention(q[..., -w:, :], keys)[..., : s - w], w
+        return window_attention(q[..., -w:, :], keys, self._scaling.get(layer_idx))[..., : s - w], w
 
 
 @register
@@ -164,6 +194,7 @@ class ExpectedAttentionPress(BasePress):
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
         self._stats: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}  # count, mean, M2
         self._next: dict[int, int] = {}  # position of the next token
+        self._layer: dict[int, tuple[float, bool]] = {}  # each layer's softmax scale, and whether it rotates
         self._rotary = None
         self._rope: tuple[int, torch.Tensor] | None = None  # (position, matrix): the same for every layer
 
@@ -176,6 +207,7 @@ class ExpectedAttentionPress(BasePress):
         if layer.rotary_emb is None:
             raise ValueError(f"{self.name}: the model has no rotary embedding to rotate future queries with")
         self._rotary = layer.rotary_emb
+        self._layer[layer.layer_idx] = (layer.scaling, layer.rotates)
         h = layer.hidden_states
         n = h.shape[1]
         self._next[layer.layer_idx] = layer.start + n
@@ -208,7 +240,7 @@ class ExpectedAttentionPress(BasePress):
         if self._rope is not None and self._rope[0] == pos:
             return self._rope[1]
         position_ids = torch.arange(pos, pos + self.n_future_positions, device=like.device).unsqueeze(0)
-        cos, sin = self._rotary(like, position_ids)
+        cos, sin = rope_at(self._rotary, like, position_ids)
         cos, sin = cos[0].mean(dim=0), sin[0].mean(dim=0)  # (r,); r < d: partial rotary, the rest stays
         r = cos.shape[-1]
         perm = torch.zeros(r, r, device=cos.device, dtype=cos.dtype)  # rotate_half as a matrix
@@ -226,15 +258,18 @@ class ExpectedAttentionPress(BasePress):
             return torch.zeros(keys.shape[:-1], device=keys.device)
         count, mu, m2 = self._stats[layer_idx]
         b, kv, _, d = keys.shape
-        rot = self._average_rope(self._next[layer_idx], d, mu)
+        scale, rotates = self._layer.get(layer_idx, (None, True))
+        # a layer without RoPE (NoPE): its future queries are its past ones, unrotated
+        rot = self._average_rope(self._next[layer_idx], d, mu) if rotates else torch.eye(d, device=mu.device)
         mu = mu @ rot.T  # (b, H, d)
         g = mu.shape[1] // kv
         k = keys[:, :, self.n_sink:].float()
-        logits = torch.einsum("bkgd,bksd->bkgs", mu.view(b, kv, g, d), k) / math.sqrt(d)
+        # E[exp(s q.k)] for q ~ N(mu, cov): exp(s mu.k + s^2 k'cov k / 2); s = 1/sqrt(d): kvpress's
+        logits = _scaled(torch.einsum("bkgd,bksd->bkgs", mu.view(b, kv, g, d), k), d, scale)
         if self.use_covariance:
             cov = rot @ (m2 / count) @ rot.T
             kc = torch.einsum("bksi,bkgij->bkgsj", k, cov.view(b, kv, g, d, d))
-            logits = logits + (kc * k.unsqueeze(2)).sum(-1) / d / 2
+            logits = logits + _scaled((kc * k.unsqueeze(2)).sum(-1), d, scale, power=2) / 2
         scores = logits.softmax(dim=-1).mean(dim=2)  # (b, kv, s - n_sink)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values[:, :, self.n_sink:].float().norm(dim=-1)
