@@ -33,6 +33,8 @@ PRESSES = [
     PressConfig(press="knorm", keep_ratio=0.7, mode="decode", prune_after=32, skip_layers=(0,)),
     PressConfig(press="snapkv", keep_ratio=0.5, mode="prefill", prune_after=0, skip_layers=()),
     PressConfig(press="adakv", keep_ratio=0.5, mode="prefill", prune_after=0, skip_layers=()),
+    # reads the output projection's weights outside a forward: on the meta device when offloaded
+    PressConfig(press="criticalkv", keep_ratio=0.5, mode="prefill", prune_after=0, skip_layers=()),
 ]
 
 

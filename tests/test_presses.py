@@ -154,6 +154,7 @@ def test_resolve_types_drops_defaults_and_refuses_what_does_not_fit():
         ("adakv", {}, "decode", "prefill mode only"),
         ("adakv", {"base": "h2o"}, None, "unknown press 'h2o'"),
         ("adakv", {"base": "adakv"}, None, "per-head budgets"),
+        ("criticalkv", {"base": "pyramidkv"}, None, "cannot refine 'pyramidkv': its per-layer budgets"),
         ("adakv", {"alpha_safeguard": 2.0}, None, r"\[0, 1\]"),
         ("expected-attention", {"use_vnorm": 1}, None, "must be bool"),
     ]

@@ -83,6 +83,13 @@ class CriticalKVPress(_Wrapper):
     def __init__(self, base: str = "snapkv", epsilon: float = 1e-4, first_stage_ratio: float = 0.5,
                  keep_ratio: float = 1.0):
         super().__init__(base)
+        if self.base.layer_keep.__func__ is not BasePress.layer_keep:
+            # its first stage takes a share of the uniform budget (kvpress's CriticalKV sets one
+            # budget for every layer): over PyramidKV's budgets it kept [48, 32, 16] entries
+            # where kvpress keeps [32, 32, 32], the last layer all first stage
+            raise ValueError(f"cannot refine {self.base.name!r}: its per-layer budgets and "
+                             f"CriticalKV's uniform first stage do not mix (kvpress drops the per-layer "
+                             f"budgets); use {self.base.name!r} alone, or criticalkv over snapkv")
         self.observes = True
         if not 0.0 <= first_stage_ratio <= 1.0:
             raise ValueError(f"first_stage_ratio must be in [0, 1], got {first_stage_ratio}")
@@ -116,7 +123,20 @@ class CriticalKVPress(_Wrapper):
             raise ValueError(f"criticalkv: no output projection found on {type(module).__name__}")
         b, kv, s, _ = values.shape
         d, heads = head_dim(module), module.config.num_attention_heads
-        wo = o_proj.weight.t().view(heads, d, -1)  # (heads, d, hidden)
-        g = heads // kv
-        norms = torch.stack([(values[:, h // g] @ wo[h]).float().abs().sum(-1) for h in range(heads)], dim=1)
+        with _weights_present(o_proj):
+            wo = o_proj.weight.to(values.device).t().view(heads, d, -1)  # (heads, d, hidden)
+            g = heads // kv
+            norms = torch.stack([(values[:, h // g] @ wo[h]).float().abs().sum(-1) for h in range(heads)], dim=1)
         return norms.view(b, kv, g, s).mean(dim=2)
+
+
+def _weights_present(module):
+    """A context in which ``module``'s weights are real tensors: a layer accelerate offloads (to
+    the CPU or disk, ``--device-map``) holds them on the meta device outside its forward."""
+    import contextlib
+
+    if all(p.device.type != "meta" for p in module.parameters()):
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
