@@ -32,6 +32,7 @@ TASK_OPTIONS = {
     "num_wikitext_samples": ("lm",), "num_pg19_samples": ("lm",), "wikitext_prompt_tokens": ("lm",),
     "max_prompt_tokens": ("lm",), "wikitext_source": ("lm",), "eval_tokens": ("lm",), "ppl_method": ("lm",),
     "ppl_skip": ("lm",), "passkey_new_tokens": ("passkey",),
+    "max_new_tokens": ("lm",),  # a question task generates its answer length (--answer-tokens)
     # refused by validate() with a hint of the task's own option; here for studies, whose runs differ in task
     "context_lengths": ("ruler", "niah", "longbench"), "subtasks": ("ruler", "longbench"),
 }
@@ -45,7 +46,10 @@ def task_reads(task: str | None, option: str) -> bool:
 
 def other_tasks_message(option: str, tasks: list[str]) -> str:
     """'--needle-depths applies to --task niah, not passkey': ``option`` given for ``tasks``."""
-    return f"--{option.replace('_', '-')} applies to --task {', '.join(TASK_OPTIONS[option])}, not {', '.join(tasks)}"
+    hint = " (a question task generates up to --answer-tokens, or --passkey-new-tokens)" \
+        if option == "max_new_tokens" else ""
+    return (f"--{option.replace('_', '-')} applies to --task {', '.join(TASK_OPTIONS[option])}, "
+            f"not {', '.join(tasks)}{hint}")
 
 
 def refuse_options_of_other_tasks(task: str, given: list[str]) -> None:

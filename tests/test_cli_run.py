@@ -121,6 +121,11 @@ def test_passkey_task_stores_answers(tiny_llama_dir, books_dir, tmp_path):
     res = runner.invoke(app, [*passkey, "--eval-tokens", "8"])  # an lm option: it would be dropped, not used
     assert res.exit_code == 2 and res.stderr.strip() == "Error: --eval-tokens applies to --task lm, not passkey"
     assert not db.exists()
+    res = runner.invoke(app, [*passkey, "--max-new-tokens", "8"])  # ignored: the answer length is the task's
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "Error: --max-new-tokens applies to --task lm, not passkey (a question task generates up to "
+        "--answer-tokens, or --passkey-new-tokens)")
+    assert not db.exists()
     res = runner.invoke(app, passkey)
     assert res.exit_code == 0, res.output
     con = sqlite3.connect(db)
