@@ -564,6 +564,8 @@ def test_kvpress_backend_missing_fails_at_once_with_one_line(monkeypatch):
     monkeypatch.setattr(metadata, "distribution", missing)
     _sweep_refuses(monkeypatch, ["--presses", "knorm,kvpress:SnapKVPress", "--compress-mode", "prefill"],
                    "pip install 'knormctl[kvpress]'")
+    # in decode mode (the default) too: "use --compress-mode prefill" first sent the user to this error
+    _sweep_refuses(monkeypatch, ["--presses", "kvpress:SnapKVPress"], "pip install 'knormctl[kvpress]'")
 
 
 def test_kvpress_backend_with_unsupported_transformers_fails_at_once(monkeypatch):

@@ -110,10 +110,10 @@ def _build(kvpress, name: str, params: dict, *, resolve: bool):
 def resolve_kvpress(name: str, params, mode: str | None) -> tuple:
     """Validate a ``kvpress:Name`` spec without a model; return its canonical parameters."""
     cls_name = name[len(PREFIX):]
+    kvpress = load_kvpress()  # installed, and the class exists, before the mode's hint: it is no use without
+    canonical = _build(kvpress, cls_name, dict(params), resolve=True)
     if mode is not None and mode != "prefill":
         raise ModeError(name, ("prefill",), mode)  # kvpress's hooks cut in the prefill forward only
-    kvpress = load_kvpress()
-    canonical = _build(kvpress, cls_name, dict(params), resolve=True)
     press = _build(kvpress, cls_name, dict(params), resolve=False)
     try:
         press.compression_ratio = 0.5
