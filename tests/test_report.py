@@ -259,6 +259,21 @@ def test_a_failed_run_says_so_and_how_far_it_got(store, db):
     assert "interrupted" not in kinds(data)
 
 
+def test_a_configuration_that_cut_only_some_prompts_is_flagged(store, db):
+    """prune_after 1500: the 1024-token prompts (+ 100 new tokens) were never cut, the 2048-token
+    one was. 'compressions' showed the lower median 0 beside a KV change, and no flag said the
+    values mix cut and uncut prompts."""
+    knorm = Cfg("knorm", 0.5, 1500)
+    run = fill_run(store, configs=(Cfg(), knorm), prompt_tokens=(1024, 1024, 2048))
+    data = report_json(db, "--run-id", str(run))
+    [flag] = [f for f in data["flags"] if f["kind"] == "partly_compressed"]
+    assert flag["config_key"] == knorm.pc.key
+    assert flag["message"].startswith("knorm 0.5: only 1 of 3 samples were cut (in the others the prompt + new "
+                                      "tokens never exceeded prune_after=1500)"), flag
+    every = fill_run(store, configs=(Cfg(), Cfg("knorm", 0.5, 512)), seed=1)  # every prompt over 512: no flag
+    assert not [f for f in report_json(db, "--run-id", str(every))["flags"] if f["kind"] == "partly_compressed"]
+
+
 def test_configuration_that_never_compressed_is_flagged(store, db):
     run = fill_run(store, prune_after=4096)  # prompts of 1024-2048 + 100 new tokens never reach it
     data = report_json(db, "--run-id", str(run))

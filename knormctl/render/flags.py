@@ -94,7 +94,8 @@ def _no_compression(r: ConfigRow, where: str) -> str:
 
 
 def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) -> list[Flag]:
-    """no_reference | full_cache_path | no_compression | unpaired | noisy_timing | ttft_artifact | repeats_disagree."""
+    """no_reference | full_cache_path | no_compression | partly_compressed | unpaired | noisy_timing |
+    ttft_artifact | repeats_disagree."""
     flags = []
     refs = {r.dataset: r for r in rows if r.is_reference}
     if rows and not refs:
@@ -123,6 +124,13 @@ def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) ->
                                                  f"noise; it measures this run's noise, not the press.", r.config_key))
         elif r.compressed_samples == 0:
             flags.append(Flag("no_compression", _no_compression(r, where), r.config_key))
+        elif r.compressed_samples is not None and r.compressed_samples < r.n_samples - r.n_failed:
+            what = "prompt" if r.compress_mode == "prefill" else "prompt + new tokens"
+            flags.append(Flag("partly_compressed", f"{where}: only {r.compressed_samples} of "
+                                                   f"{r.n_samples - r.n_failed} samples were cut (in the others the "
+                                                   f"{what} never exceeded prune_after={r.prune_after}): its values "
+                                                   f"and changes mix cut and uncut samples, so they understate what "
+                                                   f"the press does.", r.config_key))
         if r.paired is False and ref is not None and r.n_prompts:  # none succeeded: failed_sample says why
             flags.append(Flag("unpaired", f"{where}: its successful prompts are not the full cache's "
                                           f"({r.n_prompts} vs {ref.n_prompts}); its changes use the {_pairs(r)} prompts both have, "
