@@ -318,3 +318,37 @@ def test_task_markdown_gives_correct_of_asked_and_marks_only_near_chance_rows(st
         assert cells[4] == ("yes" if t["near_chance"] else ""), (cells, t["near_chance"])
     assert any(t["correct"] not in (None, t["n"]) for t in data["tasks"])
     assert any(t["near_chance"] for t in data["tasks"]) and not all(t["near_chance"] for t in data["tasks"])
+
+
+def test_the_header_names_the_task_settings_that_change_its_scores(store, db):
+    """--protocol paper reads the first answer token before any cut: a pasted report that did not
+    say which protocol (nor chat template, answer length, haystack) could not be read."""
+    settings = {"protocol": "paper", "chat_template": "auto", "answer_tokens": None, "haystack": None,
+                "pg19_source": "wiki-lite-long", "ruler_source": "generated", "needle_depths": [0.5]}
+    run = fill_run(store, task="ruler", configs=CONFIGS[:2], n_samples=4, subtasks=SUBTASKS, lengths=(4096,),
+                   score=ruler_score, prompt_tokens=(4096,), settings=settings)
+    said = ("protocol paper, chat template auto, answer tokens per subtask, haystack wiki-lite-long "
+            "(--pg19-source), RULER source generated")
+    assert report_json(db, "--run-id", str(run))["header"]["task_settings"] == said  # needle_depths: niah's
+    md = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "markdown"]).stdout
+    assert f"ruler: {said}" in md, md
+    assert report_json(db, "--run-id", str(fill_run(store)))["header"]["task_settings"] is None  # lm
+
+
+def test_longbench_prompts_that_lost_their_middle_are_flagged(store, db):
+    """LongBench cuts the middle of a document longer than the room (the model's context, by
+    default); the run stored how much, and no table, json or flag said so."""
+    import sqlite3
+
+    run = fill_run(store, task="longbench", configs=CONFIGS[:2], n_samples=4, subtasks=("narrativeqa", "qasper"),
+                   lengths=(None,), score=lambda i, *a: 0.3, score_metric="qa_f1", prompt_tokens=(8000,))
+    data = report_json(db, "--run-id", str(run))
+    assert not [f for f in data["flags"] if f["kind"] == "truncated"]
+    with sqlite3.connect(db) as con:  # samples 0 and 2 ask narrativeqa: one lost 1200 tokens, one 300
+        for index, over in ((0, 1200), (2, 300)):
+            con.execute("UPDATE samples SET extra_json = ? WHERE run_id = ? AND sample_index = ?",
+                        (json.dumps({"truncated": over}), run, index))
+    [flag] = [f for f in report_json(db, "--run-id", str(run))["flags"] if f["kind"] == "truncated"]
+    assert flag["message"].startswith("longbench: prompts longer than the context they were given lost the middle "
+                                      "of their document to fit (LongBench's truncation): narrativeqa 2 of 2 (up "
+                                      "to 1200 tokens)."), flag

@@ -166,6 +166,8 @@ def header_lines(summary: Summary) -> list[str]:
         + DECODE_STEP_NOTE.get(h.decode_step, ""),
         f"model: {h.model}" + (f" ({h.model_resolved})" if h.model_resolved and h.model_resolved != h.model else ""),
     ]
+    if h.task_settings:
+        lines.append(f"{h.task}: {h.task_settings}")
     if len(h.machines) == 1:
         m = h.machines[0]
         lines.append(f"machine: {m.hostname + ': ' if m.hostname else ''}{_machine_text(m)}")

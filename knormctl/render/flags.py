@@ -237,6 +237,29 @@ def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
     return flags
 
 
+def truncated_flags(samples: Sequence[Any]) -> list[Flag]:
+    """truncated: LongBench prompts longer than the room (the model's context, or the asked
+    length) lost the middle of their context, as LongBench's own harness does; scores there are
+    of shortened documents. Per subtask: how many of its prompts, and by how many tokens at most."""
+    cut: dict[str, dict[tuple, int]] = defaultdict(dict)
+    for s in samples:
+        if s.task in (None, "lm"):
+            continue
+        over = int((getattr(s, "extra_json", None) or {}).get("truncated") or 0)
+        cut[s.subtask or s.task][(s.run_id, s.sample_index)] = over
+    parts = []
+    for sub, by_prompt in sorted(cut.items()):
+        lost = [n for n in by_prompt.values() if n > 0]
+        if lost:
+            parts.append(f"{sub} {len(lost)} of {len(by_prompt)} (up to {max(lost)} tokens)")
+    if not parts:
+        return []
+    tasks = ", ".join(sorted({s.task for s in samples if s.task not in (None, "lm")}))
+    return [Flag("truncated", f"{tasks}: prompts longer than the context they were given lost the middle of their "
+                              f"document to fit (LongBench's truncation): {'; '.join(parts)}. Their scores are of shortened "
+                              f"documents, the same for every configuration.")]
+
+
 def failed_flags(samples: Sequence[Any], labels: dict[str, str]) -> list[Flag]:
     """failed_sample: one per sample that stored an error."""
     flags = []

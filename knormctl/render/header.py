@@ -77,6 +77,8 @@ class RunHeader:
     decode_step: str | None = "launched"  # --decode-step of the run(s); None when merged runs differ
     prefill_chunk: int | None = 0  # --prefill-chunk of the run(s) (0: one forward); None when merged runs differ
     stopped_s: float = 0.0  # the runs' time stopped between an interruption and a resume
+    # a question task's settings that change its scores ('protocol context, chat template auto, ...'); None: lm
+    task_settings: str | None = None
 
     @property
     def title(self) -> str:
@@ -182,7 +184,37 @@ def run_header(runs: Sequence[Any]) -> RunHeader:
         batch_size=max(int((getattr(r, "config_json", None) or {}).get("batch_size") or 1) for r in runs),
         decode_step=_shared([(getattr(r, "config_json", None) or {}).get("decode_step") or "launched" for r in runs]),
         prefill_chunk=_shared([int((getattr(r, "config_json", None) or {}).get("prefill_chunk") or 0) for r in runs]),
+        task_settings=task_settings(runs),
     )
+
+
+# A question task's settings that change what its scores mean, as the header names them; the
+# protocol above all (paper: the first answer token is read before any cut)
+TASK_SETTINGS = (("protocol", "protocol"), ("chat_template", "chat template"), ("answer_tokens", "answer tokens"),
+                 ("haystack", "haystack"), ("ruler_source", "RULER source"), ("hub_dataset", "dataset"))
+
+
+def task_settings(runs: Sequence[Any]) -> str | None:
+    """'protocol context, chat template auto, answer tokens per subtask, haystack pg19 (text:/b)'
+    for a question task's run (only the settings its task reads; merged runs are shards of one
+    sweep, the same settings: runs that differ in them read as a study); None for lm."""
+    from knormctl.config import task_reads
+
+    task = runs[0].task
+    if task in (None, "lm"):
+        return None
+    config = getattr(runs[0], "config_json", None) or {}
+
+    def shown(key: str) -> str:
+        value = config.get(key)
+        if key == "answer_tokens" and value is None:  # passkey: --passkey-new-tokens; the others per subtask
+            return str(config.get("passkey_new_tokens", "default")) if task == "passkey" else "per subtask"
+        if key == "haystack" and value is None:
+            return f"{config.get('pg19_source') or 'default'} (--pg19-source)"
+        return "default" if value is None else str(value)
+
+    parts = [f"{label} {shown(key)}" for key, label in TASK_SETTINGS if task_reads(task, key) and key in config]
+    return ", ".join(parts) or None
 
 
 def _shared(values: list):

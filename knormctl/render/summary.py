@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from knormctl.render.flags import (Flag, failed_flags, few_prompts_flags, first_line, machine_flags, power_flags,
-                                   row_flags, run_flags, task_flags)
+                                   row_flags, run_flags, task_flags, truncated_flags)
 from knormctl.render.header import RunHeader, run_header
 from knormctl.render.metrics import DETECTABLE_EFFECT, METRIC, METRICS
 from knormctl.render.paired import ok, prompt_key
@@ -133,7 +133,8 @@ def build_summary(runs: Sequence[Any], samples: Sequence[Any], *, by_dataset: bo
     if ran:  # the batches the stored cells ran in: a shard of one prompt asked for 2 runs batches of 1
         header.batch_size = max(ran)  # (cells stored before samples.batch_size existed: the option's)
     flags = (run_flags(runs, samples) + machine_flags(header) + row_flags(rows, noise_pct, noise_source)
-             + task_flags(tasks) + few_prompts_flags(rows) + power_flags(rows, tasks) + failed_flags(samples, labels))
+             + task_flags(tasks) + truncated_flags(samples) + few_prompts_flags(rows) + power_flags(rows, tasks)
+             + failed_flags(samples, labels))
     return Summary(header=header, rows=rows, tasks=tasks, needle_cells=needles, flags=flags, noise_pct=noise_pct,
                    noise_source=noise_source, noise_measured=measured, by_dataset=by_dataset, step_latencies=steps)
 
