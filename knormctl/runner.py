@@ -23,7 +23,7 @@ from knormctl.config import PressConfig, RunConfig
 from knormctl.launch import launcher_device
 from knormctl.errors import RunNotOwned, StoreError, UsageError
 from knormctl.plan import Cell, check_shard_has_samples, plan_batches, plan_cells, warm_up_plan
-from knormctl.sample_rows import load_samples, sample_fields
+from knormctl.sample_rows import config_labels, load_samples, sample_fields
 from knormctl.stats import token_match  # the one definition, shared with the report
 from knormctl.store import models as m
 from knormctl.store.liveness import owner
@@ -139,6 +139,7 @@ class Runner:
                                      device_map=cfg.device_map)
         check_skip_layers(cfg.skip_layers, self.loaded.num_layers)
         self.configs = cfg.press_configs()
+        self.labels = config_labels(self.configs)  # 'knorm 0.5', as the report names them
         check_model(self.loaded.model, self.configs, skip_layers=cfg.skip_layers, decode_step=cfg.decode_step,
                     device=self.loaded.device)
         self.samples = load_samples(cfg, self.loaded, self.progress, records)
@@ -318,7 +319,7 @@ class Runner:
             for k, cell in enumerate(batch):
                 i, sample = cell.sample_index, self.samples[cell.sample_index]
                 n += 1
-                desc = f"sample {i + 1}/{len(self.samples)} {pc.key}"
+                desc = f"sample {i + 1}/{len(self.samples)} {self.labels[pc.key]}"
                 if cfg.repeats > 1:
                     desc += f" round {r + 1}/{cfg.repeats}"
                 if kept[k]:  # not stored twice

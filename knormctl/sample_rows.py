@@ -44,6 +44,22 @@ def load_samples(cfg: RunConfig, loaded, progress: Callable[[str], None], record
     return samples
 
 
+def config_columns(pc: PressConfig) -> dict:
+    """A configuration as every stored cell of it records it (what the report labels it by)."""
+    return dict(config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
+                skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent)
+
+
+def config_labels(configs: list[PressConfig]) -> dict[str, str]:
+    """Each configuration's label as the report prints it ('knorm 0.5', 'snapkv 0.5 pa=64' where
+    prune_after varies), for progress lines: the report's own rule on the columns cells store."""
+    from types import SimpleNamespace
+
+    from knormctl.render.rows import labels_for
+
+    return labels_for({pc.key: SimpleNamespace(**config_columns(pc)) for pc in configs})
+
+
 def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: str | None = None, *,
                   protocol: str | None = None, answer: str | None = None, repeat: int = 0) -> dict:
     """The store row for one cell (``res`` is a GenerationResult, or None when it failed).
@@ -54,9 +70,7 @@ def sample_fields(sample, pc: PressConfig, res=None, ppl_context=None, error: st
     row = dict(
         task="lm", repeat=repeat, dataset=sample.dataset, doc_id=str(sample.doc_id), doc_title=sample.doc_title,
         char_offset=sample.char_offset, text_hash=sample.text_hash, prompt_tokens=len(sample.prompt_ids),
-        config_key=pc.key, press=pc.spec, keep_ratio=pc.keep_ratio, prune_after=pc.prune_after,
-        skip_layers=",".join(map(str, pc.skip_layers)), compress_mode=pc.mode, keep_recent=pc.keep_recent,
-        ppl_context=ppl_context, error=error,
+        **config_columns(pc), ppl_context=ppl_context, error=error,
     )
     question = isinstance(sample, QuestionSample)
     if question:

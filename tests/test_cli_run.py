@@ -61,6 +61,9 @@ def test_sweep_stores_every_cell_with_env(model_dir, books_dir, tmp_path):
     assert any(re.search(r"estimate: ~\d.* for 9 cells \(warm-up speed: prefill .* ms/token, decode", line)
                for line in log)
     assert any(re.search(r"\] 1/9 cells, .* elapsed, ETA \d", line) for line in log)
+    # each cell named as the report names it, not by its key ('knorm|kr=0.5|pa=16|skip=0|decode')
+    cells = [re.search(r"\(sample \d/3 (.*)\)$", line) for line in log if "cells, " in line]
+    assert {m.group(1) for m in cells if m} <= {"full cache", "knorm 1", "knorm 0.5"} and any(cells), log
     assert re.search(r"\] 9/9 cells done in \d", log[-1])
     assert not any(".py:" in line for line in log), "source locations only with --verbose"
     env, status, cfg = con.execute("SELECT env_json, status, config_json FROM runs WHERE id=?", (run_id,)).fetchone()
