@@ -57,6 +57,18 @@ def test_a_plain_dry_run_fits_80_columns_and_speaks_of_its_one_run(tmp_path):
     assert "no estimate for it (no stored run of its model on this host)" in " ".join(ln.strip() for ln in lines)
 
 
+@pytest.mark.parametrize("where, message", [("missing/r.db", "folder {tmp}/missing does not exist"),
+                                             (".", "{tmp} is a directory, not a database file")])
+def test_a_dry_run_refuses_a_database_place_the_run_would_refuse(tmp_path, where, message):
+    """The plan said 'no stored run of its model on this host' and exit 0 for a --db the real run
+    refuses at once (exit 2): a dry run is the check before a long study."""
+    db = str(tmp_path / where) if where != "." else str(tmp_path)
+    for args in (["sweep", "--dry-run"], ["sweep", "--dry-run", "--keep-ratios", "0.5"]):
+        res = runner.invoke(app, [*args, "--db", db])
+        assert res.exit_code == 2 and res.stderr.strip() == "Error: " + message.format(tmp=tmp_path), res.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_study_runs_every_run_in_one_group_and_continues(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
     path = _study_file(tmp_path, tiny_llama_dir, books_dir)

@@ -78,10 +78,13 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
     from knormctl import estimate
     from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, RUNNING, open_store
     from knormctl.store.liveness import owner
-    from knormctl.store.locations import to_url
+    from knormctl.store.locations import check_sqlite_file, is_default, parse_url, sqlite_file, to_url
 
     store = None
     url = to_url(db)
+    path = sqlite_file(parse_url(url))
+    if path is not None and not is_default(db):  # a place the real run cannot write to is refused as it would
+        check_sqlite_file(path)  # (the default's folder the run creates)
     try:
         store = open_store(url, readonly=True)
     except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
