@@ -123,6 +123,7 @@ def test_csv_and_markdown_parse_with_stable_columns(store, db):
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(table) == 2 + 5
     assert len({ln.count("|") for ln in table}) == 1
+    assert "noise: no detectable difference" in md  # the verdict words' legend (below)
     assert "knorm 0.9" in md and "run " + str(run) in md
     col = table[0].split("|").index(" throughput ")  # every value says its unit, throughput too
     assert all(ln.split("|")[col].split(" (")[0].strip().endswith(" tok/s") for ln in table[2:]), table
@@ -143,9 +144,12 @@ def test_csv_and_markdown_parse_with_stable_columns(store, db):
             if name is None or row["values"][name] is None:
                 continue
             value, change = fmt_value(name, row["values"][name]), row["changes"][name]
+            # with the verdict the colours give elsewhere, in words: '(Δ +7.6% [+5.9, +9.2])' read as
+            # a finding where the table called it noise (within the run's noise)
+            word = f", {row['verdicts'][name]}" if row["verdicts"][name] else ""
             assert text == (value if change is None else
-                            f"{value} (\u0394 {fmt_change(name, change)} {fmt_interval(row['change_intervals'][name])})"), \
-                (row["label"], head, text)
+                            f"{value} (\u0394 {fmt_change(name, change)} "
+                            f"{fmt_interval(row['change_intervals'][name])}{word})"), (row["label"], head, text)
             checked += 1
     assert checked >= 5 * 10
 
@@ -636,6 +640,13 @@ def test_compare_markdown_cells_are_a_then_b_and_only_in_lists_the_right_side(st
     line = next(ln for ln in md.splitlines() if ln.startswith("| knorm 0.7 "))
     ttft = f"{fmt_value('ttft_s', va[KNORM_07]['values']['ttft_s'])} / {fmt_value('ttft_s', vb[KNORM_07]['values']['ttft_s'])}"
     assert ttft in line
+    # the configurations one run alone has, as the table and json list them (markdown and csv dropped them)
+    assert f"- only in B: {Cfg('streaming', 0.5).pc.key}" in md
+    recs = list(csv.DictReader(io.StringIO(runner.invoke(
+        app, ["report", "--db", db, "--compare", str(a), str(b), "--format", "csv"]).stdout)))
+    only = {(r["config_key"], r["only_in"]) for r in recs if r["only_in"]}
+    assert only == {(k, "A") for k in data["only_in_a"]} | {(k, "B") for k in data["only_in_b"]}
+    assert all(r["ttft_s_a"] == "" and r["ttft_s_b"] == "" for r in recs if r["only_in"])
 
 
 def test_a_group_with_an_interrupted_run_is_not_called_complete(store, db):

@@ -43,7 +43,7 @@ TASK_COLUMNS = ("task", "subtask", "context_length", "config_key", "label", "pre
                 "n_needed", "near_chance")
 RUN_COLUMNS = ("id", "command", "task", "model", "datasets", "status", "samples_done", "samples_failed",
                "samples_planned", "started_utc", "group_name")
-COMPARE_COLUMNS = ("dataset", "config_key", "label") + tuple(
+COMPARE_COLUMNS = ("dataset", "config_key", "label", "only_in") + tuple(
     c for m in METRICS for c in (f"{m.name}_a", f"{m.name}_b", f"{m.name}_ratio"))
 
 
@@ -93,6 +93,10 @@ def compare_records(cmp: Comparison) -> list[dict[str, Any]]:
         for m in METRICS:
             rec.update({f"{m.name}_a": r.a[m.name], f"{m.name}_b": r.b[m.name], f"{m.name}_ratio": r.ratio[m.name]})
         out.append(rec)
+    # configurations only one run measured: a row each, empty but for which run has them (the
+    # table and json list them; a csv that dropped them read as if both runs held the same set)
+    out += [dict(config_key=k, only_in=side) for side, keys in (("A", cmp.only_in_a), ("B", cmp.only_in_b))
+            for k in keys]
     return out
 
 
@@ -205,8 +209,9 @@ def legend_lines(summary: Summary) -> list[str]:
                     f"timing artifact (see below)."]
 
 
-def cell_text(row: Any, name: str, sep: str = " ") -> str:
-    """'123.4 ms (Δ −3.1% [−5.0, −1.2])' or 'N/A (reason)' for memory."""
+def cell_text(row: Any, name: str, sep: str = " ", verdict: bool = False) -> str:
+    """'123.4 ms (Δ −3.1% [−5.0, −1.2])' or 'N/A (reason)' for memory; with ``verdict`` the word
+    the colours say elsewhere ('..., better'): plain text has no colours."""
     value = row.values[name]
     if value is None and name == "peak_mem_bytes" and row.peak_mem_reason:
         return f"N/A ({row.peak_mem_reason})"
@@ -214,7 +219,16 @@ def cell_text(row: Any, name: str, sep: str = " ") -> str:
     if not change:
         return fmt_value(name, value)
     ci = fmt_interval(row.change_intervals[name])
-    return f"{fmt_value(name, value)}{sep}({DELTA} {change}" + (f" {ci}" if ci else "") + ")"
+    word = row.verdicts.get(name) if verdict else None
+    return f"{fmt_value(name, value)}{sep}({DELTA} {change}" + (f" {ci}" if ci else "") + (
+        f", {word}" if word else "") + ")"
+
+
+def verdict_legend(summary: Summary) -> str:
+    """What the verdict words of the plain-text tables mean (their colours' legend)."""
+    return (f"After a change: better or worse; noise: no detectable difference (the interval contains 0, or a "
+            f"timing change within this run's noise \u00b1{summary.noise_pct:.1f}%); same: every prompt's change "
+            f"is exactly 0; artifact: a TTFT timing artifact (see below).")
 
 
 def shown_metrics(summary: Summary) -> list[str]:
@@ -235,8 +249,8 @@ def task_label(t: TaskRow, rows: Sequence[TaskRow] = ()) -> str:
     return t.task if t.subtask == t.task else f"{t.task}: {t.subtask}"
 
 
-def accuracy_text(t: TaskRow) -> str:
-    """'83% [44, 97] (5/6)', and for a compressed row its paired change."""
+def accuracy_text(t: TaskRow, verdict: bool = False) -> str:
+    """'83% [44, 97] (5/6)', and for a compressed row its paired change (``verdict``: and its word)."""
     text = fmt_accuracy(t.accuracy)
     if t.interval:
         text += f" {fmt_pct_interval(t.interval)}"
@@ -244,6 +258,8 @@ def accuracy_text(t: TaskRow) -> str:
         text += f" ({t.correct}/{t.n})"
     if t.change_pp is not None:
         text += f" {DELTA} {fmt_pp(t.change_pp)} {fmt_interval(t.change_interval, 0)}"
+        if verdict and t.verdict:
+            text += f", {t.verdict}"
     return text
 
 
@@ -274,12 +290,13 @@ def to_markdown(summary: Summary, samples: Sequence[Any] | None = None, tasks: b
     out.append(markdown_table(
         lead + ["configuration", "prompts", "failed"] + [METRIC[n].label for n in names],
         [([r.dataset] if summary.by_dataset else []) + [r.label, r.n_prompts, r.n_failed]
-         + [cell_text(r, n) for n in names] for r in summary.rows]))
-    out.append(" ".join(legend_lines(summary)[:1]) + "\n")
+         + [cell_text(r, n, verdict=True) for n in names] for r in summary.rows]))
+    out.append(" ".join(legend_lines(summary)[:1]) + " " + verdict_legend(summary) + "\n")
     if summary.tasks:
         out.append(markdown_table(
             ["task", "length", "configuration", "accuracy [95% CI] (correct/n), Δ paired [95% CI]", "full cache near chance"],
-            [[task_label(t), t.context_length or "", t.label, accuracy_text(t), "yes" if t.near_chance else ""]
+            [[task_label(t), t.context_length or "", t.label, accuracy_text(t, verdict=True),
+              "yes" if t.near_chance else ""]
              for t in summary.tasks]))
     if summary.flags:
         out.append("\n".join(f"- **{f.kind.replace('_', ' ')}**: {md_escape(f.message)}" for f in summary.flags)
@@ -316,4 +333,7 @@ def comparison_text(cmp: Comparison, fmt: str) -> str:
                          + (f" (x{r.ratio[n]:.3f})" if r.ratio[n] is not None else "") for n in names]
             for r in cmp.rows]
     title = f"A = {cmp.a.title}, B = {cmp.b.title} (cells: A / B (B/A))\n\n"
-    return title + markdown_table(["configuration"] + [METRIC[n].label for n in names], rows)
+    only = "".join(f"\n- only in {side}: {md_escape(', '.join(keys))}" for side, keys in
+                   (("A", cmp.only_in_a), ("B", cmp.only_in_b)) if keys)
+    return title + markdown_table(["configuration"] + [METRIC[n].label for n in names], rows) + only + (
+        "\n" if only else "")
