@@ -142,3 +142,13 @@ def test_run_list_keeps_every_column(store, db, width):
 
     assert "1 failed" in out and "complete" in out
     assert len(re.findall(r"\d{4}-\d\d-\d\d", out)) == 2  # every start date, whole
+
+
+def test_an_interval_that_excludes_zero_never_prints_a_bound_as_zero():
+    """Peak memory +1.0% [+0.0, +2.0] beside a red 'worse': the low bound was +0.0004%, so the
+    interval excluded 0, yet it printed as one that touches it."""
+    assert fmt_interval((0.0004, 2.0)) == "[+0.0004, +2.0]"
+    assert fmt_interval((-2.04, -0.00004)) == "[\u22122.0, \u22120.00004]"
+    assert fmt_interval((0.04, 1.0), 0) == "[+0.04, +1]"
+    # an interval that contains 0 keeps its usual digits (no verdict rests on them)
+    assert fmt_interval((-0.0004, 2.0)) == "[\u22120.0, +2.0]" and fmt_interval((0.0, 2.0)) == "[+0.0, +2.0]"

@@ -4,6 +4,8 @@ real minus, intervals compact ("[−8.1, +4.2]": the unit is the change's)."""
 
 from __future__ import annotations
 
+import math
+
 from knormctl.render.metrics import METRIC
 
 MINUS = "\u2212"
@@ -60,7 +62,18 @@ def fmt_interval(interval: tuple[float, float] | None, decimals: int = 1) -> str
     """'[−8.1, +4.2]' (signed: it is a change's); '' when there is none."""
     if interval is None:
         return ""
-    return f"[{_signed(interval[0], decimals)}, {_signed(interval[1], decimals)}]"
+    lo, hi = interval
+    if lo > 0 or hi < 0:  # it excludes 0 (a verdict rests on that): no bound may print as 0
+        return f"[{_nonzero(lo, decimals)}, {_nonzero(hi, decimals)}]"
+    return f"[{_signed(lo, decimals)}, {_signed(hi, decimals)}]"
+
+
+def _nonzero(x: float, decimals: int) -> str:
+    """``_signed``, with the digits a bound needs not to round to 0: '+0.0004', not '+0.0' (read
+    as an interval that touches 0 beside a 'worse' verdict)."""
+    if round(x, decimals) != 0:
+        return _signed(x, decimals)
+    return f"{x:+.{min(12, -math.floor(math.log10(abs(x))))}f}".replace("-", MINUS)
 
 
 def fmt_pct_interval(interval: tuple[float, float] | None) -> str:
