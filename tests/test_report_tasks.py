@@ -245,9 +245,14 @@ def test_task_rows_as_csv_and_markdown(store, db, ruler):
 
 
 def test_an_lm_run_has_no_task_rows(store, db):
-    data = report_json(db, "--run-id", str(fill_run(store)))
+    run = fill_run(store)
+    data = report_json(db, "--run-id", str(run))
     assert data["tasks"] == [] and data["needle_cells"] == []
     assert all(r["values"]["accuracy"] is None for r in data["rows"])
+    # --tasks: the csv's header alone, and a line that says why (exit 0: scripts loop over runs)
+    res = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--tasks", "--format", "csv"])
+    assert res.exit_code == 0 and len(res.stdout.splitlines()) == 1
+    assert res.stderr.strip() == f"run {run} (task lm) has no question-task rows: the csv holds only its header"
 
 
 def test_the_mean_over_subtasks_is_near_chance_only_when_every_subtask_is(store, db):

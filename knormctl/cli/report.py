@@ -122,6 +122,9 @@ def report(
 
                 emit(summary_page(summary, samples=rows if samples else None))
             else:
+                if tasks and not summary.tasks:  # a header alone, said: not read as a run with no answers
+                    print(f"{summary.header.title} (task {summary.header.task}) has no question-task rows: the "
+                          f"csv holds only its header", file=sys.stderr)
                 emit(export.summary_text(summary, fmt.value, rows if samples else None, tasks=tasks))
 
 
