@@ -442,3 +442,15 @@ def test_expected_attention_does_not_rotate_the_queries_of_a_layer_without_rope(
             moved.setdefault(i, []).append(press.score(cache.layers[i].keys, cache.layers[i].values, i))
     assert not torch.allclose(*moved[2])  # RoPE: where the future lies changes the scores
     torch.testing.assert_close(*moved[3])  # NoPE: it does not
+
+
+@pytest.mark.parametrize("setting", [{"num_kv_shared_layers": 2}, {"kv_sharing_modes": ["new", "reuse"]}])
+def test_layers_sharing_one_kv_cache_are_refused(setting):
+    """Gemma-3n's last layers read the KV of earlier ones (num_kv_shared_layers), other configs
+    say 'reuse': a cut of one layer would cut the others' cache too, unseen."""
+    model = _build(T.LlamaConfig, T.LlamaForCausalLM)
+    assert cut_refusal(model) is None
+    for key, value in setting.items():
+        setattr(model.config, key, value)
+    assert cut_refusal(model) == ("llama: layers share one KV cache, so a cut of one layer would silently cut the "
+                                  "others; KV-sharing models are not supported")
