@@ -454,3 +454,17 @@ def test_layers_sharing_one_kv_cache_are_refused(setting):
         setattr(model.config, key, value)
     assert cut_refusal(model) == ("llama: layers share one KV cache, so a cut of one layer would silently cut the "
                                   "others; KV-sharing models are not supported")
+
+
+def test_the_query_check_tolerates_rounding_and_nothing_more():
+    """The rebuilt queries may differ from the model's by its dtype's rounding (relative to their
+    size), not by a norm or clamp the rebuild missed: float32 within 1e-4, bfloat16 within 8 ulps."""
+    from knormctl.engine.observe import _beyond_rounding
+
+    q = torch.linspace(-1, 1, 64)
+    assert _beyond_rounding(q + 5e-5, q, torch.float32) is None
+    assert _beyond_rounding(q + 1e-3, q, torch.float32) == pytest.approx(1e-3, rel=1e-3)
+    assert _beyond_rounding(q + 0.03, q, torch.bfloat16) is None  # 8 x 2^-7 = 0.0625
+    assert _beyond_rounding(q + 0.1, q, torch.bfloat16) == pytest.approx(0.1, rel=1e-3)
+    assert _beyond_rounding(100 * q + 5e-3, 100 * q, torch.float32) is None  # relative to the queries' size
+    assert _beyond_rounding(100 * q + 5e-2, 100 * q, torch.float32) is not None
