@@ -292,29 +292,3 @@ def check_db_exists(db: str | None) -> None:
         with store.engine.connect() as conn:
             if not inspect(conn).has_table("runs"):
                 raise UsageError(f"{store.url} holds no knormctl results (no runs table)")
-
-
-@contextlib.contextmanager
-def writing_store(db: str | None):
-    """``open_store(db)`` for a run; a SQLite file this command created is removed again when
-    the command fails before storing any run (a model not found, no CUDA, a text source not
-    reachable): a refused run leaves no empty database behind."""
-    from knormctl.store import open_store, to_url
-    from knormctl.store.locations import parse_url, sqlite_file
-
-    path = sqlite_file(parse_url(to_url(db)))
-    fresh = path is not None and not path.exists()
-    store = open_store(db)
-    try:
-        yield store
-    except BaseException:
-        if fresh:
-            try:
-                empty = not store.list_runs(limit=1)
-            except Exception:  # noqa: BLE001 -- a database that fails here is not removed
-                empty = False
-            if empty:
-                store.close()
-                for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                    p.unlink(missing_ok=True)
-        raise

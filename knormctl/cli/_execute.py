@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from knormctl.cli._common import check_db_exists, db_arg, fail, fill, writing_store
+from knormctl.cli._common import check_db_exists, db_arg, fail, fill
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
@@ -44,20 +44,21 @@ class Log:
 def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resume: int | None = None,
                   verbose: bool = False) -> None:
     from knormctl.runner import resume_config
+    from knormctl.store import open_store
 
     log = Log(verbose)
     if resume is not None:
         check_db_exists(db)  # a run is continued in a database that exists: a typo creates none
-    with writing_store(db) as store:
-        if store.upgrade_note:
-            log(store.upgrade_note)
-        if resume is not None:
-            cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
-        else:
-            refuse_a_shard_stored_twice(store, cfg, db)
+    store = open_store(db)
+    if store.upgrade_note:
+        log(store.upgrade_note)
+    if resume is not None:
+        cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
+    else:
+        refuse_a_shard_stored_twice(store, cfg, db)
 
-        with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
-            _run(cfg, store, json_out, resume, log, verbose, db=db)
+    with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
+        _run(cfg, store, json_out, resume, log, verbose, db=db)
 
 
 def refuse_a_shard_stored_twice(store, cfg: RunConfig, db: str | None) -> None:

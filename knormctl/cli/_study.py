@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import Any
 
-from knormctl.cli._common import db_arg, wrapped, writing_store
+from knormctl.cli._common import db_arg, wrapped
 from knormctl.errors import KnormctlError, UsageError
 
 # options that say where and how to print, not what to measure: never study overrides
@@ -179,20 +179,13 @@ def _stored_key(run) -> str | None:
 
 def run_study(study, db: str | None, *, json_out: bool, verbose: bool) -> None:
     """Run (or continue) every planned run of ``study``, then print the study's report."""
-    from knormctl.cli._execute import Log
-
-    log = Log(verbose)
-    with writing_store(db) as store:
-        _study_runs(study, store, db, log, json_out=json_out, verbose=verbose)
-        _print_study(store, study.name, json_out, db)
-
-
-def _study_runs(study, store, db: str | None, log, *, json_out: bool, verbose: bool) -> None:
-    from knormctl.cli._execute import _run
+    from knormctl.cli._execute import Log, _run
     from knormctl.cli._signals import sigterm_interrupts
     from knormctl.runner import resume_config
-    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS
+    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
 
+    log = Log(verbose)
+    store = open_store(db)
     if store.upgrade_note:
         log(store.upgrade_note)
     stored = _check_group_is_the_studys(store, study, db)
@@ -218,6 +211,7 @@ def _study_runs(study, store, db: str | None, log, *, json_out: bool, verbose: b
                 cfg = resume_config(store, existing.id, db_arg(db))  # refused while its owner is alive
             _, loaded = _run(cfg, store, json_out, None if existing is None else existing.id, log, verbose,
                              loaded=loaded, summary=False, interrupt_hint=hint, db=db)
+    _print_study(store, study.name, json_out, db)
 
 
 def _print_study(store, group: str, json_out: bool, db: str | None) -> None:
