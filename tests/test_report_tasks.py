@@ -122,6 +122,15 @@ def test_a_mean_over_subtasks_averages_only_those_every_configuration_measured(s
     assert flag["message"].startswith("ruler at 4096 tokens: the mean over subtasks leaves out cwe"), flag
     text = runner.invoke(app, ["report", "--db", db, "--run-id", str(ruler)], env={"COLUMNS": "200"}).stdout
     assert "ruler: mean of 2-3 subtasks" in text, text
+    # knorm down to one subtask at 4096: no mean there for anyone (the full cache's went unsaid)
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM samples WHERE run_id = ? AND config_key = ? AND subtask = ? AND context_length = ?",
+                    (ruler, KNORM, "vt", 4096))
+    data = report_json(db, "--run-id", str(ruler))
+    assert not [t for t in data["tasks"] if t["subtask"] is None and t["context_length"] == 4096]
+    [flag] = [f for f in data["flags"] if f["kind"] == "mean_left_out"]
+    assert flag["message"].startswith("ruler at 4096 tokens: no mean over subtasks: cwe, vt, which not every "
+                                      "configuration measured"), flag
 
 
 def test_questions_that_all_agree_are_not_read_as_certainty(store, db):

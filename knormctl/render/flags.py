@@ -224,16 +224,26 @@ def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
         flags.append(Flag("near_chance", f"{task} {sub}{where}: the full cache itself is near chance (accuracy {at}), "
                                          f"so the model cannot do this task and compression results there mean "
                                          f"nothing.", refs[0].config_key))
-    left: dict[tuple, list[int | None]] = defaultdict(list)
+    # from the subtask rows, not the mean rows: where fewer than 2 subtasks are common there is
+    # no mean row to carry the news, and the full cache's mean is gone all the same
+    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for t in tasks:
-        if t.subtask is None and t.left_out and t.context_length not in left[(t.task, tuple(t.left_out))]:
-            left[(t.task, tuple(t.left_out))].append(t.context_length)
-    for (task, subs), lengths in left.items():
+        if t.subtask is not None:
+            have[(t.task, t.context_length)][t.config_key].add(t.subtask)
+    left: dict[tuple, list[int | None]] = defaultdict(list)
+    for (task, length), by_config in have.items():
+        union, common = set.union(*by_config.values()), set.intersection(*by_config.values())
+        if len(union) > 1 and common != union:
+            left[(task, tuple(sorted(union - common)), len(common) > 1)].append(length)
+    for (task, subs, mean), lengths in left.items():
         at = [str(n) for n in sorted(n for n in lengths if n is not None)]
         where = f" at {', '.join(at)} tokens" if at else ""
-        flags.append(Flag("mean_left_out", f"{task}{where}: the mean over subtasks leaves out {', '.join(subs)}, "
-                                           f"which not every configuration measured (an interrupted run or failed "
-                                           f"cells); read {'it' if len(subs) == 1 else 'them'} per subtask."))
+        them = "it" if len(subs) == 1 else "them"
+        why = "not every configuration measured (an interrupted run or failed cells)"
+        text = (f"the mean over subtasks leaves out {', '.join(subs)}, which {why}; read {them} per subtask" if mean
+                else f"no mean over subtasks: {', '.join(subs)}, which {why}, would leave fewer than 2 to average; "
+                     f"read the subtasks one by one")
+        flags.append(Flag("mean_left_out", f"{task}{where}: {text}."))
     return flags
 
 
