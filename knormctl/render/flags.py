@@ -11,7 +11,7 @@ from typing import Any
 from knormctl.render.header import DIFFER_LABELS, RunHeader
 from knormctl.render.metrics import DETECTABLE_EFFECT, METRIC, METRICS
 from knormctl.render.rows import ASSUMED_NOISE_PCT, ConfigRow
-from knormctl.render.tasks import TaskRow
+from knormctl.render.tasks import TaskRow, subtask_coverage
 
 # Below this many prompts a 95% interval over prompts is optimistic: even the full range of
 # n prompts covers their median only 1 - 2 * 0.5**n of the time (75% at 3, 97% at 6).
@@ -226,13 +226,8 @@ def task_flags(tasks: Sequence[TaskRow]) -> list[Flag]:
                                          f"nothing.", refs[0].config_key))
     # from the subtask rows, not the mean rows: where fewer than 2 subtasks are common there is
     # no mean row to carry the news, and the full cache's mean is gone all the same
-    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for t in tasks:
-        if t.subtask is not None:
-            have[(t.task, t.context_length)][t.config_key].add(t.subtask)
     left: dict[tuple, list[int | None]] = defaultdict(list)
-    for (task, length), by_config in have.items():
-        union, common = set.union(*by_config.values()), set.intersection(*by_config.values())
+    for (task, length), (union, common) in subtask_coverage(tasks).items():
         if len(union) > 1 and common != union:
             left[(task, tuple(sorted(union - common)), len(common) > 1)].append(length)
     for (task, subs, mean), lengths in left.items():

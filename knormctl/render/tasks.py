@@ -152,6 +152,16 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
     return rows, _needles(scored, labels)
 
 
+def subtask_coverage(rows: Sequence[TaskRow]) -> dict[tuple, tuple[set[str], set[str]]]:
+    """Per (task, length), from the subtask rows: the subtasks some configuration measured, and
+    those every configuration measured (what a mean over subtasks may average)."""
+    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        if r.subtask is not None:
+            have[(r.task, r.context_length)][r.config_key].add(r.subtask)
+    return {k: (set.union(*by.values()), set.intersection(*by.values())) for k, by in have.items()}
+
+
 def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list[TaskRow]:
     """The mean over subtasks, per task x length x configuration (only where a task has several),
     over the subtasks every configuration measured at that length: an interrupted or failed run's
@@ -160,13 +170,11 @@ def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list
     by: dict[tuple, list[TaskRow]] = defaultdict(list)
     for r in rows:
         by[(r.task, r.context_length, r.config_key)].append(r)
-    have: dict[tuple, list[set[str]]] = defaultdict(list)
-    for (task, length, _), subs in by.items():
-        have[(task, length)].append({r.subtask for r in subs})
+    coverage = subtask_coverage(rows)
     out = []
     for (task, length, key), subs in by.items():
-        common = set.intersection(*have[(task, length)])
-        left_out = sorted(set.union(*have[(task, length)]) - common)
+        some, common = coverage[(task, length)]
+        left_out = sorted(some - common)
         subs = sorted((r for r in subs if r.subtask in common), key=lambda r: r.subtask)
         if len(subs) < 2:
             continue
