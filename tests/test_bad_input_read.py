@@ -48,6 +48,11 @@ CASES = [
     (["report", "--run-id", "x"], "Error: Invalid value for '--run-id': 'x' is not an integer"),
     (["report", "--list", "--limit=1.5"], "Error: Invalid value for '--limit': '1.5' is not an integer"),
     (["runs", "delete", "x"], "Error: Invalid value for 'RUN_ID': not an integer"),
+    # an empty path (`-o "$UNSET"`) is Path(""), the current folder: it wrote the figures there
+    (["plot", "-o", ""], "Error: Invalid value for '--out' / '-o': empty (give a path)"),
+    (["report", "--format", "json", "-o", ""], "Error: Invalid value for '--output' / '-o': empty"),
+    (["export", "--run-id", "1", "-o", " "], "Error: Invalid value for '-o' / '--output': empty"),
+    (["import", ""], "Error: Invalid value for 'FILE': empty"),
 ]
 
 
@@ -56,7 +61,8 @@ def _digest(path: Path) -> str:
 
 
 @pytest.mark.parametrize("args,message", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_input_to_report_and_plot(tmp_path, args, message):
+def test_bad_input_to_report_and_plot(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     db = tmp_path / "r.db"
     with open_store(str(db)) as store:
         fill_run(store)
@@ -74,6 +80,8 @@ def test_bad_input_to_report_and_plot(tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert {p: _digest(p) for p in (db, not_db)} == before
+    written = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("r.db-"))  # SQLite's -wal/-shm
+    assert written == ["adir", "notes.txt", "r.db"]
 
 
 def test_report_list_takes_a_limit_larger_than_the_database_can_hold(tmp_path):

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterator
 from typing import Annotated
 
+from pathlib import Path
+
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -84,6 +86,14 @@ def _not_empty(instead: str):
             raise typer.BadParameter(f"empty ({instead})")
         return value
     return check
+
+
+def nonempty_path(value) -> Path:
+    """A typer ``parser`` for path parameters: ``Path("")`` is the current folder, so an empty
+    value (``-o "$UNSET"``) would silently write figures or a file there; it is refused."""
+    if not str(value).strip():
+        raise typer.BadParameter("empty (give a path)")
+    return Path(value)
 
 
 DbOpt = Annotated[

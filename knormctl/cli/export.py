@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary, nonempty_path
 
 
 def export(
-    out: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="File to write (JSON Lines; a name ending in .gz is compressed).")],
+    out: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", parser=nonempty_path, help="File to write (JSON Lines; a name ending in .gz is compressed).")],
     run_id: Annotated[list[int] | None, typer.Option("--run-id", metavar="N", help="A run to export (repeat for several).")] = None,
     group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Export every run tagged with this group.")] = None,
     db: DbOpt = None,

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary, nonempty_path
 
 
 def import_results(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A file written by `knormctl export`.", show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", parser=nonempty_path, help="A file written by `knormctl export`.", show_default=False)],
     db: DbOpt = None,
 ) -> None:
     """Load a file written by `knormctl export` into the database, without duplicates.

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary, nonempty_path
 from knormctl.files import written_together
 
 
@@ -24,7 +24,7 @@ def plot(
     last: Annotated[bool, typer.Option("--last", help="Plot the newest run (the default).")] = False,
     group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Merge the runs tagged with this group.")] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", metavar="FOLDER", help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
+        "--out", "-o", metavar="FOLDER", parser=nonempty_path, help="Folder for the files (default: ./knormctl-plots/run-N/ or group-NAME/).")] = None,
     fmt: Annotated[ImageFormat, typer.Option("--format", metavar="FMT", help="png or svg.")] = ImageFormat.png,
     db: DbOpt = None,
 ) -> None:

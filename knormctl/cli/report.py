@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary
+from knormctl.cli._common import DbOpt, error_boundary, nonempty_path
 from knormctl.cli._select import load_samples, select_runs, study_view  # noqa: F401  (plot, tests use them)
 
 
@@ -35,7 +35,7 @@ def report(
         "--format", metavar="FMT", help="table (rich), or json / csv / markdown / html (one self-contained page with the "
                          "figures) on stdout or into --output.")] = Format.table,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE", help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
+        "--output", "-o", metavar="FILE", parser=nonempty_path, help="Write json / csv / markdown / html into this file instead of stdout.")] = None,
     group: Annotated[str | None, typer.Option("--group", metavar="NAME", help="Merge the runs tagged with this group.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N", help="How many runs --list shows (20).")] = None,
     db: DbOpt = None,
