@@ -385,20 +385,32 @@ def test_a_window_press_scores_with_the_attention_the_model_computes_in_every_la
         torch.testing.assert_close(mine, theirs.float(), atol=1e-5, rtol=1e-4, msg=f"{name} layer {i}")
 
 
-def test_expected_attention_leaves_a_dynamic_rope_as_it_found_it():
+ROPES = {
+    # grows: a new inv_freq buffer once positions pass those cached
+    "dynamic": (128, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, 200),
+    # switches: the long factors are copied INTO the inv_freq buffer (in place, for CUDA graphs)
+    # once positions pass the original 128; the prompt stays below, so the model uses the short ones
+    "longrope": (512, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+                       "original_max_position_embeddings": 128,
+                       "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}, 100),
+}
+
+
+@pytest.mark.parametrize("kind", ROPES)
+def test_expected_attention_leaves_a_stateful_rope_as_it_found_it(kind):
     """Expected Attention rotates by the RoPE of 512 positions the model never saw; a
-    dynamic-NTK embedding grew its frequencies in place for them, so every later run in the
-    process (the full cache's included) generated with another RoPE than a fresh model's."""
+    dynamic-NTK embedding grew its frequencies for them, and a LongRoPE one switched its
+    buffer to the long factors, so the module no longer held what the model had set."""
     from knormctl.engine.observe import decoder_base, install_observers
     from knormctl.engine.presses.attention import ExpectedAttentionPress
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(**{**COMMON, "max_position_embeddings": 128}, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
-                                                                "rope_theta": 10000.0})
+    max_positions, rope, n = ROPES[kind]
+    cfg = T.LlamaConfig(**{**COMMON, "max_position_embeddings": max_positions}, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope)
     model = T.LlamaForCausalLM(cfg).eval()
     rotary = decoder_base(model).rotary_emb
-    ids = _prompt(200)  # beyond the 128 positions it was trained for: the frequencies scale
+    ids = _prompt(n)
     with torch.inference_mode():
         before = model(input_ids=ids).logits
     state = (rotary.inv_freq.clone(), rotary.max_seq_len_cached)
@@ -411,7 +423,7 @@ def test_expected_attention_leaves_a_dynamic_rope_as_it_found_it():
     finally:
         for h in handles:
             h.remove()
-    assert scores.shape[-1] == 200 and press._rope[0] == 200  # it did rotate to positions 200..711
+    assert scores.shape[-1] == n and press._rope[0] == n  # it did rotate to positions n..n+511
     assert rotary.max_seq_len_cached == state[1] and torch.equal(rotary.inv_freq, state[0])
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -37,17 +37,24 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float |
 
 def rope_at(rotary, like: torch.Tensor, position_ids: torch.Tensor):
     """(cos, sin) of the model's rotary embedding at ``position_ids``, leaving the module as it
-    was: dynamic-NTK and LongRoPE embeddings grow their frequencies in place when asked for a
-    position beyond those seen (``dynamic_rope_update``), and positions a press only imagines
-    would change the model's own RoPE for every later generation in the process (kvpress does)."""
+    was. ``dynamic_rope_update`` keeps state: a dynamic-NTK embedding replaces its frequencies
+    when asked for a position beyond those seen, and a LongRoPE one copies its long factors into
+    the same buffer (in place, so CUDA graphs see it). Positions a press only imagines would leave
+    the model's RoPE changed for every later generation in the process (kvpress does): the
+    buffers' objects and contents and the plain attributes are put back."""
     if not isinstance(rotary, torch.nn.Module):  # a plain function of positions holds no state
         return rotary(like, position_ids)
-    buffers = dict(rotary._buffers)
+    buffers = {k: (v, None if v is None else v.clone()) for k, v in rotary._buffers.items()}
     attrs = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
     try:
         return rotary(like, position_ids)
     finally:
-        rotary._buffers.update(buffers)
+        for k in [k for k in rotary._buffers if k not in buffers]:
+            del rotary._buffers[k]
+        for k, (tensor, contents) in buffers.items():
+            if tensor is not None:
+                tensor.copy_(contents)  # the object the model (or a captured graph) holds
+            rotary._buffers[k] = tensor
         for k in [k for k in vars(rotary) if not k.startswith("_") and k not in attrs]:
             delattr(rotary, k)
         for k, v in attrs.items():
