@@ -45,11 +45,12 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
                   verbose: bool = False) -> None:
     from knormctl.runner import resume_config
     from knormctl.store import open_store
+    from knormctl.store.db import open_store_for_run
 
     log = Log(verbose)
     if resume is not None:
         check_db_exists(db)  # a run is continued in a database that exists: a typo creates none
-    store = open_store(db)
+    store = open_store(db) if resume is not None else open_store_for_run(db)  # a new file: once the run starts
     if store.upgrade_note:
         log(store.upgrade_note)
     if resume is not None:

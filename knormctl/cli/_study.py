@@ -182,10 +182,11 @@ def run_study(study, db: str | None, *, json_out: bool, verbose: bool) -> None:
     from knormctl.cli._execute import Log, _run
     from knormctl.cli._signals import sigterm_interrupts
     from knormctl.runner import resume_config
-    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS, open_store
+    from knormctl.store import COMPLETE, COMPLETE_WITH_ERRORS
+    from knormctl.store.db import open_store_for_run
 
     log = Log(verbose)
-    store = open_store(db)
+    store = open_store_for_run(db)  # a new file is created when the first run starts, not by a refused one
     if store.upgrade_note:
         log(store.upgrade_note)
     stored = _check_group_is_the_studys(store, study, db)

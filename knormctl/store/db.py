@@ -26,7 +26,7 @@ from knormctl.store.migrate import SCHEMA_HEAD, alembic_config, check_readable, 
 from knormctl.store.migrate import migrate as migrate_schema  # `migrate` is open_store's flag
 from knormctl.store.models import utcnow
 
-__all__ = ["open_store", "Store", "STATUSES", "SCHEMA_HEAD", "default_db_path", "default_db_url", "to_url",
+__all__ = ["open_store", "open_store_for_run", "Store", "STATUSES", "SCHEMA_HEAD", "default_db_path", "default_db_url", "to_url",
            "utcnow", "make_engine", "alembic_config", "migrations_dir"]
 
 
@@ -50,26 +50,7 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
     Every failure is a ``StoreError`` with one line (no password in it), and a location
     that is refused (missing, a directory, not a SQLite file, damaged) is left exactly as it was.
     """
-    default = is_default(url_or_path)
-    url_text = to_url(url_or_path)
-    if default and not readonly:
-        default_db_path().parent.mkdir(parents=True, exist_ok=True)  # only the default folder is ours to create
-    url = parse_url(url_text)
-    shown = shown_url(url)
-    path = sqlite_file(url)
-    if path is not None and url.query:  # the driver would ignore them, with a two-line warning
-        raise StoreError(f"{shown}: knormctl does not use SQLite URL arguments ({', '.join(url.query)}); give "
-                         "the plain path or sqlite:///PATH")
-    if path is None and url.get_backend_name() == "sqlite" and not readonly and not (url.database or "").startswith(
-            "file:"):
-        raise StoreError(f"{shown} is an in-memory database: what a run stores there is gone when it ends "
-                         "(give a file path)")
-    if path is not None:
-        if readonly and default and not path.exists():
-            raise StoreError(f"no results database at {path} yet (run `knormctl sweep` or `knormctl baseline` "
-                             "first, or name one with --db)")
-        (check_sqlite_file_to_read if readonly else check_sqlite_file)(path)
-        shown = str(path)
+    url, shown, path = _checked_location(url_or_path, readonly)
     try:
         engine = make_engine(url, readonly=readonly)
     except (NoSuchModuleError, ImportError) as exc:
@@ -102,3 +83,63 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
     store.backup_path = backup
     return store
 
+
+def _checked_location(url_or_path, readonly: bool):
+    """(URL, the name shown in messages, the SQLite file or None), or one line (StoreError) for a
+    location that cannot hold the database; nothing is created but the default folder."""
+    default = is_default(url_or_path)
+    url_text = to_url(url_or_path)
+    if default and not readonly:
+        default_db_path().parent.mkdir(parents=True, exist_ok=True)  # only the default folder is ours to create
+    url = parse_url(url_text)
+    shown = shown_url(url)
+    path = sqlite_file(url)
+    if path is not None and url.query:  # the driver would ignore them, with a two-line warning
+        raise StoreError(f"{shown}: knormctl does not use SQLite URL arguments ({', '.join(url.query)}); give "
+                         "the plain path or sqlite:///PATH")
+    if path is None and url.get_backend_name() == "sqlite" and not readonly and not (url.database or "").startswith(
+            "file:"):
+        raise StoreError(f"{shown} is an in-memory database: what a run stores there is gone when it ends "
+                         "(give a file path)")
+    if path is not None:
+        if readonly and default and not path.exists():
+            raise StoreError(f"no results database at {path} yet (run `knormctl sweep` or `knormctl baseline` "
+                             "first, or name one with --db)")
+        (check_sqlite_file_to_read if readonly else check_sqlite_file)(path)
+        shown = str(path)
+    return url, shown, path
+
+
+def open_store_for_run(url_or_path: str | os.PathLike | None = None) -> Store | StoreOnFirstUse:
+    """``open_store`` for a run (``sweep``, ``baseline``), except that a SQLite file that does not
+    exist yet is created only when the run first needs it: after the model loaded and every check
+    on its input passed, so a run refused on bad input (an unknown model, a prompt too long for
+    it) leaves no empty database behind. The location is checked now, before the model loads.
+    (Deleting the new file after a refusal instead is unsafe: another sweep may have opened the
+    same new file meanwhile.)"""
+    _, _, path = _checked_location(url_or_path, readonly=False)
+    if path is None or path.exists():
+        return open_store(url_or_path)
+    return StoreOnFirstUse(url_or_path)
+
+
+class StoreOnFirstUse:
+    """A ``Store`` opened (and its file created) at the first use of any of its methods. Until
+    then it knows the file did not exist: no upgrade to note, no runs in any group."""
+
+    upgrade_note = None
+
+    def __init__(self, url_or_path):
+        self._url_or_path, self._store = url_or_path, None
+
+    @property
+    def opened(self) -> bool:
+        return self._store is not None
+
+    def runs_in_group(self, group: str) -> list:
+        return self._store.runs_in_group(group) if self._store is not None else []
+
+    def __getattr__(self, name):  # only what the class does not define: the Store's API
+        if self._store is None:
+            self._store = open_store(self._url_or_path)
+        return getattr(self._store, name)
