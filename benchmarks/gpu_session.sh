@@ -5,8 +5,8 @@
 # f: the decode step vs the memory floor, --decode-step launched/static/graph; g: capacity at 70 GiB).
 # Output lands in $OUT (the device tool's folder) or ./gpu-out, one file per step.
 #
-#   bash benchmarks/gpu_session.sh            # parts efg
-#   bash benchmarks/gpu_session.sh ef         # skip the capacity search (about 5 minutes)
+#   bash benchmarks/gpu_session.sh            # parts ef (170 s at most), then g (250 s at most)
+#   bash benchmarks/gpu_session.sh ef         # skip the capacity search (one call, 420 s at most)
 #   KNORMCTL_COMMIT=<hash> bash benchmarks/gpu_session.sh   # the device's copy has no .git: name the commit
 #
 # The CUDA image holds torch, transformers, accelerate, typer, rich and matplotlib, which is
@@ -30,4 +30,11 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
   || { echo "no CUDA GPU here: nothing to check (gpu_check.py would build the 8B shape on the CPU)" >&2; exit 1; }
 # -k: a step still running 10 s after its TERM (a long CUDA call) is killed, so the next one starts
 timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
-timeout -k 10 420 python3 benchmarks/gpu_check.py --device cuda --parts "${1:-efg}" 2>&1 | tee "$out/gpu_check.txt"
+if [ -z "${1:-}" ]; then
+  # two calls, so an overrun of the capacity search (g: ~74 row prefills of 32k tokens, estimated
+  # 150-190 s on an H200) cannot take e and f's summary with it: 170 + 250 s, as the 420 s of one
+  timeout -k 10 170 python3 benchmarks/gpu_check.py --device cuda --parts ef 2>&1 | tee "$out/gpu_check.txt"
+  timeout -k 10 250 python3 benchmarks/gpu_check.py --device cuda --parts g 2>&1 | tee "$out/gpu_check_g.txt"
+else
+  timeout -k 10 420 python3 benchmarks/gpu_check.py --device cuda --parts "$1" 2>&1 | tee "$out/gpu_check.txt"
+fi

@@ -53,7 +53,9 @@ def static_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """One decode query per row against a whole buffer: ``query`` (B, H, 1, d), ``key``/``value``
     (B, KV, cap, d), ``attention_mask`` (B, 1, 1, cap) boolean, True where an entry is live.
     Query heads are grouped under their key head (H = KV x g), so each key and value is read
-    once per step, not once per query head; scores and softmax in float32. Returns the
+    once per step, not once per query head; the scores in the model's dtype (as transformers'
+    eager attention: a float32 product would need an upcast copy of the whole buffer, or
+    ``bmm(out_dtype=)``, which is CUDA-only), scaled, masked and softmaxed in float32. Returns the
     (B, 1, H, d) output transformers' attention functions return, and no weights. Arguments in
     transformers' order (kvpress's wrapper of every registered function passes ``dropout`` 6th)."""
     if query.shape[2] != 1 or dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
@@ -196,7 +198,18 @@ class StaticStep:
         graph = torch.cuda.CUDAGraph()
         # on the model's device's side stream: torch.cuda.graph's default stream belongs to the
         # current device, which for a model on cuda:1 would record nothing of its kernels
-        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
-            self.logits = self._forward()
+        before = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
+                self.logits = self._forward()
+        except BaseException:
+            # a failed recording: torch.cuda.graph's exit raises in capture_end() before it gives
+            # the stream back, so the process would go on queueing its work on the side stream
+            torch.cuda.set_stream(before)
+            try:
+                torch.cuda.synchronize(device)
+            except Exception:  # noqa: BLE001 -- the recording's own error is the one to report
+                pass
+            raise
         self.graph = graph
         self.captures += 1
