@@ -429,6 +429,26 @@ def test_expected_attention_leaves_a_stateful_rope_as_it_found_it(kind):
         torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
+def test_rope_at_restores_a_buffer_made_in_inference_mode_from_outside_it():
+    """A dynamic-NTK embedding's grown inv_freq, made in a forward under inference_mode, is an
+    inference tensor: restoring its contents in place outside inference mode (the cut may run
+    there) raised 'Inplace update to inference tensor outside InferenceMode'."""
+    from knormctl.engine.observe import decoder_base
+    from knormctl.engine.presses.attention import rope_at
+
+    cfg = T.LlamaConfig(**{**COMMON, "max_position_embeddings": 128}, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 10000.0})
+    model = T.LlamaForCausalLM(cfg).eval()
+    rotary = decoder_base(model).rotary_emb
+    with torch.inference_mode():
+        model(input_ids=_prompt(200))  # grows: a new inv_freq buffer, an inference tensor
+    state = rotary.inv_freq.clone()
+    with torch.no_grad():
+        rope_at(rotary, torch.zeros(1, dtype=torch.float32), torch.arange(300, 900)[None])  # grows further
+    assert torch.equal(rotary.inv_freq, state)
+
+
 def test_expected_attention_does_not_rotate_the_queries_of_a_layer_without_rope():
     """SmolLM3's layer 3 has no RoPE: its future queries are its past ones, so its scores do
     not depend on where the future positions lie; a rotating layer's do."""

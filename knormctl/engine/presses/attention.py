@@ -52,8 +52,9 @@ def rope_at(rotary, like: torch.Tensor, position_ids: torch.Tensor):
         for k in [k for k in rotary._buffers if k not in buffers]:
             del rotary._buffers[k]
         for k, (tensor, contents) in buffers.items():
-            if tensor is not None:
-                tensor.copy_(contents)  # the object the model (or a captured graph) holds
+            if tensor is not None and not torch.equal(tensor, contents):
+                with torch.inference_mode():  # it may be an inference tensor (made in an earlier forward)
+                    tensor.copy_(contents)  # the object the model (or a captured graph) holds
             rotary._buffers[k] = tensor
         for k in [k for k in vars(rotary) if not k.startswith("_") and k not in attrs]:
             delattr(rotary, k)
