@@ -127,6 +127,26 @@ def test_a_missing_folder_is_refused_and_not_created(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_a_run_creates_a_new_file_only_when_it_first_uses_the_store(tmp_path):
+    """open_store_for_run: the location is checked at once, the file made at the first real use
+    (a run refused after the command opened its store left an empty database behind)."""
+    import copy
+
+    from knormctl.store.db import open_store_for_run
+
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store_for_run(tmp_path / "no" / "r.db")
+    path = tmp_path / "r.db"
+    with open_store_for_run(path) as store:
+        assert store.runs_in_group("g") == [] and store.upgrade_note is None
+        assert not hasattr(store, "_engine") and copy.copy(store) is not None  # probes open nothing
+        assert not path.exists()
+        run_id = new_run(store, group_name="g")
+        assert path.exists() and [r.id for r in store.runs_in_group("g")] == [run_id]
+    with open_store_for_run(path) as again:  # an existing file is opened at once, as open_store does
+        assert type(again).__name__ == "Store" and again.get_run(run_id).group_name == "g"
+
+
 def test_an_unwritable_folder_is_refused_even_for_root(tmp_path, monkeypatch):
     # (tests/test_read_only.py refuses a really read-only folder, in a process held to permissions)
     import knormctl.store.locations as db

@@ -124,10 +124,9 @@ def open_store_for_run(url_or_path: str | os.PathLike | None = None) -> Store | 
 
 
 class StoreOnFirstUse:
-    """A ``Store`` opened (and its file created) at the first use of any of its methods. Until
-    then it knows the file did not exist: no upgrade to note, no runs in any group."""
-
-    upgrade_note = None
+    """A ``Store`` opened (and its file created) at the first use of any of its public methods or
+    attributes. Until then it knows the file did not exist: no upgrade to note, no runs in any
+    group. One thread uses it until it is open (the run's heartbeat starts after its row)."""
 
     def __init__(self, url_or_path):
         self._url_or_path, self._store = url_or_path, None
@@ -136,10 +135,23 @@ class StoreOnFirstUse:
     def opened(self) -> bool:
         return self._store is not None
 
+    @property
+    def upgrade_note(self) -> str | None:
+        return self._store.upgrade_note if self._store is not None else None
+
     def runs_in_group(self, group: str) -> list:
         return self._store.runs_in_group(group) if self._store is not None else []
 
-    def __getattr__(self, name):  # only what the class does not define: the Store's API
+    def __enter__(self) -> StoreOnFirstUse:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __getattr__(self, name):  # only what the class does not define: the Store's public API
+        if name.startswith("_"):  # copy, pickle and hasattr probes must neither recurse nor create the file
+            raise AttributeError(name)
         if self._store is None:
             self._store = open_store(self._url_or_path)
         return getattr(self._store, name)
