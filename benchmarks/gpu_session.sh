@@ -29,12 +29,19 @@ cat "$out/machine.txt"
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || { echo "no CUDA GPU here: nothing to check (gpu_check.py would build the 8B shape on the CPU)" >&2; exit 1; }
 # -k: a step still running 10 s after its TERM (a long CUDA call) is killed, so the next one starts
+rc=0  # the first step's failure (a failed test, 124 for a timeout) is the script's exit code
 timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt"
+status=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] || rc=$status
 if [ -z "${1:-}" ]; then
-  # two calls, so an overrun of the capacity search (g: ~74 row prefills of 32k tokens, estimated
-  # 150-190 s on an H200) cannot take e and f's summary with it: 170 + 250 s, as the 420 s of one
+  # two processes, so an overrun of the capacity search (g: ~74 row prefills of 32k tokens,
+  # estimated 150-190 s on an H200) cannot take e and f's summary with it: 170 + 250 s, as the
+  # 420 s of one call (g builds the model again and makes its own graph trial: ~20 s)
   timeout -k 10 170 python3 benchmarks/gpu_check.py --device cuda --parts ef 2>&1 | tee "$out/gpu_check.txt"
+  status=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] || rc=$status
   timeout -k 10 250 python3 benchmarks/gpu_check.py --device cuda --parts g 2>&1 | tee "$out/gpu_check_g.txt"
+  status=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] || rc=$status
 else
   timeout -k 10 420 python3 benchmarks/gpu_check.py --device cuda --parts "$1" 2>&1 | tee "$out/gpu_check.txt"
+  status=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] || rc=$status
 fi
+exit "$rc"

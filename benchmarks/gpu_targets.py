@@ -133,7 +133,8 @@ def decode_steps(model, ids, device: str) -> tuple[list[str], str | None]:
     """The ways to run a decode step here (``--decode-step``): launched and static everywhere, and
     graph on CUDA after one short trial: where the recording fails, the error, and the other ways
     and every other part still run (the recording has not been run on a GPU before). Tried once
-    per model: (g) reuses (f)'s answer (another 32k prefill, and a failed recording made twice)."""
+    per model: in one process (``--parts efg``) (g) reuses (f)'s answer; gpu_session.sh runs g in
+    a process of its own, which makes its own trial (one more 32k prefill)."""
     from knormctl.engine.loop import run_generation
 
     if device != "cuda":
@@ -146,8 +147,11 @@ def decode_steps(model, ids, device: str) -> tuple[list[str], str | None]:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # what the failed recording held, before the next part measures memory
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # what the failed recording held, before the next part measures memory
+        except Exception:  # noqa: BLE001 -- the recording's error is the one reported
+            pass
     else:
         error = None if res.static_steps == 3 else f"only {res.static_steps} of 3 steps ran as the static step"
     if error:

@@ -205,7 +205,8 @@ class StaticStep:
         except BaseException:
             # a failed recording: torch.cuda.graph's exit raises in capture_end() before it gives
             # the stream back, so the process would go on queueing its work on the side stream
-            torch.cuda.set_stream(before)
+            with torch.cuda.device(device):  # set_stream also makes the stream's device current
+                torch.cuda.set_stream(before)
             try:
                 torch.cuda.synchronize(device)
             except Exception:  # noqa: BLE001 -- the recording's own error is the one to report
