@@ -426,3 +426,31 @@ def test_the_no_compression_flag_reads_a_question_tasks_context_not_its_question
     report = runner.invoke(app, ["report", "--db", str(db), "--format", "json"])
     [flag] = [f for f in json.loads(report.stdout)["flags"] if f["kind"] == "no_compression"]
     assert f"none exceeded prune_after={context}: the longest was {context} tokens" in flag["message"], flag
+
+
+def test_a_run_refused_after_the_database_opened_leaves_no_new_database(tiny_llama_dir, books_dir, tmp_path,
+                                                                          monkeypatch):
+    """No CUDA is found only once the run prepares, after the command opened its store: the
+    refusal (exit 2) left an empty 64 KiB database with its tables behind, a sweep's and a
+    study's (the new file is now created when the run starts). A database that existed before
+    keeps what it had."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    db = tmp_path / "new.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--device", "cuda",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 2 and "CUDA is not available" in res.stderr, res.output
+    assert list(tmp_path.iterdir()) == []
+    study = tmp_path / "s.toml"
+    study.write_text(f'name = "s"\nmodel = "{tiny_llama_dir}"\ndevice = "cuda"\ndtype = ["float32", "bfloat16"]\n'
+                     f'wikitext_source = "text:{books_dir}"\npg19_source = "text:{books_dir}"\n')
+    res = runner.invoke(app, ["sweep", "--config", str(study), "--db", str(db)])
+    assert res.exit_code == 2 and "CUDA is not available" in res.stderr, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+    res = runner.invoke(app, ["baseline", *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.5", "--device", "cuda",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 2 and db.exists()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM runs").fetchone() == (1,)

@@ -26,8 +26,8 @@ from knormctl.store.migrate import SCHEMA_HEAD, alembic_config, check_readable, 
 from knormctl.store.migrate import migrate as migrate_schema  # `migrate` is open_store's flag
 from knormctl.store.models import utcnow
 
-__all__ = ["open_store", "open_store_for_run", "Store", "STATUSES", "SCHEMA_HEAD", "default_db_path", "default_db_url", "to_url",
-           "utcnow", "make_engine", "alembic_config", "migrations_dir"]
+__all__ = ["open_store", "open_store_for_run", "Store", "STATUSES", "SCHEMA_HEAD", "default_db_path",
+           "default_db_url", "to_url", "utcnow", "make_engine", "alembic_config", "migrations_dir"]
 
 
 def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = True,
@@ -130,10 +130,6 @@ class StoreOnFirstUse:
 
     def __init__(self, url_or_path):
         self._url_or_path, self._store = url_or_path, None
-
-    @property
-    def opened(self) -> bool:
-        return self._store is not None
 
     @property
     def upgrade_note(self) -> str | None:
