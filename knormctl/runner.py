@@ -215,16 +215,22 @@ class Runner:
                 raise UsageError(f"cannot resume run {self.run_id}: sample {i} no longer has the same text "
                                  "(the text source or tokenizer changed)")
 
-    def warm_up(self) -> list:
+    def warm_up(self, done: set = frozenset()) -> list:
         """Untimed generations first, so no configuration pays for a cold start (see
-        ``warm_up_plan``): every planned configuration runs before any is timed. Returns their
-        results, full cache first (their speed is a first estimate of the run's length), and
-        sets ``warm_rows`` and ``warm_prompt_tokens`` (they run the batch of the longest prompt)."""
+        ``warm_up_plan``): every configuration still to measure runs before any is timed (a
+        resumed run warms up only what it has left: ``done`` holds the stored (sample,
+        configuration, round) cells). Returns their results, full cache first (their speed is a
+        first estimate of the run's length), and sets ``warm_rows`` and ``warm_prompt_tokens``
+        (they run the batch of the longest prompt left)."""
         from knormctl.engine.loop import run_generation
 
-        planned = list({c.config.key: c.config for c in self.cells}.values())
+        todo = [b for b in self.batches if not all((c.sample_index, c.config.key, c.repeat) in done for c in b)]
+        if not todo:
+            return []
+        self.progress("warm-up (untimed)")
+        planned = list({c.config.key: c.config for b in todo for c in b}.values())
         # the batch of the longest prompt, as many rows as the largest batch: the shapes the run allocates
-        longest = max(self.batches, key=lambda b: (len(self.samples[b[0].sample_index].prompt_ids), len(b)))
+        longest = max(todo, key=lambda b: (len(self.samples[b[0].sample_index].prompt_ids), len(b)))
         split = [self._split(self.samples[c.sample_index]) for c in longest]
         ids, question = _block(split)
         self.warm_rows = len(split)
@@ -267,8 +273,7 @@ class Runner:
         beat = _Heartbeat(self.store, run_id)
         try:
             if self.cfg.warmup:
-                self.progress("warm-up (untimed)")
-                self.on_warmed_up(self.warm_up())
+                self.on_warmed_up(self.warm_up(done_before))
             self._run_cells(out, done_before)
         except KeyboardInterrupt as exc:  # why, not how far: the report counts the stored cells itself
             out.status = m.INTERRUPTED

@@ -78,3 +78,46 @@ def test_repeats_store_one_row_per_round_and_resume_fills_missing_rounds(tiny_ll
     assert (out["measured"], out["done"], out["planned"]) == (2, 8, 8)  # the two lost cells, of all 8
     again = con.execute("SELECT sample_index, config_key, repeat FROM samples WHERE run_id=?", (run_id,)).fetchall()
     assert len(again) == 8 and len(set(again)) == 8
+
+
+def test_a_resumed_run_warms_up_only_the_configurations_it_has_left(tiny_llama_dir, books_dir, tmp_path,
+                                                                    monkeypatch):
+    """A resume measures a few cells: warming every planned configuration up again on the
+    longest prompt would cost more than the cells themselves (a quarter of the example study's
+    bfloat16 run on an AVX2 CPU). It warms up what it will time, on the shapes it will run."""
+    import knormctl.engine.loop as loop
+
+    db = tmp_path / "r.db"
+    res = runner.invoke(app, ["sweep", "--keep-ratios", "0.9,0.5", "--prune-after", "8", "--json",
+                              *_args(tiny_llama_dir, books_dir, db)])
+    assert res.exit_code == 0, res.output
+    run_id = json.loads(res.stdout)["run_id"]
+    con = sqlite3.connect(db)
+    lengths = dict(con.execute("SELECT sample_index, prompt_tokens FROM samples WHERE config_key='none'"))
+    short = min(lengths, key=lengths.get)
+    assert lengths[short] < max(lengths.values())
+    lost = "knorm|kr=0.5|pa=8|skip=0|decode"
+    con.execute("DELETE FROM samples WHERE run_id=? AND sample_index=? AND config_key=?", (run_id, short, lost))
+    con.execute("UPDATE runs SET status='interrupted' WHERE id=?", (run_id,))
+    con.commit()
+
+    calls = []
+    real = loop.run_generation
+
+    def spy(model, ids, cfg, n, **kw):
+        calls.append((len(ids), cfg.key, n))
+        return real(model, ids, cfg, n, **kw)
+
+    monkeypatch.setattr(loop, "run_generation", spy)
+    res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["measured"] == 1
+    # one warm-up (the lost configuration, on the short prompt it has left), then the one cell
+    assert calls == [(lengths[short], lost, min(WARMUP_TOKENS, 5)), (lengths[short], lost, 5)]
+
+    con.execute("UPDATE runs SET status='interrupted' WHERE id=?", (run_id,))
+    con.commit()
+    calls.clear()
+    res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    assert calls == [] and "warm-up" not in res.stderr  # nothing left: nothing warmed up
