@@ -130,6 +130,17 @@ def test_group_plot_goes_to_a_group_folder(store, db, tmp_path, monkeypatch):
     assert paths and all(p.parent == Path("knormctl-plots") / "group-g" for p in paths)
 
 
+def test_a_group_name_with_slashes_stays_in_its_one_folder(store, db, tmp_path, monkeypatch):
+    """A group named '../../esc' wrote its figures two folders up from ./knormctl-plots."""
+    fill_run(store, group="../../esc")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    paths = plot(db, "--group", "../../esc")
+    assert paths and all(p.parent == Path("knormctl-plots") / "group-.._.._esc" for p in paths)
+    assert [p.name for p in Path("knormctl-plots").iterdir()] == ["group-.._.._esc"]  # no stray 'group-..'
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("r.db")) == ["cwd"]
+
+
 def test_bad_input_is_one_line_and_exit_2(store, db, tmp_path):
     fill_run(store)
     result = runner.invoke(app, ["plot", "--db", db, "--run-id", "42"])

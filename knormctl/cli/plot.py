@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -52,7 +53,8 @@ def plot(
             summary = build_summary(runs, load_samples(store, runs, blobs=True))
             drawn = [(spec.filename, lambda spec=spec: spec.draw(summary)) for spec in figures.figures_for(summary)]
         if out is None:
-            out = Path("knormctl-plots") / (f"group-{group}" if group else f"run-{runs[0].id}")
+            # one folder, whatever the group's name holds ('../x' or 'a/b' named folders elsewhere)
+            out = Path("knormctl-plots") / ("group-" + re.sub(r"[^\w.-]+", "_", group) if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
         ours = {f"{name}.{fmt.value}" for name in [spec.filename for spec in figures.FIGURES] + ["knormpress_pareto"]}
