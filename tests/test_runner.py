@@ -537,3 +537,20 @@ def test_keep_recent_is_checked_again_on_the_prompts_real_lengths(tiny_llama_dir
         "of 256 entries" not in line, line
     with open_store(db) as store:
         assert store.list_runs() == []
+
+
+@pytest.mark.parametrize("stored, joining", [("lm", ["--task", "passkey"]), ("passkey", [])])
+def test_a_group_holds_perplexity_or_accuracy_not_both(store, db, stored, joining):
+    """`sweep --group G --task passkey` beside G's lm runs: the study view then ranked accuracy
+    and showed every lm point as N/A under it (a study file refuses the mix; a plain sweep now
+    does too, before any model loads: the model named here does not exist)."""
+    from report_data import Cfg, fill_run
+
+    run = fill_run(store, configs=(Cfg(),), task=stored, group="g")
+    res = runner.invoke(app, ["sweep", "--model", "no/such-model", "--group", "g", "--db", db, *joining])
+    assert res.exit_code == 2, res.output
+    mine, theirs = ("perplexity", "passkey") if stored == "lm" else ("question-task", "lm")
+    assert res.stderr.strip() == (f"Error: group 'g' holds {mine} runs (run {run}: task {stored}); task "
+                                  f"{theirs} cannot share it (its report ranks one quality measure): give it another "
+                                  f"--group")
+    assert [r.id for r in store.runs_in_group("g")] == [run]

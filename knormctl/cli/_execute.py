@@ -56,21 +56,31 @@ def run_benchmark(cfg: RunConfig | None, db: str | None, *, json_out: bool, resu
     if resume is not None:
         cfg = resume_config(store, resume, db_arg(db))  # refused while its owner is alive, or when complete
     else:
-        refuse_a_shard_stored_twice(store, cfg, db)
+        refuse_what_the_group_cannot_hold(store, cfg, db)
 
     with sigterm_interrupts():  # SIGTERM takes the Ctrl-C path (the exit code says which: cli/_signals)
         _run(cfg, store, json_out, resume, log, verbose, db=db)
 
 
-def refuse_a_shard_stored_twice(store, cfg: RunConfig, db: str | None) -> None:
-    """A shard the group already holds for the same sweep is refused: its cells would be read
-    as repeats of the first copy's (n=2 x2 where one round was measured)."""
-    if not (cfg.shard and cfg.group):
+def refuse_what_the_group_cannot_hold(store, cfg: RunConfig, db: str | None) -> None:
+    """A run that its --group would misread is refused: a shard the group already holds for the
+    same sweep (its cells would be read as repeats of the first copy's: n=2 x2 where one round
+    was measured), and perplexity beside accuracy (the study view ranks one quality measure: an
+    lm run read under a question task's 'accuracy' column was all N/A, as a study file refuses)."""
+    if not cfg.group:
         return
     from knormctl.render.study import config_settings, run_settings
 
+    stored = store.runs_in_group(cfg.group)
+    other = next((r for r in stored if (r.task in ("lm", None)) != (cfg.task == "lm")), None)
+    if other is not None:
+        raise UsageError(f"group {cfg.group!r} holds {'perplexity' if cfg.task != 'lm' else 'question-task'} runs "
+                         f"(run {other.id}: task {other.task or 'lm'}); task {cfg.task} cannot share it (its report "
+                         f"ranks one quality measure): give it another --group")
+    if not cfg.shard:
+        return
     mine = config_settings(cfg.to_dict())
-    for run in store.runs_in_group(cfg.group):
+    for run in stored:
         if run.shard == cfg.shard and run.model_requested == cfg.model and run_settings(run) == mine:
             raise UsageError(f"group {cfg.group!r} already holds shard {cfg.shard} of this sweep (run {run.id}, "
                              f"{run.status}); finish it with `knormctl sweep --resume {run.id}{db_arg(db)}`, or "

@@ -95,9 +95,9 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
             if not plain:
                 by_key = {_stored_key(r): r for r in _check_group_is_the_studys(store, study, db)}
             else:
-                from knormctl.cli._execute import refuse_a_shard_stored_twice
+                from knormctl.cli._execute import refuse_what_the_group_cannot_hold
 
-                refuse_a_shard_stored_twice(store, study.runs[0].config, db)
+                refuse_what_the_group_cannot_hold(store, study.runs[0].config, db)
         except UsageError:
             store.close()
             raise
