@@ -41,7 +41,7 @@ def passkey_score(i: int, pc: PressConfig, subtask: str, depth: float | None, le
 
 
 def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, model: str = "smollm2-135m",
-             task: str = "lm", status: str = "complete", memory: bool = True, fail: tuple[int, str] | None = None,
+             task: str = "lm", status: str = "complete", memory: bool = True, fail: tuple[int | None, str] | None = None,
              stop_after: int | None = None, prompt_tokens=(1024, 1024, 2048), new_tokens: int = 100,
              group: str | None = None, ttft_factor: dict[str, float] | None = None, token_match: bool = True,
              tpot_factor: dict[str, float] | None = None, prune_after: int | None = None,
@@ -54,7 +54,7 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
              settings: dict | None = None) -> int:
     """One run with ``n_samples`` x ``configs`` x ``repeats`` sample rows; returns the run id.
 
-    fail=(sample_index, config_key): that cell stores an error instead of numbers.
+    fail=(sample_index, config_key): that cell stores an error instead of numbers (None: every sample's).
     stop_after=N: only the first N cells are stored (an interrupted run).
     ttft_factor / tpot_factor: multiply the TTFT / TPOT of a config key (to provoke flags).
     token_match=False: store NULL there (the report may compute it from the generated ids).
@@ -90,7 +90,7 @@ def fill_run(store, *, configs=LM_CONFIGS, n_samples: int = 3, seed: int = 0, mo
                       text_hash=f"h{i}", prompt_tokens=prompt_tokens[i % len(prompt_tokens)], press=pc.press,
                       keep_ratio=pc.keep_ratio, prune_after=pc.prune_after, skip_layers="0", compress_mode=pc.mode,
                       keep_recent=0)
-        if fail is not None and fail == (i, pc.key):
+        if fail is not None and fail[1] == pc.key and fail[0] in (None, i):
             store.add_sample(run_id, **fields, error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
                                                      "Traceback (most recent call last): ...")
             continue

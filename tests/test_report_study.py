@@ -227,6 +227,9 @@ def test_the_leaderboard_names_the_setting_that_won_and_not_a_lucky_prompt(store
     md = runner.invoke(app, ["report", "--db", db, "--group", "lb", "--format", "markdown"]).stdout
     row = next(line for line in md.split("**leaderboard")[1].splitlines() if line.startswith("| knorm |"))
     assert "prune_after=256" in row, row
+    # the frontier and the budget lines choose among the same points: they named the lucky one
+    assert not knorm[cut]["on_frontier"]
+    assert all(b["best"]["run_id"] == full for b in data["best_at_budget"] if b["best"] is not None)
 
 
 def test_an_accuracy_study_picks_the_higher_accuracy(store, db):
@@ -268,7 +271,7 @@ def test_a_setting_that_changes_the_full_cache_gets_its_own_frontier_and_budgets
         assert len(lines) == 4 and all(b["best"] is None or b["best"]["scale"] == scale for b in lines)
     out = runner.invoke(app, ["report", "--db", db, "--group", "dt"], env={"COLUMNS": "200"}).stdout
     assert "smollm2-135m (dtype=bfloat16), KV held \u2264 50% of its full cache:" in out
-    assert "frontiers and budgets per model and dtype" in out
+    assert "frontiers and budgets per model and dtype" in " ".join(out.split())
     csv = runner.invoke(app, ["report", "--db", db, "--group", "dt", "--format", "csv"]).stdout
     assert csv.splitlines()[0].startswith("model,dtype,prune_after,scale,run_id,")
     from knormctl.cli._select import select_runs, study_view
@@ -539,3 +542,61 @@ def test_a_points_n_counts_the_prompts_its_ratio_rests_on(store, db):
     assert knorm["n_pairs"]["ppl_compressed"] < knorm["n_prompts"]  # the case: fewer pairs than prompts
     assert points[(cut, "knorm 0.5")]["n_prompts"] == knorm["n_pairs"]["ppl_compressed"]
     assert points[(cut, "full cache")]["n_prompts"] == next(r for r in own if r["is_reference"])["n_prompts"]
+
+
+@pytest.mark.parametrize("axes", [{"prune_after": (256, 1024)},
+                                  {"prune_after": (256, 1024), "keep_recent": (0, 8), "skip_layers": ("0", "none")}])
+def test_study_tables_at_80_columns_cut_no_number_and_no_frontier_mark(store, db, axes):
+    """Two axes (a dtype and a budget) and expected-attention's long name: at 80 columns rich
+    cut 'KV h…', '[0.99,1.…', 'expected-attention 0.…' (its frontier mark with it) and dropped
+    the n column. The metrics now split over tables, each repeating the keys; four axes share
+    one column."""
+    configs = (Cfg(), Cfg("expected-attention", 0.5), Cfg("knorm", 0.25))
+    import itertools
+
+    names = list(axes)
+    for seed, (dtype, *values) in enumerate(itertools.product(("float32", "bfloat16"), *axes.values())):
+        fill_run(store, configs=configs, n_samples=4, seed=seed, dtype=dtype, group="w", prompt_tokens=(2048,) * 4,
+                 settings=dict(zip(names, values)))
+    data = _json(db, "--group", "w")
+    res = runner.invoke(app, ["report", "--db", db, "--group", "w"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert max(len(line) for line in out.splitlines()) <= 80 and "\u2026" not in out, out
+    tables = out.split("leaderboard,")[0]
+    words = tables.split()
+    for p in data["points"]:  # every number of every point is printed whole
+        for key, iv in (("quality", "quality_interval"), ("kv_held", "kv_interval"), ("tpot_ratio", "tpot_interval")):
+            shown = f"{p[key]:.3f}" if key == "quality" else f"{p[key] * 100:.0f}%"
+            assert shown in words, (p["label"], key, shown)
+    n_tables = sum(line.startswith("smollm2-135m") for line in tables.splitlines())
+    on_front = sum(p["on_frontier"] for p in data["points"])
+    assert n_tables > 1 and on_front and words.count("*") == on_front * n_tables  # each table marks them all
+
+
+def test_a_scale_whose_full_cache_failed_says_so_and_keeps_the_figures_legend(store, db):
+    """Every full-cache cell of the bfloat16 run failed (out of memory) while its compressed
+    cells ran: the budget line said 'no perplexity stored (every evaluation failed)', the full
+    cache still read KV held 100%, and the figure, whose legend came from the first panel only,
+    lost its whole legend."""
+    for seed, dtype in enumerate(("float32", "bfloat16")):
+        fill_run(store, configs=CONFIGS, n_samples=4, seed=seed, dtype=dtype, group="oom", prompt_tokens=(2048,) * 4,
+                 fail=(None, "none") if dtype == "bfloat16" else None)
+    data = _json(db, "--group", "oom")
+    bf16 = "smollm2-135m (dtype=bfloat16)"
+    assert data["scales"][0] == bf16
+    na = {b["na"] for b in data["best_at_budget"] if b["scale"] == bf16}
+    assert na == {"N/A: the full cache finished no cell (every ratio is to it: see the runs' errors)"}
+    ref = next(p for p in data["points"] if p["scale"] == bf16 and p["is_reference"])
+    assert ref["kv_held"] is None and ref["tpot_ratio"] is None and ref["n_prompts"] == 0
+    assert all(b["best"] is not None for b in data["best_at_budget"] if b["scale"] != bf16 and b["budget"] == 1.0)
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    with open_store(db, readonly=True) as store_ro:
+        fig = pareto(study_view(store_ro, select_runs(store_ro, group="oom"), "oom"))
+    [legend] = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} >= {"full cache", "knorm", "streaming", "random"}
+    [why] = [t for ax in fig.axes for t in ax.texts if t.get_gid() == f"pareto|{bf16}|kv_held|na"]
+    assert "finished no cell" in why.get_text() and max(len(line) for line in why.get_text().splitlines()) <= 60

@@ -80,8 +80,10 @@ class StudyPoint:
 
     @property
     def name_on_scale(self) -> str:
-        """The name without the settings its scale already says: 'streaming 0.5' on 'm (dtype=bfloat16)'."""
-        extra = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k not in self.scale_axes)
+        """The name without the settings its scale already says: 'streaming 0.5' on 'm (dtype=bfloat16)'
+        (and the full cache without the press-only ones: they do not act on it)."""
+        extra = ", ".join(f"{k}={v}" for k, v in self.settings.items()
+                          if k not in self.scale_axes and not (self.is_reference and k in PRESS_ONLY))
         return f"{self.label} ({extra})" if extra else self.label
 
 
@@ -244,9 +246,11 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             # the prompts the point's quality rests on: a ratio, the prompts paired with the full cache
             # (an interrupted run's configuration may hold prompts its full cache has not measured)
             n = r.n_prompts if question_task or r.is_reference else r.n_pairs.get("ppl_compressed", 0)
-            kv, kvi = ((1.0, (1.0, 1.0)) if r.is_reference else
+            # the reference is 100% of itself only where it finished a cell (all failed: nothing measured)
+            whole = (1.0, (1.0, 1.0)) if r.n_prompts else (None, None)
+            kv, kvi = (whole if r.is_reference else
                        _ratio(r.changes.get("kv_bytes_final"), r.change_intervals.get("kv_bytes_final")))
-            tp, tpi = ((1.0, (1.0, 1.0)) if r.is_reference else
+            tp, tpi = (whole if r.is_reference else
                        _ratio(r.changes.get("tpot_s"), r.change_intervals.get("tpot_s")))
             points.append(StudyPoint(model=run.model_requested, scale=scale, run_id=run.id, settings=settings,
                                      order=order, values={k: raw.get(k) if reads[k] else None for k in axes},
@@ -260,8 +264,9 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
     for p in sorted(points, key=lambda p: (p.model, p.order)):
         first.setdefault(p.scale, p.model)
     best: list[BudgetLine] = []
+    most = _on_most_prompts(points)
     for scale, model in first.items():
-        mine = [p for p in points if p.scale == scale and p.quality is not None and p.kv_held is not None]
+        mine = [p for p in points if p.scale == scale and p.key in most and p.kv_held is not None]
         pts = [Point(key=p.key, label=p.name, cost=p.kv_held, quality=p.quality, group=p.press, meta=p)
                for p in mine]
         on = {q.key for q in frontier(pts, higher_quality=higher)}
@@ -269,12 +274,13 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             p.on_frontier = p.key in on
         if not mine:  # no budget has a best: say why, not "no configuration fits"
             ids = {p.run_id for p in points if p.scale == scale}
-            why = _no_quality([r for r in runs if r.id in ids], question_task)
+            referenced = any(p.is_reference and p.n_prompts for p in points if p.scale == scale)
+            why = _no_quality([r for r in runs if r.id in ids], question_task, referenced)
             best.extend(BudgetLine(model, scale, budget, None, na=why) for budget in BUDGETS)
             continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
             best.append(BudgetLine(model, scale, choice.budget, None if choice.best is None else choice.best.meta))
-    leaderboard = _leaderboard(points, higher)
+    leaderboard = _leaderboard([p for p in points if p.key in most], higher)
     planned, missing = missing_runs(runs)
     return StudyView(name=name, quality_kind="accuracy" if higher else "ppl ratio", higher_quality=higher,
                      axes=axes, models=models, scales=list(first), scale_axes=scale_axes, points=points, best=best,
@@ -282,26 +288,34 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                      summaries=summaries, planned_runs=planned, missing_runs=missing)
 
 
-def _leaderboard(points: Sequence[StudyPoint], higher: bool) -> dict[str, dict[str, dict[float, StudyPoint]]]:
-    """Per press, scale and keep ratio the best point over the settings that change only the
-    press (``PRESS_ONLY``), among those measured on the most prompts: a setting an interrupted
-    run measured on one prompt does not win on its luck."""
+def _on_most_prompts(points: Sequence[StudyPoint]) -> set[str]:
+    """The keys of the points with a quality that were measured on the most prompts among the
+    points of their press and keep ratio on their scale (the rivals the study measured under
+    other press-only settings): a setting an interrupted run measured on fewer prompts does
+    not win on its luck, on the leaderboard, the frontier or a budget line alike."""
     rivals: dict[tuple[str, str, float], list[StudyPoint]] = defaultdict(list)
     for p in points:
         if p.quality is not None:
             rivals[(p.press, p.scale, p.keep_ratio)].append(p)
+    return {p.key for ps in rivals.values() for p in ps if p.n_prompts == max(q.n_prompts for q in ps)}
+
+
+def _leaderboard(points: Sequence[StudyPoint], higher: bool) -> dict[str, dict[str, dict[float, StudyPoint]]]:
+    """Per press, scale and keep ratio the best of ``points`` (those on the most prompts) over
+    the settings that change only the press (``PRESS_ONLY``)."""
     board: dict[str, dict[str, dict[float, StudyPoint]]] = defaultdict(dict)
-    for (press, scale, kr), ps in rivals.items():
-        most = max(p.n_prompts for p in ps)
-        board[press].setdefault(scale, {})[kr] = sorted(
-            (p for p in ps if p.n_prompts == most), key=lambda p: -p.quality if higher else p.quality)[0]
+    for p in sorted(points, key=lambda p: -p.quality if higher else p.quality):
+        board[p.press].setdefault(p.scale, {}).setdefault(p.keep_ratio, p)
     return {press: {scale: dict(sorted(by.items(), reverse=True)) for scale, by in bs.items()}
             for press, bs in board.items()}
 
 
 def leaderboard_setting(view: StudyView, best: StudyPoint) -> str:
     """The press-only settings that made ``best`` the leaderboard's point ('prune_after=512'),
-    where the study measured its press and keep ratio under more than one; '' otherwise."""
+    where the study measured its press and keep ratio under more than one; '' otherwise, and
+    for the full cache (those settings do not act on it: its quality is 1 by definition)."""
+    if best.is_reference:
+        return ""
     rivals = [p for p in view.points_on(best.scale) if p.press == best.press and p.keep_ratio == best.keep_ratio
               and p.quality is not None]
     differ = [k for k in best.settings if k not in best.scale_axes
@@ -339,8 +353,11 @@ def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
     return newest["runs"], [i + 1 for i in range(newest["runs"]) if i not in stored]
 
 
-def _no_quality(runs: Sequence[Any], question_task: bool) -> str:
-    """Why a scale's configurations have no quality (budget lines say it instead of 'no fit')."""
+def _no_quality(runs: Sequence[Any], question_task: bool, referenced: bool = True) -> str:
+    """Why a scale's configurations have no quality (budget lines say it instead of 'no fit');
+    ``referenced``: its full cache finished a cell (every ratio is to it)."""
+    if not referenced:
+        return "N/A: the full cache finished no cell (every ratio is to it: see the runs' errors)"
     if question_task:
         return "N/A: no accuracy stored (every question failed or was not scored)"
     if runs and all((r.config_json or {}).get("eval_tokens") == 0 for r in runs):

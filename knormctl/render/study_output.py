@@ -6,6 +6,7 @@ settings that vary, the leaderboard, and the best configuration per memory budge
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_sentences, fmt_quality, fmt_ratio,
@@ -13,7 +14,8 @@ from knormctl.render.study import (BUDGETS, StudyPoint, StudyView, budget_senten
 
 LEGEND = ("quality: {kind} vs the run's own full cache ({better} is better); KV held and TPOT: ratio to the full "
           "cache; [95% intervals] (paired bootstrap over prompts, Wilson/bootstrap for accuracy); * on the "
-          "Pareto frontier (no configuration holds less KV with better quality)")
+          "Pareto frontier (no other configuration is as good in both KV held and quality and better in one; among "
+          "the settings of a press and keep ratio, those on the most prompts)")
 
 
 def legend(view: StudyView) -> str:
@@ -72,34 +74,57 @@ def print_study(view: StudyView, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from knormctl.render.tables import print_bullet
+    from knormctl.render.tables import fits, part_title, print_bullet, split_tables
 
     console.print(Panel(f"study {view.name}: {view.runs_line}, models: {', '.join(view.models)}"
                         + (f"\nvarying: {', '.join(view.axes)}" if view.axes else ""),
                         title="knormctl report --group", title_align="left"))
+    # Numbers are never cut: the metric columns split over as many tables as the width needs
+    # (as the run report's), each repeating what says which point a line is. Those words may
+    # wrap (a long setting or model path), the numbers may not; when the settings' own columns
+    # leave no room for one metric (three or four axes at 80 columns), they share one column.
+    cols = model_columns(view)
+    label = len(view.axes)
+    metrics = list(range(label + 2, len(cols) - 1))  # quality, KV held, TPOT (the last column is the mark)
     for model in view.models:
-        table = Table(title=f"{model}", title_justify="left", box=box.SIMPLE_HEAD)
-        # the frontier mark goes beside the configuration's name: a column of its own is the
-        # first one rich drops at 80 columns
-        label = len(view.axes)
-        for i, col in enumerate(model_columns(view)[:-1]):
-            table.add_column(col, justify="left" if i <= label else "right", no_wrap=True)
-        for row in model_rows(view, model, sep="\n"):
-            *cells, star = row
-            cells[label] = f"{cells[label]} {star}" if star else cells[label]
-            table.add_row(*cells)
-        console.print(table)
+        rows = model_rows(view, model, sep="\n")
+
+        def build(chunk, part, parts, model=model, rows=rows, merged=False):
+            table = Table(title=part_title(model, part, parts), title_justify="left", box=box.SIMPLE_HEAD)
+            keys = [", ".join(view.axes)] if merged and label else cols[:label]
+            for name in [*keys, cols[label]]:  # the settings and the configuration, its frontier mark beside it
+                table.add_column(name, overflow="fold")
+            for i in (label + 1, *chunk):  # n, then this part's metrics
+                table.add_column(cols[i], justify="right", no_wrap=True)
+            for row in rows:
+                settings = [", ".join(row[:label])] if merged and label else row[:label]
+                config = f"{row[label]} {row[-1]}" if row[-1] else row[label]  # a column of its own: the first
+                table.add_row(*settings, config, *(row[i] for i in (label + 1, *chunk)))  # one rich drops
+            return table
+
+        if label > 1 and not fits(console, build(metrics[:1], 0, 0)):
+            build = partial(build, merged=True)
+        for table in split_tables(console, metrics, build):
+            console.print(table)
     for scale in view.scales:
-        cols, _ = leaderboard_columns(view, scale)
+        cols_lb, ratios = leaderboard_columns(view, scale)
+        rows_lb = leaderboard_rows(view, scale, sep="\n")
         # the title on a line of its own: as the table's title it wrapped at the table's width,
         # a narrow column of words when the study has one or two keep ratios
         console.print(Text(f"leaderboard, {scale}: " + LEADERBOARD.format(kind=view.quality_kind), style="italic"))
-        board = Table(box=box.SIMPLE_HEAD)
-        for i, col in enumerate(cols):
-            board.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
-        for row in leaderboard_rows(view, scale, sep="\n"):
-            board.add_row(*row)
-        console.print(board)
+
+        def board(chunk, part, parts, cols_lb=cols_lb, rows_lb=rows_lb):
+            table = Table(title=f"({part}/{parts})" if parts > 1 else None, title_justify="left", box=box.SIMPLE_HEAD)
+            table.add_column(cols_lb[0], no_wrap=True)
+            for i in chunk:  # a winning setting may wrap at its commas; the quality and interval are single words
+                table.add_column(cols_lb[i], justify="right")
+            for row in rows_lb:
+                table.add_row(row[0], *(row[i] for i in chunk))
+            return table
+
+        keeps = list(range(1, len(ratios) + 1))
+        for table in split_tables(console, keeps, board) if keeps else [board(keeps, 0, 0)]:
+            console.print(table)
     console.print(Text("best configuration per memory budget:", style="bold"))
     for line in budget_sentences(view):
         print_bullet(console, line)

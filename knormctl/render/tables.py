@@ -65,16 +65,16 @@ def _natural_width(console: Console, table: Table, limit: int = 10_000) -> int:
     return Measurement.get(console, console.options.update_width(limit), table).maximum
 
 
-def _fits(console: Console, table: Table) -> bool:
+def fits(console: Console, table: Table) -> bool:
     return _natural_width(console, table) <= console.width
 
 
-def _split(console: Console, items: Sequence[Any], build: Callable[[Sequence[Any], int, int], Table]) -> list[Table]:
+def split_tables(console: Console, items: Sequence[Any], build: Callable[[Sequence[Any], int, int], Table]) -> list[Table]:
     """Tables of consecutive ``items`` (metrics, lengths), each as wide as the console allows.
     ``build(chunk, part, parts)`` makes one table; parts are balanced (4 metrics at 3 per table
     give 2 + 2, not 3 + 1)."""
     per = len(items)
-    while per > 1 and not all(_fits(console, build(items[i:i + per], 0, 0)) for i in range(0, len(items), per)):
+    while per > 1 and not all(fits(console, build(items[i:i + per], 0, 0)) for i in range(0, len(items), per)):
         per -= 1
     parts = -(-len(items) // per)
     size = -(-len(items) // parts)
@@ -82,7 +82,7 @@ def _split(console: Console, items: Sequence[Any], build: Callable[[Sequence[Any
     return [build(chunk, k + 1, len(chunks)) for k, chunk in enumerate(chunks)]
 
 
-def _title(what: str, part: int, parts: int) -> str:
+def part_title(what: str, part: int, parts: int) -> str:
     return what if parts <= 1 else f"{what} ({part}/{parts})"
 
 
@@ -117,7 +117,7 @@ def _cell(row: Any, name: str, shared_reason: str | None = None) -> Text:
 
 def _config_table(summary: Summary, what: str, names: Sequence[str], part: int, parts: int) -> Table:
     shared = _shared_mem_reason(summary) if "peak_mem_bytes" in names else None
-    table = Table(title=_title(what, part, parts), title_justify="left", show_lines=True, caption_justify="left",
+    table = Table(title=part_title(what, part, parts), title_justify="left", show_lines=True, caption_justify="left",
                   caption=f"peak memory N/A: {shared}" if shared else None)
     if summary.by_dataset:
         table.add_column("dataset", no_wrap=True)
@@ -163,7 +163,7 @@ def _task_tables(console: Console, summary: Summary) -> None:
             what += " \u2014 FULL CACHE NEAR CHANCE: compression results here mean nothing"
 
         def build(chunk: Sequence[Any], part: int, parts: int) -> Table:
-            table = Table(title=_title(what, part, parts), title_justify="left", show_lines=True,
+            table = Table(title=part_title(what, part, parts), title_justify="left", show_lines=True,
                           title_style="bold yellow" if near else None)
             table.add_column("configuration", no_wrap=True)
             for length in chunk:
@@ -173,7 +173,7 @@ def _task_tables(console: Console, summary: Summary) -> None:
                               *(_acc_cell(cell.get((key, length))) for length in chunk))
             return table
 
-        for table in _split(console, lengths, build):
+        for table in split_tables(console, lengths, build):
             console.print(table)
     console.print(Text(TASK_LEGEND, style="dim"))
 
@@ -186,7 +186,7 @@ def print_summary(summary: Summary, console: Console, samples: Sequence[Any] | N
         for section in SECTIONS:
             names = [m.name for m in METRICS if m.section == section and m.name in shown]
             if names:
-                for table in _split(console, names, lambda chunk, k, n, s=section: _config_table(summary, s, chunk, k, n)):
+                for table in split_tables(console, names, lambda chunk, k, n, s=section: _config_table(summary, s, chunk, k, n)):
                     console.print(table)
         for line in legend_lines(summary):
             console.print(Text(line, style="dim"))
@@ -233,7 +233,7 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
     values = [c for c in cols if c[0] not in KEY_COLUMNS]
 
     def build(chunk: Sequence[tuple], part: int, parts: int) -> Table:
-        table = Table(title=_title("samples", part, parts), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=part_title("samples", part, parts), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for key, head, _ in (*keys, *chunk):
             # Only the error wraps: every other cell is short and must stay on one line.
             table.add_column(head, justify="left" if key in ("dataset", "config_key", "error", "subtask") else "right",
@@ -243,7 +243,7 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
             table.add_row(*(_sample_cell(rec, key, scale, labels) for key, _, scale in (*keys, *chunk)))
         return table
 
-    for table in _split(console, values, build) if values else [build(values, 0, 0)]:
+    for table in split_tables(console, values, build) if values else [build(values, 0, 0)]:
         console.print(table)
 
 
@@ -298,7 +298,7 @@ def print_comparison(cmp: Comparison, console: Console) -> None:
     names = [m.name for m in METRICS if any(r.a[m.name] is not None or r.b[m.name] is not None for r in cmp.rows)]
 
     def build(section: str, cols: Sequence[str], part: int, parts: int) -> Table:
-        table = Table(title=_title(f"{section}: A, B and B/A", part, parts), title_justify="left", show_lines=True)
+        table = Table(title=part_title(f"{section}: A, B and B/A", part, parts), title_justify="left", show_lines=True)
         table.add_column("configuration", no_wrap=True)
         for n in cols:
             table.add_column(METRIC[n].label, justify="right", no_wrap=True)
@@ -315,7 +315,7 @@ def print_comparison(cmp: Comparison, console: Console) -> None:
     for section in SECTIONS:
         cols = [m.name for m in METRICS if m.section == section and m.name in names]
         if cols:
-            for table in _split(console, cols, lambda chunk, k, n, s=section: build(s, chunk, k, n)):
+            for table in split_tables(console, cols, lambda chunk, k, n, s=section: build(s, chunk, k, n)):
                 console.print(table)
     for side, keys in (("A", cmp.only_in_a), ("B", cmp.only_in_b)):
         if keys:

@@ -28,8 +28,8 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     pts = [p for p in view.points_on(scale) if p.quality is not None and getattr(p, x_attr) is not None]
     if not pts:
         why = next((b.na for b in view.best if b.scale == scale and b.na), f"N/A: no {view.quality_kind} stored")
-        ax.text(0.5, 0.5, f"{scale}: {why}", ha="center", va="center",
-                transform=ax.transAxes, color="#666666")
+        ax.text(0.5, 0.5, textwrap.fill(f"{scale}: {why}", _chars(ax)), ha="center", va="center",
+                transform=ax.transAxes, color="#666666", gid=f"{GID}|{scale}|{x_attr}|na")
         ax.set_xticks([])
         ax.set_yticks([])
         return labels
@@ -69,13 +69,17 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     ax.set_ylabel("accuracy (%)" if view.higher_quality else "perplexity ratio to the full cache")
     # the scale on lines of its own, wrapped to the panel: a scale named by a model path and its
     # settings ran past the figure's edges, over the next panel's title and under the legend
-    width = max(30, int(ax.figure.get_figwidth() * 0.38 * 11))  # 11 pt: ~11 characters per inch
-    ax.set_title(f"{textwrap.fill(scale + ':', width)}\n{view.quality_kind} vs {xlabel.split(' (')[0]}",
+    ax.set_title(f"{textwrap.fill(scale + ':', _chars(ax))}\n{view.quality_kind} vs {xlabel.split(' (')[0]}",
                  fontsize=11)
     if view.higher_quality:
         ax.margins(y=0.15)  # accuracy at 100% sits on the top edge: room for the frontier's labels
     ax.grid(True, alpha=0.3)
     return labels
+
+
+def _chars(ax) -> int:
+    """Characters of 11-pt text that fit across a panel (~11 per inch; a panel is ~38% of the figure)."""
+    return max(30, int(ax.figure.get_figwidth() * 0.38 * 11))
 
 
 def _not_complete(ax, view: StudyView, scale: str, pts) -> None:
@@ -101,7 +105,11 @@ def pareto(view: StudyView) -> Figure:
         names[row] = _panel(axes[row][0], view, scale, "kv_held", "kv_interval",
                              "KV memory held (% of the full cache)", True)
         _panel(axes[row][1], view, scale, "tpot_ratio", "tpot_interval", "decode TPOT (% of the full cache)", False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = [], []  # every panel's: the first scale may have drawn nothing (no reference)
+    for ax in axes.flat:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
     unique = dict(zip(labels, handles))
     if unique:
         fig.legend(unique.values(), unique.keys(), loc="outside right upper")
@@ -110,7 +118,8 @@ def pareto(view: StudyView) -> Figure:
                  f"cache ({better} is better; less KV and lower TPOT are cheaper). Lines through a point: "
                  f"95% intervals (paired bootstrap over prompts; Wilson or bootstrap for accuracy; the axes fit "
                  f"the points, so a wide interval may run off them). Larger points "
-                 f"and the dashed line: the Pareto frontier (no other configuration holds less KV with better "
-                 f"quality). Dotted lines: the 25/50/75% budgets named in the report.")
+                 f"and the dashed line: the Pareto frontier (no other configuration is as good in both KV held "
+                 f"and quality and better in one; among the settings of a press and keep ratio, those on the "
+                 f"most prompts). Dotted lines: the 25/50/75% budgets named in the report.")
     label_points(fig, [(axes[row][0], items) for row, items in names.items() if items], fontsize=8, gid=f"{GID}|label")
     return fig
