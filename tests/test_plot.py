@@ -5,6 +5,7 @@ data draws labelled empty panels, never warnings."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -136,9 +137,14 @@ def test_a_group_name_with_slashes_stays_in_its_one_folder(store, db, tmp_path, 
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     paths = plot(db, "--group", "../../esc")
-    assert paths and all(p.parent == Path("knormctl-plots") / "group-.._.._esc" for p in paths)
-    assert [p.name for p in Path("knormctl-plots").iterdir()] == ["group-.._.._esc"]  # no stray 'group-..'
+    folder = Path("knormctl-plots") / ("group-.._.._esc-" + hashlib.sha256(b"../../esc").hexdigest()[:8])
+    assert paths and all(p.parent == folder for p in paths)
+    assert list(Path("knormctl-plots").iterdir()) == [folder]  # no stray "group-.."
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("r.db")) == ["cwd"]
+    fill_run(store, group="a/b", seed=1)
+    fill_run(store, group="a_b", seed=2)
+    one, other = (plot(db, "--group", g)[0].parent for g in ("a/b", "a_b"))
+    assert other == Path("knormctl-plots") / "group-a_b" and one != other  # neither overwrites the other's
 
 
 def test_bad_input_is_one_line_and_exit_2(store, db, tmp_path):

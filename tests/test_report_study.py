@@ -600,3 +600,70 @@ def test_a_scale_whose_full_cache_failed_says_so_and_keeps_the_figures_legend(st
     assert {t.get_text() for t in legend.get_texts()} >= {"full cache", "knorm", "streaming", "random"}
     [why] = [t for ax in fig.axes for t in ax.texts if t.get_gid() == f"pareto|{bf16}|kv_held|na"]
     assert "finished no cell" in why.get_text() and max(len(line) for line in why.get_text().splitlines()) <= 60
+
+
+def test_a_point_without_a_kv_ratio_does_not_push_a_placeable_rival_off_the_frontier(store, db):
+    """Passkey, two prune_after runs: run 1's full cache failed everywhere (its accuracies have no
+    KV ratio), run 2 was interrupted (fewer prompts). Run 1's knorm 0.5 won the 'most prompts'
+    rivalry and then could not be placed: the table showed a 50% point while the 50% budget
+    said 'no configuration fits'."""
+    configs = (Cfg(), Cfg("knorm", 0.5))
+    fill_run(store, configs=configs, task="passkey", n_samples=4, group="q", prompt_tokens=(2048,) * 4,
+             settings={"prune_after": 256}, fail=(None, "none"))
+    cut = fill_run(store, configs=configs, task="passkey", n_samples=4, seed=1, group="q", prompt_tokens=(2048,) * 4,
+                   settings={"prune_after": 1024}, stop_after=6, status="interrupted")
+    data = _json(db, "--group", "q")
+    knorm = {p["run_id"]: p for p in data["points"] if p["label"] == "knorm 0.5"}
+    assert knorm[cut]["kv_held"] is not None and knorm[cut]["on_frontier"]
+    half = next(b for b in data["best_at_budget"] if b["budget"] == 0.5)
+    assert half["best"] is not None and half["best"]["run_id"] == cut and half["best"]["label"] == "knorm 0.5"
+    assert data["leaderboard"]["knorm"]["smollm2-135m"]["0.5"]["run_id"] == cut
+
+
+def test_the_figure_names_the_full_cache_once_and_the_leaderboard_folds_a_long_setting(store, db):
+    """Full caches of runs differing only in press-only settings are one point, tied on the
+    frontier: the figure labelled it 'full cache' three times over. A winning setting with no
+    space in it ('skip_layers=0,1,...,19') was cut with an ellipsis at 80 columns."""
+    configs = (Cfg(), Cfg("knorm", 0.5))
+    long = list(range(20))
+    for seed, skip in ((0, [0]), (5, long), (2, [1])):  # seed 5: the long list's knorm 0.5 wins
+        fill_run(store, configs=configs, n_samples=4, seed=seed, group="sk", prompt_tokens=(2048,) * 4,
+                 settings={"skip_layers": skip})
+    data = _json(db, "--group", "sk")
+    assert sum(p["on_frontier"] for p in data["points"] if p["is_reference"]) == 3  # the case: three tied
+    from knormctl.cli._select import select_runs, study_view
+    from knormctl.render.figures.pareto import pareto
+    from knormctl.store import open_store
+
+    with open_store(db, readonly=True) as store_ro:
+        view = study_view(store_ro, select_runs(store_ro, group="sk"), "sk")
+    fig = pareto(view)
+    texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_gid() == "pareto|label")]
+    assert texts.count("full cache") == 1, texts
+    winner = data["leaderboard"]["knorm"]["smollm2-135m"]["0.5"]
+    out = runner.invoke(app, ["report", "--db", db, "--group", "sk"], env={"COLUMNS": "80"}).stdout
+    assert "\u2026" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert winner["settings"]["skip_layers"] == long  # the case: the long setting is the one shown
+    board = "".join(out.split("leaderboard,")[1].split("best configuration")[0].split())
+    assert "skip_layers=" + ",".join(map(str, long)) in board  # whole, folded over lines
+
+
+def test_merged_settings_keep_list_values_apart():
+    """Settings that share one column are joined with ' | ': skip_layers=[0] and keep_recent=1
+    read '0, 1', as if skip_layers were '0,1'."""
+    from rich.console import Console
+
+    from knormctl.render.study import StudyPoint, StudyView
+    from knormctl.render.study_output import print_study
+
+    settings = {"skip_layers": "0", "keep_recent": "1", "prune_after": "256", "n_sink": "4"}
+    p = StudyPoint(model="m" * 30, scale="m" * 30, run_id=1, settings=settings, order=(), config_key="none",
+                   label="full cache", press="none", keep_ratio=1.0, is_reference=True, n_prompts=4, quality=1.0,
+                   quality_interval=(1.0, 1.0), kv_held=1.0, kv_interval=(1.0, 1.0), tpot_ratio=1.0,
+                   tpot_interval=(1.0, 1.0), on_frontier=True)
+    view = StudyView(name="x", quality_kind="ppl ratio", higher_quality=False, axes=list(settings), models=[p.model],
+                     scales=[p.scale], scale_axes=[], points=[p], best=[], leaderboard={})
+    console = Console(width=60, record=True)
+    print_study(view, console)
+    text = console.export_text()
+    assert "0 | 1 | 256 | 4" in text and "skip_layers | keep_recent" in " ".join(text.split()), text

@@ -53,8 +53,7 @@ def plot(
             summary = build_summary(runs, load_samples(store, runs, blobs=True))
             drawn = [(spec.filename, lambda spec=spec: spec.draw(summary)) for spec in figures.figures_for(summary)]
         if out is None:
-            # one folder, whatever the group's name holds ('../x' or 'a/b' named folders elsewhere)
-            out = Path("knormctl-plots") / ("group-" + re.sub(r"[^\w.-]+", "_", group) if group else f"run-{runs[0].id}")
+            out = Path("knormctl-plots") / (_group_folder(group) if group else f"run-{runs[0].id}")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
         ours = {f"{name}.{fmt.value}" for name in [spec.filename for spec in figures.FIGURES] + ["knormpress_pareto"]}
@@ -86,3 +85,14 @@ def plot(
             raise
         for path in paths:
             print(path)
+
+
+def _group_folder(group: str) -> str:
+    """One folder per group, whatever its name holds ('../x' or 'a/b' named folders elsewhere);
+    a name changed to fit keeps a hash of itself, so 'a/b' and 'a_b' do not share a folder."""
+    safe = re.sub(r"[^\w.-]+", "_", group)
+    if safe != group:
+        import hashlib
+
+        safe += "-" + hashlib.sha256(group.encode()).hexdigest()[:8]
+    return f"group-{safe}"

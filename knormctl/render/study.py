@@ -266,7 +266,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
     best: list[BudgetLine] = []
     most = _on_most_prompts(points)
     for scale, model in first.items():
-        mine = [p for p in points if p.scale == scale and p.key in most and p.kv_held is not None]
+        mine = [p for p in points if p.scale == scale and p.key in most]
         pts = [Point(key=p.key, label=p.name, cost=p.kv_held, quality=p.quality, group=p.press, meta=p)
                for p in mine]
         on = {q.key for q in frontier(pts, higher_quality=higher)}
@@ -289,13 +289,15 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
 
 
 def _on_most_prompts(points: Sequence[StudyPoint]) -> set[str]:
-    """The keys of the points with a quality that were measured on the most prompts among the
-    points of their press and keep ratio on their scale (the rivals the study measured under
-    other press-only settings): a setting an interrupted run measured on fewer prompts does
-    not win on its luck, on the leaderboard, the frontier or a budget line alike."""
+    """The keys of the points that can be placed (a quality and a KV held) and were measured on
+    the most prompts among the placeable points of their press and keep ratio on their scale
+    (the rivals the study measured under other press-only settings): a setting an interrupted
+    run measured on fewer prompts does not win on its luck, on the leaderboard, the frontier
+    or a budget line alike; and a point that cannot be placed (an accuracy whose run's full
+    cache failed: no KV ratio) does not push out one that can."""
     rivals: dict[tuple[str, str, float], list[StudyPoint]] = defaultdict(list)
     for p in points:
-        if p.quality is not None:
+        if p.quality is not None and p.kv_held is not None:
             rivals[(p.press, p.scale, p.keep_ratio)].append(p)
     return {p.key for ps in rivals.values() for p in ps if p.n_prompts == max(q.n_prompts for q in ps)}
 

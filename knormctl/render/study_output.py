@@ -82,7 +82,8 @@ def print_study(view: StudyView, console) -> None:
     # Numbers are never cut: the metric columns split over as many tables as the width needs
     # (as the run report's), each repeating what says which point a line is. Those words may
     # wrap (a long setting or model path), the numbers may not; when the settings' own columns
-    # leave no room for one metric (three or four axes at 80 columns), they share one column.
+    # leave no room for one metric (three or four axes at 80 columns), they share one column,
+    # 'bfloat16 | 0 | none'.
     cols = model_columns(view)
     label = len(view.axes)
     metrics = list(range(label + 2, len(cols) - 1))  # quality, KV held, TPOT (the last column is the mark)
@@ -91,13 +92,13 @@ def print_study(view: StudyView, console) -> None:
 
         def build(chunk, part, parts, model=model, rows=rows, merged=False):
             table = Table(title=part_title(model, part, parts), title_justify="left", box=box.SIMPLE_HEAD)
-            keys = [", ".join(view.axes)] if merged and label else cols[:label]
+            keys = [" | ".join(view.axes)] if merged and label else cols[:label]
             for name in [*keys, cols[label]]:  # the settings and the configuration, its frontier mark beside it
                 table.add_column(name, overflow="fold")
             for i in (label + 1, *chunk):  # n, then this part's metrics
                 table.add_column(cols[i], justify="right", no_wrap=True)
             for row in rows:
-                settings = [", ".join(row[:label])] if merged and label else row[:label]
+                settings = [" | ".join(row[:label])] if merged and label else row[:label]  # a list holds commas
                 config = f"{row[label]} {row[-1]}" if row[-1] else row[label]  # a column of its own: the first
                 table.add_row(*settings, config, *(row[i] for i in (label + 1, *chunk)))  # one rich drops
             return table
@@ -117,7 +118,7 @@ def print_study(view: StudyView, console) -> None:
             table = Table(title=f"({part}/{parts})" if parts > 1 else None, title_justify="left", box=box.SIMPLE_HEAD)
             table.add_column(cols_lb[0], no_wrap=True)
             for i in chunk:  # a winning setting may wrap at its commas; the quality and interval are single words
-                table.add_column(cols_lb[i], justify="right")
+                table.add_column(cols_lb[i], justify="right", overflow="fold")
             for row in rows_lb:
                 table.add_row(row[0], *(row[i] for i in chunk))
             return table

@@ -72,7 +72,9 @@ def fits(console: Console, table: Table) -> bool:
 def split_tables(console: Console, items: Sequence[Any], build: Callable[[Sequence[Any], int, int], Table]) -> list[Table]:
     """Tables of consecutive ``items`` (metrics, lengths), each as wide as the console allows.
     ``build(chunk, part, parts)`` makes one table; parts are balanced (4 metrics at 3 per table
-    give 2 + 2, not 3 + 1)."""
+    give 2 + 2, not 3 + 1). No items: one table of the key columns alone."""
+    if not items:
+        return [build(items, 0, 0)]
     per = len(items)
     while per > 1 and not all(fits(console, build(items[i:i + per], 0, 0)) for i in range(0, len(items), per)):
         per -= 1

@@ -49,7 +49,10 @@ def _panel(ax, view: StudyView, scale: str, x_attr: str, xi_attr: str, xlabel: s
     _not_complete(ax, view, scale, pts)
     if frontier_line:
         front = sorted((p for p in pts if p.on_frontier), key=lambda p: p.kv_held)
-        labels = [(p.kv_held * 100.0, p.quality * k, p.name_on_scale) for p in front]
+        # one label per name: full caches of runs that differ only in press-only settings are
+        # one point, tied on the frontier, each named 'full cache'
+        labels = list({p.name_on_scale: (p.kv_held * 100.0, p.quality * k, p.name_on_scale)
+                       for p in reversed(front)}.values())[::-1]
         ax.plot([p.kv_held * 100.0 for p in front], [p.quality * k for p in front], color="black",
                 linewidth=1.2, linestyle="--", zorder=1, label="Pareto frontier", gid=f"{GID}|{scale}|frontier")
         for b in BUDGETS[:-1]:
