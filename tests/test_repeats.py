@@ -21,6 +21,21 @@ def _args(model_dir, books_dir, db, *extra):
             "--eval-tokens", "6", "--threads", "1", "--db", str(db), *extra]
 
 
+def _spy_generations(monkeypatch) -> list[tuple[int, str, int]]:
+    """(prompt length, configuration key, tokens) of every generation from now on, in order."""
+    import knormctl.engine.loop as loop
+
+    calls = []
+    real = loop.run_generation
+
+    def spy(model, ids, cfg, n, **kw):
+        calls.append((len(ids), cfg.key, n))
+        return real(model, ids, cfg, n, **kw)
+
+    monkeypatch.setattr(loop, "run_generation", spy)
+    return calls
+
+
 def test_rounds_rotate_configurations_per_sample_and_per_round():
     a, b, c = (PressConfig(press="knorm", keep_ratio=k) for k in (1.0, 0.9, 0.8))
     cells = plan_cells(2, [a, b, c], None, repeats=2)
@@ -32,16 +47,7 @@ def test_rounds_rotate_configurations_per_sample_and_per_round():
 
 def test_warm_up_runs_every_planned_configuration_on_the_longest_prompt(tiny_llama_dir, books_dir, tmp_path,
                                                                          monkeypatch):
-    import knormctl.engine.loop as loop
-
-    calls = []
-    real = loop.run_generation
-
-    def spy(model, ids, cfg, n, **kw):
-        calls.append((len(ids), cfg.key, n))
-        return real(model, ids, cfg, n, **kw)
-
-    monkeypatch.setattr(loop, "run_generation", spy)
+    calls = _spy_generations(monkeypatch)
     res = runner.invoke(app, ["sweep", "--keep-ratios", "0.9,0.5", "--prune-after", "8", "--json",
                               *_args(tiny_llama_dir, books_dir, tmp_path / "r.db", "--max-new-tokens", "20")])
     assert res.exit_code == 0, res.output
@@ -85,8 +91,6 @@ def test_a_resumed_run_warms_up_only_the_configurations_it_has_left(tiny_llama_d
     """A resume measures a few cells: warming every planned configuration up again on the
     longest prompt would cost more than the cells themselves (a quarter of the example study's
     bfloat16 run on an AVX2 CPU). It warms up what it will time, on the shapes it will run."""
-    import knormctl.engine.loop as loop
-
     db = tmp_path / "r.db"
     res = runner.invoke(app, ["sweep", "--keep-ratios", "0.9,0.5", "--prune-after", "8", "--json",
                               *_args(tiny_llama_dir, books_dir, db)])
@@ -101,14 +105,7 @@ def test_a_resumed_run_warms_up_only_the_configurations_it_has_left(tiny_llama_d
     con.execute("UPDATE runs SET status='interrupted' WHERE id=?", (run_id,))
     con.commit()
 
-    calls = []
-    real = loop.run_generation
-
-    def spy(model, ids, cfg, n, **kw):
-        calls.append((len(ids), cfg.key, n))
-        return real(model, ids, cfg, n, **kw)
-
-    monkeypatch.setattr(loop, "run_generation", spy)
+    calls = _spy_generations(monkeypatch)
     res = runner.invoke(app, ["sweep", "--resume", str(run_id), "--json", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["measured"] == 1
