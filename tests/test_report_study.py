@@ -667,3 +667,17 @@ def test_merged_settings_keep_list_values_apart():
     print_study(view, console)
     text = console.export_text()
     assert "0 | 1 | 256 | 4" in text and "skip_layers | keep_recent" in " ".join(text.split()), text
+
+
+def test_a_run_that_stored_no_cell_is_named_not_dropped(store, db):
+    """A study run that failed before its first cell vanished: its model left the 'models:'
+    line (empty when no run had cells) and its scale had no budget line at all."""
+    fill_run(store, configs=CONFIGS, n_samples=4, group="nc", prompt_tokens=(2048,) * 4)
+    failed = fill_run(store, configs=CONFIGS, n_samples=4, group="nc", model="tiny-llama", dtype="bfloat16",
+                      stop_after=0, status="failed")
+    data = _json(db, "--group", "nc")
+    assert data["models"] == ["smollm2-135m", "tiny-llama"]
+    lines = [b for b in data["best_at_budget"] if b["model"] == "tiny-llama"]
+    assert lines and {b["na"] for b in lines} == {f"N/A: no cell stored (run {failed}: failed)"}
+    out = " ".join(runner.invoke(app, ["report", "--db", db, "--group", "nc"], env={"COLUMNS": "80"}).stdout.split())
+    assert "models: smollm2-135m, tiny-llama" in out and f"N/A: no cell stored (run {failed}: failed)" in out

@@ -225,6 +225,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
     question_task = any(r.task not in ("lm", None) for r in runs)
     points: list[StudyPoint] = []
     summaries = {}
+    placed = []  # (model, settings' order, scale, run id) of every run, cells stored or not
     for run in runs:
         s = build_summary([run], samples_by_run.get(run.id, []))
         summaries[run.id] = s
@@ -234,6 +235,7 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         order = tuple(_order(raw.get(k)) for k in axes)
         own = ", ".join(f"{k}={settings[k]}" for k in scale_axes if reads[k])
         scale = f"{run.model_requested} ({own})" if own else run.model_requested
+        placed.append((run.model_requested, order, scale, run.id))
         for r in s.rows:
             if r.dataset is not None:
                 continue
@@ -259,10 +261,11 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
                                      quality=quality, quality_interval=qi, kv_held=kv, kv_interval=kvi,
                                      tpot_ratio=tp, tpot_interval=tpi, scale_axes=tuple(scale_axes)))
     higher = question_task
-    models = sorted({p.model for p in points})
+    # every run's model and scale, a run that stored no cell too (it is named, not dropped)
+    models = sorted({model for model, *_ in placed})
     first = {}  # each scale in the order of its model, then of its settings
-    for p in sorted(points, key=lambda p: (p.model, p.order)):
-        first.setdefault(p.scale, p.model)
+    for model, _, scale, _ in sorted(placed, key=lambda x: x[:2]):
+        first.setdefault(scale, model)
     best: list[BudgetLine] = []
     most = _on_most_prompts(points)
     for scale, model in first.items():
@@ -273,9 +276,12 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
         for p in mine:
             p.on_frontier = p.key in on
         if not mine:  # no budget has a best: say why, not "no configuration fits"
-            ids = {p.run_id for p in points if p.scale == scale}
+            ids = {rid for _, _, s, rid in placed if s == scale}
             referenced = any(p.is_reference and p.n_prompts for p in points if p.scale == scale)
-            why = _no_quality([r for r in runs if r.id in ids], question_task, referenced)
+            stored = any(summaries[rid].rows for rid in ids)
+            why = (_no_quality([r for r in runs if r.id in ids], question_task, referenced) if stored else
+                   f"N/A: no cell stored (run{'s' if len(ids) > 1 else ''} {', '.join(map(str, sorted(ids)))}: "
+                   f"{', '.join(sorted({r.status for r in runs if r.id in ids}))})")
             best.extend(BudgetLine(model, scale, budget, None, na=why) for budget in BUDGETS)
             continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
