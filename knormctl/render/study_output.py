@@ -123,8 +123,7 @@ def print_study(view: StudyView, console) -> None:
                 table.add_row(row[0], *(row[i] for i in chunk))
             return table
 
-        keeps = list(range(1, len(ratios) + 1))
-        for table in split_tables(console, keeps, board) if keeps else [board(keeps, 0, 0)]:
+        for table in split_tables(console, list(range(1, len(ratios) + 1)), board):
             console.print(table)
     console.print(Text("best configuration per memory budget:", style="bold"))
     for line in budget_sentences(view):

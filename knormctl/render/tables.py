@@ -245,7 +245,7 @@ def print_samples(samples: Sequence[Any], console: Console, labels: dict[str, st
             table.add_row(*(_sample_cell(rec, key, scale, labels) for key, _, scale in (*keys, *chunk)))
         return table
 
-    for table in split_tables(console, values, build) if values else [build(values, 0, 0)]:
+    for table in split_tables(console, values, build):
         console.print(table)
 
 
