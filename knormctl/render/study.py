@@ -277,11 +277,9 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             p.on_frontier = p.key in on
         if not mine:  # no budget has a best: say why, not "no configuration fits"
             ids = {rid for _, _, s, rid in placed if s == scale}
-            referenced = any(p.is_reference and p.n_prompts for p in points if p.scale == scale)
-            stored = any(summaries[rid].rows for rid in ids)
-            why = (_no_quality([r for r in runs if r.id in ids], question_task, referenced) if stored else
-                   f"N/A: no cell stored (run{'s' if len(ids) > 1 else ''} {', '.join(map(str, sorted(ids)))}: "
-                   f"{', '.join(sorted({r.status for r in runs if r.id in ids}))})")
+            why = _no_quality([r for r in runs if r.id in ids], question_task,
+                              stored=any(summaries[rid].rows for rid in ids),
+                              referenced=any(p.is_reference and p.n_prompts for p in points if p.scale == scale))
             best.extend(BudgetLine(model, scale, budget, None, na=why) for budget in BUDGETS)
             continue
         for choice in best_at_budgets(pts, BUDGETS, higher_quality=higher):
@@ -361,9 +359,14 @@ def missing_runs(runs: Sequence[Any]) -> tuple[int | None, list[int]]:
     return newest["runs"], [i + 1 for i in range(newest["runs"]) if i not in stored]
 
 
-def _no_quality(runs: Sequence[Any], question_task: bool, referenced: bool = True) -> str:
+def _no_quality(runs: Sequence[Any], question_task: bool, *, stored: bool, referenced: bool) -> str:
     """Why a scale's configurations have no quality (budget lines say it instead of 'no fit');
-    ``referenced``: its full cache finished a cell (every ratio is to it)."""
+    ``stored``: its runs stored a cell; ``referenced``: its full cache finished one (every
+    ratio is to it)."""
+    if not stored:
+        ids = ", ".join(str(r.id) for r in sorted(runs, key=lambda r: r.id))
+        return (f"N/A: no cell stored (run{'s' if len(runs) > 1 else ''} {ids}: "
+                f"{', '.join(sorted({r.status for r in runs}))})")
     if not referenced:
         return "N/A: the full cache finished no cell (every ratio is to it: see the runs' errors)"
     if question_task:
