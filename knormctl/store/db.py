@@ -50,7 +50,11 @@ def open_store(url_or_path: str | os.PathLike | None = None, *, migrate: bool = 
     Every failure is a ``StoreError`` with one line (no password in it), and a location
     that is refused (missing, a directory, not a SQLite file, damaged) is left exactly as it was.
     """
-    url, shown, path = _checked_location(url_or_path, readonly)
+    return _open_at(*_checked_location(url_or_path, readonly), migrate=migrate, readonly=readonly)
+
+
+def _open_at(url, shown: str, path, *, migrate: bool, readonly: bool) -> Store:
+    """``open_store`` at a location ``_checked_location`` accepted."""
     try:
         engine = make_engine(url, readonly=readonly)
     except (NoSuchModuleError, ImportError) as exc:
@@ -117,10 +121,10 @@ def open_store_for_run(url_or_path: str | os.PathLike | None = None) -> Store | 
     it) leaves no empty database behind. The location is checked now, before the model loads.
     (Deleting the new file after a refusal instead is unsafe: another sweep may have opened the
     same new file meanwhile.)"""
-    _, _, path = _checked_location(url_or_path, readonly=False)
-    if path is None or path.exists():
-        return open_store(url_or_path)
-    return StoreOnFirstUse(url_or_path)
+    url, shown, path = _checked_location(url_or_path, readonly=False)
+    if path is None or path.exists():  # checked once, opened now
+        return _open_at(url, shown, path, migrate=True, readonly=False)
+    return StoreOnFirstUse(url_or_path)  # opened (and checked again: time has passed) at its first use
 
 
 class StoreOnFirstUse:
