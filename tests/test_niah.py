@@ -4,11 +4,12 @@ same seed gives the same sample, and the scorer accepts exactly the needle's val
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from knormctl.tasks import niah
-from knormctl.tasks.haystack import Haystack, is_sentence_start
+from knormctl.tasks.haystack import Haystack, insert_at_depths, is_sentence_start, sentence_starts
 from knormctl.tasks.scoring import score
 
 
@@ -78,6 +79,16 @@ def test_each_sample_starts_at_a_sentence_start():
         assert is_sentence_start(hay.words, i), (seed, i, hay.words[i - 1:i + 1])
         starts.add(i)
     assert len(starts) > 5  # seeded: samples start at different sentences
+
+
+def test_a_title_or_an_initial_does_not_end_a_sentence():
+    """A needle must not land inside a name: 'Mr.', 'Mrs.', 'Dr.', 'St.' or an initial
+    followed by a capital is not a sentence boundary; a real end before it still is."""
+    words = "He met Mr. Knightley and Mrs. Weston. Then Dr. Perry and J. Smith came. \u201cSt. Paul's!\u201d Done.".split()
+    starts = [words[i] for i in sentence_starts(words)[:-1]]
+    assert starts == ["He", "Then", "\u201cSt.", "Done."]
+    text = insert_at_depths(words, [(d / 10, "NEEDLE") for d in range(11)])
+    assert not re.search(r"(Mr|Mrs|Dr|J)\. NEEDLE", text)
 
 
 def test_take_wraps_around_at_the_end_of_the_haystack():

@@ -5,7 +5,8 @@ collapsed, cut into sentences with nltk, the first N words taken. Here the docum
 any text source (``wiki-lite-long``, ``text:PATH``, ``pg19``, ... -- engine/text.py) are
 joined the same way, and each sample starts at a seeded sentence start (wrapping around
 at the end), so samples differ in their haystack too. Sentences end at a word ending in
-. ! or ? before a word starting with a capital, digit or quote (no nltk).
+. ! or ? before a word starting with a capital, digit or quote, unless the word is a
+title or an initial ("Mr.", "Dr.", "J."; no nltk).
 
 RULER draws its needle keys (adjective-noun pairs) and the common-words lists from the
 ``wonderwords`` package's word lists. Offline, the word pool here is the source's own
@@ -28,6 +29,10 @@ MAX_WORDS = 2_000_000  # enough for 1M-token haystacks; a streamed source (pg19)
 _POOL_WORD = re.compile(r"\b[a-z]{4,10}\b")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*$")
 _SENTENCE_START = re.compile(r"^[\"'(\[\u201c\u2018]*[A-Z0-9]")
+# a period after these (or after an initial, "J.") does not end a sentence: nltk's punkt,
+# which RULER uses, knows them; a needle must not land inside "Mr. Knightley"
+_ABBREVIATION = re.compile(r"^[\"'(\[\u201c\u2018]*(?:[A-Z]|Mr|Mrs|Ms|Mme|Mlle|Dr|St|Mt|Jr|Sr|Prof|Rev|Hon|Gen|Col|"
+                           r"Capt|Lt|Sgt|Gov|Sen|Rep|Messrs|No|Nos|Vol|vs|etc|viz|i\.e|e\.g|cf|Fig|Co|Inc|Ltd|Bros)\.$")
 _STOPWORDS = frozenset((  # function words: keys and word lists should be content words
     "about above after again against also among because been before being below between both could does "
     "doing down during each even every first from further have having here into just like made many more "
@@ -71,7 +76,8 @@ class Haystack:
 def is_sentence_start(words: list[str], i: int) -> bool:
     if i == 0:
         return True
-    return bool(_SENTENCE_END.search(words[i - 1])) and bool(_SENTENCE_START.match(words[i]))
+    prev = words[i - 1]
+    return bool(_SENTENCE_END.search(prev)) and not _ABBREVIATION.match(prev) and bool(_SENTENCE_START.match(words[i]))
 
 
 def sentence_starts(words: list[str]) -> list[int]:
