@@ -137,6 +137,43 @@ def test_kvpress_ruler_records_become_samples_per_subtask(tiny_hub, tiny_tokeniz
                           answer_tokens=None)
 
 
+def test_kvpress_cwe_and_fwe_records_get_the_chance_level_of_copying_their_list(tiny_hub, tiny_tokenizer):
+    """The Hub's records store no chance level; a cwe/fwe one gets what copying its list's
+    start scores (not 0, which would put any full-cache score far above chance), and one
+    whose list cannot be read gets none (no near-chance verdict)."""
+    from knormctl.tasks.catalog import chance_of
+
+    head = ("Below is a numbered list of words. In these words, some appear more often than others. "
+            "Memorize the ones that appear most often.\n")
+    example = head + "1. xa 2. xb 3. xa\nQuestion: What are the 10 most common words in the above list? Answer: xa\n"
+    listed = " ".join(f"{i + 1}. {w}" for i, w in enumerate(["w1", "w2", "w1", "w3", "w4", "w5", "w6", "w7", "w8",
+                                                             "w9", "w10", "w11", "w12"]))
+    cwe = {"context": example + head + listed + "\n", "question": "What are the 10 most common words?",
+           "answer_prefix": "Answer:", "answer": [f"w{i}" for i in range(3, 13)], "task": "cwe"}
+    fwe = {"context": "Read the following coded text and track the frequency of each coded word. Find the three "
+                      "most frequently appeared coded words. ... abc ... def abc ghi jkl\n",
+           "question": "What are the three most frequently appeared words?", "answer_prefix": "Answer:",
+           "answer": ["abc", "jkl", "mno"], "task": "fwe"}
+    unreadable = {**cwe, "context": "a list in another shape: w1, w2, w3\n"}
+    tiny_hub[(hub.RULER_DATASET, "4096")] = [cwe, fwe, unreadable]
+    fmt = PromptFormat(tiny_tokenizer, "off")
+    by = {}
+    for rows in ([cwe, fwe], [unreadable]):
+        for s in hub.ruler_samples({4096: rows}, sorted({r["task"] for r in rows}), 1, 0, fmt, None):
+            by[(s.subtask, rows[0] is unreadable)] = s
+    # cwe: the first 10 distinct are w1..w10, of which w3..w10 are answers (8 of 10); the example's xa is not read
+    assert by[("cwe", False)].extra["chance"] == pytest.approx(0.8)
+    assert by[("fwe", False)].extra["chance"] == pytest.approx(1 / 3)  # abc def ghi: abc only
+    assert by[("cwe", True)].extra["chance"] is None
+
+    class S:
+        def __init__(self, sample):
+            self.subtask, self.extra_json = sample.subtask, sample.extra
+
+    assert chance_of([S(by[("cwe", False)])]) == pytest.approx(0.8)
+    assert chance_of([S(by[("cwe", True)])]) is None  # the catalog's 0 no longer stands in
+
+
 def test_offline_hub_fails_at_once_naming_the_offline_tasks(monkeypatch):
     from knormctl.engine.text import hub as text
 

@@ -109,6 +109,30 @@ def test_frequent_words_are_ranks_two_to_four(tiny_tokenizer, samples):
     assert counts[s.answers[0]] > counts[s.answers[1]] > counts[s.answers[2]]
 
 
+def test_copy_chance_is_what_copying_the_lists_start_scores(tiny_tokenizer, samples):
+    """The stored chance level is read back from the prompt's own text (as for a Hub record):
+    cwe's first 10 distinct list words, fwe's first 3 coded words ('...' skipped)."""
+    for name, k in (("cwe", 10), ("fwe", 3)):
+        s = samples[name]
+        listed = ruler.listed_words(name, _context(tiny_tokenizer, s))
+        distinct = [w for w in dict.fromkeys(listed) if w != "..."][:k]
+        assert len(distinct) == k and s.extra["chance"] == string_match_all(" ".join(distinct), s.answers)
+    assert ruler.copy_chance("cwe", ["a", "b", "a", "c"], ["b", "d"]) == 0.5
+    assert ruler.copy_chance("fwe", ["...", "x", "...", "y", "z", "w"], ["w", "x", "y"]) == pytest.approx(2 / 3)
+
+
+def test_no_cwe_word_lies_inside_another(fmt, hay):
+    """string_match_all finds an answer inside a longer word: 'step' in a predicted
+    'footstep'. The list never holds both (the pool has inflected forms)."""
+    assert ruler.unnested(["step", "footstep", "stepping", "plan", "steps", "airplane", "tree"]) == \
+        ["step", "plan", "tree"]
+    assert ruler.unnested(["footstep", "step", "steps"]) == ["footstep", "steps"]
+    s = ruler.make_sample("cwe", fmt, hay, 8192, 0, seed=1)
+    words = set(ruler.listed_words("cwe", fmt.tokenizer.decode(s.context_ids)))
+    assert len(words) > 100
+    assert not [(a, b) for a in words for b in words if a != b and a in b]
+
+
 def test_cwe_from_4096_on_uses_rulers_heavier_mix(fmt, hay):
     s = ruler.make_sample("cwe", fmt, hay, 8192, 0, seed=1)  # a 512-token vocabulary needs room
     main = fmt.tokenizer.decode(s.context_ids).split("Below is a numbered list of words.")[-1]

@@ -45,7 +45,7 @@ def test_cwe_switches_to_rulers_heavier_mix_at_4096(hay, length, common, uncommo
     The generator is called directly: a 4096-token heavy-mix prompt does not fit the tiny tokenizer."""
     import random
 
-    context, _, _, answers, _ = ruler._cwe(random.Random(0), hay, length)(20)
+    context, _, _, answers, _ = ruler._cwe(random.Random(0), hay, length)[0](20)
     counts = Counter(re.findall(r"\d+\. (\S+)", context.split("Below is a numbered list of words.")[-1]))
     assert {counts[w] for w in answers} == {common}
     assert {c for w, c in counts.items() if w not in answers} == {uncommon}

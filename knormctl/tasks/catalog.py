@@ -45,9 +45,9 @@ def _ruler(name: str, metric: str = STRING_MATCH_ALL) -> Subtask:
     # RULER scripts/data/synthetic/constants.py: tokens_to_generate per task family
     new = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}[kind]
     # niah/vt answers are random 5-7 digit numbers, uuids or 5-letter names: a guess scores ~0.
-    # cwe/fwe: an answer that merely lists words from the prompt scores above 0; the generators
-    # store that per sample (extra_json "chance"), this is the floor when nothing is stored.
-    return Subtask(name, "ruler", metric, new, 0.0)
+    # cwe/fwe: an answer that merely copies the list's start scores above 0 (0.5-1.0), so each
+    # sample stores its own level (extra_json "chance", ruler.copy_chance); without it, none.
+    return Subtask(name, "ruler", metric, new, None if kind in ("cwe", "fwe") else 0.0)
 
 
 RULER_SYNTHETIC = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",

@@ -29,6 +29,7 @@ from knormctl.errors import UsageError
 from knormctl.tasks import catalog as c
 from knormctl.tasks import longbench
 from knormctl.tasks.prompt import PromptFormat, QuestionSample
+from knormctl.tasks.ruler import copy_chance, listed_words
 
 RULER_DATASET = "simonjegou/ruler"
 LONGBENCH_DATASET = "Xnhyacinth/LongBench"
@@ -80,8 +81,19 @@ def ruler_samples(rows_by_length: dict[int, list[dict]], subtasks: list[str], pe
                 samples.append(QuestionSample(
                     task="ruler", subtask=name, dataset=f"{dataset}:{length}", doc_id=f"{name}/{i}", doc_title=None,
                     char_offset=None, context_ids=ctx, question_ids=q, suffix_ids=suffix, answers=list(r["answer"]),
-                    metric=spec.metric, max_new_tokens=answer_tokens or spec.max_new_tokens, context_length=length))
+                    metric=spec.metric, max_new_tokens=answer_tokens or spec.max_new_tokens, context_length=length,
+                    extra=_copy_chance(name, r)))
     return samples
+
+
+def _copy_chance(name: str, record: dict) -> dict:
+    """cwe/fwe: the chance level read from the record's list (``{}`` for the other subtasks:
+    their catalog level holds). A record whose list cannot be read gets None: no verdict,
+    rather than the 0 that would make any score look far above chance."""
+    if name not in ("cwe", "fwe"):
+        return {}
+    listed = listed_words(name, record["context"])
+    return {"chance": copy_chance(name, listed, list(record["answer"])) if listed else None}
 
 
 def longbench_records(subtasks: list[str], name: str = LONGBENCH_DATASET) -> dict[str, list[dict]]:

@@ -12,6 +12,9 @@ Differences from RULER, each deliberate:
 - the "essay" haystack is any knormctl text source (haystack.py), from a seeded sentence
   start, instead of Paul Graham's essays from their beginning; word lists (needle keys,
   cwe) are the source's vocabulary instead of wonderwords' lists;
+- cwe's words never contain one another (``unnested``): string_match_all counts an answer
+  word found inside a longer predicted word ("step" in "footstep"), and a vocabulary has
+  inflected forms that wonderwords' lists mostly lack;
 - needles go to the sentence boundary nearest to their depth counted in WORDS (RULER
   counts sentences: ``int(n_sentences * depth)``); depths are drawn from RULER's 40;
 - every random choice comes from one generator seeded by (seed, subtask, length, index),
@@ -25,6 +28,7 @@ Differences from RULER, each deliberate:
 from __future__ import annotations
 
 import random
+import re
 import string
 import uuid
 from dataclasses import dataclass
@@ -77,8 +81,8 @@ def make_sample(name: str, fmt: PromptFormat, hay: Haystack, length: int, index:
     elif name == "vt":
         build, guess = _vt(rng, fmt), 50
     elif name == "cwe":
-        build, guess = _cwe(rng, hay, length), 100
-        limit = len(hay.pool) - 10  # distinct words available besides the 10 common ones
+        build, words = _cwe(rng, hay, length)
+        guess, limit = 100, words - 10  # distinct words available besides the 10 common ones
     elif name == "fwe":
         build, guess = _fwe(rng, length, new), 500
     else:
@@ -220,6 +224,7 @@ def _word_list(words: list[str], common: int, uncommon: int, order: random.Rando
 
 
 def _cwe(rng: random.Random, hay: Haystack, length: int):
+    """``(build, how many words it can list)``."""
     # RULER: below 4096 tokens a lighter mix (6x/1x, example 20 words 3x/1x), else 30x/3x (example 40 words 10x/3x)
     small = length < 4096
     ex_size, ex_common, ex_uncommon = (20, 3, 1) if small else (40, 10, 3)
@@ -227,17 +232,61 @@ def _cwe(rng: random.Random, hay: Haystack, length: int):
     example_words = hay.pool_sample(rng, ex_size, "ruler cwe's example")
     example = _word_list(example_words, ex_common, ex_uncommon, random.Random(rng.random()))
     shown = (f"{_CWE_HEAD}{_numbered(example)}\n{_CWE_QUESTION} {_CWE_PREFIX} {_numbered(example_words[:10])}\n")
-    pool = hay.pool_sample(rng, len(hay.pool), "ruler cwe")  # a seeded order of the whole pool
+    pool = unnested(hay.pool_sample(rng, len(hay.pool), "ruler cwe"))  # a seeded order of the whole pool
     order_seed = rng.random()
 
     def build(n: int):
         words = pool[:n + 10]  # n uncommon words besides the 10 common ones
         listed = _word_list(words, common, uncommon, random.Random(order_seed))
-        distinct = list(dict.fromkeys(listed))[:10]  # an answer that just repeats the list's start
-        extra = {"chance": string_match_all(" ".join(distinct), words[:10])}
+        extra = {"chance": copy_chance("cwe", listed, words[:10])}
         return shown + _CWE_HEAD + _numbered(listed) + "\n", _CWE_QUESTION, _CWE_PREFIX, words[:10], extra
 
-    return build
+    return build, len(pool)
+
+
+def unnested(words: list[str]) -> list[str]:
+    """``words`` in order, less each one that contains a word kept before it or lies inside
+    one (all are >= 4 letters), so no listed word is a substring of another."""
+    kept: list[str] = []
+    kept_set: set[str] = set()
+    inside: set[str] = set()  # every substring (>= 4 letters) of a kept word
+
+    def parts(w: str):
+        return {w[i:j] for i in range(len(w) - 3) for j in range(i + 4, len(w) + 1)}
+
+    for w in words:
+        pieces = parts(w)
+        if w in inside or not kept_set.isdisjoint(pieces):
+            continue
+        kept.append(w)
+        kept_set.add(w)
+        inside |= pieces
+    return kept
+
+
+# RULER's templates: cwe's list follows its last head (an example list comes first), fwe's
+# coded text follows the head's last sentence
+_LIST_STARTS = {"cwe": "Memorize the ones that appear most often.", "fwe": "Find the three most frequently appeared coded words."}
+_COPIED = {"cwe": 10, "fwe": 3}
+
+
+def copy_chance(name: str, listed: list[str], answers: list[str]) -> float:
+    """cwe/fwe's chance level: what an answer that copies the list's first distinct words
+    scores (10 for cwe, 3 for fwe; fwe's noise "..." skipped). Reading the list is all it
+    takes, so a score near it says nothing about what the cache kept."""
+    distinct = [w for w in dict.fromkeys(listed) if w.strip(".")][:_COPIED[name]]
+    return string_match_all(" ".join(distinct), answers)
+
+
+def listed_words(name: str, context: str) -> list[str] | None:
+    """The words of a cwe/fwe prompt's list, read from its text (a Hub record), in order;
+    None when the text does not hold RULER's template."""
+    at = context.rfind(_LIST_STARTS[name])
+    if at < 0:
+        return None
+    rest = context[at + len(_LIST_STARTS[name]):]
+    words = re.findall(r"(?:^|\s)\d+\.\s+(\S+)", rest) if name == "cwe" else rest.split()
+    return words or None
 
 
 _FWE_HEAD = ("Read the following coded text and track the frequency of each coded word. "
@@ -263,8 +312,7 @@ def _fwe(rng: random.Random, length: int, new_tokens: int):
     def build(n: int):
         text = [w for k, w in enumerate(words, start=1) for _ in range(int(n * k ** -2.0 / _ZETA_2))]
         random.Random(order_seed).shuffle(text)
-        distinct = [w for w in dict.fromkeys(text) if w != "..."][:3]
-        extra = {"chance": string_match_all(" ".join(distinct), words[1:4])}
+        extra = {"chance": copy_chance("fwe", text, words[1:4])}
         return _FWE_HEAD + " ".join(text) + "\n", _FWE_QUESTION, _FWE_PREFIX, words[1:4], extra
 
     return build
