@@ -183,7 +183,9 @@ class RunConfig:
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     passkey_seeds: int = 2
-    passkey_new_tokens: int = 10  # the answer is five digits; more tokens only cost time
+    # the answer is five digits; a model that restates "\nThe pass key is 12345" needs 11
+    # tokens in smollm2's tokenizer (a digit each), so 10 cut it; generation stops at EOS
+    passkey_new_tokens: int = 16
     # question tasks (passkey, ruler, niah, longbench); None = the task's default, resolved by validate()
     protocol: str = "context"  # what is compressed: context | query-aware | paper (tasks/protocol.py)
     chat_template: str = "auto"  # auto: the tokenizer's template when it has one (kvpress); on | off

@@ -112,7 +112,7 @@ def test_passkey_answer_tokens_overrides_the_passkey_default(tiny_tokenizer, boo
 
     [default] = make_samples(_passkey_cfg(books_dir), tiny_tokenizer, None, lambda m: None)
     [asked] = make_samples(_passkey_cfg(books_dir, answer_tokens=3), tiny_tokenizer, None, lambda m: None)
-    assert default.max_new_tokens == 10 and asked.max_new_tokens == 3
+    assert default.max_new_tokens == 16 and asked.max_new_tokens == 3
 
 
 def test_passkey_seed_changes_the_key(tiny_tokenizer, books_dir):
