@@ -253,22 +253,25 @@ def bootstrap_interval(values: Sequence[float], how: str = "median", *, seed: in
 
 
 def stratified_mean_interval(groups: Sequence[Sequence[float]], *, seed: int, resamples: int = RESAMPLES,
-                             confidence: float = CONFIDENCE, bounds: Interval | None = None) -> Interval | None:
-    """Bootstrap interval of the mean of group means (e.g. accuracy averaged over RULER
-    subtasks): each group is resampled within itself, so every resample keeps the groups'
-    sizes and weights. None when any group has fewer than two values. Every group's values
-    all alike, given ``bounds``: the mean of the groups' ``constant_interval``."""
+                             confidence: float = CONFIDENCE, bounds: Interval | None = None,
+                             weights: Sequence[float] | None = None) -> Interval | None:
+    """Bootstrap interval of the (weighted) mean of group means (e.g. accuracy averaged over
+    RULER subtasks): each group is resampled within itself, so every resample keeps the
+    groups' sizes and weights (``weights``: one per group, summing to 1; None: equal). None
+    when any group has fewer than two values. Every group's values all alike, given
+    ``bounds``: the weighted mean of the groups' ``constant_interval``."""
     if not groups or any(len(g) < 2 for g in groups):
         return None
+    w = [1.0 / len(groups)] * len(groups) if weights is None else [float(x) for x in weights]
     if bounds and all(min(g) == max(g) for g in groups):
         each = [constant_interval(float(g[0]), len(g), bounds, confidence) for g in groups]
-        return math.fsum(lo for lo, _ in each) / len(each), math.fsum(hi for _, hi in each) / len(each)
+        return math.fsum(wk * lo for wk, (lo, _) in zip(w, each)), math.fsum(wk * hi for wk, (_, hi) in zip(w, each))
     import numpy as np
 
     total = np.zeros(resamples)
-    for k, g in enumerate(groups):
-        total += _resampled(np.sort(np.asarray(g, dtype=float)), seed + k, resamples).mean(axis=1)
-    return _percentile_interval(total / len(groups), confidence)
+    for k, (g, wk) in enumerate(zip(groups, w)):
+        total += wk * _resampled(np.sort(np.asarray(g, dtype=float)), seed + k, resamples).mean(axis=1)
+    return _percentile_interval(total, confidence)
 
 
 def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) -> Interval | None:

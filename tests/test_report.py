@@ -718,3 +718,22 @@ def test_the_run_list_shows_cells_done_of_planned(store, db):
     out = runner.invoke(app, ["report", "--db", db, "--list"], env={"COLUMNS": "160"}).stdout
     line = next(ln for ln in out.splitlines() if ln.strip().startswith(str(run)))
     assert "7/15" in line and "15/7" not in line, line
+
+
+def test_identical_outputs_on_a_few_prompts_are_not_read_as_the_same(store, db):
+    """knorm 0.7 produced the full cache's tokens on all 3 prompts: its token-match change was
+    [+0, +0], 'same', as certain as knorm 1.0's (which runs the full cache's code path). A
+    configuration that evicts gets the binomial bound instead; keep 1.0 stays 'same'."""
+    import sqlite3
+
+    run = fill_run(store, n_samples=3)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET token_match = 1.0 WHERE run_id = ?", (run,))
+    rows = rows_by_key(report_json(db, "--run-id", str(run)))
+    h = 100 * (1 - 0.025 ** (1 / 3))
+    assert rows[KNORM_07]["changes"]["token_match"] == 0
+    assert rows[KNORM_07]["change_intervals"]["token_match"] == pytest.approx([-h, h])
+    assert rows[KNORM_07]["verdicts"]["token_match"] == "noise"
+    keep_all = Cfg("knorm", 1.0).pc.key
+    assert rows[keep_all]["change_intervals"]["token_match"] == [0, 0]
+    assert rows[keep_all]["verdicts"]["token_match"] == "same"

@@ -366,3 +366,49 @@ def test_longbench_prompts_that_lost_their_middle_are_flagged(store, db):
     assert flag["message"].startswith("longbench: prompts longer than the context they were given lost the middle "
                                       "of their document to fit (LongBench's truncation): narrativeqa 2 of 2 (up "
                                       "to 1200 tokens)."), flag
+
+
+def test_the_configuration_rows_accuracy_is_the_task_tables(store, db, ruler):
+    """One definition: a configuration's accuracy (its row, the study's quality) is the mean over
+    context lengths of the task table's mean over subtasks, not a mean of the pooled questions."""
+    data = report_json(db, "--run-id", str(ruler))
+    for row in data["rows"]:
+        means = [t for t in data["tasks"] if t["config_key"] == row["config_key"] and t["subtask"] is None]
+        assert len(means) == 2  # 4096 and 8192
+        assert row["values"]["accuracy"] == pytest.approx(statistics.fmean(t["accuracy"] for t in means))
+        if not row["is_reference"]:
+            assert row["changes"]["accuracy"] == pytest.approx(statistics.fmean(t["change_pp"] for t in means))
+            lo, hi = row["change_intervals"]["accuracy"]
+            assert lo <= row["changes"]["accuracy"] <= hi
+
+
+def test_unequal_question_counts_do_not_weigh_a_length_more(store, db):
+    """4 questions at 160 tokens (knorm: all wrong) and 2 at 320 (all right): accuracy 50%, as
+    the per-length rows average and the study reads it; pooled questions said 33%."""
+    run = fill_run(store, task="passkey", configs=CONFIGS[:2], n_samples=8, samples=[0, 2, 4, 6, 1, 3],
+                   lengths=(160, 320), score=lambda i, pc, sub, depth, length: float(pc.press == "none" or length == 320),
+                   prompt_tokens=(160, 320))
+    data = report_json(db, "--run-id", str(run))
+    row = {r["config_key"]: r for r in data["rows"]}[KNORM]
+    per_length = {t["context_length"]: t for t in data["tasks"] if t["config_key"] == KNORM}
+    assert {k: t["n"] for k, t in per_length.items()} == {160: 4, 320: 2}
+    assert row["values"]["accuracy"] == pytest.approx(0.5)
+    assert row["changes"]["accuracy"] == pytest.approx(-50.0)
+    lo, hi = row["intervals"]["accuracy"]
+    assert 0 < lo < 0.5 < hi < 1  # a stratified interval: each length's answers all agree, bounded, not a point
+
+
+def test_one_subtask_at_one_length_gives_the_row_the_task_rows_numbers(store, db):
+    """Three passkey questions right with and without compression: the configuration table said
+    'same' on [+0, +0] while the task table said 'noise' on the binomial bound [-71, +71]."""
+    run = fill_run(store, task="passkey", configs=CONFIGS[:2], n_samples=3, lengths=(160,),
+                   score=lambda *a: 1.0, prompt_tokens=(160,))
+    data = report_json(db, "--run-id", str(run))
+    row = {r["config_key"]: r for r in data["rows"]}[KNORM]
+    [task] = [t for t in data["tasks"] if t["config_key"] == KNORM]
+    h = 100 * (1 - 0.025 ** (1 / 3))
+    assert row["change_intervals"]["accuracy"] == task["change_interval"]
+    assert task["change_interval"] == pytest.approx([-h, h])
+    assert row["verdicts"]["accuracy"] == task["verdict"] == "noise"
+    assert row["n_needed"]["accuracy"] == task["n_needed"] > 3
+    assert row["intervals"]["accuracy"] == task["interval"]

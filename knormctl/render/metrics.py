@@ -76,7 +76,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("token_match", "token match", "fraction", HIGHER, "quality",
            "fraction of generated tokens equal to the full cache's"),
     Metric("accuracy", "accuracy", "fraction", HIGHER, "quality",
-           "mean task score (0..1) over the configuration's questions", column="score", pass_fail=True),
+           "mean task score (0..1): over subtasks, then context lengths (render.tasks)", column="score",
+           pass_fail=True),
 )
 METRIC = {m.name: m for m in METRICS}
 # What "can this run tell a change of this size?" asks about (samples_needed): 5% for

@@ -8,13 +8,16 @@ metric's own statistic (median; mean for fractions; lower median for counts), th
 
 - value: that statistic over prompts; interval (fractions only): Wilson when every score of a
   right/wrong metric (accuracy) is 0 or 1, else a seeded percentile bootstrap over prompts.
+  Accuracy is the exception: its numbers are render.tasks' ``accuracy_stats`` (the mean over
+  subtasks and context lengths, as the task tables), not a mean over pooled questions.
   Medians of timings, memory and perplexity get none: over different prompts it would show
   the prompt mix, not the press;
 - change (relative metrics): each prompt's change against the full cache on the same
   prompt, in %, then the median over prompts; fractions: the mean of per-prompt
   differences, in percentage points. Interval: bootstrap over prompts of that statistic.
 - verdict: "same" when every prompt's change is exactly 0 (keep ratio 1.0's token match and
-  perplexity); "no detectable difference" ("noise") when the change's interval contains 0,
+  perplexity; a configuration that evicts gets the binomial bound for a token match of 0 or
+  1 on every prompt instead: identical outputs on 3 prompts say little of the 4th); "no detectable difference" ("noise") when the change's interval contains 0,
   or, for timings, when the change is within the run's same-work noise; otherwise better
   or worse by the metric's direction (a TTFT change is an "artifact": see flags).
 - rounds: a change pairs each prompt's rounds (``--repeats``; two runs of a group that
@@ -155,8 +158,10 @@ def change_statistic(m: Metric) -> str:
 
 
 def add_change(stat: Stat, m: Metric, mine: dict[PromptKey, float], ref: dict[PromptKey, float] | None,
-               seed: int) -> None:
-    """Fill ``stat``'s change, its interval and ``n_needed`` (no verdict yet: that needs the run's noise)."""
+               seed: int, bounds: Interval | None = None) -> None:
+    """Fill ``stat``'s change, its interval and ``n_needed`` (no verdict yet: that needs the run's
+    noise). ``bounds``: what a change can be, for the interval of changes that all agree
+    (stats.constant_interval) instead of the bootstrap's zero width."""
     if m.better is None or ref is None:
         return
     changes = per_prompt_changes(m, mine, ref)
@@ -165,7 +170,7 @@ def add_change(stat: Stat, m: Metric, mine: dict[PromptKey, float], ref: dict[Pr
         return
     how = change_statistic(m)
     stat.change = aggregate(changes, how)
-    stat.change_interval = bootstrap_interval(changes, how, seed=seed)
+    stat.change_interval = bootstrap_interval(changes, how, seed=seed, bounds=bounds)
     if spans_zero(stat.change_interval):
         stat.n_needed = samples_needed(len(changes), stat.change_interval, DETECTABLE_EFFECT)
 

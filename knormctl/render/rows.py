@@ -16,6 +16,7 @@ from knormctl.render.paired import (
     value_stat, verdict)
 
 REFERENCE_KEY = "none"  # PressConfig.key of the full-cache reference
+CHANGE_BOUNDS = (-100.0, 100.0)  # what a change of a fraction can be, in percentage points
 # Without a configuration that does the full cache's work under another name (keep_ratio
 # 1.0), the run cannot measure its own timing noise: on a shared
 # 2-core machine medians of identical configurations move by several percent, so this is
@@ -112,13 +113,17 @@ def _stdev(xs: Sequence[float]) -> float | None:
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
-def _stats(key: str, dataset: str | None, mine: PerPrompt, ref: PerPrompt | None) -> dict[str, Stat]:
-    """Every metric's value, interval, change and change interval (verdicts come later)."""
+def _stats(key: str, mine: PerPrompt, ref: PerPrompt | None, evicts: bool) -> dict[str, Stat]:
+    """Every metric's value, interval, change and change interval (verdicts come later).
+    Token match of a configuration that evicts (``evicts``): 0 or 1 on every prompt on both
+    sides, all alike, gets the binomial bound (as right/wrong task scores do) instead of [+0, +0]."""
     out = {}
     for m in METRICS:
         stat = value_stat(m, mine.values[m.name], metric_seed(key, m.name, "value"))
         if ref is not None and key != REFERENCE_KEY:
-            add_change(stat, m, *paired_values(m, mine, ref), metric_seed(key, m.name, "change"))
+            pair = paired_values(m, mine, ref)
+            bounded = m.name == "token_match" and evicts and all(x in (0.0, 1.0) for v in pair for x in v.values())
+            add_change(stat, m, *pair, metric_seed(key, m.name, "change"), bounds=CHANGE_BOUNDS if bounded else None)
         out[m.name] = stat
     return out
 
@@ -142,6 +147,7 @@ def noise_estimate(rows: Sequence[ConfigRow]) -> tuple[float, str, bool]:
 
 def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool) -> tuple[list[ConfigRow], float, str, bool]:
     """Rows for every configuration (per dataset when asked), their verdicts, and the noise estimate."""
+    from knormctl.render.tasks import accuracy_stats  # tasks reads this module's sort order
     blocks = ([(d, [s for s in samples if s.dataset == d]) for d in sorted({s.dataset for s in samples})]
               if by_dataset else [(None, list(samples))])
     rows: list[ConfigRow] = []
@@ -151,8 +157,11 @@ def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool)
         prompts = {k: per_prompt(v) for k, v in groups.items()}
         ref = prompts.get(REFERENCE_KEY)
         ref_cells = {prompt_key(s) for s in ok(groups.get(REFERENCE_KEY, []))}
+        accuracy = accuracy_stats(block)  # one definition with the task tables (render.tasks)
         for key in sorted(groups, key=lambda k: sort_key(groups[k][0])):
-            st = _stats(key, dataset, prompts[key], ref)
+            st = _stats(key, prompts[key], ref, evicts=groups[key][0].keep_ratio < 1.0)
+            if key in accuracy:
+                st["accuracy"] = accuracy[key]
             rows.append(_row(key, groups[key], prompts[key], st, dataset, labels, ref_cells if ref else None))
             stats.append(st)
     noise_pct, noise_source, measured = noise_estimate(rows)

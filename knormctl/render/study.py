@@ -183,20 +183,6 @@ def _ratio(change: float | None, interval: Interval | None) -> tuple[float | Non
     return 1 + change / 100.0, (None if interval is None else (1 + interval[0] / 100.0, 1 + interval[1] / 100.0))
 
 
-def _accuracy(summary: Summary, config_key: str) -> tuple[float | None, Interval | None]:
-    """Mean over subtasks; with several context lengths, the mean of the per-length means and of their
-    interval bounds (wider than the interval of the mean itself: conservative)."""
-    rows = [t for t in summary.tasks if t.config_key == config_key and t.subtask is None and t.accuracy is not None]
-    if not rows:  # a task with one subtask has no mean row
-        rows = [t for t in summary.tasks if t.config_key == config_key and t.accuracy is not None]
-    if not rows:
-        return None, None
-    acc = sum(t.accuracy for t in rows) / len(rows)
-    if any(t.interval is None for t in rows):
-        return acc, None
-    return acc, (sum(t.interval[0] for t in rows) / len(rows), sum(t.interval[1] for t in rows) / len(rows))
-
-
 def _order(v: Any) -> tuple:
     """A setting's place among its values: numbers and lists of numbers by value (context
     lengths [16384], [4096], [8192] were ordered as text), anything else by its text."""
@@ -240,7 +226,8 @@ def build_study(runs: Sequence[Any], samples_by_run: dict[int, Sequence[Any]], n
             if r.dataset is not None:
                 continue
             if question_task:
-                quality, qi = _accuracy(s, r.config_key)
+                # the configuration table's accuracy (render.tasks.accuracy_stats): one definition
+                quality, qi = r.values.get("accuracy"), r.intervals.get("accuracy")
             elif r.is_reference:
                 quality, qi = (1.0, (1.0, 1.0)) if r.values.get("ppl_compressed") is not None else (None, None)
             else:

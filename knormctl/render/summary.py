@@ -37,9 +37,13 @@ STATISTICS = {
     "value_interval": "fractions only: Wilson score interval when every accuracy score is 0 or 1, else the same "
                       "bootstrap (token match always: a share of tokens, not a right/wrong answer); "
                       "medians over different prompts get none (their spread is the prompt mix)",
+    "accuracy": "the mean over context lengths of the mean over the subtasks every configuration measured there "
+                "(equal weights), as the task tables: one subtask at one length, that row's Wilson/bootstrap "
+                "interval and change; else a stratified bootstrap (questions resampled within subtask and length)",
     "repeats": "a prompt's repeated rounds (two runs of a group measuring it: two rounds) are reduced to one value "
                "(the metric's own statistic) before pairing; a change uses the rounds both sides measured",
-    "verdict": "same when every prompt's change is exactly 0 (interval [0, 0]); noise (no detectable difference) "
+    "verdict": "same when every prompt's change is exactly 0 (interval [0, 0]; right/wrong scores, and a token "
+               "match of 0 or 1 where the configuration evicts, get the binomial bound instead); noise (no detectable difference) "
                "when the change's interval contains 0, or for timings when |change| <= the run's noise estimate; "
                "else better/worse by the metric's direction",
     "samples_needed": f"where the interval contains 0: prompts for 80% power to detect a {DETECTABLE_EFFECT:g}% "

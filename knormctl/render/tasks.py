@@ -12,15 +12,16 @@ per-question differences against the full cache, in percentage points.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from knormctl.render.metrics import DETECTABLE_EFFECT
-from knormctl.render.paired import Interval, ok, prompt_key, spans_zero
-from knormctl.render.rows import REFERENCE_KEY, sort_key
+from knormctl.render.paired import Interval, Stat, ok, prompt_key, spans_zero
+from knormctl.render.rows import CHANGE_BOUNDS, REFERENCE_KEY, sort_key
 from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, wilson_interval
 from knormctl.tasks.catalog import chance_of, near_chance
 
@@ -30,7 +31,6 @@ from knormctl.tasks.catalog import chance_of, near_chance
 # these give it the exact binomial bound instead (stats.constant_interval). Partial scores keep
 # the bootstrap's: 8 questions all 20 pp worse are as sure as 8 that are 19 to 21 pp worse.
 SCORE_BOUNDS = (0.0, 1.0)
-CHANGE_BOUNDS = (-100.0, 100.0)  # percentage points
 
 
 @dataclass
@@ -109,42 +109,87 @@ def _verdict(change: float | None, interval: Interval | None) -> str | None:
     return "better" if change > 0 else "worse"
 
 
-def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[TaskRow], list[NeedleCell]]:
-    """Every (task, subtask, length, configuration) row, the per-task mean rows, and the needle cells."""
+@dataclass
+class Combined:
+    """Accuracy over one or more (task, subtask, length) cells, each weighted, with its
+    interval and its paired change against the full cache (the numbers of a TaskRow and of
+    the configuration rows' accuracy: one computation)."""
+
+    accuracy: float
+    interval: Interval | None
+    interval_method: str | None
+    n: int
+    change: float | None = None
+    change_interval: Interval | None = None
+    n_pairs: int = 0
+    n_needed: int | None = None
+
+
+def combined(key: str, cells: Sequence[tuple], weights: Sequence[float], scores: dict[tuple, dict[tuple, float]],
+             seed: tuple) -> Combined:
+    """One cell: Wilson (right/wrong) or a bootstrap over its questions, the change a bootstrap
+    of per-question differences; several: the weighted mean of the cells' means, with a
+    stratified bootstrap (questions resampled within each cell). Right/wrong scores that all
+    agree get the binomial bound (SCORE_BOUNDS, CHANGE_BOUNDS) instead of a zero-width interval.
+    ``seed``: names the interval's seed (with ``key``)."""
+    mine = [list(scores[(*c, key)].values()) for c in cells]
+    acc = math.fsum(w * statistics.fmean(xs) for w, xs in zip(weights, mine))
+    binary = _binary(x for xs in mine for x in xs)
+    if len(cells) == 1:
+        interval, method = accuracy_interval(mine[0], seed_for(key, *seed, "accuracy"))
+    else:
+        interval = stratified_mean_interval(mine, seed=seed_for(key, *seed, "accuracy"),
+                                            bounds=SCORE_BOUNDS if binary else None, weights=weights)
+        method = "stratified bootstrap" if interval else None
+    out = Combined(accuracy=acc, interval=interval, interval_method=method, n=sum(map(len, mine)))
+    refs = [scores.get((*c, REFERENCE_KEY)) for c in cells]
+    if key == REFERENCE_KEY or not all(refs):
+        return out
+    diffs = [_diffs(scores[(*c, key)], ref) for c, ref in zip(cells, refs)]
+    if not all(diffs):
+        return out
+    out.change = math.fsum(w * statistics.fmean(d) for w, d in zip(weights, diffs))
+    out.n_pairs = sum(map(len, diffs))
+    bounds = CHANGE_BOUNDS if binary and _binary(x for ref in refs for x in ref.values()) else None
+    if len(cells) == 1:
+        out.change_interval = bootstrap_interval(diffs[0], "mean", seed=seed_for(key, *seed, "change"), bounds=bounds)
+    else:
+        out.change_interval = stratified_mean_interval(diffs, seed=seed_for(key, *seed, "change"), bounds=bounds,
+                                                       weights=weights)
+    if spans_zero(out.change_interval):
+        out.n_needed = samples_needed(min(map(len, diffs)) * len(diffs), out.change_interval, DETECTABLE_EFFECT)
+    return out
+
+
+def _scored(samples: Sequence[Any]) -> tuple[list[Any], dict[tuple, list[Any]], dict[tuple, dict[tuple, float]]]:
+    """The scored samples, grouped by (task, subtask, length, configuration), and their scores."""
     scored = [s for s in ok(samples) if s.score is not None]
     groups: dict[tuple, list[Any]] = defaultdict(list)
     for s in scored:
         groups[(s.task, s.subtask or s.task, s.context_length, s.config_key)].append(s)
-    scores = {k: _scores(v) for k, v in groups.items()}
+    return scored, groups, {k: _scores(v) for k, v in groups.items()}
+
+
+def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[TaskRow], list[NeedleCell]]:
+    """Every (task, subtask, length, configuration) row, the per-task mean rows, and the needle cells."""
+    scored, groups, scores = _scored(samples)
     proto = {k[3]: v[0] for k, v in groups.items()}
 
     rows: list[TaskRow] = []
     for (task, sub, length, key), group in groups.items():
-        mine = scores[(task, sub, length, key)]
+        c = combined(key, [(task, sub, length)], [1.0], scores, (task, sub, length))
         ref = scores.get((task, sub, length, REFERENCE_KEY))
-        xs = list(mine.values())
-        acc = statistics.fmean(xs)
-        interval, method = accuracy_interval(xs, seed_for(key, task, sub, length, "accuracy"))
         ref_acc = statistics.fmean(ref.values()) if ref else None
         ref_interval = accuracy_interval(list(ref.values()), seed_for(REFERENCE_KEY, task, sub, length, "accuracy"))[0] \
             if ref else None
-        change = change_interval = n_needed = None
-        if ref is not None and key != REFERENCE_KEY:
-            d = _diffs(mine, ref)
-            if d:
-                change = statistics.fmean(d)
-                change_interval = bootstrap_interval(d, "mean", seed=seed_for(key, task, sub, length, "change"),
-                                                     bounds=CHANGE_BOUNDS if _binary([*xs, *ref.values()]) else None)
-                if spans_zero(change_interval):
-                    n_needed = samples_needed(len(d), change_interval, DETECTABLE_EFFECT)
-        metric = group[0].score_metric
+        xs = list(scores[(task, sub, length, key)].values())
         rows.append(TaskRow(
             task=task, subtask=sub, context_length=length, config_key=key, label=labels.get(key, key),
             press=group[0].press, keep_ratio=group[0].keep_ratio, is_reference=key == REFERENCE_KEY,
-            score_metric=metric, n=len(xs), n_subtasks=1, correct=round(sum(xs)) if _binary(xs) else None,
-            accuracy=acc, interval=interval, interval_method=method, reference_accuracy=ref_acc,
-            change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
-            n_needed=n_needed, near_chance=near_chance(
+            score_metric=group[0].score_metric, n=c.n, n_subtasks=1, correct=round(sum(xs)) if _binary(xs) else None,
+            accuracy=c.accuracy, interval=c.interval, interval_method=c.interval_method, reference_accuracy=ref_acc,
+            change_pp=c.change, change_interval=c.change_interval, verdict=_verdict(c.change, c.change_interval),
+            n_needed=c.n_needed, near_chance=near_chance(
                 ref_acc, chance_of(groups.get((task, sub, length, REFERENCE_KEY), [])), ref_interval)))
     rows += _means(rows, scores)
     rows.sort(key=lambda r: (r.task, r.subtask is not None, r.subtask or "", r.context_length or 0,
@@ -152,14 +197,23 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
     return rows, _needles(scored, labels)
 
 
+def common_cells(keys: Iterable[tuple]) -> dict[tuple, set[str]]:
+    """Per (task, length), from (task, subtask, length, configuration) keys: the subtasks every
+    configuration with a score there measured (what a mean over subtasks may average)."""
+    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for task, sub, length, key in keys:
+        have[(task, length)][key].add(sub)
+    return {k: set.intersection(*by.values()) for k, by in have.items()}
+
+
 def subtask_coverage(rows: Sequence[TaskRow]) -> dict[tuple, tuple[set[str], set[str]]]:
     """Per (task, length), from the subtask rows: the subtasks some configuration measured, and
     those every configuration measured (what a mean over subtasks may average)."""
-    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for r in rows:
-        if r.subtask is not None:
-            have[(r.task, r.context_length)][r.config_key].add(r.subtask)
-    return {k: (set.union(*by.values()), set.intersection(*by.values())) for k, by in have.items()}
+    keys = [(r.task, r.subtask, r.context_length, r.config_key) for r in rows if r.subtask is not None]
+    some: dict[tuple, set[str]] = defaultdict(set)
+    for task, sub, length, _ in keys:
+        some[(task, length)].add(sub)
+    return {k: (some[k], common) for k, common in common_cells(keys).items()}
 
 
 def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list[TaskRow]:
@@ -174,39 +228,47 @@ def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list
     out = []
     for (task, length, key), subs in by.items():
         some, common = coverage[(task, length)]
-        left_out = sorted(some - common)
         subs = sorted((r for r in subs if r.subtask in common), key=lambda r: r.subtask)
         if len(subs) < 2:
             continue
-        per_sub = [list(scores[(task, r.subtask, length, key)].values()) for r in subs]
-        acc = statistics.fmean(r.accuracy for r in subs)
-        binary = _binary(x for xs in per_sub for x in xs)
-        interval = stratified_mean_interval(per_sub, seed=seed_for(key, task, "mean", length, "accuracy"),
-                                            bounds=SCORE_BOUNDS if binary else None)
-        refs = [scores.get((task, r.subtask, length, REFERENCE_KEY)) for r in subs]
-        change = change_interval = n_needed = ref_acc = None
-        if all(refs):
-            ref_acc = statistics.fmean(statistics.fmean(r.values()) for r in refs)
-            if key != REFERENCE_KEY:
-                diffs = [_diffs(scores[(task, r.subtask, length, key)], ref) for r, ref in zip(subs, refs)]
-                if all(diffs):
-                    change = statistics.fmean(statistics.fmean(d) for d in diffs)
-                    binary = binary and _binary(x for ref in refs for x in ref.values())
-                    change_interval = stratified_mean_interval(
-                        diffs, seed=seed_for(key, task, "mean", length, "change"),
-                        bounds=CHANGE_BOUNDS if binary else None)
-                    if spans_zero(change_interval):
-                        n_needed = samples_needed(min(len(d) for d in diffs) * len(diffs), change_interval,
-                                                  DETECTABLE_EFFECT)
+        cells = [(task, r.subtask, length) for r in subs]
+        c = combined(key, cells, [1.0 / len(cells)] * len(cells), scores, (task, "mean", length))
+        refs = [scores.get((*cell, REFERENCE_KEY)) for cell in cells]
+        ref_acc = statistics.fmean(statistics.fmean(r.values()) for r in refs) if all(refs) else None
         first = subs[0]
         out.append(TaskRow(
             task=task, subtask=None, context_length=length, config_key=key, label=first.label, press=first.press,
             keep_ratio=first.keep_ratio, is_reference=first.is_reference,
-            score_metric=",".join(sorted({r.score_metric or "?" for r in subs})), n=sum(r.n for r in subs),
-            n_subtasks=len(subs), correct=None, accuracy=acc, interval=interval,
-            interval_method="stratified bootstrap" if interval else None, reference_accuracy=ref_acc,
-            change_pp=change, change_interval=change_interval, verdict=_verdict(change, change_interval),
-            n_needed=n_needed, near_chance=all(r.near_chance for r in subs), left_out=left_out))
+            score_metric=",".join(sorted({r.score_metric or "?" for r in subs})), n=c.n,
+            n_subtasks=len(subs), correct=None, accuracy=c.accuracy, interval=c.interval,
+            interval_method=c.interval_method, reference_accuracy=ref_acc,
+            change_pp=c.change, change_interval=c.change_interval, verdict=_verdict(c.change, c.change_interval),
+            n_needed=c.n_needed, near_chance=all(r.near_chance for r in subs), left_out=sorted(some - common)))
+    return out
+
+
+def accuracy_stats(samples: Sequence[Any]) -> dict[str, Stat]:
+    """Each configuration's accuracy in one number (its row in the configuration table, the
+    study's): the mean over (task, context length) of the mean over the subtasks every
+    configuration measured there -- subtasks weigh equally (RULER's convention), lengths
+    weigh equally. With one cell it is that subtask row's numbers, with one length that mean
+    row's (the same seeds). Configurations without a scored sample are left out."""
+    _, _, scores = _scored(samples)
+    common = common_cells(scores)
+    out = {}
+    for key in {k[3] for k in scores}:
+        groups = [(t, length, sorted(s for s in subs if (t, s, length, key) in scores))
+                  for (t, length), subs in sorted(common.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
+        groups = [g for g in groups if g[2]]
+        if not groups:
+            continue
+        cells = [(t, sub, length) for t, length, subs in groups for sub in subs]
+        weights = [1.0 / (len(groups) * len(subs)) for _, _, subs in groups for _ in subs]
+        seed = cells[0] if len(cells) == 1 else (
+            (groups[0][0], "mean", groups[0][1]) if len(groups) == 1 else ("all cells",))
+        c = combined(key, cells, weights, scores, seed)
+        out[key] = Stat(value=c.accuracy, interval=c.interval, change=c.change, change_interval=c.change_interval,
+                        n=c.n, n_pairs=c.n_pairs, n_needed=c.n_needed)
     return out
 
 
