@@ -302,7 +302,7 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     [flag] = [f for f in data["flags"] if f["kind"] == "ttft_artifact"]
     assert flag["config_key"] == KNORM_09
     assert "timing artifact" in flag["message"] and "not a gain" in flag["message"]
-    assert "only acts after the prefill" in flag["message"]
+    assert "first cut comes after the first token" in flag["message"]
     row = next(r for r in data["rows"] if r["config_key"] == KNORM_09)
     assert row["verdicts"]["ttft_s"] == "artifact"
     assert f"TTFT {abs(row['changes']['ttft_s']):.1f}% lower than the full cache" in flag["message"]
@@ -310,6 +310,29 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     [flag] = [f for f in slower["flags"] if f["kind"] == "ttft_artifact"]
     assert "% higher than the full cache" in flag["message"] and "not a slower prefill" in flag["message"]
     assert all(r["verdicts"]["ttft_s"] in (None, "noise", "same") for r in data["rows"] if r["config_key"] != KNORM_09)
+
+
+def test_a_ttft_change_is_the_presss_where_it_cuts_before_the_first_token(store, db):
+    """The context protocol cuts the context before the question is read, a chunked prefill
+    between chunks, a kvpress press inside the prefill forward: all inside TTFT, so a TTFT
+    change there is a finding (better/worse), not an artifact."""
+    import sqlite3
+
+    run = fill_run(store, task="passkey", configs=(Cfg(), Cfg("knorm", 0.5, mode="prefill")), n_samples=6,
+                   ttft_factor={Cfg("knorm", 0.5, mode="prefill").pc.key: 1.5}, prompt_tokens=(160,))
+    key = Cfg("knorm", 0.5, mode="prefill").pc.key
+    row = rows_by_key(report_json(db, "--run-id", str(run)))[key]
+    assert row["verdicts"]["ttft_s"] == "worse"  # protocol context, 12 question tokens (report_data)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET protocol = 'query-aware' WHERE run_id = ?", (run,))
+    data = report_json(db, "--run-id", str(run))
+    assert rows_by_key(data)[key]["verdicts"]["ttft_s"] == "artifact"
+    assert [f["config_key"] for f in data["flags"] if f["kind"] == "ttft_artifact"] == [key]
+    with sqlite3.connect(db) as con:  # the same run, prefilled in chunks smaller than its prompts
+        [(config,)] = con.execute("SELECT config_json FROM runs WHERE id = ?", (run,)).fetchall()
+        con.execute("UPDATE runs SET config_json = ? WHERE id = ?",
+                    (json.dumps({**json.loads(config), "prefill_chunk": 64}), run))
+    assert rows_by_key(report_json(db, "--run-id", str(run)))[key]["verdicts"]["ttft_s"] == "worse"
 
 
 def test_disturbed_timings_are_flagged_when_a_null_configuration_moves(store, db):

@@ -143,14 +143,12 @@ def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) ->
                                               f"on a quiet machine with --threads pinned.", r.config_key))
         change = r.changes.get("ttft_s")
         if r.verdicts["ttft_s"] == "artifact":
-            what = ("not a gain" if change < 0 else
-                    f"not a slower prefill (unless it is the cut itself: median compression time "
-                    f"{(r.values['compress_time_s'] or 0) * 1e3:.1f} ms)")
+            what = "not a gain" if change < 0 else "not a slower prefill"
             flags.append(Flag("ttft_artifact", f"{where}: TTFT {abs(change):.1f}% {'lower' if change < 0 else 'higher'} "
                                                f"than the full cache, beyond this run's noise (\u00b1{noise_pct:.1f}%, "
-                                               f"{noise_source}). Compression only acts after the prefill (the prefill "
-                                               f"forward is identical; the only prefill-time work is the cut right "
-                                               f"after it), so this is a timing artifact, {what}.", r.config_key))
+                                               f"{noise_source}). Its first cut comes after the first token (the "
+                                               f"prefill forward is the full cache's own work), so this is a timing "
+                                               f"artifact, {what}.", r.config_key))
     return flags
 
 

@@ -145,8 +145,21 @@ def noise_estimate(rows: Sequence[ConfigRow]) -> tuple[float, str, bool]:
     return pct, source, True
 
 
-def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool) -> tuple[list[ConfigRow], float, str, bool]:
-    """Rows for every configuration (per dataset when asked), their verdicts, and the noise estimate."""
+def cuts_before_first_token(s: Any, prefill_chunk: int = 0) -> bool:
+    """Whether a cut of this sample can come before its first token, inside TTFT: the context
+    protocol's cut before the question is read, a chunked prefill's cuts between chunks, a
+    kvpress press's cut inside the prefill forward (engine/loop.py). Otherwise the first cut
+    follows the first token, and the prefill is the full cache's own work."""
+    if s.press == "none" or s.keep_ratio >= 1.0:
+        return False
+    return (s.press.startswith("kvpress:") or (getattr(s, "protocol", None) == "context" and bool(s.question_tokens))
+            or bool(prefill_chunk and s.prompt_tokens and s.prompt_tokens > prefill_chunk))
+
+
+def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool,
+               prefill_chunks: dict[Any, int] | None = None) -> tuple[list[ConfigRow], float, str, bool]:
+    """Rows for every configuration (per dataset when asked), their verdicts, and the noise
+    estimate. ``prefill_chunks``: run id -> its --prefill-chunk (cuts before the first token)."""
     from knormctl.render.tasks import accuracy_stats  # tasks reads this module's sort order
     blocks = ([(d, [s for s in samples if s.dataset == d]) for d in sorted({s.dataset for s in samples})]
               if by_dataset else [(None, list(samples))])
@@ -163,11 +176,12 @@ def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool)
             if key in accuracy:
                 st["accuracy"] = accuracy[key]
             rows.append(_row(key, groups[key], prompts[key], st, dataset, labels, ref_cells if ref else None))
-            stats.append(st)
+            stats.append((st, any(cuts_before_first_token(x, (prefill_chunks or {}).get(getattr(x, "run_id", None), 0))
+                                  for x in ok(groups[key]))))
     noise_pct, noise_source, measured = noise_estimate(rows)
-    for row, st in zip(rows, stats):
+    for row, (st, in_ttft) in zip(rows, stats):
         for m in METRICS:
-            row.verdicts[m.name] = verdict(m, st[m.name], noise_pct)
+            row.verdicts[m.name] = verdict(m, st[m.name], noise_pct, cuts_in_ttft=in_ttft)
     return rows, noise_pct, noise_source, measured
 
 

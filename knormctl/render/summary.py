@@ -125,7 +125,8 @@ def build_summary(runs: Sequence[Any], samples: Sequence[Any], *, by_dataset: bo
     for s in samples:
         protos.setdefault(s.config_key, s)
     labels = labels_for(protos)
-    rows, noise_pct, noise_source, measured = build_rows(samples, labels, by_dataset)
+    chunks = {r.id: int((getattr(r, "config_json", None) or {}).get("prefill_chunk") or 0) for r in runs}
+    rows, noise_pct, noise_source, measured = build_rows(samples, labels, by_dataset, chunks)
     tasks, needles = task_tables(samples, labels)
     steps: dict[str, list[float]] = {}
     for s in ok(samples):
