@@ -14,7 +14,7 @@ from knormctl.config import PressConfig
 from knormctl.engine.compress import Compressor, n_keep_for
 from knormctl.engine.kvcache import cache_kwargs
 from knormctl.engine.loop import run_generation
-from knormctl.engine.quality import compressed_perplexity, context_perplexity
+from knormctl.engine.quality import compressed_perplexity, context_perplexity, stream_perplexity
 from knormctl.errors import UsageError
 from tiny_models import MODELS, VOCAB, llama as _llama, neox as _neox  # noqa: F401
 
@@ -248,6 +248,22 @@ def test_keep_ratio_one_equals_no_press(model):
     assert a.token_ids == b.token_ids
     assert b.compress_events == 0 and b.compress_time_s == 0.0
     assert compressed_perplexity(model, ids, eval_ids, none) == compressed_perplexity(model, ids, eval_ids, full)
+
+
+def test_a_perplexity_that_is_not_finite_fails_the_sample_with_its_reason(model):
+    """NaN logits used to give a NaN perplexity, stored as NULL by SQLite: the prompt silently
+    left that one metric while its row still counted it."""
+    import copy
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[0, 0] = float("nan")
+    ids, eval_ids = _prompt(20), _prompt(8, seed=2)[0].tolist()
+    for measure in (lambda m: context_perplexity(m, ids), lambda m: compressed_perplexity(m, ids, eval_ids, PressConfig()),
+                    lambda m: stream_perplexity(m, ids[0].tolist(), PressConfig())):
+        assert math.isfinite(measure(model))
+        with pytest.raises(RuntimeError, match="perplexity is not finite"):
+            measure(broken)
 
 
 def test_compression_changes_ppl_compressed_but_not_context(model):

@@ -26,6 +26,18 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
+def _perplexity(nll: float, n: int, what: str) -> float:
+    """exp(mean NLL). A mean that is not finite (NaN or inf logits: an overflow under this
+    configuration, a broken model) or beyond exp's range fails the sample with that reason
+    (RuntimeError: stored as the cell's error) instead of storing NaN, which SQLite turns into
+    NULL: the prompt would silently leave that one metric."""
+    mean = nll / n
+    if not math.isfinite(mean) or mean > 700.0:
+        raise RuntimeError(f"the {what} perplexity is not finite (mean NLL {mean:.4g} over {n} tokens): "
+                           f"the model's logits held NaN or inf")
+    return math.exp(mean)
+
+
 @torch.inference_mode()
 def context_perplexity(model, input_ids, chunk: int = 512) -> float:
     """Perplexity of the prompt (tokens 1..S-1) under the full cache, in chunks so the
@@ -42,7 +54,7 @@ def context_perplexity(model, input_ids, chunk: int = 512) -> float:
         end = min(start + chunk, s - 1)
         out = fwd(ids[:, start:end], positions[:, start:end])
         total += float(_nll(out.logits, ids[:, start + 1:end + 1]))
-    return math.exp(total / (s - 1))
+    return _perplexity(total, s - 1, "prompt's")
 
 
 @torch.inference_mode()
@@ -77,7 +89,7 @@ def compressed_perplexity(model, input_ids, eval_ids, cfg: PressConfig, seed: in
             total = total + _nll(out.logits, targets[j + 1:j + 2])
     finally:
         comp.close()
-    return math.exp(float(total) / len(eval_ids))
+    return _perplexity(float(total), len(eval_ids), "compressed")
 
 
 @torch.inference_mode()
@@ -108,4 +120,4 @@ def stream_perplexity(model, ids, cfg: PressConfig, skip_first: int = 0, seed: i
                 total += float(_nll(out.logits, tokens[:, j + 1:j + 2]))
     finally:
         comp.close()
-    return math.exp(total / scored)
+    return _perplexity(total, scored, "streamed")
