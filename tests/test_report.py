@@ -760,3 +760,31 @@ def test_identical_outputs_on_a_few_prompts_are_not_read_as_the_same(store, db):
     keep_all = Cfg("knorm", 1.0).pc.key
     assert rows[keep_all]["change_intervals"]["token_match"] == [0, 0]
     assert rows[keep_all]["verdicts"]["token_match"] == "same"
+
+
+def test_every_na_cell_says_why_in_every_output(store, db):
+    """Only peak memory carried a reason: a configuration whose answers were one token long
+    showed a bare N/A for TPOT in the table, markdown, JSON (null) and figures."""
+    import sqlite3
+
+    from knormctl.render.figures import speed, table
+
+    run = fill_run(store, n_samples=3)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET tpot_s = NULL, itl_p90_s = NULL, new_tokens = 1 "
+                    "WHERE run_id = ? AND config_key = ?", (run, KNORM_07))
+    why = "one new token per answer: no decode step to time"
+    row = rows_by_key(report_json(db, "--run-id", str(run)))[KNORM_07]
+    assert row["values"]["tpot_s"] is None and row["na_reasons"]["tpot_s"] == why
+    assert "ttft_s" not in row["na_reasons"]  # only the metrics that are N/A
+    plain = " ".join(report(db, "--run-id", str(run)).stdout.split())
+    assert f"TPOT N/A for knorm 0.7: {why}" in plain
+    markdown = runner.invoke(app, ["report", "--db", db, "--run-id", str(run), "--format", "markdown"]).stdout
+    assert f"N/A ({why})" in markdown
+    [csv_row] = [r for r in csv.DictReader(io.StringIO(runner.invoke(
+        app, ["report", "--db", db, "--run-id", str(run), "--format", "csv"]).stdout)) if r["config_key"] == KNORM_07]
+    assert f"tpot_s: {why}" in csv_row["na_reasons"]
+    summary = build_summary([store.get_run(run)], store.samples(run))
+    for fig in (speed.comprehensive(summary), speed.summary_figure(summary), table.table(summary)):
+        words = " ".join(" ".join(t.get_text() for t in fig.texts).split())
+        assert why in words, fig

@@ -35,7 +35,7 @@ def metric_columns(name: str) -> tuple[str, ...]:
 CONFIG_COLUMNS = (
     ROW_FIELDS
     + tuple(c for m in METRICS for c in metric_columns(m.name))
-    + ("peak_mem_kind", "peak_mem_reason", "compressed_samples", "max_context_tokens", "paired")
+    + ("peak_mem_kind", "peak_mem_reason", "na_reasons", "compressed_samples", "max_context_tokens", "paired")
 )
 TASK_COLUMNS = ("task", "subtask", "context_length", "config_key", "label", "press", "keep_ratio", "is_reference",
                 "score_metric", "n", "n_subtasks", "correct", "accuracy", "accuracy_ci_lo", "accuracy_ci_hi",
@@ -63,6 +63,7 @@ def config_records(summary: Summary) -> list[dict[str, Any]]:
                         f"{n}_change_ci_lo": clo, f"{n}_change_ci_hi": chi, f"{n}_verdict": r.verdicts[n],
                         f"{n}_n_needed": r.n_needed[n]})
         rec.update(peak_mem_kind=r.peak_mem_kind, peak_mem_reason=r.peak_mem_reason,
+                   na_reasons="; ".join(f"{k}: {v}" for k, v in r.na_reasons.items()) or None,
                    compressed_samples=r.compressed_samples, max_context_tokens=r.max_context_tokens, paired=r.paired)
         out.append(rec)
     return out
@@ -210,11 +211,11 @@ def legend_lines(summary: Summary) -> list[str]:
 
 
 def cell_text(row: Any, name: str, sep: str = " ", verdict: bool = False) -> str:
-    """'123.4 ms (Δ −3.1% [−5.0, −1.2])' or 'N/A (reason)' for memory; with ``verdict`` the word
+    """'123.4 ms (Δ −3.1% [−5.0, −1.2])' or 'N/A (reason)'; with ``verdict`` the word
     the colours say elsewhere ('..., better'): plain text has no colours."""
     value = row.values[name]
-    if value is None and name == "peak_mem_bytes" and row.peak_mem_reason:
-        return f"N/A ({row.peak_mem_reason})"
+    if value is None and row.na_reasons.get(name):
+        return f"N/A ({row.na_reasons[name]})"
     change = fmt_change(name, row.changes[name])
     if not change:
         return fmt_value(name, value)
@@ -229,6 +230,19 @@ def verdict_legend(summary: Summary) -> str:
     return (f"After a change: better or worse; noise: no detectable difference (the interval contains 0, or a "
             f"timing change within this run's noise \u00b1{summary.noise_pct:.1f}%); same: every prompt's change "
             f"is exactly 0; artifact: a TTFT timing artifact (see below).")
+
+
+def na_notes(summary: Summary, names: Sequence[str]) -> list[str]:
+    """Why cells of these metrics read N/A, a line per metric and reason ('TPOT N/A for knorm
+    0.5: one new token per answer: no decode step to time'). Peak memory says its reason in
+    its cell; a configuration whose every cell failed says so in its own cell."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for r in summary.rows:
+        for n in names:
+            why = r.na_reasons.get(n)
+            if why and n != "peak_mem_bytes" and r.n_prompts:
+                by.setdefault((n, why), []).append(r.label)
+    return [f"{METRIC[n].label} N/A for {', '.join(labels)}: {why}" for (n, why), labels in by.items()]
 
 
 def shown_metrics(summary: Summary) -> list[str]:

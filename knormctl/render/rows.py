@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from knormctl.press_spec import PRESS_NAMES
-from knormctl.render.metrics import METRICS
+from knormctl.render.metrics import METRIC, METRICS
 from knormctl.render.paired import (
     Interval, PerPrompt, Stat, add_change, metric_seed, ok, paired_values, per_prompt, prompt_key, repeat_spread,
     value_stat, verdict)
@@ -53,6 +53,7 @@ class ConfigRow:
     repeat_spread_pct: dict[str, float | None]  # timing metrics: how far repeated rounds disagree (%)
     peak_mem_kind: str | None
     peak_mem_reason: str | None  # why peak memory is N/A (set only when it is)
+    na_reasons: dict[str, str]  # metric -> why its value is N/A (only the metrics that are)
     max_context_tokens: int | None  # largest prompt + new tokens over the samples
     max_prompt_tokens: int | None  # largest part a prefill-mode cut sees: the prompt (a question's context)
     compressed_samples: int | None  # successful samples with compress_events > 0 (None: not recorded)
@@ -191,12 +192,34 @@ def _cut_part(s: Any) -> int:
     return s.prompt_tokens - ((s.question_tokens or 0) if getattr(s, "protocol", None) == "context" else 0)
 
 
+def why_none(name: str, good: Sequence[Any], group: Sequence[Any]) -> str:
+    """Why a configuration has no value of metric ``name`` (its samples say which case)."""
+    if not good:
+        return f"every cell failed ({len(group)})" if group else "no cell stored"
+    if name == "peak_mem_bytes":
+        return "; ".join(sorted({s.peak_mem_reason for s in good if getattr(s, "peak_mem_reason", None)})) or "not measured"
+    if name in ("tpot_s", "itl_p90_s") and all((getattr(s, "new_tokens", None) or 0) <= 1 for s in good):
+        return "one new token per answer: no decode step to time"
+    if name in ("ppl_context", "ppl_compressed"):
+        if all(getattr(s, "task", None) not in ("lm", None) for s in good):
+            return "a question task: no perplexity"
+        if all(not getattr(s, "eval_tokens", None) for s in good):
+            return "no text after the prompt was scored (--eval-tokens 0)"
+    if name == "token_match":
+        return "no full-cache output of the same prompt to compare with"
+    if name == "accuracy":
+        if all(getattr(s, "score", None) is None for s in good):
+            return "no scored answer (not a question task)"
+        return "no subtask and length that every configuration measured"
+    return f"not stored in these samples ({METRIC[name].source} is empty: an older knormctl, or not measured)"
+
+
 def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], dataset: str | None,
          labels: dict[str, str], ref_cells: set | None) -> ConfigRow:
     p = group[0]
     good = ok(group)
     mem_kinds = {s.peak_mem_kind for s in good if s.peak_mem_kind}
-    reasons = {s.peak_mem_reason for s in good if s.peak_mem_bytes is None and s.peak_mem_reason}
+    na = {n: why_none(n, good, group) for n, stat in st.items() if stat.value is None}
     events = [s.compress_events for s in good if s.compress_events is not None]
     contexts = [s.prompt_tokens + s.new_tokens for s in good if s.prompt_tokens is not None and s.new_tokens is not None]
     cells = {prompt_key(s) for s in good}
@@ -214,7 +237,7 @@ def _row(key: str, group: list[Any], prompts: PerPrompt, st: dict[str, Stat], da
         repeat_spread_pct={m.name: repeat_spread(m, prompts.rounds[m.name], metric_seed(key, m.name, "rounds"))
                            if m.timing and prompts.n_repeats > 1 else None for m in METRICS},
         peak_mem_kind=", ".join(sorted(mem_kinds)) or None,
-        peak_mem_reason=("; ".join(sorted(reasons)) or "not measured") if st["peak_mem_bytes"].value is None else None,
+        peak_mem_reason=na.get("peak_mem_bytes"), na_reasons=na,
         max_context_tokens=max(contexts) if contexts else None,
         max_prompt_tokens=max((_cut_part(s) for s in good if s.prompt_tokens is not None), default=None),
         compressed_samples=sum(1 for e in events if e > 0) if events else None,

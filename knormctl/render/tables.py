@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from knormctl.render.compare import Comparison
-from knormctl.render.export import header_lines, legend_lines, run_records, shown_metrics, task_label
+from knormctl.render.export import header_lines, legend_lines, na_notes, run_records, shown_metrics, task_label
 from knormctl.render.flags import first_line
 from knormctl.render.format import DELTA, fmt_accuracy, fmt_change, fmt_interval, fmt_pct_interval, fmt_pp, fmt_value
 from knormctl.render.metrics import METRIC, METRICS, SECTIONS
@@ -119,8 +119,9 @@ def _cell(row: Any, name: str, shared_reason: str | None = None) -> Text:
 
 def _config_table(summary: Summary, what: str, names: Sequence[str], part: int, parts: int) -> Table:
     shared = _shared_mem_reason(summary) if "peak_mem_bytes" in names else None
+    notes = ([f"peak memory N/A: {shared}"] if shared else []) + na_notes(summary, names)
     table = Table(title=part_title(what, part, parts), title_justify="left", show_lines=True, caption_justify="left",
-                  caption=f"peak memory N/A: {shared}" if shared else None)
+                  caption="\n".join(notes) or None)
     if summary.by_dataset:
         table.add_column("dataset", no_wrap=True)
     table.add_column("configuration", no_wrap=True)

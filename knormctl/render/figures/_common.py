@@ -133,6 +133,9 @@ def reason(summary: Summary, name: str, compared: bool = False) -> str:
             return "; ".join(reasons)
     if compared and summary.reference is None:
         return "no full-cache reference in this run"
+    reasons = sorted({r.na_reasons[name] for r in summary.rows if name in r.na_reasons})
+    if reasons:
+        return f"no {METRIC[name].label}: " + "; ".join(reasons)
     return f"no {METRIC[name].label} stored for this run"
 
 

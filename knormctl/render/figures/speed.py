@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from matplotlib.figure import Figure
 
-from knormctl.render.export import shown_metrics
+from knormctl.render.export import na_notes, shown_metrics
 from knormctl.render.figures._common import (
     BOOT_TEXT, NOISE_BAND, VERDICT_COLORS, VERDICT_FILLS, caption, dodge, errbar, figure, fit, keep_ratio_axis,
     label_points, legend_outside, na, press_color, press_marker, reason, scale, suptitle, title, xticks)
@@ -112,7 +112,9 @@ def comprehensive(summary: Summary) -> Figure:
                  f"differ in length and text: the changes carry the uncertainty). "
                  f"Bottom: the median of per-prompt changes vs the full cache, error bars = {BOOT_TEXT}; green better, "
                  f"red worse, grey no detectable difference, hatched a TTFT timing artifact.\n"
-                 f"{_n_note(summary) if summary.rows else ''}; {_noise_note(summary)}{note}.")
+                 f"{_n_note(summary) if summary.rows else ''}; {_noise_note(summary)}{note}."
+                 + "".join(f"\n{line}." for line in na_notes(summary, ("ttft_s", "tpot_s", "throughput_tps",
+                                                                           "ppl_compressed"))))
     return fig
 
 
@@ -153,7 +155,7 @@ def summary_figure(data: Summary) -> Figure:
     caption(fig, f"Each cell: the median over prompts of each prompt's change vs the full cache (fractions: mean, "
                  f"in pp) and its {BOOT_TEXT}. Green better, red worse, white no detectable difference (interval "
                  f"contains 0, or a timing within the run's noise \u00b1{data.noise_pct:.1f}%), yellow a TTFT "
-                 f"timing artifact. {_n_note(data)}.")
+                 f"timing artifact. {_n_note(data)}." + "".join(f"\n{line}." for line in na_notes(data, names)))
     return fig
 
 

@@ -22,9 +22,14 @@ def _names(summary: Summary) -> list[str]:
     return [n for n in shown_metrics(summary) if n not in ("compress_time_s", "ppl_context")]
 
 
+def _reasons(summary: Summary, names: list[str]) -> list[tuple[str, str]]:
+    """(metric label, reason) of every N/A cell among ``names``, numbered in the caption."""
+    return sorted({(METRIC[n].label, r.na_reasons[n]) for r in summary.rows for n in names if n in r.na_reasons})
+
+
 def size(summary: Summary) -> tuple[float, float]:
     """As tall as its rows: no empty space under a short table."""
-    notes = len({r.peak_mem_reason for r in summary.rows if r.peak_mem_reason}) + bool(summary.flags)
+    notes = len(_reasons(summary, _names(summary))) + bool(summary.flags)
     return WIDTH, 1.6 + 0.35 * (notes + 2) + ROW_INCHES * (len(summary.rows) + 1)
 
 
@@ -38,11 +43,11 @@ def table(summary: Summary) -> Figure:
         na(ax, "no samples stored")
         return fig
     names = _names(summary)
-    reasons = sorted({r.peak_mem_reason for r in summary.rows if r.peak_mem_reason})
+    reasons = _reasons(summary, names)
 
     def cell(r: ConfigRow, n: str) -> str:
-        if n == "peak_mem_bytes" and r.peak_mem_reason:
-            return f"N/A ({reasons.index(r.peak_mem_reason) + 1})"
+        if n in r.na_reasons:
+            return f"N/A ({reasons.index((METRIC[n].label, r.na_reasons[n])) + 1})"
         text = fmt_value(n, r.values[n])
         change = fmt_change(n, r.changes[n])
         if change:
@@ -69,7 +74,7 @@ def table(summary: Summary) -> Figure:
             row, name = summary.rows[i - 1], names[j - 2]
             c.set_facecolor(VERDICT_FILLS.get(row.verdicts[name], "white"))
             c.set_gid(f"{row.config_key}|{name}|cell")
-    notes = [f"({i + 1}) peak memory N/A: {textwrap.shorten(why, 160)}" for i, why in enumerate(reasons)]
+    notes = [f"({i + 1}) {label} N/A: {textwrap.shorten(why, 160)}" for i, (label, why) in enumerate(reasons)]
     if summary.flags:
         notes.append(f"{len(summary.flags)} honesty flag(s) apply: run `{summary.header.report_command}` "
                      "to read them before quoting these numbers.")
