@@ -681,3 +681,17 @@ def test_a_run_that_stored_no_cell_is_named_not_dropped(store, db):
     assert lines and {b["na"] for b in lines} == {f"N/A: no cell stored (run {failed}: failed)"}
     out = " ".join(runner.invoke(app, ["report", "--db", db, "--group", "nc"], env={"COLUMNS": "80"}).stdout.split())
     assert "models: smollm2-135m, tiny-llama" in out and f"N/A: no cell stored (run {failed}: failed)" in out
+
+
+def test_names_with_brackets_print_as_written(store, db):
+    """Group and model names went through rich markup: 'exp [v2]' printed as 'exp' (two groups
+    looked alike) and '[/x] g' ended the report with a MarkupError."""
+    fill_run(store, n_samples=1, group="exp [v2]", model="[/bold]m:fire:")
+    fill_run(store, n_samples=1, group="[/x] g")
+    for args in (["--list"], ["--group", "exp [v2]"], ["--group", "[/x] g"], []):
+        res = runner.invoke(app, ["report", "--db", db, *args], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, (args, res.output)
+        out = res.stdout
+        assert ("[/x] g" if args in ([], ["--group", "[/x] g"]) else "exp [v2]") in out, (args, out)
+    listed = runner.invoke(app, ["report", "--db", db, "--list"], env={"COLUMNS": "200"}).stdout
+    assert "exp [v2]" in listed and "[/x] g" in listed and "[/bold]m:fire:" in listed

@@ -47,7 +47,9 @@ def make_console() -> Console:
     if not is_tty:
         columns = os.environ.get("COLUMNS", "")
         width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
-    return Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False)
+    # markup and emoji codes off: group, model and press names are the user's ("exp [v2]" lost
+    # "[v2]", "[/x] g" crashed the report)
+    return Console(file=sys.stdout, width=width, highlight=False, soft_wrap=False, markup=False, emoji=False)
 
 
 def print_bullet(console: Console, text: str) -> None:
