@@ -417,6 +417,15 @@ def _edit(lines, what):
         sample["sample"]["ttft_s" if what == "text-for-a-number" else "keep_ratio"] = \
             "abc" if what == "text-for-a-number" else True
         return "".join(lines[:2]) + json.dumps(sample) + "\n" + "".join(lines[3:])
+    if what in ("null-config", "null-config-key", "no-command"):
+        at = 1 if what != "null-config-key" else 2
+        rec = json.loads(lines[at])
+        kind = next(iter(rec))
+        if what == "no-command":
+            del rec[kind]["command"]
+        else:
+            rec[kind]["config_json" if what == "null-config" else "config_key"] = None
+        return "".join(lines[:at]) + json.dumps(rec) + "\n" + "".join(lines[at + 1:])
     if what == "empty":
         return ""
     raise AssertionError(what)
@@ -440,6 +449,10 @@ BAD = [
     ("config-not-a-mapping", "line 2: runs.config_json should be dict, not str '{not json' (the file is damaged"),
     ("text-for-a-number", "line 3: samples.ttft_s should be float or int, not str 'abc'"),
     ("bool-for-a-number", "line 3: samples.keep_ratio should be float or int, not bool 'True'"),
+    # what the store's NOT NULL refused only inside the database (after creating a new one)
+    ("null-config", "line 2: runs.config_json is empty, which the store does not allow (the file is damaged"),
+    ("null-config-key", "line 3: samples.config_key is empty, which the store does not allow"),
+    ("no-command", "line 2: runs.command is missing, which the store does not allow"),
 ]
 
 
@@ -482,6 +495,26 @@ def test_import_refuses_a_missing_file_or_garbage_without_creating_a_database(tm
     garbage.write_bytes(gzip.compress(b"\xff\xfe\x00 binary"))
     res = cli("import", str(garbage), "--db", str(dst))
     assert res.exit_code == 2 and "is not a knormctl export" in res.stderr
+    # a real export, compressed, then damaged inside its stream or cut short: exit 2, said as such
+    src = tmp_path / "src.db"
+    fill_source(str(src))
+    plain = tmp_path / "one.jsonl"
+    assert cli("export", "--run-id", "1", "-o", str(plain), "--db", str(src)).exit_code == 0
+    lines = plain.read_text().splitlines(keepends=True)
+    packed = gzip.compress("".join(lines).encode())
+    damaged, cut = tmp_path / "d.jsonl.gz", tmp_path / "c.jsonl.gz"
+    damaged.write_bytes(packed[:60] + bytes(b ^ 0xFF for b in packed[60:90]) + packed[90:])
+    cut.write_bytes(packed[: len(packed) // 2])
+    for path, said in ((damaged, "is damaged: its compressed stream cannot be read"),
+                       (cut, "is truncated: its compressed stream ends early")):
+        res = cli("import", str(path), "--db", str(dst))
+        assert res.exit_code == 2 and said in res.stderr and "\n" not in res.stderr.strip(), res.output
+        assert not dst.exists()
+    # a record the store's NOT NULL refuses: refused before the database is created
+    nulls = tmp_path / "n.jsonl"
+    nulls.write_text(_edit(lines, "null-config"))
+    res = cli("import", str(nulls), "--db", str(dst))
+    assert res.exit_code == 2 and "runs.config_json is empty" in res.stderr and not dst.exists()
 
 
 def test_export_reads_only_and_refuses_what_it_cannot_export(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import typing
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -159,8 +160,13 @@ def _lines(path: Path) -> Iterator[tuple[int, dict]]:
                         raise UsageError(f"{path} is not a knormctl export (line 1 is not its JSON header)")
                     raise UsageError(f"{path} line {number} is not a JSON object (the file is damaged)")
                 yield number, obj
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+    except (UnicodeDecodeError, gzip.BadGzipFile) as exc:
         raise UsageError(f"{path} is not a knormctl export ({type(exc).__name__})") from None
+    except EOFError:
+        raise UsageError(f"{path} is truncated: its compressed stream ends early (nothing was imported)") from None
+    except zlib.error as exc:
+        raise UsageError(f"{path} is damaged: its compressed stream cannot be read ({exc}; nothing was "
+                         f"imported)") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -199,6 +205,13 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
     unknown = sorted(set(data) - set(table.c.keys()))
     if unknown:
         raise UsageError(f"{path} line {number}: unknown {table.name} column(s) {', '.join(unknown)}")
+    required = {RUNS.name: RUNS, SAMPLES.name: SAMPLES}[table.name]
+    for col in required.columns:  # what the store's NOT NULL would refuse only inside the database
+        if not col.nullable and not col.primary_key and col.foreign_keys == set() and (
+                data.get(col.name) is None if col.name in data else col.default is None and col.server_default is None):
+            raise UsageError(f"{path} line {number}: {table.name}.{col.name} is "
+                             f"{'empty' if col.name in data else 'missing'}, which the store does not allow "
+                             f"(the file is damaged; nothing was imported)")
     row = {}
     for name, value in data.items():
         if value is not None and isinstance(table.c[name].type, DateTime):
