@@ -577,6 +577,12 @@ def test_runs_delete_asks_first(tmp_path):
     res = cli("runs", "delete", "1", "--yes", "--db", str(tmp_path / "typo.db"))
     assert res.exit_code == 2 and res.stderr.strip() == f"Error: {tmp_path / 'typo.db'} does not exist"
     assert not (tmp_path / "typo.db").exists()  # a typo creates no empty database
+    empty = tmp_path / "empty.db"  # an empty file (touched by hand): refused, and left empty
+    empty.touch()
+    for args in (["runs", "delete", "1", "--yes"], ["runs", "upgrade"], ["sweep", "--resume", "1"]):
+        res = cli(*args, "--db", str(empty))
+        assert res.exit_code == 2 and res.stderr.strip() == f"Error: {empty} holds no knormctl results (an empty file)"
+        assert empty.stat().st_size == 0, args
 
 
 def test_a_refused_file_leaves_the_database_as_it_was(tmp_path):

@@ -296,6 +296,8 @@ def check_db_exists(db: str | None) -> None:
     if path is not None:
         if not path.exists():
             raise UsageError(f"{path} does not exist")
+        if path.is_file() and path.stat().st_size == 0:  # SQLite would write knormctl's tables into it
+            raise UsageError(f"{path} holds no knormctl results (an empty file)")
         return
     with open_store(db, migrate=False) as store:  # a server: connecting creates nothing
         with store.engine.connect() as conn:
