@@ -31,9 +31,19 @@ def _temporary(path: Path) -> Path:
 
 
 def refuse_the_database(path: Path, database: Path | None, what: str) -> None:
-    """One line when ``path`` is the results database being read (``report -o`` replaced it)."""
-    if database is not None and path.exists() and database.exists() and os.path.samefile(path, database):
+    """One line when ``path`` is the results database being read (``report -o`` replaced it), or
+    one of SQLite's files beside it (its write-ahead log, shared memory or journal: replacing
+    the log brought a deleted run back)."""
+    if database is None:
+        return
+    if path.exists() and database.exists() and os.path.samefile(path, database):
         raise UsageError(f"{what} {path} is the results database being read; give another file")
+    for suffix in ("-wal", "-shm", "-journal"):
+        sibling = database.with_name(database.name + suffix)
+        if os.path.abspath(path) == os.path.abspath(sibling) or (
+                path.exists() and sibling.exists() and os.path.samefile(path, sibling)):
+            raise UsageError(f"{what} {path} is SQLite's {suffix[1:]} file of the results database; "
+                             f"give another file")
 
 
 @contextlib.contextmanager

@@ -139,6 +139,11 @@ def test_output_onto_the_database_being_read_is_refused(tmp_path):
         assert result.exit_code == 2, result.output
         assert "is the results database being read; give another file" in result.stderr
     assert _digest(db) == before
+    # nor SQLite's files beside it: a report written over the write-ahead log lost what it held
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = tmp_path / f"r.db{suffix}"
+        result = runner.invoke(app, ["report", "--format", "csv", "-o", str(side), "--db", str(db)])
+        assert result.exit_code == 2 and f"is SQLite's {suffix[1:]} file of the results database" in result.stderr
 
 
 def test_output_into_a_pipe_or_through_a_link_writes_into_it(tmp_path):
