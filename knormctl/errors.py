@@ -19,6 +19,13 @@ class StoreError(KnormctlError):
     exit_code = 2
 
 
+class StoreFailure(StoreError):
+    """The database is the right one, but an operation on it failed at run time (a server that
+    refuses the connection, a statement, migration or backup that failed): exit code 1."""
+
+    exit_code = 1
+
+
 class RunNotOwned(StoreError):
     """This process may no longer store into its run: another took it over, or it was deleted."""
 

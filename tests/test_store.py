@@ -172,6 +172,19 @@ def test_the_password_never_appears(tmp_path):
     assert message.startswith("cannot connect to ") and "\n" not in message
 
 
+def test_a_server_that_refuses_the_connection_is_a_runtime_failure_exit_1():
+    """The address is well formed, the server is not there: a runtime failure (exit 1), where
+    a malformed URL is bad input (exit 2). Every store error exited 2."""
+    from typer.testing import CliRunner
+
+    from knormctl.cli import app
+
+    res = CliRunner().invoke(app, ["report", "--db", "postgresql+psycopg://u:pw@127.0.0.1:1/x"])
+    assert res.exit_code == 1 and res.stderr.startswith("Error: cannot connect to "), res.output
+    bad = CliRunner().invoke(app, ["report", "--db", "nosuchdb://x"])
+    assert bad.exit_code == 2 and "no driver for nosuchdb" in bad.stderr
+
+
 def test_a_bad_url_is_one_clear_line():
     with pytest.raises(StoreError, match="no driver for nosuchdb"):
         open_store("nosuchdb://u:pw@h/x")

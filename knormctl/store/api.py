@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import defer, sessionmaker
 
 from knormctl.config import MAX_STORED_INT
-from knormctl.errors import RunNotOwned, StoreError, UsageError
+from knormctl.errors import RunNotOwned, StoreError, StoreFailure, UsageError
 from knormctl.store import liveness
 from knormctl.store.connect import WRITE, reason
 from knormctl.store.models import INTERRUPTED, RUNNING, STATUSES, Run, Sample, naive_utc, utcnow
@@ -93,7 +93,7 @@ class Store:
             with (self._write if write else self._read).begin() as session:
                 yield session
         except DBAPIError as exc:
-            raise StoreError(f"{what} failed ({self.url}): {reason(exc)}") from exc
+            raise StoreFailure(f"{what} failed ({self.url}): {reason(exc)}") from exc
 
     # --- runs ------------------------------------------------------------------------------
 

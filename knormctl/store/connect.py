@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
-from knormctl.errors import StoreError
+from knormctl.errors import StoreError, StoreFailure
 from knormctl.store.locations import sqlite_file, sqlite_uri
 
 WRITE = "knormctl_write"  # execution option: this transaction will write (SQLite: BEGIN IMMEDIATE)
@@ -174,4 +174,4 @@ def open_error(exc: DBAPIError, shown: str, path: Path | None) -> StoreError:
         if "malformed" in why:
             return StoreError(f"{path} is a damaged SQLite database ({why})")
         return StoreError(f"cannot open {path}: {why}")
-    return StoreError(f"cannot connect to {shown}: {why}")
+    return StoreFailure(f"cannot connect to {shown}: {why}")

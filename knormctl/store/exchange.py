@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Mapped
 
 from knormctl import __version__
-from knormctl.errors import StoreError, UsageError
+from knormctl.errors import StoreError, StoreFailure, UsageError
 from knormctl.files import refuse_the_database, written_whole
 from knormctl.store import liveness
 from knormctl.store.api import Store
@@ -113,7 +113,7 @@ def export_runs(store: Store, run_ids: list[int], path: Path) -> tuple[int, int]
                     n_samples += 1
             write({"end": {"runs": len(ids), "samples": n_samples}})
     except DBAPIError as exc:  # (written_whole has removed the partial file)
-        raise StoreError(f"exporting from {store.url} failed: {reason(exc)}") from exc
+        raise StoreFailure(f"exporting from {store.url} failed: {reason(exc)}") from exc
     return len(ids), n_samples
 
 
@@ -376,7 +376,7 @@ def import_file(store: Store, path: Path, _attempt: int = 1) -> Imported:
         if isinstance(exc, IntegrityError) and _attempt < 3 and any(
                 name in str(exc.orig) for name in ("uq_runs_uuid", "runs.uuid")):
             return import_file(store, path, _attempt + 1)
-        raise StoreError(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
+        raise StoreFailure(f"importing {path} into {store.url} failed: {reason(exc)}; nothing was imported") from exc
     except StatementError as exc:  # a value the column's type could not take (checked above: a safety net)
         raise UsageError(f"{path}: a value the store cannot take ({exc.orig or exc}); nothing was imported") from None
     return result

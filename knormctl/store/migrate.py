@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import Column, Engine, MetaData, String, Table, func, inspect, select
 
 import knormctl
-from knormctl.errors import StoreError
+from knormctl.errors import StoreError, StoreFailure
 from knormctl.store.connect import WRITE, is_busy, reason
 from knormctl.store.models import Run, Sample
 
@@ -163,7 +163,7 @@ def migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None, 
                     with _ALEMBIC_LOCK:
                         command.upgrade(alembic_config(conn), "head")
                     if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
-                        raise StoreError("the migration left rows that break a foreign key")
+                        raise StoreFailure("the migration left rows that break a foreign key")
                 except Exception as exc:  # the transaction rolls back: nothing half-migrated
                     if is_busy(exc):
                         raise  # another process holds the file for a moment: the caller tries again
@@ -171,7 +171,7 @@ def migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None, 
                               else f"creating the schema in {shown}")
                     why = str(exc) if isinstance(exc, StoreError) else reason(exc)
                     kept = f" (backup: {backup})" if backup else ""
-                    raise StoreError(f"{action} failed: {why}; the database is unchanged{kept}") from exc
+                    raise StoreFailure(f"{action} failed: {why}; the database is unchanged{kept}") from exc
                 return old, head, backup
         finally:
             if sqlite:
@@ -208,5 +208,5 @@ def backup_sqlite(path: Path, old_revision: str) -> Path:
             source.backup(dest)
             dest.execute("PRAGMA journal_mode = DELETE")  # one self-contained file, no -wal/-shm beside it
     except (sqlite3.Error, OSError) as exc:
-        raise StoreError(f"cannot back up {path} to {target} before upgrading it: {exc}") from None
+        raise StoreFailure(f"cannot back up {path} to {target} before upgrading it: {exc}") from None
     return target
