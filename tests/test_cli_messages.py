@@ -293,9 +293,9 @@ def test_a_resumed_runs_last_line_says_what_was_measured_now_and_what_was_kept(m
     store = SimpleNamespace(get_run=lambda run_id: None, samples=lambda run_id: [])
     outcome = SimpleNamespace(run_id=7, status="complete_with_errors", done=3, skipped_existing=5, failed=1, planned=9)
     _print_summary(store, outcome, json_out=False, db=None)
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        "run 7: complete_with_errors, 8 cell(s) stored (3 measured now, 5 kept), 1 failed. "
-        "Details: knormctl report --run-id 7")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2] == "run 7: complete_with_errors, 8 cell(s) stored (3 measured now, 5 kept), 1 failed."
+    assert out[-1] == "Details: knormctl report --run-id 7"  # a line of its own: 80 columns hold it
     _print_summary(store, outcome, json_out=False, db="/tmp/my runs/r.db")  # the database the user named
     assert capsys.readouterr().out.strip().endswith("Details: knormctl report --run-id 7 --db '/tmp/my runs/r.db'")
     _print_summary(store, outcome, json_out=True, db=None)
@@ -495,3 +495,22 @@ def test_a_terminal_gets_the_live_bar_and_a_log_plain_lines(tmp_path):
     finally:
         bar.close()
         plain.close()
+
+
+def test_closing_lines_wrap_on_a_terminal_and_stay_whole_in_a_pipe(monkeypatch):
+    """The end-of-run, import and delete lines ran to 94-103 columns on an 80-column terminal."""
+    import io
+
+    from knormctl.cli._common import on_terminal
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "80")
+    line = ("imported 1 run(s) (now id 4) with 12 sample(s) from /tmp/some/export.jsonl.gz into "
+            "sqlite:////tmp/some/results.db; skipped 2 run(s) already in the database (24 sample(s))")
+    shown = on_terminal(line, Tty()).splitlines()
+    assert len(shown) > 1 and max(map(len, shown)) <= 80
+    assert " ".join(s.strip() for s in shown) == line  # between words: the paths stay whole
+    assert on_terminal(line, io.StringIO()) == line

@@ -139,6 +139,18 @@ def fill(text: str, width: int, indent: str = "", hang: str = "") -> str:
                          break_on_hyphens=False)
 
 
+def on_terminal(text: str, stream=None) -> str:
+    """``text`` wrapped between words to the terminal's width when ``stream`` (stdout) is one;
+    unchanged into a pipe or file, where a line stays whole for grep."""
+    import shutil
+    import sys
+
+    stream = stream or sys.stdout
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return text
+    return fill(text, shutil.get_terminal_size((80, 24)).columns, hang="    ")
+
+
 def wrapped(text: str, indent: str = "", hang: str = "    ") -> str:
     """``text`` wrapped to the terminal's width: 80 when not a terminal, at most 100."""
     import shutil

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from knormctl.cli._common import check_db_exists, db_arg, fail, fill
+from knormctl.cli._common import check_db_exists, db_arg, fail, fill, on_terminal
 from knormctl.cli._progress import cell_progress
 from knormctl.cli._signals import sigterm_interrupts
 from knormctl.config import RunConfig
@@ -201,7 +201,9 @@ def _print_summary(store, outcome, json_out: bool, db: str | None) -> None:
     from knormctl.render.tables import make_console, print_summary
 
     print_summary(summary, make_console())
-    print(f"run {outcome.run_id}: {outcome.status}, {stored} cell(s) stored"
-          + (f" ({outcome.done} measured now, {outcome.skipped_existing} kept)" if outcome.skipped_existing else "")
-          + (f", {outcome.failed} failed" if outcome.failed else "")
-          + f". Details: knormctl report --run-id {outcome.run_id}{db_arg(db)}")
+    # the command on a line of its own: at 80 columns the sentence and the command did not fit one
+    print(on_terminal(f"run {outcome.run_id}: {outcome.status}, {stored} cell(s) stored"
+                  + (f" ({outcome.done} measured now, {outcome.skipped_existing} kept)" if outcome.skipped_existing
+                     else "")
+                  + (f", {outcome.failed} failed" if outcome.failed else "") + "."))
+    print(f"Details: knormctl report --run-id {outcome.run_id}{db_arg(db)}")

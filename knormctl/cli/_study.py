@@ -241,8 +241,8 @@ def _print_study(store, group: str, json_out: bool, db: str | None) -> None:
         from knormctl.render.tables import make_console
 
         study_output.print_study(view, make_console())
-    print(f"study {group}: {len(runs)} run(s). Details: knormctl report --group {shlex.quote(group)}{db_arg(db)}",
-          file=sys.stderr)
+    print(f"study {group}: {len(runs)} run(s).\nDetails: knormctl report --group {shlex.quote(group)}{db_arg(db)}",
+          file=sys.stderr)  # the command on a line of its own (80 columns)
 
 
 def stored_study(store, group: str, db: str | None = None):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, error_boundary, nonempty_path
+from knormctl.cli._common import DbOpt, error_boundary, nonempty_path, on_terminal
 
 
 def import_results(
@@ -49,7 +49,7 @@ def import_results(
         if said:
             skipped = (f"; skipped {done.skipped_runs} run(s) already in the database "
                        f"({done.skipped_samples} sample(s)){kept}" if done.skipped_runs else "")
-            print("; ".join(said) + skipped + repeated)
+            print(on_terminal("; ".join(said) + skipped + repeated))
         else:
-            print(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in {store.url}{kept}"
-                  + repeated)
+            print(on_terminal(f"nothing imported from {file}: its {done.skipped_runs} run(s) are already in "
+                          f"{store.url}{kept}" + repeated))

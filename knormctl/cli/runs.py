@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from knormctl.cli._common import DbOpt, PlainCommand, PlainGroup, check_db_exists, error_boundary, fail
+from knormctl.cli._common import DbOpt, PlainCommand, PlainGroup, check_db_exists, error_boundary, fail, on_terminal
 
 app = typer.Typer(help="Manage stored runs: delete them, upgrade the database.", no_args_is_help=True,
                   cls=PlainGroup)
@@ -37,9 +37,10 @@ def delete(
                 if r.status == RUNNING:  # get_runs shows a run whose owner is gone as interrupted
                     raise UsageError(f"run {r.id} is still running ({owner(r)}); nothing deleted")
             for r in runs:
-                print(f"run {r.id}: {r.command} {r.model_requested}, {r.status}, "
-                      f"{r.samples_done + r.samples_failed} sample(s), started {r.started_utc:%Y-%m-%d %H:%M} UTC"
-                      + (f", group {r.group_name}" if r.group_name else ""), file=sys.stderr)
+                print(on_terminal(f"run {r.id}: {r.command} {r.model_requested}, {r.status}, "
+                              f"{r.samples_done + r.samples_failed} sample(s), started "
+                              f"{r.started_utc:%Y-%m-%d %H:%M} UTC"
+                              + (f", group {r.group_name}" if r.group_name else ""), sys.stderr), file=sys.stderr)
             if not yes:
                 sure = _confirm(f"Delete {len(runs)} run(s) and their samples from {store.url}? [y/N]: ")
                 if sure is None:  # no answer: stdin closed (a script): never delete by default
