@@ -188,7 +188,7 @@ def test_reading_shows_a_dead_run_as_interrupted_and_leaves_it_as_stored(tmp_pat
 def test_an_old_schema_is_refused_untouched_and_runs_upgrade_upgrades_it(tmp_path):
     from test_migrations import make_0001_database
 
-    db = tmp_path / "old.db"
+    db = tmp_path / "old runs.db"  # a space: the suggested command is quoted for the shell
     make_0001_database(f"sqlite:///{db}", n_runs=2, n_samples=5)
     before, files = digest(db), listing(tmp_path)
     for command in (["report"], ["plot"], ["export", "--run-id", "1", "-o", str(tmp_path / "x.jsonl")]):
@@ -196,7 +196,7 @@ def test_an_old_schema_is_refused_untouched_and_runs_upgrade_upgrades_it(tmp_pat
         assert res.exit_code == 2, res.output
         line = res.stderr.strip()
         assert line.startswith(f"Error: {db} has schema 0001, older than this knormctl's {SCHEMA_HEAD}")
-        assert f"knormctl runs upgrade --db {db}" in line and "\n" not in line
+        assert f"knormctl runs upgrade --db '{db}'" in line and "\n" not in line
     assert digest(db) == before and listing(tmp_path) == files  # no backup, no -wal: nothing written
 
     res = runner.invoke(app, ["runs", "upgrade", "--db", str(db)])

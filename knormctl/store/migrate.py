@@ -7,6 +7,7 @@ one transaction; one stamped by a newer knormctl is refused. Readers never migra
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 import threading
 from contextlib import closing, suppress
@@ -107,7 +108,7 @@ def check_readable(engine: Engine, shown: str) -> str:
     backup = ("it keeps a backup" if engine.dialect.name == "sqlite" else
               "this backend gets no automatic backup: take one first, e.g. with pg_dump")
     raise StoreError(f"{shown} has schema {', '.join(stamped)}, older than this knormctl's {head}; reading "
-                     f"never changes a database: upgrade it first with `knormctl runs upgrade --db {shown}` "
+                     f"never changes a database: upgrade it first with `knormctl runs upgrade --db {shlex.quote(shown)}` "
                      f"({backup})")
 
 
