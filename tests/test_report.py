@@ -501,6 +501,11 @@ def test_unknown_run_id_is_one_line_and_exit_2(store, db):
     assert "run 99 does not exist" in line
     assert "no runs in group 'nope'" in one_error_line(report(db, "--group", "nope"))
     assert "choose one of" in one_error_line(report(db, "--list", "--run-id", "1"))
+    # --last was dropped beside --group; --list --group said nothing wrong about a group that is not there
+    assert "--last and --group select different things" in one_error_line(report(db, "--last", "--group", "g"))
+    assert "no runs in group 'nope'" in one_error_line(report(db, "--list", "--group", "nope"))
+    res = runner.invoke(app, ["plot", "--db", db, "--last", "--group", "g"])
+    assert res.exit_code == 2 and "--last and --group select different things" in res.stderr
     assert "different things" in one_error_line(report(db, "--run-id", "1", "--group", "g"))
     # an option the chosen view would ignore is refused, not dropped
     assert one_error_line(report(db, "--limit", "5")) == "Error: --limit applies to --list"

@@ -39,6 +39,8 @@ def plot(
 
         if last and run_id is not None:
             raise UsageError("choose one of --last, --run-id")
+        if last and group is not None:
+            raise UsageError("--last and --group select different things; give one of them")
         store = open_store(db, readonly=True)  # reading never creates, migrates or writes a database
         if store.upgrade_note:
             print(store.upgrade_note, file=sys.stderr)

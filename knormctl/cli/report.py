@@ -52,6 +52,8 @@ def report(
 
         if sum([last, run_id is not None, list_runs, compare is not None]) > 1:
             raise UsageError("choose one of --last, --run-id, --list, --compare")
+        if last and group is not None:  # --last picks the newest run, --group a group's runs
+            raise UsageError("--last and --group select different things; give one of them")
         if compare is not None and group is not None:
             raise UsageError("--group cannot be used with --compare (it compares the two runs it names)")
         # an option the chosen view would ignore is refused, not dropped
@@ -84,8 +86,10 @@ def report(
 
         if list_runs:
             runs = store.list_runs(limit=limit or 20, group=group)
+            if not runs and group is not None:  # as `report --group NAME` says it: a name that matches nothing
+                raise UsageError(f"no runs in group {group!r} in {store.url}")
             if not runs:
-                print(f"no runs in {store.url}" + (f" for group {group!r}" if group else ""), file=sys.stderr)
+                print(f"no runs in {store.url}", file=sys.stderr)
             if fmt is not Format.table:
                 emit(export.runs_text(runs, fmt.value))
             elif runs:
