@@ -69,6 +69,29 @@ def test_a_dry_run_refuses_a_database_place_the_run_would_refuse(tmp_path, where
         assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_refuses_a_database_the_run_would_refuse(tmp_path):
+    """Another program's SQLite file, or one stamped by a newer knormctl: the plan said 'no
+    estimate' and exit 0 where the run refuses at once (exit 2). Nothing is written to them."""
+    import hashlib
+    import sqlite3
+
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE t (x)")
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('9999')")
+    for db, said in ((foreign, "already holds tables (t) but no knormctl schema revision"),
+                     (newer, "its schema revision 9999 is another application's")):
+        before = hashlib.sha256(db.read_bytes()).hexdigest()
+        res = runner.invoke(app, ["sweep", "--dry-run", "--db", str(db)])
+        assert res.exit_code == 2 and said in res.stderr, res.output
+        assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+        real = runner.invoke(app, ["baseline", "--db", str(db), "--model", "nonexistent-model-x"])
+        assert real.exit_code == 2 and said in real.stderr, real.output  # the run's own refusal
+
+
 def test_study_runs_every_run_in_one_group_and_continues(tiny_llama_dir, books_dir, tmp_path):
     db = tmp_path / "r.db"
     path = _study_file(tmp_path, tiny_llama_dir, books_dir)

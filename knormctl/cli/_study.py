@@ -87,8 +87,12 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
         check_sqlite_file(path)  # (the default's folder the run creates)
     try:
         store = open_store(url, readonly=True)
-    except KnormctlError:  # no database yet (or one it cannot read): nothing to estimate from
-        store = None
+    except KnormctlError:
+        store = None  # nothing to estimate from: no database yet, or an older schema the run upgrades
+        if path is None or (path.exists() and path.stat().st_size > 0):
+            from knormctl.store.db import check_open_for_run
+
+            check_open_for_run(url)  # the real run's refusal (foreign tables, a newer schema, no server)
     by_key = {}
     if store is not None:
         try:  # the real run would be refused: the plan says so too

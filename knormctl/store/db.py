@@ -22,7 +22,8 @@ from knormctl.store.api import STATUSES, Store  # noqa: F401  (re-exported: the 
 from knormctl.store.connect import ensure_wal, make_engine, open_error, retry_busy
 from knormctl.store.locations import (check_sqlite_file, check_sqlite_file_to_read, default_db_path, default_db_url,
                                       is_default, parse_url, shown_url, sqlite_file, to_url)
-from knormctl.store.migrate import SCHEMA_HEAD, alembic_config, check_readable, migrations_dir
+from knormctl.store.migrate import (SCHEMA_HEAD, alembic_config, check_readable, migrations_dir,
+                                    refuse_what_migrate_would)
 from knormctl.store.migrate import migrate as migrate_schema  # `migrate` is open_store's flag
 from knormctl.store.models import utcnow
 
@@ -86,6 +87,19 @@ def _open_at(url, shown: str, path, *, migrate: bool, readonly: bool) -> Store:
     store.created = migrate and not readonly and before is None
     store.backup_path = backup
     return store
+
+
+def check_open_for_run(url_or_path) -> None:
+    """Refuse what opening an existing database for a run would refuse (unreachable, not
+    SQLite, a newer schema, another program's tables), writing nothing: ``sweep --dry-run``."""
+    url, shown, path = _checked_location(url_or_path, readonly=True)
+    engine = make_engine(url, readonly=True)
+    try:
+        refuse_what_migrate_would(engine, shown)
+    except DBAPIError as exc:
+        raise open_error(exc, shown, path) from exc
+    finally:
+        engine.dispose()
 
 
 def _checked_location(url_or_path, readonly: bool):

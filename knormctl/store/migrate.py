@@ -180,6 +180,20 @@ def migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None, 
                     conn.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
 
 
+def refuse_what_migrate_would(engine: Engine, shown: str) -> None:
+    """What ``migrate`` would refuse in this database (a newer schema, tables not knormctl's),
+    found reading only: a dry run says what the run would (an older schema is fine: the run
+    upgrades it)."""
+    head, known = known_revisions()
+    with engine.connect() as conn:
+        current = _current_heads(conn)
+        unknown = [rev for rev in current if rev not in known]
+        if unknown:
+            raise StoreError(_newer_message(conn, shown, unknown, head))
+        if not current:
+            _refuse_foreign_tables(conn, shown, conn.dialect.name == "sqlite")
+
+
 def _refuse_foreign_tables(conn, shown: str, sqlite: bool) -> None:
     """No revision stamp: only an empty database (SQLite) or one without our tables is ours to fill."""
     tables = sorted(inspect(conn).get_table_names())
