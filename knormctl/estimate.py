@@ -58,8 +58,8 @@ def plan_line(n_cells: int, n_samples: int, configs: list, new_tokens: int, eval
     what = ["full cache"] + [f"{p} keep {', '.join(krs)}" for p, krs in presses.items()]
     rounds = f" x {repeats} repeats" if repeats > 1 else ""
     line = (f"plan: {count(n_cells, 'cell')} = {count(n_samples, 'sample')} x "
-            f"{count(len(configs), 'configuration')}{rounds} ({'; '.join(what)}); {new_tokens} new tokens")
-    return line + (f" + {eval_tokens} scored tokens" if eval_tokens else "") + " per cell"
+            f"{count(len(configs), 'configuration')}{rounds} ({'; '.join(what)}); {count(new_tokens, 'new token')}")
+    return line + (f" + {count(eval_tokens, 'scored token')}" if eval_tokens else "") + " per cell"
 
 
 def from_stored_run(store, cfg, n_cells: int, scan: int = 50) -> Estimate | None:

@@ -303,3 +303,11 @@ def test_a_rough_estimate_skips_failed_runs_and_other_hosts():
                           1: _batched_times(5, 1, 4.0)})
     est = from_model_runs(store, RunConfig(model="m", max_new_tokens=50), n_cells=10)
     assert est.basis.startswith("rough: run 1 ") and est.seconds == pytest.approx(40.0)
+
+
+def test_one_of_a_thing_is_singular():
+    """'1 cells', '1 new tokens' in the plan and estimate lines."""
+    from knormctl.estimate import plan_line
+
+    line = plan_line(1, 1, [PressConfig()], 1, 1)
+    assert "1 cell = 1 sample x 1 configuration" in line and "1 new token + 1 scored token per cell" in line

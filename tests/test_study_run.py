@@ -69,6 +69,12 @@ def test_a_dry_run_refuses_a_database_place_the_run_would_refuse(tmp_path, where
         assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_empty_config_is_refused_as_empty():
+    """`--config ""` (an unset variable) said '--config : is a folder, not a study file'."""
+    res = runner.invoke(app, ["sweep", "--config", ""])
+    assert res.exit_code == 2 and res.stderr.strip() == "Error: Invalid value for '--config': empty (give a study file)"
+
+
 def test_a_dry_run_refuses_a_database_the_run_would_refuse(tmp_path):
     """Another program's SQLite file, or one stamped by a newer knormctl: the plan said 'no
     estimate' and exit 0 where the run refuses at once (exit 2). Nothing is written to them."""

@@ -250,10 +250,10 @@ GroupOpt = Annotated[str | None, typer.Option("--group", metavar="NAME", rich_he
 ShardOpt = Annotated[str | None, _opt("--shard", panel=OUTPUT, metavar="I/N",
                                       help="Run shard I/N of the samples (whole prompts, every configuration), "
                                            "e.g. 1/4; auto: from a Slurm job array or torchrun.")]
-ConfigOpt = Annotated[str | None, _opt("--config", panel=OUTPUT, metavar="FILE",
-                                      help="A study file (TOML): its keys are these options in snake_case; a list "
-                                           "of values is an axis; runs the cross product as one group. Options "
-                                           "given here override the file.")]
+ConfigOpt = Annotated[str | None, typer.Option(
+    "--config", rich_help_panel=OUTPUT, metavar="FILE", callback=_not_empty("give a study file"),
+    help="A study file (TOML): its keys are these options in snake_case; a list of values is an axis; runs the "
+         "cross product as one group. Options given here override the file.")]
 DryRunOpt = Annotated[bool, _opt("--dry-run", panel=OUTPUT, metavar=FLAG,
                                  help="Print the planned runs, their cells and a time estimate from stored runs; "
                                       "run nothing, load no model.")]

@@ -135,7 +135,8 @@ def _run(cfg: RunConfig, store, json_out: bool, resume: int | None, log: Log, ve
             guess = estimate.from_warmup(results, runner.warm_prompt_tokens, runner.cells, runner.samples,
                                          runner.new_tokens, cfg.ppl_method, batch_rows=runner.warm_rows)
         if guess:
-            log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {len(runner.cells)} cells ({guess.basis})")
+            log(f"estimate: ~{estimate.format_duration(guess.seconds)} for {estimate.count(len(runner.cells), 'cell')} "
+                f"({guess.basis})")
         if (guess or stored) and (guess or stored).seconds > LONG_RUN_S:
             log(f"Ctrl-C stops it at any time: finished cells are kept, and "
                 f"`{resume_hint(runner.run_id)}` measures the rest")

@@ -171,7 +171,7 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
             (f"at least ~{estimate.format_duration(total_s)}; " if total_s else "")
             + f"no estimate for {which} ({'; '.join(why)})")
     count = total_cells if not uncounted else f"at least {total_cells}" if total_cells else "?"
-    print(wrapped(f"total: {count} cells, {when}. Nothing was run (--dry-run)."))
+    print(wrapped(f"total: {count} cell{'' if count == 1 else 's'}, {when}. Nothing was run (--dry-run)."))
 
 
 def _stored_key(run) -> str | None:

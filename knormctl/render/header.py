@@ -89,7 +89,7 @@ class RunHeader:
     def cells_text(self) -> str:
         """'8 of 10 planned cells, 1 failed'."""
         return ((f"{self.samples_done} of {self.samples_planned} planned cells" if self.samples_planned is not None
-                 else f"{self.samples_done} cells") + (f", {self.samples_failed} failed" if self.samples_failed else ""))
+                 else f"{self.samples_done} cell{'' if self.samples_done == 1 else 's'}") + (f", {self.samples_failed} failed" if self.samples_failed else ""))
 
     @property
     def deployment(self) -> list[str]:
