@@ -13,6 +13,10 @@ from knormctl.options import unknown_choice
 # report's ordering; a test keeps the two equal. kvpress:ClassName specs come on top (optional).
 PRESS_NAMES = ("none", "knorm", "knorm-inverse", "random", "streaming", "keydiff", "snapkv", "tova", "pyramidkv",
                "expected-attention", "adakv", "criticalkv")
+# Presses that do no work inside a forward (no hooks: they score the cache after it), so with
+# their first cut after the first token the prefill is the full cache's own work (the report's
+# TTFT "artifact"); a test keeps it equal to the registry's.
+QUIET_IN_FORWARD = ("knorm", "knorm-inverse", "random", "streaming", "keydiff")
 PRESS_SPEC_MAX = 64  # chars: the store's press column
 
 # A press spec: ``name`` or ``name(key=value,...)``; a value is a number, true/false, a word, or

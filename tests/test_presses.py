@@ -89,6 +89,16 @@ def test_ties_at_the_boundary_keep_the_most_recent_entries():
 
 # ----------------------------------------------------------------------------- registry and specs
 
+def test_the_torch_free_list_of_quiet_presses_follows_the_registry():
+    """The report calls a TTFT change an artifact only for presses that do no work inside a
+    forward (press_spec.QUIET_IN_FORWARD, torch-free); every other press hooks it or cuts in it."""
+    from knormctl.press_spec import QUIET_IN_FORWARD
+
+    quiet = {n for n in PRESS_NAMES if n != "none"
+             if not (p := make_press(n, keep_ratio=0.5)).observes and not p.cuts_in_forward}
+    assert quiet == set(QUIET_IN_FORWARD)
+
+
 def test_registry_and_unknown_press():
     assert set(PRESSES) >= {"none", "knorm", "knorm-inverse", "random", "streaming", "snapkv", "tova",
                             "expected-attention", "keydiff", "pyramidkv", "adakv"}

@@ -302,7 +302,7 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     [flag] = [f for f in data["flags"] if f["kind"] == "ttft_artifact"]
     assert flag["config_key"] == KNORM_09
     assert "timing artifact" in flag["message"] and "not a gain" in flag["message"]
-    assert "first cut comes after the first token" in flag["message"]
+    assert "The press does nothing before the first token" in flag["message"]
     row = next(r for r in data["rows"] if r["config_key"] == KNORM_09)
     assert row["verdicts"]["ttft_s"] == "artifact"
     assert f"TTFT {abs(row['changes']['ttft_s']):.1f}% lower than the full cache" in flag["message"]
@@ -312,10 +312,10 @@ def test_ttft_change_beyond_noise_is_called_a_timing_artifact(store, db):
     assert all(r["verdicts"]["ttft_s"] in (None, "noise", "same") for r in data["rows"] if r["config_key"] != KNORM_09)
 
 
-def test_a_ttft_change_is_the_presss_where_it_cuts_before_the_first_token(store, db):
-    """The context protocol cuts the context before the question is read, a chunked prefill
-    between chunks, a kvpress press inside the prefill forward: all inside TTFT, so a TTFT
-    change there is a finding (better/worse), not an artifact."""
+def test_a_ttft_change_is_the_presss_where_it_works_before_the_first_token(store, db):
+    """The context and query-aware protocols cut before what they feed after the cut, a chunked
+    prefill cuts between chunks, an observing press hooks the prefill forward: all inside TTFT,
+    so a TTFT change there is a finding (better/worse), not an artifact."""
     import sqlite3
 
     run = fill_run(store, task="passkey", configs=(Cfg(), Cfg("knorm", 0.5, mode="prefill")), n_samples=6,
@@ -323,8 +323,11 @@ def test_a_ttft_change_is_the_presss_where_it_cuts_before_the_first_token(store,
     key = Cfg("knorm", 0.5, mode="prefill").pc.key
     row = rows_by_key(report_json(db, "--run-id", str(run)))[key]
     assert row["verdicts"]["ttft_s"] == "worse"  # protocol context, 12 question tokens (report_data)
-    with sqlite3.connect(db) as con:
+    with sqlite3.connect(db) as con:  # query-aware: the answer prefix is fed after the cut
         con.execute("UPDATE samples SET protocol = 'query-aware' WHERE run_id = ?", (run,))
+    assert rows_by_key(report_json(db, "--run-id", str(run)))[key]["verdicts"]["ttft_s"] == "worse"
+    with sqlite3.connect(db) as con:  # paper: the first token comes from the prefill, before the cut
+        con.execute("UPDATE samples SET protocol = 'paper' WHERE run_id = ?", (run,))
     data = report_json(db, "--run-id", str(run))
     assert rows_by_key(data)[key]["verdicts"]["ttft_s"] == "artifact"
     assert [f["config_key"] for f in data["flags"] if f["kind"] == "ttft_artifact"] == [key]
@@ -332,6 +335,10 @@ def test_a_ttft_change_is_the_presss_where_it_cuts_before_the_first_token(store,
         [(config,)] = con.execute("SELECT config_json FROM runs WHERE id = ?", (run,)).fetchall()
         con.execute("UPDATE runs SET config_json = ? WHERE id = ?",
                     (json.dumps({**json.loads(config), "prefill_chunk": 64}), run))
+    assert rows_by_key(report_json(db, "--run-id", str(run)))[key]["verdicts"]["ttft_s"] == "worse"
+    with sqlite3.connect(db) as con:  # no chunks, the paper's protocol, but a press that hooks the prefill
+        con.execute("UPDATE runs SET config_json = ? WHERE id = ?", (config, run))
+        con.execute("UPDATE samples SET press = 'snapkv' WHERE run_id = ? AND config_key = ?", (run, key))
     assert rows_by_key(report_json(db, "--run-id", str(run)))[key]["verdicts"]["ttft_s"] == "worse"
 
 

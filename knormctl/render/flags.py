@@ -146,9 +146,9 @@ def row_flags(rows: Sequence[ConfigRow], noise_pct: float, noise_source: str) ->
             what = "not a gain" if change < 0 else "not a slower prefill"
             flags.append(Flag("ttft_artifact", f"{where}: TTFT {abs(change):.1f}% {'lower' if change < 0 else 'higher'} "
                                                f"than the full cache, beyond this run's noise (\u00b1{noise_pct:.1f}%, "
-                                               f"{noise_source}). Its first cut comes after the first token (the "
-                                               f"prefill forward is the full cache's own work), so this is a timing "
-                                               f"artifact, {what}.", r.config_key))
+                                               f"{noise_source}). The press does nothing before the first token (no "
+                                               f"hook in the prefill forward, its first cut after the first token), "
+                                               f"so this is a timing artifact, {what}.", r.config_key))
     return flags
 
 

@@ -19,8 +19,8 @@ metric's own statistic (median; mean for fractions; lower median for counts), th
   perplexity; a configuration that evicts gets the binomial bound for a token match of 0 or
   1 on every prompt instead: identical outputs on 3 prompts say little of the 4th); "no detectable difference" ("noise") when the change's interval contains 0,
   or, for timings, when the change is within the run's same-work noise; otherwise better
-  or worse by the metric's direction (a TTFT change is an "artifact" where no cut comes
-  before the first token: see flags).
+  or worse by the metric's direction (a TTFT change is an "artifact" where the press does
+  nothing before the first token: see flags).
 - rounds: a change pairs each prompt's rounds (``--repeats``; two runs of a group that
   measured the same prompt count as two rounds) that both sides measured.
 """
@@ -182,8 +182,8 @@ def spans_zero(interval: Interval | None) -> bool:
 
 def verdict(m: Metric, stat: Stat, noise_pct: float, cuts_in_ttft: bool = False) -> str | None:
     """The verdict rule (module docstring). None: no direction, no change, or a single prompt
-    (no interval, so nothing can be called). ``cuts_in_ttft``: the configuration can cut before
-    its first token (rows.cuts_before_first_token), so its TTFT change is the press's doing."""
+    (no interval, so nothing can be called). ``cuts_in_ttft``: the press works before the first
+    token (rows.press_works_before_first_token), so its TTFT change is the press's doing."""
     change, interval = stat.change, stat.change_interval
     if m.better is None or change is None or interval is None:
         return None
@@ -192,7 +192,7 @@ def verdict(m: Metric, stat: Stat, noise_pct: float, cuts_in_ttft: bool = False)
     if spans_zero(interval) or (m.timing and abs(change) <= noise_pct):
         return "noise"
     if m.name == "ttft_s" and not cuts_in_ttft:
-        # The first cut follows the first token: a TTFT change beyond noise is not the press's doing.
+        # The press does nothing before the first token: a TTFT change beyond noise is not its doing.
         return "artifact"
     return "better" if (change < 0) == (m.better == LOWER) else "worse"
 

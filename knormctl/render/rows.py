@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from knormctl.press_spec import PRESS_NAMES
+from knormctl.press_spec import PRESS_NAMES, QUIET_IN_FORWARD
 from knormctl.render.metrics import METRIC, METRICS
 from knormctl.render.paired import (
     Interval, PerPrompt, Stat, add_change, metric_seed, ok, paired_values, per_prompt, prompt_key, repeat_spread,
@@ -146,14 +146,16 @@ def noise_estimate(rows: Sequence[ConfigRow]) -> tuple[float, str, bool]:
     return pct, source, True
 
 
-def cuts_before_first_token(s: Any, prefill_chunk: int = 0) -> bool:
-    """Whether a cut of this sample can come before its first token, inside TTFT: the context
-    protocol's cut before the question is read, a chunked prefill's cuts between chunks, a
-    kvpress press's cut inside the prefill forward (engine/loop.py). Otherwise the first cut
-    follows the first token, and the prefill is the full cache's own work."""
+def press_works_before_first_token(s: Any, prefill_chunk: int = 0) -> bool:
+    """Whether the press does work of its own before this sample's first token, inside TTFT: a
+    cut before what is fed after it (the context and query-aware protocols: the question or
+    the answer prefix), a chunked prefill's cuts between chunks, or a press that works inside
+    the forward (hooks that observe attention, kvpress's cut; only ``QUIET_IN_FORWARD``'s do
+    not). Otherwise the prefill is the full cache's own work (engine/loop.py)."""
     if s.press == "none" or s.keep_ratio >= 1.0:
         return False
-    return (s.press.startswith("kvpress:") or (getattr(s, "protocol", None) == "context" and bool(s.question_tokens))
+    return (s.press.split("(", 1)[0] not in QUIET_IN_FORWARD
+            or getattr(s, "protocol", None) in ("context", "query-aware")
             or bool(prefill_chunk and s.prompt_tokens and s.prompt_tokens > prefill_chunk))
 
 
@@ -177,7 +179,7 @@ def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool,
             if key in accuracy:
                 st["accuracy"] = accuracy[key]
             rows.append(_row(key, groups[key], prompts[key], st, dataset, labels, ref_cells if ref else None))
-            stats.append((st, any(cuts_before_first_token(x, (prefill_chunks or {}).get(getattr(x, "run_id", None), 0))
+            stats.append((st, any(press_works_before_first_token(x, (prefill_chunks or {}).get(getattr(x, "run_id", None), 0))
                                   for x in ok(groups[key]))))
     noise_pct, noise_source, measured = noise_estimate(rows)
     for row, (st, in_ttft) in zip(rows, stats):
