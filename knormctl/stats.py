@@ -274,6 +274,26 @@ def stratified_mean_interval(groups: Sequence[Sequence[float]], *, seed: int, re
     return _percentile_interval(total, confidence)
 
 
+def weighted_mean_interval(values: Sequence[float], weights: Sequence[float], *, seed: int,
+                           resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
+                           bounds: Interval | None = None) -> Interval | None:
+    """Bootstrap interval of a weighted mean, the (value, weight) pairs resampled together: what
+    a stratified interval falls back to when a stratum holds one value (it cannot be resampled
+    within itself). The statistic of each resample is sum(w x) / sum(w). None for fewer than
+    two values; values all alike, given ``bounds``: their ``constant_interval``."""
+    if len(values) < 2:
+        return None
+    if bounds and min(values) == max(values):
+        return constant_interval(float(values[0]), len(values), bounds, confidence)
+    import numpy as np
+
+    order = np.argsort(np.asarray(values, dtype=float), kind="stable")  # the same pairs in any order
+    x, w = np.asarray(values, dtype=float)[order], np.asarray(weights, dtype=float)[order]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(x), size=(resamples, len(x)))
+    return _percentile_interval((x[pick] * w[pick]).sum(axis=1) / w[pick].sum(axis=1), confidence)
+
+
 def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) -> Interval | None:
     """Wilson score interval of a binomial proportion (never outside [0, 1], sensible at 0/n
     and n/n, where the textbook p +- z*se collapses to a point)."""

@@ -412,3 +412,35 @@ def test_one_subtask_at_one_length_gives_the_row_the_task_rows_numbers(store, db
     assert row["verdicts"]["accuracy"] == task["verdict"] == "noise"
     assert row["n_needed"]["accuracy"] == task["n_needed"] > 3
     assert row["intervals"]["accuracy"] == task["interval"]
+
+
+def test_a_length_the_full_cache_failed_leaves_every_rows_accuracy(store, db, ruler):
+    """The full cache failed at 8192 (out of memory at the longest context): each compressed row
+    kept 8192 and lost its change (nothing to pair there), and its value set two lengths beside
+    the full cache's one. Every row now averages the cells all configurations measured."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET error = 'RuntimeError: out of memory' WHERE run_id = ? AND config_key = ? "
+                    "AND context_length = 8192", (ruler, REFERENCE_KEY))
+    data = report_json(db, "--run-id", str(ruler))
+    at_4096 = {t["config_key"]: t for t in data["tasks"] if t["subtask"] is None and t["context_length"] == 4096}
+    for row in data["rows"]:
+        assert row["values"]["accuracy"] == pytest.approx(at_4096[row["config_key"]]["accuracy"])
+        if not row["is_reference"]:
+            assert row["changes"]["accuracy"] == pytest.approx(at_4096[row["config_key"]]["change_pp"])
+            assert row["verdicts"]["accuracy"] == at_4096[row["config_key"]]["verdict"] is not None
+
+
+def test_one_question_per_subtask_and_length_still_gets_an_interval(store, db):
+    """--samples-per-task 1: a stratified bootstrap cannot resample a cell of one question, and
+    the row had no interval, no verdict and no prompts-needed; the questions are resampled with
+    their cells' weights instead."""
+    run = fill_run(store, task="ruler", configs=CONFIGS[:2], n_samples=6, subtasks=("niah_single_1", "vt", "cwe"),
+                   lengths=LENGTHS, score=lambda i, pc, *a: float(pc.press == "none" or i % 3 == 0),
+                   score_metric="string_match_all", prompt_tokens=(4096,))
+    row = {r["config_key"]: r for r in report_json(db, "--run-id", str(run))["rows"]}[KNORM]
+    lo, hi = row["change_intervals"]["accuracy"]
+    assert lo < row["changes"]["accuracy"] < hi and row["verdicts"]["accuracy"] in ("worse", "noise")
+    lo, hi = row["intervals"]["accuracy"]
+    assert lo < row["values"]["accuracy"] < hi

@@ -176,8 +176,8 @@ def build_rows(samples: Sequence[Any], labels: dict[str, str], by_dataset: bool,
         accuracy = accuracy_stats(block)  # one definition with the task tables (render.tasks)
         for key in sorted(groups, key=lambda k: sort_key(groups[k][0])):
             st = _stats(key, prompts[key], ref, evicts=groups[key][0].keep_ratio < 1.0)
-            if key in accuracy:
-                st["accuracy"] = accuracy[key]
+            if any(getattr(x, "score", None) is not None for x in ok(groups[key])):  # scored: the common cells' number, or none
+                st["accuracy"] = accuracy.get(key, Stat())
             rows.append(_row(key, groups[key], prompts[key], st, dataset, labels, ref_cells if ref else None))
             stats.append((st, any(press_works_before_first_token(x, (prefill_chunks or {}).get(getattr(x, "run_id", None), 0))
                                   for x in ok(groups[key]))))

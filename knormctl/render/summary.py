@@ -37,9 +37,10 @@ STATISTICS = {
     "value_interval": "fractions only: Wilson score interval when every accuracy score is 0 or 1, else the same "
                       "bootstrap (token match always: a share of tokens, not a right/wrong answer); "
                       "medians over different prompts get none (their spread is the prompt mix)",
-    "accuracy": "the mean over context lengths of the mean over the subtasks every configuration measured there "
-                "(equal weights), as the task tables: one subtask at one length, that row's Wilson/bootstrap "
-                "interval and change; else a stratified bootstrap (questions resampled within subtask and length)",
+    "accuracy": "the mean over context lengths of the mean over subtasks (equal weights), on the cells every "
+                "configuration measured, as the task tables: one subtask at one length, that row's Wilson/bootstrap "
+                "interval and change; else a stratified bootstrap (questions resampled within subtask and length; "
+                "a cell of one question: every question resampled with its cell's weight)",
     "repeats": "a prompt's repeated rounds (two runs of a group measuring it: two rounds) are reduced to one value "
                "(the metric's own statistic) before pairing; a change uses the rounds both sides measured",
     "verdict": "same when every prompt's change is exactly 0 (interval [0, 0]; right/wrong scores, and a token "

@@ -22,7 +22,8 @@ from typing import Any
 from knormctl.render.metrics import DETECTABLE_EFFECT
 from knormctl.render.paired import Interval, Stat, ok, prompt_key, spans_zero
 from knormctl.render.rows import CHANGE_BOUNDS, REFERENCE_KEY, sort_key
-from knormctl.stats import bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, wilson_interval
+from knormctl.stats import (bootstrap_interval, samples_needed, seed_for, stratified_mean_interval, weighted_mean_interval,
+                            wilson_interval)
 from knormctl.tasks.catalog import chance_of, near_chance
 
 
@@ -138,9 +139,8 @@ def combined(key: str, cells: Sequence[tuple], weights: Sequence[float], scores:
     if len(cells) == 1:
         interval, method = accuracy_interval(mine[0], seed_for(key, *seed, "accuracy"))
     else:
-        interval = stratified_mean_interval(mine, seed=seed_for(key, *seed, "accuracy"),
-                                            bounds=SCORE_BOUNDS if binary else None, weights=weights)
-        method = "stratified bootstrap" if interval else None
+        interval = _weighted_interval(mine, weights, seed_for(key, *seed, "accuracy"), SCORE_BOUNDS if binary else None)
+        method = ("stratified bootstrap" if min(map(len, mine)) > 1 else "weighted bootstrap") if interval else None
     out = Combined(accuracy=acc, interval=interval, interval_method=method, n=sum(map(len, mine)))
     refs = [scores.get((*c, REFERENCE_KEY)) for c in cells]
     if key == REFERENCE_KEY or not all(refs):
@@ -154,11 +154,21 @@ def combined(key: str, cells: Sequence[tuple], weights: Sequence[float], scores:
     if len(cells) == 1:
         out.change_interval = bootstrap_interval(diffs[0], "mean", seed=seed_for(key, *seed, "change"), bounds=bounds)
     else:
-        out.change_interval = stratified_mean_interval(diffs, seed=seed_for(key, *seed, "change"), bounds=bounds,
-                                                       weights=weights)
+        out.change_interval = _weighted_interval(diffs, weights, seed_for(key, *seed, "change"), bounds)
     if spans_zero(out.change_interval):
         out.n_needed = samples_needed(min(map(len, diffs)) * len(diffs), out.change_interval, DETECTABLE_EFFECT)
     return out
+
+
+def _weighted_interval(groups: list[list[float]], weights: Sequence[float], seed: int,
+                       bounds: Interval | None) -> Interval | None:
+    """The stratified bootstrap of the weighted mean of group means; where a group holds one
+    value (one question per subtask and length) it cannot be resampled within itself, and every
+    question is resampled with its group's weight shared among the group's questions instead."""
+    if min(map(len, groups)) > 1:
+        return stratified_mean_interval(groups, seed=seed, bounds=bounds, weights=weights)
+    return weighted_mean_interval([x for g in groups for x in g], [w / len(g) for g, w in zip(groups, weights) for _ in g],
+                                  seed=seed, bounds=bounds)
 
 
 def _scored(samples: Sequence[Any]) -> tuple[list[Any], dict[tuple, list[Any]], dict[tuple, dict[tuple, float]]]:
@@ -249,23 +259,31 @@ def _means(rows: list[TaskRow], scores: dict[tuple, dict[tuple, float]]) -> list
 
 def accuracy_stats(samples: Sequence[Any]) -> dict[str, Stat]:
     """Each configuration's accuracy in one number (its row in the configuration table, the
-    study's): the mean over (task, context length) of the mean over the subtasks every
-    configuration measured there -- subtasks weigh equally (RULER's convention), lengths
-    weigh equally. With one cell it is that subtask row's numbers, with one length that mean
-    row's (the same seeds). Configurations without a scored sample are left out."""
+    study's): the mean over (task, context length) of the mean over subtasks, on the cells
+    every configuration measured -- the same cells for all, so the numbers compare; subtasks
+    weigh equally (RULER's convention), lengths weigh equally. With one cell it is that subtask
+    row's numbers, with one length that mean row's (the same seeds). Empty when no cell is
+    common to all; configurations without a scored sample are not in it."""
     _, _, scores = _scored(samples)
-    common = common_cells(scores)
+    keys = {k[3] for k in scores}
+    # one set of cells for every configuration: the (task, length) groups every one has scores in
+    # (a length the full cache failed would leave the others nothing to pair with), and in each
+    # the subtasks every one measured
+    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for task, sub, length, key in scores:
+        have[(task, length)][key].add(sub)
+    groups = [(task, length, sorted(set.intersection(*by.values())))
+              for (task, length), by in sorted(have.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+              if set(by) == keys]
+    groups = [g for g in groups if g[2]]
+    if not groups:
+        return {}
+    cells = [(t, sub, length) for t, length, subs in groups for sub in subs]
+    weights = [1.0 / (len(groups) * len(subs)) for _, _, subs in groups for _ in subs]
+    seed = cells[0] if len(cells) == 1 else ((groups[0][0], "mean", groups[0][1]) if len(groups) == 1
+                                             else ("all cells",))
     out = {}
-    for key in {k[3] for k in scores}:
-        groups = [(t, length, sorted(s for s in subs if (t, s, length, key) in scores))
-                  for (t, length), subs in sorted(common.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
-        groups = [g for g in groups if g[2]]
-        if not groups:
-            continue
-        cells = [(t, sub, length) for t, length, subs in groups for sub in subs]
-        weights = [1.0 / (len(groups) * len(subs)) for _, _, subs in groups for _ in subs]
-        seed = cells[0] if len(cells) == 1 else (
-            (groups[0][0], "mean", groups[0][1]) if len(groups) == 1 else ("all cells",))
+    for key in keys:
         c = combined(key, cells, weights, scores, seed)
         out[key] = Stat(value=c.accuracy, interval=c.interval, change=c.change, change_interval=c.change_interval,
                         n=c.n, n_pairs=c.n_pairs, n_needed=c.n_needed)
