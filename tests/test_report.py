@@ -767,11 +767,16 @@ def test_identical_outputs_on_a_few_prompts_are_not_read_as_the_same(store, db):
     rows = rows_by_key(report_json(db, "--run-id", str(run)))
     h = 100 * (1 - 0.025 ** (1 / 3))
     assert rows[KNORM_07]["changes"]["token_match"] == 0
-    assert rows[KNORM_07]["change_intervals"]["token_match"] == pytest.approx([-h, h])
+    assert rows[KNORM_07]["change_intervals"]["token_match"] == pytest.approx([-h, 0])  # it cannot beat 100%
     assert rows[KNORM_07]["verdicts"]["token_match"] == "noise"
     keep_all = Cfg("knorm", 1.0).pc.key
     assert rows[keep_all]["change_intervals"]["token_match"] == [0, 0]
     assert rows[keep_all]["verdicts"]["token_match"] == "same"
+    with sqlite3.connect(db) as con:  # no token in common on any prompt: worse, even from 3 prompts
+        con.execute("UPDATE samples SET token_match = 0.0 WHERE run_id = ? AND config_key = ?", (run, KNORM_07))
+    row = rows_by_key(report_json(db, "--run-id", str(run)))[KNORM_07]
+    assert row["change_intervals"]["token_match"] == pytest.approx([-100, -100 + h])
+    assert row["verdicts"]["token_match"] == "worse"
 
 
 def test_every_na_cell_says_why_in_every_output(store, db):

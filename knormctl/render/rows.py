@@ -124,7 +124,8 @@ def _stats(key: str, mine: PerPrompt, ref: PerPrompt | None, evicts: bool) -> di
         if ref is not None and key != REFERENCE_KEY:
             pair = paired_values(m, mine, ref)
             bounded = m.name == "token_match" and evicts and all(x in (0.0, 1.0) for v in pair for x in v.values())
-            add_change(stat, m, *pair, metric_seed(key, m.name, "change"), bounds=CHANGE_BOUNDS if bounded else None)
+            # the full cache's own token match is 1 by definition: a change lies in [-100, 0] pp
+            add_change(stat, m, *pair, metric_seed(key, m.name, "change"), bounds=(-100.0, 0.0) if bounded else None)
         out[m.name] = stat
     return out
 
