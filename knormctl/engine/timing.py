@@ -117,30 +117,8 @@ def read_rss_peak() -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def release_free_heap() -> None:
-    """Give the C heap's free memory back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
-    Freed tensors below glibc's mmap threshold (which rises after each large free) stay in the
-    process's RSS: without this, a sample's peak RSS carried every earlier sample's largest heap,
-    so peaks depended on what the process did before (two runs of the same work: 1.32 vs 1.00 GB)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
 def reset_rss_peak() -> bool:
-    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs), the heap's free memory
-    released first (``release_free_heap``); False where not allowed."""
-    release_free_heap()
+    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs); False where not allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
