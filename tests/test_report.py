@@ -479,6 +479,16 @@ def test_compare_shows_ratios_b_over_a(store, db):
     assert checked == 5 * 4
     recs = list(csv.DictReader(io.StringIO(report(db, "--compare", str(a), str(b), "--format", "csv").stdout)))
     assert float(recs[0]["ttft_s_ratio"]) == pytest.approx(data["rows"][0]["ratio"]["ttft_s"])
+    # a CPU peak RSS carries each process's history: the comparison says so wherever it shows it
+    import sqlite3
+
+    assert data["notes"] == []
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE samples SET peak_mem_kind = 'cpu_process_rss_peak'")
+    assert "process's RSS high-water mark" in report_json(db, "--compare", str(a), str(b))["notes"][0]
+    for out in (report(db, "--compare", str(a), str(b)).stdout,
+                report(db, "--compare", str(a), str(b), "--format", "markdown").stdout):
+        assert "compare KV peak and KV final instead" in " ".join(out.split())
 
 
 def test_compare_refuses_runs_of_different_models(store, db):

@@ -3,7 +3,7 @@ their values and the ratio B/A (unpaired: the runs may have measured different p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from knormctl.render.header import RunHeader
@@ -28,6 +28,7 @@ class Comparison:
     rows: list[CompareRow]
     only_in_a: list[str]
     only_in_b: list[str]
+    notes: list[str] = field(default_factory=list)  # what the ratios cannot say
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,15 @@ def compare(sa: Summary, sb: Summary) -> Comparison:
                  for m in METRICS}
         rows.append(CompareRow(config_key=ra.config_key, label=ra.label, dataset=ra.dataset,
                                a=dict(ra.values), b=dict(rb.values), ratio=ratio))
+    kinds = {k for r in (*sa.rows, *sb.rows) for k in (r.peak_mem_kind or "").split(", ") if k}
+    notes = [CPU_PEAK_NOTE] if "cpu_process_rss_peak" in kinds else []
     return Comparison(a=sa.header, b=sb.header, rows=rows,
                       only_in_a=[r.config_key for k, r in index_a.items() if k not in index_b],
-                      only_in_b=[r.config_key for k, r in index_b.items() if k not in index_a])
+                      only_in_b=[r.config_key for k, r in index_b.items() if k not in index_a], notes=notes)
+
+
+# glibc keeps freed heap in the process (returning it before each sample would move the page
+# faults into the timed prefill), so a CPU peak includes what the process held before the sample
+CPU_PEAK_NOTE = ("peak memory on the CPU is the process's RSS high-water mark, which carries what the process "
+                 "held before each sample (the model's load, heap freed but kept): across two runs its ratio "
+                 "shows their processes' histories as much as the presses; compare KV peak and KV final instead")

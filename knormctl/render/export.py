@@ -349,5 +349,6 @@ def comparison_text(cmp: Comparison, fmt: str) -> str:
     title = f"A = {cmp.a.title}, B = {cmp.b.title} (cells: A / B (B/A))\n\n"
     only = "".join(f"\n- only in {side}: {md_escape(', '.join(keys))}" for side, keys in
                    (("A", cmp.only_in_a), ("B", cmp.only_in_b)) if keys)
-    return title + markdown_table(["configuration"] + [METRIC[n].label for n in names], rows) + only + (
-        "\n" if only else "")
+    notes = "".join(f"\n- note: {md_escape(note)}." for note in cmp.notes)
+    return title + markdown_table(["configuration"] + [METRIC[n].label for n in names], rows) + only + notes + (
+        "\n" if only or notes else "")

@@ -325,3 +325,5 @@ def print_comparison(cmp: Comparison, console: Console) -> None:
     for side, keys in (("A", cmp.only_in_a), ("B", cmp.only_in_b)):
         if keys:
             console.print(Text(f"only in {side}: {', '.join(keys)}", style="dim"))
+    for note in cmp.notes:
+        console.print(Text(f"note: {note}.", style="yellow"))
