@@ -417,6 +417,10 @@ def _edit(lines, what):
         sample["sample"]["ttft_s" if what == "text-for-a-number" else "keep_ratio"] = \
             "abc" if what == "text-for-a-number" else True
         return "".join(lines[:2]) + json.dumps(sample) + "\n" + "".join(lines[3:])
+    if what == "no-task":  # a column with a default, left out: the store's default is taken
+        rec = json.loads(lines[1])
+        del rec["run"]["task"]
+        return "".join(lines[:1]) + json.dumps(rec) + "\n" + "".join(lines[2:])
     if what in ("null-config", "null-config-key", "no-command"):
         at = 1 if what != "null-config-key" else 2
         rec = json.loads(lines[at])
@@ -515,6 +519,10 @@ def test_import_refuses_a_missing_file_or_garbage_without_creating_a_database(tm
     nulls.write_text(_edit(lines, "null-config"))
     res = cli("import", str(nulls), "--db", str(dst))
     assert res.exit_code == 2 and "runs.config_json is empty" in res.stderr and not dst.exists()
+    nulls.write_text(_edit(lines, "no-task"))  # a column the store gives a default: imported with it
+    res = cli("import", str(nulls), "--db", str(dst))
+    assert res.exit_code == 0, res.output
+    assert [r["task"] for r in rows(f"sqlite:///{dst}", Run.__table__)] == ["lm"]
 
 
 def test_export_reads_only_and_refuses_what_it_cannot_export(tmp_path):

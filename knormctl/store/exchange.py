@@ -206,9 +206,13 @@ def _decode(table: Table, data: dict, path: Path, number: int) -> dict:
     if unknown:
         raise UsageError(f"{path} line {number}: unknown {table.name} column(s) {', '.join(unknown)}")
     required = {RUNS.name: RUNS, SAMPLES.name: SAMPLES}[table.name]
+    data = dict(data)
     for col in required.columns:  # what the store's NOT NULL would refuse only inside the database
-        if not col.nullable and not col.primary_key and col.foreign_keys == set() and (
-                data.get(col.name) is None if col.name in data else col.default is None and col.server_default is None):
+        if col.nullable or col.primary_key or col.foreign_keys:
+            continue
+        if col.name not in data and col.default is not None:  # the import's table has no defaults: the ORM's
+            data[col.name] = col.default.arg(None) if col.default.is_callable else col.default.arg
+        if data.get(col.name) is None:
             raise UsageError(f"{path} line {number}: {table.name}.{col.name} is "
                              f"{'empty' if col.name in data else 'missing'}, which the store does not allow "
                              f"(the file is damaged; nothing was imported)")
