@@ -115,6 +115,13 @@ def test_passkey_answer_tokens_overrides_the_passkey_default(tiny_tokenizer, boo
     assert default.max_new_tokens == 16 and asked.max_new_tokens == 3
 
 
+def test_the_catalogs_passkey_answer_length_is_the_runs_default():
+    from knormctl.config import RunConfig
+    from knormctl.tasks.catalog import subtask
+
+    assert subtask("passkey").max_new_tokens == RunConfig.passkey_new_tokens  # the docs name one number
+
+
 def test_passkey_seed_changes_the_key(tiny_tokenizer, books_dir):
     from knormctl.tasks.build import make_samples
 

@@ -73,7 +73,7 @@ LONGBENCH_UNSUPPORTED = {"multifieldqa_zh": "jieba", "dureader": "jieba", "vcsum
 _LONGBENCH_CHANCE = {"trec": 1 / 50, "passage_retrieval_en": 1 / 30}
 
 SUBTASKS: dict[str, Subtask] = {
-    "passkey": Subtask("passkey", "passkey", PASSKEY_DIGITS, 10, 0.0),
+    "passkey": Subtask("passkey", "passkey", PASSKEY_DIGITS, 16, 0.0),  # = RunConfig.passkey_new_tokens
     "niah": Subtask("niah", "niah", STRING_MATCH_ALL, 32, 0.0),
     **{n: _ruler(n) for n in RULER_SYNTHETIC},
     **{n: _ruler(n, STRING_MATCH_PART) for n in RULER_QA},
