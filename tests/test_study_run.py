@@ -69,6 +69,20 @@ def test_a_dry_run_refuses_a_database_place_the_run_would_refuse(tmp_path, where
         assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_refuses_a_device_this_machine_lacks():
+    """The plan said 'Nothing was run' and exit 0 for --device cuda on a machine without CUDA,
+    and for a CUDA graph under --device auto on the CPU; the run refuses both."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to refuse")
+    for args, said in ((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+                       (["--decode-step", "graph"], "--decode-step graph records a CUDA graph: it needs the model "
+                                                    "on a CUDA device (it is on cpu)")):
+        res = runner.invoke(app, ["sweep", "--dry-run", *args])
+        assert res.exit_code == 2 and said in res.stderr and "Nothing was run" not in res.output, res.output
+
+
 def test_an_empty_config_is_refused_as_empty():
     """`--config ""` (an unset variable) said '--config : is a folder, not a study file'."""
     res = runner.invoke(app, ["sweep", "--config", ""])

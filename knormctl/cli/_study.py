@@ -71,6 +71,18 @@ def _check_group_is_the_studys(store, study, db: str | None) -> list:
     return stored
 
 
+def refuse_what_the_machine_cannot_run(cfg) -> None:
+    """What a run refuses about this machine before it loads a model: a device that is not here,
+    a CUDA graph without CUDA (the default --device auto lands on the CPU here). Imports torch
+    only for a run that names a device or a CUDA graph."""
+    if cfg.device_map is not None or (cfg.device in ("auto", "cpu") and cfg.decode_step != "graph"):
+        return
+    from knormctl.engine.models import resolve_device
+    from knormctl.options import check_loaded_decode_step
+
+    check_loaded_decode_step(cfg.decode_step, resolve_device(cfg.device))
+
+
 def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) -> None:
     """--dry-run: the planned runs, their cells and a time estimate from stored runs; loads no model.
     ``plain``: a plain sweep's (not a study: its group may hold other sweeps or shards, and
@@ -80,6 +92,8 @@ def print_plan(study, db: str | None, json_out: bool, *, plain: bool = False) ->
     from knormctl.store.liveness import owner
     from knormctl.store.locations import check_sqlite_file, is_default, parse_url, sqlite_file, to_url
 
+    for run in study.runs:  # the run's own refusal, said by the plan too
+        refuse_what_the_machine_cannot_run(run.config)
     store = None
     url = to_url(db)
     path = sqlite_file(parse_url(url))
