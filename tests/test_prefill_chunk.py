@@ -51,6 +51,23 @@ def test_the_cache_never_holds_more_than_the_budget_plus_a_chunk(model, spec):
     assert chunked.compress_events > whole.compress_events == 1
 
 
+@pytest.mark.parametrize("prune_after", [48, 60, PROMPT])
+def test_prune_after_between_the_budget_and_the_prompt_is_read_on_the_whole_prompt(model, prune_after):
+    """prune_after above the budget: a layer cut to 30 entries grew back under prune_after with
+    the next chunks and was never cut again (34 kept where one forward keeps 30). The whole
+    prompt decides whether a cut is due, as in one forward; a prompt within prune_after: no cut."""
+    cfg = _cfg(kr=0.3, prune_after=prune_after)
+    layers = model.config.num_hidden_layers
+    whole = run_generation(model, _ids(PROMPT), cfg, NEW)
+    chunked = run_generation(model, _ids(PROMPT), cfg, NEW, prefill_chunk=CHUNK)
+    assert chunked.kv_entries_final == whole.kv_entries_final
+    if prune_after < PROMPT:
+        assert whole.kv_entries_final == layers * (math.ceil(0.3 * PROMPT) + NEW - 1)
+        assert chunked.kv_entries_peak <= layers * (math.ceil(0.3 * PROMPT) + CHUNK)
+    else:
+        assert chunked.compress_events == whole.compress_events == 0
+
+
 def test_without_a_press_chunking_changes_nothing_but_the_forwards(model):
     whole = run_generation(model, _ids(PROMPT), PressConfig().validate(), NEW)
     chunked = run_generation(model, _ids(PROMPT), PressConfig().validate(), NEW, prefill_chunk=CHUNK)

@@ -179,9 +179,9 @@ class Compressor:
         for i in self.active_layers:
             keys = layers[i].keys
             length = keys.shape[-2]
-            if length <= budget:
-                continue
             whole = length if of_length is None else of_length
+            if whole <= budget:  # a chunked prefill: the whole prompt decides, as one forward's would
+                continue
             n_keep = min(length, layer_budget(self.press, i, whole, self.num_layers, kr))
             if n_keep < length:
                 groups.setdefault((keys.device, length, n_keep), []).append(i)

@@ -247,7 +247,7 @@ def static_step_for(mode: str, fwd: CachedForward, batch: int, devices, kv_buffe
 
 def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int) -> list[int | None] | None:
     """Per layer, the most entries it holds at once when a chunked prefill cuts after every chunk
-    (prefill mode): its budget (or ``prune_after``, below which nothing is cut) + one chunk + the
+    (prefill mode): its budget + one chunk (a prompt within ``prune_after``: the whole prompt, never cut) + the
     tokens after the prompt. The buffer is sized to that rather than to the whole prompt, so the
     chunked prefill's bound holds for the memory allocated, not only for the entries counted.
     None where a layer is never cut (skipped) or the mode cuts by another rule (decode)."""
@@ -265,7 +265,8 @@ def chunk_holds(cfg: PressConfig, model, prompt_len: int, chunk: int, rest: int)
             holds.append(None)
             continue
         budget = layer_budget(press, i, prompt_len, n_layers, cfg.keep_ratio)
-        most = max(budget, min(prompt_len, cfg.prune_after)) + chunk
+        # a prompt within prune_after is never cut; a longer one is cut after every chunk
+        most = prompt_len if prompt_len <= cfg.prune_after else budget + chunk
         holds.append(min(prompt_len, most) + rest)
     return holds
 
