@@ -116,6 +116,19 @@ def test_compaction_moves_the_kept_entries_to_the_front_in_place():
     assert layer._k.data_ptr() == addr
 
 
+def test_compaction_in_place_with_a_value_head_size_unlike_the_keys():
+    """The in-place compaction viewed the value buffer with the key head size: a model whose
+    value heads differ from its key heads (MLA-style 192/128) failed at the first cut."""
+    layer = BufferLayer(capacity=12)
+    k = torch.randn(1, 2, 10, 6, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(1, 2, 10, 4, generator=torch.Generator().manual_seed(4))
+    layer.update(k, v)
+    idx = torch.tensor([[[0, 3, 4, 7, 9], [1, 2, 5, 6, 8]]])
+    layer.compact(idx)
+    assert torch.equal(layer.keys, torch.stack([k[0, h, idx[0, h]] for h in range(2)]).unsqueeze(0))
+    assert torch.equal(layer.values, torch.stack([v[0, h, idx[0, h]] for h in range(2)]).unsqueeze(0))
+
+
 def test_a_deep_cut_gives_the_evicted_memory_back():
     layer, k = _filled(n=40, cap=42)  # 2 tokens still to come
     layer.compact(torch.arange(0, 40, 4).view(1, 1, 10).expand(1, 2, 10).contiguous())

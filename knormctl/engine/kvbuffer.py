@@ -139,7 +139,7 @@ class BufferLayer(DynamicLayer):
         if not self._owns_views():
             self._adopt()
         b, h, n_keep = idx.shape
-        cap, d = self._k.shape[-2], self._k.shape[-1]
+        cap = self._k.shape[-2]
         rows = (idx + torch.arange(b * h, device=idx.device).view(b, h, 1) * cap).flatten()
         room = max(0, self.capacity_hint - self._fed)  # tokens still to come
         if n_keep + room <= cap // 2:  # give the evicted memory back: gather into a right-sized buffer
@@ -147,7 +147,8 @@ class BufferLayer(DynamicLayer):
             self._k = _gather_into(self._k, rows, b, h, n_keep, new_cap)
             self._v = _gather_into(self._v, rows, b, h, n_keep, new_cap)
         else:
-            for buf in (self._k, self._v):
+            for buf in (self._k, self._v):  # each its own head size (a value head may differ from a key head)
+                d = buf.shape[-1]
                 kept = buf.view(b * h * cap, d).index_select(0, rows)  # a temporary: no aliased copy
                 buf[:, :, :n_keep].copy_(kept.view(b, h, n_keep, d))
                 del kept
