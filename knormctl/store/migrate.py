@@ -153,11 +153,7 @@ def migrate(engine: Engine, shown: str, path: Path | None) -> tuple[str | None, 
                 current = _current_heads(conn)  # again: another process may have migrated meanwhile
                 if current == (head,):
                     return head, head, None
-                unknown = [rev for rev in current if rev not in known]
-                if unknown:
-                    raise StoreError(_newer_message(conn, shown, unknown, head))
-                if not current:
-                    _refuse_foreign_tables(conn, shown, sqlite)
+                _refuse_unmigratable(conn, shown, current, head, known)
                 old = ", ".join(current) or None
                 backup = backup_sqlite(path, old) if (old and path is not None) else None
                 try:
@@ -186,12 +182,17 @@ def refuse_what_migrate_would(engine: Engine, shown: str) -> None:
     upgrades it)."""
     head, known = known_revisions()
     with engine.connect() as conn:
-        current = _current_heads(conn)
-        unknown = [rev for rev in current if rev not in known]
-        if unknown:
-            raise StoreError(_newer_message(conn, shown, unknown, head))
-        if not current:
-            _refuse_foreign_tables(conn, shown, conn.dialect.name == "sqlite")
+        _refuse_unmigratable(conn, shown, _current_heads(conn), head, known)
+
+
+def _refuse_unmigratable(conn, shown: str, current: tuple[str, ...], head: str, known) -> None:
+    """A schema stamped by a newer knormctl, or tables with no stamp that are not ours: what
+    ``migrate`` refuses (under its lock) and a dry run says (reading only)."""
+    unknown = [rev for rev in current if rev not in known]
+    if unknown:
+        raise StoreError(_newer_message(conn, shown, unknown, head))
+    if not current:
+        _refuse_foreign_tables(conn, shown, conn.dialect.name == "sqlite")
 
 
 def _refuse_foreign_tables(conn, shown: str, sqlite: bool) -> None:
