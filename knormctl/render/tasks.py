@@ -207,13 +207,19 @@ def task_tables(samples: Sequence[Any], labels: dict[str, str]) -> tuple[list[Ta
     return rows, _needles(scored, labels)
 
 
-def common_cells(keys: Iterable[tuple]) -> dict[tuple, set[str]]:
-    """Per (task, length), from (task, subtask, length, configuration) keys: the subtasks every
-    configuration with a score there measured (what a mean over subtasks may average)."""
+def _measured(keys: Iterable[tuple]) -> dict[tuple, dict[str, set[str]]]:
+    """(task, length) -> configuration -> the subtasks it has scores in, from (task, subtask,
+    length, configuration) keys."""
     have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for task, sub, length, key in keys:
         have[(task, length)][key].add(sub)
-    return {k: set.intersection(*by.values()) for k, by in have.items()}
+    return have
+
+
+def common_cells(keys: Iterable[tuple]) -> dict[tuple, set[str]]:
+    """Per (task, length), from (task, subtask, length, configuration) keys: the subtasks every
+    configuration with a score there measured (what a mean over subtasks may average)."""
+    return {k: set.intersection(*by.values()) for k, by in _measured(keys).items()}
 
 
 def subtask_coverage(rows: Sequence[TaskRow]) -> dict[tuple, tuple[set[str], set[str]]]:
@@ -269,9 +275,7 @@ def accuracy_stats(samples: Sequence[Any]) -> dict[str, Stat]:
     # one set of cells for every configuration: the (task, length) groups every one has scores in
     # (a length the full cache failed would leave the others nothing to pair with), and in each
     # the subtasks every one measured
-    have: dict[tuple, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for task, sub, length, key in scores:
-        have[(task, length)][key].add(sub)
+    have = _measured(scores)
     groups = [(task, length, sorted(set.intersection(*by.values())))
               for (task, length), by in sorted(have.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
               if set(by) == keys]
