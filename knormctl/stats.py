@@ -289,8 +289,7 @@ def weighted_mean_interval(values: Sequence[float], weights: Sequence[float], *,
 
     order = np.argsort(np.asarray(values, dtype=float), kind="stable")  # the same pairs in any order
     x, w = np.asarray(values, dtype=float)[order], np.asarray(weights, dtype=float)[order]
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(x), size=(resamples, len(x)))
+    pick = _resampled(np.arange(len(x)), seed, resamples)  # resampled indices: each value keeps its weight
     return _percentile_interval((x[pick] * w[pick]).sum(axis=1) / w[pick].sum(axis=1), confidence)
 
 
